@@ -1,0 +1,1 @@
+"""Alembic migrations of the metaserve schema; run them with ``metaserve db upgrade``."""

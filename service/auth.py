@@ -1,0 +1,55 @@
+"""API keys: random 32-byte urlsafe tokens prefixed ``ms_``; only their sha256 is stored."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+from pathlib import Path
+
+from sqlalchemy.orm import Session
+
+from service import store
+from service.exceptions import Unauthorized
+from service.models import User
+
+KEY_PREFIX = "ms_"
+
+
+def generate_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def create_key(*, session: Session, name: str, is_admin: bool = False) -> tuple[User, str]:
+    """Create a user with a fresh key; returns the user and the key (shown once, never stored)."""
+    key = generate_key()
+    user = store.create_user(session=session, name=name, key_hash=hash_key(key), is_admin=is_admin)
+    session.commit()
+    return user, key
+
+
+def authenticate(*, session: Session, key: str | None) -> User:
+    if not key:
+        raise Unauthorized()
+    user = store.get_user_by_key_hash(session=session, key_hash=hash_key(key))
+    if user is None:
+        raise Unauthorized()
+    return user
+
+
+def ensure_admin_key(*, session: Session, path: Path) -> Path | None:
+    """With no user in the database, create an admin key and write it to ``path`` (mode 0600).
+    Returns the path when a key was written, None when users already existed."""
+    if store.count_users(session=session) > 0:
+        return None
+    _, key = create_key(session=session, name="admin", is_admin=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(key + "\n")
+    os.chmod(path, 0o600)
+    return path

@@ -1,0 +1,53 @@
+"""Domain errors. Each subclass's docstring is its default message; the API maps
+``status_code`` and ``code`` to the HTTP error response."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class MetaserveError(Exception):
+    """Internal error."""
+
+    status_code: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, message: str | None = None, **details: Any) -> None:
+        self.message = message or (self.__doc__ or self.__class__.__name__).strip()
+        self.details = details
+        super().__init__(self.message)
+
+
+class Unauthorized(MetaserveError):
+    """Missing or invalid API key."""
+
+    status_code = 401
+    code = "unauthorized"
+
+
+class JobNotFound(MetaserveError):
+    """Job not found."""
+
+    status_code = 404
+    code = "not_found"
+
+
+class IdempotencyConflict(MetaserveError):
+    """This Idempotency-Key was already used with a different job body."""
+
+    status_code = 409
+    code = "idempotency_conflict"
+
+
+class InvalidTransition(MetaserveError):
+    """The job is not in a state that allows this."""
+
+    status_code = 409
+    code = "invalid_transition"
+
+
+class LeaseLost(MetaserveError):
+    """This worker no longer holds the job's lease."""
+
+    status_code = 409
+    code = "lease_lost"

@@ -1,0 +1,137 @@
+"""The service layer: validates, calls the store, owns the transaction (commit on success,
+rollback on error). The API routes and the dispatcher call these, never :mod:`service.store`
+directly for writes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Sequence
+
+from sqlalchemy.orm import Session
+
+from service import store
+from service.models import Artifact, Job, JobStatus, Metric, User
+from workers.spec import JobSpec
+
+
+def canonical_spec(spec: JobSpec) -> dict[str, Any]:
+    """The validated spec with every default filled in, as plain JSON data."""
+    return spec.model_dump(mode="json")
+
+
+def spec_hash(spec: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON (sorted keys, no whitespace) of a spec."""
+    text = json.dumps(spec, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def default_job_name(spec: JobSpec) -> str:
+    return spec.name or f"{spec.algorithm.name}-{spec.task_family.name}"
+
+
+class _Transaction:
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def __enter__(self) -> Session:
+        return self.session
+
+    def __exit__(self, exc_type, exc, tb) -> None:  # noqa: ANN001
+        if exc_type is None:
+            self.session.commit()
+        else:
+            self.session.rollback()
+
+
+def submit_job(*, session: Session, owner: User, spec: JobSpec,
+               idempotency_key: str | None = None) -> tuple[Job, bool]:
+    """Store a queued job; returns ``(job, created)`` (False when an idempotent replay)."""
+    data = canonical_spec(spec)
+    with _Transaction(session):
+        return store.create_job(session=session, owner=owner, name=default_job_name(spec),
+                                spec=data, spec_hash=spec_hash(data),
+                                max_attempts=spec.max_attempts, idempotency_key=idempotency_key)
+
+
+def get_job(*, session: Session, job_id: str, owner: User) -> Job:
+    with _Transaction(session):
+        return store.get_job(session=session, job_id=job_id, owner=owner)
+
+
+def list_jobs(*, session: Session, owner: User, status: JobStatus | None = None,
+              cursor: str | None = None, limit: int = 50) -> tuple[list[Job], str | None]:
+    with _Transaction(session):
+        return store.list_jobs(session=session, owner=owner, status=status, cursor=cursor,
+                               limit=limit)
+
+
+def request_cancel(*, session: Session, job_id: str, owner: User) -> Job:
+    with _Transaction(session):
+        return store.request_cancel(session=session, job_id=job_id, owner=owner)
+
+
+cancel_job = request_cancel
+
+
+# --------------------------------------------------------------------------- dispatcher API
+
+
+def claim_next_job(*, session: Session, worker_id: str, lease_s: float) -> Job | None:
+    with _Transaction(session):
+        return store.claim_next_job(session=session, worker_id=worker_id, lease_s=lease_s)
+
+
+def renew_lease(*, session: Session, job_id: str, worker_id: str, lease_s: float) -> Job:
+    with _Transaction(session):
+        return store.renew_lease(session=session, job_id=job_id, worker_id=worker_id,
+                                 lease_s=lease_s)
+
+
+def update_progress(*, session: Session, job_id: str, worker_id: str, progress: dict[str, Any],
+                    message: str | None = None) -> None:
+    with _Transaction(session):
+        store.update_progress(session=session, job_id=job_id, worker_id=worker_id,
+                              progress=progress, message=message)
+
+
+def release_job(*, session: Session, job_id: str, worker_id: str, message: str) -> None:
+    with _Transaction(session):
+        store.release_job(session=session, job_id=job_id, worker_id=worker_id, message=message)
+
+
+def finish_job(*, session: Session, job_id: str, worker_id: str, status: JobStatus,
+               error: str | None = None) -> None:
+    with _Transaction(session):
+        store.finish_job(session=session, job_id=job_id, worker_id=worker_id, status=status,
+                         error=error)
+
+
+def fail_attempt(*, session: Session, job_id: str, worker_id: str, error: str) -> None:
+    with _Transaction(session):
+        store.fail_attempt(session=session, job_id=job_id, worker_id=worker_id, error=error)
+
+
+def add_metrics(*, session: Session, job_id: str, rows: Sequence[tuple[int, str, float]]) -> int:
+    with _Transaction(session):
+        return store.add_metrics(session=session, job_id=job_id, rows=rows)
+
+
+def get_metrics(*, session: Session, job_id: str, name: str | None = None,
+                since_step: int | None = None,
+                limit: int = store.MAX_METRICS_PAGE) -> list[Metric]:
+    with _Transaction(session):
+        return store.get_metrics(session=session, job_id=job_id, name=name,
+                                 since_step=since_step, limit=limit)
+
+
+def add_artifact(*, session: Session, job_id: str, name: str, size: int, sha256: str,
+                 media_type: str) -> Artifact:
+    with _Transaction(session):
+        return store.add_artifact(session=session, job_id=job_id, name=name, size=size,
+                                  sha256=sha256, media_type=media_type)
+
+
+def list_artifacts(*, session: Session, job_id: str) -> list[Artifact]:
+    with _Transaction(session):
+        return store.list_artifacts(session=session, job_id=job_id)

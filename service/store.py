@@ -1,0 +1,369 @@
+"""The job store: SQL and nothing else.
+
+Every transition is guarded in its ``WHERE`` clause and raises a :class:`MetaserveError`
+subclass when no row matched. Functions never commit; :mod:`service.jobs` owns transactions.
+Claiming is atomic: PostgreSQL locks the candidate with ``FOR UPDATE SKIP LOCKED``; SQLite
+(which renders no ``FOR UPDATE``) relies on a compare-and-set ``UPDATE`` checked by rowcount.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from datetime import datetime, timedelta
+from typing import Any, Sequence
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from service.exceptions import (
+    IdempotencyConflict,
+    InvalidTransition,
+    JobNotFound,
+    LeaseLost,
+    MetaserveError,
+)
+from service.models import Artifact, Job, JobStatus, Metric, User, utcnow
+
+MAX_PAGE = 100
+MAX_METRICS_PAGE = 10_000
+CLAIM_RETRIES = 50
+ACTIVE = (JobStatus.RUNNING.value, JobStatus.CANCELLING.value)
+
+
+class InvalidCursor(MetaserveError):
+    """Invalid pagination cursor."""
+
+    status_code = 400
+    code = "invalid_cursor"
+
+
+def _update(job_id: str, *where: Any):  # noqa: ANN202
+    return (
+        update(Job)
+        .where(Job.id == job_id, *where)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def _reload(session: Session, job_id: str) -> Job:
+    job = session.get(Job, job_id, populate_existing=True)
+    if job is None:
+        raise JobNotFound(job_id=job_id)
+    return job
+
+
+def _dialect_insert(session: Session):  # noqa: ANN202
+    name = session.get_bind().dialect.name
+    return postgresql.insert if name == "postgresql" else sqlite.insert
+
+
+# --------------------------------------------------------------------------- users
+
+
+def create_user(*, session: Session, name: str, key_hash: str, is_admin: bool = False) -> User:
+    user = User(name=name, key_hash=key_hash, is_admin=is_admin)
+    session.add(user)
+    session.flush()
+    return user
+
+
+def get_user_by_key_hash(*, session: Session, key_hash: str) -> User | None:
+    return session.scalars(select(User).where(User.key_hash == key_hash)).one_or_none()
+
+
+def count_users(*, session: Session) -> int:
+    return session.scalar(select(func.count()).select_from(User)) or 0
+
+
+# --------------------------------------------------------------------------- client side
+
+
+def create_job(
+    *,
+    session: Session,
+    owner: User,
+    name: str,
+    spec: dict[str, Any],
+    spec_hash: str,
+    max_attempts: int,
+    idempotency_key: str | None = None,
+) -> tuple[Job, bool]:
+    """Insert a queued job; returns ``(job, created)``.
+
+    With an idempotency key already used by this owner: the same ``spec_hash`` returns
+    the existing job (``created`` False), another one raises :class:`IdempotencyConflict`.
+    """
+    if idempotency_key is not None:
+        existing = _by_idempotency_key(session, owner.id, idempotency_key)
+        if existing is not None:
+            return _replay(existing, spec_hash), False
+    job = Job(owner_id=owner.id, name=name, spec=spec, spec_hash=spec_hash,
+              max_attempts=max_attempts, idempotency_key=idempotency_key,
+              status=JobStatus.QUEUED.value, attempt=0, progress={})
+    try:
+        with session.begin_nested():
+            session.add(job)
+            session.flush()
+    except IntegrityError:
+        if idempotency_key is None:
+            raise
+        existing = _by_idempotency_key(session, owner.id, idempotency_key)
+        if existing is None:
+            raise
+        return _replay(existing, spec_hash), False
+    return job, True
+
+
+def _by_idempotency_key(session: Session, owner_id: int, key: str) -> Job | None:
+    return session.scalars(
+        select(Job).where(Job.owner_id == owner_id, Job.idempotency_key == key)
+    ).one_or_none()
+
+
+def _replay(existing: Job, spec_hash: str) -> Job:
+    if existing.spec_hash != spec_hash:
+        raise IdempotencyConflict(job_id=existing.id)
+    return existing
+
+
+def get_job(*, session: Session, job_id: str, owner: User) -> Job:
+    """The job, if ``owner`` may see it (their own, or any for an admin)."""
+    query = select(Job).where(Job.id == job_id)
+    if not owner.is_admin:
+        query = query.where(Job.owner_id == owner.id)
+    job = session.scalars(query).one_or_none()
+    if job is None:
+        raise JobNotFound(job_id=job_id)
+    return job
+
+
+def encode_cursor(job_id: str) -> str:
+    return base64.urlsafe_b64encode(job_id.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> str:
+    try:
+        job_id = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise InvalidCursor(cursor=cursor) from None
+    if len(job_id) != 26 or not job_id.isalnum():
+        raise InvalidCursor(cursor=cursor)
+    return job_id
+
+
+def list_jobs(
+    *,
+    session: Session,
+    owner: User,
+    status: JobStatus | None = None,
+    cursor: str | None = None,
+    limit: int = 50,
+) -> tuple[list[Job], str | None]:
+    """A page of jobs newest first and the cursor of the next page (None on the last)."""
+    limit = max(1, min(limit, MAX_PAGE))
+    query = select(Job).order_by(Job.id.desc()).limit(limit + 1)
+    if not owner.is_admin:
+        query = query.where(Job.owner_id == owner.id)
+    if status is not None:
+        query = query.where(Job.status == JobStatus(status).value)
+    if cursor is not None:
+        query = query.where(Job.id < decode_cursor(cursor))
+    jobs = list(session.scalars(query))
+    if len(jobs) > limit:
+        return jobs[:limit], encode_cursor(jobs[limit - 1].id)
+    return jobs, None
+
+
+def request_cancel(*, session: Session, job_id: str, owner: User) -> Job:
+    """queued → cancelled at once; running → cancelling; cancelling stays; terminal → 409."""
+    for _ in range(CLAIM_RETRIES):
+        job = get_job(session=session, job_id=job_id, owner=owner)
+        status = JobStatus(job.status)
+        now = utcnow()
+        if status is JobStatus.QUEUED:
+            result = session.execute(_update(job_id, Job.status == JobStatus.QUEUED.value).values(
+                status=JobStatus.CANCELLED.value, finished_at=now, lease_owner=None,
+                lease_expires_at=None, message="cancelled before it started"))
+        elif status is JobStatus.RUNNING:
+            result = session.execute(_update(job_id, Job.status == JobStatus.RUNNING.value).values(
+                status=JobStatus.CANCELLING.value, message="cancel requested"))
+        elif status is JobStatus.CANCELLING:
+            return job
+        else:
+            raise InvalidTransition(f"job {job_id} is {status.value}; it cannot be cancelled",
+                                    job_id=job_id, status=status.value)
+        if result.rowcount == 1:
+            return _reload(session, job_id)
+    raise InvalidTransition(f"job {job_id} kept changing state; try again", job_id=job_id)
+
+
+# --------------------------------------------------------------------------- dispatcher side
+
+
+def _claimable(now: datetime):  # noqa: ANN202
+    return or_(
+        Job.status == JobStatus.QUEUED.value,
+        and_(Job.status.in_(ACTIVE), Job.lease_expires_at < now),
+    )
+
+
+def claim_next_job(*, session: Session, worker_id: str, lease_s: float) -> Job | None:
+    """Atomically claim the oldest claimable job for ``worker_id``, or None.
+
+    Claimable: ``queued``, or ``running``/``cancelling`` with an expired lease. A reclaimed
+    ``cancelling`` job becomes ``cancelled``; a reclaim past ``max_attempts`` becomes
+    ``failed`` ("gave up after N attempts: ..."); both are skipped and the next is tried.
+    """
+    for _ in range(CLAIM_RETRIES):
+        now = utcnow()
+        candidate = session.execute(
+            select(Job.id, Job.status, Job.attempt, Job.max_attempts, Job.error)
+            .where(_claimable(now))
+            .order_by(Job.id)
+            .limit(1)
+            .with_for_update(skip_locked=True)
+        ).one_or_none()
+        if candidate is None:
+            return None
+        guard = (Job.status == candidate.status, Job.attempt == candidate.attempt,
+                 _claimable(now))
+        if candidate.status == JobStatus.CANCELLING.value:
+            values: dict[str, Any] = dict(
+                status=JobStatus.CANCELLED.value, finished_at=now, lease_owner=None,
+                lease_expires_at=None, message="cancelled (its lease expired while cancelling)")
+        elif (candidate.status == JobStatus.RUNNING.value
+              and candidate.attempt >= candidate.max_attempts):
+            values = dict(
+                status=JobStatus.FAILED.value, finished_at=now, lease_owner=None,
+                lease_expires_at=None,
+                error=f"gave up after {candidate.attempt} attempts: "
+                      f"{candidate.error or 'lease expired'}")
+        else:
+            values = dict(
+                status=JobStatus.RUNNING.value, lease_owner=worker_id,
+                lease_expires_at=now + timedelta(seconds=lease_s),
+                attempt=Job.attempt + 1, started_at=func.coalesce(Job.started_at, now))
+            if candidate.status != JobStatus.QUEUED.value:
+                values["message"] = f"reclaimed after the lease of attempt {candidate.attempt} expired"
+        result = session.execute(_update(candidate.id, *guard).values(**values))
+        if result.rowcount != 1:
+            continue  # another claimer won this row (SQLite compare-and-set); try the next
+        if values["status"] == JobStatus.RUNNING.value:
+            return _reload(session, candidate.id)
+    return None
+
+
+def _holding(job_id: str, worker_id: str, statuses: Sequence[str] = ACTIVE):  # noqa: ANN202
+    return _update(job_id, Job.lease_owner == worker_id, Job.status.in_(statuses))
+
+
+def renew_lease(*, session: Session, job_id: str, worker_id: str, lease_s: float) -> Job:
+    """Extend the lease; the returned row shows whether a cancel was requested."""
+    result = session.execute(_holding(job_id, worker_id).values(
+        lease_expires_at=utcnow() + timedelta(seconds=lease_s)))
+    if result.rowcount != 1:
+        raise LeaseLost(job_id=job_id, worker_id=worker_id)
+    return _reload(session, job_id)
+
+
+def update_progress(*, session: Session, job_id: str, worker_id: str, progress: dict[str, Any],
+                    message: str | None = None) -> None:
+    values: dict[str, Any] = {"progress": progress}
+    if message is not None:
+        values["message"] = message
+    if session.execute(_holding(job_id, worker_id).values(**values)).rowcount != 1:
+        raise LeaseLost(job_id=job_id, worker_id=worker_id)
+
+
+def release_job(*, session: Session, job_id: str, worker_id: str, message: str) -> None:
+    """running → queued without counting the attempt (e.g. the cluster cannot place it yet)."""
+    result = session.execute(_holding(job_id, worker_id, (JobStatus.RUNNING.value,)).values(
+        status=JobStatus.QUEUED.value, attempt=Job.attempt - 1, lease_owner=None,
+        lease_expires_at=None, message=message))
+    if result.rowcount != 1:
+        raise LeaseLost(job_id=job_id, worker_id=worker_id)
+
+
+def finish_job(*, session: Session, job_id: str, worker_id: str, status: JobStatus,
+               error: str | None = None) -> None:
+    """running/cancelling → a terminal status, only by the lease owner."""
+    status = JobStatus(status)
+    if not status.is_terminal():
+        raise InvalidTransition(f"{status.value} is not a terminal status", status=status.value)
+    values: dict[str, Any] = dict(status=status.value, finished_at=utcnow(), lease_owner=None,
+                                  lease_expires_at=None)
+    if error is not None:
+        values["error"] = error
+    if session.execute(_holding(job_id, worker_id).values(**values)).rowcount != 1:
+        raise LeaseLost(job_id=job_id, worker_id=worker_id)
+
+
+def fail_attempt(*, session: Session, job_id: str, worker_id: str, error: str) -> None:
+    """This attempt failed: requeue while attempts remain, else ``failed``. A job being
+    cancelled becomes ``cancelled``."""
+    now = utcnow()
+    cleared = dict(lease_owner=None, lease_expires_at=None, error=error)
+    for where, values in (
+        ((Job.status == JobStatus.RUNNING.value, Job.attempt < Job.max_attempts),
+         dict(status=JobStatus.QUEUED.value, message=f"attempt failed, will retry: {error}")),
+        ((Job.status == JobStatus.RUNNING.value,),
+         dict(status=JobStatus.FAILED.value, finished_at=now)),
+        ((Job.status == JobStatus.CANCELLING.value,),
+         dict(status=JobStatus.CANCELLED.value, finished_at=now)),
+    ):
+        result = session.execute(
+            _update(job_id, Job.lease_owner == worker_id, *where).values(**cleared, **values))
+        if result.rowcount == 1:
+            return
+    raise LeaseLost(job_id=job_id, worker_id=worker_id)
+
+
+# --------------------------------------------------------------------------- metrics, artifacts
+
+
+def add_metrics(*, session: Session, job_id: str, rows: Sequence[tuple[int, str, float]]) -> int:
+    """Insert ``(step, name, value)`` rows; rows whose (job, name, step) exists are ignored.
+    Returns the number of rows inserted."""
+    if not rows:
+        return 0
+    now = utcnow()
+    insert = _dialect_insert(session)
+    statement = insert(Metric).values([
+        {"job_id": job_id, "step": int(step), "name": name, "value": float(value),
+         "created_at": now}
+        for step, name, value in rows
+    ]).on_conflict_do_nothing(index_elements=["job_id", "name", "step"])
+    return session.execute(statement).rowcount
+
+
+def get_metrics(*, session: Session, job_id: str, name: str | None = None,
+                since_step: int | None = None, limit: int = MAX_METRICS_PAGE) -> list[Metric]:
+    """Metrics of a job ordered by (name, step); ``since_step`` is exclusive."""
+    query = (select(Metric).where(Metric.job_id == job_id)
+             .order_by(Metric.name, Metric.step).limit(max(1, min(limit, MAX_METRICS_PAGE))))
+    if name is not None:
+        query = query.where(Metric.name == name)
+    if since_step is not None:
+        query = query.where(Metric.step > since_step)
+    return list(session.scalars(query))
+
+
+def add_artifact(*, session: Session, job_id: str, name: str, size: int, sha256: str,
+                 media_type: str) -> Artifact:
+    """Record (or replace) the artifact ``name`` of a job."""
+    insert = _dialect_insert(session)
+    values = {"size": size, "sha256": sha256, "media_type": media_type, "created_at": utcnow()}
+    statement = insert(Artifact).values(job_id=job_id, name=name, **values)
+    session.execute(statement.on_conflict_do_update(index_elements=["job_id", "name"],
+                                                    set_=values))
+    artifact = session.get(Artifact, (job_id, name), populate_existing=True)
+    assert artifact is not None
+    return artifact
+
+
+def list_artifacts(*, session: Session, job_id: str) -> list[Artifact]:
+    return list(session.scalars(
+        select(Artifact).where(Artifact.job_id == job_id).order_by(Artifact.name)))
