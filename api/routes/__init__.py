@@ -1,0 +1,8 @@
+"""Route modules, one per resource; :func:`api.app.create_app` includes every router in
+:data:`ROUTERS` (add a module's router here to extend the API)."""
+
+from __future__ import annotations
+
+from api.routes import catalog, health, jobs
+
+ROUTERS = [health.router, jobs.router, catalog.router]
