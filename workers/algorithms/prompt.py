@@ -1,0 +1,30 @@
+"""Prompt (context) tuning, CAVIA-style (Zintgraf et al. 2019, "Fast Context Adaptation via
+Meta-Learning"): a prompt vector of ``prompt_dim`` zeros, reset for every task, is
+concatenated to the network's input (see :mod:`workers.models`); the inner loop adapts only
+the prompt, the backbone is meta-learned through it."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from workers.algorithms.base import Algorithm, Fast
+from workers.models import Params
+
+
+class Prompt(Algorithm):
+    name = "prompt"
+
+    def initial_fast(self, params: Params) -> Fast:
+        reference = params["head.bias"]
+        return torch.zeros(self.model.prompt_dim, dtype=reference.dtype, device=reference.device)
+
+    def predict(self, params: Params, fast: Fast, x: Tensor) -> Tensor:
+        return self.model(params, x, fast)
+
+    def inner_update(self, params: Params, fast: Fast, grads: Fast) -> Fast:
+        return fast - self.inner_lr * grads
+
+    def recipe(self) -> dict:
+        return {**super().recipe(), "adapts": "prompt", "prompt_dim": self.model.prompt_dim,
+                "prompt_init": "zeros", "first_order": self.first_order}

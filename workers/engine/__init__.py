@@ -1,0 +1,11 @@
+"""The meta-learning engine: :class:`Trainer` (in-process loop, and the shard/apply pieces the Ray
+runner calls), checkpoints and the meta-initialization artifact."""
+
+from __future__ import annotations
+
+from workers.engine.artifacts import MetaInitModel, adapt, load_meta_init
+from workers.engine.checkpoints import CheckpointError
+from workers.engine.state import ShardResult, TrainState
+from workers.engine.trainer import Trainer
+
+__all__ = ["CheckpointError", "MetaInitModel", "ShardResult", "TrainState", "Trainer", "adapt", "load_meta_init"]

@@ -1,0 +1,199 @@
+"""The meta-training loop: :class:`Trainer` is what the CLI runs in-process and what the Ray
+runner drives shard by shard (``shard_step`` on inner-loop workers, ``apply`` on the runner).
+
+Determinism: tasks come from the counter-based seed ``(seed, split, iteration, task)``, the
+initial parameters from ``seed``, the outer optimizer state is checkpointed exactly, and shard
+results are combined in list order — so the same spec, seed and shard layout give the same
+bits, interrupted or not.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from workers.algorithms import build_algorithm
+from workers.engine import artifacts, checkpoints
+from workers.engine.evaluation import summarize
+from workers.engine.optimizers import init_optimizer_state, optimizer_step
+from workers.engine.state import ShardResult, TrainState
+from workers.models import build_model
+from workers.spec import JobSpec
+from workers.tasks import build_task_family
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_DIRECTORY = "checkpoint"
+DEFAULT_EVALUATION_CHUNK = 500  # tasks vectorized at once during evaluation when task_chunk is unset
+Reporter = Callable[[int, dict[str, float]], None]
+
+
+def _chunks(indices: Sequence[int], size: int | None) -> list[list[int]]:
+    indices = [int(i) for i in indices]
+    if not size or size >= len(indices):
+        return [indices]
+    return [indices[start:start + size] for start in range(0, len(indices), size)]
+
+
+class Trainer:
+    """Meta-trains the job described by ``spec`` on ``device`` (see the module docstring)."""
+
+    def __init__(self, spec: JobSpec | dict, device: str | torch.device = "cpu"):
+        self.spec = spec if isinstance(spec, JobSpec) else JobSpec.model_validate(spec)
+        self.device = torch.device(device)
+        self.family = build_task_family(self.spec.task_family)
+        prompt_dim = getattr(self.spec.algorithm, "prompt_dim", 0) if self.spec.algorithm.name == "prompt" else 0
+        self.model = build_model(self.spec.model, tuple(self.family.input_shape), int(self.family.output_dim),
+                                 prompt_dim)
+        self.algorithm = build_algorithm(self.spec.algorithm, self.model,
+                                         classification=bool(self.family.is_classification))
+
+    # ------------------------------------------------------------------ state
+
+    def init_state(self) -> TrainState:
+        generator = torch.Generator()
+        generator.manual_seed(self.spec.seed)
+        params = {name: value.to(self.device) for name, value in self.algorithm.init_params(generator).items()}
+        opt_state = init_optimizer_state(self.spec.outer_optimizer, params)
+        return TrainState(params=params, opt_state=opt_state, iteration=0)
+
+    def _on_device(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {name: value.to(self.device) for name, value in tensors.items()}
+
+    # ------------------------------------------------------------------ one meta-iteration
+
+    def shard_step(self, params: dict[str, Tensor], iteration: int, task_indices: Sequence[int]) -> ShardResult:
+        """Sum of the per-task meta-gradients of tasks ``task_indices`` of ``iteration`` and their
+        per-task metrics; tasks are sampled here and adapted ``vmap``-ped, ``task_chunk`` at a time."""
+        params = self._on_device(params)
+        grad_sum: dict[str, Tensor] | None = None
+        metric_parts: dict[str, list[Tensor]] = {}
+        chunks = _chunks(task_indices, self.spec.resources.task_chunk)
+        for chunk in chunks:
+            batch = self.family.sample(seed=self.spec.seed, split="train", iteration=iteration,
+                                       task_indices=chunk).to(self.device)
+            grads, metrics = self.algorithm.meta_gradient(params, *batch)
+            grad_sum = grads if grad_sum is None else {name: grad_sum[name] + grads[name] for name in grad_sum}
+            for name, values in metrics.items():
+                metric_parts.setdefault(name, []).append(values.detach())
+        assert grad_sum is not None, "shard_step needs at least one task"
+        return ShardResult(
+            grad_sum={name: value.detach().cpu() for name, value in grad_sum.items()},
+            metrics={name: torch.cat(parts).cpu() for name, parts in metric_parts.items()},
+            num_tasks=sum(len(chunk) for chunk in chunks),
+        )
+
+    def apply(self, state: TrainState, results: list[ShardResult]) -> TrainState:
+        """Sum the shards' gradients in list order, divide by the meta-batch size, take one
+        outer optimizer step; returns the new state (``state`` is not mutated)."""
+        if not results:
+            raise ValueError("apply needs at least one shard result")
+        total = dict(results[0].grad_sum)
+        for result in results[1:]:
+            total = {name: total[name] + result.grad_sum[name] for name in total}
+        mean_grad = {name: (value / self.spec.meta_batch_size).to(self.device) for name, value in total.items()}
+        params, opt_state = optimizer_step(self.spec.outer_optimizer, state.params, mean_grad, state.opt_state)
+        return TrainState(params=params, opt_state=opt_state, iteration=state.iteration + 1)
+
+    def step(self, state: TrainState) -> tuple[TrainState, dict[str, float]]:
+        """One meta-iteration over the whole meta-batch in this process; returns mean train metrics."""
+        result = self.shard_step(state.params, state.iteration, range(self.spec.meta_batch_size))
+        metrics = {f"train/{name}": float(values.float().mean()) for name, values in result.metrics.items()}
+        return self.apply(state, [result]), metrics
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self, params: dict[str, Tensor], *, split: str = "val", tasks: int | None = None,
+                 support_shots: int | None = None) -> dict[str, float]:
+        """Query loss (and accuracy) on ``tasks`` held-out tasks of ``split`` before adaptation and
+        after each of ``spec.evaluation.inner_steps`` steps: mean and 95 % CI half-width."""
+        count = tasks or self.spec.evaluation.tasks
+        shots = support_shots or self.spec.evaluation.support_shots
+        steps = sorted({0, *self.spec.evaluation.inner_steps})
+        params = self._on_device(params)
+        losses, accuracies = [], []
+        for chunk in _chunks(range(count), self.spec.resources.task_chunk or DEFAULT_EVALUATION_CHUNK):
+            batch = self.family.sample(seed=self.spec.seed, split=split, iteration=0, task_indices=chunk,
+                                       support_shots=shots).to(self.device)
+            loss, acc = self.algorithm.evaluation_curves(params, *batch, steps=tuple(steps))
+            losses.append(loss.detach().cpu())
+            accuracies.append(acc.detach().cpu())
+        return summarize(split, steps, torch.cat(losses),
+                         torch.cat(accuracies) if self.family.is_classification else None)
+
+    # ------------------------------------------------------------------ persistence
+
+    def save_checkpoint(self, state: TrainState, directory: Path) -> list[Path]:
+        return checkpoints.save_checkpoint(state, Path(directory), spec=self.spec.model_dump(mode="json"))
+
+    def load_checkpoint(self, directory: Path) -> TrainState | None:
+        return checkpoints.load_checkpoint(Path(directory), device=self.device)
+
+    def export_meta_init(self, state: TrainState, directory: Path, evaluation: dict) -> list[Path]:
+        return artifacts.export_meta_init(
+            directory=Path(directory), params=self.algorithm.export_params(state.params),
+            architecture=self.model.describe(), recipe=self.algorithm.recipe(),
+            task_family=self.spec.task_family.model_dump(mode="json"), evaluation=evaluation,
+            spec=self.spec.model_dump(mode="json"), iteration=state.iteration)
+
+    # ------------------------------------------------------------------ the in-process loop
+
+    def run(self, out_dir: Path, *, reporter: Reporter | None = None, progress: bool = False) -> TrainState:
+        """Train to ``spec.iterations`` in this process, resuming from ``out_dir/checkpoint``;
+        ends with the test-split evaluation and ``meta_init.*`` in ``out_dir``."""
+        out_dir = Path(out_dir)
+        checkpoint_dir = out_dir / CHECKPOINT_DIRECTORY
+        report = reporter or (lambda step, metrics: None)
+        state = self.load_checkpoint(checkpoint_dir) or self.init_state()
+        if state.iteration:
+            logger.info("resuming", extra={"iteration": state.iteration, "out_dir": str(out_dir)})
+        spec = self.spec
+        window_seconds, window_tasks, window_sums = 0.0, 0, {}
+        bar = _progress_bar(spec.iterations, state.iteration) if progress else None
+        try:
+            while state.iteration < spec.iterations:
+                state, metrics = self.step(state)
+                window_tasks += spec.meta_batch_size
+                iteration = state.iteration
+                if bar is not None:
+                    bar.update(metrics)
+                if iteration % spec.log_every == 0 or iteration == spec.iterations:
+                    elapsed = time.perf_counter() - window_start
+                    metrics["train/tasks_per_second"] = window_tasks / elapsed if elapsed > 0 else 0.0
+                    report(iteration, metrics)
+                    window_seconds, window_tasks, window_sums = 0.0, 0, {}
+                if spec.evaluation.every and iteration % spec.evaluation.every == 0 and iteration < spec.iterations:
+                    report(iteration, self.evaluate(state.params, split="val"))
+                if iteration % spec.checkpoint_every == 0 or iteration == spec.iterations:
+                    self.save_checkpoint(state, checkpoint_dir)
+        finally:
+            if bar is not None:
+                bar.close()
+        final = {**self.evaluate(state.params, split="val"), **self.evaluate(state.params, split="test")}
+        report(state.iteration, final)
+        self.export_meta_init(state, out_dir, final)
+        return state
+
+
+class _progress_bar:
+    """A rich progress bar over meta-iterations (CLI only)."""
+
+    def __init__(self, total: int, done: int):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._progress = Progress(TextColumn("[bold]meta-train"), BarColumn(), MofNCompleteColumn(),
+                                  TimeRemainingColumn(), TextColumn("{task.fields[loss]}"))
+        self._progress.start()
+        self._task = self._progress.add_task("train", total=total, completed=done, loss="")
+
+    def update(self, metrics: dict[str, float]) -> None:
+        loss = metrics.get("train/loss_after")
+        self._progress.update(self._task, advance=1, loss="" if loss is None else f"loss_after {loss:.3f}")
+
+    def close(self) -> None:
+        self._progress.stop()

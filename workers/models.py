@@ -1,0 +1,188 @@
+"""Functional models: a parameter dict plus pure functions of ``(params, x)``.
+
+Models see one task's examples ``x`` of shape ``[N, *input_shape]``; the engine adds the
+task axis with ``torch.func.vmap``. Nothing here holds state, so the same parameters can be
+adapted per task without copies (the torch.func MAML recipe).
+
+- ``mlp``: fully connected, hidden sizes and activation from the spec.
+- ``conv4``: the standard few-shot backbone (Vinyals et al. 2016; Finn et al. 2017):
+  4 × [conv 3×3 → norm → ReLU → max-pool 2] and a linear head. ``norm: batch`` normalizes
+  with the statistics of the current batch (per task, no running statistics, as in MAML's
+  reference code), ``layer`` normalizes each example over (C, H, W), ``none`` skips it.
+
+Prompt conditioning (for the ``prompt`` algorithm, CAVIA, Zintgraf et al. 2019): the
+per-task prompt vector ``[P]`` is concatenated to every input — as ``P`` extra features for
+the MLP, and as ``P`` extra constant input channels for conv4 (channel concatenation).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from workers.spec import Conv4Spec, MLPSpec
+
+Params = dict[str, Tensor]
+
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "relu": F.relu,
+    "tanh": torch.tanh,
+    "gelu": F.gelu,
+}
+NORM_EPS = 1e-5
+HEAD_NAMES = ("head.weight", "head.bias")
+
+
+def _uniform(shape: tuple[int, ...], bound: float, generator: torch.Generator) -> Tensor:
+    return (torch.rand(shape, generator=generator) * 2.0 - 1.0) * bound
+
+
+def _linear_init(out_features: int, in_features: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """``nn.Linear``'s default initialization (Kaiming-uniform with a = √5), seeded."""
+    bound = 1.0 / math.sqrt(in_features)
+    return (_uniform((out_features, in_features), bound, generator),
+            _uniform((out_features,), bound, generator))
+
+
+class FunctionalModel:
+    """A model as pure functions of a parameter dict.
+
+    ``features(params, x, prompt)`` is the body, ``head(params, h)`` the last linear layer
+    (whose parameters are :data:`HEAD_NAMES`, the part ANIL adapts).
+    """
+
+    input_shape: tuple[int, ...]
+    output_dim: int
+    prompt_dim: int
+    head_names: tuple[str, ...] = HEAD_NAMES
+
+    def init_params(self, generator: torch.Generator) -> Params:
+        raise NotImplementedError
+
+    def features(self, params: Params, x: Tensor, prompt: Tensor | None = None) -> Tensor:
+        raise NotImplementedError
+
+    def head(self, params: Params, h: Tensor) -> Tensor:
+        return F.linear(h, params["head.weight"], params["head.bias"])
+
+    def __call__(self, params: Params, x: Tensor, prompt: Tensor | None = None) -> Tensor:
+        return self.head(params, self.features(params, x, prompt))
+
+    def describe(self) -> dict:
+        """The architecture, as recorded in ``meta_init.json``."""
+        raise NotImplementedError
+
+
+class MLP(FunctionalModel):
+    """``in → hidden… → out`` with the given activation; the prompt is concatenated to x."""
+
+    def __init__(self, spec: MLPSpec, input_shape: tuple[int, ...], output_dim: int, prompt_dim: int = 0):
+        self.spec = spec
+        self.input_shape = tuple(input_shape)
+        self.output_dim = output_dim
+        self.prompt_dim = prompt_dim
+        self.activation = ACTIVATIONS[spec.activation]
+        self.in_features = math.prod(self.input_shape)
+        self.num_hidden = len(spec.hidden)
+
+    def init_params(self, generator: torch.Generator) -> Params:
+        params: Params = {}
+        fan_in = self.in_features + self.prompt_dim
+        for index, width in enumerate(self.spec.hidden):
+            params[f"layers.{index}.weight"], params[f"layers.{index}.bias"] = _linear_init(width, fan_in, generator)
+            fan_in = width
+        params["head.weight"], params["head.bias"] = _linear_init(self.output_dim, fan_in, generator)
+        return params
+
+    def features(self, params: Params, x: Tensor, prompt: Tensor | None = None) -> Tensor:
+        h = x.reshape(x.shape[0], self.in_features)
+        if prompt is not None:
+            h = torch.cat([h, prompt.expand(h.shape[0], prompt.shape[-1])], dim=1)
+        for index in range(self.num_hidden):
+            h = self.activation(F.linear(h, params[f"layers.{index}.weight"], params[f"layers.{index}.bias"]))
+        return h
+
+    def describe(self) -> dict:
+        return {"name": "mlp", "hidden": list(self.spec.hidden), "activation": self.spec.activation,
+                "input_shape": list(self.input_shape), "output_dim": self.output_dim,
+                "prompt_dim": self.prompt_dim}
+
+
+def _batch_norm(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """Batch norm with the statistics of ``x`` itself (one task's batch), no running stats."""
+    mean = x.mean(dim=(0, 2, 3), keepdim=True)
+    var = x.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+    return (x - mean) * torch.rsqrt(var + NORM_EPS) * weight[:, None, None] + bias[:, None, None]
+
+
+def _layer_norm(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """Per-example normalization over (C, H, W) with a per-channel affine."""
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    var = x.var(dim=(1, 2, 3), unbiased=False, keepdim=True)
+    return (x - mean) * torch.rsqrt(var + NORM_EPS) * weight[:, None, None] + bias[:, None, None]
+
+
+class Conv4(FunctionalModel):
+    """4 × [conv 3×3 (padding 1) → norm → ReLU → max-pool 2] → flatten → linear head."""
+
+    BLOCKS = 4
+
+    def __init__(self, spec: Conv4Spec, input_shape: tuple[int, ...], output_dim: int, prompt_dim: int = 0):
+        if len(input_shape) != 3:
+            raise ValueError(f"conv4 needs (C, H, W) inputs, got input_shape {tuple(input_shape)}")
+        self.spec = spec
+        self.input_shape = tuple(input_shape)
+        self.output_dim = output_dim
+        self.prompt_dim = prompt_dim
+        channels, height, width = self.input_shape
+        for _ in range(self.BLOCKS):
+            height, width = height // 2, width // 2
+        if height < 1 or width < 1:
+            raise ValueError(f"conv4 needs images of at least 16×16, got {self.input_shape[1:]}")
+        self.feature_dim = spec.filters * height * width
+        self.norm = {"batch": _batch_norm, "layer": _layer_norm, "none": None}[spec.norm]
+
+    def init_params(self, generator: torch.Generator) -> Params:
+        params: Params = {}
+        in_channels = self.input_shape[0] + self.prompt_dim
+        for index in range(self.BLOCKS):
+            fan_in = in_channels * 9
+            bound = 1.0 / math.sqrt(fan_in)
+            params[f"blocks.{index}.conv.weight"] = _uniform((self.spec.filters, in_channels, 3, 3), bound, generator)
+            params[f"blocks.{index}.conv.bias"] = _uniform((self.spec.filters,), bound, generator)
+            if self.norm is not None:
+                params[f"blocks.{index}.norm.weight"] = torch.ones(self.spec.filters)
+                params[f"blocks.{index}.norm.bias"] = torch.zeros(self.spec.filters)
+            in_channels = self.spec.filters
+        params["head.weight"], params["head.bias"] = _linear_init(self.output_dim, self.feature_dim, generator)
+        return params
+
+    def features(self, params: Params, x: Tensor, prompt: Tensor | None = None) -> Tensor:
+        h = x
+        if prompt is not None:
+            h = torch.cat([h, prompt[None, :, None, None].expand(h.shape[0], -1, h.shape[2], h.shape[3])], dim=1)
+        for index in range(self.BLOCKS):
+            h = F.conv2d(h, params[f"blocks.{index}.conv.weight"], params[f"blocks.{index}.conv.bias"], padding=1)
+            if self.norm is not None:
+                h = self.norm(h, params[f"blocks.{index}.norm.weight"], params[f"blocks.{index}.norm.bias"])
+            h = F.max_pool2d(F.relu(h), 2)
+        return h.flatten(1)
+
+    def describe(self) -> dict:
+        return {"name": "conv4", "filters": self.spec.filters, "norm": self.spec.norm,
+                "input_shape": list(self.input_shape), "output_dim": self.output_dim,
+                "prompt_dim": self.prompt_dim}
+
+
+def build_model(spec: MLPSpec | Conv4Spec, input_shape: tuple[int, ...], output_dim: int,
+                prompt_dim: int = 0) -> FunctionalModel:
+    """The functional model named by ``spec``, sized for the task family."""
+    if spec.name == "mlp":
+        return MLP(spec, input_shape, output_dim, prompt_dim)
+    if spec.name == "conv4":
+        return Conv4(spec, input_shape, output_dim, prompt_dim)
+    raise ValueError(f"unknown model {spec.name!r}")

@@ -1,0 +1,33 @@
+"""Task-family registry: ``build_task_family(spec)`` turns a validated spec into a sampler.
+
+The image families live in :mod:`workers.tasks.images` and :mod:`workers.tasks.glyphs` and
+are imported only when asked for.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from workers.spec import GlyphsSpec, ImagesSpec, LinearSpec, SineSpec
+from workers.tasks.base import TaskBatch, TaskFamily, task_generator, task_seed
+
+# name → (module, class); each class takes its spec as the only argument
+TASK_FAMILY_CLASSES: dict[str, tuple[str, str]] = {
+    "sine": ("workers.tasks.regression", "SineFamily"),
+    "linear": ("workers.tasks.regression", "LinearFamily"),
+    "images": ("workers.tasks.images", "ImagesFamily"),
+    "glyphs": ("workers.tasks.glyphs", "GlyphsFamily"),
+}
+
+
+def build_task_family(spec: SineSpec | LinearSpec | ImagesSpec | GlyphsSpec) -> TaskFamily:
+    """The task family named by ``spec.name``, constructed from ``spec``."""
+    try:
+        module_name, class_name = TASK_FAMILY_CLASSES[spec.name]
+    except KeyError:
+        raise ValueError(f"unknown task family {spec.name!r}; known: {sorted(TASK_FAMILY_CLASSES)}") from None
+    family_class = getattr(importlib.import_module(module_name), class_name)
+    return family_class(spec)
+
+
+__all__ = ["TASK_FAMILY_CLASSES", "TaskBatch", "TaskFamily", "build_task_family", "task_generator", "task_seed"]
