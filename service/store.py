@@ -335,8 +335,8 @@ def add_metrics(*, session: Session, job_id: str, rows: Sequence[tuple[int, str,
         {"job_id": job_id, "step": int(step), "name": name, "value": float(value),
          "created_at": now}
         for step, name, value in rows
-    ]).on_conflict_do_nothing(index_elements=["job_id", "name", "step"])
-    return session.execute(statement).rowcount
+    ]).on_conflict_do_nothing(index_elements=["job_id", "name", "step"]).returning(Metric.id)
+    return len(session.execute(statement).all())
 
 
 def get_metrics(*, session: Session, job_id: str, name: str | None = None,
