@@ -7,10 +7,11 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 
-import migrations
 from service.settings import get_settings
 
-MIGRATIONS_DIR = Path(migrations.__file__).resolve().parent
+# The ``migrations`` package sits next to ``service`` (in the repository and when installed);
+# located by path so that a ``tests/migrations`` directory can never shadow it.
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
 
 def alembic_config(url: str | None = None) -> Config:

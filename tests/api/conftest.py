@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from service import auth
+from service.settings import Settings
+
+TEST_MAX_BODY_BYTES = 16 * 1024
+
+
+@pytest.fixture
+def client(engine, db_url: str) -> Iterator[TestClient]:  # noqa: ANN001
+    settings = Settings(database_url=db_url, dispatcher=False, max_body_bytes=TEST_MAX_BODY_BYTES)
+    with TestClient(create_app(settings)) as test_client:
+        yield test_client
+
+
+def _key(sessions, name: str, is_admin: bool = False) -> dict[str, str]:  # noqa: ANN001
+    with sessions() as session:
+        _, key = auth.create_key(session=session, name=name, is_admin=is_admin)
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture
+def alice_auth(sessions) -> dict[str, str]:  # noqa: ANN001
+    return _key(sessions, "alice")
+
+
+@pytest.fixture
+def bob_auth(sessions) -> dict[str, str]:  # noqa: ANN001
+    return _key(sessions, "bob")
+
+
+@pytest.fixture
+def admin_auth(sessions) -> dict[str, str]:  # noqa: ANN001
+    return _key(sessions, "root", is_admin=True)
