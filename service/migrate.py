@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from alembic import command
@@ -16,7 +17,7 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
 def alembic_config(url: str | None = None) -> Config:
     """An Alembic config for ``url`` (default: the configured ``DATABASE_URL``)."""
-    config = Config()
+    config = Config(stdout=sys.stdout)  # the stream of now, not of alembic's import time
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     config.set_main_option("sqlalchemy.url", (url or get_settings().database_url).replace("%", "%%"))
     return config

@@ -1,0 +1,27 @@
+# metaserve: `make run` serves the embedded default, `make test` runs the whole suite.
+VENV ?= .venv
+PYTHON ?= python3
+TORCH_SPEC ?= torch==2.13.0
+# e.g. TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu" for a CPU-only torch
+TORCH_PIP_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: run test install clean-state
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install $(TORCH_PIP_ARGS) '$(TORCH_SPEC)'
+	$(VENV)/bin/pip install -e '.[dev,benchmark]'
+	touch $@
+
+install: $(VENV)/.installed
+
+run: $(VENV)/.installed
+	$(VENV)/bin/metaserve serve
+
+test: $(VENV)/.installed
+	$(VENV)/bin/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# Forget the embedded default's state (SQLite database, admin key, artifacts).
+clean-state:
+	rm -rf .metaserve
