@@ -33,6 +33,10 @@ class Settings(BaseSettings):
     artifact_root: Path = Field(Path("./.metaserve/artifacts"),
                                 description="Where job artifacts are stored.")
     ray_address: str = Field("", description="Ray cluster address; empty starts a local Ray.")
+    ray_auth_token: str = Field("", description="Token for a Ray cluster that requires one "
+                                "(exported as RAY_AUTH_TOKEN); empty: none.")
+    ray_num_cpus: int = Field(0, ge=0, description="CPUs of the local Ray the server starts; "
+                              "0: all of this machine's.")
     max_body_bytes: int = Field(MAX_BODY_BYTES, ge=1,
                                 description="Largest request body accepted (bytes); larger → 413.")
     dispatcher: bool = Field(True, description="Run the job dispatcher inside `metaserve serve`.")
