@@ -157,15 +157,20 @@ class Trainer:
         bar = _progress_bar(spec.iterations, state.iteration) if progress else None
         try:
             while state.iteration < spec.iterations:
+                started = time.perf_counter()
                 state, metrics = self.step(state)
+                window_seconds += time.perf_counter() - started
                 window_tasks += spec.meta_batch_size
+                for name, value in metrics.items():
+                    window_sums[name] = window_sums.get(name, 0.0) + value * spec.meta_batch_size
                 iteration = state.iteration
                 if bar is not None:
                     bar.update(metrics)
                 if iteration % spec.log_every == 0 or iteration == spec.iterations:
-                    elapsed = time.perf_counter() - window_start
-                    metrics["train/tasks_per_second"] = window_tasks / elapsed if elapsed > 0 else 0.0
-                    report(iteration, metrics)
+                    # means over the tasks since the last report; throughput of the steps alone
+                    logged = {name: total / window_tasks for name, total in window_sums.items()}
+                    logged["train/tasks_per_second"] = window_tasks / window_seconds if window_seconds > 0 else 0.0
+                    report(iteration, logged)
                     window_seconds, window_tasks, window_sums = 0.0, 0, {}
                 if spec.evaluation.every and iteration % spec.evaluation.every == 0 and iteration < spec.iterations:
                     report(iteration, self.evaluate(state.params, split="val"))

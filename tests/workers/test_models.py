@@ -1,0 +1,78 @@
+import pytest
+import torch
+from torch.func import vmap
+
+from workers.algorithms import build_algorithm
+from workers.models import build_model
+from workers.spec import ANILSpec, Conv4Spec, MAMLSpec, MLPSpec, PromptSpec
+
+
+def images(tasks=3, shots=4, size=28, channels=1):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(tasks, shots, channels, size, size, generator=generator)
+    y = torch.arange(shots).remainder(2).repeat(tasks, 1)
+    return x, y
+
+
+def test_mlp_matches_torch_sequential_with_the_same_weights():
+    model = build_model(MLPSpec(hidden=[8, 5], activation="tanh"), (3,), 2)
+    params = model.init_params(torch.Generator().manual_seed(1))
+    reference = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 5), torch.nn.Tanh(),
+                                    torch.nn.Linear(5, 2))
+    with torch.no_grad():
+        for layer, prefix in zip(reference[::2], ["layers.0", "layers.1", "head"]):
+            layer.weight.copy_(params[f"{prefix}.weight"])
+            layer.bias.copy_(params[f"{prefix}.bias"])
+    x = torch.randn(7, 3)
+    torch.testing.assert_close(model(params, x), reference(x))
+
+
+def test_model_init_is_a_function_of_the_seed():
+    model = build_model(Conv4Spec(filters=4), (1, 28, 28), 5)
+    first = model.init_params(torch.Generator().manual_seed(3))
+    second = model.init_params(torch.Generator().manual_seed(3))
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[name], second[name]) for name in first)
+
+
+@pytest.mark.parametrize("norm", ["batch", "layer", "none"])
+def test_conv4_vmapped_over_tasks_equals_each_task_alone(norm):
+    model = build_model(Conv4Spec(filters=6, norm=norm), (1, 28, 28), 5)
+    params = model.init_params(torch.Generator().manual_seed(0))
+    x, _ = images()
+    batched = vmap(model, in_dims=(None, 0))(params, x)
+    assert batched.shape == (3, 4, 5)
+    for task in range(3):
+        torch.testing.assert_close(batched[task], model(params, x[task]), atol=1e-6, rtol=1e-6)
+
+
+def test_conv4_batch_norm_uses_the_statistics_of_each_task_batch():
+    model = build_model(Conv4Spec(filters=6, norm="batch"), (1, 28, 28), 5)
+    params = model.init_params(torch.Generator().manual_seed(0))
+    x, _ = images(tasks=1)
+    shifted = x.clone()
+    shifted[0, 1:] += 0.5  # changes the other examples of the batch only
+    assert not torch.allclose(model(params, x[0])[0], model(params, shifted[0])[0])
+    layer = build_model(Conv4Spec(filters=6, norm="layer"), (1, 28, 28), 5)
+    torch.testing.assert_close(layer(params, x[0])[0], layer(params, shifted[0])[0])
+
+
+def test_conv4_rejects_images_too_small_for_four_poolings():
+    with pytest.raises(ValueError, match="at least 16×16"):
+        build_model(Conv4Spec(), (1, 8, 8), 5)
+
+
+@pytest.mark.parametrize("spec", [MAMLSpec(inner_steps=1, inner_lr=0.05), ANILSpec(inner_steps=2, inner_lr=0.4),
+                                  PromptSpec(inner_steps=1, prompt_dim=2)], ids=lambda s: s.name)
+def test_conv4_meta_gradient_on_images_has_every_parameter_and_lowers_support_loss(spec):
+    prompt_dim = getattr(spec, "prompt_dim", 0)
+    model = build_model(Conv4Spec(filters=8), (3, 28, 28), 2, prompt_dim)
+    algorithm = build_algorithm(spec, model, classification=True)
+    params = algorithm.init_params(torch.Generator().manual_seed(0))
+    x, y = images(channels=3)
+    grads, metrics = algorithm.meta_gradient(params, x, y, x, y)
+    assert grads.keys() == params.keys()
+    assert all(torch.isfinite(g).all() and g.shape == params[n].shape for n, g in grads.items())
+    assert set(metrics) == {"loss_before", "loss_after", "accuracy_before", "accuracy_after"}
+    assert (metrics["loss_after"] < metrics["loss_before"]).all()
+    assert params["blocks.0.conv.weight"].shape == (8, 3 + prompt_dim, 3, 3)
