@@ -1,0 +1,60 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import typer
+
+from workers.cli import apply_overrides, train
+
+SPEC_YAML = """
+algorithm: {name: maml, inner_lr: 0.01, inner_steps: 1}
+task_family: {name: sine}
+model: {name: mlp, hidden: [8]}
+meta_batch_size: 4
+iterations: 4
+evaluation: {every: 0, tasks: 10, inner_steps: [1]}
+log_every: 2
+"""
+
+
+def test_apply_overrides_sets_nested_fields_parsed_as_yaml():
+    document = {"algorithm": {"name": "maml"}, "iterations": 5}
+    assert apply_overrides(document, ["algorithm.inner_steps=3", "model.hidden=[4, 4]", "name=demo"]) == {
+        "algorithm": {"name": "maml", "inner_steps": 3}, "iterations": 5,
+        "model": {"hidden": [4, 4]}, "name": "demo"}
+    assert document == {"algorithm": {"name": "maml"}, "iterations": 5}
+
+
+def test_apply_overrides_rejects_a_setting_without_equals_sign():
+    with pytest.raises(typer.BadParameter, match="--set expects KEY.PATH=VALUE, got 'iterations'"):
+        apply_overrides({}, ["iterations"])
+
+
+def test_train_writes_metrics_jsonl_and_meta_init(tmp_path):
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(SPEC_YAML)
+    out = tmp_path / "out"
+    train(spec_path, out, ["iterations=6"], "cpu", False)
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [2, 4, 6, 6]
+    assert set(lines[0]["metrics"]) == {"train/loss_before", "train/loss_after", "train/tasks_per_second"}
+    assert "test/loss_step1" in lines[-1]["metrics"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "meta_init.json", "meta_init.safetensors",
+                                                     "metrics.jsonl"]
+    assert json.loads((out / "meta_init.json").read_text())["iterations"] == 6
+
+
+def test_train_command_line_shows_progress_and_rejects_bad_specs(tmp_path):
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(SPEC_YAML)
+    program = ("import typer; from workers.cli import train; app = typer.Typer(); app.command()(train); app()")
+    done = subprocess.run([sys.executable, "-c", program, str(spec_path), "--out", str(tmp_path / "o"),
+                           "--set", "iterations=2"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "done: 2 iterations" in done.stdout
+    assert (tmp_path / "o" / "meta_init.safetensors").exists()
+    bad = subprocess.run([sys.executable, "-c", program, str(spec_path), "--out", str(tmp_path / "b"),
+                          "--set", "algorithm.inner_steps=-1"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2
+    assert "algorithm.maml.inner_steps" in bad.stderr and "greater than or equal to 0" in bad.stderr
