@@ -107,3 +107,15 @@ def bob(sessions: sessionmaker[Session]) -> User:
 @pytest.fixture
 def admin(sessions: sessionmaker[Session]) -> User:
     return make_user(sessions, "root", is_admin=True)[0]
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    """One local Ray instance shared by every test of the session that needs Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+    yield
+    ray.shutdown()

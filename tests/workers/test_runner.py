@@ -1,0 +1,124 @@
+"""The Ray runner on a real local Ray: exact results, worker death, cancellation, resources."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from workers.engine import Trainer
+from workers.runner import JobCancelled, RunHooks, Unschedulable, run_job, shard_ranges
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+SPEC = {
+    "algorithm": {"name": "maml"},
+    "task_family": {"name": "sine"},
+    "meta_batch_size": 8,
+    "iterations": 40,
+    "log_every": 5,
+    "checkpoint_every": 10,
+    "evaluation": {"every": 20, "tasks": 20, "inner_steps": [1]},
+}
+
+
+def _params(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(directory / "meta_init.safetensors")
+
+
+def _assert_bit_identical(left: dict[str, torch.Tensor], right: dict[str, torch.Tensor]) -> None:
+    assert sorted(left) == sorted(right)
+    for name in left:
+        assert torch.equal(left[name], right[name]), name
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_shard_ranges_are_contiguous_and_balanced() -> None:
+    assert shard_ranges(7, 3) == [[0, 1, 2], [3, 4], [5, 6]]
+    assert shard_ranges(2, 4) == [[0], [1]]
+
+
+def test_one_worker_on_ray_gives_the_bits_of_the_in_process_engine(tmp_path: Path) -> None:
+    reports: list[tuple[int, dict]] = []
+    run_job(SPEC, tmp_path / "ray", RunHooks(report=lambda step, m: reports.append((step, m))))
+    Trainer(SPEC).run(tmp_path / "local")
+    _assert_bit_identical(_params(tmp_path / "ray"), _params(tmp_path / "local"))
+    train_steps = [step for step, metrics in reports if "train/loss_after" in metrics]
+    assert train_steps == list(range(5, 41, 5))
+    assert any("test/loss_step1" in metrics for _, metrics in reports)
+
+
+def test_two_workers_are_deterministic_and_agree_with_one(tmp_path: Path) -> None:
+    spec = {**SPEC, "resources": {"workers": 2}}
+    run_job(spec, tmp_path / "a")
+    run_job(spec, tmp_path / "b")
+    _assert_bit_identical(_params(tmp_path / "a"), _params(tmp_path / "b"))
+    run_job(SPEC, tmp_path / "one")
+    one, two = _params(tmp_path / "one"), _params(tmp_path / "a")
+    for name in one:  # same maths, only the summation order differs
+        torch.testing.assert_close(one[name], two[name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_sigkill_of_an_inner_loop_worker_does_not_change_the_result(tmp_path: Path) -> None:
+    spec = {**SPEC, "iterations": 60, "resources": {"workers": 2}}
+    run_job(spec, tmp_path / "undisturbed")
+    workers: list[list[dict]] = []
+    killed: list[int] = []
+
+    def kill_one_worker(step: int, metrics: dict) -> None:
+        if step == 20 and not killed and "train/loss_after" in metrics:
+            killed.append(workers[-1][0]["pid"])
+            os.kill(killed[0], signal.SIGKILL)
+
+    run_job(spec, tmp_path / "disturbed",
+            RunHooks(report=kill_one_worker, workers_ready=workers.append))
+    assert killed, "no worker was killed"
+    assert len(workers) == 2 and workers[1][0]["pid"] != killed[0]
+    _assert_bit_identical(_params(tmp_path / "undisturbed"), _params(tmp_path / "disturbed"))
+
+
+def test_cancel_stops_the_job_and_its_actors_within_five_seconds(tmp_path: Path) -> None:
+    spec = {**SPEC, "iterations": 100_000, "checkpoint_every": 5}
+    stop = threading.Event()
+    checkpoints: list = []
+
+    def checkpointed(paths) -> None:  # noqa: ANN001
+        checkpoints.append(paths)
+        stop.set()
+
+    requested: list[float] = []
+    workers: list[list[dict]] = []
+    with pytest.raises(JobCancelled):
+        def should_stop() -> bool:
+            if stop.is_set() and not requested:
+                requested.append(time.monotonic())
+            return stop.is_set()
+        run_job(spec, tmp_path, RunHooks(checkpointed=checkpointed, should_stop=should_stop,
+                                         workers_ready=workers.append))
+    assert time.monotonic() - requested[0] < 5.0
+    assert (tmp_path / "checkpoint" / "checkpoint.safetensors").exists()
+    pids = [worker["pid"] for worker in workers[-1]]
+    deadline = time.monotonic() + 5.0
+    while any(map(_alive, pids)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(map(_alive, pids))
+
+
+def test_a_job_asking_for_gpus_the_cluster_lacks_is_unschedulable(tmp_path: Path) -> None:
+    spec = {**SPEC, "resources": {"workers": 2, "gpus_per_worker": 1}}
+    with pytest.raises(Unschedulable, match=r"2 GPU\(s\) asked \(2 workers × 1\), cluster has 0"):
+        run_job(spec, tmp_path)

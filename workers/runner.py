@@ -1,0 +1,330 @@
+"""Runs one meta-training job on Ray: the outer loop here, the inner loops on Ray actors.
+
+The outer loop (this module, called by the dispatcher in its own process) owns the
+meta-parameters, the outer optimizer state and the schedule (log, evaluate, checkpoint).
+``resources.workers`` :class:`InnerLoopWorker` actors each hold a :class:`Trainer` built from
+the same spec; every meta-iteration the meta-batch is split into contiguous shards, one
+per worker, each worker samples its own tasks from the counter-based seed, adapts them
+vectorized and returns the summed meta-gradient. The shards are combined in worker order,
+so a run is a pure function of (spec, seed, worker count).
+
+With a single worker the whole segment between two reporting points runs on the actor
+(`run_segment`), which removes the per-iteration round trip; the arithmetic is the same
+as a one-shard step, so the result is the same bits.
+
+Faults: a worker that dies (process killed, node removed) is replaced and the lost work is
+recomputed from the same parameters, so the final parameters do not change. The runner
+itself keeps nothing that a checkpoint does not hold: if its process dies, the next
+attempt resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import ray
+import torch
+from ray.exceptions import RayActorError
+
+from workers.engine import ShardResult, Trainer, TrainState
+from workers.engine.trainer import CHECKPOINT_DIRECTORY
+from workers.spec import JobSpec
+
+logger = logging.getLogger(__name__)
+
+WORKER_READY_TIMEOUT_S = 60.0
+POLL_S = 0.25
+MAX_WORKER_REPLACEMENTS = 20
+
+
+class JobCancelled(Exception):
+    """The job was cancelled (or its lease was lost) while it ran."""
+
+
+class Unschedulable(Exception):
+    """The cluster cannot provide the resources this job asks for."""
+
+
+class WorkerLost(Exception):
+    """An inner-loop worker died more times than the runner will replace it."""
+
+
+@dataclass
+class RunHooks:
+    """What the runner reports to its caller; all optional.
+
+    ``report(step, metrics)``: metrics of iteration ``step`` (or of an evaluation).
+    ``progress(dict)``: iteration, total, tasks_per_s, eta_s, workers.
+    ``checkpointed(paths)``: files just written to the job directory.
+    ``should_stop()``: True when the job must stop (cancelled, lease lost).
+    ``workers_ready(list)``: pid, node and device of every inner-loop worker, whenever the
+    set of workers changes (start, replacement).
+    """
+
+    report: Callable[[int, dict[str, float]], None] = lambda step, metrics: None
+    progress: Callable[[dict], None] = lambda progress: None
+    checkpointed: Callable[[list[Path]], None] = lambda paths: None
+    should_stop: Callable[[], bool] = lambda: False
+    workers_ready: Callable[[list[dict]], None] = lambda workers: None
+
+
+class InnerLoopWorker:
+    """A Ray actor adapting one shard of every meta-batch (see module docstring)."""
+
+    def __init__(self, spec: dict, device: str, torch_threads: int):
+        torch.set_num_threads(max(1, torch_threads))
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError("worker was given a GPU but torch sees no CUDA device")
+        self.trainer = Trainer(spec, device=device)
+        self.device = device
+
+    def ready(self) -> dict:
+        import os
+
+        return {"pid": os.getpid(), "device": self.device,
+                "node": ray.get_runtime_context().get_node_id()}
+
+    def shard_step(self, params: dict, iteration: int, task_indices: list[int]) -> ShardResult:
+        return self.trainer.shard_step(params, iteration, task_indices)
+
+    def run_segment(self, state: TrainState, iterations: int) -> tuple[TrainState, list[dict]]:
+        """Run ``iterations`` whole steps here; return the new state and per-step metrics."""
+        metrics = []
+        for _ in range(iterations):
+            state, step_metrics = self.trainer.step(state)
+            metrics.append(step_metrics)
+        return _to_cpu_state(state), metrics
+
+    def evaluate(self, params: dict, split: str) -> dict[str, float]:
+        return self.trainer.evaluate(params, split=split)
+
+
+def _to_cpu_state(state: TrainState) -> TrainState:
+    return TrainState(
+        params={k: v.detach().cpu() for k, v in state.params.items()},
+        opt_state={k: v.detach().cpu() for k, v in state.opt_state.items()},
+        iteration=state.iteration,
+    )
+
+
+def shard_ranges(meta_batch_size: int, workers: int) -> list[list[int]]:
+    """Contiguous task-index shards, as even as possible, in worker order."""
+    workers = min(workers, meta_batch_size)
+    base, extra = divmod(meta_batch_size, workers)
+    shards, start = [], 0
+    for w in range(workers):
+        size = base + (1 if w < extra else 0)
+        shards.append(list(range(start, start + size)))
+        start += size
+    return shards
+
+
+def check_schedulable(spec: JobSpec) -> None:
+    """Raise :class:`Unschedulable` when the cluster as a whole can never fit the job."""
+    resources = spec.resources
+    total = ray.cluster_resources()
+    need_cpu = resources.workers * resources.cpus_per_worker
+    need_gpu = resources.workers * resources.gpus_per_worker
+    have_cpu = total.get("CPU", 0.0)
+    have_gpu = total.get("GPU", 0.0)
+    problems = []
+    if need_gpu > have_gpu + 1e-9:
+        problems.append(f"{need_gpu:g} GPU(s) asked ({resources.workers} workers × "
+                        f"{resources.gpus_per_worker:g}), cluster has {have_gpu:g}")
+    if need_cpu > have_cpu + 1e-9:
+        problems.append(f"{need_cpu:g} CPU(s) asked ({resources.workers} workers × "
+                        f"{resources.cpus_per_worker:g}), cluster has {have_cpu:g}")
+    if problems:
+        raise Unschedulable("waiting for resources: " + "; ".join(problems))
+
+
+@dataclass
+class _WorkerPool:
+    spec: JobSpec
+    hooks: RunHooks
+    actors: list = field(default_factory=list)
+    info: list = field(default_factory=list)
+    replacements: int = 0
+
+    def _options(self):
+        r = self.spec.resources
+        return dict(num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker, max_restarts=0,
+                    max_concurrency=1)
+
+    def _device(self) -> str:
+        return "cuda" if self.spec.resources.gpus_per_worker > 0 else "cpu"
+
+    def _new_actor(self):
+        threads = max(1, int(self.spec.resources.cpus_per_worker))
+        cls = ray.remote(InnerLoopWorker).options(**self._options())
+        return cls.remote(self.spec.model_dump(mode="json"), self._device(), threads)
+
+    def start(self, count: int) -> None:
+        self.actors = [self._new_actor() for _ in range(count)]
+        self.info = [{} for _ in range(count)]
+        self._wait_ready(list(range(count)))
+
+    def _wait_ready(self, indices: list[int]) -> None:
+        should_stop = self.hooks.should_stop
+        pending = {self.actors[i].ready.remote(): i for i in indices}
+        deadline = time.monotonic() + WORKER_READY_TIMEOUT_S
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=POLL_S)
+            for ref in done:
+                index = pending.pop(ref)
+                try:
+                    self.info[index] = ray.get(ref)
+                    logger.info("inner-loop worker ready", extra={"worker": index, **self.info[index]})
+                except RayActorError:
+                    self.replace(index)
+                    pending[self.actors[index].ready.remote()] = index
+            if should_stop():
+                raise JobCancelled()
+            if pending and time.monotonic() > deadline:
+                raise Unschedulable(
+                    "waiting for resources: inner-loop workers could not be placed within "
+                    f"{WORKER_READY_TIMEOUT_S:.0f} s (cluster busy or short of "
+                    f"{self.spec.resources.cpus_per_worker:g} CPU / "
+                    f"{self.spec.resources.gpus_per_worker:g} GPU per worker)")
+        self.hooks.workers_ready([dict(info) for info in self.info])
+
+    def replace(self, index: int) -> None:
+        self.replacements += 1
+        if self.replacements > MAX_WORKER_REPLACEMENTS:
+            raise WorkerLost(f"inner-loop workers died {self.replacements} times; giving up")
+        logger.warning("replacing dead inner-loop worker", extra={"worker": index})
+        try:
+            ray.kill(self.actors[index])
+        except Exception:  # already gone
+            pass
+        self.actors[index] = self._new_actor()
+
+    def call(self, calls: Sequence[tuple[int, str, tuple]]) -> list:
+        """Run ``(worker index, method, args)`` calls; replace dead workers and redo their call.
+
+        Returns the results in the order of ``calls``.
+        """
+        should_stop = self.hooks.should_stop
+        results: list = [None] * len(calls)
+        pending = {}
+        for slot, (index, method, args) in enumerate(calls):
+            pending[getattr(self.actors[index], method).remote(*args)] = slot
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=POLL_S)
+            for ref in done:
+                slot = pending.pop(ref)
+                index, method, args = calls[slot]
+                try:
+                    results[slot] = ray.get(ref)
+                except RayActorError as error:
+                    logger.warning("inner-loop worker died; recomputing its shard",
+                                   extra={"worker": index, "error": str(error)[:200]})
+                    self.replace(index)
+                    self._wait_ready([index])
+                    pending[getattr(self.actors[index], method).remote(*args)] = slot
+            if pending and should_stop():
+                raise JobCancelled()
+        return results
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            try:
+                ray.kill(actor)
+            except Exception:
+                pass
+        self.actors = []
+
+
+def run_job(spec: JobSpec | dict, job_dir: Path, hooks: RunHooks | None = None) -> TrainState:
+    """Run ``spec`` to completion on the connected Ray cluster; artifacts go to ``job_dir``.
+
+    Resumes from ``job_dir``'s checkpoint when there is one. Raises :class:`JobCancelled`,
+    :class:`Unschedulable`, or the job's own error (bad dataset, ...).
+    """
+    spec = spec if isinstance(spec, JobSpec) else JobSpec.model_validate(spec)
+    hooks = hooks or RunHooks()
+    job_dir = Path(job_dir)
+    job_dir.mkdir(parents=True, exist_ok=True)
+    check_schedulable(spec)
+
+    # The local trainer validates the spec (e.g. the dataset exists) before any actor starts,
+    # holds the outer optimizer and writes checkpoints and artifacts.
+    trainer = Trainer(spec, device="cpu")
+    state = trainer.load_checkpoint(job_dir / CHECKPOINT_DIRECTORY) or trainer.init_state()
+    shards = shard_ranges(spec.meta_batch_size, spec.resources.workers)
+    pool = _WorkerPool(spec, hooks)
+    try:
+        pool.start(len(shards))
+        _outer_loop(spec, trainer, state, shards, pool, job_dir, hooks)
+    finally:
+        pool.shutdown()
+    return state
+
+
+def _next_stop(iteration: int, spec: JobSpec) -> int:
+    """The next iteration count at which something is logged, evaluated or checkpointed."""
+    stops = [spec.iterations]
+    for every in (spec.log_every, spec.checkpoint_every, spec.evaluation.every):
+        if every:
+            stops.append((iteration // every + 1) * every)
+    return min(stops)
+
+
+def _outer_loop(spec: JobSpec, trainer: Trainer, state: TrainState, shards: list[list[int]],
+                pool: _WorkerPool, job_dir: Path, hooks: RunHooks) -> TrainState:
+    total = spec.iterations
+    started = time.monotonic()
+    first_iteration = state.iteration
+    while state.iteration < total:
+        if hooks.should_stop():
+            raise JobCancelled()
+        target = _next_stop(state.iteration, spec)
+        if len(shards) == 1:
+            state, step_metrics = pool.call(
+                [(0, "run_segment", (state, target - state.iteration))])[0]
+            last = step_metrics[-1]
+        else:
+            while state.iteration < target:
+                calls = [(w, "shard_step", (state.params, state.iteration, shard))
+                         for w, shard in enumerate(shards)]
+                results = pool.call(calls)
+                state = trainer.apply(state, results)
+                if hooks.should_stop() and state.iteration < target:
+                    raise JobCancelled()
+            last = _shard_metrics(results)
+        done = state.iteration
+        elapsed = max(time.monotonic() - started, 1e-9)
+        tasks_per_s = (done - first_iteration) * spec.meta_batch_size / elapsed
+        if done % spec.log_every == 0 or done == total:
+            hooks.report(done, {**last, "train/tasks_per_second": tasks_per_s})
+        if spec.evaluation.every and done % spec.evaluation.every == 0 and done < total:
+            evaluation = pool.call([(0, "evaluate", (state.params, "val"))])[0]
+            hooks.report(done, evaluation)
+        if done % spec.checkpoint_every == 0 or done == total:
+            hooks.checkpointed(trainer.save_checkpoint(state, job_dir / CHECKPOINT_DIRECTORY))
+        rate = (done - first_iteration) / elapsed
+        hooks.progress({
+            "iteration": done, "total": total, "tasks_per_s": round(tasks_per_s, 1),
+            "eta_s": round((total - done) / rate, 1) if rate > 0 else None,
+            "workers": len(shards),
+        })
+    evaluation = {}
+    for split in ("val", "test"):
+        evaluation.update(pool.call([(0, "evaluate", (state.params, split))])[0])
+    hooks.report(state.iteration, evaluation)
+    hooks.checkpointed(trainer.export_meta_init(state, job_dir, evaluation))
+    return state
+
+
+def _shard_metrics(results: list[ShardResult]) -> dict[str, float]:
+    """Per-iteration metrics from the shards' per-task metrics, combined in worker order."""
+    merged: dict[str, float] = {}
+    names = results[0].metrics.keys()
+    for name in names:
+        values = torch.cat([r.metrics[name].reshape(-1).double() for r in results])
+        merged[f"train/{name}"] = float(values.mean())
+    return merged
