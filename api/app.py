@@ -18,20 +18,18 @@ logger = logging.getLogger(__name__)
 
 
 def _start_dispatcher(app: FastAPI) -> None:
-    """DISPATCHER HOOK: run the job dispatcher inside the server when settings say so.
-
-    ``service.dispatcher.Dispatcher(settings, session_factory)`` with ``.start()`` and
-    ``.stop()`` is written with the Ray dispatch issue; until it exists jobs stay queued.
-    """
+    """Run the job dispatcher inside the server when settings say so (the embedded default)."""
     app.state.dispatcher = None
     if not app.state.settings.dispatcher:
         return
     try:
-        from service.dispatcher import Dispatcher
+        from service.dispatcher import Dispatcher, embedded_worker_id
     except ImportError:
         logger.warning("service.dispatcher is not available; jobs stay queued")
         return
-    dispatcher = Dispatcher(app.state.settings, app.state.session_factory)
+    settings = app.state.settings
+    dispatcher = Dispatcher(settings, app.state.session_factory,
+                            worker_id=embedded_worker_id(settings))
     dispatcher.start()
     app.state.dispatcher = dispatcher
 

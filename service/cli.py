@@ -1,4 +1,4 @@
-"""The ``metaserve`` command: ``serve``, ``db upgrade|downgrade|check``, ``keys create``, ``train``."""
+"""The ``metaserve`` command: ``serve``, ``dispatcher``, ``db upgrade|downgrade|check``, ``keys create``, ``train``."""
 
 from __future__ import annotations
 
@@ -109,3 +109,28 @@ def train(
     from workers.cli import train as run_training
 
     run_training(spec=spec, out=out, set_=set_ or [])
+
+
+@app.command()
+def dispatcher(
+    concurrency: Annotated[Optional[int], typer.Option(
+        help="Jobs run at once (default: METASERVE_DISPATCHER_CONCURRENCY).")] = None,
+) -> None:
+    """Run a standalone dispatcher: claim queued jobs and run them on the Ray cluster at
+    METASERVE_RAY_ADDRESS. Any number may run against one database."""
+    import logging
+
+    from service import migrate
+    from service.db import make_engine, session_factory
+    from service.dispatcher import Dispatcher
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    settings = get_settings()
+    if concurrency is not None:
+        settings = settings.model_copy(update={"dispatcher_concurrency": concurrency})
+    migrate.upgrade(settings.database_url)
+    engine = make_engine(settings.database_url)
+    try:
+        Dispatcher(settings, session_factory(engine)).run_forever()
+    finally:
+        engine.dispose()

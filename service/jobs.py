@@ -8,9 +8,11 @@ import hashlib
 import json
 from typing import Any, Sequence
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service import store
+from service.artifacts import ArtifactNotFound
 from service.models import Artifact, Job, JobStatus, Metric, User
 from workers.spec import JobSpec
 
@@ -77,9 +79,16 @@ cancel_job = request_cancel
 # --------------------------------------------------------------------------- dispatcher API
 
 
-def claim_next_job(*, session: Session, worker_id: str, lease_s: float) -> Job | None:
+def claim_next_job(*, session: Session, worker_id: str, lease_s: float,
+                   exclude: Sequence[str] = ()) -> Job | None:
     with _Transaction(session):
-        return store.claim_next_job(session=session, worker_id=worker_id, lease_s=lease_s)
+        return store.claim_next_job(session=session, worker_id=worker_id, lease_s=lease_s,
+                                    exclude=exclude)
+
+
+def expire_leases(*, session: Session, worker_id: str) -> int:
+    with _Transaction(session):
+        return store.expire_leases(session=session, worker_id=worker_id)
 
 
 def renew_lease(*, session: Session, job_id: str, worker_id: str, lease_s: float) -> Job:
@@ -135,3 +144,54 @@ def add_artifact(*, session: Session, job_id: str, name: str, size: int, sha256:
 def list_artifacts(*, session: Session, job_id: str) -> list[Artifact]:
     with _Transaction(session):
         return store.list_artifacts(session=session, job_id=job_id)
+
+
+# --------------------------------------------------------------------------- metrics, artifacts (API)
+
+
+def get_metrics_page(*, session: Session, job_id: str, owner: User, name: str | None = None,
+                     since_step: int | None = None,
+                     limit: int = 1000) -> tuple[list[Metric], int | None]:
+    """One page of a job's metrics ordered by (step, name), and the ``since_step`` of the next
+    page (None on the last one). ``since_step`` is exclusive.
+
+    A page holds whole steps, so paging by step never drops the other series of a step cut
+    at the page boundary: a partial last step is left to the next page, and a single step
+    with more than ``limit`` values is returned whole. Another user's job raises
+    :class:`~service.exceptions.JobNotFound`.
+    """
+    with _Transaction(session):
+        store.get_job(session=session, job_id=job_id, owner=owner)
+        query = select(Metric).where(Metric.job_id == job_id)
+        if name is not None:
+            query = query.where(Metric.name == name)
+        if since_step is not None:
+            query = query.where(Metric.step > since_step)
+        rows = list(session.scalars(query.order_by(Metric.step, Metric.name).limit(limit + 1)))
+        if len(rows) <= limit:
+            return rows, None
+        page, last_step = rows[:limit], rows[limit - 1].step
+        if rows[limit].step == last_step:  # the page would cut a step in two
+            page = [row for row in page if row.step < last_step]
+            if not page:
+                page = list(session.scalars(query.where(Metric.step == last_step)
+                                            .order_by(Metric.name)))
+        return page, page[-1].step
+
+
+def list_job_artifacts(*, session: Session, job_id: str, owner: User) -> list[Artifact]:
+    """The artifacts of ``owner``'s job ``job_id`` by name (another user's job: JobNotFound)."""
+    with _Transaction(session):
+        store.get_job(session=session, job_id=job_id, owner=owner)
+        return store.list_artifacts(session=session, job_id=job_id)
+
+
+def get_artifact(*, session: Session, job_id: str, owner: User, name: str) -> Artifact:
+    """The artifact record ``name`` of ``owner``'s job; raises
+    :class:`~service.artifacts.ArtifactNotFound` when the job has no artifact of that name
+    (compared in Python, so any client string is harmless) and JobNotFound for another
+    user's job."""
+    for artifact in list_job_artifacts(session=session, job_id=job_id, owner=owner):
+        if artifact.name == name:
+            return artifact
+    raise ArtifactNotFound(job_id=job_id, name=name)

@@ -210,18 +210,20 @@ def _claimable(now: datetime):  # noqa: ANN202
     )
 
 
-def claim_next_job(*, session: Session, worker_id: str, lease_s: float) -> Job | None:
+def claim_next_job(*, session: Session, worker_id: str, lease_s: float,
+                   exclude: Sequence[str] = ()) -> Job | None:
     """Atomically claim the oldest claimable job for ``worker_id``, or None.
 
     Claimable: ``queued``, or ``running``/``cancelling`` with an expired lease. A reclaimed
     ``cancelling`` job becomes ``cancelled``; a reclaim past ``max_attempts`` becomes
     ``failed`` ("gave up after N attempts: ..."); both are skipped and the next is tried.
+    Jobs in ``exclude`` (e.g. ones this dispatcher could not place a moment ago) are skipped.
     """
     for _ in range(CLAIM_RETRIES):
         now = utcnow()
         candidate = session.execute(
             select(Job.id, Job.status, Job.attempt, Job.max_attempts, Job.error)
-            .where(_claimable(now))
+            .where(_claimable(now), *([Job.id.not_in(list(exclude))] if exclude else []))
             .order_by(Job.id)
             .limit(1)
             .with_for_update(skip_locked=True)
@@ -254,6 +256,17 @@ def claim_next_job(*, session: Session, worker_id: str, lease_s: float) -> Job |
         if values["status"] == JobStatus.RUNNING.value:
             return _reload(session, candidate.id)
     return None
+
+
+def expire_leases(*, session: Session, worker_id: str) -> int:
+    """Expire every lease held by ``worker_id`` (a dispatcher restarting under the identity
+    of its previous life: those jobs lost their runner), so they can be reclaimed now."""
+    result = session.execute(
+        update(Job)
+        .where(Job.lease_owner == worker_id, Job.status.in_(ACTIVE))
+        .values(lease_expires_at=utcnow() - timedelta(seconds=1))
+        .execution_options(synchronize_session=False))
+    return result.rowcount
 
 
 def _holding(job_id: str, worker_id: str, statuses: Sequence[str] = ACTIVE):  # noqa: ANN202
