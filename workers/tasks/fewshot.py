@@ -60,7 +60,7 @@ def choose_classes(
 def episode_batch(examples: torch.Tensor, labels: torch.Tensor, support_shots: int) -> TaskBatch:
     """Split per-class examples into support and query sets.
 
-    ``examples`` is ``[T, ways, K+Q, C, H, W]`` float, ``labels`` ``[T, ways]`` long; the
+    ``examples`` is ``[T, ways, K+Q, C, H, W]`` (any dtype), ``labels`` ``[T, ways]`` long; the
     first ``support_shots`` examples of every class are its support set, the rest its query
     set. Examples stay grouped by class (the order carries no information, the labels are
     a random permutation).

@@ -268,7 +268,8 @@ class ImagesFamily:
                     f"{spec.split}{', ×4 rotations' if spec.rotations else ''})"
                 )
         self._eligible: dict[tuple[str, int], torch.Tensor] = {}
-        self._eligible_classes(SPLITS[0], spec.support_shots + spec.query_shots)
+        for split in SPLITS:  # fail now, not at the first evaluation, if a split is too small
+            self._eligible_classes(split, spec.support_shots + spec.query_shots)
 
     def classes(self, split: str) -> int:
         """Number of classes in ``split`` (rotated copies included)."""
@@ -335,4 +336,5 @@ class ImagesFamily:
             rotated = turns_per_class == quarter_turns
             if rotated.any():
                 examples[rotated] = torch.rot90(examples[rotated], quarter_turns, dims=(-2, -1))
-        return episode_batch(examples.float().div_(255.0), torch.stack(labels), support_shots)
+        support_x, support_y, query_x, query_y = episode_batch(examples, torch.stack(labels), support_shots)
+        return TaskBatch(support_x.float().div_(255.0), support_y, query_x.float().div_(255.0), query_y)
