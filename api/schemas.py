@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 from service.models import JobStatus
 from workers.spec import JobSpec
@@ -65,3 +66,43 @@ class ErrorInfo(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorInfo
+
+
+class MetricPointPublic(BaseModel):
+    """One value of one series; ``value`` is null where it was NaN or ±inf (JSON has no such
+    numbers, and a diverging run produces them)."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    step: int
+    name: str
+    value: float | None
+    time: datetime = Field(validation_alias=AliasChoices("time", "created_at"),
+                           description="When the dispatcher stored the value.")
+
+    @field_validator("value", mode="before")
+    @classmethod
+    def _finite_or_null(cls, value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        return value
+
+
+class MetricsPublic(BaseModel):
+    data: list[MetricPointPublic] = Field(description="Ordered by (step, name); whole steps only.")
+    next_since_step: int | None = Field(
+        None, description="Pass as `since_step` for the next page; null on the last page.")
+
+
+class ArtifactPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    name: str = Field(description="Pass to `GET /v1/jobs/{id}/artifacts/{name}` to download.")
+    size: int = Field(description="Bytes.")
+    sha256: str
+    media_type: str
+    created_at: datetime
+
+
+class ArtifactsPublic(BaseModel):
+    data: list[ArtifactPublic]

@@ -11,6 +11,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from service.exceptions import MetaserveError
+
+CHECKPOINT_DIRECTORY = "checkpoint"  # = workers.engine.trainer.CHECKPOINT_DIRECTORY
 JOB_ID_RE = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
 CHUNK_BYTES = 1 << 20
 
@@ -48,3 +51,30 @@ def describe(path: Path) -> ArtifactFile:
         sha256=digest.hexdigest(),
         media_type=MEDIA_TYPES.get(path.suffix, "application/octet-stream"),
     )
+
+
+class ArtifactNotFound(MetaserveError):
+    """Artifact not found."""
+
+    status_code = 404
+    code = "not_found"
+
+
+def locate(root: Path | str, job_id: str, name: str) -> Path | None:
+    """The file of the artifact ``name`` of ``job_id``, or None when it is missing.
+
+    ``name`` must be a name the database registered for the job (the caller looks it up
+    first). The path is never built from ``name``: the job's directory and its
+    ``checkpoint/`` directory are listed and the regular file (not a link) whose entry
+    equals ``name`` is returned, so no string can reach outside them.
+    """
+    directory = job_dir(root, job_id)
+    for candidate_dir in (directory, directory / CHECKPOINT_DIRECTORY):
+        try:
+            entries = list(candidate_dir.iterdir())
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for entry in entries:
+            if entry.name == name and entry.is_file() and not entry.is_symlink():
+                return entry
+    return None

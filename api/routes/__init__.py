@@ -3,6 +3,6 @@
 
 from __future__ import annotations
 
-from api.routes import catalog, health, jobs
+from api.routes import artifacts, catalog, health, jobs, metrics
 
-ROUTERS = [health.router, jobs.router, catalog.router]
+ROUTERS = [health.router, jobs.router, catalog.router, metrics.router, artifacts.router]
