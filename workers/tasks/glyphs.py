@@ -37,7 +37,9 @@ from workers.spec import GlyphsSpec
 from workers.tasks.base import TaskBatch, task_generator
 from workers.tasks.fewshot import DatasetError, check_split, choose_classes, episode_batch, split_classes
 
-__all__ = ["FONT_FILE", "GlyphsFamily", "affine_thetas", "distinct_characters", "render_glyph", "sampling_grids"]
+__all__ = [
+    "FONT_FILE", "GlyphsFamily", "affine_thetas", "distinct_characters", "render_glyph", "sampling_grids",
+]
 
 FONT_FILE = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
 SPLIT = (0.7, 0.15, 0.15)
@@ -97,7 +99,10 @@ def distinct_characters() -> tuple[str, ...]:
             continue
         ink = render_glyph(font, character, SELECTION_CANVAS) >= 128
         rows, cols = np.flatnonzero(ink.any(1)), np.flatnonzero(ink.any(0))
-        if not len(rows) or max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1 < MIN_GLYPH_EXTENT * SELECTION_CANVAS:
+        if not len(rows):
+            continue
+        extent = max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1
+        if extent < MIN_GLYPH_EXTENT * SELECTION_CANVAS:
             continue
         fingerprint = hashlib.blake2b(np.packbits(ink).tobytes(), digest_size=16).digest()
         if fingerprint not in seen:
@@ -235,7 +240,8 @@ class GlyphsFamily:
                           align_corners=False).clamp_(0.0, 1.0).view(tasks, -1, *self.input_shape)
             for part in (thetas[:, :support_shots], thetas[:, support_shots:])
         )
-        labels_ = torch.stack(labels)[:, :, None]
-        support_y = labels_.expand(tasks, ways, support_shots).reshape(tasks, ways * support_shots)
-        query_y = labels_.expand(tasks, ways, self.spec.query_shots).reshape(tasks, ways * self.spec.query_shots)
+        per_class = torch.stack(labels)[:, :, None]
+        query_shots = self.spec.query_shots
+        support_y = per_class.expand(tasks, ways, support_shots).reshape(tasks, ways * support_shots)
+        query_y = per_class.expand(tasks, ways, query_shots).reshape(tasks, ways * query_shots)
         return TaskBatch(support_x, support_y, query_x, query_y)

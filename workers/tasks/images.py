@@ -195,7 +195,8 @@ def _convert_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
     if channels == 3:
         return images.expand(-1, 3, -1, -1)
     weights = torch.tensor([299, 587, 114], dtype=torch.int32).view(1, 3, 1, 1)
-    return ((images.int() * weights).sum(1, keepdim=True) + 500).div(1000, rounding_mode="floor").to(torch.uint8)
+    luma = (images.int() * weights).sum(1, keepdim=True) + 500
+    return luma.div(1000, rounding_mode="floor").to(torch.uint8)
 
 
 def _resize(images: torch.Tensor, image_size: int, chunk: int = 4096) -> torch.Tensor:

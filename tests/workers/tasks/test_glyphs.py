@@ -81,7 +81,8 @@ def test_without_distortion_each_label_is_one_glyph_of_its_split_and_labels_diff
 def test_distortion_makes_every_example_of_a_class_different():
     batch = family(distortion=1.0, support_shots=5, query_shots=5).sample(
         seed=0, split="train", iteration=0, task_indices=[0])
-    examples = torch.cat([batch.support_x[0][batch.support_y[0] == 0], batch.query_x[0][batch.query_y[0] == 0]])
+    examples = torch.cat([batch.support_x[0][batch.support_y[0] == 0],
+                          batch.query_x[0][batch.query_y[0] == 0]])
 
     assert len({image.numpy().tobytes() for image in examples}) == 10
 
@@ -145,7 +146,8 @@ def test_split_with_fewer_characters_than_ways_is_a_dataset_error():
     with pytest.raises(DatasetError) as error:
         family(num_characters=20, ways=5)
     assert str(error.value) == (
-        "glyphs: the val split has 3 characters, fewer than ways=5 (num_characters=20 split (0.7, 0.15, 0.15))"
+        "glyphs: the val split has 3 characters, fewer than ways=5 "
+        "(num_characters=20 split (0.7, 0.15, 0.15))"
     )
 
 
