@@ -29,8 +29,8 @@ def get_metrics(
                                       description="Only this series, e.g. `train/loss`.")] = None,
     since_step: Annotated[int | None, Query(ge=0, le=2**62,
                                             description="Only steps after this one.")] = None,
-    limit: Annotated[int, Query(ge=1, le=MAX_METRICS_PAGE,
-                                description="Values per page (whole steps).")] = DEFAULT_METRICS_PAGE,
+    limit: Annotated[int, Query(ge=1, le=MAX_METRICS_PAGE, description="Values per page "
+                                "(whole steps).")] = DEFAULT_METRICS_PAGE,
 ) -> MetricsPublic:
     """Metric values ordered by (step, name); follow `next_since_step` for the next page."""
     page, next_since_step = jobs.get_metrics_page(session=session, job_id=job_id, owner=user,

@@ -20,7 +20,6 @@ from service.settings import Settings
 from workers.engine.trainer import CHECKPOINT_DIRECTORY
 
 TWO_LINE_SPEC = {"algorithm": {"name": "maml"}, "task_family": {"name": "sine"}}
-NOT_FOUND = {"code": "not_found", "message": "Artifact not found."}
 
 
 @pytest.fixture
@@ -41,7 +40,7 @@ def submit(client: TestClient, auth: dict[str, str]) -> str:
     return response.json()["id"]
 
 
-def register(sessions, root: Path, job_id: str, path: Path) -> None:  # noqa: ANN001
+def register(sessions, job_id: str, path: Path) -> None:  # noqa: ANN001
     """Record ``path`` (a file under the job's directory) as the dispatcher does."""
     described = artifacts.describe(path)
     with sessions() as session:
@@ -60,17 +59,18 @@ def finished_job(client, sessions, alice_auth, artifact_root) -> tuple[str, dict
     tensors = {"layers.0.weight": torch.randn(40, 1), "layers.0.bias": torch.zeros(40)}
     save_file(tensors, directory / "meta_init.safetensors", metadata={"format": "pt"})
     (directory / "meta_init.json").write_text(json.dumps({"algorithm": "maml"}))
-    save_file({"step": torch.tensor([3])}, directory / CHECKPOINT_DIRECTORY / "checkpoint.safetensors")
-    for path in (directory / "meta_init.safetensors", directory / "meta_init.json",
-                 directory / CHECKPOINT_DIRECTORY / "checkpoint.safetensors"):
-        register(sessions, artifact_root, job_id, path)
+    checkpoint = directory / CHECKPOINT_DIRECTORY / "checkpoint.safetensors"
+    save_file({"step": torch.tensor([3])}, checkpoint)
+    for path in (directory / "meta_init.safetensors", directory / "meta_init.json", checkpoint):
+        register(sessions, job_id, path)
     return job_id, tensors
 
 
 # --------------------------------------------------------------------------- metrics
 
 
-def write_metrics(sessions, job_id: str, rows: list[tuple[int, str, float]]) -> None:  # noqa: ANN001
+def write_metrics(sessions, job_id: str,  # noqa: ANN001
+                  rows: list[tuple[int, str, float]]) -> None:
     with sessions() as session:
         jobs.add_metrics(session=session, job_id=job_id, rows=rows)
 
