@@ -1,0 +1,93 @@
+"""End to end: the real ``metaserve serve`` on its embedded default (SQLite, local Ray it
+starts itself) runs jobs, survives being SIGKILLed, and hands out loadable artifacts."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load, load_file
+
+from tests.server_process import ServerProcess
+from workers.engine import Trainer
+
+TWO_LINE_SPEC = {"algorithm": {"name": "maml"}, "task_family": {"name": "sine"}}
+
+pytestmark = pytest.mark.slow
+
+
+def wait_for_status(client, job_id: str, statuses: set[str], timeout: float) -> dict:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while True:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] in statuses or time.monotonic() > deadline:
+            return job
+        time.sleep(0.25)
+
+
+def test_the_two_line_job_runs_to_success_and_its_meta_init_downloads(tmp_path: Path) -> None:
+    server = ServerProcess(tmp_path).start()
+    try:
+        with server.client() as client:
+            job = client.post("/v1/jobs", json=TWO_LINE_SPEC).json()
+            seen = {job["status"]}
+            deadline = time.monotonic() + 300
+            while job["status"] not in {"succeeded", "failed"} and time.monotonic() < deadline:
+                time.sleep(0.1)
+                job = client.get(f"/v1/jobs/{job['id']}").json()
+                seen.add(job["status"])
+            assert job["status"] == "succeeded", job
+            assert {"running", "succeeded"} <= seen
+            listed = {a["name"]: a for a in client.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]}
+            download = client.get(f"/v1/jobs/{job['id']}/artifacts/meta_init.safetensors")
+            assert download.status_code == 200
+            assert len(download.content) == listed["meta_init.safetensors"]["size"]
+            target = tmp_path / "meta_init.safetensors"
+            target.write_bytes(download.content)
+            params = load_file(target)
+            assert set(params) == {"layers.0.weight", "layers.0.bias", "layers.1.weight",
+                                   "layers.1.bias", "head.weight", "head.bias"}
+            recipe = client.get(f"/v1/jobs/{job['id']}/artifacts/meta_init.json").json()
+            assert recipe["recipe"]["algorithm"] == "maml"
+    finally:
+        server.terminate()
+
+
+def test_a_sigkilled_server_resumes_its_job_from_the_checkpoint_with_identical_bits(
+        tmp_path: Path) -> None:
+    spec = {**TWO_LINE_SPEC, "iterations": 400, "checkpoint_every": 50, "log_every": 10,
+            "evaluation": {"every": 100, "tasks": 50, "inner_steps": [1]}}
+    server = ServerProcess(tmp_path).start()
+    with server.client() as client:
+        job_id = client.post("/v1/jobs", json=spec).json()["id"]
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            job = client.get(f"/v1/jobs/{job_id}").json()
+            if (job["progress"] or {}).get("iteration", 0) >= 120:
+                break
+            time.sleep(0.1)
+    assert job["status"] == "running" and job["progress"]["iteration"] < 400, job
+    server.kill()
+
+    restarted = ServerProcess(tmp_path, port=server.port).start()
+    try:
+        with restarted.client() as client:
+            job = wait_for_status(client, job_id, {"succeeded", "failed"}, timeout=300)
+            assert (job["status"], job["attempt"]) == ("succeeded", 2), job
+            steps = [m["step"] for m in client.get(
+                f"/v1/jobs/{job_id}/metrics", params={"name": "train/loss_after"}).json()["data"]]
+            assert steps == list(range(10, 401, 10))
+            evaluations = [m["step"] for m in client.get(
+                f"/v1/jobs/{job_id}/metrics", params={"name": "val/loss_step1"}).json()["data"]]
+            assert evaluations == [100, 200, 300, 400]  # 400: the final evaluation
+            served = load(client.get(
+                f"/v1/jobs/{job_id}/artifacts/meta_init.safetensors").content)
+    finally:
+        restarted.terminate()
+    Trainer(spec).run(tmp_path / "undisturbed")
+    undisturbed = load_file(tmp_path / "undisturbed" / "meta_init.safetensors")
+    assert sorted(served) == sorted(undisturbed)
+    for name in served:
+        assert torch.equal(served[name], undisturbed[name]), name
