@@ -150,7 +150,7 @@ class Metric(Base):
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     step: Mapped[int] = mapped_column(BigInteger)
     name: Mapped[str] = mapped_column(String(200))
-    value: Mapped[float] = mapped_column(Float)
+    value: Mapped[float | None] = mapped_column(Float)  # NULL: the value was NaN or ±inf
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 from datetime import datetime, timedelta
 from typing import Any, Sequence
 
@@ -338,15 +339,15 @@ def fail_attempt(*, session: Session, job_id: str, worker_id: str, error: str) -
 
 
 def add_metrics(*, session: Session, job_id: str, rows: Sequence[tuple[int, str, float]]) -> int:
-    """Insert ``(step, name, value)`` rows; rows whose (job, name, step) exists are ignored.
-    Returns the number of rows inserted."""
+    """Insert ``(step, name, value)`` rows; rows whose (job, name, step) exists are ignored,
+    a non-finite value (NaN, ±inf) is stored as NULL. Returns the number of rows inserted."""
     if not rows:
         return 0
     now = utcnow()
     insert = _dialect_insert(session)
     statement = insert(Metric).values([
-        {"job_id": job_id, "step": int(step), "name": name, "value": float(value),
-         "created_at": now}
+        {"job_id": job_id, "step": int(step), "name": name,
+         "value": float(value) if math.isfinite(value) else None, "created_at": now}
         for step, name, value in rows
     ]).on_conflict_do_nothing(index_elements=["job_id", "name", "step"]).returning(Metric.id)
     return len(session.execute(statement).all())

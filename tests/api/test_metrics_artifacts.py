@@ -139,9 +139,7 @@ def test_metrics_step_with_more_values_than_limit_comes_whole(client, sessions, 
     assert points(rest) == [(1, "a", 4.0)]
 
 
-def test_metrics_non_finite_values_are_null(client, sessions, alice_auth, db_url):
-    if db_url.startswith("sqlite"):
-        pytest.skip("SQLite stores NaN as NULL, which the NOT NULL column refuses")
+def test_metrics_non_finite_values_are_null(client, sessions, alice_auth):
     job_id = submit(client, alice_auth)
     write_metrics(sessions, job_id, [(1, "loss", math.nan), (2, "loss", math.inf)])
     response = client.get(f"/v1/jobs/{job_id}/metrics", headers=alice_auth)

@@ -1,0 +1,198 @@
+"""Benchmarks of running jobs through the service on Ray (issue: Run jobs on Ray).
+
+    python benchmarks/ray_dispatch.py overhead  [--iterations 2000]
+    python benchmarks/ray_dispatch.py scaling   [--iterations 30]
+    python benchmarks/ray_dispatch.py latency   [--jobs 10]
+    python benchmarks/ray_dispatch.py all --json out.json
+
+overhead: the sine MAML configuration of the engine benchmark (MLP 1-40-40-1, meta-batch 25,
+  10/10 shots, second order, 1 inner step, torch threads = 1) for N iterations with 1 worker,
+  submitted to a real ``metaserve serve`` (embedded default: SQLite, its own local Ray), against
+  the in-process engine (``Trainer.step``) in this process, same machine, same run. The
+  service's figure is the job's own tasks/s (training loop only, from its progress record) and
+  also the end-to-end rate from ``started_at`` to ``finished_at``.
+scaling: conv4 5-way 1-shot (15 query) on the built-in glyphs family, meta-batch 32, one torch
+  thread per worker, 1 and then 2 inner-loop workers on a local Ray with 2 CPUs (runner only).
+latency: queued → running with Ray already up: ``started_at - created_at`` of jobs submitted
+  one after another to a running server whose dispatcher is idle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SINE_SPEC = {
+    "algorithm": {"name": "maml", "inner_lr": 0.01, "inner_steps": 1},
+    "task_family": {"name": "sine", "support_shots": 10, "query_shots": 10},
+    "model": {"name": "mlp", "hidden": [40, 40]},
+    "meta_batch_size": 25,
+    "log_every": 100,
+    "checkpoint_every": 1000,
+    "evaluation": {"every": 0, "tasks": 100, "inner_steps": [1]},
+    "resources": {"workers": 1, "cpus_per_worker": 1},
+}
+
+CONV4_SPEC = {
+    "algorithm": {"name": "maml", "inner_lr": 0.4, "inner_steps": 1},
+    "task_family": {"name": "glyphs", "ways": 5, "support_shots": 1, "query_shots": 15},
+    "model": {"name": "conv4", "filters": 64},
+    "meta_batch_size": 32,
+    "log_every": 5,
+    "checkpoint_every": 1000,
+    "evaluation": {"every": 0, "tasks": 32, "inner_steps": [1]},
+}
+
+
+def _machine() -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    import torch
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__}
+
+
+def _parse_time(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def in_process_tasks_per_s(spec: dict, iterations: int) -> float:
+    import torch
+
+    from workers.engine import Trainer
+
+    torch.set_num_threads(1)
+    trainer = Trainer(spec)
+    state = trainer.init_state()
+    for _ in range(20):  # warm-up
+        state, _ = trainer.step(state)
+    start = time.perf_counter()
+    for _ in range(iterations):
+        state, _ = trainer.step(state)
+    return iterations * spec["meta_batch_size"] / (time.perf_counter() - start)
+
+
+def _wait(client, job_id: str, timeout: float = 3600) -> dict:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] in {"succeeded", "failed", "cancelled"}:
+            return job
+        time.sleep(0.5)
+    raise TimeoutError(job_id)
+
+
+def overhead(iterations: int) -> dict:
+    from tests.server_process import ServerProcess
+
+    spec = {**SINE_SPEC, "iterations": iterations}
+    with tempfile.TemporaryDirectory() as directory:
+        server = ServerProcess(Path(directory)).start()
+        try:
+            with server.client() as client:
+                # warm the server's Ray (actor start-up is not what this measures)
+                _wait(client, client.post("/v1/jobs", json={**spec, "iterations": 20}).json()["id"])
+                job = _wait(client, client.post("/v1/jobs", json=spec).json()["id"])
+        finally:
+            server.terminate()
+    assert job["status"] == "succeeded", job
+    end_to_end = (_parse_time(job["finished_at"]) - _parse_time(job["started_at"])).total_seconds()
+    service_rate = job["progress"]["tasks_per_s"]
+    local_rate = in_process_tasks_per_s(spec, min(iterations, 1000))
+    return {
+        "iterations": iterations,
+        "in_process_tasks_per_s": round(local_rate, 1),
+        "service_tasks_per_s": service_rate,
+        "service_end_to_end_tasks_per_s": round(iterations * 25 / end_to_end, 1),
+        "ratio": round(service_rate / local_rate, 3),
+        "ratio_end_to_end": round(iterations * 25 / end_to_end / local_rate, 3),
+    }
+
+
+def scaling(iterations: int) -> dict:
+    import ray
+
+    from workers.runner import RunHooks, run_job
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    results = {}
+    try:
+        for workers in (1, 2, 1, 2):  # interleaved: the machine is shared and noisy
+            spec = {**CONV4_SPEC, "iterations": iterations,
+                    "resources": {"workers": workers, "cpus_per_worker": 1}}
+            progress: list[dict] = []
+            with tempfile.TemporaryDirectory() as directory:
+                run_job(spec, Path(directory), RunHooks(progress=progress.append))
+            rate = progress[-1]["tasks_per_s"]
+            results.setdefault(workers, []).append(rate)
+            print(f"workers={workers}: {rate} tasks/s", flush=True)
+    finally:
+        ray.shutdown()
+    best = {workers: max(rates) for workers, rates in results.items()}
+    return {"iterations": iterations, "tasks_per_s": results,
+            "best_1_worker": best[1], "best_2_workers": best[2],
+            "speedup": round(best[2] / best[1], 3)}
+
+
+def latency(jobs: int) -> dict:
+    from tests.server_process import ServerProcess
+
+    spec = {**SINE_SPEC, "iterations": 20}
+    delays = []
+    with tempfile.TemporaryDirectory() as directory:
+        server = ServerProcess(Path(directory)).start()
+        try:
+            with server.client() as client:
+                _wait(client, client.post("/v1/jobs", json=spec).json()["id"])  # Ray up, warm
+                for _ in range(jobs):
+                    job = _wait(client, client.post("/v1/jobs", json=spec).json()["id"])
+                    delays.append((_parse_time(job["started_at"])
+                                   - _parse_time(job["created_at"])).total_seconds())
+        finally:
+            server.terminate()
+    return {"jobs": jobs, "median_s": round(statistics.median(delays), 3),
+            "max_s": round(max(delays), 3), "all_s": [round(d, 3) for d in delays]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("what", choices=["overhead", "scaling", "latency", "all"])
+    parser.add_argument("--iterations", type=int, default=None)
+    parser.add_argument("--jobs", type=int, default=10)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    report: dict = {"machine": _machine()}
+    if args.what in ("overhead", "all"):
+        report["overhead"] = overhead(args.iterations or 2000)
+        print(json.dumps(report["overhead"]), flush=True)
+    if args.what in ("latency", "all"):
+        report["latency"] = latency(args.jobs)
+        print(json.dumps(report["latency"]), flush=True)
+    if args.what in ("scaling", "all"):
+        report["scaling"] = scaling(args.iterations or 30)
+        print(json.dumps(report["scaling"]), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
