@@ -154,7 +154,7 @@ class Trainer:
             logger.info("resuming", extra={"iteration": state.iteration, "out_dir": str(out_dir)})
         spec = self.spec
         window_seconds, window_tasks, window_sums = 0.0, 0, {}
-        bar = _progress_bar(spec.iterations, state.iteration) if progress else None
+        bar = _ProgressBar(spec.iterations, state.iteration) if progress else None
         try:
             while state.iteration < spec.iterations:
                 started = time.perf_counter()
@@ -185,7 +185,7 @@ class Trainer:
         return state
 
 
-class _progress_bar:
+class _ProgressBar:
     """A rich progress bar over meta-iterations (CLI only)."""
 
     def __init__(self, total: int, done: int):
