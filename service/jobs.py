@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 from sqlalchemy import select
@@ -13,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from service import store
 from service.artifacts import ArtifactNotFound
+from service.exceptions import MetaserveError
 from service.models import Artifact, Job, JobStatus, Metric, User
 from workers.spec import JobSpec
 
@@ -195,3 +197,133 @@ def get_artifact(*, session: Session, job_id: str, owner: User, name: str) -> Ar
         if artifact.name == name:
             return artifact
     raise ArtifactNotFound(job_id=job_id, name=name)
+
+
+# --------------------------------------------------------------------------- events (API)
+#
+# The events of a job are derived from durable data only, so that a stream resumed from its
+# Last-Event-ID neither loses nor repeats one. An event id is a cursor of three counters,
+# ``"<status rank>-<metric row id>-<iteration>"``; every event raises exactly one of them
+# and none ever falls, so ids are monotone (componentwise) and a reconnect sends exactly the
+# events whose counter is above the cursor:
+#
+# * status: the job row's ``(status, attempt)`` ranked on the state machine's order —
+#   queued 1; for attempt a ≥ 1: running 3a−1, cancelling 3a, queued again after a failed
+#   attempt 3a+1; terminal 3·attempt+2 (0: nothing seen yet). Every attempt's start is durable (``attempt`` counts
+#   claims), so a poll that finds a higher attempt (or a terminal job) first sends the
+#   ``running`` events of the attempts it had not seen yet: queued → running → terminal is
+#   always delivered whole. A transient state entered and left between two polls and
+#   implied by nothing in the row (``cancelling``, a retry's ``queued``) is not in the
+#   row's history and so not an event; nor is a job handed back to the queue because the
+#   cluster cannot place it (``release_job``, which does not count the attempt).
+# * metrics: the metric rows by their id (one dispatcher writes a job's rows, in order), one
+#   event per step with every value of that step read in the same poll.
+# * progress: the row's progress snapshot, when its iteration rises above the cursor's
+#   (0: none seen; a resumed attempt restarting below it is reported once it passes it).
+
+
+def _status_rank(status: JobStatus, attempt: int) -> int:
+    if status.is_terminal():
+        return 3 * attempt + 2
+    if status is JobStatus.QUEUED:
+        return 3 * attempt + 1
+    return 3 * attempt - (1 if status is JobStatus.RUNNING else 0)
+
+
+class InvalidEventId(MetaserveError):
+    """Invalid Last-Event-ID: expected the id of an event of this stream, e.g. 5-120-50."""
+
+    status_code = 422
+    code = "validation_error"
+
+
+@dataclass(frozen=True)
+class EventCursor:
+    """Where a client is in a job's event stream (see the comment above)."""
+
+    status_rank: int = 0
+    metric_id: int = 0
+    iteration: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.status_rank}-{self.metric_id}-{self.iteration}"
+
+    @classmethod
+    def parse(cls, text: str | None) -> "EventCursor":
+        if not text:
+            return cls()
+        parts = text.strip().split("-")
+        try:
+            if len(parts) != 3:
+                raise ValueError(text)
+            rank, metric_id, iteration = (int(part) for part in parts)
+        except ValueError:
+            raise InvalidEventId(**{"last-event-id": text[:100]}) from None
+        if min(rank, metric_id, iteration) < 0:
+            raise InvalidEventId(**{"last-event-id": text[:100]})
+        return cls(rank, metric_id, iteration)
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """One event: ``id`` is the cursor after it, ``kind`` status | metrics | progress."""
+
+    id: EventCursor
+    kind: str
+    data: dict[str, Any]
+
+
+MAX_METRIC_ROWS_PER_POLL = 5000
+
+
+def poll_job_events(*, session: Session, job_id: str, owner: User,
+                    after: EventCursor) -> tuple[list[JobEvent], bool]:
+    """The job's events after ``after`` in stream order, and whether the job is terminal
+    (then the list ends with its terminal status and the stream is complete). Another user's
+    job raises :class:`~service.exceptions.JobNotFound`."""
+    with _Transaction(session):
+        job = store.get_job(session=session, job_id=job_id, owner=owner)
+        status, attempt = JobStatus(job.status), job.attempt
+        rank = _status_rank(status, attempt)
+        metric_rows = list(session.scalars(
+            select(Metric).where(Metric.job_id == job_id, Metric.id > after.metric_id)
+            .order_by(Metric.id).limit(MAX_METRIC_ROWS_PER_POLL)))
+        progress = dict(job.progress or {})
+        snapshot = {"status": status.value, "attempt": attempt, "message": job.message,
+                    "error": job.error}
+    events: list[JobEvent] = []
+    cursor = after
+
+    def add(kind: str, data: dict[str, Any], **moved: int) -> None:
+        nonlocal cursor
+        cursor = replace(cursor, **moved)
+        events.append(JobEvent(cursor, kind, data))
+
+    if cursor.status_rank < 1 < rank:
+        add("status", {"status": JobStatus.QUEUED.value, "attempt": 0}, status_rank=1)
+    seen_attempts = range(1, attempt + 1) if status.is_terminal() else range(1, attempt)
+    for earlier in seen_attempts:  # attempts that started since the last poll
+        running_rank = _status_rank(JobStatus.RUNNING, earlier)
+        if running_rank > cursor.status_rank:
+            add("status", {"status": JobStatus.RUNNING.value, "attempt": earlier},
+                status_rank=running_rank)
+    if not status.is_terminal() and rank > cursor.status_rank:
+        if status is not JobStatus.RUNNING and attempt >= 1 and \
+                _status_rank(JobStatus.RUNNING, attempt) > cursor.status_rank:
+            add("status", {"status": JobStatus.RUNNING.value, "attempt": attempt},
+                status_rank=_status_rank(JobStatus.RUNNING, attempt))
+        add("status", snapshot, status_rank=rank)
+    step_values: dict[str, float | None] = {}
+    for index, row in enumerate(metric_rows):
+        step_values[row.name] = row.value
+        last_of_step = index + 1 == len(metric_rows) or metric_rows[index + 1].step != row.step
+        if last_of_step:
+            add("metrics", {"step": row.step, "values": step_values}, metric_id=row.id)
+            step_values = {}
+    iteration = progress.get("iteration")
+    if isinstance(iteration, int) and iteration > cursor.iteration:
+        add("progress", progress, iteration=iteration)
+    complete = status.is_terminal() and len(metric_rows) < MAX_METRIC_ROWS_PER_POLL
+    if complete and rank > cursor.status_rank:
+        add("status", snapshot, status_rank=rank)
+    return events, complete

@@ -1,0 +1,92 @@
+"""``GET /v1/jobs/{id}/events``: a job's status changes, progress and new metrics as
+Server-Sent Events, until the job is terminal.
+
+The stream polls the database (every :data:`POLL_S`) and builds events from durable data
+only — the job row's status and attempt counter, its progress snapshot, the metric rows by
+id — so an event id is a cursor into that data (``"<status rank>-<metric id>-<iteration>"``,
+see :func:`service.jobs.poll_job_events` for exactly what is an event). A client that
+reconnects with ``Last-Event-ID`` (browsers' EventSource do it by themselves) gets every
+event after that one, none twice. The stream closes after the terminal status event.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+import anyio
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import CurrentUser, SessionDep
+from api.schemas import ErrorResponse
+from service import jobs
+from service.models import User
+
+POLL_S = 0.25
+KEEPALIVE_S = 15.0
+RETRY_MS = 1000
+
+router = APIRouter(prefix="/v1/jobs", tags=["events"], responses={
+    401: {"model": ErrorResponse, "description": "Missing or invalid API key"},
+    404: {"model": ErrorResponse, "description": "No such job of yours"},
+    422: {"model": ErrorResponse, "description": "An invalid Last-Event-ID"},
+})
+
+
+def format_event(event: jobs.JobEvent) -> str:
+    return f"id: {event.id}\nevent: {event.kind}\ndata: {json.dumps(event.data)}\n\n"
+
+
+async def _stream(request: Request, job_id: str, user: User,
+                  cursor: jobs.EventCursor) -> AsyncIterator[str]:
+    factory = request.app.state.session_factory
+
+    def poll(after: jobs.EventCursor) -> tuple[list[jobs.JobEvent], bool]:
+        with factory() as session:
+            return jobs.poll_job_events(session=session, job_id=job_id, owner=user, after=after)
+
+    yield f"retry: {RETRY_MS}\n\n"
+    last_sent = time.monotonic()
+    while True:
+        events, complete = await run_in_threadpool(poll, cursor)
+        for event in events:
+            yield format_event(event)
+            cursor = event.id
+        if complete:
+            return
+        if events:
+            last_sent = time.monotonic()
+        elif time.monotonic() - last_sent > KEEPALIVE_S:
+            yield ": keep-alive\n\n"
+            last_sent = time.monotonic()
+        if await request.is_disconnected():
+            return
+        await anyio.sleep(POLL_S)
+
+
+@router.get("/{job_id}/events", response_class=StreamingResponse, responses={
+    200: {"description": "`text/event-stream`: events `status`, `metrics` (one per step: "
+                         "`{step, values}`) and `progress` (iteration, total, tasks_per_s, "
+                         "eta_s, workers); each `id` is a resume cursor.",
+          "content": {"text/event-stream": {}}},
+})
+def job_events(
+    job_id: str,
+    request: Request,
+    user: CurrentUser,
+    session: SessionDep,
+    last_event_id: Annotated[str | None, Header(max_length=100)] = None,
+    after: Annotated[str | None, Query(max_length=100, description="Like Last-Event-ID, for "
+                                       "clients that cannot set headers.")] = None,
+) -> StreamingResponse:
+    """Server-Sent Events of the job until it is terminal; resumes after `Last-Event-ID`."""
+    cursor = jobs.EventCursor.parse(last_event_id or after)
+    jobs.get_job(session=session, job_id=job_id, owner=user)  # 404 before the stream starts
+    owner = User(id=user.id, name=user.name, is_admin=user.is_admin)  # outlives this session
+    return StreamingResponse(_stream(request, job_id, owner, cursor),
+                             media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -1,0 +1,516 @@
+"""The Python client of a metaserve server: submit, watch, fetch and adapt in a few lines.
+
+```python
+from service.sdk import Client
+
+client = Client()                                  # METASERVE_URL / METASERVE_API_KEY or the config file
+job = client.submit("examples/sine_maml.yaml")
+job = client.wait(job)                             # a progress bar fed by the job's event stream
+model, recipe = client.load_meta_init(job)         # downloads meta_init.safetensors + .json
+predict = client.adapt(model, support_x, support_y)  # the job's recipe (MAML: inner lr, steps)
+```
+
+Connection settings come from, first to last: the arguments, ``METASERVE_URL`` and
+``METASERVE_API_KEY``, the config file :func:`config_path` (written by ``metaserve login``).
+Every error response of the API (``{"error": {"code", "message", "details"}}``) is raised as
+a :class:`ApiError` subclass carrying the server's message. ``load_meta_init`` and ``adapt``
+work offline on a downloaded directory: they are :mod:`workers.engine.artifacts`' loader.
+
+torch is imported only by the methods that need it, so importing this module is light.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import tomllib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch import Tensor
+
+    from workers.engine.artifacts import MetaInitModel
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+TIMEOUT_S = 30.0
+RECONNECT_DELAY_S = 1.0
+MAX_RECONNECTS = 30
+META_INIT_FILES = ("meta_init.safetensors", "meta_init.json")
+TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
+
+# --------------------------------------------------------------------------- errors
+
+
+class MetaserveClientError(Exception):
+    """A metaserve client error."""
+
+    def __init__(self, message: str | None = None) -> None:
+        self.message = message or (self.__doc__ or type(self).__name__).strip()
+        super().__init__(self.message)
+
+
+class ConnectionFailed(MetaserveClientError):
+    """Could not reach the metaserve server."""
+
+
+class NotConfigured(MetaserveClientError):
+    """No API key: run `metaserve login`, or set METASERVE_API_KEY."""
+
+
+class ApiError(MetaserveClientError):
+    """An error response of the API; ``code``, ``message`` and ``details`` are the server's."""
+
+    def __init__(self, status_code: int, code: str, message: str,
+                 details: list[dict[str, Any]] | None = None) -> None:
+        self.status_code, self.code, self.details = status_code, code, details or []
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.status_code} {self.code})"
+
+
+class BadRequest(ApiError):
+    """400: e.g. an invalid pagination cursor."""
+
+
+class Unauthorized(ApiError):
+    """401: missing or invalid API key."""
+
+
+class NotFound(ApiError):
+    """404: no such job of yours, or no such artifact."""
+
+
+class Conflict(ApiError):
+    """409: the job's state does not allow this (e.g. cancel a finished job)."""
+
+
+class PayloadTooLarge(ApiError):
+    """413: a request body or array above the server's bounds."""
+
+
+class InvalidRequest(ApiError):
+    """422: invalid input; ``details`` name each bad field."""
+
+
+class ServerError(ApiError):
+    """5xx: the server failed."""
+
+
+_ERRORS_BY_STATUS: dict[int, type[ApiError]] = {400: BadRequest, 401: Unauthorized, 403: Unauthorized,
+                                                404: NotFound, 409: Conflict, 413: PayloadTooLarge,
+                                                422: InvalidRequest}
+
+
+def error_from_response(response: httpx.Response) -> ApiError:
+    """The typed exception of an error response (any status ≥ 400)."""
+    try:
+        error = response.json()["error"]
+        code, message, details = str(error["code"]), str(error["message"]), error.get("details") or []
+    except (ValueError, KeyError, TypeError):
+        code, message, details = "http_error", response.text.strip()[:500] or response.reason_phrase, []
+    if response.status_code >= 500:
+        cls: type[ApiError] = ServerError
+    else:
+        cls = _ERRORS_BY_STATUS.get(response.status_code, ApiError)
+    return cls(response.status_code, code, message, details)
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def config_path() -> Path:
+    """``$METASERVE_CONFIG``, else ``$XDG_CONFIG_HOME/metaserve/config.toml``, else
+    ``~/.config/metaserve/config.toml``."""
+    if os.environ.get("METASERVE_CONFIG"):
+        return Path(os.environ["METASERVE_CONFIG"])
+    base = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
+    return Path(base) / "metaserve" / "config.toml"
+
+
+def read_config(path: Path | None = None) -> dict[str, str]:
+    """``{"url": ..., "api_key": ...}`` from the config file ({} when there is none)."""
+    path = path or config_path()
+    if not path.exists():
+        return {}
+    try:
+        document = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise MetaserveClientError(f"{path} is not valid TOML: {error}") from None
+    return {key: str(document[key]) for key in ("url", "api_key") if key in document}
+
+
+def write_config(*, url: str, api_key: str, path: Path | None = None) -> Path:
+    """Write the config file with mode 0600 (it holds the API key)."""
+    path = path or config_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = f"url = {json.dumps(url)}\napi_key = {json.dumps(api_key)}\n"  # JSON strings are TOML strings
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(text)
+    os.chmod(path, 0o600)
+    return path
+
+
+# --------------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True)
+class Event:
+    """One Server-Sent Event of ``GET /v1/jobs/{id}/events``: ``kind`` is ``status``,
+    ``metrics`` or ``progress``; ``id`` is what to pass as ``Last-Event-ID`` to resume."""
+
+    id: str
+    kind: str
+    data: dict[str, Any]
+
+
+def parse_sse(lines: Iterator[str]) -> Iterator[Event]:
+    """Events from the lines of a ``text/event-stream`` (comments and retry lines skipped)."""
+    event_id, kind, data = "", "message", []
+    for line in lines:
+        if line == "":
+            if data:
+                yield Event(event_id, kind, json.loads("\n".join(data)))
+            kind, data = "message", []
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if name == "id":
+            event_id = value
+        elif name == "event":
+            kind = value
+        elif name == "data":
+            data.append(value)
+
+
+# --------------------------------------------------------------------------- the client
+
+
+def job_id_of(job: str | dict[str, Any]) -> str:
+    """A job id from an id or a job as returned by the API."""
+    return job["id"] if isinstance(job, dict) else str(job)
+
+
+def load_spec_document(spec_or_path: str | Path | dict[str, Any],
+                       overrides: list[str] | None = None) -> dict[str, Any]:
+    """A job spec document from a dict or a YAML/JSON file, with ``key.path=value`` overrides
+    (values parsed as YAML). Validation is the server's."""
+    import yaml
+
+    from workers.cli import apply_overrides
+
+    if isinstance(spec_or_path, dict):
+        document: Any = spec_or_path
+    else:
+        path = Path(spec_or_path)
+        try:
+            document = yaml.safe_load(path.read_text())
+        except OSError as error:
+            raise MetaserveClientError(f"cannot read {path}: {error.strerror}") from None
+        except yaml.YAMLError as error:
+            raise MetaserveClientError(f"{path} is not valid YAML: {error}") from None
+        if not isinstance(document, dict):
+            raise MetaserveClientError(f"{path}: a job spec is a mapping")
+    try:
+        return apply_overrides(document, overrides or [])
+    except Exception as error:  # typer.BadParameter: its message says what is wrong
+        raise MetaserveClientError(str(getattr(error, "message", error))) from None
+
+
+@dataclass
+class Progress:
+    """What the event stream said so far about a job (what a progress bar shows)."""
+
+    status: str = "queued"
+    iteration: int = 0
+    total: int | None = None
+    tasks_per_s: float | None = None
+    eta_s: float | None = None
+    loss: float | None = None
+    metrics: dict[str, float | None] = field(default_factory=dict)
+
+    def update(self, event: Event) -> None:
+        if event.kind == "status":
+            self.status = event.data["status"]
+        elif event.kind == "progress":
+            self.iteration = int(event.data.get("iteration", self.iteration))
+            self.total = event.data.get("total", self.total)
+            self.tasks_per_s = event.data.get("tasks_per_s", self.tasks_per_s)
+            self.eta_s = event.data.get("eta_s")
+        elif event.kind == "metrics":
+            self.metrics.update(event.data["values"])
+            loss = event.data["values"].get("train/loss_after")
+            if loss is not None:
+                self.loss = loss
+
+
+class Client:
+    """An HTTP client of the metaserve API (see the module docstring)."""
+
+    def __init__(self, url: str | None = None, api_key: str | None = None, *,
+                 timeout: float = TIMEOUT_S, transport: httpx.BaseTransport | None = None) -> None:
+        config = read_config() if url is None or api_key is None else {}
+        self.url = (url or os.environ.get("METASERVE_URL") or config.get("url") or DEFAULT_URL).rstrip("/")
+        self.api_key = api_key or os.environ.get("METASERVE_API_KEY") or config.get("api_key")
+        if not self.api_key:
+            raise NotConfigured()
+        self._http = httpx.Client(base_url=self.url, timeout=timeout, transport=transport,
+                                  headers={"Authorization": f"Bearer {self.api_key}"})
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TransportError as error:
+            raise ConnectionFailed(f"cannot reach {self.url}: {error}") from None
+        if response.status_code >= 400:
+            raise error_from_response(response)
+        return response
+
+    # ------------------------------------------------------------------ jobs
+
+    def submit(self, spec_or_path: str | Path | dict[str, Any], *, overrides: list[str] | None = None,
+               idempotency_key: str | None = None) -> dict[str, Any]:
+        """Queue a job from a spec dict or a YAML/JSON file; returns the job (status ``queued``,
+        the spec with every default filled in)."""
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return self._request("POST", "/v1/jobs", json=load_spec_document(spec_or_path, overrides),
+                             headers=headers).json()
+
+    def get(self, job: str | dict[str, Any]) -> dict[str, Any]:
+        return self._request("GET", f"/v1/jobs/{job_id_of(job)}").json()
+
+    def list(self, *, status: str | None = None, limit: int | None = 50) -> list[dict[str, Any]]:
+        """Your jobs, newest first: up to ``limit`` (None: all), following the pages."""
+        found: list[dict[str, Any]] = []
+        cursor: str | None = None
+        while limit is None or len(found) < limit:
+            params: dict[str, Any] = {"limit": 100 if limit is None else min(100, limit - len(found))}
+            if status:
+                params["status"] = status
+            if cursor:
+                params["cursor"] = cursor
+            page = self._request("GET", "/v1/jobs", params=params).json()
+            found.extend(page["data"])
+            cursor = page["next_cursor"]
+            if not cursor:
+                break
+        return found
+
+    def cancel(self, job: str | dict[str, Any]) -> dict[str, Any]:
+        """queued → cancelled; running → cancelling (the dispatcher stops it)."""
+        return self._request("POST", f"/v1/jobs/{job_id_of(job)}/cancel").json()
+
+    def metrics(self, job: str | dict[str, Any], *, name: str | None = None) -> list[dict[str, Any]]:
+        """Every metric value of the job ordered by (step, name), following the pages."""
+        points: list[dict[str, Any]] = []
+        since_step: int | None = None
+        while True:
+            params: dict[str, Any] = {"limit": 10_000}
+            if name:
+                params["name"] = name
+            if since_step is not None:
+                params["since_step"] = since_step
+            page = self._request("GET", f"/v1/jobs/{job_id_of(job)}/metrics", params=params).json()
+            points.extend(page["data"])
+            since_step = page["next_since_step"]
+            if since_step is None:
+                return points
+
+    def artifacts(self, job: str | dict[str, Any]) -> list[dict[str, Any]]:
+        return self._request("GET", f"/v1/jobs/{job_id_of(job)}/artifacts").json()["data"]
+
+    # ------------------------------------------------------------------ events, waiting
+
+    def events(self, job: str | dict[str, Any], *, last_event_id: str | None = None,
+               reconnect: bool = True) -> Iterator[Event]:
+        """The job's events until it is terminal. A dropped connection is resumed from the
+        last event received (``Last-Event-ID``), so none is lost or repeated."""
+        job_id = job_id_of(job)
+        failures = 0
+        while True:
+            headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+            terminal = False
+            try:
+                with self._http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers,
+                                       timeout=httpx.Timeout(TIMEOUT_S, read=None)) as response:
+                    if response.status_code >= 400:
+                        response.read()
+                        raise error_from_response(response)
+                    for event in parse_sse(response.iter_lines()):
+                        failures = 0
+                        last_event_id = event.id
+                        terminal = event.kind == "status" and event.data["status"] in TERMINAL_STATUSES
+                        yield event
+            except httpx.TransportError as error:
+                failures += 1
+                if not reconnect or failures > MAX_RECONNECTS:
+                    raise ConnectionFailed(f"lost the event stream of {job_id}: {error}") from None
+            if terminal:
+                return
+            if not reconnect:
+                return
+            time.sleep(RECONNECT_DELAY_S)
+
+    def wait(self, job: str | dict[str, Any], *, progress: bool = True,
+             on_event: Callable[[Event], None] | None = None) -> dict[str, Any]:
+        """Follow the job's event stream until it is terminal and return the final job. With
+        ``progress``, a rich progress bar shows iteration, loss, tasks/s and ETA."""
+        state = Progress()
+        bar = _ProgressBar(job_id_of(job)) if progress else None
+        try:
+            for event in self.events(job):
+                state.update(event)
+                if bar is not None:
+                    bar.show(state)
+                if on_event is not None:
+                    on_event(event)
+        finally:
+            if bar is not None:
+                bar.stop()
+        return self.get(job)
+
+    # ------------------------------------------------------------------ artifacts, adaptation
+
+    def download(self, job: str | dict[str, Any], directory: str | Path, *,
+                 names: tuple[str, ...] | None = META_INIT_FILES) -> Path:
+        """Download the job's artifacts ``names`` (default: the meta-initialization; None:
+        every final artifact, checkpoints excluded) into ``directory``; returns it."""
+        job_id = job_id_of(job)
+        directory = Path(directory)
+        listed = [artifact["name"] for artifact in self.artifacts(job_id)]
+        wanted = list(names) if names is not None else listed
+        missing = [name for name in wanted if name not in listed]
+        if missing:
+            raise MetaserveClientError(f"job {job_id} has no {', '.join(missing)} "
+                                       f"(status: {self.get(job_id)['status']})")
+        directory.mkdir(parents=True, exist_ok=True)
+        for name in wanted:
+            target = directory / name
+            partial = target.with_name(target.name + ".part")
+            try:
+                with self._http.stream("GET", f"/v1/jobs/{job_id}/artifacts/{name}") as response:
+                    if response.status_code >= 400:
+                        response.read()
+                        raise error_from_response(response)
+                    with partial.open("wb") as file:
+                        for chunk in response.iter_bytes():
+                            file.write(chunk)
+            except httpx.TransportError as error:
+                raise ConnectionFailed(f"download of {name} failed: {error}") from None
+            partial.replace(target)
+        return directory
+
+    def load_meta_init(self, job_or_dir: str | Path | dict[str, Any], *,
+                       cache_dir: str | Path | None = None) -> tuple["MetaInitModel", dict[str, Any]]:
+        """``(model, recipe)`` from a directory holding ``meta_init.safetensors`` +
+        ``meta_init.json`` (offline), or from a job, downloaded first into ``cache_dir``
+        (default ``~/.cache/metaserve/jobs/<id>``)."""
+        if not isinstance(job_or_dir, dict) and Path(job_or_dir).is_dir():
+            return load_meta_init(job_or_dir)
+        job_id = job_id_of(job_or_dir if isinstance(job_or_dir, dict) else str(job_or_dir))
+        directory = Path(cache_dir) if cache_dir else _cache_root() / job_id
+        if not all((directory / name).exists() for name in META_INIT_FILES):
+            self.download(job_id, directory)
+        return load_meta_init(directory)
+
+    @staticmethod
+    def adapt(model: "MetaInitModel", support_x: "Tensor", support_y: "Tensor",
+              steps: int | None = None) -> Callable[["Tensor"], "Tensor"]:
+        """See :func:`adapt` (offline: no request is made)."""
+        return adapt(model, support_x, support_y, steps)
+
+    def adapt_remote(self, job: str | dict[str, Any], *, support_x: Any, support_y: Any, query_x: Any,
+                     steps: int | None = None) -> dict[str, Any]:
+        """Server-side adaptation (``POST /v1/jobs/{id}/adapt``): the query predictions after
+        adapting the job's meta-initialization to the support set. Arrays are nested lists
+        or tensors."""
+        body: dict[str, Any] = {"support_x": _plain(support_x), "support_y": _plain(support_y),
+                                "query_x": _plain(query_x)}
+        if steps is not None:
+            body["steps"] = steps
+        return self._request("POST", f"/v1/jobs/{job_id_of(job)}/adapt", json=body).json()
+
+
+def _plain(array: Any) -> Any:
+    return array.tolist() if hasattr(array, "tolist") else array
+
+
+def _cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "metaserve" / "jobs"
+
+
+def load_meta_init(directory: str | Path) -> tuple["MetaInitModel", dict[str, Any]]:
+    """``(model, recipe)`` from a downloaded meta-initialization directory (offline)."""
+    from workers.engine.artifacts import load_meta_init as engine_load
+
+    directory = Path(directory)
+    missing = [name for name in META_INIT_FILES if not (directory / name).exists()]
+    if missing:
+        raise MetaserveClientError(f"{directory} has no {', '.join(missing)}")
+    return engine_load(directory)
+
+
+def adapt(model: "MetaInitModel", support_x: "Tensor", support_y: "Tensor",
+          steps: int | None = None) -> Callable[["Tensor"], "Tensor"]:
+    """A predictor adapted to one task from ``model`` on its support set with the job's
+    recipe (MAML/Reptile/ANIL/Meta-SGD/prompt: its inner lr(s) and inner steps; ``steps``
+    overrides the step count). Regression: x ``[n, 1]``, y ``[n, 1]``; classification:
+    x ``[n, C, H, W]``, y ``[n]`` class indices."""
+    from workers.engine.artifacts import adapt as engine_adapt
+
+    return engine_adapt(model, support_x, support_y, steps)
+
+
+class _ProgressBar:
+    """A rich progress bar over meta-iterations, fed by :class:`Progress` updates."""
+
+    def __init__(self, job_id: str) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
+        from rich.progress import Progress as RichProgress
+
+        self._progress = RichProgress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"), TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[rate]} tasks/s"), TextColumn("ETA {task.fields[eta]}"),
+            transient=False)
+        self._task = self._progress.add_task(job_id, total=None, status="queued", loss="-",
+                                             rate="-", eta="-")
+        self._progress.start()
+
+    def show(self, state: Progress) -> None:
+        self._progress.update(
+            self._task, total=state.total, completed=state.iteration, status=state.status,
+            loss="-" if state.loss is None else f"{state.loss:.3f}",
+            rate="-" if state.tasks_per_s is None else f"{state.tasks_per_s:.0f}",
+            eta=_duration(state.eta_s) if state.status == "running" else "-")
+
+    def stop(self) -> None:
+        self._progress.stop()
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"

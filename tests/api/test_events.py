@@ -1,0 +1,193 @@
+"""``GET /v1/jobs/{id}/events`` on SQLite and PostgreSQL: the job is driven through the
+service layer exactly as the dispatcher drives it, and the stream is read over a real HTTP
+connection (uvicorn in a thread) while that happens."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import uvicorn
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from service import jobs
+from service.models import JobStatus
+from service.sdk import Event, parse_sse
+from service.settings import Settings
+from tests.server_process import free_port
+
+TWO_LINE_SPEC = {"algorithm": {"name": "maml"}, "task_family": {"name": "sine"}}
+WORKER = "worker-1"
+
+
+@pytest.fixture
+def live_url(engine, db_url: str) -> Iterator[str]:  # noqa: ANN001
+    """The API served by uvicorn on a free port, in a thread of this process."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(Settings(database_url=db_url, dispatcher=False)),
+                                           host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=20)
+
+
+def submit(client: httpx.Client | TestClient, auth: dict[str, str]) -> str:
+    response = client.post("/v1/jobs", json=TWO_LINE_SPEC, headers=auth)
+    assert response.status_code == 201, response.text
+    return response.json()["id"]
+
+
+def claim(sessions) -> str:  # noqa: ANN001
+    with sessions() as session:
+        job = jobs.claim_next_job(session=session, worker_id=WORKER, lease_s=30)
+    assert job is not None
+    return job.id
+
+
+def add_step(sessions, job_id: str, step: int) -> None:  # noqa: ANN001
+    with sessions() as session:
+        jobs.add_metrics(session=session, job_id=job_id,
+                         rows=[(step, "train/loss_after", step / 10), (step, "train/loss_before", 1.0)])
+        jobs.update_progress(session=session, job_id=job_id, worker_id=WORKER,
+                             progress={"iteration": step, "total": 30}, message="")
+
+
+def finish(sessions, job_id: str, status: JobStatus) -> None:  # noqa: ANN001
+    with sessions() as session:
+        jobs.finish_job(session=session, job_id=job_id, worker_id=WORKER, status=status)
+
+
+def summary(events: list[Event]) -> list[tuple[str, str, object]]:
+    """``(id, kind, what)`` with ``what`` the status, metric step or progress iteration."""
+    what = {"status": lambda d: (d["status"], d["attempt"]), "metrics": lambda d: d["step"],
+            "progress": lambda d: d["iteration"]}
+    return [(event.id, event.kind, what[event.kind](event.data)) for event in events]
+
+
+def read_stream(client: TestClient, job_id: str, auth: dict[str, str], **headers: str) -> list[Event]:
+    response = client.get(f"/v1/jobs/{job_id}/events", headers={**auth, **headers})
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/event-stream")
+    return list(parse_sse(iter(response.text.split("\n"))))
+
+
+def test_a_finished_job_streams_every_status_change_its_metrics_and_progress_then_closes(
+        client: TestClient, sessions, alice_auth) -> None:  # noqa: ANN001
+    job_id = submit(client, alice_auth)
+    claim(sessions)
+    add_step(sessions, job_id, 10)
+    add_step(sessions, job_id, 20)
+    finish(sessions, job_id, JobStatus.SUCCEEDED)
+
+    events = read_stream(client, job_id, alice_auth)
+
+    metric_ids = [int(event.id.split("-")[1]) for event in events if event.kind == "metrics"]
+    first, second = metric_ids
+    assert summary(events) == [
+        ("1-0-0", "status", ("queued", 0)),
+        ("2-0-0", "status", ("running", 1)),
+        (f"2-{first}-0", "metrics", 10),
+        (f"2-{second}-0", "metrics", 20),
+        (f"2-{second}-20", "progress", 20),
+        (f"5-{second}-20", "status", ("succeeded", 1)),
+    ]
+    assert events[2].data == {"step": 10, "values": {"train/loss_after": 1.0, "train/loss_before": 1.0}}
+    assert events[4].data == {"iteration": 20, "total": 30}
+    assert events[5].data == {"status": "succeeded", "attempt": 1, "message": "", "error": None}
+
+
+def test_a_retried_job_streams_each_attempt_and_a_late_reader_still_sees_every_attempt_start(
+        live_url: str, client: TestClient, sessions, alice_auth) -> None:  # noqa: ANN001
+    with httpx.Client(base_url=live_url, headers=alice_auth, timeout=10) as http:
+        job_id = submit(http, alice_auth)
+        with http.stream("GET", f"/v1/jobs/{job_id}/events") as response:
+            stream = parse_sse(response.iter_lines())
+            live = [next(stream)]
+            claim(sessions)
+            live.append(next(stream))
+            with sessions() as session:
+                jobs.fail_attempt(session=session, job_id=job_id, worker_id=WORKER, error="boom")
+            live.append(next(stream))
+            claim(sessions)
+            live.append(next(stream))
+        finish(sessions, job_id, JobStatus.FAILED)
+        resumed = read_stream(client, job_id, alice_auth, **{"Last-Event-ID": live[-1].id})
+
+    late = read_stream(client, job_id, alice_auth)
+
+    assert summary(live + resumed) == [
+        ("1-0-0", "status", ("queued", 0)), ("2-0-0", "status", ("running", 1)),
+        ("4-0-0", "status", ("queued", 1)), ("5-0-0", "status", ("running", 2)),
+        ("8-0-0", "status", ("failed", 2))]
+    assert live[2].data["message"] == "attempt failed, will retry: boom"
+    # the retry's queued state left no trace in the job row; each attempt's start did
+    assert summary(late) == [
+        ("1-0-0", "status", ("queued", 0)), ("2-0-0", "status", ("running", 1)),
+        ("5-0-0", "status", ("running", 2)), ("8-0-0", "status", ("failed", 2))]
+    assert late[-1].data["error"] == "boom"
+
+
+def test_the_live_stream_delivers_each_change_as_it_happens_and_resumes_from_last_event_id(
+        live_url: str, sessions, alice_auth) -> None:  # noqa: ANN001
+    """Each change is made only after the stream delivered the previous one; then the client
+    disconnects, the job moves on, and a reconnect with Last-Event-ID delivers exactly the
+    events it missed."""
+    with httpx.Client(base_url=live_url, headers=alice_auth, timeout=10) as http:
+        job_id = submit(http, alice_auth)
+        received: list[Event] = []
+        with http.stream("GET", f"/v1/jobs/{job_id}/events") as response:
+            stream = parse_sse(response.iter_lines())
+            received.append(next(stream))                       # queued
+            claim(sessions)
+            received.append(next(stream))                       # running
+            add_step(sessions, job_id, 10)
+            received.extend([next(stream), next(stream)])       # metrics 10, progress 10
+            with sessions() as session:
+                jobs.request_cancel(session=session, job_id=job_id, owner=_owner(session, alice_auth))
+            received.append(next(stream))                       # cancelling
+        add_step(sessions, job_id, 20)                          # while nobody listens
+        finish(sessions, job_id, JobStatus.CANCELLED)
+        with http.stream("GET", f"/v1/jobs/{job_id}/events",
+                         headers={"Last-Event-ID": received[-1].id}) as response:
+            resumed = list(parse_sse(response.iter_lines()))    # ends: the job is terminal
+
+    ids = [event.id for event in received + resumed]
+    assert [(kind, what) for _, kind, what in summary(received + resumed)] == [
+        ("status", ("queued", 0)), ("status", ("running", 1)), ("metrics", 10), ("progress", 10),
+        ("status", ("cancelling", 1)), ("metrics", 20), ("progress", 20),
+        ("status", ("cancelled", 1))]
+    assert len(set(ids)) == len(ids)
+    cursors = [tuple(int(part) for part in event_id.split("-")) for event_id in ids]
+    assert all(all(a <= b for a, b in zip(earlier, later)) and earlier != later
+               for earlier, later in zip(cursors, cursors[1:]))
+
+
+def _owner(session, auth: dict[str, str]):  # noqa: ANN001, ANN202
+    from service import auth as service_auth
+
+    return service_auth.authenticate(session=session, key=auth["Authorization"].split()[1])
+
+
+def test_an_invalid_last_event_id_is_a_422_naming_the_header(
+        client: TestClient, alice_auth) -> None:  # noqa: ANN001
+    job_id = submit(client, alice_auth)
+    response = client.get(f"/v1/jobs/{job_id}/events", headers={**alice_auth, "Last-Event-ID": "x"})
+    assert response.status_code == 422
+    assert response.json()["error"]["details"] == [{"field": "last-event-id", "message": "x"}]
+
+
+def test_another_users_job_has_no_event_stream(client: TestClient, alice_auth, bob_auth) -> None:  # noqa: ANN001
+    job_id = submit(client, alice_auth)
+    response = client.get(f"/v1/jobs/{job_id}/events", headers=bob_auth)
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "not_found"
