@@ -106,3 +106,36 @@ class ArtifactPublic(BaseModel):
 
 class ArtifactsPublic(BaseModel):
     data: list[ArtifactPublic]
+
+
+# --------------------------------------------------------------------------- adaptation
+
+MAX_ADAPT_POINTS = 1000
+"""Most rows in each of support_x, support_y and query_x of one adapt request."""
+MAX_ADAPT_VALUES = 250_000
+"""Most numbers in one array of an adapt request (e.g. 318 glyphs of 28×28); larger → 413."""
+
+
+class AdaptRequest(BaseModel):
+    """A support set and query inputs of one task, as JSON arrays.
+
+    Regression families: ``support_x`` ``[n, 1]``, ``support_y`` ``[n, 1]``, ``query_x``
+    ``[m, 1]``. Image families: ``support_x`` and ``query_x`` ``[n, channels, size, size]``
+    with values in [0, 1], ``support_y`` ``[n]`` class indices in ``[0, ways)``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    support_x: list[Any] = Field(min_length=1, max_length=MAX_ADAPT_POINTS)
+    support_y: list[Any] = Field(min_length=1, max_length=MAX_ADAPT_POINTS)
+    query_x: list[Any] = Field(min_length=1, max_length=MAX_ADAPT_POINTS)
+    steps: int | None = Field(None, ge=0, le=100, description="Inner steps (default: the job's).")
+
+
+class AdaptResponse(BaseModel):
+    predictions: list[Any] = Field(description="Regression: ``[m, 1]`` outputs; classification: "
+                                               "``[m, ways]`` logits.")
+    labels: list[int] | None = Field(None, description="Classification: the predicted class "
+                                                       "of each query input.")
+    steps: int = Field(description="Inner steps applied.")
+    algorithm: str

@@ -327,3 +327,113 @@ def poll_job_events(*, session: Session, job_id: str, owner: User,
     if complete and rank > cursor.status_rank:
         add("status", snapshot, status_rank=rank)
     return events, complete
+
+
+# --------------------------------------------------------------------------- adaptation (API)
+
+
+class MetaInitNotReady(MetaserveError):
+    """The job has no meta-initialization yet: only a succeeded job can adapt."""
+
+    status_code = 409
+    code = "not_ready"
+
+
+class InvalidAdaptInput(MetaserveError):
+    """The arrays do not fit the job's task family."""
+
+    status_code = 422
+    code = "validation_error"
+
+
+class AdaptInputTooLarge(MetaserveError):
+    """An array of the request holds more numbers than the server adapts on."""
+
+    status_code = 413
+    code = "payload_too_large"
+
+
+def count_values(array: Any, limit: int) -> int:
+    """The numbers in a nested list, counting stops just above ``limit``."""
+    count, stack = 0, [array]
+    while stack and count <= limit:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+        else:
+            count += 1
+    return count
+
+
+def check_adapt_sizes(arrays: dict[str, Any], max_values: int) -> None:
+    """413 naming the first array with more than ``max_values`` numbers (before any work)."""
+    for field, array in arrays.items():
+        if count_values(array, max_values) > max_values:
+            raise AdaptInputTooLarge(f"{field} holds more than {max_values} numbers",
+                                     **{field: f"at most {max_values} numbers"})
+
+
+def adaptation_shapes(spec: dict[str, Any]) -> tuple[tuple[int, ...], int | None]:
+    """``(input shape of one example, ways or None for regression)`` of a job's task family."""
+    family = JobSpec.model_validate(spec).task_family
+    if family.name in ("images", "glyphs"):
+        channels = getattr(family, "channels", 1)
+        return (channels, family.image_size, family.image_size), family.ways
+    return (1,), None
+
+
+def to_adapt_tensors(spec: dict[str, Any], support_x: Any, support_y: Any,
+                     query_x: Any) -> tuple[Any, Any, Any]:
+    """The arrays as tensors, shapes checked against the job's task family; 422 naming the
+    field otherwise."""
+    import torch
+
+    input_shape, ways = adaptation_shapes(spec)
+
+    def tensor(field: str, data: Any, dtype: torch.dtype) -> torch.Tensor:
+        try:
+            return torch.tensor(data, dtype=dtype)
+        except (TypeError, ValueError, RuntimeError, OverflowError):
+            raise InvalidAdaptInput(f"{field}: not a rectangular array of numbers",
+                                    **{field: "expected a rectangular array of numbers"}) from None
+
+    def expect(field: str, value: torch.Tensor, shape: tuple[int, ...], text: str) -> None:
+        if tuple(value.shape[1:]) != shape or value.dim() != len(shape) + 1:
+            raise InvalidAdaptInput(f"{field}: shape {list(value.shape)}, expected {text}",
+                                    **{field: f"shape {list(value.shape)}, expected {text}"})
+
+    inputs_text = "[n, " + ", ".join(str(size) for size in input_shape) + "]"
+    sx = tensor("support_x", support_x, torch.float32)
+    qx = tensor("query_x", query_x, torch.float32)
+    expect("support_x", sx, input_shape, inputs_text)
+    expect("query_x", qx, input_shape, inputs_text.replace("[n", "[m"))
+    if ways is None:
+        sy = tensor("support_y", support_y, torch.float32)
+        expect("support_y", sy, (1,), "[n, 1]")
+    else:
+        sy = tensor("support_y", support_y, torch.float64)
+        expect("support_y", sy, (), "[n] class indices")
+        if not bool(((sy >= 0) & (sy < ways) & (sy == sy.round())).all()):
+            raise InvalidAdaptInput(f"support_y: class indices must be integers in [0, {ways})",
+                                    support_y=f"class indices must be integers in [0, {ways})")
+        sy = sy.long()
+    if sx.shape[0] != sy.shape[0]:
+        raise InvalidAdaptInput("support_y: one label per support input",
+                                support_y=f"{sy.shape[0]} labels for {sx.shape[0]} inputs")
+    if not (torch.isfinite(sx).all() and torch.isfinite(qx).all()
+            and (ways is not None or torch.isfinite(sy).all())):
+        raise InvalidAdaptInput("arrays must hold finite numbers", support_x="finite numbers only")
+    return sx, sy, qx
+
+
+def get_adaptable_job(*, session: Session, job_id: str, owner: User) -> Job:
+    """``owner``'s succeeded job with a registered meta-initialization (409 otherwise; another
+    user's job: JobNotFound)."""
+    with _Transaction(session):
+        job = store.get_job(session=session, job_id=job_id, owner=owner)
+        names = {artifact.name for artifact in store.list_artifacts(session=session, job_id=job_id)}
+    if job.status != JobStatus.SUCCEEDED.value or not {"meta_init.safetensors",
+                                                       "meta_init.json"} <= names:
+        raise MetaInitNotReady(f"job {job_id} is {job.status}; only a succeeded job has a "
+                               f"meta-initialization to adapt", job_id=job_id, status=job.status)
+    return job

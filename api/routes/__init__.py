@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from api.routes import artifacts, catalog, events, health, jobs, metrics
+from api.routes import adapt, artifacts, catalog, events, health, jobs, metrics
 
 ROUTERS = [health.router, jobs.router, catalog.router, metrics.router, artifacts.router,
-           events.router]
+           events.router, adapt.router]

@@ -1,0 +1,180 @@
+"""``POST /v1/jobs/{id}/adapt`` on SQLite and PostgreSQL, with meta-initializations trained
+for real by the engine (a few iterations) and registered as the dispatcher registers them."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from api.schemas import MAX_ADAPT_VALUES
+from service import artifacts, jobs
+from service.models import JobStatus
+from service.settings import Settings
+from workers.engine import Trainer
+from workers.engine.artifacts import adapt, load_meta_init
+
+SINE_SPEC = {"algorithm": {"name": "maml", "inner_steps": 1}, "task_family": {"name": "sine"},
+             "iterations": 2, "evaluation": {"every": 0, "tasks": 2, "inner_steps": [1]}}
+GLYPHS_SPEC = {"algorithm": {"name": "anil"},
+               "task_family": {"name": "glyphs", "num_characters": 40, "ways": 3,
+                               "support_shots": 1, "query_shots": 2, "image_size": 16},
+               "model": {"name": "conv4", "filters": 8}, "meta_batch_size": 2, "iterations": 1,
+               "evaluation": {"every": 0, "tasks": 2, "inner_steps": [1]}}
+WORKER = "worker-1"
+
+
+@pytest.fixture(scope="module")
+def sine_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("sine-run")
+    Trainer(SINE_SPEC).run(directory)
+    return directory
+
+
+@pytest.fixture
+def artifact_root(tmp_path: Path) -> Path:
+    return tmp_path / "artifacts"
+
+
+@pytest.fixture
+def client(engine, db_url: str, artifact_root: Path) -> Iterator[TestClient]:  # noqa: ANN001
+    settings = Settings(database_url=db_url, dispatcher=False, artifact_root=artifact_root)
+    with TestClient(create_app(settings)) as test_client:
+        yield test_client
+
+
+def succeeded_job(client: TestClient, sessions, auth: dict[str, str], spec: dict,  # noqa: ANN001
+                  run: Path, artifact_root: Path) -> str:
+    """A job submitted by ``auth``, run to success with ``run``'s meta-initialization."""
+    job_id = client.post("/v1/jobs", json=spec, headers=auth).json()["id"]
+    directory = artifacts.job_dir(artifact_root, job_id)
+    directory.mkdir(parents=True)
+    with sessions() as session:
+        assert jobs.claim_next_job(session=session, worker_id=WORKER, lease_s=30).id == job_id
+        for name in ("meta_init.safetensors", "meta_init.json"):
+            described = artifacts.describe(Path(shutil.copy(run / name, directory / name)))
+            jobs.add_artifact(session=session, job_id=job_id, name=name, size=described.size,
+                              sha256=described.sha256, media_type=described.media_type)
+        jobs.finish_job(session=session, job_id=job_id, worker_id=WORKER, status=JobStatus.SUCCEEDED)
+    return job_id
+
+
+def sine_task(seed: int, shots: int = 10) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.rand(2 * shots, 1, generator=generator) * 10 - 5
+    y = 2.0 * torch.sin(x - 0.5)
+    return x[:shots], y[:shots], x[shots:]
+
+
+def test_adapt_returns_the_query_predictions_of_the_jobs_recipe_as_the_offline_loader_does(
+        client, sessions, alice_auth, sine_run, artifact_root) -> None:  # noqa: ANN001
+    job_id = succeeded_job(client, sessions, alice_auth, SINE_SPEC, sine_run, artifact_root)
+    support_x, support_y, query_x = sine_task(0)
+    body = {"support_x": support_x.tolist(), "support_y": support_y.tolist(),
+            "query_x": query_x.tolist()}
+
+    first = client.post(f"/v1/jobs/{job_id}/adapt", json=body, headers=alice_auth)
+    again = client.post(f"/v1/jobs/{job_id}/adapt", json={**body, "steps": 5}, headers=alice_auth)
+
+    model, _ = load_meta_init(sine_run)
+    expected = adapt(model, support_x, support_y)(query_x).detach()
+    expected_5 = adapt(model, support_x, support_y, 5)(query_x).detach()
+    assert first.status_code == 200, first.text
+    assert first.json() == {"predictions": expected.tolist(), "labels": None, "steps": 1,
+                            "algorithm": "maml"}
+    assert again.json() == {"predictions": expected_5.tolist(), "labels": None, "steps": 5,
+                            "algorithm": "maml"}
+    assert len(client.app.state.meta_init_cache) == 1
+
+
+def test_zero_steps_predict_with_the_meta_initialization_itself(
+        client, sessions, alice_auth, sine_run, artifact_root) -> None:  # noqa: ANN001
+    job_id = succeeded_job(client, sessions, alice_auth, SINE_SPEC, sine_run, artifact_root)
+    support_x, support_y, query_x = sine_task(1)
+    response = client.post(f"/v1/jobs/{job_id}/adapt", headers=alice_auth, json={
+        "support_x": support_x.tolist(), "support_y": support_y.tolist(),
+        "query_x": query_x.tolist(), "steps": 0})
+    model, _ = load_meta_init(sine_run)
+    assert response.json()["predictions"] == model(query_x).detach().tolist()
+
+
+@pytest.mark.parametrize(("change", "field", "message"), [
+    ({"support_x": [[1.0, 2.0]]}, "support_x", "shape [1, 2], expected [n, 1]"),
+    ({"query_x": [1.0, 2.0]}, "query_x", "shape [2], expected [m, 1]"),
+    ({"support_y": [[1.0], [2.0]]}, "support_y", "2 labels for 1 inputs"),
+    ({"support_y": [[1.0, "a"]]}, "support_y", "expected a rectangular array of numbers"),
+])
+def test_arrays_that_do_not_fit_the_sine_family_are_a_422_naming_the_field(
+        client, sessions, alice_auth, sine_run, artifact_root, change, field, message) -> None:  # noqa: ANN001
+    job_id = succeeded_job(client, sessions, alice_auth, SINE_SPEC, sine_run, artifact_root)
+    body = {"support_x": [[0.5]], "support_y": [[0.1]], "query_x": [[0.2]], **change}
+    response = client.post(f"/v1/jobs/{job_id}/adapt", json=body, headers=alice_auth)
+    assert response.status_code == 422
+    assert response.json()["error"]["details"] == [{"field": field, "message": message}]
+
+
+def test_more_rows_than_allowed_are_a_422_and_more_numbers_a_413_both_naming_the_field(
+        client, sessions, alice_auth) -> None:  # noqa: ANN001
+    job_id = client.post("/v1/jobs", json=SINE_SPEC, headers=alice_auth).json()["id"]  # queued
+    rows = client.post(f"/v1/jobs/{job_id}/adapt", headers=alice_auth, json={
+        "support_x": [[0.0]] * 1001, "support_y": [[0.0]], "query_x": [[0.0]]})
+    wide = client.post(f"/v1/jobs/{job_id}/adapt", headers=alice_auth, json={
+        "support_x": [[0.0]], "support_y": [[0.0]],
+        "query_x": [[0] * (MAX_ADAPT_VALUES // 1000 + 1)] * 1000})
+    assert rows.status_code == 422
+    assert [d["field"] for d in rows.json()["error"]["details"]] == ["support_x"]
+    assert wide.status_code == 413
+    assert wide.json()["error"] == {
+        "code": "payload_too_large", "message": f"query_x holds more than {MAX_ADAPT_VALUES} numbers",
+        "details": [{"field": "query_x", "message": f"at most {MAX_ADAPT_VALUES} numbers"}]}
+
+
+def test_a_job_that_has_not_succeeded_cannot_adapt_and_another_users_job_is_404(
+        client, alice_auth, bob_auth) -> None:  # noqa: ANN001
+    job_id = client.post("/v1/jobs", json=SINE_SPEC, headers=alice_auth).json()["id"]
+    body = {"support_x": [[0.5]], "support_y": [[0.1]], "query_x": [[0.2]]}
+    queued = client.post(f"/v1/jobs/{job_id}/adapt", json=body, headers=alice_auth)
+    foreign = client.post(f"/v1/jobs/{job_id}/adapt", json=body, headers=bob_auth)
+    assert (queued.status_code, queued.json()["error"]["code"]) == (409, "not_ready")
+    assert queued.json()["error"]["message"] == (
+        f"job {job_id} is queued; only a succeeded job has a meta-initialization to adapt")
+    assert (foreign.status_code, foreign.json()["error"]["code"]) == (404, "not_found")
+
+
+@pytest.fixture(scope="module")
+def glyphs_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("glyphs-run")
+    Trainer(GLYPHS_SPEC).run(directory)
+    return directory
+
+
+@pytest.mark.slow
+def test_an_anil_glyphs_job_adapts_to_labelled_images_and_checks_their_shape_and_labels(
+        client, sessions, alice_auth, glyphs_run, artifact_root) -> None:  # noqa: ANN001
+    job_id = succeeded_job(client, sessions, alice_auth, GLYPHS_SPEC, glyphs_run, artifact_root)
+    generator = torch.Generator().manual_seed(0)
+    support_x, query_x = torch.rand(3, 1, 16, 16, generator=generator), torch.rand(4, 1, 16, 16)
+    support_y = torch.tensor([0, 1, 2])
+    body = {"support_x": support_x.tolist(), "support_y": support_y.tolist(),
+            "query_x": query_x.tolist()}
+
+    response = client.post(f"/v1/jobs/{job_id}/adapt", json=body, headers=alice_auth)
+    bad_label = client.post(f"/v1/jobs/{job_id}/adapt", headers=alice_auth,
+                            json={**body, "support_y": [0, 1, 3]})
+    bad_size = client.post(f"/v1/jobs/{job_id}/adapt", headers=alice_auth,
+                           json={**body, "query_x": torch.rand(4, 1, 28, 28).tolist()})
+
+    model, _ = load_meta_init(glyphs_run)
+    logits = adapt(model, support_x, support_y)(query_x).detach()
+    assert response.json() == {"predictions": logits.tolist(),
+                               "labels": logits.argmax(dim=-1).tolist(), "steps": 1,
+                               "algorithm": "anil"}
+    assert bad_label.json()["error"]["details"] == [
+        {"field": "support_y", "message": "class indices must be integers in [0, 3)"}]
+    assert bad_size.json()["error"]["details"] == [
+        {"field": "query_x", "message": "shape [4, 1, 28, 28], expected [m, 1, 16, 16]"}]
