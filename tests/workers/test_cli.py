@@ -58,3 +58,15 @@ def test_train_command_line_shows_progress_and_rejects_bad_specs(tmp_path):
                           "--set", "algorithm.inner_steps=-1"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2
     assert "algorithm.maml.inner_steps" in bad.stderr and "greater than or equal to 0" in bad.stderr
+
+
+@pytest.mark.parametrize("name", ["sine_maml", "sine_metasgd", "sine_prompt"])
+def test_sine_examples_are_valid_specs_of_the_paper_setting(name):
+    from pathlib import Path
+
+    from workers.cli import load_spec
+
+    job = load_spec(Path(__file__).resolve().parents[2] / "examples" / f"{name}.yaml")
+    assert job.algorithm.name == name.removeprefix("sine_")
+    assert (job.algorithm.inner_steps, job.task_family.name, job.task_family.support_shots) == (1, "sine", 10)
+    assert job.model.hidden == [40, 40]
