@@ -24,14 +24,14 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import ray
 import torch
 from ray.exceptions import RayActorError
 
 from workers.engine import ShardResult, Trainer, TrainState
-from workers.engine.trainer import CHECKPOINT_DIRECTORY
+from workers.engine.loop import JobCancelled, RunHooks, train_loop
 from workers.spec import JobSpec
 
 logger = logging.getLogger(__name__)
@@ -41,35 +41,12 @@ POLL_S = 0.25
 MAX_WORKER_REPLACEMENTS = 20
 
 
-class JobCancelled(Exception):
-    """The job was cancelled (or its lease was lost) while it ran."""
-
-
 class Unschedulable(Exception):
     """The cluster cannot provide the resources this job asks for."""
 
 
 class WorkerLost(Exception):
     """An inner-loop worker died more times than the runner will replace it."""
-
-
-@dataclass
-class RunHooks:
-    """What the runner reports to its caller; all optional.
-
-    ``report(step, metrics)``: metrics of iteration ``step`` (or of an evaluation).
-    ``progress(dict)``: iteration, total, tasks_per_s, eta_s, workers.
-    ``checkpointed(paths)``: files just written to the job directory.
-    ``should_stop()``: True when the job must stop (cancelled, lease lost).
-    ``workers_ready(list)``: pid, node and device of every inner-loop worker, whenever the
-    set of workers changes (start, replacement).
-    """
-
-    report: Callable[[int, dict[str, float]], None] = lambda step, metrics: None
-    progress: Callable[[dict], None] = lambda progress: None
-    checkpointed: Callable[[list[Path]], None] = lambda paths: None
-    should_stop: Callable[[], bool] = lambda: False
-    workers_ready: Callable[[list[dict]], None] = lambda workers: None
 
 
 class InnerLoopWorker:
@@ -239,13 +216,20 @@ class _WorkerPool:
         self.actors = []
 
 
-def run_job(spec: JobSpec | dict, job_dir: Path, hooks: RunHooks | None = None) -> TrainState:
+def run_job(spec: JobSpec | dict, job_dir: Path, hooks: RunHooks | None = None) -> TrainState | None:
     """Run ``spec`` to completion on the connected Ray cluster; artifacts go to ``job_dir``.
+
+    Meta-RL jobs go to :func:`workers.rl.run_rl_job` (and return None).
 
     Resumes from ``job_dir``'s checkpoint when there is one. Raises :class:`JobCancelled`,
     :class:`Unschedulable`, or the job's own error (bad dataset, ...).
     """
     spec = spec if isinstance(spec, JobSpec) else JobSpec.model_validate(spec)
+    if spec.is_rl:  # meta-RL (rl2, pearl, maml on an RL family): its own driver
+        from workers.rl import run_rl_job
+
+        run_rl_job(spec, job_dir, hooks)
+        return None
     hooks = hooks or RunHooks()
     job_dir = Path(job_dir)
     job_dir.mkdir(parents=True, exist_ok=True)
@@ -254,70 +238,31 @@ def run_job(spec: JobSpec | dict, job_dir: Path, hooks: RunHooks | None = None) 
     # The local trainer validates the spec (e.g. the dataset exists) before any actor starts,
     # holds the outer optimizer and writes checkpoints and artifacts.
     trainer = Trainer(spec, device="cpu")
-    state = trainer.load_checkpoint(job_dir / CHECKPOINT_DIRECTORY) or trainer.init_state()
     shards = shard_ranges(spec.meta_batch_size, spec.resources.workers)
     pool = _WorkerPool(spec, hooks)
+
+    def advance(state: TrainState, iterations: int) -> tuple[TrainState, list[dict]]:
+        if len(shards) == 1:  # the whole segment on the worker: no per-iteration round trip
+            return pool.call([(0, "run_segment", (state, iterations))])[0]
+        per_step = []
+        for _ in range(iterations):
+            results = pool.call([(w, "shard_step", (state.params, state.iteration, shard))
+                                 for w, shard in enumerate(shards)])
+            state = trainer.apply(state, results)
+            per_step.append(_shard_metrics(results))
+            if hooks.should_stop():
+                raise JobCancelled()
+        return state, per_step
+
+    def evaluate(params: dict, split: str) -> dict[str, float]:
+        return pool.call([(0, "evaluate", (params, split))])[0]
+
     try:
         pool.start(len(shards))
-        _outer_loop(spec, trainer, state, shards, pool, job_dir, hooks)
+        return train_loop(trainer, job_dir, advance=advance, evaluate=evaluate, hooks=hooks,
+                          workers=len(shards))
     finally:
         pool.shutdown()
-    return state
-
-
-def _next_stop(iteration: int, spec: JobSpec) -> int:
-    """The next iteration count at which something is logged, evaluated or checkpointed."""
-    stops = [spec.iterations]
-    for every in (spec.log_every, spec.checkpoint_every, spec.evaluation.every):
-        if every:
-            stops.append((iteration // every + 1) * every)
-    return min(stops)
-
-
-def _outer_loop(spec: JobSpec, trainer: Trainer, state: TrainState, shards: list[list[int]],
-                pool: _WorkerPool, job_dir: Path, hooks: RunHooks) -> TrainState:
-    total = spec.iterations
-    started = time.monotonic()
-    first_iteration = state.iteration
-    while state.iteration < total:
-        if hooks.should_stop():
-            raise JobCancelled()
-        target = _next_stop(state.iteration, spec)
-        if len(shards) == 1:
-            state, step_metrics = pool.call(
-                [(0, "run_segment", (state, target - state.iteration))])[0]
-            last = step_metrics[-1]
-        else:
-            while state.iteration < target:
-                calls = [(w, "shard_step", (state.params, state.iteration, shard))
-                         for w, shard in enumerate(shards)]
-                results = pool.call(calls)
-                state = trainer.apply(state, results)
-                if hooks.should_stop() and state.iteration < target:
-                    raise JobCancelled()
-            last = _shard_metrics(results)
-        done = state.iteration
-        elapsed = max(time.monotonic() - started, 1e-9)
-        tasks_per_s = (done - first_iteration) * spec.meta_batch_size / elapsed
-        if done % spec.log_every == 0 or done == total:
-            hooks.report(done, {**last, "train/tasks_per_second": tasks_per_s})
-        if spec.evaluation.every and done % spec.evaluation.every == 0 and done < total:
-            evaluation = pool.call([(0, "evaluate", (state.params, "val"))])[0]
-            hooks.report(done, evaluation)
-        if done % spec.checkpoint_every == 0 or done == total:
-            hooks.checkpointed(trainer.save_checkpoint(state, job_dir / CHECKPOINT_DIRECTORY))
-        rate = (done - first_iteration) / elapsed
-        hooks.progress({
-            "iteration": done, "total": total, "tasks_per_s": round(tasks_per_s, 1),
-            "eta_s": round((total - done) / rate, 1) if rate > 0 else None,
-            "workers": len(shards),
-        })
-    evaluation = {}
-    for split in ("val", "test"):
-        evaluation.update(pool.call([(0, "evaluate", (state.params, split))])[0])
-    hooks.report(state.iteration, evaluation)
-    hooks.checkpointed(trainer.export_meta_init(state, job_dir, evaluation))
-    return state
 
 
 def _shard_metrics(results: list[ShardResult]) -> dict[str, float]:

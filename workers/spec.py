@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 MAX_ITERATIONS = 10_000_000
 MAX_META_BATCH = 4096
@@ -37,13 +37,36 @@ InnerSteps = Annotated[int, Field(ge=0, le=MAX_INNER_STEPS)]
 # --------------------------------------------------------------------------- algorithms
 
 
+class PolicyGradientSpec(StrictModel):
+    """MAML on an RL task family (Finn et al. 2017, §5.3): the inner loop is vanilla policy
+    gradient (VPG) on trajectories of the task; the outer update is PPO's clipped surrogate
+    (Schulman et al. 2017) on the adapted policy's trajectories, differentiated through the
+    inner steps (in place of the paper's TRPO step)."""
+
+    episodes_per_task: int = Field(20, ge=1, le=1000,
+                                   description="Trajectories per task per policy-gradient step.")
+    gamma: float = Field(0.99, gt=0.0, le=1.0, description="Discount factor.")
+    gae_lambda: float = Field(1.0, ge=0.0, le=1.0, description="GAE λ of the advantages.")
+    outer_epochs: int = Field(5, ge=1, le=100, description="Outer PPO steps on each meta-batch.")
+    clip: float = Field(0.2, gt=0.0, le=1.0, description="PPO ratio clip ε.")
+    hidden: list[Annotated[int, Field(ge=1, le=4096)]] = Field(
+        default_factory=lambda: [100, 100], min_length=1, max_length=8,
+        description="Hidden layer sizes of the Gaussian MLP policy.")
+    init_log_std: float = Field(0.0, ge=-10.0, le=5.0, description="Initial log std of actions.")
+
+
 class MAMLSpec(StrictModel):
-    """Model-Agnostic Meta-Learning (Finn et al. 2017); ``first_order`` gives FOMAML."""
+    """Model-Agnostic Meta-Learning (Finn et al. 2017); ``first_order`` gives FOMAML.
+
+    On an RL task family (bandit, tabular_mdp, nav2d) the inner loop is policy gradient,
+    configured by ``policy_gradient`` (defaults apply when it is left out)."""
 
     name: Literal["maml"] = "maml"
     inner_lr: LearningRate = Field(0.01, description="Inner-loop SGD step size α.")
     inner_steps: InnerSteps = Field(1, description="Inner-loop SGD steps during meta-training.")
     first_order: bool = Field(False, description="Drop second-order terms (FOMAML).")
+    policy_gradient: PolicyGradientSpec | None = Field(
+        None, description="RL task families only: the policy-gradient inner loop and outer update.")
 
 
 class ReptileSpec(StrictModel):
@@ -90,8 +113,59 @@ class PromptSpec(StrictModel):
     prompt_dim: int = Field(4, ge=1, le=1024, description="Size of the per-task prompt vector.")
 
 
+class RL2Spec(StrictModel):
+    """RL² (Duan et al. 2016): a recurrent policy, fed the previous action, reward and
+    episode-done flag, trained with PPO (Schulman et al. 2017) on RLlib's new API stack. A trial
+    is ``episodes_per_trial`` episodes of one task; the hidden state is kept across them, so
+    the network itself learns to explore and exploit. ``meta_batch_size`` trials per iteration.
+    """
+
+    name: Literal["rl2"] = "rl2"
+    hidden_size: int = Field(64, ge=4, le=1024, description="LSTM cell size.")
+    lr: LearningRate = Field(0.0005, description="PPO learning rate (Adam).")
+    gamma: float = Field(0.99, gt=0.0, le=1.0, description="Discount factor within a trial.")
+    gae_lambda: float = Field(0.3, ge=0.0, le=1.0, description="GAE λ.")
+    clip: float = Field(0.2, gt=0.0, le=1.0, description="PPO ratio clip ε.")
+    entropy_coeff: float = Field(0.01, ge=0.0, le=1.0, description="Entropy bonus weight.")
+    vf_loss_coeff: float = Field(0.5, ge=0.0, le=100.0, description="Value loss weight.")
+    num_epochs: int = Field(4, ge=1, le=100, description="PPO epochs per iteration.")
+    minibatch_trials: int = Field(64, ge=1, le=MAX_META_BATCH,
+                                  description="Trials per PPO minibatch.")
+    env_runners: int = Field(0, ge=0, le=MAX_WORKERS,
+                             description="RLlib env-runner actors (0: sample in the learner).")
+    envs_per_runner: int = Field(16, ge=1, le=1024, description="Vectorized envs per runner.")
+    evaluation_trials: int = Field(1000, ge=1, le=100_000,
+                                   description="Held-out trials for the final evaluation.")
+
+
+class PEARLSpec(StrictModel):
+    """PEARL (Rakelly et al. 2019): off-policy SAC (Haarnoja et al. 2018) conditioned on a latent
+    task variable z inferred by a probabilistic context encoder (product of Gaussians over
+    transitions, KL to N(0, I)); posterior sampling drives exploration. Rollouts are
+    collected by ``rollout_workers`` Ray actors. ``meta_batch_size`` tasks per gradient step."""
+
+    name: Literal["pearl"] = "pearl"
+    latent_dim: int = Field(5, ge=1, le=256, description="Size of the task variable z.")
+    hidden: int = Field(128, ge=8, le=2048, description="Width of every hidden layer.")
+    lr: LearningRate = Field(0.0003, description="Adam step size of every network.")
+    kl_weight: float = Field(0.1, ge=0.0, le=100.0, description="Weight of KL(q(z|c) ‖ N(0, I)).")
+    gamma: float = Field(0.99, gt=0.0, le=1.0, description="Discount factor.")
+    tau: float = Field(0.005, gt=0.0, le=1.0, description="Target network soft-update rate.")
+    reward_scale: float = Field(5.0, gt=0.0, le=1000.0, description="SAC reward scale.")
+    train_tasks: int = Field(100, ge=1, le=10_000, description="Fixed pool of training tasks.")
+    context_size: int = Field(64, ge=1, le=10_000, description="Transitions in a context batch.")
+    batch_size: int = Field(256, ge=1, le=10_000, description="RL transitions per task per step.")
+    tasks_per_iteration: int = Field(5, ge=1, le=1000,
+                                     description="Tasks whose rollouts are collected per iteration.")
+    gradient_steps: int = Field(50, ge=1, le=10_000, description="Gradient steps per iteration.")
+    rollout_workers: int = Field(1, ge=1, le=MAX_WORKERS, description="Ray rollout actors.")
+    evaluation_tasks: int = Field(100, ge=1, le=100_000, description="Held-out tasks at the end.")
+    adaptation_episodes: int = Field(2, ge=1, le=100,
+                                     description="Episodes of context gathered on a new task.")
+
+
 AlgorithmSpec = Annotated[
-    Union[MAMLSpec, ReptileSpec, ANILSpec, MetaSGDSpec, PromptSpec],
+    Union[MAMLSpec, ReptileSpec, ANILSpec, MetaSGDSpec, PromptSpec, RL2Spec, PEARLSpec],
     Field(discriminator="name"),
 ]
 ALGORITHMS: dict[str, type[StrictModel]] = {
@@ -100,7 +174,10 @@ ALGORITHMS: dict[str, type[StrictModel]] = {
     "anil": ANILSpec,
     "metasgd": MetaSGDSpec,
     "prompt": PromptSpec,
+    "rl2": RL2Spec,
+    "pearl": PEARLSpec,
 }
+RL_ALGORITHMS = frozenset({"rl2", "pearl"})  # and maml, on an RL task family
 
 
 # --------------------------------------------------------------------------- task families
@@ -192,8 +269,45 @@ class GlyphsSpec(_FewShotImages):
     split_seed: int = Field(0, ge=0, le=2**31 - 1)
 
 
+class BanditSpec(StrictModel):
+    """k-armed Bernoulli bandits, arm means ~ U[0, 1], ``pulls`` pulls per trial
+    (Duan et al. 2016, §4.1)."""
+
+    name: Literal["bandit"] = "bandit"
+    arms: int = Field(5, ge=2, le=1000, description="Arms k.")
+    pulls: int = Field(10, ge=1, le=10_000, description="Pulls n per trial.")
+
+
+class TabularMDPSpec(StrictModel):
+    """Random tabular MDPs (Duan et al. 2016, §4.2): transitions ~ Dirichlet(1), mean rewards
+    ~ N(1, 1), rewards ~ N(mean, 1); episodes of ``horizon`` steps, ``episodes`` per trial."""
+
+    name: Literal["tabular_mdp"] = "tabular_mdp"
+    states: int = Field(10, ge=2, le=1000)
+    actions: int = Field(5, ge=2, le=100)
+    horizon: int = Field(10, ge=1, le=10_000, description="Steps per episode.")
+    episodes: int = Field(10, ge=1, le=1000, description="Episodes n per trial.")
+
+
+class Nav2DSpec(StrictModel):
+    """2-D navigation (Finn et al. 2017, §5.3): a point robot starts at the origin and must
+    reach a goal ~ U[−0.5, 0.5]²; reward = −distance to the goal, actions clipped to
+    ±``max_action`` per axis, ``horizon`` steps (the episode ends at the goal)."""
+
+    name: Literal["nav2d"] = "nav2d"
+    goal_range: Range = Field((-0.5, 0.5), description="Goal coordinates ~ U[low, high].")
+    horizon: int = Field(100, ge=1, le=10_000, description="Steps per episode.")
+    max_action: float = Field(0.1, gt=0.0, le=10.0, description="Action bound per axis.")
+    episodes: int = Field(2, ge=1, le=1000, description="Episodes per trial (RL² only).")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "Nav2DSpec":
+        _check_range(self.goal_range, "goal_range")
+        return self
+
+
 TaskFamilySpec = Annotated[
-    Union[SineSpec, LinearSpec, ImagesSpec, GlyphsSpec],
+    Union[SineSpec, LinearSpec, ImagesSpec, GlyphsSpec, BanditSpec, TabularMDPSpec, Nav2DSpec],
     Field(discriminator="name"),
 ]
 TASK_FAMILIES: dict[str, type[StrictModel]] = {
@@ -201,8 +315,18 @@ TASK_FAMILIES: dict[str, type[StrictModel]] = {
     "linear": LinearSpec,
     "images": ImagesSpec,
     "glyphs": GlyphsSpec,
+    "bandit": BanditSpec,
+    "tabular_mdp": TabularMDPSpec,
+    "nav2d": Nav2DSpec,
 }
 IMAGE_FAMILIES = frozenset({"images", "glyphs"})
+RL_FAMILIES = frozenset({"bandit", "tabular_mdp", "nav2d"})
+# Which RL algorithms run on which RL families (continuous actions: nav2d only).
+RL_ALGORITHM_FAMILIES: dict[str, frozenset[str]] = {
+    "rl2": frozenset({"bandit", "tabular_mdp", "nav2d"}),
+    "pearl": frozenset({"nav2d"}),
+    "maml": frozenset({"nav2d"}),
+}
 
 
 # --------------------------------------------------------------------------- models
@@ -275,9 +399,44 @@ class JobSpec(StrictModel):
     seed: int = Field(0, ge=0, le=2**31 - 1)
     max_attempts: int = Field(3, ge=1, le=20)
 
+    @field_validator("task_family")
+    @classmethod
+    def _algorithm_fits_family(cls, family, info: ValidationInfo):  # noqa: ANN001, ANN206
+        """Meta-RL algorithms need an RL family and supervised ones a supervised family; the
+        error is reported on ``task_family`` and names both."""
+        algorithm = info.data.get("algorithm")
+        if algorithm is None:  # the algorithm itself was invalid: reported there
+            return family
+        is_rl_family = family.name in RL_FAMILIES
+        if algorithm.name in RL_ALGORITHMS and not is_rl_family:
+            raise ValueError(
+                f"algorithm {algorithm.name!r} needs an RL task family "
+                f"({', '.join(sorted(RL_ALGORITHM_FAMILIES[algorithm.name]))}), got {family.name!r}")
+        if is_rl_family:
+            allowed = RL_ALGORITHM_FAMILIES.get(algorithm.name, frozenset())
+            if family.name not in allowed:
+                runs_on = [name for name, families in RL_ALGORITHM_FAMILIES.items()
+                           if family.name in families]
+                raise ValueError(
+                    f"task family {family.name!r} runs with algorithm "
+                    f"{' or '.join(repr(n) for n in runs_on)}, not {algorithm.name!r}")
+        elif algorithm.name == "maml" and algorithm.policy_gradient is not None:
+            raise ValueError(f"algorithm.policy_gradient is only for RL task families "
+                             f"({', '.join(sorted(RL_FAMILIES))}), got {family.name!r}")
+        return family
+
+    @field_validator("model")
+    @classmethod
+    def _no_model_for_rl(cls, model, info: ValidationInfo):  # noqa: ANN001, ANN206
+        family = info.data.get("task_family")
+        if model is not None and family is not None and family.name in RL_FAMILIES:
+            raise ValueError("RL jobs take their policy architecture from the algorithm's "
+                             "parameters; leave model out")
+        return model
+
     @model_validator(mode="after")
     def _default_model(self) -> "JobSpec":
-        if self.model is None:
+        if self.model is None and not self.is_rl:
             if self.task_family.name in IMAGE_FAMILIES:
                 self.model = Conv4Spec()
             else:
@@ -287,3 +446,8 @@ class JobSpec(StrictModel):
     @property
     def is_classification(self) -> bool:
         return self.task_family.name in IMAGE_FAMILIES
+
+    @property
+    def is_rl(self) -> bool:
+        """True for a meta-RL job (run by :func:`workers.rl.run_rl_job`)."""
+        return self.task_family.name in RL_FAMILIES

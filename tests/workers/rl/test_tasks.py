@@ -1,0 +1,77 @@
+"""RL task families: counter-based tasks, environment dynamics, and the RL² trial wrapper."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from workers.rl.tasks import BanditFamily, Nav2DFamily, TabularMDPFamily, TrialEnv
+from workers.spec import BanditSpec, Nav2DSpec, TabularMDPSpec
+
+
+def test_tasks_depend_only_on_seed_split_iteration_and_index():
+    family = TabularMDPFamily(TabularMDPSpec())
+    a = family.sample_tasks(seed=3, split="train", iteration=7, task_indices=[0, 1, 2])
+    b = family.sample_tasks(seed=3, split="train", iteration=7, task_indices=[2])
+    assert np.array_equal(a[2]["transitions"], b[0]["transitions"])
+    other = family.sample_tasks(seed=3, split="val", iteration=7, task_indices=[2])
+    assert not np.array_equal(a[2]["mean_rewards"], other[0]["mean_rewards"])
+
+
+def test_tabular_mdp_tasks_are_dirichlet_transitions_and_gaussian_rewards():
+    task = TabularMDPFamily(TabularMDPSpec(states=10, actions=5)).sample_tasks(
+        seed=0, split="train", iteration=0, task_indices=[0])[0]
+    assert task["transitions"].shape == (10, 5, 10)
+    assert np.allclose(task["transitions"].sum(-1), 1.0)
+    assert task["mean_rewards"].shape == (10, 5)
+
+
+def test_bandit_pays_bernoulli_rewards_with_the_arm_means():
+    env = BanditFamily(BanditSpec(arms=3)).make_env()
+    env.set_task({"means": np.array([0.0, 1.0, 0.5])})
+    env.reset(seed=0)
+    assert [env.step(1)[1:3] for _ in range(3)] == [(1.0, True)] * 3
+    assert [env.step(0)[1] for _ in range(3)] == [0.0] * 3
+
+
+def test_nav2d_clips_actions_rewards_minus_distance_and_ends_at_the_goal():
+    env = Nav2DFamily(Nav2DSpec()).make_env()
+    env.set_task({"goal": np.array([0.3, 0.0])})
+    observation, _ = env.reset(seed=0)
+    assert observation.tolist() == [0.0, 0.0]
+    observation, reward, terminated, truncated, _ = env.step(np.array([5.0, 0.0]))
+    assert np.allclose(observation, [0.1, 0.0]) and reward == pytest.approx(-0.2)
+    assert (terminated, truncated) == (False, False)
+    env.step(np.array([0.1, 0.0]))
+    _, reward, terminated, _, _ = env.step(np.array([0.1, 0.0]))
+    assert terminated and reward == pytest.approx(0.0, abs=1e-9)
+
+
+def test_nav2d_truncates_at_the_horizon():
+    env = Nav2DFamily(Nav2DSpec(horizon=3)).make_env()
+    env.set_task({"goal": np.array([0.5, 0.5])})
+    env.reset(seed=0)
+    flags = [env.step(np.zeros(2))[2:4] for _ in range(3)]
+    assert flags == [(False, False), (False, False), (False, True)]
+
+
+def test_trial_env_chains_episodes_of_one_task_and_feeds_previous_action_and_reward():
+    family = BanditFamily(BanditSpec(arms=2, pulls=3))
+    env = TrialEnv(family, seed=0)
+    env.set_task({"means": np.array([1.0, 0.0])})
+    observation, _ = env.reset()
+    assert observation.tolist() == [1.0, 0.0, 0.0, 0.0, 0.0]  # obs, one-hot action, reward, done
+    steps = [env.step(0) for _ in range(3)]
+    assert [s[0].tolist() for s in steps] == [[1.0, 1.0, 0.0, 1.0, 1.0]] * 3
+    assert [s[2] for s in steps] == [False, False, True]
+
+
+def test_trial_env_draws_a_new_counter_based_task_per_trial():
+    family = BanditFamily(BanditSpec())
+    env = TrialEnv(family, seed=5, stream=4)
+    env.reset()
+    first = env.env.task["means"].copy()
+    env.reset()
+    expected = family.sample_tasks(seed=5, split="train", iteration=1, task_indices=[4])[0]
+    assert not np.array_equal(first, env.env.task["means"])
+    assert np.array_equal(env.env.task["means"], expected["means"])

@@ -1,0 +1,197 @@
+"""RL² (Duan et al. 2016) on RLlib's new API stack: PPO (Schulman et al. 2017) with a recurrent
+:class:`~workers.rl.policies.RecurrentPolicy` wrapped in an RLlib ``TorchRLModule``.
+
+A trial (``TrialEnv``) is one RLlib episode made of the task's episodes, and its
+observations carry the previous action, reward and done flag, so the LSTM state persists
+across the episodes of the trial and is reset between trials. ``max_seq_len`` is the trial
+length, so back-propagation through time spans the whole trial. One iteration is one
+``Algorithm.train()`` on ``meta_batch_size`` trials; env runners are Ray actors when
+``env_runners`` > 0 (else the sampling runs next to the learner).
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import numpy as np
+import torch
+from ray.rllib.algorithms.ppo import PPOConfig
+from ray.rllib.core.columns import Columns
+from ray.rllib.core.rl_module.apis.value_function_api import ValueFunctionAPI
+from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+from ray.rllib.core.rl_module.torch import TorchRLModule
+from ray.tune.registry import register_env
+
+from workers.rl.baselines import BANDIT_BASELINES, tune_ucb1, ucb1
+from workers.rl.rl2_policy import rl2_network, run_rl2_trials
+from workers.rl.tasks import TrialEnv, build_rl_family
+from workers.spec import TASK_FAMILIES, JobSpec
+
+ENV_STREAMS_PER_RUNNER = 1_000_000
+TRIAL_ENV_NAME = "metaserve_rl2_trial"
+_env_counter = itertools.count()
+
+
+def make_trial_env(config: Any) -> TrialEnv:
+    """RLlib env creator: a :class:`TrialEnv` with its own counter-based task stream."""
+    family_spec = TASK_FAMILIES[config["family"]["name"]].model_validate(config["family"])
+    worker = getattr(config, "worker_index", 0) or 0
+    stream = worker * ENV_STREAMS_PER_RUNNER + next(_env_counter)
+    return TrialEnv(build_rl_family(family_spec), seed=int(config["seed"]), stream=stream)
+
+
+class RL2Module(TorchRLModule, ValueFunctionAPI):
+    """RLlib wrapper of :class:`RecurrentPolicy` (the exported network is ``self.network``)."""
+
+    def setup(self) -> None:
+        family_spec = TASK_FAMILIES[self.model_config["family"]["name"]].model_validate(
+            self.model_config["family"])
+        self.network = rl2_network(build_rl_family(family_spec), self.model_config["hidden_size"])
+
+    def get_initial_state(self) -> dict[str, np.ndarray]:
+        size = self.network.hidden_size
+        return {"h": np.zeros(size, np.float32), "c": np.zeros(size, np.float32)}
+
+    def _run(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        state = batch[Columns.STATE_IN]
+        outputs, values, (h, c) = self.network(batch[Columns.OBS], (state["h"], state["c"]))
+        return outputs, values, {"h": h, "c": c}
+
+    def _forward(self, batch: dict, **kwargs) -> dict:
+        outputs, _, state = self._run(batch)
+        return {Columns.ACTION_DIST_INPUTS: outputs, Columns.STATE_OUT: state}
+
+    def _forward_train(self, batch: dict, **kwargs) -> dict:
+        outputs, values, state = self._run(batch)
+        return {Columns.ACTION_DIST_INPUTS: outputs, Columns.STATE_OUT: state,
+                Columns.EMBEDDINGS: values}
+
+    def compute_values(self, batch: dict, embeddings: Any = None) -> torch.Tensor:
+        if embeddings is not None:
+            return embeddings
+        return self._run(batch)[1]
+
+
+def _flatten(tree: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """Move every array of a nested state into ``tensors`` (key = path); return the rest."""
+    if isinstance(tree, dict):
+        return {key: _flatten(value, f"{prefix}{key}/", tensors) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [_flatten(value, f"{prefix}{index}/", tensors) for index, value in enumerate(tree)]
+    if isinstance(tree, (np.ndarray, torch.Tensor)):
+        tensors[prefix] = torch.as_tensor(np.asarray(tree) if isinstance(tree, np.ndarray) else tree).clone()
+        return {"__tensor__": prefix}
+    if isinstance(tree, np.generic):
+        return tree.item()
+    return tree
+
+
+def _unflatten(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(tree, dict):
+        if set(tree) == {"__tensor__"}:
+            return tensors[tree["__tensor__"]].numpy()
+        return {key: _unflatten(value, tensors) for key, value in tree.items()}
+    if isinstance(tree, list):
+        return [_unflatten(value, tensors) for value in tree]
+    return tree
+
+
+class RL2Trainer:
+    """The RL² algorithm object driven by :func:`workers.rl.run_rl_job`."""
+
+    def __init__(self, spec: JobSpec):
+        self.spec = spec
+        self.params = spec.algorithm
+        self.family = build_rl_family(spec.task_family)
+        family_json = spec.task_family.model_dump(mode="json")
+        trial_steps = self.family.trial_steps
+        p = self.params
+        register_env(TRIAL_ENV_NAME, make_trial_env)
+        config = (
+            PPOConfig()
+            .environment(env=TRIAL_ENV_NAME, env_config={"family": family_json, "seed": spec.seed})
+            .env_runners(num_env_runners=p.env_runners, num_envs_per_env_runner=p.envs_per_runner,
+                         batch_mode="complete_episodes", rollout_fragment_length="auto")
+            .learners(num_learners=0)
+            .training(lr=p.lr, gamma=p.gamma, lambda_=p.gae_lambda, clip_param=p.clip,
+                      entropy_coeff=p.entropy_coeff, vf_loss_coeff=p.vf_loss_coeff,
+                      num_epochs=p.num_epochs, use_kl_loss=False, vf_clip_param=1e6,
+                      train_batch_size_per_learner=spec.meta_batch_size * trial_steps,
+                      minibatch_size=min(p.minibatch_trials, spec.meta_batch_size) * trial_steps)
+            .rl_module(rl_module_spec=RLModuleSpec(
+                module_class=RL2Module,
+                model_config={"family": family_json, "hidden_size": p.hidden_size,
+                              "max_seq_len": trial_steps}))
+            .reporting(metrics_num_episodes_for_smoothing=spec.meta_batch_size)
+            .debugging(seed=spec.seed)
+        )
+        self.algo = config.build_algo()
+        self.iteration = 0
+        self.env_steps = 0
+
+    def train_iteration(self) -> dict[str, float]:
+        result = self.algo.train()
+        self.iteration += 1
+        runners = result.get("env_runners", {})
+        self.env_steps = int(runners.get("num_env_steps_sampled_lifetime", self.env_steps))
+        learner = result.get("learners", {}).get("default_policy", {})
+        metrics = {"train/trial_return": float(runners.get("episode_return_mean", float("nan"))),
+                   "train/env_steps": float(self.env_steps)}
+        for name in ("policy_loss", "vf_loss", "entropy"):
+            if name in learner:
+                metrics[f"train/{name}"] = float(learner[name])
+        return {k: v for k, v in metrics.items() if np.isfinite(v)}
+
+    def network(self):  # noqa: ANN201
+        module = self.algo.get_module()
+        return module.network
+
+    def evaluate(self, split: str) -> dict[str, float]:
+        """Total reward per trial on held-out tasks; for bandits, the baselines on the same tasks."""
+        count = self.params.evaluation_trials
+        tasks = self.family.sample_tasks(seed=self.spec.seed, split=split, iteration=0,
+                                         task_indices=range(count))
+        results = {}
+        totals = {"rl2": run_rl2_trials(self.network(), self.family, tasks, seed=self.spec.seed,
+                                        split=split)}
+        if self.family.name == "bandit":
+            pulls = self.family.spec.pulls
+            for name, baseline in BANDIT_BASELINES.items():
+                totals[name] = baseline(tasks, pulls, seed=self.spec.seed)
+            tuning_tasks = self.family.sample_tasks(seed=self.spec.seed, split="train",
+                                                    iteration=0, task_indices=range(min(count, 500)))
+            exploration = tune_ucb1(tuning_tasks, pulls, seed=self.spec.seed)
+            totals["ucb1_tuned"] = ucb1(tasks, pulls, seed=self.spec.seed, exploration=exploration)
+            results[f"{split}/ucb1_tuned_exploration"] = exploration
+        for name, values in totals.items():
+            results[f"{split}/{name}_trial_return"] = float(values.mean())
+            results[f"{split}/{name}_trial_return_ci95"] = float(1.96 * values.std() / np.sqrt(len(values)))
+        return results
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors: dict[str, torch.Tensor] = {}
+        learner_state = self.algo.learner_group.get_state()
+        document = {"iteration": self.iteration, "env_steps": self.env_steps,
+                    "learner_group": _flatten(learner_state, "learner_group/", tensors)}
+        return tensors, document
+
+    def load_state(self, tensors: dict[str, torch.Tensor], document: dict) -> None:
+        self.algo.learner_group.set_state(_unflatten(document["learner_group"], tensors))
+        weights = self.algo.learner_group.get_weights()
+        self.algo.env_runner_group.sync_weights(from_worker_or_learner_group=self.algo.learner_group)
+        del weights
+        self.iteration = int(document["iteration"])
+        self.env_steps = int(document["env_steps"])
+
+    def meta_policy(self) -> tuple[dict[str, torch.Tensor], dict]:
+        network = self.network()
+        tensors = {name: value.detach().cpu().clone() for name, value in network.state_dict().items()}
+        architecture = {"kind": "rl2_lstm", "hidden_size": network.hidden_size,
+                        "discrete": network.discrete}
+        recipe = {"algorithm": "rl2", "adaptation": "recurrent state over one trial",
+                  "trial_episodes": self.family.trial_episodes}
+        return tensors, {"architecture": architecture, "recipe": recipe}
+
+    def close(self) -> None:
+        self.algo.stop()

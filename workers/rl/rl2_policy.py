@@ -1,0 +1,51 @@
+"""Running an RL² policy (Duan et al. 2016) on trials, in plain torch: used by the RL² trainer's
+evaluation and by :func:`workers.rl.load_meta_policy` (no RLlib needed to run a policy)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from workers.rl.policies import RecurrentPolicy
+from workers.rl.tasks import RLTaskFamily, Task, TrialEnv
+
+
+def rl2_network(family: RLTaskFamily, hidden_size: int) -> RecurrentPolicy:
+    """The RL² network for ``family``'s trial observations and actions."""
+    env = TrialEnv(family, seed=0)
+    action_space = env.action_space
+    action_size = action_space.n if family.discrete else action_space.shape[0]
+    return RecurrentPolicy(env.observation_space.shape[0], action_size, hidden_size, family.discrete)
+
+
+@torch.no_grad()
+def run_rl2_trials(network: RecurrentPolicy, family: RLTaskFamily, tasks: list[Task], *,
+                   seed: int, split: str = "test") -> np.ndarray:
+    """Total reward of one trial per task (hidden state kept across the trial's episodes);
+    actions are sampled from the policy. Returns an array [len(tasks)]."""
+    envs = [TrialEnv(family, seed=seed, split=split, stream=index) for index in range(len(tasks))]
+    observations = []
+    for env, task in zip(envs, tasks):
+        env.set_task(task)
+        observations.append(env.reset()[0])
+    generator = torch.Generator().manual_seed(seed)
+    state = network.initial_state(len(tasks))
+    totals = np.zeros(len(tasks))
+    running = np.ones(len(tasks), dtype=bool)
+    while running.any():
+        batch = torch.from_numpy(np.stack(observations)).float()[:, None, :]
+        outputs, _, state = network(batch, state)
+        outputs = outputs[:, 0]
+        if family.discrete:
+            actions = torch.multinomial(torch.softmax(outputs, -1), 1, generator=generator)[:, 0].numpy()
+        else:
+            mean, log_std = outputs.chunk(2, dim=-1)
+            actions = (mean + log_std.exp() * torch.randn(mean.shape, generator=generator)).numpy()
+        for index, env in enumerate(envs):
+            if not running[index]:
+                continue
+            observation, reward, terminated, truncated, _ = env.step(actions[index])
+            observations[index] = observation
+            totals[index] += reward
+            running[index] = not (terminated or truncated)
+    return totals
