@@ -134,3 +134,208 @@ def dispatcher(
         Dispatcher(settings, session_factory(engine)).run_forever()
     finally:
         engine.dispose()
+
+
+# --------------------------------------------------------------------------- HTTP client commands
+#
+# These talk to a server through :mod:`service.sdk`. An error is one line on stderr and exit
+# code 1, never a traceback.
+
+JobArgument = Annotated[str, typer.Argument(help="Job id (as printed by submit or list).", metavar="JOB")]
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(1)
+
+
+class _ClientErrors:
+    """Turns SDK errors (and a missing file) into one line on stderr and exit code 1."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type, exc, tb) -> bool:  # noqa: ANN001
+        from service.sdk import MetaserveClientError
+
+        if exc is None or isinstance(exc, (typer.Exit, typer.Abort)):
+            return False
+        if isinstance(exc, MetaserveClientError):
+            raise _fail(str(exc)) from None
+        if isinstance(exc, OSError):
+            raise _fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc)) from None
+        return False
+
+
+def _client(url: Optional[str] = None, api_key: Optional[str] = None):  # noqa: ANN202
+    from service.sdk import Client
+
+    return Client(url=url, api_key=api_key)
+
+
+@app.command()
+def login(
+    url: Annotated[Optional[str], typer.Option(help="Server URL (default: METASERVE_URL, "
+                                               "else http://127.0.0.1:8000).")] = None,
+    api_key: Annotated[Optional[str], typer.Option(help="API key (default: METASERVE_API_KEY, "
+                                                   "else asked for).")] = None,
+    api_key_file: Annotated[Optional[Path], typer.Option(help="Read the API key from this file "
+                                                         "(e.g. .metaserve/admin.key).")] = None,
+) -> None:
+    """Check the URL and API key against the server and save them in the config file."""
+    import os
+
+    from service import sdk
+
+    with _ClientErrors():
+        url = url or os.environ.get("METASERVE_URL") or sdk.DEFAULT_URL
+        if api_key_file is not None:
+            api_key = api_key_file.read_text().strip()
+        api_key = api_key or os.environ.get("METASERVE_API_KEY") or typer.prompt(
+            "API key", hide_input=True)
+        with sdk.Client(url=url, api_key=api_key) as client:
+            client.list(limit=1)
+        path = sdk.write_config(url=url, api_key=api_key)
+    typer.echo(f"logged in to {url}; saved in {path}")
+
+
+@app.command()
+def submit(
+    spec: Annotated[Path, typer.Argument(help="Job spec (YAML or JSON).")],
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override: key.path=value.")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Follow the job with a progress bar until "
+                                       "it finishes; exit 1 unless it succeeds.")] = False,
+    idempotency_key: Annotated[Optional[str], typer.Option(help="Makes a retried submit safe.")] = None,
+) -> None:
+    """Submit a job; prints its id (and, with --wait, follows it to the end)."""
+    with _ClientErrors(), _client() as client:
+        job = client.submit(spec, overrides=set_ or [], idempotency_key=idempotency_key)
+        typer.echo(f"submitted {job['id']} ({job['name']})")
+        if wait:
+            _follow(client, job)
+
+
+def _follow(client, job: dict) -> None:  # noqa: ANN001
+    final = client.wait(job, progress=True)
+    line = f"{final['id']} {final['status']}"
+    if final["status"] != "succeeded":
+        raise _fail(f"{line}: {final['error'] or final['message'] or ''}".rstrip(": "))
+    typer.echo(line)
+
+
+@app.command("list")
+def list_command(
+    status: Annotated[Optional[str], typer.Option(help="Only jobs in this status.")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many jobs.", min=1)] = 20,
+) -> None:
+    """Your jobs, newest first, as a table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    with _ClientErrors(), _client() as client:
+        found = client.list(status=status, limit=limit)
+    table = Table("id", "name", "status", "progress", "attempt", "created")
+    for job in found:
+        progress = job.get("progress") or {}
+        done = f"{progress['iteration']}/{progress['total']}" if "iteration" in progress else "-"
+        table.add_row(job["id"], job["name"], job["status"], done, str(job["attempt"]),
+                      job["created_at"][:19].replace("T", " "))
+    Console().print(table)
+
+
+@app.command()
+def status(job: JobArgument) -> None:
+    """One job: status, attempt, progress, message and error."""
+    with _ClientErrors(), _client() as client:
+        found = client.get(job)
+    progress = found.get("progress") or {}
+    lines = [("id", found["id"]), ("name", found["name"]), ("status", found["status"]),
+             ("attempt", f"{found['attempt']} of {found['max_attempts']}")]
+    if "iteration" in progress:
+        lines.append(("progress", f"{progress['iteration']}/{progress.get('total')} iterations, "
+                                  f"{progress.get('tasks_per_s')} tasks/s"))
+    lines += [(key, found[key]) for key in ("message", "error", "created_at", "started_at",
+                                            "finished_at") if found.get(key)]
+    for key, value in lines:
+        typer.echo(f"{key + ':':<12}{value}")
+
+
+@app.command()
+def metrics(
+    job: JobArgument,
+    plot: Annotated[Optional[Path], typer.Option(help="Write a figure of the loss and "
+                                                 "evaluation curves (PNG, SVG, PDF).")] = None,
+) -> None:
+    """The latest value of each metric series; --plot draws every series over the steps."""
+    from rich.console import Console
+    from rich.table import Table
+
+    with _ClientErrors(), _client() as client:
+        points = client.metrics(job)
+        if not points:
+            raise _fail(f"job {job} has no metrics yet")
+        series: dict[str, list[tuple[int, float | None]]] = {}
+        for point in points:
+            series.setdefault(point["name"], []).append((point["step"], point["value"]))
+        table = Table("metric", "step", "value")
+        for name in sorted(series):
+            step, value = series[name][-1]
+            table.add_row(name, str(step), "-" if value is None else f"{value:.4g}")
+        Console().print(table)
+        if plot is not None:
+            plot_metrics(series, plot, title=f"job {job}")
+            typer.echo(f"wrote {plot}")
+
+
+def plot_metrics(series: dict[str, list[tuple[int, float | None]]], path: Path, title: str) -> None:
+    """Training curves (``train/*`` losses) on the left, evaluation curves (``val/``,
+    ``test/``: loss or accuracy after k steps, with 95% intervals) on the right."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (train_axes, eval_axes) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, values in sorted(series.items()):
+        if name.endswith("_ci95") or name.endswith("tasks") or "per_second" in name:
+            continue
+        steps = [step for step, value in values if value is not None]
+        ys = [value for _, value in values if value is not None]
+        if name.startswith("train/"):
+            train_axes.plot(steps, ys, label=name.removeprefix("train/"))
+        elif name.startswith(("val/", "test/")):
+            interval = dict(series.get(f"{name}_ci95", []))
+            errors = [interval.get(step) or 0.0 for step in steps]
+            eval_axes.errorbar(steps, ys, yerr=errors, marker="o", capsize=3, label=name)
+    for axes, heading in ((train_axes, "meta-training"), (eval_axes, "evaluation (held-out tasks)")):
+        axes.set_title(heading)
+        axes.set_xlabel("meta-iteration")
+        if axes.has_data():
+            axes.legend(fontsize=8)
+    train_axes.set_ylabel("loss")
+    figure.suptitle(title)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+@app.command()
+def cancel(job: JobArgument) -> None:
+    """Cancel a job: a queued one at once, a running one as soon as its runner stops."""
+    with _ClientErrors(), _client() as client:
+        found = client.cancel(job)
+    typer.echo(f"{found['id']} {found['status']}")
+
+
+@app.command()
+def fetch(
+    job: JobArgument,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory to download into.")],
+    all_: Annotated[bool, typer.Option("--all", help="Every artifact, checkpoints included.")] = False,
+) -> None:
+    """Download the job's meta-initialization (meta_init.safetensors + meta_init.json)."""
+    with _ClientErrors(), _client() as client:
+        directory = client.download(job, out, names=None if all_ else ("meta_init.safetensors",
+                                                                       "meta_init.json"))
+    typer.echo(f"downloaded to {directory}")
