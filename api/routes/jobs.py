@@ -38,7 +38,9 @@ def create_job(
     return JobPublic.model_validate(job)
 
 
-@router.get("")
+@router.get("", responses={
+    400: {"model": ErrorResponse, "description": "A cursor that no page of this list returned"},
+})
 def list_jobs(
     user: CurrentUser,
     session: SessionDep,
