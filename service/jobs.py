@@ -237,6 +237,10 @@ class InvalidEventId(MetaserveError):
     code = "validation_error"
 
 
+MAX_EVENT_COUNTER = 2**62
+"""Largest counter of an event id: above it a database integer overflows (a 500 mid-stream)."""
+
+
 @dataclass(frozen=True)
 class EventCursor:
     """Where a client is in a job's event stream (see the comment above)."""
@@ -259,7 +263,8 @@ class EventCursor:
             rank, metric_id, iteration = (int(part) for part in parts)
         except ValueError:
             raise InvalidEventId(**{"last-event-id": text[:100]}) from None
-        if min(rank, metric_id, iteration) < 0:
+        if min(rank, metric_id, iteration) < 0 or \
+                max(rank, metric_id, iteration) > MAX_EVENT_COUNTER:
             raise InvalidEventId(**{"last-event-id": text[:100]})
         return cls(rank, metric_id, iteration)
 
