@@ -29,6 +29,8 @@ from service.models import User
 POLL_S = 0.25
 KEEPALIVE_S = 15.0
 RETRY_MS = 1000
+EVENT_ID_PATTERN = r"^\s*[0-9]+-[0-9]+-[0-9]+\s*$"
+"""What an event id looks like, for the schema (the route checks it: 422 naming the header)."""
 
 router = APIRouter(prefix="/v1/jobs", tags=["events"], responses={
     401: {"model": ErrorResponse, "description": "Missing or invalid API key"},
@@ -79,9 +81,13 @@ def job_events(
     request: Request,
     user: CurrentUser,
     session: SessionDep,
-    last_event_id: Annotated[str | None, Header(max_length=100)] = None,
-    after: Annotated[str | None, Query(max_length=100, description="Like Last-Event-ID, for "
-                                       "clients that cannot set headers.")] = None,
+    # Typed ``str`` (absent: None) so the schema does not offer ``null``, which a header or
+    # query string cannot carry: a client sending the text "null" is told 422.
+    last_event_id: Annotated[str, Header(
+        max_length=100, json_schema_extra={"pattern": EVENT_ID_PATTERN})] = None,
+    after: Annotated[str, Query(
+        max_length=100, json_schema_extra={"pattern": EVENT_ID_PATTERN},
+        description="Like Last-Event-ID, for clients that cannot set headers.")] = None,
 ) -> StreamingResponse:
     """Server-Sent Events of the job until it is terminal; resumes after `Last-Event-ID`."""
     cursor = jobs.EventCursor.parse(last_event_id or after)
