@@ -10,7 +10,6 @@ bits, interrupted or not.
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -20,6 +19,7 @@ from torch import Tensor
 from workers.algorithms import build_algorithm
 from workers.engine import artifacts, checkpoints
 from workers.engine.evaluation import summarize
+from workers.engine.loop import CHECKPOINT_DIRECTORY, RunHooks, train_loop  # noqa: F401 (re-exported)
 from workers.engine.optimizers import init_optimizer_state, optimizer_step
 from workers.engine.state import ShardResult, TrainState
 from workers.models import build_model
@@ -28,7 +28,6 @@ from workers.tasks import build_task_family
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_DIRECTORY = "checkpoint"
 DEFAULT_EVALUATION_CHUNK = 500  # tasks vectorized at once during evaluation when task_chunk is unset
 Reporter = Callable[[int, dict[str, float]], None]
 
@@ -145,44 +144,28 @@ class Trainer:
 
     def run(self, out_dir: Path, *, reporter: Reporter | None = None, progress: bool = False) -> TrainState:
         """Train to ``spec.iterations`` in this process, resuming from ``out_dir/checkpoint``;
-        ends with the test-split evaluation and ``meta_init.*`` in ``out_dir``."""
-        out_dir = Path(out_dir)
-        checkpoint_dir = out_dir / CHECKPOINT_DIRECTORY
-        report = reporter or (lambda step, metrics: None)
-        state = self.load_checkpoint(checkpoint_dir) or self.init_state()
-        if state.iteration:
-            logger.info("resuming", extra={"iteration": state.iteration, "out_dir": str(out_dir)})
-        spec = self.spec
-        window_seconds, window_tasks, window_sums = 0.0, 0, {}
-        bar = _ProgressBar(spec.iterations, state.iteration) if progress else None
-        try:
-            while state.iteration < spec.iterations:
-                started = time.perf_counter()
+        ends with the validation and test evaluations and ``meta_init.*`` in ``out_dir``."""
+        bar = None
+
+        def advance(state: TrainState, iterations: int) -> tuple[TrainState, list[dict[str, float]]]:
+            nonlocal bar
+            if progress and bar is None:
+                bar = _ProgressBar(self.spec.iterations, state.iteration)
+            per_step = []
+            for _ in range(iterations):
                 state, metrics = self.step(state)
-                window_seconds += time.perf_counter() - started
-                window_tasks += spec.meta_batch_size
-                for name, value in metrics.items():
-                    window_sums[name] = window_sums.get(name, 0.0) + value * spec.meta_batch_size
-                iteration = state.iteration
+                per_step.append(metrics)
                 if bar is not None:
                     bar.update(metrics)
-                if iteration % spec.log_every == 0 or iteration == spec.iterations:
-                    # means over the tasks since the last report; throughput of the steps alone
-                    logged = {name: total / window_tasks for name, total in window_sums.items()}
-                    logged["train/tasks_per_second"] = window_tasks / window_seconds if window_seconds > 0 else 0.0
-                    report(iteration, logged)
-                    window_seconds, window_tasks, window_sums = 0.0, 0, {}
-                if spec.evaluation.every and iteration % spec.evaluation.every == 0 and iteration < spec.iterations:
-                    report(iteration, self.evaluate(state.params, split="val"))
-                if iteration % spec.checkpoint_every == 0 or iteration == spec.iterations:
-                    self.save_checkpoint(state, checkpoint_dir)
+            return state, per_step
+
+        hooks = RunHooks(report=reporter or (lambda step, metrics: None))
+        try:
+            return train_loop(self, Path(out_dir), advance=advance, hooks=hooks,
+                              evaluate=lambda params, split: self.evaluate(params, split=split))
         finally:
             if bar is not None:
                 bar.close()
-        final = {**self.evaluate(state.params, split="val"), **self.evaluate(state.params, split="test")}
-        report(state.iteration, final)
-        self.export_meta_init(state, out_dir, final)
-        return state
 
 
 class _ProgressBar:
