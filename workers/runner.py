@@ -216,13 +216,20 @@ class _WorkerPool:
         self.actors = []
 
 
-def run_job(spec: JobSpec | dict, job_dir: Path, hooks: RunHooks | None = None) -> TrainState:
+def run_job(spec: JobSpec | dict, job_dir: Path, hooks: RunHooks | None = None) -> TrainState | None:
     """Run ``spec`` to completion on the connected Ray cluster; artifacts go to ``job_dir``.
+
+    Meta-RL jobs go to :func:`workers.rl.run_rl_job` (and return None).
 
     Resumes from ``job_dir``'s checkpoint when there is one. Raises :class:`JobCancelled`,
     :class:`Unschedulable`, or the job's own error (bad dataset, ...).
     """
     spec = spec if isinstance(spec, JobSpec) else JobSpec.model_validate(spec)
+    if spec.is_rl:  # meta-RL (rl2, pearl, maml on an RL family): its own driver
+        from workers.rl import run_rl_job
+
+        run_rl_job(spec, job_dir, hooks)
+        return None
     hooks = hooks or RunHooks()
     job_dir = Path(job_dir)
     job_dir.mkdir(parents=True, exist_ok=True)
