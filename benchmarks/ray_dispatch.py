@@ -1,7 +1,7 @@
 """Benchmarks of running jobs through the service on Ray (issue: Run jobs on Ray).
 
     python benchmarks/ray_dispatch.py overhead  [--iterations 2000]
-    python benchmarks/ray_dispatch.py scaling   [--iterations 30]
+    python benchmarks/ray_dispatch.py scaling   [--scaling-iterations 6]
     python benchmarks/ray_dispatch.py latency   [--jobs 10]
     python benchmarks/ray_dispatch.py all --json out.json
 
@@ -47,7 +47,7 @@ CONV4_SPEC = {
     "task_family": {"name": "glyphs", "ways": 5, "support_shots": 1, "query_shots": 15},
     "model": {"name": "conv4", "filters": 64},
     "meta_batch_size": 32,
-    "log_every": 5,
+    "log_every": 1,
     "checkpoint_every": 1000,
     "evaluation": {"every": 0, "tasks": 32, "inner_steps": [1]},
 }
@@ -175,19 +175,20 @@ def latency(jobs: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("what", choices=["overhead", "scaling", "latency", "all"])
-    parser.add_argument("--iterations", type=int, default=None)
+    parser.add_argument("--iterations", type=int, default=2000, help="overhead: iterations")
+    parser.add_argument("--scaling-iterations", type=int, default=6, help="scaling: iterations")
     parser.add_argument("--jobs", type=int, default=10)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     report: dict = {"machine": _machine()}
     if args.what in ("overhead", "all"):
-        report["overhead"] = overhead(args.iterations or 2000)
+        report["overhead"] = overhead(args.iterations)
         print(json.dumps(report["overhead"]), flush=True)
     if args.what in ("latency", "all"):
         report["latency"] = latency(args.jobs)
         print(json.dumps(report["latency"]), flush=True)
     if args.what in ("scaling", "all"):
-        report["scaling"] = scaling(args.iterations or 30)
+        report["scaling"] = scaling(args.scaling_iterations)
         print(json.dumps(report["scaling"]), flush=True)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
