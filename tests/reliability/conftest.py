@@ -1,0 +1,79 @@
+"""Fixtures of the reliability tests: the ASGI app on ``db_url`` with a small body limit, and
+API keys of two users and an admin."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from service import artifacts, auth, jobs
+from service.settings import Settings
+
+TEST_MAX_BODY_BYTES = 64 * 1024
+TWO_LINE_SPEC = {"algorithm": {"name": "maml"}, "task_family": {"name": "sine"}}
+
+
+@pytest.fixture
+def artifact_root(tmp_path: Path) -> Path:
+    return tmp_path / "artifacts"
+
+
+@pytest.fixture
+def client(engine, db_url: str, artifact_root: Path) -> Iterator[TestClient]:  # noqa: ANN001
+    settings = Settings(database_url=db_url, dispatcher=False, artifact_root=artifact_root,
+                        max_body_bytes=TEST_MAX_BODY_BYTES)
+    with TestClient(create_app(settings)) as test_client:
+        yield test_client
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def new_key(sessions, name: str, is_admin: bool = False) -> str:  # noqa: ANN001
+    with sessions() as session:
+        return auth.create_key(session=session, name=name, is_admin=is_admin)[1]
+
+
+@pytest.fixture
+def alice_key(sessions) -> str:  # noqa: ANN001
+    return new_key(sessions, "alice")
+
+
+@pytest.fixture
+def bob_key(sessions) -> str:  # noqa: ANN001
+    return new_key(sessions, "bob")
+
+
+@pytest.fixture
+def admin_key(sessions) -> str:  # noqa: ANN001
+    return new_key(sessions, "root", is_admin=True)
+
+
+def register_file(sessions, job_id: str, path: Path) -> None:  # noqa: ANN001
+    """Record ``path`` (under the job's directory) as an artifact, as the dispatcher does."""
+    described = artifacts.describe(path)
+    with sessions() as session:
+        jobs.add_artifact(session=session, job_id=job_id, name=described.name,
+                          size=described.size, sha256=described.sha256,
+                          media_type=described.media_type)
+
+
+@pytest.fixture
+def alice_job(client, sessions, alice_key, artifact_root) -> str:  # noqa: ANN001
+    """Alice's job, cancelled (so its event stream ends), with metrics and one artifact."""
+    headers = bearer(alice_key)
+    job_id = client.post("/v1/jobs", json=TWO_LINE_SPEC, headers=headers).json()["id"]
+    assert client.post(f"/v1/jobs/{job_id}/cancel", headers=headers).status_code == 200
+    with sessions() as session:
+        jobs.add_metrics(session=session, job_id=job_id, rows=[(1, "train/loss", 0.5)])
+    recipe = artifacts.job_dir(artifact_root, job_id) / "meta_init.json"
+    recipe.parent.mkdir(parents=True)
+    recipe.write_text(json.dumps({"recipe": {"algorithm": "maml"}}))
+    register_file(sessions, job_id, recipe)
+    return job_id
