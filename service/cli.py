@@ -234,12 +234,13 @@ def list_command(
 
     with _ClientErrors(), _client() as client:
         found = client.list(status=status, limit=limit)
-    table = Table("id", "name", "status", "progress", "attempt", "created")
+    table = Table("name", "status", "progress", "attempt", "created")
+    table.add_column("id", no_wrap=True, min_width=26)
     for job in found:
         progress = job.get("progress") or {}
         done = f"{progress['iteration']}/{progress['total']}" if "iteration" in progress else "-"
-        table.add_row(job["id"], job["name"], job["status"], done, str(job["attempt"]),
-                      job["created_at"][:19].replace("T", " "))
+        table.add_row(job["name"], job["status"], done, str(job["attempt"]),
+                      job["created_at"][:19].replace("T", " "), job["id"])
     Console().print(table)
 
 
@@ -257,7 +258,7 @@ def status(job: JobArgument) -> None:
     lines += [(key, found[key]) for key in ("message", "error", "created_at", "started_at",
                                             "finished_at") if found.get(key)]
     for key, value in lines:
-        typer.echo(f"{key + ':':<12}{value}")
+        typer.echo(f"{key + ':':<13}{value}")
 
 
 @app.command()

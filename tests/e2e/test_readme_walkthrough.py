@@ -127,7 +127,7 @@ def test_every_walkthrough_command_runs_as_the_readme_says(tmp_path: Path) -> No
     assert outputs["login"] == f"logged in to {url}; saved in {tmp_path / 'config.toml'}\n"
     assert outputs["submit"].splitlines()[-1] == f"{job_id} succeeded"
     assert job_id in outputs["list"] and "succeeded" in outputs["list"]
-    assert "status:     succeeded" in outputs["status"]
+    assert "status:      succeeded" in outputs["status"]
     assert sorted(p.name for p in (work / "sine-maml").iterdir()) == ["meta_init.json",
                                                                        "meta_init.safetensors"]
     mse = dict(re.findall(r"query MSE (before|after) adaptation: +([0-9.]+)",
