@@ -73,16 +73,24 @@ def load_checkpoint(directory: Path, device: torch.device | str = "cpu") -> Trai
     json_path = directory / CHECKPOINT_JSON
     if not tensors_path.exists() or not json_path.exists():
         return None
-    document = json.loads(json_path.read_text())
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(tensors_path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-    if metadata.get("iteration") != str(document.get("iteration")):
-        raise CheckpointError(
-            f"{directory}: checkpoint files disagree on the iteration "
-            f"({metadata.get('iteration')} vs {document.get('iteration')})")
-    tensors = load_file(str(tensors_path), device=str(device))
+    try:  # safetensors parses a JSON header and raw tensors: a planted pickle is refused here
+        document = json.loads(json_path.read_text())
+        if not isinstance(document, dict):
+            raise ValueError(f"{CHECKPOINT_JSON} is not a JSON object")
+        with safe_open(str(tensors_path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        if metadata.get("iteration") != str(document.get("iteration")):
+            raise CheckpointError(
+                f"{directory}: checkpoint files disagree on the iteration "
+                f"({metadata.get('iteration')} vs {document.get('iteration')})")
+        tensors = load_file(str(tensors_path), device=str(device))
+    except (SafetensorError, ValueError) as error:  # JSONDecodeError, UnicodeDecodeError too
+        if isinstance(error, CheckpointError):
+            raise
+        raise CheckpointError(f"{directory}: not a valid safetensors + JSON checkpoint, "
+                              f"refusing to resume from it ({error})") from None
     params = {name[len(PARAMS_PREFIX):]: t for name, t in tensors.items() if name.startswith(PARAMS_PREFIX)}
     opt_state = {name[len(OPTIMIZER_PREFIX):]: t for name, t in tensors.items() if name.startswith(OPTIMIZER_PREFIX)}
     if "step" in opt_state:
