@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from service import store
 from service.artifacts import ArtifactNotFound
 from service.exceptions import MetaserveError
-from service.models import Artifact, Job, JobStatus, Metric, User
+from service.models import Artifact, Job, JobStatus, JobStatusEvent, Metric, User
 from workers.spec import JobSpec
 
 
@@ -201,33 +201,19 @@ def get_artifact(*, session: Session, job_id: str, owner: User, name: str) -> Ar
 
 # --------------------------------------------------------------------------- events (API)
 #
-# The events of a job are derived from durable data only, so that a stream resumed from its
+# The events of a job are built from durable data only, so that a stream resumed from its
 # Last-Event-ID neither loses nor repeats one. An event id is a cursor of three counters,
-# ``"<status rank>-<metric row id>-<iteration>"``; every event raises exactly one of them
-# and none ever falls, so ids are monotone (componentwise) and a reconnect sends exactly the
-# events whose counter is above the cursor:
+# ``"<status event id>-<metric row id>-<iteration>"``; every event raises exactly one of them
+# and none ever falls, so a reconnect sends exactly the events whose counter is above the cursor:
 #
-# * status: the job row's ``(status, attempt)`` ranked on the state machine's order —
-#   queued 1; for attempt a ≥ 1: running 3a−1, cancelling 3a, queued again after a failed
-#   attempt 3a+1; terminal 3·attempt+2 (0: nothing seen yet). Every attempt's start is durable (``attempt`` counts
-#   claims), so a poll that finds a higher attempt (or a terminal job) first sends the
-#   ``running`` events of the attempts it had not seen yet: queued → running → terminal is
-#   always delivered whole. A transient state entered and left between two polls and
-#   implied by nothing in the row (``cancelling``, a retry's ``queued``) is not in the
-#   row's history and so not an event; nor is a job handed back to the queue because the
-#   cluster cannot place it (``release_job``, which does not count the attempt).
+# * status: the rows of ``job_status_events``, which the store appends in the transaction of
+#   every status change, so each change (also a ``cancelling`` or a retry's ``queued`` that
+#   lasts a millisecond) is an event, in order. Row ids are allocated after the job row is
+#   locked by its guarded update, so a job's history commits in id order.
 # * metrics: the metric rows by their id (one dispatcher writes a job's rows, in order), one
 #   event per step with every value of that step read in the same poll.
 # * progress: the row's progress snapshot, when its iteration rises above the cursor's
 #   (0: none seen; a resumed attempt restarting below it is reported once it passes it).
-
-
-def _status_rank(status: JobStatus, attempt: int) -> int:
-    if status.is_terminal():
-        return 3 * attempt + 2
-    if status is JobStatus.QUEUED:
-        return 3 * attempt + 1
-    return 3 * attempt - (1 if status is JobStatus.RUNNING else 0)
 
 
 class InvalidEventId(MetaserveError):
@@ -245,12 +231,12 @@ MAX_EVENT_COUNTER = 2**62
 class EventCursor:
     """Where a client is in a job's event stream (see the comment above)."""
 
-    status_rank: int = 0
+    status_event_id: int = 0
     metric_id: int = 0
     iteration: int = 0
 
     def __str__(self) -> str:
-        return f"{self.status_rank}-{self.metric_id}-{self.iteration}"
+        return f"{self.status_event_id}-{self.metric_id}-{self.iteration}"
 
     @classmethod
     def parse(cls, text: str | None) -> "EventCursor":
@@ -260,13 +246,12 @@ class EventCursor:
         try:
             if len(parts) != 3:
                 raise ValueError(text)
-            rank, metric_id, iteration = (int(part) for part in parts)
+            counters = [int(part) for part in parts]
         except ValueError:
             raise InvalidEventId(**{"last-event-id": text[:100]}) from None
-        if min(rank, metric_id, iteration) < 0 or \
-                max(rank, metric_id, iteration) > MAX_EVENT_COUNTER:
+        if min(counters) < 0 or max(counters) > MAX_EVENT_COUNTER:
             raise InvalidEventId(**{"last-event-id": text[:100]})
-        return cls(rank, metric_id, iteration)
+        return cls(*counters)
 
 
 @dataclass(frozen=True)
@@ -288,14 +273,14 @@ def poll_job_events(*, session: Session, job_id: str, owner: User,
     job raises :class:`~service.exceptions.JobNotFound`."""
     with _Transaction(session):
         job = store.get_job(session=session, job_id=job_id, owner=owner)
-        status, attempt = JobStatus(job.status), job.attempt
-        rank = _status_rank(status, attempt)
+        progress = dict(job.progress or {})
+        changes = list(session.scalars(
+            select(JobStatusEvent).where(JobStatusEvent.job_id == job_id,
+                                         JobStatusEvent.id > after.status_event_id)
+            .order_by(JobStatusEvent.id)))
         metric_rows = list(session.scalars(
             select(Metric).where(Metric.job_id == job_id, Metric.id > after.metric_id)
             .order_by(Metric.id).limit(MAX_METRIC_ROWS_PER_POLL)))
-        progress = dict(job.progress or {})
-        snapshot = {"status": status.value, "attempt": attempt, "message": job.message,
-                    "error": job.error}
     events: list[JobEvent] = []
     cursor = after
 
@@ -304,20 +289,10 @@ def poll_job_events(*, session: Session, job_id: str, owner: User,
         cursor = replace(cursor, **moved)
         events.append(JobEvent(cursor, kind, data))
 
-    if cursor.status_rank < 1 < rank:
-        add("status", {"status": JobStatus.QUEUED.value, "attempt": 0}, status_rank=1)
-    seen_attempts = range(1, attempt + 1) if status.is_terminal() else range(1, attempt)
-    for earlier in seen_attempts:  # attempts that started since the last poll
-        running_rank = _status_rank(JobStatus.RUNNING, earlier)
-        if running_rank > cursor.status_rank:
-            add("status", {"status": JobStatus.RUNNING.value, "attempt": earlier},
-                status_rank=running_rank)
-    if not status.is_terminal() and rank > cursor.status_rank:
-        if status is not JobStatus.RUNNING and attempt >= 1 and \
-                _status_rank(JobStatus.RUNNING, attempt) > cursor.status_rank:
-            add("status", {"status": JobStatus.RUNNING.value, "attempt": attempt},
-                status_rank=_status_rank(JobStatus.RUNNING, attempt))
-        add("status", snapshot, status_rank=rank)
+    terminal = changes[-1] if changes and JobStatus(changes[-1].status).is_terminal() else None
+    for change in changes:
+        if change is not terminal:
+            add("status", _status_data(change), status_event_id=change.id)
     step_values: dict[str, float | None] = {}
     for index, row in enumerate(metric_rows):
         step_values[row.name] = row.value
@@ -328,10 +303,15 @@ def poll_job_events(*, session: Session, job_id: str, owner: User,
     iteration = progress.get("iteration")
     if isinstance(iteration, int) and iteration > cursor.iteration:
         add("progress", progress, iteration=iteration)
-    complete = status.is_terminal() and len(metric_rows) < MAX_METRIC_ROWS_PER_POLL
-    if complete and rank > cursor.status_rank:
-        add("status", snapshot, status_rank=rank)
+    complete = terminal is not None and len(metric_rows) < MAX_METRIC_ROWS_PER_POLL
+    if complete:  # last: after every metric the job wrote before it ended
+        add("status", _status_data(terminal), status_event_id=terminal.id)
     return events, complete
+
+
+def _status_data(change: JobStatusEvent) -> dict[str, Any]:
+    return {"status": change.status, "attempt": change.attempt, "message": change.message,
+            "error": change.error}
 
 
 # --------------------------------------------------------------------------- adaptation (API)

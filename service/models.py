@@ -138,6 +138,23 @@ class Job(Base):
         return JobStatus(self.status)
 
 
+class JobStatusEvent(Base):
+    """One status change of a job, written in the transaction of the change: the durable
+    history the event stream is built from, so no transition is lost between two polls."""
+
+    __tablename__ = "job_status_events"
+    __table_args__ = (Index("ix_job_status_events_job_id_id", "job_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"),
+                                    primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    status: Mapped[str] = mapped_column(String(16))
+    attempt: Mapped[int] = mapped_column(Integer)
+    message: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class Metric(Base):
     """One value of one named series at one step. (job_id, name, step) is unique, so a
     resumed job re-writing a step is ignored; the unique index is also the read index."""

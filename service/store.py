@@ -26,7 +26,7 @@ from service.exceptions import (
     LeaseLost,
     MetaserveError,
 )
-from service.models import Artifact, Job, JobStatus, Metric, User, utcnow
+from service.models import Artifact, Job, JobStatus, JobStatusEvent, Metric, User, utcnow
 
 MAX_PAGE = 100
 MAX_METRICS_PAGE = 10_000
@@ -53,6 +53,15 @@ def _reload(session: Session, job_id: str) -> Job:
     job = session.get(Job, job_id, populate_existing=True)
     if job is None:
         raise JobNotFound(job_id=job_id)
+    return job
+
+
+def _record_status(session: Session, job_id: str) -> Job:
+    """Append the job's current status to its history (same transaction as the change)."""
+    job = _reload(session, job_id)
+    session.add(JobStatusEvent(job_id=job.id, status=job.status, attempt=job.attempt,
+                               message=job.message, error=job.error))
+    session.flush()
     return job
 
 
@@ -108,6 +117,7 @@ def create_job(
         with session.begin_nested():
             session.add(job)
             session.flush()
+            _record_status(session, job.id)
     except IntegrityError:
         if idempotency_key is None:
             raise
@@ -197,7 +207,7 @@ def request_cancel(*, session: Session, job_id: str, owner: User) -> Job:
             raise InvalidTransition(f"job {job_id} is {status.value}; it cannot be cancelled",
                                     job_id=job_id, status=status.value)
         if result.rowcount == 1:
-            return _reload(session, job_id)
+            return _record_status(session, job_id)
     raise InvalidTransition(f"job {job_id} kept changing state; try again", job_id=job_id)
 
 
@@ -254,8 +264,9 @@ def claim_next_job(*, session: Session, worker_id: str, lease_s: float,
         result = session.execute(_update(candidate.id, *guard).values(**values))
         if result.rowcount != 1:
             continue  # another claimer won this row (SQLite compare-and-set); try the next
+        job = _record_status(session, candidate.id)
         if values["status"] == JobStatus.RUNNING.value:
-            return _reload(session, candidate.id)
+            return job
     return None
 
 
@@ -299,6 +310,7 @@ def release_job(*, session: Session, job_id: str, worker_id: str, message: str) 
         lease_expires_at=None, message=message))
     if result.rowcount != 1:
         raise LeaseLost(job_id=job_id, worker_id=worker_id)
+    _record_status(session, job_id)
 
 
 def finish_job(*, session: Session, job_id: str, worker_id: str, status: JobStatus,
@@ -313,6 +325,7 @@ def finish_job(*, session: Session, job_id: str, worker_id: str, status: JobStat
         values["error"] = error
     if session.execute(_holding(job_id, worker_id).values(**values)).rowcount != 1:
         raise LeaseLost(job_id=job_id, worker_id=worker_id)
+    _record_status(session, job_id)
 
 
 def fail_attempt(*, session: Session, job_id: str, worker_id: str, error: str) -> None:
@@ -331,6 +344,7 @@ def fail_attempt(*, session: Session, job_id: str, worker_id: str, error: str) -
         result = session.execute(
             _update(job_id, Job.lease_owner == worker_id, *where).values(**cleared, **values))
         if result.rowcount == 1:
+            _record_status(session, job_id)
             return
     raise LeaseLost(job_id=job_id, worker_id=worker_id)
 

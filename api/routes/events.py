@@ -2,8 +2,8 @@
 Server-Sent Events, until the job is terminal.
 
 The stream polls the database (every :data:`POLL_S`) and builds events from durable data
-only — the job row's status and attempt counter, its progress snapshot, the metric rows by
-id — so an event id is a cursor into that data (``"<status rank>-<metric id>-<iteration>"``,
+only — the job's status history (one row per change), its progress snapshot, the metric rows by
+id — so an event id is a cursor into that data (``"<status event id>-<metric id>-<iteration>"``,
 see :func:`service.jobs.poll_job_events` for exactly what is an event). A client that
 reconnects with ``Last-Event-ID`` (browsers' EventSource do it by themselves) gets every
 event after that one, none twice. The stream closes after the terminal status event.

@@ -10,7 +10,7 @@ from service import migrate
 from service.db import make_engine
 from service.models import Job, JobStatus, User, utcnow
 
-TABLES = {"alembic_version", "users", "jobs", "metrics", "artifacts"}
+TABLES = {"alembic_version", "users", "jobs", "job_status_events", "metrics", "artifacts"}
 
 
 def table_names(url: str) -> set[str]:
