@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 META_POLICY_TENSORS = "meta_policy.safetensors"
 META_POLICY_JSON = "meta_policy.json"
 FORMAT_VERSION = 1
+ACTOR_CLOSE_TIMEOUT_S = 30.0
 
 
 def build_rl_algorithm(spec: JobSpec):  # noqa: ANN201 - MAMLRL | RL2Trainer | PEARL
@@ -185,10 +186,12 @@ def run_rl_job(spec: JobSpec | dict, job_dir: Path, hooks: RunHooks | None = Non
     actor_class = ray.remote(RLJobActor).options(
         num_cpus=resources.cpus_per_worker, num_gpus=resources.gpus_per_worker, max_restarts=0)
     actor = actor_class.remote(spec_json, max(1, int(resources.cpus_per_worker)))
+    started = False
     try:
         info = _wait(actor.ready.remote(), hooks, timeout_s=WORKER_READY_TIMEOUT_S,
                      what=f"the RL job actor could not be placed within "
                           f"{WORKER_READY_TIMEOUT_S:.0f} s")
+        started = True
         hooks.workers_ready([info])
         if checkpoint is not None:
             _wait(actor.load_state.remote(*checkpoint), hooks)
@@ -196,10 +199,11 @@ def run_rl_job(spec: JobSpec | dict, job_dir: Path, hooks: RunHooks | None = Non
     except RayActorError as error:
         raise RuntimeError(f"the RL job actor died: {str(error)[:500]}") from error
     finally:
-        try:
-            ray.get(actor.close.remote(), timeout=30)
-        except Exception:  # noqa: BLE001 - already gone
-            pass
+        if started:  # let RLlib stop its env runners; never wait on an actor still starting
+            try:
+                ray.get(actor.close.remote(), timeout=ACTOR_CLOSE_TIMEOUT_S)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
         ray.kill(actor)
 
 

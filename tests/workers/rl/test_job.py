@@ -18,6 +18,7 @@ SPEC = {"algorithm": {"name": "maml", "inner_lr": 0.1,
         "log_every": 1, "checkpoint_every": 2, "evaluation": {"every": 0, "tasks": 4, "inner_steps": [1]}}
 
 
+@pytest.mark.slow
 def test_an_rl_job_reports_checkpoints_and_exports_a_loadable_meta_policy(ray_session, tmp_path):
     reports, files = [], []
     run_job(SPEC, tmp_path, RunHooks(report=lambda step, m: reports.append((step, sorted(m))),
@@ -40,6 +41,7 @@ def test_an_rl_job_reports_checkpoints_and_exports_a_loadable_meta_policy(ray_se
     assert all(-15 < results[f"return_step{k}"] <= 0 for k in (0, 1, 2))
 
 
+@pytest.mark.slow
 def test_a_cancelled_rl_job_resumes_from_its_checkpoint_with_identical_bits(ray_session, tmp_path):
     run_job(SPEC, tmp_path / "undisturbed")
     checkpoints = []
@@ -62,5 +64,5 @@ def test_a_cancelled_rl_job_resumes_from_its_checkpoint_with_identical_bits(ray_
 
 def test_a_job_cancelled_before_its_first_iteration_writes_nothing(ray_session, tmp_path: Path):
     with pytest.raises(JobCancelled):
-        run_job(SPEC, tmp_path, RunHooks(should_stop=lambda: True))
-    assert list(tmp_path.iterdir()) == []
+        run_job(SPEC, tmp_path / "job", RunHooks(should_stop=lambda: True))
+    assert list((tmp_path / "job").iterdir()) == []
