@@ -1,0 +1,178 @@
+"""Server-side adaptation (``POST /v1/jobs/{id}/adapt``): bounds and shapes checked before
+any work, the job's meta-initialization loaded once per artifact version (small LRU), adapted
+with the job's recipe, predictions returned. The API route only maps HTTP to this."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from service import artifacts, store
+from service.exceptions import MetaserveError
+from service.jobs import _Transaction
+from service.models import Artifact, Job, JobStatus, User
+from workers.spec import JobSpec
+
+CACHED_META_INITS = 4
+
+
+class MetaInitNotReady(MetaserveError):
+    """The job has no meta-initialization yet: only a succeeded job can adapt."""
+
+    status_code = 409
+    code = "not_ready"
+
+
+class InvalidAdaptInput(MetaserveError):
+    """The arrays do not fit the job's task family."""
+
+    status_code = 422
+    code = "validation_error"
+
+
+class AdaptInputTooLarge(MetaserveError):
+    """An array of the request holds more numbers than the server adapts on."""
+
+    status_code = 413
+    code = "payload_too_large"
+
+
+def count_values(array: Any, limit: int) -> int:
+    """The numbers in a nested list, counting stops just above ``limit``."""
+    count, stack = 0, [array]
+    while stack and count <= limit:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+        else:
+            count += 1
+    return count
+
+
+def check_adapt_sizes(arrays: dict[str, Any], max_values: int) -> None:
+    """413 naming the first array with more than ``max_values`` numbers (before any work)."""
+    for field, array in arrays.items():
+        if count_values(array, max_values) > max_values:
+            raise AdaptInputTooLarge(f"{field} holds more than {max_values} numbers",
+                                     **{field: f"at most {max_values} numbers"})
+
+
+def adaptation_shapes(spec: dict[str, Any]) -> tuple[tuple[int, ...], int | None]:
+    """``(input shape of one example, ways or None for regression)`` of a job's task family."""
+    family = JobSpec.model_validate(spec).task_family
+    if family.name in ("images", "glyphs"):
+        channels = getattr(family, "channels", 1)
+        return (channels, family.image_size, family.image_size), family.ways
+    return (1,), None
+
+
+def to_adapt_tensors(spec: dict[str, Any], support_x: Any, support_y: Any,
+                     query_x: Any) -> tuple[Any, Any, Any]:
+    """The arrays as tensors, shapes checked against the job's task family; 422 naming the
+    field otherwise."""
+    import torch
+
+    input_shape, ways = adaptation_shapes(spec)
+
+    def tensor(field: str, data: Any, dtype: torch.dtype) -> torch.Tensor:
+        try:
+            return torch.tensor(data, dtype=dtype)
+        except (TypeError, ValueError, RuntimeError, OverflowError):
+            raise InvalidAdaptInput(f"{field}: not a rectangular array of numbers",
+                                    **{field: "expected a rectangular array of numbers"}) from None
+
+    def expect(field: str, value: torch.Tensor, shape: tuple[int, ...], text: str) -> None:
+        if tuple(value.shape[1:]) != shape or value.dim() != len(shape) + 1:
+            raise InvalidAdaptInput(f"{field}: shape {list(value.shape)}, expected {text}",
+                                    **{field: f"shape {list(value.shape)}, expected {text}"})
+
+    inputs_text = "[n, " + ", ".join(str(size) for size in input_shape) + "]"
+    sx = tensor("support_x", support_x, torch.float32)
+    qx = tensor("query_x", query_x, torch.float32)
+    expect("support_x", sx, input_shape, inputs_text)
+    expect("query_x", qx, input_shape, inputs_text.replace("[n", "[m"))
+    if ways is None:
+        sy = tensor("support_y", support_y, torch.float32)
+        expect("support_y", sy, (1,), "[n, 1]")
+    else:
+        sy = tensor("support_y", support_y, torch.float64)
+        expect("support_y", sy, (), "[n] class indices")
+        if not bool(((sy >= 0) & (sy < ways) & (sy == sy.round())).all()):
+            raise InvalidAdaptInput(f"support_y: class indices must be integers in [0, {ways})",
+                                    support_y=f"class indices must be integers in [0, {ways})")
+        sy = sy.long()
+    if sx.shape[0] != sy.shape[0]:
+        raise InvalidAdaptInput("support_y: one label per support input",
+                                support_y=f"{sy.shape[0]} labels for {sx.shape[0]} inputs")
+    if not (torch.isfinite(sx).all() and torch.isfinite(qx).all()
+            and (ways is not None or torch.isfinite(sy).all())):
+        raise InvalidAdaptInput("arrays must hold finite numbers", support_x="finite numbers only")
+    return sx, sy, qx
+
+
+def get_adaptable_job(*, session: Session, job_id: str,
+                      owner: User) -> tuple[Job, dict[str, Artifact]]:
+    """``owner``'s succeeded job with a registered meta-initialization, and its artifact
+    records by name (409 otherwise; another user's job: JobNotFound)."""
+    with _Transaction(session):
+        job = store.get_job(session=session, job_id=job_id, owner=owner)
+        records = {a.name: a for a in store.list_artifacts(session=session, job_id=job_id)}
+    if job.status != JobStatus.SUCCEEDED.value or not {"meta_init.safetensors",
+                                                       "meta_init.json"} <= set(records):
+        raise MetaInitNotReady(f"job {job_id} is {job.status}; only a succeeded job has a "
+                               f"meta-initialization to adapt", job_id=job_id, status=job.status)
+    return job, records
+
+
+class MetaInitCache:
+    """The last ``size`` loaded meta-initializations, least recently used evicted first; keyed
+    by job and the safetensors file's sha256, so a replaced artifact is never served stale."""
+
+    def __init__(self, size: int = CACHED_META_INITS) -> None:
+        self.size = size
+        self._models: OrderedDict[tuple[str, str], Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, job_id: str, sha256: str, directory: Path) -> Any:
+        from workers.engine.artifacts import load_meta_init
+
+        key = (job_id, sha256)
+        with self._lock:
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key]
+        model, _ = load_meta_init(directory)  # outside the lock: loading may take a moment
+        with self._lock:
+            self._models[key] = model
+            self._models.move_to_end(key)
+            while len(self._models) > self.size:
+                self._models.popitem(last=False)
+        return model
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+
+def adapt_job(*, session: Session, job_id: str, owner: User, arrays: dict[str, Any],
+              steps: int | None, max_values: int, artifact_root: Path | str,
+              cache: MetaInitCache) -> dict[str, Any]:
+    """Adapt ``owner``'s succeeded job to ``arrays["support_x"/"support_y"]`` with its recipe
+    (or ``steps`` inner steps) and predict ``arrays["query_x"]``."""
+    check_adapt_sizes(arrays, max_values)
+    job, records = get_adaptable_job(session=session, job_id=job_id, owner=owner)
+    support_x, support_y, query_x = to_adapt_tensors(job.spec, **arrays)
+    record = records["meta_init.safetensors"]
+    path = artifacts.locate(artifact_root, job_id, record.name)
+    if path is None or artifacts.locate(artifact_root, job_id, "meta_init.json") is None:
+        raise artifacts.ArtifactNotFound("The meta-initialization files are missing.",
+                                         job_id=job_id)
+    model = cache.get(job_id, record.sha256, path.parent)
+    steps = model.algorithm.inner_steps if steps is None else steps
+    output = model.adapt(support_x, support_y, steps)(query_x).detach()
+    labels = output.argmax(dim=-1).tolist() if model.algorithm.classification else None
+    return {"predictions": output.tolist(), "labels": labels, "steps": steps,
+            "algorithm": job.spec["algorithm"]["name"]}
