@@ -5,8 +5,8 @@ It runs inside ``metaserve serve`` on the embedded default and standalone as
 atomic and a job runs only where its lease is held. This is the only server-side module
 that imports ``ray``.
 
-Per job: a watch thread renews the lease every second (and so sees a cancel request
-within a second), a writer thread moves metrics, progress and artifact records to the
+Per job: a watch thread renews the lease every ``heartbeat_s`` and looks for a cancel
+request every second, a writer thread moves metrics, progress and artifact records to the
 database in batches off the training thread, and the training thread runs
 :func:`workers.runner.run_job`. If this process dies the lease expires and another
 dispatcher resumes the job from its last checkpoint with ``attempt + 1``.
@@ -242,14 +242,20 @@ class Dispatcher:
     # ------------------------------------------------------------------ one job
 
     def _watch(self, running: _Running, done: threading.Event) -> None:
-        """Renew the lease every second; flag a cancel request or a lost lease."""
+        """Renew the lease every ``heartbeat_s``; look for a cancel request every second
+        (a plain read); flag a cancel request or a lost lease."""
+        renewed = time.monotonic()
         while not done.wait(WATCH_S):
             try:
                 with self.session_factory() as session:
-                    job = jobs.renew_lease(session=session, job_id=running.job_id,
-                                           worker_id=self.worker_id, lease_s=self.settings.lease_s)
-                    status = job.status
-                if status == JobStatus.CANCELLING.value:
+                    if time.monotonic() - renewed >= self.settings.heartbeat_s:
+                        status = JobStatus(jobs.renew_lease(
+                            session=session, job_id=running.job_id, worker_id=self.worker_id,
+                            lease_s=self.settings.lease_s).status)
+                        renewed = time.monotonic()
+                    else:
+                        status = jobs.job_status(session=session, job_id=running.job_id)
+                if status is JobStatus.CANCELLING:
                     running.stop.set()
             except LeaseLost:
                 logger.warning("lease lost", extra={"job_id": running.job_id})

@@ -93,6 +93,11 @@ def expire_leases(*, session: Session, worker_id: str) -> int:
         return store.expire_leases(session=session, worker_id=worker_id)
 
 
+def job_status(*, session: Session, job_id: str) -> JobStatus:
+    with _Transaction(session):
+        return JobStatus(store.job_status(session=session, job_id=job_id))
+
+
 def renew_lease(*, session: Session, job_id: str, worker_id: str, lease_s: float) -> Job:
     with _Transaction(session):
         return store.renew_lease(session=session, job_id=job_id, worker_id=worker_id,

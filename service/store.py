@@ -285,6 +285,14 @@ def _holding(job_id: str, worker_id: str, statuses: Sequence[str] = ACTIVE):  # 
     return _update(job_id, Job.lease_owner == worker_id, Job.status.in_(statuses))
 
 
+def job_status(*, session: Session, job_id: str) -> str:
+    """The job's status (a cheap read for the dispatcher's watch)."""
+    status = session.scalar(select(Job.status).where(Job.id == job_id))
+    if status is None:
+        raise JobNotFound(job_id=job_id)
+    return status
+
+
 def renew_lease(*, session: Session, job_id: str, worker_id: str, lease_s: float) -> Job:
     """Extend the lease; the returned row shows whether a cancel was requested."""
     result = session.execute(_holding(job_id, worker_id).values(
