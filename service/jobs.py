@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
@@ -228,8 +229,9 @@ class InvalidEventId(MetaserveError):
     code = "validation_error"
 
 
-MAX_EVENT_COUNTER = 2**62
-"""Largest counter of an event id: above it a database integer overflows (a 500 mid-stream)."""
+EVENT_ID = re.compile(r"\s*([0-9]{1,18})-([0-9]{1,18})-([0-9]{1,18})\s*")
+"""An event id: three counters of at most 18 digits (more could overflow a database integer:
+a 500 in the middle of the stream), as the route's schema pattern says."""
 
 
 @dataclass(frozen=True)
@@ -247,16 +249,10 @@ class EventCursor:
     def parse(cls, text: str | None) -> "EventCursor":
         if not text:
             return cls()
-        parts = text.strip().split("-")
-        try:
-            if len(parts) != 3:
-                raise ValueError(text)
-            counters = [int(part) for part in parts]
-        except ValueError:
-            raise InvalidEventId(**{"last-event-id": text[:100]}) from None
-        if min(counters) < 0 or max(counters) > MAX_EVENT_COUNTER:
+        match = EVENT_ID.fullmatch(text)
+        if match is None:
             raise InvalidEventId(**{"last-event-id": text[:100]})
-        return cls(*counters)
+        return cls(*(int(counter) for counter in match.groups()))
 
 
 @dataclass(frozen=True)

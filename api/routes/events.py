@@ -29,7 +29,7 @@ from service.models import User
 POLL_S = 0.25
 KEEPALIVE_S = 15.0
 RETRY_MS = 1000
-EVENT_ID_PATTERN = r"^\s*[0-9]+-[0-9]+-[0-9]+\s*$"
+EVENT_ID_PATTERN = r"^\s*[0-9]{1,18}-[0-9]{1,18}-[0-9]{1,18}\s*$"
 """What an event id looks like, for the schema (the route checks it: 422 naming the header)."""
 
 router = APIRouter(prefix="/v1/jobs", tags=["events"], responses={
