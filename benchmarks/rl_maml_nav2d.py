@@ -30,6 +30,8 @@ def main() -> None:
     parser.add_argument("--final-tasks", type=int, default=200)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/rl_maml_nav2d.json"))
+    parser.add_argument("--stop-at", type=float, default=None,
+                        help="stop once the 1-step validation return reaches this")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     spec = JobSpec.model_validate({
@@ -50,6 +52,8 @@ def main() -> None:
             print(json.dumps(point), flush=True)
             if reached_at is None and evaluation["val/return_step1"] >= TARGET:
                 reached_at = {"iteration": maml.iteration, "env_steps": maml.env_steps}
+            if args.stop_at is not None and evaluation["val/return_step1"] >= args.stop_at:
+                break
     seconds = time.monotonic() - started
     final = maml.evaluate("test", tasks=args.final_tasks, inner_steps=[1, 3])
     result = {"spec": spec.model_dump(mode="json"), "iterations": maml.iteration,
