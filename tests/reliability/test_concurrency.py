@@ -26,9 +26,9 @@ from workers.spec import JobSpec
 
 CLIENTS = 50
 DISTINCT_SUBMITS = 500
-EXACTLY_ONCE_JOBS = int(os.environ.get("METASERVE_EXACTLY_ONCE_JOBS", "24"))
+EXACTLY_ONCE_JOBS = int(os.environ.get("METASERVE_EXACTLY_ONCE_JOBS", "12"))
 """Jobs of the two-dispatcher test: each starts a Ray actor (a process importing torch,
-~8 s of CPU per 4 jobs on 2 cores), so the suite runs 24; docs/RELIABILITY.md has the
+~8 s of CPU per 4 jobs on 2 cores), so the suite runs 12; docs/RELIABILITY.md has the
 100-job run (``METASERVE_EXACTLY_ONCE_JOBS=100``)."""
 
 
