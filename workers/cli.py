@@ -55,7 +55,9 @@ def train(
     device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda.")] = "cpu",
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
-    """Meta-train SPEC in this process; write metrics.jsonl and the meta-initialization to OUT."""
+    """Meta-train SPEC without the server; write metrics.jsonl and the meta-initialization (or, for
+    meta-RL, the meta-policy) to OUT. Supervised jobs run in this process; meta-RL jobs on a local
+    Ray started for the run (RLlib and PEARL's rollouts need one)."""
     from workers.engine import Trainer
 
     try:
@@ -64,11 +66,30 @@ def train(
         typer.echo(f"invalid job spec {spec}:\n{error}", err=True)
         raise typer.Exit(code=2) from None
     out.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(job, device=device)
     with (out / METRICS_FILE).open("a") as metrics_file:
         def reporter(step: int, metrics: dict[str, float]) -> None:
             metrics_file.write(json.dumps({"step": step, "metrics": metrics, "time": time.time()}) + "\n")
             metrics_file.flush()
 
-        state = trainer.run(out, reporter=reporter, progress=progress)
+        if job.is_rl:
+            _train_rl(job, out, reporter)
+            typer.echo(f"done: {job.iterations} iterations; meta-policy in {out}")
+            return
+        state = Trainer(job, device=device).run(out, reporter=reporter, progress=progress)
     typer.echo(f"done: {state.iteration} iterations; meta-initialization in {out}")
+
+
+def _train_rl(job, out: Path, reporter) -> None:  # noqa: ANN001
+    import ray
+
+    from workers.engine.loop import RunHooks
+    from workers.rl import run_rl_job
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        run_rl_job(job, out, RunHooks(report=reporter))
+    finally:
+        if started_here:
+            ray.shutdown()

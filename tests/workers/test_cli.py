@@ -70,3 +70,20 @@ def test_sine_examples_are_valid_specs_of_the_paper_setting(name):
     assert job.algorithm.name == name.removeprefix("sine_")
     assert (job.algorithm.inner_steps, job.task_family.name, job.task_family.support_shots) == (1, "sine", 10)
     assert job.model.hidden == [40, 40]
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_session")
+def test_train_runs_a_meta_rl_spec_on_ray_and_writes_the_meta_policy(tmp_path):
+    spec_path = tmp_path / "maml_nav2d.yaml"
+    spec_path.write_text(
+        "algorithm: {name: maml, inner_lr: 0.1,\n"
+        "            policy_gradient: {episodes_per_task: 2, hidden: [16], outer_epochs: 1}}\n"
+        "task_family: {name: nav2d, horizon: 20}\n"
+        "meta_batch_size: 2\niterations: 2\nlog_every: 1\n"
+        "evaluation: {tasks: 4, inner_steps: [1]}\n")
+    out = tmp_path / "out"
+    train(spec_path, out, [], "cpu", False)
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps[:2] == [1, 2]
+    assert {"meta_policy.safetensors", "meta_policy.json"} <= {p.name for p in out.iterdir()}
