@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -13,8 +14,21 @@ TEST_MAX_BODY_BYTES = 16 * 1024
 
 
 @pytest.fixture
-def client(engine, db_url: str) -> Iterator[TestClient]:  # noqa: ANN001
-    settings = Settings(database_url=db_url, dispatcher=False, max_body_bytes=TEST_MAX_BODY_BYTES)
+def artifact_root(tmp_path: Path) -> Path:
+    return tmp_path / "artifacts"
+
+
+@pytest.fixture
+def max_body_bytes() -> int:
+    """The body limit of ``client``: small, so 413 tests stay cheap (a module may override)."""
+    return TEST_MAX_BODY_BYTES
+
+
+@pytest.fixture
+def client(engine, db_url: str, artifact_root: Path,  # noqa: ANN001
+           max_body_bytes: int) -> Iterator[TestClient]:
+    settings = Settings(database_url=db_url, dispatcher=False, artifact_root=artifact_root,
+                        max_body_bytes=max_body_bytes)
     with TestClient(create_app(settings)) as test_client:
         yield test_client
 

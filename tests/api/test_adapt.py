@@ -4,19 +4,17 @@ for real by the engine (a few iterations) and registered as the dispatcher regis
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from api.app import create_app
 from api.schemas import MAX_ADAPT_VALUES
 from service import artifacts, jobs
 from service.models import JobStatus
-from service.settings import Settings
 from workers.engine import Trainer
+from service.settings import MAX_BODY_BYTES
 from workers.engine.artifacts import adapt, load_meta_init
 
 SINE_SPEC = {"algorithm": {"name": "maml", "inner_steps": 1}, "task_family": {"name": "sine"},
@@ -29,23 +27,16 @@ GLYPHS_SPEC = {"algorithm": {"name": "anil"},
 WORKER = "worker-1"
 
 
+@pytest.fixture
+def max_body_bytes() -> int:
+    return MAX_BODY_BYTES  # adapt requests carry arrays: the server's default limit
+
+
 @pytest.fixture(scope="module")
 def sine_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("sine-run")
     Trainer(SINE_SPEC).run(directory)
     return directory
-
-
-@pytest.fixture
-def artifact_root(tmp_path: Path) -> Path:
-    return tmp_path / "artifacts"
-
-
-@pytest.fixture
-def client(engine, db_url: str, artifact_root: Path) -> Iterator[TestClient]:  # noqa: ANN001
-    settings = Settings(database_url=db_url, dispatcher=False, artifact_root=artifact_root)
-    with TestClient(create_app(settings)) as test_client:
-        yield test_client
 
 
 def succeeded_job(client: TestClient, sessions, auth: dict[str, str], spec: dict,  # noqa: ANN001

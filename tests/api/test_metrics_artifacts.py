@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,24 +13,10 @@ import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import load, load_file, save_file
 
-from api.app import create_app
 from service import artifacts, jobs
-from service.settings import Settings
 from workers.engine.trainer import CHECKPOINT_DIRECTORY
 
 TWO_LINE_SPEC = {"algorithm": {"name": "maml"}, "task_family": {"name": "sine"}}
-
-
-@pytest.fixture
-def artifact_root(tmp_path: Path) -> Path:
-    return tmp_path / "artifacts"
-
-
-@pytest.fixture
-def client(engine, db_url: str, artifact_root: Path) -> Iterator[TestClient]:  # noqa: ANN001
-    settings = Settings(database_url=db_url, dispatcher=False, artifact_root=artifact_root)
-    with TestClient(create_app(settings)) as test_client:
-        yield test_client
 
 
 def submit(client: TestClient, auth: dict[str, str]) -> str:
