@@ -9,6 +9,10 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
+# Connections kept open to a server database: as many as the request threadpool (anyio's 40)
+# may use at once, so a burst never pays for new backend processes (overflow connections are
+# closed again on return).
+POOL_SIZE = 40
 
 
 def _configure_sqlite(dbapi_connection, _record) -> None:  # noqa: ANN001
@@ -30,6 +34,8 @@ def make_engine(url: str, **kwargs) -> Engine:  # noqa: ANN003
         event.listen(engine, "connect", _configure_sqlite)
         return engine
     kwargs.setdefault("pool_pre_ping", True)
+    kwargs.setdefault("pool_size", POOL_SIZE)
+    kwargs.setdefault("max_overflow", 10)
     return create_engine(url, **kwargs)
 
 
