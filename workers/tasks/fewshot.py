@@ -44,6 +44,15 @@ def check_split(split: str) -> None:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
 
 
+def episode_shots(split: str, default_support_shots: int, support_shots: int | None) -> int:
+    """Check ``split`` and return the support shots of an episode (the spec's by default)."""
+    check_split(split)
+    shots = default_support_shots if support_shots is None else support_shots
+    if shots < 1:
+        raise ValueError(f"support_shots must be at least 1, got {shots}")
+    return shots
+
+
 def choose_classes(
     generator: torch.Generator, num_classes: int, ways: int
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,7 +35,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from workers.spec import GlyphsSpec
 from workers.tasks.base import TaskBatch, task_generator
-from workers.tasks.fewshot import DatasetError, check_split, choose_classes, episode_batch, split_classes
+from workers.tasks.fewshot import (DatasetError, check_split, choose_classes, episode_batch, episode_shots,
+                                    split_classes)
 
 __all__ = [
     "FONT_FILE", "GlyphsFamily", "affine_thetas", "distinct_characters", "render_glyph", "sampling_grids",
@@ -213,10 +214,7 @@ class GlyphsFamily:
         support_shots: int | None = None,
     ) -> TaskBatch:
         """Episodes ``task_indices`` of ``iteration``: x float32 in [0, 1], y long in [0, ways)."""
-        check_split(split)
-        support_shots = self.spec.support_shots if support_shots is None else support_shots
-        if support_shots < 1:
-            raise ValueError(f"support_shots must be at least 1, got {support_shots}")
+        support_shots = episode_shots(split, self.spec.support_shots, support_shots)
         ways, shots, size = self.spec.ways, support_shots + self.spec.query_shots, self.spec.image_size
         split_classes_ = self._splits[split]
         characters, labels, uniforms = [], [], []

@@ -32,7 +32,8 @@ from PIL import Image, UnidentifiedImageError
 
 from workers.spec import ImagesSpec
 from workers.tasks.base import SPLITS, TaskBatch, task_generator
-from workers.tasks.fewshot import DatasetError, check_split, choose_classes, episode_batch, split_classes
+from workers.tasks.fewshot import (DatasetError, check_split, choose_classes, episode_batch, episode_shots,
+                                    split_classes)
 
 __all__ = ["DatasetError", "ImageDataset", "ImagesFamily", "detect_layout", "load_image_dataset"]
 
@@ -310,10 +311,7 @@ class ImagesFamily:
         support_shots: int | None = None,
     ) -> TaskBatch:
         """Episodes ``task_indices`` of ``iteration``: x float32 in [0, 1], y long in [0, ways)."""
-        check_split(split)
-        support_shots = self.spec.support_shots if support_shots is None else support_shots
-        if support_shots < 1:
-            raise ValueError(f"support_shots must be at least 1, got {support_shots}")
+        support_shots = episode_shots(split, self.spec.support_shots, support_shots)
         shots = support_shots + self.spec.query_shots
         eligible = self._eligible_classes(split, shots)
         offsets, sizes = self.dataset.class_offsets, self.dataset.class_sizes
