@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from api.errors import install_error_handlers
 from api.middleware import BodySizeLimitMiddleware
 from api.routes import ROUTERS
+from service.auth import KeyCache
 from service.db import make_engine, session_factory
 from service.settings import Settings, get_settings
 
@@ -64,6 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.engine = make_engine(settings.database_url)
     app.state.session_factory = session_factory(app.state.engine)
+    app.state.key_cache = KeyCache()
     install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     for router in ROUTERS:

@@ -7,12 +7,21 @@ import math
 from datetime import datetime
 from typing import Any
 
+from fastapi import Response
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 from service.models import JobStatus
 from workers.spec import JobSpec
 
 JobCreate = JobSpec
+
+
+def model_response(model: BaseModel, status_code: int = 200,
+                   headers: dict[str, str] | None = None) -> Response:
+    """``model`` as a JSON response, serialized once (the route declares ``response_model``
+    for the schema; FastAPI does not validate a returned ``Response`` again)."""
+    return Response(model.model_dump_json(), status_code=status_code, headers=headers,
+                    media_type="application/json")
 
 
 class JobPublic(BaseModel):

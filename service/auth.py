@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+import threading
+import time
+from collections import OrderedDict
 from pathlib import Path
 
 from sqlalchemy.orm import Session
@@ -39,6 +42,40 @@ def authenticate(*, session: Session, key: str | None) -> User:
     if user is None:
         raise Unauthorized()
     return user
+
+
+class KeyCache:
+    """Key hash → the user it authenticates, for ``ttl_s`` seconds, at most ``size`` entries
+    (least recently used evicted first): a status poll then costs no authentication query.
+    Only successful lookups are kept, so a wrong key always reaches the database. The users
+    kept are transient copies (id, name, is_admin), safe to share between requests; keys are
+    never revoked or reassigned (a user row is immutable), so an entry cannot go stale."""
+
+    def __init__(self, ttl_s: float = 300.0, size: int = 10_000) -> None:
+        self.ttl_s = ttl_s
+        self.size = size
+        self._entries: OrderedDict[str, tuple[float, User]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key_hash: str) -> User | None:
+        with self._lock:
+            entry = self._entries.get(key_hash)
+            if entry is None:
+                return None
+            if entry[0] < time.monotonic():
+                del self._entries[key_hash]
+                return None
+            self._entries.move_to_end(key_hash)
+            return entry[1]
+
+    def put(self, key_hash: str, user: User) -> User:
+        copy = User(id=user.id, name=user.name, is_admin=user.is_admin)
+        with self._lock:
+            self._entries[key_hash] = (time.monotonic() + self.ttl_s, copy)
+            self._entries.move_to_end(key_hash)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+        return copy
 
 
 def ensure_admin_key(*, session: Session, path: Path) -> Path | None:
