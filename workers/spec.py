@@ -39,9 +39,12 @@ InnerSteps = Annotated[int, Field(ge=0, le=MAX_INNER_STEPS)]
 
 class PolicyGradientSpec(StrictModel):
     """MAML on an RL task family (Finn et al. 2017, §5.3): the inner loop is vanilla policy
-    gradient (VPG) on trajectories of the task; the outer update is PPO's clipped surrogate
-    (Schulman et al. 2017) on the adapted policy's trajectories, differentiated through the
-    inner steps (in place of the paper's TRPO step)."""
+    gradient (VPG) on trajectories of the task; the outer update, on the adapted policy's
+    trajectories and differentiated through the inner steps, is either the paper's TRPO step
+    (``outer: trpo``: natural gradient by conjugate gradient on Hessian-vector products of the
+    mean KL between the old and new adapted policies, then a backtracking line search under
+    ``max_kl``) or ``outer_epochs`` Adam steps on PPO's clipped surrogate (``outer: ppo``,
+    Schulman et al. 2017; ``outer_optimizer`` applies to PPO only)."""
 
     episodes_per_task: int = Field(20, ge=1, le=1000,
                                    description="Trajectories per task per policy-gradient step.")
@@ -53,6 +56,19 @@ class PolicyGradientSpec(StrictModel):
         default_factory=lambda: [100, 100], min_length=1, max_length=8,
         description="Hidden layer sizes of the Gaussian MLP policy.")
     init_log_std: float = Field(0.0, ge=-10.0, le=5.0, description="Initial log std of actions.")
+    normalize_actions: bool = Field(
+        False, description="The policy acts in [-1, 1] units, scaled to the family's max action "
+                           "(rllab's normalize(), as in the paper's code); off: raw env units.")
+    outer: Literal["trpo", "ppo"] = Field("ppo", description="The outer (meta) update.")
+    max_kl: float = Field(0.01, gt=0.0, le=10.0,
+                          description="TRPO: bound on the mean KL of the adapted policies.")
+    cg_iters: int = Field(10, ge=1, le=100, description="TRPO: conjugate-gradient iterations.")
+    cg_damping: float = Field(1e-5, ge=0.0, le=10.0,
+                              description="TRPO: damping λ added to the KL Hessian (H + λI).")
+    line_search_steps: int = Field(15, ge=1, le=50,
+                                   description="TRPO: backtracking steps before giving up.")
+    backtrack_ratio: float = Field(0.8, gt=0.0, lt=1.0,
+                                   description="TRPO: step shrink factor per backtracking step.")
 
 
 class MAMLSpec(StrictModel):

@@ -3,9 +3,22 @@
 Per meta-iteration, for each of ``meta_batch_size`` tasks: ``episodes_per_task`` trajectories
 are sampled with the meta-policy θ, the inner loop takes ``inner_steps`` vanilla policy
 gradient steps θ' = θ − α ∇L_VPG(θ) (new trajectories for every step), and trajectories of
-the adapted policy θ' give the outer objective: PPO's clipped surrogate (Schulman et al.
-2017) of π_θ'(θ) against the policy that sampled them, differentiated through the inner
-steps (second order unless ``first_order``), ``outer_epochs`` Adam steps per meta-batch.
+the adapted policy θ' give the outer objective, the surrogate E[π_θ'(θ)/π_old · A] of the
+adapted policy against the policy that sampled the trajectories, differentiated through the
+inner steps (second order unless ``first_order``). The outer step is either
+
+* ``outer: trpo`` -- the paper's: g = ∇_θ surrogate, x ≈ H⁻¹g by conjugate gradient, where H
+  is the Hessian of the mean KL(π_θ'old ‖ π_θ'(θ)) through the inner steps; at θ_old it is
+  Jᵀ F J (J = ∂θ'/∂θ, F = the KL Hessian in θ', since ∇KL = 0 there), computed as a
+  forward-mode product through the inner step, F by double differentiation of the analytic
+  Gaussian KL, and a backward product; step √(2δ / xᵀHx)·x, shrunk by ``backtrack_ratio``
+  until the surrogate improves and the mean KL ≤ δ = ``max_kl`` (else no step); or
+* ``outer: ppo`` -- PPO's clipped surrogate (Schulman et al. 2017), ``outer_epochs`` steps of
+  ``outer_optimizer`` per meta-batch.
+
+With ``normalize_actions`` the policy acts in [-1, 1] units scaled to the family's max action,
+as the paper's code does (rllab's ``normalize`` wrapper), so the initial std is 1/10 of the
+action range rather than 10 times it.
 
 The inner loss is written with the likelihood ratio π_θ/π_θ_sample (as in ProMP, Rothfuss et
 al. 2019): at θ = θ_sample its gradient is the VPG estimate, and its Hessian has the
@@ -29,6 +42,8 @@ from workers.rl.policies import GaussianMLPPolicy, gaussian_log_prob
 from workers.rl.tasks import GOAL_TOLERANCE, Nav2DFamily, build_rl_family
 from workers.spec import JobSpec, PolicyGradientSpec
 from workers.tasks.base import task_seed
+
+Params = dict[str, Tensor]
 
 BASELINE_RIDGE = 1e-5
 ROLLOUT_STREAM = 1_000_003  # task index of the per-iteration rollout-noise seed
@@ -54,6 +69,43 @@ class Trajectories:
         return int(self.mask.sum())
 
 
+def conjugate_gradient(matvec, b: Tensor, iterations: int, tolerance: float = 1e-10) -> Tensor:
+    """x ≈ A⁻¹b for symmetric positive (semi)definite A given as ``matvec`` (Hestenes–Stiefel)."""
+    x = torch.zeros_like(b)
+    residual = b.clone()
+    direction = b.clone()
+    rr = residual @ residual
+    for _ in range(iterations):
+        if rr <= tolerance:
+            break
+        product = matvec(direction)
+        step = rr / (direction @ product)
+        x = x + step * direction
+        residual = residual - step * product
+        rr_next = residual @ residual
+        direction = residual + (rr_next / rr) * direction
+        rr = rr_next
+    return x
+
+
+def flatten(params: Params) -> Tensor:
+    return torch.cat([value.reshape(-1) for value in params.values()])
+
+
+def unflatten(vector: Tensor, like: Params) -> Params:
+    out, start = {}, 0
+    for name, value in like.items():
+        out[name] = vector[start:start + value.numel()].view_as(value)
+        start += value.numel()
+    return out
+
+
+def gaussian_kl(mean_p: Tensor, log_std_p: Tensor, mean_q: Tensor, log_std_q: Tensor) -> Tensor:
+    """KL(N(mean_p, σ_p²) ‖ N(mean_q, σ_q²)) of diagonal Gaussians, summed over the action axis."""
+    var_p, var_q = (2 * log_std_p).exp(), (2 * log_std_q).exp()
+    return (log_std_q - log_std_p + (var_p + (mean_p - mean_q) ** 2) / (2 * var_q) - 0.5).sum(-1)
+
+
 def expand_params(params: dict[str, Tensor], tasks: int) -> dict[str, Tensor]:
     return {name: value.unsqueeze(0).expand(tasks, *value.shape) for name, value in params.items()}
 
@@ -74,6 +126,7 @@ class MAMLRL:
         self.params = {name: p.detach().clone().requires_grad_(True)
                        for name, p in self.policy.named_parameters()}
         self.optimizer = self._make_optimizer()
+        self.action_scale = self.family.spec.max_action if self.pg.normalize_actions else 1.0
         self.iteration = 0
         self.env_steps = 0
 
@@ -103,7 +156,7 @@ class MAMLRL:
         for _ in range(spec.horizon):
             mean, log_std = policy(task_params, position)
             action = mean + log_std.exp() * torch.randn(mean.shape, generator=generator)
-            moved = position + action.clamp(-spec.max_action, spec.max_action)
+            moved = position + (action * self.action_scale).clamp(-spec.max_action, spec.max_action)
             offset = moved - goal
             running = alive.float()
             trace["obs"].append(position)
@@ -172,13 +225,116 @@ class MAMLRL:
             gradients = {k: g.detach() for k, g in gradients.items()}
         return {k: task_params[k] - lr * gradients[k] for k in task_params}
 
+    def adapt_all(self, theta: Params, batches: list[Trajectories], *,
+                  create_graph: bool = True) -> Params:
+        """θ'(θ) per task [T, ...]: the inner steps on ``batches`` from the shared θ."""
+        adapted = expand_params(theta, batches[0].observations.shape[0]) if batches else None
+        for batch in batches:
+            adapted = self.adapt(adapted, batch, create_graph=create_graph)
+        return adapted
+
+    @staticmethod
+    def _task_mean(values: Tensor, mask: Tensor) -> Tensor:
+        """Mean over tasks of the per-task mean over the steps taken."""
+        return ((values * mask).sum((1, 2)) / mask.sum((1, 2)).clamp_min(1)).mean()
+
     def _outer_loss(self, adapted: dict[str, Tensor], data: Trajectories) -> Tensor:
+        """PPO: minus the clipped surrogate of the adapted policies."""
         mean, log_std = vmap(self._policy)(adapted, data.observations)
         ratio = torch.exp(gaussian_log_prob(mean, log_std, data.actions) - data.log_probs)
         clipped = ratio.clamp(1 - self.pg.clip, 1 + self.pg.clip)
-        surrogate = torch.minimum(ratio * data.advantages, clipped * data.advantages) * data.mask
-        per_task = surrogate.sum((1, 2)) / data.mask.sum((1, 2)).clamp_min(1)
-        return -per_task.mean()
+        surrogate = torch.minimum(ratio * data.advantages, clipped * data.advantages)
+        return -self._task_mean(surrogate, data.mask)
+
+    def surrogate(self, adapted: Params, data: Trajectories) -> Tensor:
+        """E[π_θ'(a|s)/π_old(a|s) · A] on the adapted policies' trajectories (TRPO's objective)."""
+        mean, log_std = vmap(self._policy)(adapted, data.observations)
+        ratio = torch.exp(gaussian_log_prob(mean, log_std, data.actions) - data.log_probs)
+        return self._task_mean(ratio * data.advantages, data.mask)
+
+    def mean_kl(self, old: tuple[Tensor, Tensor], adapted: Params, data: Trajectories) -> Tensor:
+        """Mean KL(π_old ‖ π_adapted) over the states of ``data`` (old = (mean, log_std))."""
+        mean, log_std = vmap(self._policy)(adapted, data.observations)
+        return self._task_mean(gaussian_kl(old[0], old[1], mean, log_std), data.mask)
+
+    # ------------------------------------------------------------------ outer steps
+
+    def _ppo_step(self, batches: list[Trajectories], post: Trajectories) -> dict[str, float]:
+        create_graph = not self.algorithm.first_order
+        for _ in range(self.pg.outer_epochs):
+            adapted = expand_params(self.params, post.observations.shape[0])
+            for batch in batches:
+                adapted = self.adapt(adapted, batch, create_graph=create_graph)
+            loss = self._outer_loss(adapted, post)
+            self.optimizer.zero_grad()
+            loss.backward()
+            self.optimizer.step()
+        return {"train/outer_loss": float(loss.detach())}
+
+    def kl_hvp(self, theta: Params, batches: list[Trajectories], data: Trajectories):  # noqa: ANN201
+        """v ↦ H v with H the Hessian at θ of the mean KL(π_θ'(θ_old) ‖ π_θ'(θ)) through the inner
+        steps: Jᵀ F J v (exact at θ_old, see the module docstring). With ``first_order``, J = I."""
+        theta = {k: v.detach() for k, v in theta.items()}
+        first_order = self.algorithm.first_order or not batches
+        inner = (lambda th: expand_params(th, data.observations.shape[0])) if first_order \
+            else (lambda th: self.adapt_all(th, batches))
+        adapted, pullback = torch.func.vjp(inner, theta)
+        adapted = {k: v.detach() for k, v in adapted.items()}
+        with torch.no_grad():
+            old = vmap(self._policy)(adapted, data.observations)
+        kl_gradient = grad(lambda a: self.mean_kl(old, a, data))
+
+        def product(vector: Tensor) -> Tensor:
+            tangent = unflatten(vector, theta)
+            _, pushed = torch.func.jvp(inner, (theta,), (tangent,))
+            _, fisher = torch.func.jvp(kl_gradient, (adapted,), (pushed,))
+            (pulled,) = pullback(fisher)
+            return flatten(pulled).detach()
+
+        return product
+
+    def _trpo_step(self, batches: list[Trajectories], post: Trajectories) -> dict[str, float]:
+        pg = self.pg
+        theta = {k: v.detach() for k, v in self.params.items()}
+        create_graph = not self.algorithm.first_order
+        leaf = {k: v.clone().requires_grad_(True) for k, v in theta.items()}
+        adapted = expand_params(leaf, post.observations.shape[0])
+        for batch in batches:
+            adapted = self.adapt(adapted, batch, create_graph=create_graph)
+        objective = self.surrogate(adapted, post)
+        gradient = flatten(dict(zip(leaf, torch.autograd.grad(objective, list(leaf.values())))))
+        hvp = self.kl_hvp(theta, batches, post)
+
+        def damped(vector: Tensor) -> Tensor:
+            return hvp(vector) + pg.cg_damping * vector
+
+        direction = conjugate_gradient(damped, gradient, pg.cg_iters)
+        curvature = float(direction @ damped(direction))
+        metrics = {"train/surrogate_before": float(objective.detach()), "train/kl": 0.0,
+                   "train/line_search_steps": float(pg.line_search_steps)}
+        if not curvature > 0 or not torch.isfinite(direction).all():
+            return metrics
+        full_step = (2 * pg.max_kl / curvature) ** 0.5 * direction
+        with torch.no_grad():
+            old_adapted = self.adapt_all(theta, batches, create_graph=False) if batches \
+                else expand_params(theta, post.observations.shape[0])
+            old = vmap(self._policy)(old_adapted, post.observations)
+        start = flatten(theta)
+        for attempt in range(pg.line_search_steps):
+            candidate = unflatten(start + pg.backtrack_ratio ** attempt * full_step, theta)
+            with torch.no_grad():
+                adapted = self.adapt_all(candidate, batches, create_graph=False) if batches \
+                    else expand_params(candidate, post.observations.shape[0])
+                value = self.surrogate(adapted, post)
+                kl = self.mean_kl(old, adapted, post)
+            if torch.isfinite(value) and value > objective and kl <= pg.max_kl:
+                with torch.no_grad():
+                    for name, parameter in self.params.items():
+                        parameter.copy_(candidate[name])
+                metrics.update({"train/surrogate_after": float(value), "train/kl": float(kl),
+                                "train/line_search_steps": float(attempt)})
+                break
+        return metrics
 
     # ------------------------------------------------------------------ training
 
@@ -205,22 +361,16 @@ class MAMLRL:
             batches.append(self.rollout(task_params, goals, episodes, generator))
             task_params = self.adapt(task_params, batches[-1], create_graph=False)
         post = self.rollout(task_params, goals, episodes, generator)
-        create_graph = not self.algorithm.first_order
-        for _ in range(self.pg.outer_epochs):
-            adapted = expand_params(self.params, tasks)
-            for batch in batches:
-                adapted = self.adapt(adapted, batch, create_graph=create_graph)
-            loss = self._outer_loss(adapted, post)
-            self.optimizer.zero_grad()
-            loss.backward()
-            self.optimizer.step()
+        if self.pg.outer == "trpo":
+            metrics = self._trpo_step(batches, post)
+        else:
+            metrics = self._ppo_step(batches, post)
         self.iteration += 1
         self.env_steps += sum(b.steps for b in batches) + post.steps
         before = batches[0] if batches else post
         return {"train/return_before": float(before.episode_returns.mean()),
                 "train/return_after": float(post.episode_returns.mean()),
-                "train/outer_loss": float(loss.detach()),
-                "train/env_steps": float(self.env_steps)}
+                **metrics, "train/env_steps": float(self.env_steps)}
 
     def evaluate(self, split: str, *, tasks: int | None = None,
                  inner_steps: list[int] | None = None) -> dict[str, float]:
@@ -284,6 +434,6 @@ class MAMLRL:
         recipe = {"algorithm": "maml", "adaptation": "vpg", "inner_lr": self.algorithm.inner_lr,
                   "inner_steps": self.algorithm.inner_steps,
                   "episodes_per_task": self.pg.episodes_per_task, "gamma": self.pg.gamma,
-                  "gae_lambda": self.pg.gae_lambda}
+                  "gae_lambda": self.pg.gae_lambda, "action_scale": self.action_scale}
         return ({k: v.detach().clone() for k, v in self.params.items()},
                 {"architecture": architecture, "recipe": recipe})

@@ -1,14 +1,17 @@
 """MAML with a policy-gradient inner loop on nav2d: the vectorized rollout matches the
-gymnasium environment, the vmapped inner step matches a per-task loop, and a resumed run
-gives the same bits."""
+gymnasium environment, the vmapped inner step matches a per-task loop, a resumed run gives
+the same bits; the TRPO outer step: conjugate gradient, the KL Hessian-vector product
+through the inner step, the line search's KL bound, and spec validation."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
+from torch.func import vmap
 
-from workers.rl.maml_rl import MAMLRL, expand_params
+from workers.rl.maml_rl import MAMLRL, conjugate_gradient, expand_params, flatten, unflatten
 from workers.rl.policies import gaussian_log_prob
 from workers.spec import JobSpec
 
@@ -96,3 +99,123 @@ def test_evaluation_reports_returns_before_and_after_each_step_count(maml):
     assert sorted(results) == sorted(f"val/return_step{k}{suffix}" for k in (0, 1, 2)
                                      for suffix in ("", "_ci95"))
     assert all(-12 * 1.5 <= results[f"val/return_step{k}"] <= 0 for k in (0, 1, 2))
+
+
+# ---------------------------------------------------------------------- TRPO outer step
+
+TRPO = {**SMALL, "algorithm": {**SMALL["algorithm"], "policy_gradient": {
+    **SMALL["algorithm"]["policy_gradient"], "outer": "trpo", "normalize_actions": True,
+    "hidden": [4], "max_kl": 0.01}}}
+
+
+def _trpo(overrides: dict | None = None) -> MAMLRL:
+    torch.set_num_threads(1)
+    spec = {**TRPO, "task_family": {"name": "nav2d", "horizon": 6}}
+    spec["algorithm"] = {**spec["algorithm"], **(overrides or {})}
+    return MAMLRL(JobSpec.model_validate(spec))
+
+
+def _batches(maml: MAMLRL, seed: int = 3):
+    goals = torch.tensor([[0.2, 0.1], [-0.3, 0.4]])
+    generator = torch.Generator().manual_seed(seed)
+    theta = {k: v.detach().clone() for k, v in maml.params.items()}
+    pre = maml.rollout(expand_params(theta, 2), goals, 3, generator)
+    adapted = maml.adapt_all(theta, [pre], create_graph=False)
+    return theta, [pre], maml.rollout(adapted, goals, 3, generator)
+
+
+def test_conjugate_gradient_solves_a_symmetric_positive_definite_system():
+    generator = torch.Generator().manual_seed(0)
+    factor = torch.randn(6, 6, generator=generator, dtype=torch.float64)
+    matrix = factor @ factor.T + 0.5 * torch.eye(6, dtype=torch.float64)
+    b = torch.randn(6, generator=generator, dtype=torch.float64)
+    x = conjugate_gradient(lambda v: matrix @ v, b, iterations=20)
+    assert torch.allclose(x, torch.linalg.solve(matrix, b), atol=1e-6)
+    assert (matrix @ x - b).abs().max().item() < 1e-6
+
+
+def test_kl_hessian_vector_product_matches_the_hessian_through_the_inner_step():
+    maml = _trpo()
+    theta, batches, post = _batches(maml)
+    with torch.no_grad():
+        old = vmap(maml._policy)(maml.adapt_all(theta, batches, create_graph=False),
+                                 post.observations)
+
+    def mean_kl(vector):
+        return maml.mean_kl(old, maml.adapt_all(unflatten(vector, theta), batches), post)
+
+    hessian = torch.autograd.functional.hessian(mean_kl, flatten(theta))
+    hvp = maml.kl_hvp(theta, batches, post)
+    vector = torch.randn(hessian.shape[0], generator=torch.Generator().manual_seed(4))
+    expected = hessian @ vector
+    assert torch.allclose(hvp(vector), expected, atol=1e-5 * expected.abs().max().item() + 1e-7,
+                          rtol=1e-3)
+
+
+def test_the_accepted_trpo_step_improves_the_surrogate_within_the_kl_bound():
+    maml = _trpo()
+    theta, batches, post = _batches(maml)
+    before = flatten(theta)
+    metrics = maml._trpo_step(batches, post)
+    after = {k: v.detach() for k, v in maml.params.items()}
+    assert not torch.equal(flatten(after), before)
+    with torch.no_grad():
+        old = vmap(maml._policy)(maml.adapt_all(theta, batches, create_graph=False),
+                                 post.observations)
+        adapted = maml.adapt_all(after, batches, create_graph=False)
+        kl = maml.mean_kl(old, adapted, post).item()
+        improved = maml.surrogate(adapted, post).item()
+        start = maml.surrogate(maml.adapt_all(theta, batches, create_graph=False), post).item()
+    assert 0 < kl <= 0.01
+    assert improved > start
+    assert metrics["train/kl"] == pytest.approx(kl, rel=1e-4)
+
+
+def test_trpo_takes_no_step_when_no_candidate_satisfies_the_line_search():
+    maml = _trpo({"policy_gradient": {**TRPO["algorithm"]["policy_gradient"],
+                                      "line_search_steps": 1, "max_kl": 1e-12}})
+    _, batches, post = _batches(maml)
+    before = flatten({k: v.detach().clone() for k, v in maml.params.items()})
+    maml._trpo_step(batches, post)
+    assert torch.equal(flatten({k: v.detach() for k, v in maml.params.items()}), before)
+
+
+def test_normalized_actions_are_scaled_to_the_max_action_in_the_environment():
+    maml = _trpo()
+    goals = torch.tensor([[0.3, -0.2]])
+    params = expand_params({k: v.detach() for k, v in maml.params.items()}, 1)
+    data = maml.rollout(params, goals, 2, torch.Generator().manual_seed(5))
+    env = maml.family.make_env()
+    env.set_task({"goal": goals[0].double().numpy()})
+    env.reset(seed=0)
+    for step in range(int(data.mask[0, 0].sum())):
+        _, reward, *_ = env.step((0.1 * data.actions[0, 0, step]).double().numpy())
+        assert reward == pytest.approx(data.rewards[0, 0, step].item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("outer", ["ppo", "trpo"])
+def test_a_resumed_trpo_or_ppo_run_gives_the_same_parameters(outer):
+    torch.set_num_threads(1)
+    spec = JobSpec.model_validate({**TRPO, "algorithm": {**TRPO["algorithm"], "policy_gradient": {
+        **TRPO["algorithm"]["policy_gradient"], "outer": outer}}})
+    straight = MAMLRL(spec)
+    for _ in range(2):
+        straight.train_iteration()
+    first = MAMLRL(spec)
+    first.train_iteration()
+    resumed = MAMLRL(spec)
+    resumed.load_state(*first.state())
+    resumed.train_iteration()
+    for name, value in straight.params.items():
+        assert torch.equal(value, resumed.params[name]), name
+
+
+@pytest.mark.parametrize(("field", "value"), [("outer", "sgd"), ("max_kl", 0.0), ("cg_iters", 0),
+                                              ("backtrack_ratio", 1.0), ("cg_damping", -1.0)])
+def test_spec_validation_names_the_bad_trpo_field(field, value):
+    spec = {**TRPO, "algorithm": {**TRPO["algorithm"], "policy_gradient": {
+        **TRPO["algorithm"]["policy_gradient"], field: value}}}
+    with pytest.raises(ValidationError) as error:
+        JobSpec.model_validate(spec)
+    locations = [e["loc"] for e in error.value.errors()]
+    assert any(loc[-1] == field and "policy_gradient" in loc for loc in locations), locations
