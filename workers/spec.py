@@ -168,6 +168,15 @@ class PEARLSpec(StrictModel):
     gamma: float = Field(0.99, gt=0.0, le=1.0, description="Discount factor.")
     tau: float = Field(0.005, gt=0.0, le=1.0, description="Target network soft-update rate.")
     reward_scale: float = Field(5.0, gt=0.0, le=1000.0, description="SAC reward scale.")
+    learn_temperature: bool = Field(True, description="Tune the entropy temperature α to reach "
+                                    "target_entropy (Haarnoja et al. 2018b); false: α fixed.")
+    temperature: float = Field(1.0, gt=0.0, le=100.0,
+                               description="Entropy temperature α (its initial value if learned).")
+    target_entropy: float = Field(-2.0, ge=-100.0, le=100.0,
+                                  description="Entropy target (nats, actions scaled to [-1, 1]).")
+    reward_loss_weight: float = Field(
+        0.0, ge=0.0, le=100.0, description="Weight of an auxiliary loss training the encoder (with "
+        "a decoder r(s, a, z)) to predict the scaled reward, besides the critic's (0: the paper's).")
     train_tasks: int = Field(100, ge=1, le=10_000, description="Fixed pool of training tasks.")
     context_size: int = Field(64, ge=1, le=10_000, description="Transitions in a context batch.")
     batch_size: int = Field(256, ge=1, le=10_000, description="RL transitions per task per step.")

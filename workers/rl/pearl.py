@@ -30,7 +30,7 @@ from workers.tasks.base import task_seed
 
 OBSERVATION_SIZE = 2
 ACTION_SIZE = 2
-TRANSITION_SIZE = OBSERVATION_SIZE + ACTION_SIZE + 1
+TRANSITION_SIZE = 2 * OBSERVATION_SIZE + ACTION_SIZE + 1  # (s, a, r, s')
 LOG_STD_RANGE = (-20.0, 2.0)
 MIN_VARIANCE = 1e-7
 
@@ -77,25 +77,37 @@ class PEARLAgent(nn.Module):
         agent = cls(spec.algorithm.latent_dim, spec.algorithm.hidden, spec.task_family.max_action)
         agent.load_state_dict(tensors)
         agent.nav = spec.task_family
+        agent.adaptation_episodes = spec.algorithm.adaptation_episodes
         return agent
+
+    @torch.no_grad()
+    def sample_z(self, context: Tensor | None, tasks: int, generator: torch.Generator) -> Tensor:
+        """z ~ N(0, I) without context, else z ~ q(z | context) (context [T, N, transition])."""
+        if context is None:
+            return torch.randn(tasks, self.latent_dim, generator=generator)
+        mean, variance = self.posterior(context)
+        return mean + variance.sqrt() * torch.randn(mean.shape, generator=generator)
 
     @torch.no_grad()
     def evaluate_tasks(self, family: Nav2DFamily, tasks: list[Task], *, seed: int,
                        episodes: int | None = None) -> list[float]:
-        """Mean return of each of the adaptation episodes over ``tasks``."""
+        """Mean adapted return over ``tasks`` after 0, 1, …, ``episodes`` − 1 exploration episodes.
+
+        Exploration episode i runs the policy's sampled actions with z from the posterior on
+        episodes 0..i−1 (the prior for i = 0), as in training; the return after i of them is
+        that of an evaluation episode with the policy's mean action and the same z.
+        """
         goals = torch.from_numpy(np.stack([t["goal"] for t in tasks])).float()
         generator = torch.Generator().manual_seed(seed)
-        count = episodes or 2
+        count = episodes or getattr(self, "adaptation_episodes", 2)
         returns, context = [], None
-        for _ in range(count):
-            if context is None:
-                z = torch.randn(len(tasks), self.latent_dim, generator=generator)
-            else:
-                mean, variance = self.posterior(context)
-                z = mean + variance.sqrt() * torch.randn(mean.shape, generator=generator)
-            episode = simulate_nav2d(self, family.spec, goals, z, generator)
-            returns.append(float(episode.rewards.sum(1).mean()))
-            context = episode.context() if context is None else torch.cat([context, episode.context()], 1)
+        for index in range(count):
+            z = self.sample_z(context, len(tasks), generator)
+            evaluation = simulate_nav2d(self, family.spec, goals, z, generator, deterministic=True)
+            returns.append(float(evaluation.rewards.sum(1).mean()))
+            if index < count - 1:
+                explored = simulate_nav2d(self, family.spec, goals, z, generator).context()
+                context = explored if context is None else torch.cat([context, explored], 1)
         return returns
 
 
@@ -111,8 +123,9 @@ class Episodes:
     mask: Tensor
 
     def context(self) -> Tensor:
-        """(s, a, r) of every step taken (steps after the end repeat the last one)."""
-        transitions = torch.cat([self.observations, self.actions, self.rewards[..., None]], -1)
+        """(s, a, r, s') of every step taken (steps after the end repeat the last one)."""
+        transitions = torch.cat([self.observations, self.actions, self.rewards[..., None],
+                                 self.next_observations], -1)
         last = self.mask.sum(1).long().clamp_min(1) - 1
         index = torch.minimum(torch.arange(self.mask.shape[1])[None, :], last[:, None])
         return torch.gather(transitions, 1, index[..., None].expand(-1, -1, TRANSITION_SIZE))
@@ -120,14 +133,15 @@ class Episodes:
 
 @torch.no_grad()
 def simulate_nav2d(agent: PEARLAgent, nav: Nav2DSpec, goals: Tensor, z: Tensor,
-                   generator: torch.Generator) -> Episodes:
-    """One episode of every task at once (the dynamics of :class:`workers.rl.tasks.Nav2DEnv`)."""
+                   generator: torch.Generator, *, deterministic: bool = False) -> Episodes:
+    """One episode of every task at once (the dynamics of :class:`workers.rl.tasks.Nav2DEnv`);
+    ``deterministic``: the policy's mean action (evaluation), else a sampled one."""
     tasks = goals.shape[0]
     position = torch.zeros(tasks, 2)
     alive = torch.ones(tasks, dtype=torch.bool)
     trace: dict[str, list[Tensor]] = {k: [] for k in ("o", "a", "r", "n", "d", "m")}
     for _ in range(nav.horizon):
-        action, _ = agent.act(position, z, generator=generator)
+        action, _ = agent.act(position, z, deterministic=deterministic, generator=generator)
         moved = position + action.clamp(-nav.max_action, nav.max_action)
         offset = moved - goals
         reached = (offset.abs() < GOAL_TOLERANCE).all(-1)
@@ -150,16 +164,19 @@ class PEARLRolloutWorker:
         self.nav = job.task_family
         self.agent = PEARLAgent(job.algorithm.latent_dim, job.algorithm.hidden, self.nav.max_action)
 
-    def collect(self, weights: dict[str, Tensor], goals: Tensor, seed: int) -> list[Episodes]:
+    def collect(self, weights: dict[str, Tensor], goals: Tensor, seed: int,
+                episodes: int) -> list[Episodes]:
+        """``episodes`` episodes per task: the first with z ~ N(0, I), each later one with z
+        sampled from the posterior on the ones before (sampled actions throughout)."""
         self.agent.load_state_dict(weights)
         generator = torch.Generator().manual_seed(seed)
-        prior = simulate_nav2d(self.agent, self.nav, goals,
-                               torch.randn(goals.shape[0], self.agent.latent_dim, generator=generator),
-                               generator)
-        with torch.no_grad():
-            mean, variance = self.agent.posterior(prior.context())
-        z = mean + variance.sqrt() * torch.randn(mean.shape, generator=generator)
-        return [prior, simulate_nav2d(self.agent, self.nav, goals, z, generator)]
+        collected, context = [], None
+        for _ in range(episodes):
+            z = self.agent.sample_z(context, goals.shape[0], generator)
+            collected.append(simulate_nav2d(self.agent, self.nav, goals, z, generator))
+            explored = collected[-1].context()
+            context = explored if context is None else torch.cat([context, explored], 1)
+        return collected
 
 
 class ReplayBuffer:
@@ -204,16 +221,25 @@ class PEARL:
             self.agent = PEARLAgent(p.latent_dim, p.hidden, nav.max_action)
             critic_in = OBSERVATION_SIZE + ACTION_SIZE + p.latent_dim
             self.critics = nn.ModuleList(mlp([critic_in, p.hidden, p.hidden, 1]) for _ in range(2))
+            self.reward_decoder = mlp([critic_in, p.hidden, p.hidden, 1])
         self.targets = [mlp([critic_in, p.hidden, p.hidden, 1]) for _ in range(2)]
         for target, critic in zip(self.targets, self.critics):
             target.load_state_dict(critic.state_dict())
         self.policy_optimizer = torch.optim.Adam(self.agent.policy.parameters(), lr=p.lr)
+        self.log_alpha = torch.tensor(math.log(p.temperature), requires_grad=p.learn_temperature)
+        self.alpha_optimizer = torch.optim.Adam([self.log_alpha], lr=p.lr)
         self.critic_optimizer = torch.optim.Adam(
-            [*self.critics.parameters(), *self.agent.encoder.parameters()], lr=p.lr)
+            [*self.critics.parameters(), *self.agent.encoder.parameters(),
+             *self.reward_decoder.parameters()], lr=p.lr)
         self.train_goals = torch.from_numpy(np.stack([
             t["goal"] for t in self.family.sample_tasks(seed=spec.seed, split="train", iteration=0,
                                                         task_indices=range(p.train_tasks))])).float()
         self.buffer = ReplayBuffer(p.train_tasks)
+        # The encoder's context per task: the episodes of its latest collection under the current
+        # policy, [adaptation_episodes, horizon, transition], as the encoder sees them at
+        # evaluation - unlike the RL buffer (every past episode; Rakelly et al. 2019 also keep
+        # the encoder's buffer apart and refresh it at each collection).
+        self.contexts: list[Tensor | None] = [None] * p.train_tasks
         self.iteration = 0
         self.env_steps = 0
         self.workers: list = []
@@ -235,52 +261,85 @@ class PEARL:
         workers = self._workers()
         shards = [tasks[i::len(workers)] for i in range(len(workers))]
         calls = [(shard, worker.collect.remote(weights, self.train_goals[shard],
-                                               task_seed(self.spec.seed, "train", self.iteration, i)))
+                                               task_seed(self.spec.seed, "train", self.iteration, i),
+                                               self.p.adaptation_episodes))
                  for i, (shard, worker) in enumerate(zip(shards, workers)) if len(shard)]
         for shard, ref in calls:
-            for episodes in ray.get(ref):
+            collected = ray.get(ref)
+            for episodes in collected:
                 for row, task in enumerate(shard.tolist()):
                     self.buffer.add(task, episodes, row)
                 self.env_steps += int(episodes.mask.sum())
+            contexts = torch.stack([episodes.context() for episodes in collected], 1)
+            for row, task in enumerate(shard.tolist()):
+                self.contexts[task] = contexts[row].clone()
 
     def _gradient_step(self, generator: torch.Generator) -> dict[str, float]:
         p = self.p
         seen = [t for t in range(p.train_tasks) if self.buffer.data[t]]
         choice = torch.randint(len(seen), (min(self.spec.meta_batch_size, len(seen)),), generator=generator)
         tasks = [seen[i] for i in choice.tolist()]
-        context = torch.stack([self.buffer.sample(t, p.context_size, generator)[:, :TRANSITION_SIZE]
-                               for t in tasks])
+        context = [self._context(t, generator) for t in tasks]
         batch = torch.stack([self.buffer.sample(t, p.batch_size, generator) for t in tasks])
         obs, action = batch[..., 0:2], batch[..., 2:4]
         reward, next_obs, done = batch[..., 4], batch[..., 5:7], batch[..., 7]
-        mean, variance = self.agent.posterior(context)
-        z = mean + variance.sqrt() * torch.randn_like(mean)
-        kl = 0.5 * (variance + mean ** 2 - 1 - variance.log()).sum(-1).mean()
+        z, kl = self._latent(tasks, context, generator)
         z_rows = z[:, None, :].expand(-1, p.batch_size, -1)
+        alpha = self.log_alpha.detach().exp()
         with torch.no_grad():
             z_fixed = z_rows.detach()
-            next_action, next_log_prob = self.agent.act(next_obs, z_fixed)
+            next_action, next_log_prob = self.agent.act(next_obs, z_fixed, generator=generator)
             target_in = torch.cat([next_obs, next_action, z_fixed], -1)
-            next_q = torch.minimum(*(t(target_in).squeeze(-1) for t in self.targets)) - next_log_prob
+            next_q = (torch.minimum(*(t(target_in).squeeze(-1) for t in self.targets))
+                      - alpha * next_log_prob)
             target = p.reward_scale * reward + p.gamma * (1 - done) * next_q
         critic_in = torch.cat([obs, action, z_rows], -1)
         critic_loss = sum(((c(critic_in).squeeze(-1) - target) ** 2).mean() for c in self.critics)
+        reward_loss = torch.zeros(())
+        if p.reward_loss_weight > 0:
+            predicted = self.reward_decoder(critic_in).squeeze(-1)
+            reward_loss = ((predicted - p.reward_scale * reward) ** 2).mean()
         self.critic_optimizer.zero_grad()
-        (critic_loss + p.kl_weight * kl).backward()
+        (critic_loss + p.kl_weight * kl + p.reward_loss_weight * reward_loss).backward()
         self.critic_optimizer.step()
         z_fixed = z_rows.detach()
-        new_action, log_prob = self.agent.act(obs, z_fixed)
+        new_action, log_prob = self.agent.act(obs, z_fixed, generator=generator)
         q = torch.minimum(*(c(torch.cat([obs, new_action, z_fixed], -1)).squeeze(-1) for c in self.critics))
-        policy_loss = (log_prob - q).mean()
+        policy_loss = (alpha * log_prob - q).mean()
         self.policy_optimizer.zero_grad()
         policy_loss.backward()
         self.policy_optimizer.step()
+        if p.learn_temperature:
+            alpha_loss = -(self.log_alpha * (log_prob.detach() + p.target_entropy)).mean()
+            self.alpha_optimizer.zero_grad()
+            alpha_loss.backward()
+            self.alpha_optimizer.step()
         with torch.no_grad():
             for target, critic in zip(self.targets, self.critics):
                 for t, c in zip(target.parameters(), critic.parameters()):
                     t.mul_(1 - p.tau).add_(p.tau * c)
         return {"critic_loss": float(critic_loss.detach()), "policy_loss": float(policy_loss.detach()),
-                "kl": float(kl.detach())}
+                "kl": float(kl.detach()), "reward_loss": float(reward_loss.detach()), "temperature": float(alpha),
+                "entropy": -float(log_prob.detach().mean())}
+
+    def _context(self, task: int, generator: torch.Generator) -> Tensor:
+        """The first j of the task's latest episodes (j uniform in 1..adaptation_episodes − 1, as
+        the posterior sees them at evaluation), ``context_size`` transitions of them at most."""
+        episodes = self.contexts[task]
+        count = int(torch.randint(max(1, len(episodes) - 1), (1,), generator=generator)) + 1
+        context = episodes[:count].reshape(-1, TRANSITION_SIZE)
+        if self.p.context_size < len(context):
+            context = context[torch.randperm(len(context), generator=generator)[:self.p.context_size]]
+        return context
+
+    def _latent(self, tasks: list[int], context: list[Tensor],
+                generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """z ~ q(z | context) per task (reparameterized) and the mean KL(q ‖ N(0, I))."""
+        mean, variance = (torch.cat(parts) for parts in
+                          zip(*(self.agent.posterior(c[None]) for c in context)))
+        z = mean + variance.sqrt() * torch.randn(mean.shape, generator=generator)
+        kl = 0.5 * (variance + mean ** 2 - 1 - variance.log()).sum(-1).mean()
+        return z, kl
 
     def train_iteration(self) -> dict[str, float]:
         self.collect()
@@ -306,13 +365,19 @@ class PEARL:
 
     def _modules(self) -> dict[str, nn.Module]:
         return {"agent": self.agent, "critic0": self.critics[0], "critic1": self.critics[1],
-                "target0": self.targets[0], "target1": self.targets[1]}
+                "target0": self.targets[0], "target1": self.targets[1],
+                "reward_decoder": self.reward_decoder}
+
+    def _optimizers(self) -> tuple[tuple[str, torch.optim.Optimizer], ...]:
+        return (("policy", self.policy_optimizer), ("critic", self.critic_optimizer),
+                ("temperature", self.alpha_optimizer))
 
     def state(self) -> tuple[dict[str, Tensor], dict]:
         tensors = {f"{name}/{k}": v.detach().clone() for name, module in self._modules().items()
                    for k, v in module.state_dict().items()}
         optimizers = {}
-        for name, optimizer in (("policy", self.policy_optimizer), ("critic", self.critic_optimizer)):
+        tensors["temperature/log_alpha"] = self.log_alpha.detach().clone()
+        for name, optimizer in self._optimizers():
             state = optimizer.state_dict()
             for index, entries in state["state"].items():
                 for key, value in entries.items():
@@ -321,6 +386,8 @@ class PEARL:
         for task in range(self.p.train_tasks):
             if self.buffer.data[task]:
                 tensors[f"buffer/{task}"] = self.buffer.all(task).clone()
+            if self.contexts[task] is not None:
+                tensors[f"context/{task}"] = self.contexts[task].clone()
         return tensors, {"iteration": self.iteration, "env_steps": self.env_steps,
                          "optimizers": optimizers}
 
@@ -328,17 +395,23 @@ class PEARL:
         for name, module in self._modules().items():
             prefix = f"{name}/"
             module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-        for name, optimizer in (("policy", self.policy_optimizer), ("critic", self.critic_optimizer)):
+        with torch.no_grad():
+            if "temperature/log_alpha" in tensors:
+                self.log_alpha.copy_(tensors["temperature/log_alpha"])
+        for name, optimizer in self._optimizers():
             state = optimizer.state_dict()
             state["state"] = {int(index): {key[len(f"optimizer/{name}/{index}/"):]: value
                                            for key, value in tensors.items()
                                            if key.startswith(f"optimizer/{name}/{index}/")}
-                              for index in document["optimizers"][name]}
+                              for index in document["optimizers"].get(name, [])}
             optimizer.load_state_dict(state)
         self.buffer = ReplayBuffer(self.p.train_tasks)
+        self.contexts = [None] * self.p.train_tasks
         for key, rows in tensors.items():
             if key.startswith("buffer/"):
                 self.buffer.data[int(key.split("/")[1])] = [rows]
+            elif key.startswith("context/"):
+                self.contexts[int(key.split("/")[1])] = rows
         self.iteration = int(document["iteration"])
         self.env_steps = int(document["env_steps"])
 

@@ -1,5 +1,7 @@
 """PEARL's pieces: the product-of-Gaussians posterior, the tanh-Gaussian log-likelihood, the
-batched nav2d simulation against the gymnasium env, and a state round trip."""
+batched nav2d simulation against the gymnasium env, the encoder's context (the latest prior
+episode, as at evaluation), deterministic evaluation, the learned temperature, and a state
+round trip."""
 
 from __future__ import annotations
 
@@ -19,13 +21,43 @@ SMALL = {"algorithm": {"name": "pearl", "hidden": 16, "train_tasks": 4, "tasks_p
 def test_posterior_is_the_product_of_the_per_transition_gaussians():
     torch.manual_seed(0)
     agent = PEARLAgent(latent_dim=3, hidden=8, max_action=0.1)
-    context = torch.randn(2, 4, 5)
+    context = torch.randn(2, 4, 7)
     mean, variance = agent.posterior(context)
     factor_mean, raw = agent.encoder(context).chunk(2, dim=-1)
     factor_variance = torch.nn.functional.softplus(raw)
     precision = (1 / factor_variance).sum(1)
     assert torch.allclose(variance, 1 / precision)
     assert torch.allclose(mean, (factor_mean / factor_variance).sum(1) / precision)
+
+
+def test_posterior_density_is_the_normalized_product_of_the_factor_densities():
+    torch.manual_seed(4)
+    agent = PEARLAgent(latent_dim=2, hidden=8, max_action=0.1)
+    context = torch.randn(1, 6, 7)
+    mean, variance = agent.posterior(context)
+    factor_mean, raw = agent.encoder(context[0]).chunk(2, dim=-1)
+    factors = torch.distributions.Normal(factor_mean, torch.nn.functional.softplus(raw).sqrt())
+    posterior = torch.distributions.Normal(mean[0], variance[0].sqrt())
+    z = torch.randn(50, 1, 2) * 3
+    # log Π_i N(z; μ_i, σ_i²) − log N(z; μ, σ²) must not depend on z (the product's normalizer)
+    gap = (factors.log_prob(z).sum(1) - posterior.log_prob(z[:, 0])).double()
+    assert torch.allclose(gap, gap[0].expand_as(gap), atol=1e-3)
+
+
+def test_tanh_gaussian_log_prob_matches_a_numerical_density():
+    """log π(a) against the change of variables done numerically: the Gaussian density of
+    u = atanh(a / max) over a finite-difference |da/du|, for a scaled to ±max_action."""
+    torch.manual_seed(5)
+    agent = PEARLAgent(latent_dim=2, hidden=8, max_action=0.1)
+    observation, z = torch.randn(64, 2), torch.randn(64, 2)
+    action, log_prob = agent.act(observation, z, generator=torch.Generator().manual_seed(6))
+    mean, log_std = agent.policy(torch.cat([observation, z], -1)).chunk(2, dim=-1)
+    u = torch.atanh((action / 0.1).double().clamp(-1 + 1e-12, 1 - 1e-12))
+    h = 1e-6
+    slope = (torch.tanh(u + h) - torch.tanh(u - h)) / (2 * h)  # d(a/max)/du
+    gaussian = torch.distributions.Normal(mean.double(), log_std.double().exp()).log_prob(u)
+    expected = (gaussian - slope.log()).sum(-1)
+    assert torch.allclose(log_prob.double(), expected, atol=1e-3)
 
 
 def test_tanh_gaussian_log_prob_matches_torch_distributions():
@@ -54,7 +86,21 @@ def test_batched_simulation_replays_exactly_in_the_gymnasium_env():
         steps = int(episodes.mask[task].sum())
         rewards = [env.step(episodes.actions[task, t].double().numpy())[1] for t in range(steps)]
         assert np.allclose(rewards, episodes.rewards[task, :steps].numpy(), atol=1e-5)
-    assert episodes.context().shape == (2, 15, 5)
+    assert episodes.context().shape == (2, 15, 7)
+
+
+def test_deterministic_simulation_takes_the_mean_action():
+    torch.manual_seed(7)
+    agent = PEARLAgent(latent_dim=2, hidden=8, max_action=0.1)
+    nav = Nav2DSpec(horizon=5)
+    goals, z = torch.tensor([[0.3, 0.2]]), torch.randn(1, 2)
+    episodes = [simulate_nav2d(agent, nav, goals, z, torch.Generator().manual_seed(seed),
+                               deterministic=True) for seed in (0, 1)]
+    assert torch.equal(episodes[0].actions, episodes[1].actions)
+    mean, _ = agent.policy(torch.cat([episodes[0].observations[0], z.expand(5, -1)], -1)).chunk(2, -1)
+    assert torch.allclose(episodes[0].actions[0], torch.tanh(mean) * 0.1)
+    sampled = simulate_nav2d(agent, nav, goals, z, torch.Generator().manual_seed(0))
+    assert not torch.equal(sampled.actions, episodes[0].actions)
 
 
 @pytest.mark.slow
@@ -64,7 +110,14 @@ def test_state_round_trip_restores_networks_optimizers_and_replay(ray_session):
     pearl = PEARL(spec)
     try:
         metrics = pearl.train_iteration()
-        assert sorted(metrics) == ["train/critic_loss", "train/env_steps", "train/kl", "train/policy_loss"]
+        assert sorted(metrics) == ["train/critic_loss", "train/entropy", "train/env_steps", "train/kl",
+                                   "train/policy_loss", "train/reward_loss", "train/temperature"]
+        # the encoder's context of a collected task: the episodes just collected on it
+        for task, context in enumerate(pearl.contexts):
+            if context is not None:
+                assert context.shape == (2, 15, 7)
+                for episode, rows in zip(context, pearl.buffer.data[task]):
+                    assert torch.equal(episode[:len(rows)], rows[:, :7])
         tensors, document = pearl.state()
         restored = PEARL(spec)
         restored.load_state(tensors, document)
@@ -83,3 +136,21 @@ def test_state_round_trip_restores_networks_optimizers_and_replay(ray_session):
 def test_pearl_refuses_families_without_continuous_actions(family):
     with pytest.raises(ValueError):
         JobSpec.model_validate({"algorithm": {"name": "pearl"}, "task_family": {"name": family}})
+
+
+def test_the_temperature_falls_while_the_entropy_is_above_its_target():
+    spec = JobSpec.model_validate({**SMALL, "algorithm": {**SMALL["algorithm"], "target_entropy": -50.0}})
+    pearl = PEARL(spec)
+    episodes = simulate_nav2d(pearl.agent, spec.task_family, pearl.train_goals,
+                              torch.randn(4, 5), torch.Generator().manual_seed(0))
+    for task in range(4):
+        pearl.buffer.add(task, episodes, task)
+        pearl.contexts[task] = episodes.context()[task][None]
+    generator = torch.Generator().manual_seed(1)
+    temperatures = [pearl._gradient_step(generator)["temperature"] for _ in range(3)]
+    assert temperatures[0] == pytest.approx(1.0)
+    assert temperatures[2] < temperatures[1] < temperatures[0]
+    fixed = PEARL(JobSpec.model_validate(
+        {**SMALL, "algorithm": {**SMALL["algorithm"], "learn_temperature": False, "temperature": 0.2}}))
+    fixed.buffer, fixed.contexts = pearl.buffer, pearl.contexts
+    assert [fixed._gradient_step(generator)["temperature"] for _ in range(2)] == pytest.approx([0.2, 0.2])
