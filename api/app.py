@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -16,6 +19,8 @@ from service.db import make_engine, session_factory
 from service.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
+
+FREEZE_WAIT_S = 120.0
 
 
 def _start_dispatcher(app: FastAPI) -> None:
@@ -42,19 +47,40 @@ def _stop_dispatcher(app: FastAPI) -> None:
         app.state.dispatcher = None
 
 
+async def _freeze_startup_objects(app: FastAPI) -> None:
+    """Move what start-up created (Ray's and torch's modules: ~170 k objects) out of the
+    garbage collector's view once the dispatcher is connected. Without this every full
+    collection walks them all and stalls the event loop for 100-400 ms, which was the whole
+    tail of the status-poll latency (docs/RELIABILITY.md, "Load")."""
+    dispatcher = getattr(app.state, "dispatcher", None)
+    deadline = time.monotonic() + FREEZE_WAIT_S
+    while (dispatcher is not None and not dispatcher.ray_ready.is_set()
+           and time.monotonic() < deadline):
+        await asyncio.sleep(0.5)
+    gc.collect()
+    gc.freeze()
+    logger.info("start-up objects frozen", extra={"objects": gc.get_freeze_count()})
+
+
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     _start_dispatcher(app)
+    freezer = (asyncio.create_task(_freeze_startup_objects(app)) if app.state.freeze_gc
+               else None)
     try:
         yield
     finally:
+        if freezer is not None:
+            freezer.cancel()
         _stop_dispatcher(app)
         app.state.engine.dispose()
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> FastAPI:
     """The API for ``settings`` (default: the environment's). Does not migrate the database;
-    ``metaserve serve`` and ``metaserve db upgrade`` do."""
+    ``metaserve serve`` and ``metaserve db upgrade`` do. ``freeze_gc``: freeze the start-up
+    objects once the dispatcher is up (process-wide, so only for a process that is the
+    server: ``metaserve serve`` sets it)."""
     settings = settings or get_settings()
     app = FastAPI(
         title="metaserve",
@@ -63,6 +89,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=_lifespan,
     )
     app.state.settings = settings
+    app.state.freeze_gc = freeze_gc
     app.state.engine = make_engine(settings.database_url)
     app.state.session_factory = session_factory(app.state.engine)
     app.state.key_cache = KeyCache()

@@ -45,7 +45,7 @@ def serve(
         engine.dispose()
     if written is not None:
         typer.echo(f"created an admin API key; it is in {written.resolve()}")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port)
+    uvicorn.run(create_app(settings, freeze_gc=True), host=settings.host, port=settings.port)
 
 
 @db_app.command("upgrade")

@@ -200,6 +200,7 @@ class Dispatcher:
         while not self._stop.is_set():
             try:
                 connect_ray(self.settings)
+                import workers.runner  # noqa: F401 - torch too: the first job starts at once
                 self.ray_ready.set()
                 break
             except Exception:  # noqa: BLE001 - keep trying; jobs stay queued meanwhile

@@ -14,7 +14,7 @@ import math
 from datetime import datetime, timedelta
 from typing import Any, Sequence
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -26,6 +26,7 @@ from service.exceptions import (
     LeaseLost,
     MetaserveError,
 )
+from service.ids import new_id
 from service.models import Artifact, Job, JobStatus, JobStatusEvent, Metric, User, utcnow
 
 MAX_PAGE = 100
@@ -105,27 +106,33 @@ def create_job(
 
     With an idempotency key already used by this owner: the same ``spec_hash`` returns
     the existing job (``created`` False), another one raises :class:`IdempotencyConflict`.
+    The insert comes first (the common case: a new key) and the key's unique constraint
+    decides a race; the job row and its first status event are two plain INSERTs, and the
+    job returned is built from the values written, so a submit reads nothing back.
     """
-    if idempotency_key is not None:
-        existing = _by_idempotency_key(session, owner.id, idempotency_key)
-        if existing is not None:
-            return _replay(existing, spec_hash), False
-    job = Job(owner_id=owner.id, name=name, spec=spec, spec_hash=spec_hash,
-              max_attempts=max_attempts, idempotency_key=idempotency_key,
-              status=JobStatus.QUEUED.value, attempt=0, progress={})
+    now = utcnow()
+    values = dict(id=new_id(), owner_id=owner.id, name=name, spec=spec, spec_hash=spec_hash,
+                  status=JobStatus.QUEUED.value, attempt=0, max_attempts=max_attempts,
+                  progress={}, idempotency_key=idempotency_key, created_at=now,
+                  updated_at=now)
+    event = dict(job_id=values["id"], status=JobStatus.QUEUED.value, attempt=0, created_at=now)
+    if idempotency_key is None:
+        _insert_job(session, values, event)
+        return Job(**values), True
     try:
         with session.begin_nested():
-            session.add(job)
-            session.flush()
-            _record_status(session, job.id)
+            _insert_job(session, values, event)
     except IntegrityError:
-        if idempotency_key is None:
-            raise
         existing = _by_idempotency_key(session, owner.id, idempotency_key)
         if existing is None:
             raise
         return _replay(existing, spec_hash), False
-    return job, True
+    return Job(**values), True
+
+
+def _insert_job(session: Session, values: dict[str, Any], event: dict[str, Any]) -> None:
+    session.execute(insert(Job.__table__), values)
+    session.execute(insert(JobStatusEvent.__table__), event)
 
 
 def _by_idempotency_key(session: Session, owner_id: int, key: str) -> Job | None:

@@ -46,4 +46,4 @@ def test_served_embedded_default_accepts_a_job_with_the_admin_key(server):
         streamed = client.post("/v1/jobs", content=(b"x" * 1024 for _ in range(64)),
                                headers={**auth, "Content-Type": "application/json"})
         assert streamed.status_code == 413
-        assert client.get("/readyz").json() == {"status": "ok"}
+        assert client.get("/readyz").json() == {"status": "ok", "dispatcher": "off"}

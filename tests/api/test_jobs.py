@@ -151,7 +151,7 @@ def test_catalogs_list_every_algorithm_and_task_family_with_bounds(client, alice
 
 def test_health_and_readiness(client):
     assert client.get("/healthz").json() == {"status": "ok"}
-    assert client.get("/readyz").json() == {"status": "ok"}
+    assert client.get("/readyz").json() == {"status": "ok", "dispatcher": "off"}
     assert client.get("/openapi.json").json()["info"]["title"] == "metaserve"
 
 

@@ -40,6 +40,7 @@ def test_the_two_line_job_runs_to_success_and_its_meta_init_downloads(tmp_path: 
                 seen.add(job["status"])
             assert job["status"] == "succeeded", job
             assert {"running", "succeeded"} <= seen
+            assert client.get("/readyz").json() == {"status": "ok", "dispatcher": "ready"}
             listed = {a["name"]: a for a in client.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]}
             download = client.get(f"/v1/jobs/{job['id']}/artifacts/meta_init.safetensors")
             assert download.status_code == 200
