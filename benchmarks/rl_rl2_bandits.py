@@ -1,8 +1,12 @@
 """RL² on Bernoulli bandits (Duan et al. 2016, Table 1) against random, UCB1 (c = √2 and c tuned
 on training tasks) and Thompson sampling measured on the same held-out tasks, with the
-training time. Paper: (n=10, k=5) 6.7; (n=10, k=10) 6.7; (n=100, k=5) 78.7.
+training time and throughput. Paper: (n=10, k=5) 6.7; (n=10, k=10) 6.7; (n=100, k=5) 78.7.
 
-    .venv/bin/python benchmarks/rl_rl2_bandits.py --pulls 10 --arms 5 --minutes 10
+    nice -n 19 .venv/bin/python benchmarks/rl_rl2_bandits.py --pulls 10 --arms 5 \\
+        --steps 4000000 --minutes 33
+
+Training stops at ``--steps`` env steps or after ``--minutes``, whichever comes first; the lr
+and entropy schedules run over ``--anneal-steps`` (default ``--steps``).
 """
 
 from __future__ import annotations
@@ -22,44 +26,66 @@ def main() -> None:
     parser.add_argument("--pulls", type=int, default=10)
     parser.add_argument("--arms", type=int, default=5)
     parser.add_argument("--minutes", type=float, default=10.0)
-    parser.add_argument("--iterations", type=int, default=100_000)
-    parser.add_argument("--trials", type=int, default=256, help="trials per iteration")
-    parser.add_argument("--envs", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=4_000_000, help="env-step budget")
+    parser.add_argument("--anneal-steps", type=int, default=None)
+    parser.add_argument("--trials", type=int, default=1024, help="trials per iteration")
+    parser.add_argument("--minibatch-trials", type=int, default=256)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--envs", type=int, default=256)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--lr", type=float, default=0.001)
+    parser.add_argument("--lr-final", type=float, default=0.0001)
+    parser.add_argument("--entropy", type=float, default=0.05)
+    parser.add_argument("--entropy-final", type=float, default=0.0)
+    parser.add_argument("--gamma", type=float, default=1.0)
+    parser.add_argument("--gae-lambda", type=float, default=0.9)
+    parser.add_argument("--vf-coeff", type=float, default=0.5)
+    parser.add_argument("--grad-clip", type=float, default=1.0)
     parser.add_argument("--eval-trials", type=int, default=2000)
+    parser.add_argument("--log-every", type=int, default=5, help="iterations between curve points")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     from workers.rl.rl2 import RL2Trainer
     from workers.spec import JobSpec
 
+    trial_steps = args.pulls
+    iterations = -(-args.steps // (args.trials * trial_steps))
     spec = JobSpec.model_validate({
         "algorithm": {"name": "rl2", "hidden_size": args.hidden, "lr": args.lr,
+                      "lr_final": args.lr_final, "entropy_coeff": args.entropy,
+                      "entropy_coeff_final": args.entropy_final,
+                      "anneal_env_steps": args.anneal_steps or args.steps,
+                      "grad_clip": args.grad_clip, "vf_loss_coeff": args.vf_coeff,
+                      "gamma": args.gamma, "gae_lambda": args.gae_lambda,
                       "envs_per_runner": args.envs, "evaluation_trials": args.eval_trials,
-                      "minibatch_trials": 64, "num_epochs": 4, "gae_lambda": 0.3, "gamma": 0.99},
+                      "minibatch_trials": args.minibatch_trials, "num_epochs": args.epochs},
         "task_family": {"name": "bandit", "arms": args.arms, "pulls": args.pulls},
-        "meta_batch_size": args.trials, "iterations": args.iterations, "seed": 0})
+        "meta_batch_size": args.trials, "iterations": iterations, "seed": 0})
     trainer = RL2Trainer(spec)
     curve = []
     started = time.monotonic()
-    while trainer.iteration < args.iterations and time.monotonic() - started < args.minutes * 60:
+    while trainer.iteration < iterations and time.monotonic() - started < args.minutes * 60:
         metrics = trainer.train_iteration()
-        if trainer.iteration % 10 == 0:
-            point = {"iteration": trainer.iteration, "seconds": round(time.monotonic() - started, 1),
-                     **metrics}
+        if trainer.iteration % args.log_every == 0:
+            seconds = time.monotonic() - started
+            point = {"iteration": trainer.iteration, "seconds": round(seconds, 1),
+                     "steps_per_s": round(trainer.env_steps / seconds), **metrics}
             curve.append(point)
             print(json.dumps(point), flush=True)
     seconds = time.monotonic() - started
+    evaluation_started = time.monotonic()
     evaluation = trainer.evaluate("test")
     result = {"pulls": args.pulls, "arms": args.arms, "paper_rl2": PAPER.get((args.pulls, args.arms)),
               "iterations": trainer.iteration, "env_steps": trainer.env_steps,
-              "train_seconds": round(seconds, 1), "test": evaluation,
+              "train_seconds": round(seconds, 1), "env_steps_per_s": round(trainer.env_steps / seconds),
+              "evaluation_seconds": round(time.monotonic() - evaluation_started, 1),
+              "test": evaluation, "args": {k: str(v) for k, v in vars(args).items()},
               "spec": spec.model_dump(mode="json"), "curve": curve}
     out = args.out or Path(f"benchmarks/results/rl_rl2_bandit_n{args.pulls}_k{args.arms}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    print(json.dumps({k: v for k, v in result.items() if k not in ("curve", "spec")}))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("curve", "spec", "args")}))
     trainer.close()
     ray.shutdown()
 

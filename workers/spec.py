@@ -143,6 +143,16 @@ class RL2Spec(StrictModel):
     gae_lambda: float = Field(0.3, ge=0.0, le=1.0, description="GAE λ.")
     clip: float = Field(0.2, gt=0.0, le=1.0, description="PPO ratio clip ε.")
     entropy_coeff: float = Field(0.01, ge=0.0, le=1.0, description="Entropy bonus weight.")
+    lr_final: float | None = Field(None, gt=0.0, le=100.0,
+                                   description="Learning rate reached linearly at the end of "
+                                               "anneal_env_steps (None: constant lr).")
+    entropy_coeff_final: float | None = Field(None, ge=0.0, le=1.0,
+                                              description="Entropy weight reached linearly at the "
+                                                          "end of anneal_env_steps (None: constant).")
+    anneal_env_steps: int | None = Field(None, ge=1, le=10**12,
+                                         description="Env steps of the lr / entropy schedules "
+                                                     "(None: iterations × trials × trial length).")
+    grad_clip: float | None = Field(None, gt=0.0, le=1e6, description="Global gradient-norm clip.")
     vf_loss_coeff: float = Field(0.5, ge=0.0, le=100.0, description="Value loss weight.")
     num_epochs: int = Field(4, ge=1, le=100, description="PPO epochs per iteration.")
     minibatch_trials: int = Field(64, ge=1, le=MAX_META_BATCH,

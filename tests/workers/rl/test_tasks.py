@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from workers.rl.tasks import BanditFamily, Nav2DFamily, TabularMDPFamily, TrialEnv
+from workers.rl.tasks import (BanditFamily, BanditTrialVectorEnv, Nav2DFamily, TabularMDPFamily,
+                              TrialEnv)
 from workers.spec import BanditSpec, Nav2DSpec, TabularMDPSpec
 
 
@@ -60,9 +61,10 @@ def test_trial_env_chains_episodes_of_one_task_and_feeds_previous_action_and_rew
     env = TrialEnv(family, seed=0)
     env.set_task({"means": np.array([1.0, 0.0])})
     observation, _ = env.reset()
-    assert observation.tolist() == [1.0, 0.0, 0.0, 0.0, 0.0]  # obs, one-hot action, reward, done
+    # obs, one-hot action, reward, done, elapsed fraction of the trial
+    assert observation.tolist() == [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
     steps = [env.step(0) for _ in range(3)]
-    assert [s[0].tolist() for s in steps] == [[1.0, 1.0, 0.0, 1.0, 1.0]] * 3
+    assert [s[0].tolist() for s in steps] == [[1.0, 1.0, 0.0, 1.0, 1.0, float(np.float32(t / 3))] for t in (1, 2, 3)]
     assert [s[2] for s in steps] == [False, False, True]
 
 
@@ -75,3 +77,40 @@ def test_trial_env_draws_a_new_counter_based_task_per_trial():
     expected = family.sample_tasks(seed=5, split="train", iteration=1, task_indices=[4])[0]
     assert not np.array_equal(first, env.env.task["means"])
     assert np.array_equal(env.env.task["means"], expected["means"])
+
+
+def test_bandit_vector_env_replays_the_single_trial_envs_of_its_streams():
+    """Same seed and stream: same tasks, observations, rewards and trial ends as TrialEnv,
+    across trials (NEXT_STEP autoreset: the step after a trial's end starts the next one)."""
+    family = BanditFamily(BanditSpec(arms=4, pulls=3))
+    vector = BanditTrialVectorEnv(family, 3, seed=7, first_stream=5)
+    singles = [TrialEnv(family, seed=7, stream=5 + index) for index in range(3)]
+    observations, _ = vector.reset()
+    assert np.array_equal(observations, np.stack([env.reset()[0] for env in singles]))
+    actions_rng = np.random.default_rng(0)
+    total = 0.0
+    for step in range(4 * 4):
+        actions = actions_rng.integers(4, size=3)
+        observations, rewards, terminated, truncated, _ = vector.step(actions)
+        assert not truncated.any()
+        if step % 4 == 3:  # autoreset step: action ignored, first observation of the next trial
+            assert np.array_equal(observations, np.stack([env.reset()[0] for env in singles]))
+            assert not terminated.any() and not rewards.any()
+            continue
+        results = [env.step(int(action)) for env, action in zip(singles, actions)]
+        assert np.array_equal(observations, np.stack([r[0] for r in results]))
+        assert rewards.tolist() == [r[1] for r in results]
+        assert terminated.tolist() == [r[2] for r in results]
+        total += rewards.sum()
+    assert 0 < total < 36  # the rewards are not degenerate
+    assert vector.trials.tolist() == [5, 5, 5]
+
+
+def test_bandit_vector_env_streams_are_renumbered_before_the_first_reset():
+    family = BanditFamily(BanditSpec(arms=3, pulls=2))
+    vector = BanditTrialVectorEnv(family, 2, seed=1)
+    vector.set_streams(1_000_000)
+    vector.reset()
+    expected = family.sample_tasks(seed=1, split="train", iteration=0,
+                                   task_indices=[1_000_000, 1_000_001])
+    assert np.array_equal(vector.means, np.stack([task["means"] for task in expected]))
