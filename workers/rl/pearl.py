@@ -1,17 +1,22 @@
 """PEARL (Rakelly et al. 2019) on ``nav2d``: probabilistic embeddings for off-policy meta-RL.
 
-- Context encoder q(z|c): an MLP maps each transition (s, a, r) to a Gaussian factor
+- Context encoder q(z|c): an MLP maps each transition (s, a, r, s') to a Gaussian factor
   N(μ_i, σ_i²); the posterior is their product (σ² = 1/Σ σ_i⁻², μ = σ² Σ μ_i/σ_i²), trained by
-  the critic's loss plus ``kl_weight`` · KL(q(z|c) ‖ N(0, I)).
-- SAC (Haarnoja et al. 2018) conditioned on z: tanh-Gaussian policy π(a|s, z), twin Q(s, a, z)
-  with soft-updated targets, fixed temperature 1 with rewards scaled by ``reward_scale``
-  (the paper's setting); z is detached for the actor and the targets.
+  the critic's loss plus ``kl_weight`` · KL(q(z|c) ‖ N(0, I)) (plus, if ``reward_loss_weight``,
+  a decoder's reward-prediction loss; 0 by default, as in the paper).
+- SAC (Haarnoja et al. 2018) conditioned on z: tanh-Gaussian policy π(a|s, z) (log-likelihood
+  corrected for the tanh), twin Q(s, a, z) with soft-updated targets, the temperature α tuned
+  to ``target_entropy`` (or fixed), rewards scaled by ``reward_scale``; z is detached for the
+  actor and the targets.
 - Exploration by posterior sampling: per iteration, ``tasks_per_iteration`` training tasks
-  each get one episode with z ~ N(0, I) and one with z ~ q(z|context of the first); the
-  rollouts run on ``rollout_workers`` Ray actors (tasks split among them, simulated batched).
-- Evaluation on held-out tasks: ``adaptation_episodes`` episodes, the first with z from the
-  prior, each later one with z sampled from the posterior on everything seen so far; the
-  return of the last one is the adapted return.
+  each get ``adaptation_episodes`` episodes, the first with z ~ N(0, I), each later one with z
+  sampled from the posterior on the ones before; rollouts run on ``rollout_workers`` Ray actors
+  (tasks split among them, simulated batched). Every episode goes to the task's replay buffer
+  (the RL batches); the encoder's context is drawn from the task's latest collection only - the
+  first j of its episodes, j uniform - which is what the posterior conditions on at test time.
+- Evaluation on held-out tasks: the same sequence of exploration episodes; the adapted return
+  after k of them is that of an episode with the policy's mean action and z sampled from the
+  posterior on those k (the prior for k = 0); ``adapted_return``: after the last.
 """
 
 from __future__ import annotations
