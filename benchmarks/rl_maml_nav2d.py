@@ -42,6 +42,9 @@ def main() -> None:
     parser.add_argument("--inner-steps", type=int, default=None)
     parser.add_argument("--meta-batch", type=int, default=None)
     parser.add_argument("--max-kl", type=float, default=None)
+    parser.add_argument("--later-inner-lr", type=float, default=None)
+    parser.add_argument("--save", type=Path, default=None,
+                        help="torch.save the final and best-validation parameters here")
     parser.add_argument("--normalize-actions", choices=["true", "false"], default=None)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/rl_maml_nav2d.json"))
@@ -52,6 +55,7 @@ def main() -> None:
     document = yaml.safe_load(args.spec.read_text())
     algorithm, pg = document["algorithm"], document["algorithm"].setdefault("policy_gradient", {})
     for value, target, key in ((args.outer, pg, "outer"), (args.max_kl, pg, "max_kl"),
+                               (args.later_inner_lr, pg, "later_inner_lr"),
                                (args.inner_lr, algorithm, "inner_lr"),
                                (args.inner_steps, algorithm, "inner_steps"),
                                (args.meta_batch, document, "meta_batch_size"),
@@ -66,7 +70,7 @@ def main() -> None:
     curve, reached_at, best = [], None, None
     started = time.monotonic()
     while maml.iteration < args.iterations and time.monotonic() - started < args.minutes * 60:
-        train = maml.train_iteration()
+        train = maml.train_iteration() if curve else {}  # the first point: before training
         if maml.iteration % args.eval_every == 0:
             evaluation = maml.evaluate("val", tasks=args.eval_tasks, inner_steps=[1, 3])
             point = {"iteration": maml.iteration, "env_steps": maml.env_steps,
@@ -83,12 +87,21 @@ def main() -> None:
                 break
     seconds = time.monotonic() - started
     final = maml.evaluate("test", tasks=args.final_tasks, inner_steps=[1, 3])
+    if args.save is not None:
+        torch.save({"final": {k: v.detach().clone() for k, v in maml.params.items()},
+                    "best_val": best and best["params"], "spec": spec.model_dump(mode="json")},
+                   args.save)
     best_val = None
     if best is not None:  # the iterate with the best 1-step validation return (early stopping)
-        with torch.no_grad():
-            for name, value in maml.params.items():
-                value.copy_(best.pop("params")[name])
-        best_val = {**best, "test": maml.evaluate("test", tasks=args.final_tasks, inner_steps=[1, 3])}
+        params = best.pop("params")
+        if best["iteration"] == maml.iteration:
+            best_val = {**best, "test": final}
+        else:
+            with torch.no_grad():
+                for name, value in maml.params.items():
+                    value.copy_(params[name])
+            best_val = {**best, "test": maml.evaluate("test", tasks=args.final_tasks,
+                                                      inner_steps=[1, 3])}
     result = {"spec": spec.model_dump(mode="json"), "iterations": maml.iteration,
               "env_steps": maml.env_steps, "train_seconds": round(seconds, 1),
               "test": final, "best_val": best_val, "paper": PAPER, "reached_minus_15": reached_at, "curve": curve,

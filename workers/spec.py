@@ -59,6 +59,9 @@ class PolicyGradientSpec(StrictModel):
     normalize_actions: bool = Field(
         False, description="The policy acts in [-1, 1] units, scaled to the family's max action "
                            "(rllab's normalize(), as in the paper's code); off: raw env units.")
+    later_inner_lr: float | None = Field(
+        None, gt=0.0, le=100.0, description="Inner lr of the 2nd and later PG steps, in training "
+                                            "and evaluation (None: inner_lr; the paper's test: α/2).")
     outer: Literal["trpo", "ppo"] = Field("ppo", description="The outer (meta) update.")
     max_kl: float = Field(0.01, gt=0.0, le=10.0,
                           description="TRPO: bound on the mean KL of the adapted policies.")

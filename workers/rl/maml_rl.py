@@ -216,11 +216,14 @@ class MAMLRL:
         return -(ratio * advantages * mask).sum() / mask.sum().clamp_min(1)
 
     def adapt(self, task_params: dict[str, Tensor], data: Trajectories, *,
-              create_graph: bool) -> dict[str, Tensor]:
-        """One VPG step per task (vectorized): θ' = θ − α ∇L_VPG(θ)."""
+              create_graph: bool, step: int = 0) -> dict[str, Tensor]:
+        """One VPG step per task (vectorized): θ' = θ − α ∇L_VPG(θ); α = ``inner_lr`` for the
+        first step (``step`` 0), ``later_inner_lr`` (if set) for the later ones."""
         gradients = vmap(grad(self._inner_loss))(task_params, data.observations, data.actions,
                                                  data.advantages, data.mask, data.log_probs)
         lr = self.algorithm.inner_lr
+        if step > 0 and self.pg.later_inner_lr is not None:
+            lr = self.pg.later_inner_lr
         if not create_graph:
             gradients = {k: g.detach() for k, g in gradients.items()}
         return {k: task_params[k] - lr * gradients[k] for k in task_params}
@@ -229,8 +232,8 @@ class MAMLRL:
                   create_graph: bool = True) -> Params:
         """θ'(θ) per task [T, ...]: the inner steps on ``batches`` from the shared θ."""
         adapted = expand_params(theta, batches[0].observations.shape[0]) if batches else None
-        for batch in batches:
-            adapted = self.adapt(adapted, batch, create_graph=create_graph)
+        for step, batch in enumerate(batches):
+            adapted = self.adapt(adapted, batch, create_graph=create_graph, step=step)
         return adapted
 
     @staticmethod
@@ -263,8 +266,8 @@ class MAMLRL:
         create_graph = not self.algorithm.first_order
         for _ in range(self.pg.outer_epochs):
             adapted = expand_params(self.params, post.observations.shape[0])
-            for batch in batches:
-                adapted = self.adapt(adapted, batch, create_graph=create_graph)
+            for step, batch in enumerate(batches):
+                adapted = self.adapt(adapted, batch, create_graph=create_graph, step=step)
             loss = self._outer_loss(adapted, post)
             self.optimizer.zero_grad()
             loss.backward()
@@ -273,23 +276,41 @@ class MAMLRL:
 
     def kl_hvp(self, theta: Params, batches: list[Trajectories], data: Trajectories):  # noqa: ANN201
         """v ↦ H v with H the Hessian at θ of the mean KL(π_θ'(θ_old) ‖ π_θ'(θ)) through the inner
-        steps: Jᵀ F J v (exact at θ_old, see the module docstring). With ``first_order``, J = I."""
+        steps: Jᵀ F J v (exact at θ_old, see the module docstring). With ``first_order``, J = I;
+        with one inner step J_t = I − α ∇²L_t(θ) is symmetric, so J v is a second backward
+        product (cheaper than forward mode through the inner gradient)."""
         theta = {k: v.detach() for k, v in theta.items()}
-        first_order = self.algorithm.first_order or not batches
-        inner = (lambda th: expand_params(th, data.observations.shape[0])) if first_order \
-            else (lambda th: self.adapt_all(th, batches))
-        adapted, pullback = torch.func.vjp(inner, theta)
+        tasks = data.observations.shape[0]
+        if self.algorithm.first_order or not batches:
+            adapted = expand_params(theta, tasks)
+            push = lambda tangent: expand_params(tangent, tasks)  # noqa: E731
+            pull = lambda cotangent: {k: v.sum(0) for k, v in cotangent.items()}  # noqa: E731
+        elif len(batches) == 1:
+            per_task = {k: v.clone() for k, v in expand_params(theta, tasks).items()}
+            adapted, task_pullback = torch.func.vjp(
+                lambda p: self.adapt(p, batches[0], create_graph=True), per_task)
+
+            def push(tangent: Params) -> Params:
+                return task_pullback({k: v.clone() for k, v in expand_params(tangent, tasks).items()})[0]
+
+            def pull(cotangent: Params) -> Params:
+                return {k: v.sum(0) for k, v in task_pullback(cotangent)[0].items()}
+        else:
+            def inner(th: Params) -> Params:
+                return self.adapt_all(th, batches)
+
+            adapted, pullback = torch.func.vjp(inner, theta)
+            push = lambda tangent: torch.func.jvp(inner, (theta,), (tangent,))[1]  # noqa: E731
+            pull = lambda cotangent: pullback(cotangent)[0]  # noqa: E731
         adapted = {k: v.detach() for k, v in adapted.items()}
         with torch.no_grad():
             old = vmap(self._policy)(adapted, data.observations)
         kl_gradient = grad(lambda a: self.mean_kl(old, a, data))
 
         def product(vector: Tensor) -> Tensor:
-            tangent = unflatten(vector, theta)
-            _, pushed = torch.func.jvp(inner, (theta,), (tangent,))
+            pushed = push(unflatten(vector, theta))
             _, fisher = torch.func.jvp(kl_gradient, (adapted,), (pushed,))
-            (pulled,) = pullback(fisher)
-            return flatten(pulled).detach()
+            return flatten(pull(fisher)).detach()
 
         return product
 
@@ -299,8 +320,8 @@ class MAMLRL:
         create_graph = not self.algorithm.first_order
         leaf = {k: v.clone().requires_grad_(True) for k, v in theta.items()}
         adapted = expand_params(leaf, post.observations.shape[0])
-        for batch in batches:
-            adapted = self.adapt(adapted, batch, create_graph=create_graph)
+        for step, batch in enumerate(batches):
+            adapted = self.adapt(adapted, batch, create_graph=create_graph, step=step)
         objective = self.surrogate(adapted, post)
         gradient = flatten(dict(zip(leaf, torch.autograd.grad(objective, list(leaf.values())))))
         hvp = self.kl_hvp(theta, batches, post)
@@ -357,9 +378,9 @@ class MAMLRL:
         detached = {k: v.detach() for k, v in self.params.items()}
         batches: list[Trajectories] = []
         task_params = expand_params(detached, tasks)
-        for _ in range(steps):  # sample the pre-update trajectories of every inner step
+        for step in range(steps):  # sample the pre-update trajectories of every inner step
             batches.append(self.rollout(task_params, goals, episodes, generator))
-            task_params = self.adapt(task_params, batches[-1], create_graph=False)
+            task_params = self.adapt(task_params, batches[-1], create_graph=False, step=step)
         post = self.rollout(task_params, goals, episodes, generator)
         if self.pg.outer == "trpo":
             metrics = self._trpo_step(batches, post)
@@ -397,7 +418,7 @@ class MAMLRL:
                 results[f"return_step{step}"] = float(per_task.mean())
                 results[f"return_step{step}_ci95"] = half_width
             if step < reported[-1]:
-                task_params = self.adapt(task_params, data, create_graph=False)
+                task_params = self.adapt(task_params, data, create_graph=False, step=step)
         return results
 
     # ------------------------------------------------------------------ state
@@ -432,6 +453,7 @@ class MAMLRL:
         architecture = {"kind": "gaussian_mlp", "observation_size": 2, "action_size": 2,
                         "hidden": list(self.pg.hidden)}
         recipe = {"algorithm": "maml", "adaptation": "vpg", "inner_lr": self.algorithm.inner_lr,
+                  "later_inner_lr": self.pg.later_inner_lr,
                   "inner_steps": self.algorithm.inner_steps,
                   "episodes_per_task": self.pg.episodes_per_task, "gamma": self.pg.gamma,
                   "gae_lambda": self.pg.gae_lambda, "action_scale": self.action_scale}

@@ -115,13 +115,15 @@ def _trpo(overrides: dict | None = None) -> MAMLRL:
     return MAMLRL(JobSpec.model_validate(spec))
 
 
-def _batches(maml: MAMLRL, seed: int = 3):
+def _batches(maml: MAMLRL, seed: int = 3, steps: int = 1):
     goals = torch.tensor([[0.2, 0.1], [-0.3, 0.4]])
     generator = torch.Generator().manual_seed(seed)
     theta = {k: v.detach().clone() for k, v in maml.params.items()}
-    pre = maml.rollout(expand_params(theta, 2), goals, 3, generator)
-    adapted = maml.adapt_all(theta, [pre], create_graph=False)
-    return theta, [pre], maml.rollout(adapted, goals, 3, generator)
+    batches, adapted = [], expand_params(theta, 2)
+    for _ in range(steps):
+        batches.append(maml.rollout(adapted, goals, 3, generator))
+        adapted = maml.adapt(adapted, batches[-1], create_graph=False)
+    return theta, batches, maml.rollout(adapted, goals, 3, generator)
 
 
 def test_conjugate_gradient_solves_a_symmetric_positive_definite_system():
@@ -134,9 +136,10 @@ def test_conjugate_gradient_solves_a_symmetric_positive_definite_system():
     assert (matrix @ x - b).abs().max().item() < 1e-6
 
 
-def test_kl_hessian_vector_product_matches_the_hessian_through_the_inner_step():
+@pytest.mark.parametrize("steps", [1, 2])
+def test_kl_hessian_vector_product_matches_the_hessian_through_the_inner_steps(steps):
     maml = _trpo()
-    theta, batches, post = _batches(maml)
+    theta, batches, post = _batches(maml, steps=steps)
     with torch.no_grad():
         old = vmap(maml._policy)(maml.adapt_all(theta, batches, create_graph=False),
                                  post.observations)
@@ -171,13 +174,16 @@ def test_the_accepted_trpo_step_improves_the_surrogate_within_the_kl_bound():
     assert metrics["train/kl"] == pytest.approx(kl, rel=1e-4)
 
 
-def test_trpo_takes_no_step_when_no_candidate_satisfies_the_line_search():
+def test_trpo_takes_no_step_when_no_candidate_satisfies_the_kl_bound(monkeypatch):
     maml = _trpo({"policy_gradient": {**TRPO["algorithm"]["policy_gradient"],
-                                      "line_search_steps": 1, "max_kl": 1e-12}})
+                                      "line_search_steps": 3}})
     _, batches, post = _batches(maml)
     before = flatten({k: v.detach().clone() for k, v in maml.params.items()})
-    maml._trpo_step(batches, post)
+    mean_kl = maml.mean_kl  # shifted by a constant: same Hessian, every candidate over the bound
+    monkeypatch.setattr(maml, "mean_kl", lambda *args: mean_kl(*args) + 1.0)
+    metrics = maml._trpo_step(batches, post)
     assert torch.equal(flatten({k: v.detach() for k, v in maml.params.items()}), before)
+    assert metrics["train/line_search_steps"] == 3 and metrics["train/kl"] == 0.0
 
 
 def test_normalized_actions_are_scaled_to_the_max_action_in_the_environment():
@@ -219,3 +225,13 @@ def test_spec_validation_names_the_bad_trpo_field(field, value):
         JobSpec.model_validate(spec)
     locations = [e["loc"] for e in error.value.errors()]
     assert any(loc[-1] == field and "policy_gradient" in loc for loc in locations), locations
+
+
+def test_later_inner_lr_applies_to_the_second_and_later_steps_only():
+    maml = _trpo({"policy_gradient": {**TRPO["algorithm"]["policy_gradient"],
+                                      "later_inner_lr": 0.025}})
+    theta, (pre,), _ = _batches(maml)
+    first = maml.adapt(expand_params(theta, 2), pre, create_graph=False, step=0)
+    later = maml.adapt(expand_params(theta, 2), pre, create_graph=False, step=2)
+    for name, value in theta.items():  # same gradient, step sizes 0.1 and 0.025
+        assert torch.allclose(value - later[name], 0.25 * (value - first[name]), atol=1e-6), name
