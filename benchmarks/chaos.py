@@ -10,10 +10,15 @@ second, each with its own Idempotency-Key, retrying a job (same key) until it ge
 200, so a submit that meets a dead server is not lost to the client either. For
 ``--chaos-s`` seconds, every 2–6 s (uniform, ``--seed``), one of:
 
-* kill an inner-loop worker: SIGKILL of one process whose command line names
-  ``InnerLoopWorker`` (a Ray actor of a running job), picked at random; (2 in 3 of events)
-* kill the server: SIGKILL of its whole process group (server, dispatcher, local Ray),
-  then a restart on the same port and directory. (1 in 3)
+* kill an inner-loop worker (3 in 4 of events): SIGKILL of one process of this server's
+  Ray whose title names ``InnerLoopWorker`` (an actor of a running job), picked at random;
+  when none exists yet (a job's actors are still starting, or every job is between
+  attempts) the event waits up to 15 s for one, so a kill lands instead of being skipped;
+* kill the server (1 in 4): SIGKILL of its whole process group (server, dispatcher, local
+  Ray), then a restart on the same port and directory.
+
+Only processes of the server's own session are candidates (``ps -o sid``): other Ray
+instances on the machine are never touched.
 
 After that the server is left alone until every accepted job is terminal or
 ``--deadline-s`` passes. Reported: jobs accepted (a 201 was received), succeeded, failed,
@@ -52,9 +57,20 @@ JOB_SPEC = {
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
-def inner_loop_worker_pids() -> list[int]:
-    found = subprocess.run(["pgrep", "-f", "InnerLoopWorker"], capture_output=True, text=True)
-    return [int(pid) for pid in found.stdout.split()]
+WORKER_WAIT_S = 15.0
+SERVER_KILL_SHARE = 0.25
+
+
+def inner_loop_worker_pids(session_id: int) -> list[int]:
+    """Processes of session ``session_id`` (the server's: it starts its own Ray) running an
+    inner-loop worker actor (Ray titles them ``ray::InnerLoopWorker...``)."""
+    listing = subprocess.run(["ps", "-eo", "pid=,sid=,args="], capture_output=True, text=True)
+    pids = []
+    for line in listing.stdout.splitlines():
+        pid, sid, args = line.split(None, 2) if len(line.split(None, 2)) == 3 else (0, 0, "")
+        if int(sid) == session_id and "InnerLoopWorker" in args:
+            pids.append(int(pid))
+    return pids
 
 
 class Chaos:
@@ -90,10 +106,12 @@ class Chaos:
             time.sleep(0.5)
 
     def kill_worker(self) -> None:
-        pids = inner_loop_worker_pids()
-        if not pids:
-            self.events.append({"t": self.elapsed(), "event": "no worker to kill"})
-            return
+        deadline = time.monotonic() + WORKER_WAIT_S
+        while not (pids := inner_loop_worker_pids(self.server.process.pid)):
+            if time.monotonic() > deadline:
+                self.events.append({"t": self.elapsed(), "event": "no worker to kill"})
+                return
+            time.sleep(0.2)
         pid = self.random.choice(pids)
         try:
             os.kill(pid, signal.SIGKILL)
@@ -103,8 +121,9 @@ class Chaos:
                             "pid": pid})
 
     def kill_server(self) -> None:
+        session_id = self.server.process.pid
         self.server.kill()
-        for pid in inner_loop_worker_pids():  # a real machine loss takes these too
+        for pid in inner_loop_worker_pids(session_id):  # a machine loss takes these too
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -122,7 +141,7 @@ class Chaos:
         submitter.start()
         while time.monotonic() - self.started < chaos_s:
             time.sleep(self.random.uniform(2.0, 6.0))
-            if self.random.random() < 2 / 3:
+            if self.random.random() >= SERVER_KILL_SHARE:
                 self.kill_worker()
             else:
                 self.kill_server()
