@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
-from sqlalchemy import select
+from sqlalchemy import Row, select
 from sqlalchemy.orm import Session
 
 from service import store
@@ -59,9 +59,10 @@ def submit_job(*, session: Session, owner: User, spec: JobSpec,
                                 max_attempts=spec.max_attempts, idempotency_key=idempotency_key)
 
 
-def get_job(*, session: Session, job_id: str, owner: User) -> Job:
+def get_job(*, session: Session, job_id: str, owner: User) -> Row:
+    """The job as a read-only row (``.id``, ``.status``, ... as on :class:`Job`)."""
     with _Transaction(session):
-        return store.get_job(session=session, job_id=job_id, owner=owner)
+        return store.get_job_row(session=session, job_id=job_id, owner=owner)
 
 
 def list_jobs(*, session: Session, owner: User, status: JobStatus | None = None,
