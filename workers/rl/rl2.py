@@ -228,6 +228,8 @@ class RL2Trainer:
         results = {}
         totals = {"rl2": run_rl2_trials(self.network(), self.family, tasks, seed=self.spec.seed,
                                         split=split)}
+        totals["rl2_greedy"] = run_rl2_trials(self.network(), self.family, tasks, seed=self.spec.seed,
+                                              split=split, greedy=True)
         if self.family.name == "bandit":
             pulls = self.family.spec.pulls
             for name, baseline in BANDIT_BASELINES.items():

@@ -20,9 +20,10 @@ def rl2_network(family: RLTaskFamily, hidden_size: int) -> RecurrentPolicy:
 
 @torch.no_grad()
 def run_rl2_trials(network: RecurrentPolicy, family: RLTaskFamily, tasks: list[Task], *,
-                   seed: int, split: str = "test") -> np.ndarray:
+                   seed: int, split: str = "test", greedy: bool = False) -> np.ndarray:
     """Total reward of one trial per task (hidden state kept across the trial's episodes);
-    actions are sampled from the policy. Returns an array [len(tasks)]."""
+    actions are sampled from the policy (``greedy``: its most likely action, or the Gaussian
+    mean). Returns an array [len(tasks)]."""
     envs = [TrialEnv(family, seed=seed, split=split, stream=index) for index in range(len(tasks))]
     observations = []
     for env, task in zip(envs, tasks):
@@ -36,11 +37,14 @@ def run_rl2_trials(network: RecurrentPolicy, family: RLTaskFamily, tasks: list[T
         batch = torch.from_numpy(np.stack(observations)).float()[:, None, :]
         outputs, _, state = network(batch, state)
         outputs = outputs[:, 0]
-        if family.discrete:
+        if family.discrete and greedy:
+            actions = outputs.argmax(-1).numpy()
+        elif family.discrete:
             actions = torch.multinomial(torch.softmax(outputs, -1), 1, generator=generator)[:, 0].numpy()
         else:
             mean, log_std = outputs.chunk(2, dim=-1)
-            actions = (mean + log_std.exp() * torch.randn(mean.shape, generator=generator)).numpy()
+            noise = 0.0 if greedy else log_std.exp() * torch.randn(mean.shape, generator=generator)
+            actions = (mean + noise).numpy()
         for index, env in enumerate(envs):
             if not running[index]:
                 continue

@@ -10,7 +10,9 @@ from ray.rllib.evaluation.postprocessing import Postprocessing
 
 from workers.rl.rl2 import (ENV_STREAMS_PER_RUNNER, RealStepAdvantages, _number_streams, _schedule,
                             make_trial_env)
-from workers.rl.tasks import BanditTrialVectorEnv, TrialEnv
+from workers.rl.rl2_policy import rl2_network, run_rl2_trials
+from workers.rl.tasks import BanditFamily, BanditTrialVectorEnv, TrialEnv
+from workers.spec import BanditSpec
 
 CONFIG = {"family": {"name": "bandit", "arms": 3, "pulls": 4}, "seed": 0}
 
@@ -43,3 +45,14 @@ def test_advantages_are_standardized_over_the_real_steps_only():
     expected = np.array([1.0, 2.0, 3.0, 3.0, 5.0])
     expected = (expected - expected.mean()) / expected.std(ddof=1)
     assert np.allclose(real.numpy(), expected, atol=1e-6)
+
+
+def test_greedy_trials_pull_the_most_likely_arm():
+    family = BanditFamily(BanditSpec(arms=2, pulls=5))
+    network = rl2_network(family, 4)
+    with torch.no_grad():
+        network.pi.weight.zero_()
+        network.pi.bias.copy_(torch.tensor([0.0, 5.0]))
+    tasks = [{"means": np.array([0.0, 1.0])}]
+    assert run_rl2_trials(network, family, tasks, seed=0, greedy=True).tolist() == [5.0]
+    assert run_rl2_trials(network, family, tasks, seed=0).tolist()[0] >= 3.0
