@@ -331,7 +331,8 @@ class MAMLRL:
 
         direction = conjugate_gradient(damped, gradient, pg.cg_iters)
         curvature = float(direction @ damped(direction))
-        metrics = {"train/surrogate_before": float(objective.detach()), "train/kl": 0.0,
+        metrics = {"train/surrogate_before": float(objective.detach()),  # same keys every step
+                   "train/surrogate_after": float(objective.detach()), "train/kl": 0.0,
                    "train/line_search_steps": float(pg.line_search_steps)}
         if not curvature > 0 or not torch.isfinite(direction).all():
             return metrics

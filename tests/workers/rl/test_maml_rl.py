@@ -184,6 +184,7 @@ def test_trpo_takes_no_step_when_no_candidate_satisfies_the_kl_bound(monkeypatch
     metrics = maml._trpo_step(batches, post)
     assert torch.equal(flatten({k: v.detach() for k, v in maml.params.items()}), before)
     assert metrics["train/line_search_steps"] == 3 and metrics["train/kl"] == 0.0
+    assert metrics["train/surrogate_after"] == metrics["train/surrogate_before"]
 
 
 def test_normalized_actions_are_scaled_to_the_max_action_in_the_environment():
