@@ -160,13 +160,15 @@ def wait_until(predicate, timeout: float, what: str) -> None:  # noqa: ANN001
 
 
 def measure(directory: Path, database_url: str, clients: int, seconds: float,
-            database: str) -> dict:
-    server = ServerProcess(directory, METASERVE_DATABASE_URL=database_url).start()
+            database: str, server_code: Path | None = None) -> dict:
+    extra = {"PYTHONPATH": str(server_code)} if server_code else {}
+    server = ServerProcess(directory, METASERVE_DATABASE_URL=database_url, **extra).start()
     try:
         client = server.client()
-        wait_until(lambda: client.get("/readyz").json().get("dispatcher") == "ready", 180,
-                   "the dispatcher to connect to Ray")
-        time.sleep(SETTLE_S)
+        if server_code is None:
+            wait_until(lambda: client.get("/readyz").json().get("dispatcher") == "ready", 180,
+                       "the dispatcher to connect to Ray")
+        time.sleep(SETTLE_S if server_code is None else 3 * SETTLE_S)  # older /readyz: no state
         env = {"API_KEY": server.admin_key, "RUN_ID": uuid.uuid4().hex[:8],
                "SPEC_JSON": json.dumps(TWO_LINE_SPEC)}
         submit = run_wrk(SUBMIT_LUA, server.url, clients, seconds, env, directory)
@@ -206,13 +208,13 @@ def job_ids(client: httpx.Client) -> list[str]:
             return ids
 
 
-def run(database: str, clients: int, seconds: float) -> dict:
+def run(database: str, clients: int, seconds: float, server_code: Path | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="metaserve-load-") as directory:
         if database == "postgres":
             with fresh_postgres() as url:
-                return measure(Path(directory), url, clients, seconds, database)
+                return measure(Path(directory), url, clients, seconds, database, server_code)
         url = f"sqlite:///{directory}/.metaserve/metaserve.db"
-        return measure(Path(directory), url, clients, seconds, database)
+        return measure(Path(directory), url, clients, seconds, database, server_code)
 
 
 def main() -> None:
@@ -222,6 +224,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0,
                         help="Length of the submit phase and of the open-loop poll phase.")
     parser.add_argument("--json", type=Path, help="Also write the report here.")
+    parser.add_argument("--baseline", type=Path, metavar="CHECKOUT",
+                        help="Also measure the server code of another checkout of this "
+                             "repository (e.g. a `git worktree` of an older commit), right "
+                             "after each measurement of this one: the peer in the same run.")
     args = parser.parse_args()
     report = {"tool": f"{wrk_version()}, 1 thread, {args.clients} connections, Lua scripts "
                       "in benchmarks/load.py, same machine as the server",
@@ -232,6 +238,12 @@ def main() -> None:
         result["load_average_after"] = os.getloadavg()
         report["results"].append(result)
         print(json.dumps(result), flush=True)
+        if args.baseline:
+            baseline = run(database, args.clients, args.seconds, args.baseline.resolve())
+            baseline["server_code"] = str(args.baseline)
+            baseline["load_average_after"] = os.getloadavg()
+            report["results"].append(baseline)
+            print(json.dumps(baseline), flush=True)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
 
