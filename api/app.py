@@ -50,8 +50,8 @@ def _stop_dispatcher(app: FastAPI) -> None:
 async def _freeze_startup_objects(app: FastAPI) -> None:
     """Move what start-up created (Ray's and torch's modules: ~170 k objects) out of the
     garbage collector's view once the dispatcher is connected. Without this every full
-    collection walks them all and stalls the event loop for 100-400 ms, which was the whole
-    tail of the status-poll latency (docs/RELIABILITY.md, "Load")."""
+    collection walks them all and stalls the event loop for 100-400 ms, the largest part of
+    the status-poll tail before (docs/RELIABILITY.md, "Load")."""
     dispatcher = getattr(app.state, "dispatcher", None)
     deadline = time.monotonic() + FREEZE_WAIT_S
     while (dispatcher is not None and not dispatcher.ray_ready.is_set()
