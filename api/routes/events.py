@@ -92,7 +92,7 @@ def job_events(
     """Server-Sent Events of the job until it is terminal; resumes after `Last-Event-ID`."""
     cursor = jobs.EventCursor.parse(last_event_id or after)
     jobs.get_job(session=session, job_id=job_id, owner=user)  # 404 before the stream starts
-    owner = User(id=user.id, name=user.name, is_admin=user.is_admin)  # outlives this session
-    return StreamingResponse(_stream(request, job_id, owner, cursor),
+    # ``user`` is the key cache's transient copy: safe to use after this request's session
+    return StreamingResponse(_stream(request, job_id, user, cursor),
                              media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
