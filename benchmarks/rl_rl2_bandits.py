@@ -10,7 +10,10 @@ training time and throughput. Paper: (n=10, k=5) 6.7; (n=10, k=10) 6.7; (n=100, 
 3500000 --minutes 34 --eval-trials 1000``).
 
 Training stops at ``--steps`` env steps or after ``--minutes``, whichever comes first; the lr
-and entropy schedules run over ``--anneal-steps`` (default ``--steps``).
+and entropy schedules run over ``--anneal-steps`` (default ``--steps``). ``--save PREFIX``
+writes the learner state (``PREFIX.safetensors`` + ``PREFIX.json``) every ``--save-minutes``
+and at the end; ``--resume PREFIX`` continues from it (the env-step count, and so the
+schedules, carry on; ``--minutes`` counts this run only).
 """
 
 from __future__ import annotations
@@ -21,8 +24,23 @@ import time
 from pathlib import Path
 
 import ray
+from safetensors.torch import load_file, save_file
 
 PAPER = {(10, 5): 6.7, (10, 10): 6.7, (100, 5): 78.7}
+
+
+def save_state(trainer, curve: list[dict], prefix: Path, train_seconds: float) -> None:  # noqa: ANN001
+    """The learner state and the curve so far, written atomically (a kill mid-write keeps the
+    previous save)."""
+    tensors, document = trainer.state()
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    for suffix, write in ((".safetensors", lambda path: save_file(tensors, str(path))),
+                          (".json", lambda path: path.write_text(
+                              json.dumps({"state": document, "curve": curve,
+                                          "train_seconds": train_seconds})))):
+        partial = prefix.with_suffix(suffix + ".partial")
+        write(partial)
+        partial.replace(prefix.with_suffix(suffix))
 
 
 def main() -> None:
@@ -48,6 +66,9 @@ def main() -> None:
     parser.add_argument("--eval-trials", type=int, default=2000)
     parser.add_argument("--log-every", type=int, default=5, help="iterations between curve points")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--save", type=Path, default=None, help="state file prefix")
+    parser.add_argument("--save-minutes", type=float, default=5.0)
+    parser.add_argument("--resume", type=Path, default=None, help="state file prefix")
     args = parser.parse_args()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     from workers.rl.rl2 import RL2Trainer
@@ -68,16 +89,30 @@ def main() -> None:
         "meta_batch_size": args.trials, "iterations": iterations, "seed": 0})
     trainer = RL2Trainer(spec)
     curve = []
+    earlier_seconds = 0.0
+    if args.resume:
+        tensors = load_file(str(args.resume.with_suffix(".safetensors")))
+        saved = json.loads(args.resume.with_suffix(".json").read_text())
+        trainer.load_state(tensors, saved["state"])
+        curve = saved["curve"]
+        earlier_seconds = saved["train_seconds"]
+        print(f"resumed at iteration {trainer.iteration}, {trainer.env_steps} env steps", flush=True)
     started = time.monotonic()
+    last_save = started
     while trainer.iteration < iterations and time.monotonic() - started < args.minutes * 60:
         metrics = trainer.train_iteration()
+        if args.save and time.monotonic() - last_save > args.save_minutes * 60:
+            save_state(trainer, curve, args.save, earlier_seconds + time.monotonic() - started)
+            last_save = time.monotonic()
         if trainer.iteration % args.log_every == 0:
-            seconds = time.monotonic() - started
+            seconds = earlier_seconds + time.monotonic() - started
             point = {"iteration": trainer.iteration, "seconds": round(seconds, 1),
                      "steps_per_s": round(trainer.env_steps / seconds), **metrics}
             curve.append(point)
             print(json.dumps(point), flush=True)
-    seconds = time.monotonic() - started
+    seconds = earlier_seconds + time.monotonic() - started
+    if args.save:
+        save_state(trainer, curve, args.save, seconds)
     evaluation_started = time.monotonic()
     evaluation = trainer.evaluate("test")
     result = {"pulls": args.pulls, "arms": args.arms, "paper_rl2": PAPER.get((args.pulls, args.arms)),

@@ -139,9 +139,15 @@ class RL2Module(TorchRLModule, ValueFunctionAPI):
 
 
 def _flatten(tree: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
-    """Move every array of a nested state into ``tensors`` (key = path); return the rest."""
+    """Move every array of a nested state into ``tensors`` (key = path); return the rest, which
+    survives JSON: a dict with a key that is not a string (torch's optimizer state is keyed by
+    parameter index) becomes ``{"__items__": [[key, value], ...]}``, since JSON would turn its
+    keys into strings and the optimizer would then no longer find its moments."""
     if isinstance(tree, dict):
-        return {key: _flatten(value, f"{prefix}{key}/", tensors) for key, value in tree.items()}
+        if all(isinstance(key, str) for key in tree):
+            return {key: _flatten(value, f"{prefix}{key}/", tensors) for key, value in tree.items()}
+        return {"__items__": [[key, _flatten(value, f"{prefix}{key}/", tensors)]
+                              for key, value in tree.items()]}
     if isinstance(tree, (list, tuple)):
         return [_flatten(value, f"{prefix}{index}/", tensors) for index, value in enumerate(tree)]
     if isinstance(tree, (np.ndarray, torch.Tensor)):
@@ -156,6 +162,8 @@ def _unflatten(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
     if isinstance(tree, dict):
         if set(tree) == {"__tensor__"}:
             return tensors[tree["__tensor__"]].numpy()
+        if set(tree) == {"__items__"}:
+            return {key: _unflatten(value, tensors) for key, value in tree["__items__"]}
         return {key: _unflatten(value, tensors) for key, value in tree.items()}
     if isinstance(tree, list):
         return [_unflatten(value, tensors) for value in tree]
@@ -248,7 +256,9 @@ class RL2Trainer:
         tensors: dict[str, torch.Tensor] = {}
         learner_state = self.algo.learner_group.get_state()
         document = {"iteration": self.iteration, "env_steps": self.env_steps,
-                    "learner_group": _flatten(learner_state, "learner_group/", tensors)}
+                    "learner_group": _flatten(learner_state, "learner_group/", tensors),
+                    # RLlib's lifetime env-step count: the lr and entropy schedules run on it
+                    "metrics": _flatten(self.algo.metrics.get_state(), "metrics/", tensors)}
         return tensors, document
 
     def load_state(self, tensors: dict[str, torch.Tensor], document: dict) -> None:
@@ -256,6 +266,8 @@ class RL2Trainer:
         weights = self.algo.learner_group.get_weights()
         self.algo.env_runner_group.sync_weights(from_worker_or_learner_group=self.algo.learner_group)
         del weights
+        if "metrics" in document:
+            self.algo.metrics.set_state(_unflatten(document["metrics"], tensors))
         self.iteration = int(document["iteration"])
         self.env_steps = int(document["env_steps"])
 

@@ -56,3 +56,43 @@ def test_greedy_trials_pull_the_most_likely_arm():
     tasks = [{"means": np.array([0.0, 1.0])}]
     assert run_rl2_trials(network, family, tasks, seed=0, greedy=True).tolist() == [5.0]
     assert run_rl2_trials(network, family, tasks, seed=0).tolist()[0] >= 3.0
+
+
+def test_the_learner_state_survives_json_and_a_resumed_trainer_keeps_its_adam_moments(ray_session):
+    """The job checkpoint stores the non-tensor part of the state as JSON. torch keys the
+    optimizer state by parameter index; JSON turned those keys into strings, so a resumed
+    trainer lost its Adam moments and its next checkpoint failed (int and str keys mixed); and its
+    env-step count (which the lr and entropy schedules follow) restarted from zero."""
+    import json
+
+    from workers.rl.rl2 import RL2Trainer
+    from workers.spec import JobSpec
+
+    spec = JobSpec.model_validate({
+        "algorithm": {"name": "rl2", "hidden_size": 8, "envs_per_runner": 4, "num_epochs": 1,
+                      "minibatch_trials": 4, "evaluation_trials": 4, "lr_final": 0.0001},
+        "task_family": {"name": "bandit", "arms": 3, "pulls": 5}, "meta_batch_size": 4,
+        "iterations": 3})
+    first = RL2Trainer(spec)
+    resumed = RL2Trainer(spec)
+    try:
+        first.train_iteration()
+        tensors, document = first.state()
+        resumed.load_state(tensors, json.loads(json.dumps(document)))
+        assert resumed.iteration == 1 and resumed.env_steps == first.env_steps
+
+        def adam_state(trainer: RL2Trainer) -> dict:
+            learner = trainer.algo.learner_group.get_state()["learner"]
+            return next(iter(learner["optimizer"].values()))["state"]["state"]
+
+        original, restored = adam_state(first), adam_state(resumed)
+        assert sorted(restored) == sorted(original) and all(isinstance(k, int) for k in restored)
+        assert all(np.array_equal(original[k]["exp_avg"], restored[k]["exp_avg"]) for k in original)
+        first.train_iteration()
+        resumed.train_iteration()
+        # the schedules run on RLlib's lifetime env-step count, which carries on
+        assert resumed.env_steps == first.env_steps == 2 * 4 * 5
+        resumed.state()
+    finally:
+        first.close()
+        resumed.close()
