@@ -137,15 +137,19 @@ class RL2Spec(StrictModel):
     episode-done flag, trained with PPO (Schulman et al. 2017) on RLlib's new API stack. A trial
     is ``episodes_per_trial`` episodes of one task; the hidden state is kept across them, so
     the network itself learns to explore and exploit. ``meta_batch_size`` trials per iteration.
+
+    The defaults are the settings that reached the RL² paper on bandits with n = 10 pulls
+    (docs/BENCHMARKS.md: many small PPO minibatches), except the annealing, which those runs
+    added with ``lr_final: 0.0002`` and ``entropy_coeff_final: 0`` (examples/rl2_bandit.yaml).
     """
 
     name: Literal["rl2"] = "rl2"
     hidden_size: int = Field(64, ge=4, le=1024, description="LSTM cell size.")
-    lr: LearningRate = Field(0.0005, description="PPO learning rate (Adam).")
-    gamma: float = Field(0.99, gt=0.0, le=1.0, description="Discount factor within a trial.")
-    gae_lambda: float = Field(0.3, ge=0.0, le=1.0, description="GAE λ.")
+    lr: LearningRate = Field(0.001, description="PPO learning rate (Adam).")
+    gamma: float = Field(0.9, gt=0.0, le=1.0, description="Discount factor within a trial.")
+    gae_lambda: float = Field(0.9, ge=0.0, le=1.0, description="GAE λ.")
     clip: float = Field(0.2, gt=0.0, le=1.0, description="PPO ratio clip ε.")
-    entropy_coeff: float = Field(0.01, ge=0.0, le=1.0, description="Entropy bonus weight.")
+    entropy_coeff: float = Field(0.02, ge=0.0, le=1.0, description="Entropy bonus weight.")
     lr_final: float | None = Field(None, gt=0.0, le=100.0,
                                    description="Learning rate reached linearly at the end of "
                                                "anneal_env_steps (None: constant lr).")
@@ -155,14 +159,14 @@ class RL2Spec(StrictModel):
     anneal_env_steps: int | None = Field(None, ge=1, le=10**12,
                                          description="Env steps of the lr / entropy schedules "
                                                      "(None: iterations × trials × trial length).")
-    grad_clip: float | None = Field(None, gt=0.0, le=1e6, description="Global gradient-norm clip.")
+    grad_clip: float | None = Field(10.0, gt=0.0, le=1e6, description="Global gradient-norm clip.")
     vf_loss_coeff: float = Field(0.5, ge=0.0, le=100.0, description="Value loss weight.")
     num_epochs: int = Field(4, ge=1, le=100, description="PPO epochs per iteration.")
-    minibatch_trials: int = Field(64, ge=1, le=MAX_META_BATCH,
+    minibatch_trials: int = Field(16, ge=1, le=MAX_META_BATCH,
                                   description="Trials per PPO minibatch.")
     env_runners: int = Field(0, ge=0, le=MAX_WORKERS,
                              description="RLlib env-runner actors (0: sample in the learner).")
-    envs_per_runner: int = Field(16, ge=1, le=1024, description="Vectorized envs per runner.")
+    envs_per_runner: int = Field(64, ge=1, le=1024, description="Vectorized envs per runner.")
     evaluation_trials: int = Field(1000, ge=1, le=100_000,
                                    description="Held-out trials for the final evaluation.")
 
