@@ -348,8 +348,25 @@ class Nav2DSpec(StrictModel):
         return self
 
 
+class HalfCheetahVelSpec(StrictModel):
+    """Half-cheetah running at a goal velocity (Finn et al. 2017, §5.3): MuJoCo's HalfCheetah
+    (gymnasium's v5 model, 17-D observation, 6 torques in [−1, 1]); goal velocity ~
+    U[``velocity_range``]; reward = −|forward velocity − goal| − 0.05 ‖a‖²; ``horizon`` steps."""
+
+    name: Literal["halfcheetah_vel"] = "halfcheetah_vel"
+    velocity_range: Range = Field((0.0, 2.0), description="Goal velocity ~ U[low, high].")
+    horizon: int = Field(200, ge=1, le=10_000, description="Steps per episode.")
+    episodes: int = Field(2, ge=1, le=1000, description="Episodes per trial (RL² only).")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "HalfCheetahVelSpec":
+        _check_range(self.velocity_range, "velocity_range")
+        return self
+
+
 TaskFamilySpec = Annotated[
-    Union[SineSpec, LinearSpec, ImagesSpec, GlyphsSpec, BanditSpec, TabularMDPSpec, Nav2DSpec],
+    Union[SineSpec, LinearSpec, ImagesSpec, GlyphsSpec, BanditSpec, TabularMDPSpec, Nav2DSpec,
+          HalfCheetahVelSpec],
     Field(discriminator="name"),
 ]
 TASK_FAMILIES: dict[str, type[StrictModel]] = {
@@ -360,14 +377,15 @@ TASK_FAMILIES: dict[str, type[StrictModel]] = {
     "bandit": BanditSpec,
     "tabular_mdp": TabularMDPSpec,
     "nav2d": Nav2DSpec,
+    "halfcheetah_vel": HalfCheetahVelSpec,
 }
 IMAGE_FAMILIES = frozenset({"images", "glyphs"})
-RL_FAMILIES = frozenset({"bandit", "tabular_mdp", "nav2d"})
-# Which RL algorithms run on which RL families (continuous actions: nav2d only).
+RL_FAMILIES = frozenset({"bandit", "tabular_mdp", "nav2d", "halfcheetah_vel"})
+# Which RL algorithms run on which RL families (MAML-RL: continuous actions; PEARL: nav2d).
 RL_ALGORITHM_FAMILIES: dict[str, frozenset[str]] = {
-    "rl2": frozenset({"bandit", "tabular_mdp", "nav2d"}),
+    "rl2": frozenset({"bandit", "tabular_mdp", "nav2d", "halfcheetah_vel"}),
     "pearl": frozenset({"nav2d"}),
-    "maml": frozenset({"nav2d"}),
+    "maml": frozenset({"nav2d", "halfcheetah_vel"}),
 }
 
 

@@ -1,6 +1,7 @@
-"""End to end: each meta-RL algorithm (maml on nav2d, rl2 on bandits, pearl on nav2d) runs
-through ``POST /v1/jobs`` on the real ``metaserve serve`` embedded default with a short
-configuration, and its meta-policy downloads and runs on new tasks."""
+"""End to end: each meta-RL algorithm (maml on nav2d and on MuJoCo's half-cheetah, rl2 on
+bandits, pearl on nav2d) runs through ``POST /v1/jobs`` on the real ``metaserve serve``
+embedded default with a short configuration, and its meta-policy downloads and runs on new
+tasks."""
 
 from __future__ import annotations
 
@@ -19,6 +20,11 @@ SHORT_JOBS = {
                            "policy_gradient": {"episodes_per_task": 2, "hidden": [16], "outer_epochs": 1}},
              "task_family": {"name": "nav2d", "horizon": 20}, "meta_batch_size": 2, "iterations": 2,
              "log_every": 1, "evaluation": {"tasks": 4, "inner_steps": [1]}},
+    "maml_halfcheetah_vel": {
+        "algorithm": {"name": "maml", "inner_lr": 0.1,
+                      "policy_gradient": {"episodes_per_task": 2, "hidden": [16], "outer_epochs": 1}},
+        "task_family": {"name": "halfcheetah_vel", "horizon": 10}, "meta_batch_size": 2,
+        "iterations": 2, "log_every": 1, "evaluation": {"tasks": 2, "inner_steps": [1]}},
     "rl2": {"algorithm": {"name": "rl2", "hidden_size": 8, "envs_per_runner": 2, "num_epochs": 1,
                           "minibatch_trials": 4, "evaluation_trials": 10},
             "task_family": {"name": "bandit", "arms": 3, "pulls": 5}, "meta_batch_size": 4,
@@ -29,9 +35,10 @@ SHORT_JOBS = {
               "task_family": {"name": "nav2d", "horizon": 20}, "meta_batch_size": 2, "iterations": 2,
               "log_every": 1},
 }
-TRAIN_METRIC = {"maml": "train/return_after", "rl2": "train/env_steps", "pearl": "train/critic_loss"}
-FINAL_METRIC = {"maml": "test/return_step1", "rl2": "test/rl2_trial_return",
-                "pearl": "test/adapted_return"}
+TRAIN_METRIC = {"maml": "train/return_after", "maml_halfcheetah_vel": "train/return_after",
+                "rl2": "train/env_steps", "pearl": "train/critic_loss"}
+FINAL_METRIC = {"maml": "test/return_step1", "maml_halfcheetah_vel": "test/return_step1",
+                "rl2": "test/rl2_trial_return", "pearl": "test/adapted_return"}
 
 
 def test_every_rl_algorithm_runs_through_the_service_and_a_mismatch_is_a_422(tmp_path: Path):
@@ -43,7 +50,7 @@ def test_every_rl_algorithm_runs_through_the_service_and_a_mismatch_is_a_422(tmp
             assert rejected.status_code == 422
             assert [(d["field"], d["message"]) for d in rejected.json()["error"]["details"]] == [
                 ("task_family", "Value error, algorithm 'rl2' needs an RL task family "
-                                "(bandit, nav2d, tabular_mdp), got 'sine'")]
+                                "(bandit, halfcheetah_vel, nav2d, tabular_mdp), got 'sine'")]
             assert client.get("/v1/jobs").json()["data"] == []
             ids = {name: client.post("/v1/jobs", json=spec).json()["id"]
                    for name, spec in SHORT_JOBS.items()}

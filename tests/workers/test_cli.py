@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import typer
@@ -70,6 +71,16 @@ def test_sine_examples_are_valid_specs_of_the_paper_setting(name):
     assert job.algorithm.name == name.removeprefix("sine_")
     assert (job.algorithm.inner_steps, job.task_family.name, job.task_family.support_shots) == (1, "sine", 10)
     assert job.model.hidden == [40, 40]
+
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[path.stem for path in EXAMPLES])
+def test_every_example_spec_is_valid(path):
+    from workers.cli import load_spec
+
+    assert load_spec(path).task_family.name in path.stem  # validated, and the family it names
 
 
 @pytest.mark.slow

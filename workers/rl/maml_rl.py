@@ -1,4 +1,5 @@
-"""MAML with a policy-gradient inner loop (Finn et al. 2017, §5.3) on ``nav2d``.
+"""MAML with a policy-gradient inner loop (Finn et al. 2017, §5.3) on ``nav2d`` and
+``halfcheetah_vel``.
 
 Per meta-iteration, for each of ``meta_batch_size`` tasks: ``episodes_per_task`` trajectories
 are sampled with the meta-policy θ, the inner loop takes ``inner_steps`` vanilla policy
@@ -25,8 +26,10 @@ al. 2019): at θ = θ_sample its gradient is the VPG estimate, and its Hessian h
 correct second-order term. Advantages: GAE over rllab's linear feature baseline fitted
 per task (the baseline of the MAML paper), normalized per task.
 
-Trajectories of all tasks are simulated at once (tensor ops over ``[tasks, episodes]``) and
-the per-task inner loops are vectorized with ``torch.func.vmap``.
+On ``nav2d`` the trajectories of all tasks are simulated at once (tensor ops over ``[tasks,
+episodes]``); other families step one gymnasium env per (task, episode), reused across
+iterations, with the policy evaluated for all of them in one call. The per-task inner loops
+are vectorized with ``torch.func.vmap``.
 """
 
 from __future__ import annotations
@@ -53,8 +56,8 @@ ROLLOUT_STREAM = 1_000_003  # task index of the per-iteration rollout-noise seed
 class Trajectories:
     """Rollouts of ``T`` tasks × ``E`` episodes × ``H`` steps."""
 
-    observations: Tensor  # [T, E, H, 2]
-    actions: Tensor  # [T, E, H, 2]
+    observations: Tensor  # [T, E, H, observation size]
+    actions: Tensor  # [T, E, H, action size]
     rewards: Tensor  # [T, E, H] (0 after the episode ended)
     mask: Tensor  # [T, E, H] float, 1 while the episode runs
     log_probs: Tensor  # [T, E, H] of the sampling policy
@@ -118,15 +121,17 @@ class MAMLRL:
         self.algorithm = spec.algorithm
         self.pg: PolicyGradientSpec = spec.algorithm.policy_gradient or PolicyGradientSpec()
         self.family = build_rl_family(spec.task_family)
-        if not isinstance(self.family, Nav2DFamily):
-            raise ValueError(f"maml runs on nav2d, not {self.family.name}")
+        if self.family.discrete:
+            raise ValueError(f"maml-rl needs continuous actions, not {self.family.name}")
         with torch.random.fork_rng():
             torch.manual_seed(spec.seed)
-            self.policy = GaussianMLPPolicy(2, 2, list(self.pg.hidden), self.pg.init_log_std)
+            self.policy = GaussianMLPPolicy(self.family.observation_size, self.family.action_size,
+                                            list(self.pg.hidden), self.pg.init_log_std)
         self.params = {name: p.detach().clone().requires_grad_(True)
                        for name, p in self.policy.named_parameters()}
         self.optimizer = self._make_optimizer()
-        self.action_scale = self.family.spec.max_action if self.pg.normalize_actions else 1.0
+        self.action_scale = self.family.max_action if self.pg.normalize_actions else 1.0
+        self._envs: list = []  # gymnasium envs of non-nav2d families, reused
         self.iteration = 0
         self.env_steps = 0
 
@@ -145,7 +150,63 @@ class MAMLRL:
     @torch.no_grad()
     def rollout(self, task_params: dict[str, Tensor], goals: Tensor, episodes: int,
                 generator: torch.Generator) -> Trajectories:
-        """Simulate ``episodes`` episodes per task with per-task parameters [T, ...]."""
+        """Simulate ``episodes`` episodes per task with per-task parameters [T, ...]; ``goals``
+        [T, ·] holds each task's ``goal`` (a position on nav2d, a velocity on halfcheetah_vel)."""
+        if isinstance(self.family, Nav2DFamily):
+            trajectories = self._rollout_nav2d(task_params, goals, episodes, generator)
+        else:
+            trajectories = self._rollout_envs(task_params, goals, episodes, generator)
+        trajectories.advantages = self.advantages(trajectories)
+        return trajectories
+
+    def _rollout_envs(self, task_params: dict[str, Tensor], goals: Tensor, episodes: int,
+                      generator: torch.Generator) -> Trajectories:
+        """One gymnasium env per (task, episode), all stepped in lockstep; an env's initial
+        state is seeded from ``generator``, so a rollout is reproducible."""
+        tasks = goals.shape[0]
+        count = tasks * episodes
+        while len(self._envs) < count:
+            self._envs.append(self.family.make_env())
+        envs = self._envs[:count]
+        seeds = torch.randint(2**31 - 1, (count,), generator=generator).tolist()
+        first = []
+        for index, env in enumerate(envs):
+            env.set_task({"goal": goals[index // episodes].numpy().astype(np.float64)})
+            first.append(env.reset(seed=seeds[index])[0])
+        observation = torch.from_numpy(np.stack(first)).float().reshape(tasks, episodes, -1)
+        alive = torch.ones(tasks, episodes, dtype=torch.bool)
+        trace: dict[str, list[Tensor]] = {k: [] for k in ("obs", "act", "rew", "mask", "logp")}
+        policy = vmap(self._policy)
+        limit = self.family.max_action
+        for _ in range(self.family.max_episode_steps):
+            mean, log_std = policy(task_params, observation)
+            action = mean + log_std.exp() * torch.randn(mean.shape, generator=generator)
+            applied = (action * self.action_scale).clamp(-limit, limit).reshape(count, -1).numpy()
+            running = alive.reshape(-1).tolist()
+            observations, rewards = [], np.zeros(count)
+            ended = np.zeros(count, dtype=bool)
+            for index, env in enumerate(envs):
+                if not running[index]:
+                    observations.append(observation.reshape(count, -1)[index].numpy())
+                    continue
+                next_observation, reward, terminated, truncated, _ = env.step(applied[index])
+                observations.append(next_observation)
+                rewards[index] = reward
+                ended[index] = terminated or truncated
+            mask = alive.float()
+            trace["obs"].append(observation)
+            trace["act"].append(action)
+            trace["rew"].append(torch.from_numpy(rewards).float().reshape(tasks, episodes) * mask)
+            trace["mask"].append(mask)
+            trace["logp"].append(gaussian_log_prob(mean, log_std, action))
+            observation = torch.from_numpy(np.stack(observations)).float().reshape(tasks, episodes, -1)
+            alive = alive & ~torch.from_numpy(ended).reshape(tasks, episodes)
+        stacked = {k: torch.stack(v, dim=2) for k, v in trace.items()}
+        return Trajectories(stacked["obs"], stacked["act"], stacked["rew"], stacked["mask"],
+                            stacked["logp"])
+
+    def _rollout_nav2d(self, task_params: dict[str, Tensor], goals: Tensor, episodes: int,
+                       generator: torch.Generator) -> Trajectories:
         spec = self.family.spec
         tasks = goals.shape[0]
         position = torch.zeros(tasks, episodes, 2)
@@ -167,10 +228,8 @@ class MAMLRL:
             position = torch.where(alive[..., None], moved, position)
             alive = alive & ~(offset.abs() < GOAL_TOLERANCE).all(-1)
         stacked = {k: torch.stack(v, dim=2) for k, v in trace.items()}
-        trajectories = Trajectories(stacked["obs"], stacked["act"], stacked["rew"],
-                                    stacked["mask"], stacked["logp"])
-        trajectories.advantages = self.advantages(trajectories)
-        return trajectories
+        return Trajectories(stacked["obs"], stacked["act"], stacked["rew"], stacked["mask"],
+                            stacked["logp"])
 
     def advantages(self, t: Trajectories) -> Tensor:
         """GAE(γ, λ) over a per-task linear feature baseline, normalized per task."""
@@ -449,9 +508,15 @@ class MAMLRL:
         self.iteration = int(document["iteration"])
         self.env_steps = int(document["env_steps"])
 
+    def close(self) -> None:
+        for env in self._envs:
+            env.close()
+        self._envs = []
+
     def meta_policy(self) -> tuple[dict[str, Tensor], dict]:
         """The meta-policy tensors and the recipe :func:`workers.rl.load_meta_policy` reads."""
-        architecture = {"kind": "gaussian_mlp", "observation_size": 2, "action_size": 2,
+        architecture = {"kind": "gaussian_mlp", "observation_size": self.family.observation_size,
+                        "action_size": self.family.action_size,
                         "hidden": list(self.pg.hidden)}
         recipe = {"algorithm": "maml", "adaptation": "vpg", "inner_lr": self.algorithm.inner_lr,
                   "later_inner_lr": self.pg.later_inner_lr,

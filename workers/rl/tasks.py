@@ -11,6 +11,8 @@ environment whose task is switched with ``set_task``:
 - ``nav2d``: point robot from the origin to a goal ~ U[−0.5, 0.5]², reward −‖x − goal‖,
   actions clipped to ±``max_action``, the episode ends within 0.01 of the goal on both axes
   or after ``horizon`` steps (Finn et al. 2017, §5.3, as in their rllab code).
+- ``halfcheetah_vel``: MuJoCo's half-cheetah (gymnasium's HalfCheetah-v5 model) rewarded for
+  running at a goal velocity ~ U[0, 2]: −|v − goal| − 0.05 ‖a‖² (Finn et al. 2017, §5.3).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from workers.spec import BanditSpec, Nav2DSpec, TabularMDPSpec
+from workers.spec import BanditSpec, HalfCheetahVelSpec, Nav2DSpec, TabularMDPSpec
 from workers.tasks.base import task_seed
 
 Task = dict[str, np.ndarray]
@@ -116,6 +118,48 @@ class Nav2DEnv(gym.Env):
                 self.steps >= self.horizon and not reached, {})
 
 
+class HalfCheetahVelEnv(gym.Env):
+    """HalfCheetah-v5's body and observation with the goal-velocity reward
+    −|forward velocity − goal| − ``CHEETAH_CONTROL_COST`` ‖a‖²; ``horizon`` steps, no early end."""
+
+    def __init__(self, horizon: int):
+        try:
+            from gymnasium.envs.mujoco.half_cheetah_v5 import HalfCheetahEnv
+        except ImportError as error:  # mujoco is a dependency; this names it if it is missing
+            raise RuntimeError("task family 'halfcheetah_vel' needs MuJoCo: pip install "
+                               "'mujoco>=3.1' 'imageio>=2.14'") from error
+        self.cheetah = HalfCheetahEnv()
+        self.horizon = horizon
+        self.observation_space = self.cheetah.observation_space
+        self.action_space = self.cheetah.action_space
+        self.task: Task | None = None
+        self.steps = 0
+
+    def set_task(self, task: Task) -> None:
+        self.task = task
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        self.steps = 0
+        observation, info = self.cheetah.reset(seed=seed)
+        return observation.astype(np.float32), info
+
+    def step(self, action):  # noqa: ANN001
+        action = np.clip(np.asarray(action, dtype=np.float64), -1.0, 1.0)
+        observation, _, _, _, info = self.cheetah.step(action)
+        velocity = float(info["x_velocity"])
+        reward = -abs(velocity - float(self.task["goal"][0])) - CHEETAH_CONTROL_COST * float((action ** 2).sum())
+        self.steps += 1
+        return (observation.astype(np.float32), reward, False, self.steps >= self.horizon,
+                {"x_velocity": velocity})
+
+    def close(self) -> None:
+        self.cheetah.close()
+
+
+CHEETAH_CONTROL_COST = 0.05
+
+
 class RLTaskFamily:
     """What every RL family provides: ``sample_tasks``, ``make_env``, and the trial length."""
 
@@ -177,6 +221,8 @@ class TabularMDPFamily(RLTaskFamily):
 class Nav2DFamily(RLTaskFamily):
     name = "nav2d"
     discrete = False
+    observation_size = 2
+    action_size = 2
 
     def __init__(self, spec: Nav2DSpec):
         self.spec = spec
@@ -187,12 +233,37 @@ class Nav2DFamily(RLTaskFamily):
         low, high = self.spec.goal_range
         return {"goal": rng.uniform(low, high, 2)}
 
+    @property
+    def max_action(self) -> float:
+        return self.spec.max_action
+
     def make_env(self) -> Nav2DEnv:
         return Nav2DEnv(self.spec.horizon, self.spec.max_action)
 
 
+class HalfCheetahVelFamily(RLTaskFamily):
+    name = "halfcheetah_vel"
+    discrete = False
+    observation_size = 17
+    action_size = 6
+    max_action = 1.0
+
+    def __init__(self, spec: HalfCheetahVelSpec):
+        self.spec = spec
+        self.trial_episodes = spec.episodes
+        self.max_episode_steps = spec.horizon
+
+    def sample_task(self, rng: np.random.Generator) -> Task:
+        low, high = self.spec.velocity_range
+        return {"goal": rng.uniform(low, high, 1)}
+
+    def make_env(self) -> HalfCheetahVelEnv:
+        return HalfCheetahVelEnv(self.spec.horizon)
+
+
 RL_FAMILY_CLASSES: dict[str, type[RLTaskFamily]] = {
-    "bandit": BanditFamily, "tabular_mdp": TabularMDPFamily, "nav2d": Nav2DFamily}
+    "bandit": BanditFamily, "tabular_mdp": TabularMDPFamily, "nav2d": Nav2DFamily,
+    "halfcheetah_vel": HalfCheetahVelFamily}
 
 
 def build_rl_family(spec: Any) -> RLTaskFamily:

@@ -49,6 +49,31 @@ def test_vectorized_rollout_replays_exactly_in_the_gymnasium_env(maml):
             assert int(data.mask[task, episode].sum()) == len(rewards)
 
 
+def test_halfcheetah_rollout_replays_in_mujoco_and_a_meta_iteration_runs():
+    spec = {**SMALL, "task_family": {"name": "halfcheetah_vel", "horizon": 6}}
+    maml = MAMLRL(JobSpec.model_validate(spec))
+    goals = torch.tensor([[0.5], [1.8]])
+    params = expand_params({k: v.detach() for k, v in maml.params.items()}, 2)
+    data = maml.rollout(params, goals, 3, torch.Generator().manual_seed(0))
+    again = maml.rollout(params, goals, 3, torch.Generator().manual_seed(0))
+    assert data.observations.shape == (2, 3, 6, 17) and data.actions.shape == (2, 3, 6, 6)
+    assert torch.equal(data.rewards, again.rewards) and bool(data.mask.all())
+    seeds = torch.randint(2**31 - 1, (6,), generator=torch.Generator().manual_seed(0)).tolist()
+    env = maml.family.make_env()
+    for index, seed in enumerate(seeds):
+        task, episode = divmod(index, 3)
+        env.set_task({"goal": goals[task].double().numpy()})
+        observation, _ = env.reset(seed=seed)
+        assert np.allclose(observation, data.observations[task, episode, 0].numpy(), atol=1e-6)
+        rewards = [env.step(np.clip(data.actions[task, episode, step].double().numpy(), -1, 1))[1]
+                   for step in range(6)]
+        assert np.allclose(rewards, data.rewards[task, episode].numpy(), atol=1e-4)
+    metrics = maml.train_iteration()
+    assert metrics["train/env_steps"] == 2 * 3 * 6 * 2  # pre- and post-update rollouts
+    assert maml.meta_policy()[1]["architecture"]["observation_size"] == 17
+    maml.close()
+
+
 def test_inner_step_is_the_vanilla_policy_gradient_step_per_task(maml):
     goals = torch.tensor([[0.2, 0.1], [-0.3, 0.4]])
     theta = {k: v.detach() for k, v in maml.params.items()}

@@ -11,7 +11,8 @@ from workers.spec import ALGORITHMS, TASK_FAMILIES, JobSpec, PolicyGradientSpec
 
 @pytest.mark.parametrize("algorithm, family", [("rl2", "bandit"), ("rl2", "tabular_mdp"),
                                                ("rl2", "nav2d"), ("pearl", "nav2d"),
-                                               ("maml", "nav2d")])
+                                               ("maml", "nav2d"), ("maml", "halfcheetah_vel"),
+                                               ("rl2", "halfcheetah_vel")])
 def test_two_line_rl_jobs_are_valid_and_have_no_supervised_model(algorithm, family):
     spec = JobSpec.model_validate({"algorithm": {"name": algorithm}, "task_family": {"name": family}})
     assert (spec.is_rl, spec.model) == (True, None)
@@ -19,19 +20,21 @@ def test_two_line_rl_jobs_are_valid_and_have_no_supervised_model(algorithm, fami
 
 def test_rl_algorithms_and_families_are_in_the_catalog_registries():
     assert {"rl2", "pearl"} <= set(ALGORITHMS)
-    assert {"bandit", "tabular_mdp", "nav2d"} <= set(TASK_FAMILIES)
+    assert {"bandit", "tabular_mdp", "nav2d", "halfcheetah_vel"} <= set(TASK_FAMILIES)
 
 
 @pytest.mark.parametrize("document, field, message", [
     ({"algorithm": {"name": "rl2"}, "task_family": {"name": "sine"}}, ("task_family",),
-     "Value error, algorithm 'rl2' needs an RL task family (bandit, nav2d, tabular_mdp), got 'sine'"),
+     "Value error, algorithm 'rl2' needs an RL task family (bandit, halfcheetah_vel, nav2d, tabular_mdp), got 'sine'"),
     ({"algorithm": {"name": "pearl"}, "task_family": {"name": "bandit"}}, ("task_family",),
      "Value error, task family 'bandit' runs with algorithm 'rl2', not 'pearl'"),
+    ({"algorithm": {"name": "pearl"}, "task_family": {"name": "halfcheetah_vel"}}, ("task_family",),
+     "Value error, task family 'halfcheetah_vel' runs with algorithm 'rl2' or 'maml', not 'pearl'"),
     ({"algorithm": {"name": "reptile"}, "task_family": {"name": "nav2d"}}, ("task_family",),
      "Value error, task family 'nav2d' runs with algorithm 'rl2' or 'pearl' or 'maml', not 'reptile'"),
     ({"algorithm": {"name": "maml", "policy_gradient": {}}, "task_family": {"name": "sine"}},
      ("task_family",), "Value error, algorithm.policy_gradient is only for RL task families "
-                       "(bandit, nav2d, tabular_mdp), got 'sine'"),
+                       "(bandit, halfcheetah_vel, nav2d, tabular_mdp), got 'sine'"),
     ({"algorithm": {"name": "rl2"}, "task_family": {"name": "bandit"}, "model": {"name": "mlp"}},
      ("model",), "Value error, RL jobs take their policy architecture from the algorithm's "
                  "parameters; leave model out"),

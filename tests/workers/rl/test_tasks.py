@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from workers.rl.tasks import (BanditFamily, BanditTrialVectorEnv, Nav2DFamily, TabularMDPFamily,
-                              TrialEnv)
-from workers.spec import BanditSpec, Nav2DSpec, TabularMDPSpec
+from workers.rl.tasks import (CHEETAH_CONTROL_COST, BanditFamily, BanditTrialVectorEnv,
+                              HalfCheetahVelFamily, Nav2DFamily, TabularMDPFamily, TrialEnv)
+from workers.spec import BanditSpec, HalfCheetahVelSpec, Nav2DSpec, TabularMDPSpec
 
 
 def test_tasks_depend_only_on_seed_split_iteration_and_index():
@@ -46,6 +46,33 @@ def test_nav2d_clips_actions_rewards_minus_distance_and_ends_at_the_goal():
     env.step(np.array([0.1, 0.0]))
     _, reward, terminated, _, _ = env.step(np.array([0.1, 0.0]))
     assert terminated and reward == pytest.approx(0.0, abs=1e-9)
+
+
+def test_halfcheetah_vel_rewards_the_velocity_error_and_the_control_cost_in_mujoco():
+    family = HalfCheetahVelFamily(HalfCheetahVelSpec(horizon=5))
+    tasks = family.sample_tasks(seed=3, split="train", iteration=0, task_indices=range(200))
+    goals = np.array([task["goal"][0] for task in tasks])
+    assert goals.min() >= 0.0 and goals.max() <= 2.0 and goals.std() > 0.4
+    env = family.make_env()
+    env.set_task({"goal": np.array([1.5])})
+    observation, _ = env.reset(seed=0)
+    assert observation.shape == (17,) == env.observation_space.shape and env.action_space.shape == (6,)
+    position = env.cheetah.data.qpos[0]
+    action = np.array([0.5, -0.5, 0.2, 0.0, 1.0, -1.0])
+    flags = []
+    for _ in range(5):
+        _, reward, terminated, truncated, info = env.step(action)
+        velocity = info["x_velocity"]
+        assert reward == pytest.approx(-abs(velocity - 1.5) - CHEETAH_CONTROL_COST * (action ** 2).sum())
+        flags.append((terminated, truncated))
+    assert flags[-1] == (False, True) and not any(t or u for t, u in flags[:-1])
+    # the velocity is MuJoCo's: displacement of the root over the control step (dt = 0.05 s)
+    moved = env.cheetah.data.qpos[0] - position
+    assert moved != 0.0
+    env.reset(seed=0)
+    replay = [env.step(action)[1] for _ in range(5)]
+    env.reset(seed=0)
+    assert replay == [env.step(action)[1] for _ in range(5)]
 
 
 def test_nav2d_truncates_at_the_horizon():
