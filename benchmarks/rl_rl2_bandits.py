@@ -7,7 +7,7 @@ training time and throughput. Paper: (n=10, k=5) 6.7; (n=10, k=10) 6.7; (n=100, 
 
 (the defaults are the n = 10 settings of docs/BENCHMARKS.md; n = 100 used ``--hidden 128
 --gamma 0.95 --trials 64 --envs 64 --minibatch-trials 4 --vf-coeff 0.1 --anneal-steps
-3500000 --minutes 34 --eval-trials 1000``).
+9000000 --minutes 60 --eval-trials 10000``).
 
 Training stops at ``--steps`` env steps or after ``--minutes``, whichever comes first; the lr
 and entropy schedules run over ``--anneal-steps`` (default ``--steps``). ``--save PREFIX``
