@@ -17,6 +17,9 @@ environment whose task is switched with ``set_task``:
 
 from __future__ import annotations
 
+import functools
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
@@ -118,17 +121,38 @@ class Nav2DEnv(gym.Env):
                 self.steps >= self.horizon and not reached, {})
 
 
+CHEETAH_TOTAL_MASS = 14.0
+
+
+@functools.cache
+def _cheetah_xml() -> str:
+    """gymnasium's half_cheetah.xml without its deprecated ``settotalmass`` compiler attribute
+    (MuJoCo warns about it on every model compiled, and writes MUJOCO_LOG.TXT into the working
+    directory); :class:`HalfCheetahVelEnv` applies the same total mass to the compiled model
+    instead, which gives the same masses, inertias and trajectories (checked bit for bit)."""
+    import gymnasium.envs.mujoco
+
+    original = Path(gymnasium.envs.mujoco.__file__).parent / "assets" / "half_cheetah.xml"
+    xml = original.read_text().replace(f' settotalmass="{CHEETAH_TOTAL_MASS:g}"', "")
+    path = Path(tempfile.mkdtemp(prefix="metaserve-mujoco-")) / "half_cheetah.xml"
+    path.write_text(xml)
+    return str(path)
+
+
 class HalfCheetahVelEnv(gym.Env):
     """HalfCheetah-v5's body and observation with the goal-velocity reward
     −|forward velocity − goal| − ``CHEETAH_CONTROL_COST`` ‖a‖²; ``horizon`` steps, no early end."""
 
     def __init__(self, horizon: int):
         try:
+            import mujoco
             from gymnasium.envs.mujoco.half_cheetah_v5 import HalfCheetahEnv
         except ImportError as error:  # mujoco is a dependency; this names it if it is missing
             raise RuntimeError("task family 'halfcheetah_vel' needs MuJoCo: pip install "
                                "'mujoco>=3.1' 'imageio>=2.14'") from error
-        self.cheetah = HalfCheetahEnv()
+        self.cheetah = HalfCheetahEnv(xml_file=_cheetah_xml())
+        mujoco.mj_setTotalmass(self.cheetah.model, CHEETAH_TOTAL_MASS)
+        mujoco.mj_setConst(self.cheetah.model, self.cheetah.data)
         self.horizon = horizon
         self.observation_space = self.cheetah.observation_space
         self.action_space = self.cheetah.action_space

@@ -54,6 +54,7 @@ def test_halfcheetah_vel_rewards_the_velocity_error_and_the_control_cost_in_mujo
     goals = np.array([task["goal"][0] for task in tasks])
     assert goals.min() >= 0.0 and goals.max() <= 2.0 and goals.std() > 0.4
     env = family.make_env()
+    assert env.cheetah.model.body_mass.sum() == pytest.approx(14.0)  # HalfCheetah-v5's total
     env.set_task({"goal": np.array([1.5])})
     observation, _ = env.reset(seed=0)
     assert observation.shape == (17,) == env.observation_space.shape and env.action_space.shape == (6,)
@@ -73,6 +74,21 @@ def test_halfcheetah_vel_rewards_the_velocity_error_and_the_control_cost_in_mujo
     replay = [env.step(action)[1] for _ in range(5)]
     env.reset(seed=0)
     assert replay == [env.step(action)[1] for _ in range(5)]
+
+
+def test_halfcheetah_body_equals_gymnasiums_without_its_deprecated_mass_attribute(tmp_path, monkeypatch):
+    from gymnasium.envs.mujoco.half_cheetah_v5 import HalfCheetahEnv
+
+    monkeypatch.chdir(tmp_path)  # the stock model's warning writes MUJOCO_LOG.TXT here
+    stock = HalfCheetahEnv()
+    ours = HalfCheetahVelFamily(HalfCheetahVelSpec()).make_env()
+    ours.set_task({"goal": np.array([1.0])})
+    assert np.array_equal(stock.model.body_mass, ours.cheetah.model.body_mass)
+    assert np.array_equal(stock.model.body_inertia, ours.cheetah.model.body_inertia)
+    first, _ = stock.reset(seed=4)
+    assert np.array_equal(first, ours.reset(seed=4)[0])
+    for action in np.random.default_rng(0).uniform(-1, 1, (20, 6)):
+        assert np.array_equal(stock.step(action)[0].astype(np.float32), ours.step(action)[0])
 
 
 def test_nav2d_truncates_at_the_horizon():
