@@ -77,7 +77,7 @@ class PolicyGradientSpec(StrictModel):
 class MAMLSpec(StrictModel):
     """Model-Agnostic Meta-Learning (Finn et al. 2017); ``first_order`` gives FOMAML.
 
-    On an RL task family (bandit, tabular_mdp, nav2d) the inner loop is policy gradient,
+    On an RL task family (nav2d, halfcheetah_vel) the inner loop is policy gradient,
     configured by ``policy_gradient`` (defaults apply when it is left out)."""
 
     name: Literal["maml"] = "maml"
