@@ -65,6 +65,7 @@ def main() -> None:
     parser.add_argument("--grad-clip", type=float, default=10.0)
     parser.add_argument("--eval-trials", type=int, default=2000)
     parser.add_argument("--log-every", type=int, default=5, help="iterations between curve points")
+    parser.add_argument("--seed", type=int, default=0, help="training and test tasks, init")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--save", type=Path, default=None, help="state file prefix")
     parser.add_argument("--save-minutes", type=float, default=5.0)
@@ -86,7 +87,7 @@ def main() -> None:
                       "envs_per_runner": args.envs, "evaluation_trials": args.eval_trials,
                       "minibatch_trials": args.minibatch_trials, "num_epochs": args.epochs},
         "task_family": {"name": "bandit", "arms": args.arms, "pulls": args.pulls},
-        "meta_batch_size": args.trials, "iterations": iterations, "seed": 0})
+        "meta_batch_size": args.trials, "iterations": iterations, "seed": args.seed})
     trainer = RL2Trainer(spec)
     curve = []
     earlier_seconds = 0.0
