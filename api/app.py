@@ -11,12 +11,12 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from api.errors import install_error_handlers
-from api.middleware import BodySizeLimitMiddleware
-from api.routes import ROUTERS
-from service.auth import KeyCache
-from service.db import make_engine, session_factory
-from service.settings import Settings, get_settings
+from metaserve.api.errors import install_error_handlers
+from metaserve.api.middleware import BodySizeLimitMiddleware
+from metaserve.api.routes import ROUTERS
+from metaserve.service.auth import KeyCache
+from metaserve.service.db import make_engine, session_factory
+from metaserve.service.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
 
@@ -29,9 +29,9 @@ def _start_dispatcher(app: FastAPI) -> None:
     if not app.state.settings.dispatcher:
         return
     try:
-        from service.dispatcher import Dispatcher, embedded_worker_id
+        from metaserve.service.dispatcher import Dispatcher, embedded_worker_id
     except ImportError:
-        logger.warning("service.dispatcher is not available; jobs stay queued")
+        logger.warning("metaserve.service.dispatcher is not available; jobs stay queued")
         return
     settings = app.state.settings
     dispatcher = Dispatcher(settings, app.state.session_factory,

@@ -1,5 +1,5 @@
 """The algorithm and task-family catalogs, generated from the pydantic spec models
-(:data:`workers.spec.ALGORITHMS`, :data:`workers.spec.TASK_FAMILIES`), never written twice."""
+(:data:`metaserve.workers.spec.ALGORITHMS`, :data:`metaserve.workers.spec.TASK_FAMILIES`), never written twice."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from api.schemas import CatalogEntry, ParameterPublic
+from metaserve.api.schemas import CatalogEntry, ParameterPublic
 
 _BOUND_KEYS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minLength",
                "maxLength", "minItems", "maxItems")

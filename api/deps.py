@@ -5,7 +5,7 @@ threadpool (two for a generator), which at tens of requests per second per core 
 part of a status poll. The session is created here (no connection is taken until the route's
 first query, in the route's own thread) and closed here when the route left no transaction
 open (closing is then pure Python); the key check hits an in-process cache of
-:class:`service.auth.KeyCache` and only goes to the database, in the threadpool, on a miss.
+:class:`metaserve.service.auth.KeyCache` and only goes to the database, in the threadpool, on a miss.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from service import auth
-from service.exceptions import Unauthorized
-from service.models import User
-from service.settings import Settings
+from metaserve.service import auth
+from metaserve.service.exceptions import Unauthorized
+from metaserve.service.models import User
+from metaserve.service.settings import Settings
 
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer ms_...`")
 

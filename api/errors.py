@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.exceptions import MetaserveError
+from metaserve.service.exceptions import MetaserveError
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.errors import error_body
+from metaserve.api.errors import error_body
 
 
 class BodySizeLimitMiddleware:

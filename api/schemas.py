@@ -1,5 +1,5 @@
 """API schemas, separate from the table models. The job request body is
-:class:`workers.spec.JobSpec` itself: one definition for the API, the CLI and the engine."""
+:class:`metaserve.workers.spec.JobSpec` itself: one definition for the API, the CLI and the engine."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Any
 from fastapi import Response
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
-from service.models import JobStatus
-from workers.spec import JobSpec
+from metaserve.service.models import JobStatus
+from metaserve.workers.spec import JobSpec
 
 JobCreate = JobSpec
 

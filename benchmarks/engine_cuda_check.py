@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from workers.engine import Trainer, load_meta_init
+from metaserve.workers.engine import Trainer, load_meta_init
 
 SINE = {"algorithm": {"name": "maml", "inner_lr": 0.01, "inner_steps": 1}, "task_family": {"name": "sine"},
         "meta_batch_size": 25, "iterations": 20, "evaluation": {"every": 0, "tasks": 200, "inner_steps": [1, 10]},

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from workers.cli import load_spec
-from workers.engine import Trainer
+from metaserve.workers.cli import load_spec
+from metaserve.workers.engine import Trainer
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 HELD_OUT_TASKS = 1000

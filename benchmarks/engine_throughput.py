@@ -50,7 +50,7 @@ def _spec(algorithm: dict) -> dict:
 
 
 def _engine_stepper(algorithm: dict):
-    from workers.engine import Trainer
+    from metaserve.workers.engine import Trainer
 
     trainer = Trainer(_spec(algorithm))
     state = [trainer.init_state()]
@@ -65,8 +65,8 @@ def _higher_stepper(algorithm: dict):
     import higher
     import torch
 
-    from workers.spec import SineSpec
-    from workers.tasks import build_task_family
+    from metaserve.workers.spec import SineSpec
+    from metaserve.workers.tasks import build_task_family
 
     family = build_task_family(SineSpec())
     torch.manual_seed(0)

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from workers.engine import Trainer  # noqa: E402
+from metaserve.workers.engine import Trainer  # noqa: E402
 
 SPEC = {
     "algorithm": {"name": "maml", "inner_lr": 0.4, "inner_steps": 1},

@@ -77,7 +77,7 @@ def _parse_time(value: str) -> datetime:
 def in_process_tasks_per_s(spec: dict, iterations: int) -> float:
     import torch
 
-    from workers.engine import Trainer
+    from metaserve.workers.engine import Trainer
 
     torch.set_num_threads(1)
     trainer = Trainer(spec)
@@ -130,7 +130,7 @@ def overhead(iterations: int) -> dict:
 def scaling(iterations: int) -> dict:
     import ray
 
-    from workers.runner import RunHooks, run_job
+    from metaserve.workers.runner import RunHooks, run_job
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     results = {}

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from workers.rl.maml_rl import MAMLRL
-from workers.spec import JobSpec
+from metaserve.workers.rl.maml_rl import MAMLRL
+from metaserve.workers.spec import JobSpec
 
 PAPER = {"return_step0": -40.41, "return_step1": -11.68, "return_step3": -3.23}
 TARGET = -15.0

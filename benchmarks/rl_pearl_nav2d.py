@@ -2,7 +2,7 @@
 
 Trains the spec of ``examples/pearl_nav2d.yaml`` and evaluates it every ``--eval-every``
 iterations on validation goals: the adapted return after k = 0, 1, … exploration episodes
-(posterior sampling, see :meth:`workers.rl.pearl.PEARLAgent.evaluate_tasks`). Records the
+(posterior sampling, see :meth:`metaserve.workers.rl.pearl.PEARLAgent.evaluate_tasks`). Records the
 environment steps at which each first reached −15, then the final model and the best one on
 validation (by the return after the most exploration episodes) on held-out test goals, and
 MAML's 1-step return at the same number of environment steps (read from ``--maml``).
@@ -42,8 +42,8 @@ def maml_return_at(steps: int, maml: dict) -> dict:
 
 def oracle(args: argparse.Namespace, spec_document: dict) -> None:
     """SAC of workers.rl.pearl with z = the true goal: the diagnostic of the RL half alone."""
-    from workers.rl.pearl import PEARL, simulate_nav2d
-    from workers.spec import JobSpec
+    from metaserve.workers.rl.pearl import PEARL, simulate_nav2d
+    from metaserve.workers.spec import JobSpec
 
     class Oracle(PEARL):
         def _context(self, task, generator):  # noqa: ANN001, ANN202
@@ -101,8 +101,8 @@ def main() -> None:
         oracle(args, document)
         return
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    from workers.rl.pearl import PEARL
-    from workers.spec import JobSpec
+    from metaserve.workers.rl.pearl import PEARL
+    from metaserve.workers.spec import JobSpec
 
     spec = JobSpec.model_validate(document)
     pearl = PEARL(spec)

@@ -72,8 +72,8 @@ def main() -> None:
     parser.add_argument("--resume", type=Path, default=None, help="state file prefix")
     args = parser.parse_args()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    from workers.rl.rl2 import RL2Trainer
-    from workers.spec import JobSpec
+    from metaserve.workers.rl.rl2 import RL2Trainer
+    from metaserve.workers.spec import JobSpec
 
     trial_steps = args.pulls
     iterations = -(-args.steps // (args.trials * trial_steps))

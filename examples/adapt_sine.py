@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from service.sdk import Client, MetaserveClientError
+from metaserve.service.sdk import Client, MetaserveClientError
 
 
 def new_sine_task(seed: int, shots: int, queries: int = 100):  # noqa: ANN201

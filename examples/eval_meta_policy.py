@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from workers.rl import META_POLICY_JSON, META_POLICY_TENSORS, load_meta_policy
+from metaserve.workers.rl import META_POLICY_JSON, META_POLICY_TENSORS, load_meta_policy
 
 
 def download(url: str, key: str, job_id: str, directory: Path) -> None:

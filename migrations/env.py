@@ -1,14 +1,14 @@
-"""Alembic environment. The URL comes from the config (set by :mod:`service.migrate`) or,
-when run by the ``alembic`` command, from :data:`service.settings.settings`."""
+"""Alembic environment. The URL comes from the config (set by :mod:`metaserve.service.migrate`) or,
+when run by the ``alembic`` command, from :data:`metaserve.service.settings.settings`."""
 
 from __future__ import annotations
 
 from alembic import context
 from sqlalchemy import Connection
 
-from service.db import make_engine
-from service.models import Base
-from service.settings import get_settings
+from metaserve.service.db import make_engine
+from metaserve.service.models import Base
+from metaserve.service.settings import get_settings
 
 config = context.config
 target_metadata = Base.metadata

@@ -11,11 +11,11 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from service import artifacts, store
-from service.exceptions import MetaserveError
-from service.jobs import _Transaction
-from service.models import Artifact, Job, JobStatus, User
-from workers.spec import JobSpec
+from metaserve.service import artifacts, store
+from metaserve.service.exceptions import MetaserveError
+from metaserve.service.jobs import _Transaction
+from metaserve.service.models import Artifact, Job, JobStatus, User
+from metaserve.workers.spec import JobSpec
 
 CACHED_META_INITS = 4
 
@@ -138,7 +138,7 @@ class MetaInitCache:
         self._lock = threading.Lock()
 
     def get(self, job_id: str, sha256: str, directory: Path) -> Any:
-        from workers.engine.artifacts import load_meta_init
+        from metaserve.workers.engine.artifacts import load_meta_init
 
         key = (job_id, sha256)
         with self._lock:

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.exceptions import MetaserveError
+from metaserve.service.exceptions import MetaserveError
 
 CHECKPOINT_DIRECTORY = "checkpoint"  # = workers.engine.trainer.CHECKPOINT_DIRECTORY
 JOB_ID_RE = re.compile(r"^[0-9A-Za-z_-]{1,64}$")

@@ -12,9 +12,9 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
-from service import store
-from service.exceptions import Unauthorized
-from service.models import User
+from metaserve.service import store
+from metaserve.service.exceptions import Unauthorized
+from metaserve.service.models import User
 
 KEY_PREFIX = "ms_"
 

@@ -8,7 +8,7 @@ that imports ``ray``.
 Per job: a watch thread renews the lease every ``heartbeat_s`` and looks for a cancel
 request every second, a writer thread moves metrics, progress and artifact records to the
 database in batches off the training thread, and the training thread runs
-:func:`workers.runner.run_job`. If this process dies the lease expires and another
+:func:`metaserve.workers.runner.run_job`. If this process dies the lease expires and another
 dispatcher resumes the job from its last checkpoint with ``attempt + 1``.
 """
 
@@ -27,10 +27,10 @@ from typing import Any, Callable
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from service import artifacts, jobs
-from service.exceptions import LeaseLost, MetaserveError
-from service.models import JobStatus
-from service.settings import Settings
+from metaserve.service import artifacts, jobs
+from metaserve.service.exceptions import LeaseLost, MetaserveError
+from metaserve.service.models import JobStatus
+from metaserve.service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ class Dispatcher:
         while not self._stop.is_set():
             try:
                 connect_ray(self.settings)
-                import workers.runner  # noqa: F401 - torch too: the first job starts at once
+                import metaserve.workers.runner  # noqa: F401 - torch too: the first job starts at once
                 self.ray_ready.set()
                 break
             except Exception:  # noqa: BLE001 - keep trying; jobs stay queued meanwhile
@@ -267,7 +267,7 @@ class Dispatcher:
                 logger.exception("lease renewal failed", extra={"job_id": running.job_id})
 
     def _execute(self, job_id: str, spec: dict) -> None:
-        from workers.runner import JobCancelled, RunHooks, Unschedulable, run_job
+        from metaserve.workers.runner import JobCancelled, RunHooks, Unschedulable, run_job
 
         running = self._running[job_id]
         done = threading.Event()

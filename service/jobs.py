@@ -1,5 +1,5 @@
 """The service layer: validates, calls the store, owns the transaction (commit on success,
-rollback on error). The API routes and the dispatcher call these, never :mod:`service.store`
+rollback on error). The API routes and the dispatcher call these, never :mod:`metaserve.service.store`
 directly for writes."""
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from typing import Any, Sequence
 from sqlalchemy import Row, select
 from sqlalchemy.orm import Session
 
-from service import store
-from service.artifacts import ArtifactNotFound
-from service.exceptions import MetaserveError
-from service.models import Artifact, Job, JobStatus, JobStatusEvent, Metric, User
-from workers.spec import JobSpec
+from metaserve.service import store
+from metaserve.service.artifacts import ArtifactNotFound
+from metaserve.service.exceptions import MetaserveError
+from metaserve.service.models import Artifact, Job, JobStatus, JobStatusEvent, Metric, User
+from metaserve.workers.spec import JobSpec
 
 
 def canonical_spec(spec: JobSpec) -> dict[str, Any]:
@@ -167,7 +167,7 @@ def get_metrics_page(*, session: Session, job_id: str, owner: User, name: str | 
     A page holds whole steps, so paging by step never drops the other series of a step cut
     at the page boundary: a partial last step is left to the next page, and a single step
     with more than ``limit`` values is returned whole. Another user's job raises
-    :class:`~service.exceptions.JobNotFound`.
+    :class:`~metaserve.service.exceptions.JobNotFound`.
     """
     with _Transaction(session):
         store.get_job(session=session, job_id=job_id, owner=owner)
@@ -197,7 +197,7 @@ def list_job_artifacts(*, session: Session, job_id: str, owner: User) -> list[Ar
 
 def get_artifact(*, session: Session, job_id: str, owner: User, name: str) -> Artifact:
     """The artifact record ``name`` of ``owner``'s job; raises
-    :class:`~service.artifacts.ArtifactNotFound` when the job has no artifact of that name
+    :class:`~metaserve.service.artifacts.ArtifactNotFound` when the job has no artifact of that name
     (compared in Python, so any client string is harmless) and JobNotFound for another
     user's job."""
     for artifact in list_job_artifacts(session=session, job_id=job_id, owner=owner):
@@ -272,7 +272,7 @@ def poll_job_events(*, session: Session, job_id: str, owner: User,
                     after: EventCursor) -> tuple[list[JobEvent], bool]:
     """The job's events after ``after`` in stream order, and whether the job is terminal
     (then the list ends with its terminal status and the stream is complete). Another user's
-    job raises :class:`~service.exceptions.JobNotFound`."""
+    job raises :class:`~metaserve.service.exceptions.JobNotFound`."""
     with _Transaction(session):
         job = store.get_job(session=session, job_id=job_id, owner=owner)
         progress = dict(job.progress or {})

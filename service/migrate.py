@@ -8,7 +8,7 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 
-from service.settings import get_settings
+from metaserve.service.settings import get_settings
 
 # The ``migrations`` package sits next to ``service`` (in the repository and when installed);
 # located by path so that a ``tests/migrations`` directory can never shadow it.

@@ -1,7 +1,7 @@
 """The Python client of a metaserve server: submit, watch, fetch and adapt in a few lines.
 
 ```python
-from service.sdk import Client
+from metaserve import Client
 
 client = Client()                                  # METASERVE_URL / METASERVE_API_KEY or the config file
 job = client.submit("examples/sine_maml.yaml")
@@ -14,7 +14,7 @@ Connection settings come from, first to last: the arguments, ``METASERVE_URL`` a
 ``METASERVE_API_KEY``, the config file :func:`config_path` (written by ``metaserve login``).
 Every error response of the API (``{"error": {"code", "message", "details"}}``) is raised as
 a :class:`ApiError` subclass carrying the server's message. ``load_meta_init`` and ``adapt``
-work offline on a downloaded directory: they are :mod:`workers.engine.artifacts`' loader.
+work offline on a downloaded directory: they are :mod:`metaserve.workers.engine.artifacts`' loader.
 
 torch is imported only by the methods that need it, so importing this module is light.
 """
@@ -35,7 +35,7 @@ import httpx
 if TYPE_CHECKING:  # pragma: no cover
     from torch import Tensor
 
-    from workers.engine.artifacts import MetaInitModel
+    from metaserve.workers.engine.artifacts import MetaInitModel
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 TIMEOUT_S = 30.0
@@ -206,7 +206,7 @@ def load_spec_document(spec_or_path: str | Path | dict[str, Any],
     (values parsed as YAML). Validation is the server's."""
     import yaml
 
-    from workers.cli import apply_overrides
+    from metaserve.workers.cli import apply_overrides
 
     if isinstance(spec_or_path, dict):
         document: Any = spec_or_path
@@ -462,7 +462,7 @@ def _cache_root() -> Path:
 
 def load_meta_init(directory: str | Path) -> tuple["MetaInitModel", dict[str, Any]]:
     """``(model, recipe)`` from a downloaded meta-initialization directory (offline)."""
-    from workers.engine.artifacts import load_meta_init as engine_load
+    from metaserve.workers.engine.artifacts import load_meta_init as engine_load
 
     directory = Path(directory)
     missing = [name for name in META_INIT_FILES if not (directory / name).exists()]
@@ -477,7 +477,7 @@ def adapt(model: "MetaInitModel", support_x: "Tensor", support_y: "Tensor",
     recipe (MAML/Reptile/ANIL/Meta-SGD/prompt: its inner lr(s) and inner steps; ``steps``
     overrides the step count). Regression: x ``[n, 1]``, y ``[n, 1]``; classification:
     x ``[n, C, H, W]``, y ``[n]`` class indices."""
-    from workers.engine.artifacts import adapt as engine_adapt
+    from metaserve.workers.engine.artifacts import adapt as engine_adapt
 
     return engine_adapt(model, support_x, support_y, steps)
 

@@ -1,7 +1,7 @@
 """The job store: SQL and nothing else.
 
 Every transition is guarded in its ``WHERE`` clause and raises a :class:`MetaserveError`
-subclass when no row matched. Functions never commit; :mod:`service.jobs` owns transactions.
+subclass when no row matched. Functions never commit; :mod:`metaserve.service.jobs` owns transactions.
 Claiming is atomic: PostgreSQL locks the candidate with ``FOR UPDATE SKIP LOCKED``; SQLite
 (which renders no ``FOR UPDATE``) relies on a compare-and-set ``UPDATE`` checked by rowcount.
 """
@@ -19,15 +19,15 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from service.exceptions import (
+from metaserve.service.exceptions import (
     IdempotencyConflict,
     InvalidTransition,
     JobNotFound,
     LeaseLost,
     MetaserveError,
 )
-from service.ids import new_id
-from service.models import Artifact, Job, JobStatus, JobStatusEvent, Metric, User, utcnow
+from metaserve.service.ids import new_id
+from metaserve.service.models import Artifact, Job, JobStatus, JobStatusEvent, Metric, User, utcnow
 
 MAX_PAGE = 100
 MAX_METRICS_PAGE = 10_000

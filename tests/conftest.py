@@ -18,9 +18,9 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service import auth
-from service.db import make_engine, session_factory
-from service.models import Base, User
+from metaserve.service import auth
+from metaserve.service.db import make_engine, session_factory
+from metaserve.service.models import Base, User
 
 DEFAULT_TEST_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 

@@ -16,7 +16,7 @@ import typer
 import yaml
 from pydantic import ValidationError
 
-from workers.spec import JobSpec
+from metaserve.workers.spec import JobSpec
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -58,7 +58,7 @@ def train(
     """Meta-train SPEC without the server; write metrics.jsonl and the meta-initialization (or, for
     meta-RL, the meta-policy) to OUT. Supervised jobs run in this process; meta-RL jobs on a local
     Ray started for the run (RLlib and PEARL's rollouts need one)."""
-    from workers.engine import Trainer
+    from metaserve.workers.engine import Trainer
 
     try:
         job = load_spec(spec, set_)
@@ -82,8 +82,8 @@ def train(
 def _train_rl(job, out: Path, reporter) -> None:  # noqa: ANN001
     import ray
 
-    from workers.engine.loop import RunHooks
-    from workers.rl import run_rl_job
+    from metaserve.workers.engine.loop import RunHooks
+    from metaserve.workers.rl import run_rl_job
 
     started_here = not ray.is_initialized()
     if started_here:

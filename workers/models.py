@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from workers.spec import Conv4Spec, MLPSpec
+from metaserve.workers.spec import Conv4Spec, MLPSpec
 
 Params = dict[str, Tensor]
 

@@ -30,9 +30,9 @@ import ray
 import torch
 from ray.exceptions import RayActorError
 
-from workers.engine import ShardResult, Trainer, TrainState
-from workers.engine.loop import JobCancelled, RunHooks, train_loop
-from workers.spec import JobSpec
+from metaserve.workers.engine import ShardResult, Trainer, TrainState
+from metaserve.workers.engine.loop import JobCancelled, RunHooks, train_loop
+from metaserve.workers.spec import JobSpec
 
 logger = logging.getLogger(__name__)
 
@@ -219,14 +219,14 @@ class _WorkerPool:
 def run_job(spec: JobSpec | dict, job_dir: Path, hooks: RunHooks | None = None) -> TrainState | None:
     """Run ``spec`` to completion on the connected Ray cluster; artifacts go to ``job_dir``.
 
-    Meta-RL jobs go to :func:`workers.rl.run_rl_job` (and return None).
+    Meta-RL jobs go to :func:`metaserve.workers.rl.run_rl_job` (and return None).
 
     Resumes from ``job_dir``'s checkpoint when there is one. Raises :class:`JobCancelled`,
     :class:`Unschedulable`, or the job's own error (bad dataset, ...).
     """
     spec = spec if isinstance(spec, JobSpec) else JobSpec.model_validate(spec)
     if spec.is_rl:  # meta-RL (rl2, pearl, maml on an RL family): its own driver
-        from workers.rl import run_rl_job
+        from metaserve.workers.rl import run_rl_job
 
         run_rl_job(spec, job_dir, hooks)
         return None

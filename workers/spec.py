@@ -509,5 +509,5 @@ class JobSpec(StrictModel):
 
     @property
     def is_rl(self) -> bool:
-        """True for a meta-RL job (run by :func:`workers.rl.run_rl_job`)."""
+        """True for a meta-RL job (run by :func:`metaserve.workers.rl.run_rl_job`)."""
         return self.task_family.name in RL_FAMILIES

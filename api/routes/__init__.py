@@ -1,9 +1,9 @@
-"""Route modules, one per resource; :func:`api.app.create_app` includes every router in
+"""Route modules, one per resource; :func:`metaserve.api.app.create_app` includes every router in
 :data:`ROUTERS` (add a module's router here to extend the API)."""
 
 from __future__ import annotations
 
-from api.routes import adapt, artifacts, catalog, events, health, jobs, metrics
+from metaserve.api.routes import adapt, artifacts, catalog, events, health, jobs, metrics
 
 ROUTERS = [health.router, jobs.router, catalog.router, metrics.router, artifacts.router,
            events.router, adapt.router]

@@ -3,7 +3,7 @@ set with the job's recipe and return the predictions on the query inputs.
 
 Sizes are checked before any work (rows by the schema: 422; numbers per array: 413, both
 naming the field), then shapes against the job's task family (422); see
-:mod:`service.adaptation`. The route is a plain ``def``, so FastAPI runs it — loading and
+:mod:`metaserve.service.adaptation`. The route is a plain ``def``, so FastAPI runs it — loading and
 adapting included — in its threadpool, never on the event loop.
 """
 
@@ -13,9 +13,9 @@ import threading
 
 from fastapi import APIRouter, Request
 
-from api.deps import CurrentUser, SessionDep, SettingsDep
-from api.schemas import MAX_ADAPT_VALUES, AdaptRequest, AdaptResponse, ErrorResponse
-from service import adaptation
+from metaserve.api.deps import CurrentUser, SessionDep, SettingsDep
+from metaserve.api.schemas import MAX_ADAPT_VALUES, AdaptRequest, AdaptResponse, ErrorResponse
+from metaserve.service import adaptation
 
 router = APIRouter(prefix="/v1/jobs", tags=["adapt"], responses={
     401: {"model": ErrorResponse, "description": "Missing or invalid API key"},

@@ -1,7 +1,7 @@
 """``GET /v1/jobs/{id}/artifacts`` and ``.../artifacts/{name}``: list and download a job's files.
 
 A download is addressed by a name the database registered for the job; the file is found
-by :func:`service.artifacts.locate`, which lists the job's directories and never joins the
+by :func:`metaserve.service.artifacts.locate`, which lists the job's directories and never joins the
 client's string into a path. Anything else is a 404.
 """
 
@@ -10,9 +10,9 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
-from api.deps import CurrentUser, SessionDep, SettingsDep
-from api.schemas import ArtifactPublic, ArtifactsPublic, ErrorResponse
-from service import artifacts, jobs
+from metaserve.api.deps import CurrentUser, SessionDep, SettingsDep
+from metaserve.api.schemas import ArtifactPublic, ArtifactsPublic, ErrorResponse
+from metaserve.service import artifacts, jobs
 
 router = APIRouter(prefix="/v1/jobs", tags=["artifacts"], responses={
     401: {"model": ErrorResponse, "description": "Missing or invalid API key"},

@@ -2,10 +2,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from api.catalog import catalog
-from api.deps import CurrentUser
-from api.schemas import CatalogEntry
-from workers.spec import ALGORITHMS, TASK_FAMILIES
+from metaserve.api.catalog import catalog
+from metaserve.api.deps import CurrentUser
+from metaserve.api.schemas import CatalogEntry
+from metaserve.workers.spec import ALGORITHMS, TASK_FAMILIES
 
 router = APIRouter(prefix="/v1", tags=["catalog"])
 

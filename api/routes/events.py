@@ -4,7 +4,7 @@ Server-Sent Events, until the job is terminal.
 The stream polls the database (every :data:`POLL_S`) and builds events from durable data
 only — the job's status history (one row per change), its progress snapshot, the metric rows by
 id — so an event id is a cursor into that data (``"<status event id>-<metric id>-<iteration>"``,
-see :func:`service.jobs.poll_job_events` for exactly what is an event). A client that
+see :func:`metaserve.service.jobs.poll_job_events` for exactly what is an event). A client that
 reconnects with ``Last-Event-ID`` (browsers' EventSource do it by themselves) gets every
 event after that one, none twice. The stream closes after the terminal status event.
 """
@@ -21,10 +21,10 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import CurrentUser, SessionDep
-from api.schemas import ErrorResponse
-from service import jobs
-from service.models import User
+from metaserve.api.deps import CurrentUser, SessionDep
+from metaserve.api.schemas import ErrorResponse
+from metaserve.service import jobs
+from metaserve.service.models import User
 
 POLL_S = 0.25
 KEEPALIVE_S = 15.0

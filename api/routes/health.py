@@ -5,8 +5,8 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
-from api.deps import SessionDep
-from api.errors import error_response
+from metaserve.api.deps import SessionDep
+from metaserve.api.errors import error_response
 
 router = APIRouter(tags=["health"])
 

@@ -4,12 +4,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response, status
 
-from api.deps import CurrentUser, SessionDep
-from api.schemas import ErrorResponse, JobPublic, JobsPublic, model_response
-from service import jobs
-from service.models import JobStatus
-from service.store import MAX_PAGE
-from workers.spec import JobSpec
+from metaserve.api.deps import CurrentUser, SessionDep
+from metaserve.api.schemas import ErrorResponse, JobPublic, JobsPublic, model_response
+from metaserve.service import jobs
+from metaserve.service.models import JobStatus
+from metaserve.service.store import MAX_PAGE
+from metaserve.workers.spec import JobSpec
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses={
     401: {"model": ErrorResponse, "description": "Missing or invalid API key"},

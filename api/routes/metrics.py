@@ -6,10 +6,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from api.deps import CurrentUser, SessionDep
-from api.schemas import ErrorResponse, MetricPointPublic, MetricsPublic
-from service import jobs
-from service.store import MAX_METRICS_PAGE
+from metaserve.api.deps import CurrentUser, SessionDep
+from metaserve.api.schemas import ErrorResponse, MetricPointPublic, MetricsPublic
+from metaserve.service import jobs
+from metaserve.service.store import MAX_METRICS_PAGE
 
 DEFAULT_METRICS_PAGE = 1000
 

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from api.app import create_app
-from service import auth
-from service.settings import Settings
+from metaserve.api.app import create_app
+from metaserve.service import auth
+from metaserve.service.settings import Settings
 
 TEST_MAX_BODY_BYTES = 16 * 1024
 

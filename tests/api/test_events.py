@@ -13,11 +13,11 @@ import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 
-from api.app import create_app
-from service import jobs
-from service.models import JobStatus
-from service.sdk import Event, parse_sse
-from service.settings import Settings
+from metaserve.api.app import create_app
+from metaserve.service import jobs
+from metaserve.service.models import JobStatus
+from metaserve.service.sdk import Event, parse_sse
+from metaserve.service.settings import Settings
 from tests.server_process import free_port
 
 TWO_LINE_SPEC = {"algorithm": {"name": "maml"}, "task_family": {"name": "sine"}}
@@ -172,7 +172,7 @@ def test_the_live_stream_delivers_each_change_as_it_happens_and_resumes_from_las
 
 
 def _owner(session, auth: dict[str, str]):  # noqa: ANN001, ANN202
-    from service import auth as service_auth
+    from metaserve.service import auth as service_auth
 
     return service_auth.authenticate(session=session, key=auth["Authorization"].split()[1])
 

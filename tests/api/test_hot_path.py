@@ -8,8 +8,8 @@ import time
 
 from sqlalchemy import event
 
-from service.auth import KeyCache, hash_key
-from service.models import User
+from metaserve.service.auth import KeyCache, hash_key
+from metaserve.service.models import User
 
 SPEC = {"algorithm": {"name": "maml"}, "task_family": {"name": "sine"}}
 
@@ -65,8 +65,8 @@ def test_server_freezes_its_start_up_objects_only_when_asked(db_url, tmp_path) -
 
     from fastapi.testclient import TestClient
 
-    from api.app import create_app
-    from service.settings import Settings
+    from metaserve.api.app import create_app
+    from metaserve.service.settings import Settings
 
     settings = Settings(database_url=db_url, dispatcher=False, artifact_root=tmp_path)
     gc.unfreeze()

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from service import jobs
-from workers.spec import ALGORITHMS, TASK_FAMILIES, JobSpec
+from metaserve.service import jobs
+from metaserve.workers.spec import ALGORITHMS, TASK_FAMILIES, JobSpec
 
 TWO_LINE_SPEC = {"algorithm": {"name": "maml"}, "task_family": {"name": "sine"}}
 

@@ -13,8 +13,8 @@ import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import load, load_file, save_file
 
-from service import artifacts, jobs
-from workers.engine.trainer import CHECKPOINT_DIRECTORY
+from metaserve.service import artifacts, jobs
+from metaserve.workers.engine.trainer import CHECKPOINT_DIRECTORY
 
 TWO_LINE_SPEC = {"algorithm": {"name": "maml"}, "task_family": {"name": "sine"}}
 

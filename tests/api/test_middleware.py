@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from api.middleware import BodySizeLimitMiddleware
+from metaserve.api.middleware import BodySizeLimitMiddleware
 
 LIMIT = 100
 

@@ -14,7 +14,7 @@ import torch
 from ray.cluster_utils import Cluster
 from safetensors.torch import load_file
 
-from workers.runner import RunHooks, run_job
+from metaserve.workers.runner import RunHooks, run_job
 
 SPEC = {
     "algorithm": {"name": "maml"},

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.server_process import ServerProcess
-from workers.rl import load_meta_policy
+from metaserve.workers.rl import load_meta_policy
 
 pytestmark = pytest.mark.slow
 

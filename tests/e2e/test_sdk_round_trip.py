@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.sdk import Client, Event
+from metaserve.service.sdk import Client, Event
 from tests.server_process import ServerProcess
 
 pytestmark = pytest.mark.slow

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load, load_file
 
 from tests.server_process import ServerProcess
-from workers.engine import Trainer
+from metaserve.workers.engine import Trainer
 
 TWO_LINE_SPEC = {"algorithm": {"name": "maml"}, "task_family": {"name": "sine"}}
 

@@ -6,9 +6,9 @@ import pytest
 from sqlalchemy import inspect, insert
 from sqlalchemy.exc import IntegrityError
 
-from service import migrate
-from service.db import make_engine
-from service.models import Job, JobStatus, User, utcnow
+from metaserve.service import migrate
+from metaserve.service.db import make_engine
+from metaserve.service.models import Job, JobStatus, User, utcnow
 
 TABLES = {"alembic_version", "users", "jobs", "job_status_events", "metrics", "artifacts"}
 

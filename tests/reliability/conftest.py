@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from api.app import create_app
-from service import artifacts, auth, jobs
-from service.settings import Settings
+from metaserve.api.app import create_app
+from metaserve.service import artifacts, auth, jobs
+from metaserve.service.settings import Settings
 
 TEST_MAX_BODY_BYTES = 64 * 1024
 TWO_LINE_SPEC = {"algorithm": {"name": "maml"}, "task_family": {"name": "sine"}}

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 from fastapi.testclient import TestClient
 
-from service.ids import new_id
+from metaserve.service.ids import new_id
 from tests.reliability.conftest import TWO_LINE_SPEC, bearer
 from tests.server_process import ServerProcess, metaserve_executable
 

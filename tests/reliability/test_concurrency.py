@@ -16,13 +16,13 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
-from service import jobs
-from service.dispatcher import Dispatcher
-from service.models import Artifact, Job, Metric
-from service.settings import Settings
+from metaserve.service import jobs
+from metaserve.service.dispatcher import Dispatcher
+from metaserve.service.models import Artifact, Job, Metric
+from metaserve.service.settings import Settings
 from tests.reliability.conftest import TWO_LINE_SPEC, bearer
 from tests.server_process import ServerProcess
-from workers.spec import JobSpec
+from metaserve.workers.spec import JobSpec
 
 CLIENTS = 50
 DISTINCT_SUBMITS = 500
@@ -91,7 +91,7 @@ def test_twenty_concurrent_writers_never_see_database_is_locked_on_sqlite(tmp_pa
     stop = threading.Event()
 
     def write_metrics() -> int:
-        from service.db import make_engine, session_factory
+        from metaserve.service.db import make_engine, session_factory
 
         engine = make_engine(f"sqlite:///{db_path}")
         sessions = session_factory(engine)
@@ -170,7 +170,7 @@ def test_two_dispatchers_on_postgres_run_each_job_exactly_once(
     dispatchers = [Dispatcher(settings, sessions, worker_id=f"dispatcher-{index}")
                    for index in range(2)]
     claim_log = ClaimLog()
-    logger = logging.getLogger("service.dispatcher")
+    logger = logging.getLogger("metaserve.service.dispatcher")
     logger.addHandler(claim_log)
     logger.setLevel(logging.INFO)
     for dispatcher in dispatchers:

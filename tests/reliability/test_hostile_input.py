@@ -20,14 +20,14 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
-from service import jobs
-from service.dispatcher import Dispatcher
-from service.models import JobStatus
-from service.settings import MAX_BODY_BYTES, Settings
+from metaserve.service import jobs
+from metaserve.service.dispatcher import Dispatcher
+from metaserve.service.models import JobStatus
+from metaserve.service.settings import MAX_BODY_BYTES, Settings
 from tests.reliability.conftest import TWO_LINE_SPEC, bearer
 from tests.server_process import ServerProcess
-from workers.engine.loop import CHECKPOINT_DIRECTORY
-from workers.spec import ALGORITHMS, TASK_FAMILIES, JobSpec
+from metaserve.workers.engine.loop import CHECKPOINT_DIRECTORY
+from metaserve.workers.spec import ALGORITHMS, TASK_FAMILIES, JobSpec
 
 NON_FINITE = ("NaN", "Infinity", "-Infinity")  # what Python's JSON parser accepts
 

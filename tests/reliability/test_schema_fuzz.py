@@ -24,9 +24,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis.config import SchemathesisConfig
 
-from api.app import create_app
-from service import artifacts, auth, jobs
-from service.settings import Settings
+from metaserve.api.app import create_app
+from metaserve.service import artifacts, auth, jobs
+from metaserve.service.settings import Settings
 
 DEFAULT_EXAMPLES = 12
 FUZZ_EXAMPLES = int(os.environ.get("METASERVE_FUZZ_EXAMPLES", DEFAULT_EXAMPLES))

@@ -5,11 +5,11 @@ import stat
 import pytest
 from typer.testing import CliRunner
 
-from service import auth, store
-from service.cli import app
-from service.db import make_engine, session_factory
-from service.exceptions import Unauthorized
-from service.ids import new_id
+from metaserve.service import auth, store
+from metaserve.service.cli import app
+from metaserve.service.db import make_engine, session_factory
+from metaserve.service.exceptions import Unauthorized
+from metaserve.service.ids import new_id
 
 
 def test_ids_are_26_chars_and_sort_in_creation_order():

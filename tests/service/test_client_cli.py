@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from service import jobs
-from service.cli import app
+from metaserve.service import jobs
+from metaserve.service.cli import app
 from tests.api.test_events import live_url  # noqa: F401 - the fixture
 
 runner = CliRunner()
@@ -18,7 +18,7 @@ runner = CliRunner()
 
 @pytest.fixture
 def key(sessions) -> str:  # noqa: ANN001
-    from service import auth
+    from metaserve.service import auth
 
     with sessions() as session:
         return auth.create_key(session=session, name="alice")[1]
@@ -81,7 +81,7 @@ def test_submit_wait_of_a_job_cancelled_before_it_ran_exits_1_with_its_status(
     spec.write_text("algorithm: {name: maml}\ntask_family: {name: sine}\n")
 
     def cancel_when_submitted() -> None:
-        from service.models import Job, User
+        from metaserve.service.models import Job, User
 
         for _ in range(200):
             with sessions() as session:

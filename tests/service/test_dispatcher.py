@@ -9,11 +9,11 @@ import pytest
 from safetensors.torch import load_file
 from sqlalchemy import select
 
-from service import artifacts, jobs
-from service.dispatcher import Dispatcher
-from service.models import Job, JobStatus, Metric
-from service.settings import Settings
-from workers.spec import JobSpec
+from metaserve.service import artifacts, jobs
+from metaserve.service.dispatcher import Dispatcher
+from metaserve.service.models import Job, JobStatus, Metric
+from metaserve.service.settings import Settings
+from metaserve.workers.spec import JobSpec
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

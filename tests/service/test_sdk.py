@@ -9,18 +9,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from service import sdk
-from service.sdk import Client, Event, parse_sse
+from metaserve.service import sdk
+from metaserve.service.sdk import Client, Event, parse_sse
 from tests.api.test_events import live_url  # noqa: F401 - the fixture
-from workers.engine import Trainer
-from workers.engine.artifacts import adapt, load_meta_init
+from metaserve.workers.engine import Trainer
+from metaserve.workers.engine.artifacts import adapt, load_meta_init
 
 TWO_LINE_SPEC = {"algorithm": {"name": "maml"}, "task_family": {"name": "sine"}}
 
 
 @pytest.fixture
 def key(sessions) -> str:  # noqa: ANN001
-    from service import auth
+    from metaserve.service import auth
 
     with sessions() as session:
         return auth.create_key(session=session, name="alice")[1]

@@ -3,7 +3,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from service.settings import Settings
+from metaserve.service.settings import Settings
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

@@ -6,11 +6,11 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import func, select
 
-from service import jobs
-from service.exceptions import IdempotencyConflict, InvalidTransition, JobNotFound, LeaseLost
-from service.models import Job, JobStatus, User, utcnow
-from service.store import InvalidCursor
-from workers.spec import JobSpec
+from metaserve.service import jobs
+from metaserve.service.exceptions import IdempotencyConflict, InvalidTransition, JobNotFound, LeaseLost
+from metaserve.service.models import Job, JobStatus, User, utcnow
+from metaserve.service.store import InvalidCursor
+from metaserve.workers.spec import JobSpec
 
 LEASE_S = 30.0
 EXPIRED = -1.0  # a lease that is already over when taken: the holder "died"

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import typer
 
-from workers.cli import apply_overrides, train
+from metaserve.workers.cli import apply_overrides, train
 
 SPEC_YAML = """
 algorithm: {name: maml, inner_lr: 0.01, inner_steps: 1}
@@ -65,7 +65,7 @@ def test_train_command_line_shows_progress_and_rejects_bad_specs(tmp_path):
 def test_sine_examples_are_valid_specs_of_the_paper_setting(name):
     from pathlib import Path
 
-    from workers.cli import load_spec
+    from metaserve.workers.cli import load_spec
 
     job = load_spec(Path(__file__).resolve().parents[2] / "examples" / f"{name}.yaml")
     assert job.algorithm.name == name.removeprefix("sine_")
@@ -78,7 +78,7 @@ EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yam
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[path.stem for path in EXAMPLES])
 def test_every_example_spec_is_valid(path):
-    from workers.cli import load_spec
+    from metaserve.workers.cli import load_spec
 
     assert load_spec(path).task_family.name in path.stem  # validated, and the family it names
 

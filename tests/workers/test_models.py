@@ -2,9 +2,9 @@ import pytest
 import torch
 from torch.func import vmap
 
-from workers.algorithms import build_algorithm
-from workers.models import build_model
-from workers.spec import ANILSpec, Conv4Spec, MAMLSpec, MLPSpec, PromptSpec
+from metaserve.workers.algorithms import build_algorithm
+from metaserve.workers.models import build_model
+from metaserve.workers.spec import ANILSpec, Conv4Spec, MAMLSpec, MLPSpec, PromptSpec
 
 
 def images(tasks=3, shots=4, size=28, channels=1):

@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from workers.engine import Trainer
-from workers.runner import JobCancelled, RunHooks, Unschedulable, run_job, shard_ranges
+from metaserve.workers.engine import Trainer
+from metaserve.workers.runner import JobCancelled, RunHooks, Unschedulable, run_job, shard_ranges
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

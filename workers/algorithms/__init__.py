@@ -1,14 +1,14 @@
-"""Meta-learning algorithms behind one interface (:class:`workers.algorithms.base.Algorithm`)."""
+"""Meta-learning algorithms behind one interface (:class:`metaserve.workers.algorithms.base.Algorithm`)."""
 
 from __future__ import annotations
 
-from workers.algorithms.anil import ANIL
-from workers.algorithms.base import Algorithm
-from workers.algorithms.maml import MAML
-from workers.algorithms.metasgd import MetaSGD
-from workers.algorithms.prompt import Prompt
-from workers.algorithms.reptile import Reptile
-from workers.models import FunctionalModel
+from metaserve.workers.algorithms.anil import ANIL
+from metaserve.workers.algorithms.base import Algorithm
+from metaserve.workers.algorithms.maml import MAML
+from metaserve.workers.algorithms.metasgd import MetaSGD
+from metaserve.workers.algorithms.prompt import Prompt
+from metaserve.workers.algorithms.reptile import Reptile
+from metaserve.workers.models import FunctionalModel
 
 ALGORITHM_CLASSES: dict[str, type[Algorithm]] = {
     "maml": MAML, "reptile": Reptile, "anil": ANIL, "metasgd": MetaSGD, "prompt": Prompt,

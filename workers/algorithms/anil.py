@@ -7,8 +7,8 @@ from __future__ import annotations
 from torch import Tensor
 from torch.func import grad
 
-from workers.algorithms.base import Algorithm, Fast
-from workers.models import Params
+from metaserve.workers.algorithms.base import Algorithm, Fast
+from metaserve.workers.models import Params
 
 
 class ANIL(Algorithm):

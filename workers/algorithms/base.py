@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import grad, vmap
 
-from workers.models import FunctionalModel, Params
+from metaserve.workers.models import FunctionalModel, Params
 
 Fast = Any  # a pytree of tensors: the per-task adapted state
 

@@ -5,7 +5,7 @@ low query loss; the meta-gradient flows through the inner steps (second order) u
 
 from __future__ import annotations
 
-from workers.algorithms.base import Algorithm
+from metaserve.workers.algorithms.base import Algorithm
 
 
 class MAML(Algorithm):

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from workers.algorithms.base import Algorithm, Fast
-from workers.models import Params
+from metaserve.workers.algorithms.base import Algorithm, Fast
+from metaserve.workers.models import Params
 
 LR_PREFIX = "inner_lr."
 

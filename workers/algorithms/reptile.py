@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 from torch.func import vmap
 
-from workers.algorithms.base import _TASK_AXES, Algorithm, accuracy
-from workers.models import Params
+from metaserve.workers.algorithms.base import _TASK_AXES, Algorithm, accuracy
+from metaserve.workers.models import Params
 
 
 class Reptile(Algorithm):

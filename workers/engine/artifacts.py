@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from workers.engine.checkpoints import atomic_save_tensors, atomic_write_bytes
+from metaserve.workers.engine.checkpoints import atomic_save_tensors, atomic_write_bytes
 
 META_INIT_TENSORS = "meta_init.safetensors"
 META_INIT_JSON = "meta_init.json"
@@ -53,9 +53,9 @@ class MetaInitModel(torch.nn.Module):
 
     def __init__(self, params: dict[str, Tensor], recipe: dict, spec: dict):
         super().__init__()
-        from workers.algorithms import build_algorithm
-        from workers.models import build_model
-        from workers.spec import JobSpec
+        from metaserve.workers.algorithms import build_algorithm
+        from metaserve.workers.models import build_model
+        from metaserve.workers.spec import JobSpec
 
         job = JobSpec.model_validate(spec)
         architecture_input = tuple(recipe["architecture"]["input_shape"])

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from workers.engine.state import TrainState
+from metaserve.workers.engine.state import TrainState
 
 if TYPE_CHECKING:
-    from workers.engine.trainer import Trainer
+    from metaserve.workers.engine.trainer import Trainer
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from workers.spec import OuterOptimizerSpec
+from metaserve.workers.spec import OuterOptimizerSpec
 
 Params = dict[str, Tensor]
 ADAM_BETAS = (0.9, 0.999)

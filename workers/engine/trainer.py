@@ -16,15 +16,15 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from workers.algorithms import build_algorithm
-from workers.engine import artifacts, checkpoints
-from workers.engine.evaluation import summarize
-from workers.engine.loop import CHECKPOINT_DIRECTORY, RunHooks, train_loop  # noqa: F401 (re-exported)
-from workers.engine.optimizers import init_optimizer_state, optimizer_step
-from workers.engine.state import ShardResult, TrainState
-from workers.models import build_model
-from workers.spec import JobSpec
-from workers.tasks import build_task_family
+from metaserve.workers.algorithms import build_algorithm
+from metaserve.workers.engine import artifacts, checkpoints
+from metaserve.workers.engine.evaluation import summarize
+from metaserve.workers.engine.loop import CHECKPOINT_DIRECTORY, RunHooks, train_loop  # noqa: F401 (re-exported)
+from metaserve.workers.engine.optimizers import init_optimizer_state, optimizer_step
+from metaserve.workers.engine.state import ShardResult, TrainState
+from metaserve.workers.models import build_model
+from metaserve.workers.spec import JobSpec
+from metaserve.workers.tasks import build_task_family
 
 logger = logging.getLogger(__name__)
 

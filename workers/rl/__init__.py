@@ -2,7 +2,7 @@
 RL² on RLlib, PEARL, MAML with a policy-gradient inner loop, bandit baselines, the job entry
 point and the meta-policy loader."""
 
-from workers.rl.job import META_POLICY_JSON, META_POLICY_TENSORS, run_rl_job
-from workers.rl.loader import MetaPolicy, load_meta_policy
+from metaserve.workers.rl.job import META_POLICY_JSON, META_POLICY_TENSORS, run_rl_job
+from metaserve.workers.rl.loader import MetaPolicy, load_meta_policy
 
 __all__ = ["META_POLICY_JSON", "META_POLICY_TENSORS", "MetaPolicy", "load_meta_policy", "run_rl_job"]

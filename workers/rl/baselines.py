@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from workers.rl.tasks import Task
+from metaserve.workers.rl.tasks import Task
 
 
 def _pull(rng: np.random.Generator, means: np.ndarray, arm: int) -> float:

@@ -1,4 +1,4 @@
-"""Runs one meta-RL job on Ray: :func:`run_rl_job`, the RL branch of :func:`workers.runner.run_job`.
+"""Runs one meta-RL job on Ray: :func:`run_rl_job`, the RL branch of :func:`metaserve.workers.runner.run_job`.
 
 The algorithm (MAML-RL, RL², PEARL) lives in one :class:`RLJobActor` (a Ray actor with the
 job's ``resources.cpus_per_worker`` / ``gpus_per_worker``); RL² builds its RLlib algorithm
@@ -29,12 +29,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from ray.exceptions import RayActorError
 
-from workers.engine.checkpoints import (CHECKPOINT_JSON, CHECKPOINT_TENSORS, CheckpointError,
+from metaserve.workers.engine.checkpoints import (CHECKPOINT_JSON, CHECKPOINT_TENSORS, CheckpointError,
                                         atomic_save_tensors, atomic_write_bytes)
-from workers.engine.trainer import CHECKPOINT_DIRECTORY
-from workers.runner import (POLL_S, WORKER_READY_TIMEOUT_S, JobCancelled, RunHooks,
+from metaserve.workers.engine.trainer import CHECKPOINT_DIRECTORY
+from metaserve.workers.runner import (POLL_S, WORKER_READY_TIMEOUT_S, JobCancelled, RunHooks,
                             Unschedulable, check_schedulable)
-from workers.spec import JobSpec
+from metaserve.workers.spec import JobSpec
 
 logger = logging.getLogger(__name__)
 
@@ -48,15 +48,15 @@ def build_rl_algorithm(spec: JobSpec):  # noqa: ANN201 - MAMLRL | RL2Trainer | P
     """The algorithm object of an RL job (imports RLlib only for ``rl2``)."""
     name = spec.algorithm.name
     if name == "maml":
-        from workers.rl.maml_rl import MAMLRL
+        from metaserve.workers.rl.maml_rl import MAMLRL
 
         return MAMLRL(spec)
     if name == "rl2":
-        from workers.rl.rl2 import RL2Trainer
+        from metaserve.workers.rl.rl2 import RL2Trainer
 
         return RL2Trainer(spec)
     if name == "pearl":
-        from workers.rl.pearl import PEARL
+        from metaserve.workers.rl.pearl import PEARL
 
         return PEARL(spec)
     raise ValueError(f"{name!r} is not a meta-RL algorithm")

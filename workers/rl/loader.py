@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from workers.rl.job import META_POLICY_JSON, META_POLICY_TENSORS
-from workers.rl.tasks import Task, build_rl_family, task_rng
-from workers.spec import JobSpec
+from metaserve.workers.rl.job import META_POLICY_JSON, META_POLICY_TENSORS
+from metaserve.workers.rl.tasks import Task, build_rl_family, task_rng
+from metaserve.workers.spec import JobSpec
 
 
 class MetaPolicy:
@@ -33,19 +33,19 @@ class MetaPolicy:
         self.spec = JobSpec.model_validate(document["spec"])
         self.family = build_rl_family(self.spec.task_family)
         if self.algorithm == "maml":
-            from workers.rl.maml_rl import MAMLRL
+            from metaserve.workers.rl.maml_rl import MAMLRL
 
             self.runner = MAMLRL(self.spec)
             with torch.no_grad():
                 for name, value in self.runner.params.items():
                     value.copy_(tensors[name])
         elif self.algorithm == "rl2":
-            from workers.rl.rl2_policy import rl2_network
+            from metaserve.workers.rl.rl2_policy import rl2_network
 
             self.runner = rl2_network(self.family, self.architecture["hidden_size"])
             self.runner.load_state_dict(tensors)
         elif self.algorithm == "pearl":
-            from workers.rl.pearl import PEARLAgent
+            from metaserve.workers.rl.pearl import PEARLAgent
 
             self.runner = PEARLAgent.from_tensors(self.spec, tensors)
         else:
@@ -63,7 +63,7 @@ class MetaPolicy:
             return self.runner.evaluate_goals(goals, inner_steps or [self.recipe["inner_steps"]],
                                               seed=seed)
         if self.algorithm == "rl2":
-            from workers.rl.rl2_policy import run_rl2_trials
+            from metaserve.workers.rl.rl2_policy import run_rl2_trials
 
             totals = run_rl2_trials(self.runner, self.family, tasks, seed=seed)
             return {"trial_return": float(totals.mean())}

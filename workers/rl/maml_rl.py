@@ -41,10 +41,10 @@ import torch
 from torch import Tensor
 from torch.func import functional_call, grad, vmap
 
-from workers.rl.policies import GaussianMLPPolicy, gaussian_log_prob
-from workers.rl.tasks import GOAL_TOLERANCE, Nav2DFamily, build_rl_family
-from workers.spec import JobSpec, PolicyGradientSpec
-from workers.tasks.base import task_seed
+from metaserve.workers.rl.policies import GaussianMLPPolicy, gaussian_log_prob
+from metaserve.workers.rl.tasks import GOAL_TOLERANCE, Nav2DFamily, build_rl_family
+from metaserve.workers.spec import JobSpec, PolicyGradientSpec
+from metaserve.workers.tasks.base import task_seed
 
 Params = dict[str, Tensor]
 
@@ -514,7 +514,7 @@ class MAMLRL:
         self._envs = []
 
     def meta_policy(self) -> tuple[dict[str, Tensor], dict]:
-        """The meta-policy tensors and the recipe :func:`workers.rl.load_meta_policy` reads."""
+        """The meta-policy tensors and the recipe :func:`metaserve.workers.rl.load_meta_policy` reads."""
         architecture = {"kind": "gaussian_mlp", "observation_size": self.family.observation_size,
                         "action_size": self.family.action_size,
                         "hidden": list(self.pg.hidden)}

@@ -29,9 +29,9 @@ import ray
 import torch
 from torch import Tensor, nn
 
-from workers.rl.tasks import GOAL_TOLERANCE, Nav2DFamily, Task, build_rl_family
-from workers.spec import JobSpec, Nav2DSpec
-from workers.tasks.base import task_seed
+from metaserve.workers.rl.tasks import GOAL_TOLERANCE, Nav2DFamily, Task, build_rl_family
+from metaserve.workers.spec import JobSpec, Nav2DSpec
+from metaserve.workers.tasks.base import task_seed
 
 OBSERVATION_SIZE = 2
 ACTION_SIZE = 2
@@ -139,7 +139,7 @@ class Episodes:
 @torch.no_grad()
 def simulate_nav2d(agent: PEARLAgent, nav: Nav2DSpec, goals: Tensor, z: Tensor,
                    generator: torch.Generator, *, deterministic: bool = False) -> Episodes:
-    """One episode of every task at once (the dynamics of :class:`workers.rl.tasks.Nav2DEnv`);
+    """One episode of every task at once (the dynamics of :class:`metaserve.workers.rl.tasks.Nav2DEnv`);
     ``deterministic``: the policy's mean action (evaluation), else a sampled one."""
     tasks = goals.shape[0]
     position = torch.zeros(tasks, 2)
@@ -213,7 +213,7 @@ class ReplayBuffer:
 
 
 class PEARL:
-    """The PEARL algorithm object driven by :func:`workers.rl.run_rl_job`."""
+    """The PEARL algorithm object driven by :func:`metaserve.workers.rl.run_rl_job`."""
 
     def __init__(self, spec: JobSpec):
         self.spec, self.p = spec, spec.algorithm

@@ -1,5 +1,5 @@
 """RL² (Duan et al. 2016) on RLlib's new API stack: PPO (Schulman et al. 2017) with a recurrent
-:class:`~workers.rl.policies.RecurrentPolicy` wrapped in an RLlib ``TorchRLModule``.
+:class:`~metaserve.workers.rl.policies.RecurrentPolicy` wrapped in an RLlib ``TorchRLModule``.
 
 A trial (``TrialEnv``) is one RLlib episode made of the task's episodes, and its
 observations carry the previous action, reward and done flag, so the LSTM state persists
@@ -14,7 +14,7 @@ minibatch holds ``minibatch_trials`` whole trials. One iteration is one
 Throughput: the network is tiny, so torch runs it on one thread (intra-op threads cost far
 more than they bring on a loaded machine: 9 ms against 0.1 ms per batched LSTM step measured
 on 2 busy cores), and bandit trials are stepped as one numpy vector env per runner
-(:class:`~workers.rl.tasks.BanditTrialVectorEnv`, RLlib's ``vector_entry_point`` mode) instead
+(:class:`~metaserve.workers.rl.tasks.BanditTrialVectorEnv`, RLlib's ``vector_entry_point`` mode) instead
 of gymnasium looping over single envs.
 """
 
@@ -35,10 +35,10 @@ from ray.rllib.core.rl_module.torch import TorchRLModule
 from ray.rllib.evaluation.postprocessing import Postprocessing
 from ray.tune.registry import register_env
 
-from workers.rl.baselines import BANDIT_BASELINES, tune_ucb1, ucb1
-from workers.rl.rl2_policy import rl2_network, run_rl2_trials
-from workers.rl.tasks import BanditTrialVectorEnv, TrialEnv, build_rl_family
-from workers.spec import TASK_FAMILIES, JobSpec
+from metaserve.workers.rl.baselines import BANDIT_BASELINES, tune_ucb1, ucb1
+from metaserve.workers.rl.rl2_policy import rl2_network, run_rl2_trials
+from metaserve.workers.rl.tasks import BanditTrialVectorEnv, TrialEnv, build_rl_family
+from metaserve.workers.spec import TASK_FAMILIES, JobSpec
 
 ENV_STREAMS_PER_RUNNER = 1_000_000
 TRIAL_ENV_NAME = "metaserve_rl2_trial"
@@ -171,7 +171,7 @@ def _unflatten(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 class RL2Trainer:
-    """The RL² algorithm object driven by :func:`workers.rl.run_rl_job`."""
+    """The RL² algorithm object driven by :func:`metaserve.workers.rl.run_rl_job`."""
 
     def __init__(self, spec: JobSpec):
         self.spec = spec

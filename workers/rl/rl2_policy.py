@@ -1,13 +1,13 @@
 """Running an RL² policy (Duan et al. 2016) on trials, in plain torch: used by the RL² trainer's
-evaluation and by :func:`workers.rl.load_meta_policy` (no RLlib needed to run a policy)."""
+evaluation and by :func:`metaserve.workers.rl.load_meta_policy` (no RLlib needed to run a policy)."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from workers.rl.policies import RecurrentPolicy
-from workers.rl.tasks import RLTaskFamily, Task, TrialEnv
+from metaserve.workers.rl.policies import RecurrentPolicy
+from metaserve.workers.rl.tasks import RLTaskFamily, Task, TrialEnv
 
 
 def rl2_network(family: RLTaskFamily, hidden_size: int) -> RecurrentPolicy:

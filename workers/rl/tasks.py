@@ -1,6 +1,6 @@
 """Meta-RL task families as gymnasium environments.
 
-Each family samples tasks from the counter-based seed of :mod:`workers.tasks.base` (task
+Each family samples tasks from the counter-based seed of :mod:`metaserve.workers.tasks.base` (task
 ``t`` of iteration ``i`` on split ``s`` depends only on ``(seed, s, i, t)``) and builds an
 environment whose task is switched with ``set_task``:
 
@@ -25,15 +25,15 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from workers.spec import BanditSpec, HalfCheetahVelSpec, Nav2DSpec, TabularMDPSpec
-from workers.tasks.base import task_seed
+from metaserve.workers.spec import BanditSpec, HalfCheetahVelSpec, Nav2DSpec, TabularMDPSpec
+from metaserve.workers.tasks.base import task_seed
 
 Task = dict[str, np.ndarray]
 GOAL_TOLERANCE = 0.01
 
 
 def task_rng(seed: int, split: str, iteration: int, task_index: int) -> np.random.Generator:
-    """A numpy generator seeded by :func:`workers.tasks.base.task_seed`."""
+    """A numpy generator seeded by :func:`metaserve.workers.tasks.base.task_seed`."""
     return np.random.default_rng(task_seed(seed, split, iteration, task_index))
 
 

@@ -1,6 +1,6 @@
 """Task-family registry: ``build_task_family(spec)`` turns a validated spec into a sampler.
 
-The image families live in :mod:`workers.tasks.images` and :mod:`workers.tasks.glyphs` and
+The image families live in :mod:`metaserve.workers.tasks.images` and :mod:`metaserve.workers.tasks.glyphs` and
 are imported only when asked for.
 """
 
@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import importlib
 
-from workers.spec import GlyphsSpec, ImagesSpec, LinearSpec, SineSpec
-from workers.tasks.base import TaskBatch, TaskFamily, task_generator, task_seed
+from metaserve.workers.spec import GlyphsSpec, ImagesSpec, LinearSpec, SineSpec
+from metaserve.workers.tasks.base import TaskBatch, TaskFamily, task_generator, task_seed
 
 # name → (module, class); each class takes its spec as the only argument
 TASK_FAMILY_CLASSES: dict[str, tuple[str, str]] = {
-    "sine": ("workers.tasks.regression", "SineFamily"),
-    "linear": ("workers.tasks.regression", "LinearFamily"),
-    "images": ("workers.tasks.images", "ImagesFamily"),
-    "glyphs": ("workers.tasks.glyphs", "GlyphsFamily"),
+    "sine": ("metaserve.workers.tasks.regression", "SineFamily"),
+    "linear": ("metaserve.workers.tasks.regression", "LinearFamily"),
+    "images": ("metaserve.workers.tasks.images", "ImagesFamily"),
+    "glyphs": ("metaserve.workers.tasks.glyphs", "GlyphsFamily"),
 }
 
 

@@ -6,7 +6,7 @@ draws ``K`` support and ``Q`` query examples per class. Classes, not images, are
 train/val/test, so a meta-test task only contains classes never seen in meta-training.
 
 Every random choice of task ``t`` is drawn from ``task_generator(seed, split, iteration, t)``
-(see :mod:`workers.tasks.base`), so a task is a pure function of those four numbers and the
+(see :mod:`metaserve.workers.tasks.base`), so a task is a pure function of those four numbers and the
 family's spec, whichever other tasks are sampled with it.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from workers.tasks.base import SPLITS, TaskBatch
+from metaserve.workers.tasks.base import SPLITS, TaskBatch
 
 
 class DatasetError(ValueError):

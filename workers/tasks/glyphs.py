@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from matplotlib.ft2font import FT2Font
 from PIL import Image, ImageDraw, ImageFont
 
-from workers.spec import GlyphsSpec
-from workers.tasks.base import TaskBatch, task_generator
-from workers.tasks.fewshot import (DatasetError, check_split, choose_classes, episode_batch, episode_shots,
+from metaserve.workers.spec import GlyphsSpec
+from metaserve.workers.tasks.base import TaskBatch, task_generator
+from metaserve.workers.tasks.fewshot import (DatasetError, check_split, choose_classes, episode_batch, episode_shots,
                                     split_classes)
 
 __all__ = [

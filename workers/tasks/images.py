@@ -12,7 +12,7 @@ converted to ``channels`` and held once per process as one uint8 tensor. Classes
 train/val/test with ``split_seed``; with ``rotations`` every class of a split also appears
 rotated by 90°, 180° and 270° as three more classes, after the split, so no character leaks
 across splits (the protocol of Santoro et al. 2016 and Finn et al. 2017 on Omniglot).
-Tasks are N-way K-shot episodes (Vinyals et al. 2016), see :mod:`workers.tasks.fewshot`.
+Tasks are N-way K-shot episodes (Vinyals et al. 2016), see :mod:`metaserve.workers.tasks.fewshot`.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from workers.spec import ImagesSpec
-from workers.tasks.base import SPLITS, TaskBatch, task_generator
-from workers.tasks.fewshot import (DatasetError, check_split, choose_classes, episode_batch, episode_shots,
+from metaserve.workers.spec import ImagesSpec
+from metaserve.workers.tasks.base import SPLITS, TaskBatch, task_generator
+from metaserve.workers.tasks.fewshot import (DatasetError, check_split, choose_classes, episode_batch, episode_shots,
                                     split_classes)
 
 __all__ = ["DatasetError", "ImageDataset", "ImagesFamily", "detect_layout", "load_image_dataset"]

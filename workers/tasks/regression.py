@@ -16,8 +16,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from workers.spec import LinearSpec, SineSpec
-from workers.tasks.base import TaskBatch, task_seed
+from metaserve.workers.spec import LinearSpec, SineSpec
+from metaserve.workers.tasks.base import TaskBatch, task_seed
 
 _GOLDEN_GAMMA = 0x9E3779B97F4A7C15 - 2**64
 _MIX_1 = 0xBF58476D1CE4E5B9 - 2**64

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from workers.algorithms import build_algorithm
-from workers.models import build_model
-from workers.spec import ANILSpec, MAMLSpec, MetaSGDSpec, MLPSpec, PromptSpec, ReptileSpec, SineSpec
-from workers.tasks import build_task_family
+from metaserve.workers.algorithms import build_algorithm
+from metaserve.workers.models import build_model
+from metaserve.workers.spec import ANILSpec, MAMLSpec, MetaSGDSpec, MLPSpec, PromptSpec, ReptileSpec, SineSpec
+from metaserve.workers.tasks import build_task_family
 
 TOLERANCE = dict(atol=1e-6, rtol=1e-6)
 

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from workers.engine import CheckpointError, ShardResult, Trainer, TrainState, load_meta_init
-from workers.engine.checkpoints import CHECKPOINT_JSON
+from metaserve.workers.engine import CheckpointError, ShardResult, Trainer, TrainState, load_meta_init
+from metaserve.workers.engine.checkpoints import CHECKPOINT_JSON
 
 SMALL = {
     "algorithm": {"name": "maml", "inner_lr": 0.01, "inner_steps": 1},

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from workers.rl.baselines import random_policy, thompson, ucb1
-from workers.rl.tasks import BanditFamily
-from workers.spec import BanditSpec
+from metaserve.workers.rl.baselines import random_policy, thompson, ucb1
+from metaserve.workers.rl.tasks import BanditFamily
+from metaserve.workers.spec import BanditSpec
 
 
 def test_ucb1_tries_every_arm_once_then_sticks_to_the_paying_arm_when_exploring_little():

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from workers.rl import load_meta_policy
-from workers.runner import JobCancelled, RunHooks, run_job
+from metaserve.workers.rl import load_meta_policy
+from metaserve.workers.runner import JobCancelled, RunHooks, run_job
 
 SPEC = {"algorithm": {"name": "maml", "inner_lr": 0.1,
                       "policy_gradient": {"episodes_per_task": 2, "hidden": [8], "outer_epochs": 1}},

@@ -11,9 +11,9 @@ import torch
 from pydantic import ValidationError
 from torch.func import vmap
 
-from workers.rl.maml_rl import MAMLRL, conjugate_gradient, expand_params, flatten, unflatten
-from workers.rl.policies import gaussian_log_prob
-from workers.spec import JobSpec
+from metaserve.workers.rl.maml_rl import MAMLRL, conjugate_gradient, expand_params, flatten, unflatten
+from metaserve.workers.rl.policies import gaussian_log_prob
+from metaserve.workers.spec import JobSpec
 
 SMALL = {"algorithm": {"name": "maml", "inner_lr": 0.1,
                        "policy_gradient": {"episodes_per_task": 3, "hidden": [8], "outer_epochs": 2}},

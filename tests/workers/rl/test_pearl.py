@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from workers.rl.pearl import PEARL, PEARLAgent, simulate_nav2d
-from workers.rl.tasks import Nav2DEnv
-from workers.spec import JobSpec, Nav2DSpec
+from metaserve.workers.rl.pearl import PEARL, PEARLAgent, simulate_nav2d
+from metaserve.workers.rl.tasks import Nav2DEnv
+from metaserve.workers.spec import JobSpec, Nav2DSpec
 
 SMALL = {"algorithm": {"name": "pearl", "hidden": 16, "train_tasks": 4, "tasks_per_iteration": 2,
                        "gradient_steps": 2, "batch_size": 8, "context_size": 4, "evaluation_tasks": 3},

@@ -8,11 +8,11 @@ import torch
 from ray.rllib.core.columns import Columns
 from ray.rllib.evaluation.postprocessing import Postprocessing
 
-from workers.rl.rl2 import (ENV_STREAMS_PER_RUNNER, RealStepAdvantages, _number_streams, _schedule,
+from metaserve.workers.rl.rl2 import (ENV_STREAMS_PER_RUNNER, RealStepAdvantages, _number_streams, _schedule,
                             make_trial_env)
-from workers.rl.rl2_policy import rl2_network, run_rl2_trials
-from workers.rl.tasks import BanditFamily, BanditTrialVectorEnv, TrialEnv
-from workers.spec import BanditSpec
+from metaserve.workers.rl.rl2_policy import rl2_network, run_rl2_trials
+from metaserve.workers.rl.tasks import BanditFamily, BanditTrialVectorEnv, TrialEnv
+from metaserve.workers.spec import BanditSpec
 
 CONFIG = {"family": {"name": "bandit", "arms": 3, "pulls": 4}, "seed": 0}
 
@@ -65,8 +65,8 @@ def test_the_learner_state_survives_json_and_a_resumed_trainer_keeps_its_adam_mo
     env-step count (which the lr and entropy schedules follow) restarted from zero."""
     import json
 
-    from workers.rl.rl2 import RL2Trainer
-    from workers.spec import JobSpec
+    from metaserve.workers.rl.rl2 import RL2Trainer
+    from metaserve.workers.spec import JobSpec
 
     spec = JobSpec.model_validate({
         "algorithm": {"name": "rl2", "hidden_size": 8, "envs_per_runner": 4, "num_epochs": 1,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from workers.spec import ALGORITHMS, TASK_FAMILIES, JobSpec, PolicyGradientSpec
+from metaserve.workers.spec import ALGORITHMS, TASK_FAMILIES, JobSpec, PolicyGradientSpec
 
 
 @pytest.mark.parametrize("algorithm, family", [("rl2", "bandit"), ("rl2", "tabular_mdp"),

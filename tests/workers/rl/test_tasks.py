@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from workers.rl.tasks import (CHEETAH_CONTROL_COST, BanditFamily, BanditTrialVectorEnv,
+from metaserve.workers.rl.tasks import (CHEETAH_CONTROL_COST, BanditFamily, BanditTrialVectorEnv,
                               HalfCheetahVelFamily, Nav2DFamily, TabularMDPFamily, TrialEnv)
-from workers.spec import BanditSpec, HalfCheetahVelSpec, Nav2DSpec, TabularMDPSpec
+from metaserve.workers.spec import BanditSpec, HalfCheetahVelSpec, Nav2DSpec, TabularMDPSpec
 
 
 def test_tasks_depend_only_on_seed_split_iteration_and_index():

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from workers.tasks.base import TaskBatch
+from metaserve.workers.tasks.base import TaskBatch
 
 IMAGE_SIZE = 16
 NUM_CLASSES = 40

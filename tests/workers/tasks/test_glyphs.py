@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from workers.spec import GlyphsSpec
-from workers.tasks.glyphs import (
+from metaserve.workers.spec import GlyphsSpec
+from metaserve.workers.tasks.glyphs import (
     GlyphsFamily,
     _font,
     affine_thetas,
@@ -16,7 +16,7 @@ from workers.tasks.glyphs import (
     render_glyph,
     sampling_grids,
 )
-from workers.tasks.images import DatasetError
+from metaserve.workers.tasks.images import DatasetError
 
 SPLITS = ("train", "val", "test")
 

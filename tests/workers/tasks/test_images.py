@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from workers.spec import ImagesSpec
-from workers.tasks.images import DatasetError, ImagesFamily, detect_layout, load_image_dataset
+from metaserve.workers.spec import ImagesSpec
+from metaserve.workers.tasks.images import DatasetError, ImagesFamily, detect_layout, load_image_dataset
 
 SPLITS = ("train", "val", "test")
 NUM_CLASSES = 40  # in every dataset conftest.py generates

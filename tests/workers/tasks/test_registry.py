@@ -1,8 +1,8 @@
 import pytest
 
-from workers.spec import LinearSpec, SineSpec
-from workers.tasks import TASK_FAMILY_CLASSES, build_task_family
-from workers.tasks.regression import LinearFamily, SineFamily
+from metaserve.workers.spec import LinearSpec, SineSpec
+from metaserve.workers.tasks import TASK_FAMILY_CLASSES, build_task_family
+from metaserve.workers.tasks.regression import LinearFamily, SineFamily
 
 
 def test_registry_builds_regression_families_from_their_specs():
@@ -11,8 +11,8 @@ def test_registry_builds_regression_families_from_their_specs():
 
 
 def test_registry_names_the_image_families_lazily():
-    assert TASK_FAMILY_CLASSES["images"] == ("workers.tasks.images", "ImagesFamily")
-    assert TASK_FAMILY_CLASSES["glyphs"] == ("workers.tasks.glyphs", "GlyphsFamily")
+    assert TASK_FAMILY_CLASSES["images"] == ("metaserve.workers.tasks.images", "ImagesFamily")
+    assert TASK_FAMILY_CLASSES["glyphs"] == ("metaserve.workers.tasks.glyphs", "GlyphsFamily")
 
 
 def test_registry_rejects_unknown_family():

@@ -2,10 +2,10 @@ import math
 
 import torch
 
-from workers.spec import LinearSpec, SineSpec
-from workers.tasks import build_task_family
-from workers.tasks.base import task_seed
-from workers.tasks.regression import counter_uniform
+from metaserve.workers.spec import LinearSpec, SineSpec
+from metaserve.workers.tasks import build_task_family
+from metaserve.workers.tasks.base import task_seed
+from metaserve.workers.tasks.regression import counter_uniform
 
 MASK = 2**64 - 1
 
