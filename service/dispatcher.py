@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from metaserve.service import artifacts, jobs
 from metaserve.service.exceptions import LeaseLost, MetaserveError
 from metaserve.service.models import JobStatus
+from metaserve.service.ray_cluster import connect_ray
 from metaserve.service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -38,26 +39,6 @@ POLL_S = 0.5
 WATCH_S = 1.0
 UNSCHEDULABLE_RETRY_S = 10.0
 RAY_CONNECT_RETRY_S = 5.0
-
-
-def connect_ray(settings: Settings) -> None:
-    """Connect to ``settings.ray_address``, or start a local Ray when it is empty."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if settings.ray_auth_token:
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
-        os.environ["RAY_AUTH_TOKEN"] = settings.ray_auth_token
-    kwargs: dict[str, Any] = dict(log_to_driver=False, logging_level=logging.WARNING)
-    # Modules the workers import travel with the job, also to a cluster's nodes.
-    runtime_env = {"env_vars": {"PYTHONUNBUFFERED": "1"}}
-    if settings.ray_address:
-        ray.init(address=settings.ray_address, runtime_env=runtime_env, **kwargs)
-    else:
-        ray.init(include_dashboard=False, runtime_env=runtime_env,
-                 num_cpus=settings.ray_num_cpus or None, **kwargs)
-    logger.info("connected to Ray", extra={"resources": ray.cluster_resources()})
 
 
 def readable_error(error: BaseException) -> str:

@@ -10,6 +10,7 @@ metaserve is not loaded) and sees that directory plus the third-party packages i
 from __future__ import annotations
 
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -25,11 +26,17 @@ SOURCE_FOLDERS = ("api", "service", "workers", "migrations")
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
-    build = tmp_path_factory.mktemp("build")
+    # A copy of the sources: setuptools builds in the source tree (build/, *.egg-info).
+    source = tmp_path_factory.mktemp("source")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    for folder in ("metaserve", *SOURCE_FOLDERS):
+        shutil.copytree(ROOT / folder, source / folder,
+                        ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(out), str(ROOT)],
-        check=True, cwd=build, timeout=300,
+         "-w", str(out), str(source)],
+        check=True, cwd=source, timeout=300,
         env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
     )
     (wheel,) = out.glob("metaserve-*.whl")
