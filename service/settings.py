@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 LEASE_S = 30.0
 HEARTBEAT_S = 5.0
 MAX_BODY_BYTES = 1024 * 1024
+DRIVER_MEMORY_MB = 1024
 
 
 class Settings(BaseSettings):
@@ -45,6 +46,15 @@ class Settings(BaseSettings):
     lease_s: float = Field(LEASE_S, gt=0, description="Job lease length in seconds.")
     heartbeat_s: float = Field(HEARTBEAT_S, gt=0,
                                description="Seconds between lease renewals of a running job.")
+
+    # Where a job's driver and workers are placed on Ray.
+    driver_memory_mb: int = Field(
+        DRIVER_MEMORY_MB, ge=64, le=1024 * 1024,
+        description="Ray `memory` request of each job's driver (its supervisor actor), MB.")
+    gpu_resource: str = Field(
+        "GPU", pattern=r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$",
+        description="Ray resource that `gpus_per_worker` asks for: GPU, or a custom resource "
+                    "standing in for GPUs (e.g. gpu_slot).")
 
     @property
     def admin_key_path(self) -> Path:
