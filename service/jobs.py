@@ -125,9 +125,11 @@ def finish_job(*, session: Session, job_id: str, worker_id: str, status: JobStat
                          error=error)
 
 
-def fail_attempt(*, session: Session, job_id: str, worker_id: str, error: str) -> None:
+def fail_attempt(*, session: Session, job_id: str, worker_id: str, error: str,
+                 retry: bool = True) -> None:
     with _Transaction(session):
-        store.fail_attempt(session=session, job_id=job_id, worker_id=worker_id, error=error)
+        store.fail_attempt(session=session, job_id=job_id, worker_id=worker_id, error=error,
+                           retry=retry)
 
 
 def add_metrics(*, session: Session, job_id: str, rows: Sequence[tuple[int, str, float]]) -> int:

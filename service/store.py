@@ -362,16 +362,18 @@ def finish_job(*, session: Session, job_id: str, worker_id: str, status: JobStat
     _record_status(session, job_id)
 
 
-def fail_attempt(*, session: Session, job_id: str, worker_id: str, error: str) -> None:
-    """This attempt failed: requeue while attempts remain, else ``failed``. A job being
-    cancelled becomes ``cancelled``."""
+def fail_attempt(*, session: Session, job_id: str, worker_id: str, error: str,
+                 retry: bool = True) -> None:
+    """This attempt failed: requeue while attempts remain and ``retry`` (the error is
+    transient), else ``failed``. A job being cancelled becomes ``cancelled``."""
     now = utcnow()
     cleared = dict(lease_owner=None, lease_expires_at=None, error=error)
+    requeue = ((Job.status == JobStatus.RUNNING.value, Job.attempt < Job.max_attempts),
+               dict(status=JobStatus.QUEUED.value, message=f"attempt failed, will retry: {error}"))
     for where, values in (
-        ((Job.status == JobStatus.RUNNING.value, Job.attempt < Job.max_attempts),
-         dict(status=JobStatus.QUEUED.value, message=f"attempt failed, will retry: {error}")),
+        *((requeue,) if retry else ()),
         ((Job.status == JobStatus.RUNNING.value,),
-         dict(status=JobStatus.FAILED.value, finished_at=now)),
+         dict(status=JobStatus.FAILED.value, finished_at=now, message=f"failed: {error}")),
         ((Job.status == JobStatus.CANCELLING.value,),
          dict(status=JobStatus.CANCELLED.value, finished_at=now)),
     ):

@@ -49,13 +49,38 @@ class WorkerLost(Exception):
     """An inner-loop worker died more times than the runner will replace it."""
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """How the cluster is set up, from the server's settings (plain data for Ray actors)."""
+
+    gpu_resource: str = "GPU"
+    """The Ray resource a job's ``gpus_per_worker`` asks for: ``GPU``, or a custom resource
+    that stands in for GPUs (e.g. ``gpu_slot`` on CPU-only test nodes)."""
+
+
+def worker_device(gpus_per_worker: float, gpu_resource: str, cuda_available: bool) -> str:
+    """The torch device of an inner-loop worker, decided on the worker's own node.
+
+    A worker that asked for no GPU computes on the CPU. One that was given Ray's ``GPU``
+    resource must see CUDA (else the node is misconfigured: an error, not a silent CPU run).
+    One placed by a stand-in resource uses CUDA when its node has it, else the CPU.
+    """
+    if gpus_per_worker <= 0:
+        return "cpu"
+    if cuda_available:
+        return "cuda"
+    if gpu_resource == "GPU":
+        raise RuntimeError("worker was given a GPU but torch sees no CUDA device")
+    return "cpu"
+
+
 class InnerLoopWorker:
     """A Ray actor adapting one shard of every meta-batch (see module docstring)."""
 
-    def __init__(self, spec: dict, device: str, torch_threads: int):
+    def __init__(self, spec: dict, options: RunOptions, torch_threads: int):
         torch.set_num_threads(max(1, torch_threads))
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise RuntimeError("worker was given a GPU but torch sees no CUDA device")
+        device = worker_device(spec["resources"]["gpus_per_worker"], options.gpu_resource,
+                               torch.cuda.is_available())
         self.trainer = Trainer(spec, device=device)
         self.device = device
 
@@ -100,17 +125,19 @@ def shard_ranges(meta_batch_size: int, workers: int) -> list[list[int]]:
     return shards
 
 
-def check_schedulable(spec: JobSpec) -> None:
+def check_schedulable(spec: JobSpec, options: RunOptions | None = None) -> None:
     """Raise :class:`Unschedulable` when the cluster as a whole can never fit the job."""
+    gpu_resource = (options or RunOptions()).gpu_resource
     resources = spec.resources
     total = ray.cluster_resources()
     need_cpu = resources.workers * resources.cpus_per_worker
     need_gpu = resources.workers * resources.gpus_per_worker
     have_cpu = total.get("CPU", 0.0)
-    have_gpu = total.get("GPU", 0.0)
+    have_gpu = total.get(gpu_resource, 0.0)
+    gpu_name = "GPU(s)" if gpu_resource == "GPU" else f"GPU(s) ({gpu_resource})"
     problems = []
     if need_gpu > have_gpu + 1e-9:
-        problems.append(f"{need_gpu:g} GPU(s) asked ({resources.workers} workers × "
+        problems.append(f"{need_gpu:g} {gpu_name} asked ({resources.workers} workers × "
                         f"{resources.gpus_per_worker:g}), cluster has {have_gpu:g}")
     if need_cpu > have_cpu + 1e-9:
         problems.append(f"{need_cpu:g} CPU(s) asked ({resources.workers} workers × "
@@ -123,22 +150,23 @@ def check_schedulable(spec: JobSpec) -> None:
 class _WorkerPool:
     spec: JobSpec
     hooks: RunHooks
+    options: RunOptions = field(default_factory=RunOptions)
     actors: list = field(default_factory=list)
     info: list = field(default_factory=list)
     replacements: int = 0
 
     def _options(self):
         r = self.spec.resources
-        return dict(num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker, max_restarts=0,
-                    max_concurrency=1)
-
-    def _device(self) -> str:
-        return "cuda" if self.spec.resources.gpus_per_worker > 0 else "cpu"
+        gpus: dict = {}
+        if r.gpus_per_worker > 0:
+            gpus = ({"num_gpus": r.gpus_per_worker} if self.options.gpu_resource == "GPU"
+                    else {"resources": {self.options.gpu_resource: r.gpus_per_worker}})
+        return dict(num_cpus=r.cpus_per_worker, max_restarts=0, max_concurrency=1, **gpus)
 
     def _new_actor(self):
         threads = max(1, int(self.spec.resources.cpus_per_worker))
         cls = ray.remote(InnerLoopWorker).options(**self._options())
-        return cls.remote(self.spec.model_dump(mode="json"), self._device(), threads)
+        return cls.remote(self.spec.model_dump(mode="json"), self.options, threads)
 
     def start(self, count: int) -> None:
         self.actors = [self._new_actor() for _ in range(count)]
@@ -216,7 +244,8 @@ class _WorkerPool:
         self.actors = []
 
 
-def run_job(spec: JobSpec | dict, job_dir: Path, hooks: RunHooks | None = None) -> TrainState | None:
+def run_job(spec: JobSpec | dict, job_dir: Path, hooks: RunHooks | None = None,
+            options: RunOptions | None = None) -> TrainState | None:
     """Run ``spec`` to completion on the connected Ray cluster; artifacts go to ``job_dir``.
 
     Meta-RL jobs go to :func:`metaserve.workers.rl.run_rl_job` (and return None).
@@ -231,15 +260,16 @@ def run_job(spec: JobSpec | dict, job_dir: Path, hooks: RunHooks | None = None) 
         run_rl_job(spec, job_dir, hooks)
         return None
     hooks = hooks or RunHooks()
+    options = options or RunOptions()
     job_dir = Path(job_dir)
     job_dir.mkdir(parents=True, exist_ok=True)
-    check_schedulable(spec)
+    check_schedulable(spec, options)
 
     # The local trainer validates the spec (e.g. the dataset exists) before any actor starts,
     # holds the outer optimizer and writes checkpoints and artifacts.
     trainer = Trainer(spec, device="cpu")
     shards = shard_ranges(spec.meta_batch_size, spec.resources.workers)
-    pool = _WorkerPool(spec, hooks)
+    pool = _WorkerPool(spec, hooks, options)
 
     def advance(state: TrainState, iterations: int) -> tuple[TrainState, list[dict]]:
         if len(shards) == 1:  # the whole segment on the worker: no per-iteration round trip

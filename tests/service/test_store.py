@@ -252,6 +252,17 @@ def test_fail_attempt_requeues_until_max_attempts_then_fails(sessions, session, 
     jobs.fail_attempt(session=session, job_id=job.id, worker_id="w2", error="actor died again")
     stored = reread(sessions, job.id)
     assert (stored.status, stored.attempt, stored.error) == ("failed", 2, "actor died again")
+    assert stored.message == "failed: actor died again"
+
+
+def test_fail_attempt_without_retry_fails_at_once_with_attempts_left(sessions, session, alice):
+    job = submit(session, alice, max_attempts=3)
+    jobs.claim_next_job(session=session, worker_id="w1", lease_s=LEASE_S)
+    jobs.fail_attempt(session=session, job_id=job.id, worker_id="w1",
+                      error="DatasetError: dataset path '/x' does not exist", retry=False)
+    stored = reread(sessions, job.id)
+    assert (stored.status, stored.attempt, stored.lease_owner, stored.message) == (
+        "failed", 1, None, "failed: DatasetError: dataset path '/x' does not exist")
 
 
 def test_fail_attempt_of_a_cancelling_job_cancels_it(sessions, session, alice):

@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from metaserve.workers.engine import Trainer
-from metaserve.workers.runner import JobCancelled, RunHooks, Unschedulable, run_job, shard_ranges
+from metaserve.workers.runner import (JobCancelled, RunHooks, Unschedulable, run_job, shard_ranges,
+                                      worker_device)
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -122,3 +123,18 @@ def test_a_job_asking_for_gpus_the_cluster_lacks_is_unschedulable(tmp_path: Path
     spec = {**SPEC, "resources": {"workers": 2, "gpus_per_worker": 1}}
     with pytest.raises(Unschedulable, match=r"2 GPU\(s\) asked \(2 workers × 1\), cluster has 0"):
         run_job(spec, tmp_path)
+
+
+@pytest.mark.parametrize(("gpus", "resource", "cuda", "device"), [
+    (0.0, "GPU", True, "cpu"),         # asked for no GPU: CPU even where CUDA exists
+    (1.0, "GPU", True, "cuda"),
+    (0.5, "gpu_slot", True, "cuda"),   # a stand-in resource on a node with CUDA
+    (1.0, "gpu_slot", False, "cpu"),   # ... and on a CPU-only node
+])
+def test_worker_device_follows_the_request_and_the_node(gpus, resource, cuda, device):
+    assert worker_device(gpus, resource, cuda) == device
+
+
+def test_worker_given_a_gpu_on_a_node_without_cuda_refuses_to_run_on_the_cpu():
+    with pytest.raises(RuntimeError, match="worker was given a GPU but torch sees no CUDA device"):
+        worker_device(1.0, "GPU", False)
