@@ -1,11 +1,14 @@
 """Server-side adaptation (``POST /v1/jobs/{id}/adapt``): bounds and shapes checked before
-any work, the job's meta-initialization loaded once per artifact version (small LRU), adapted
-with the job's recipe, predictions returned. The API route only maps HTTP to this."""
+any work, the job's meta-initialization loaded from the artifact store once per artifact
+version (small LRU), adapted with the job's recipe, predictions returned. The API route only maps HTTP to this."""
 
 from __future__ import annotations
 
+import hashlib
+import tempfile
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +19,10 @@ from metaserve.service.exceptions import MetaserveError
 from metaserve.service.jobs import _Transaction
 from metaserve.service.models import Artifact, Job, JobStatus, User
 from metaserve.workers.spec import JobSpec
+from metaserve.workers.storage import ArtifactStore, StorageError
 
 CACHED_META_INITS = 4
+META_INIT_FILES = ("meta_init.safetensors", "meta_init.json")
 
 
 class MetaInitNotReady(MetaserveError):
@@ -121,8 +126,7 @@ def get_adaptable_job(*, session: Session, job_id: str,
     with _Transaction(session):
         job = store.get_job(session=session, job_id=job_id, owner=owner)
         records = {a.name: a for a in store.list_artifacts(session=session, job_id=job_id)}
-    if job.status != JobStatus.SUCCEEDED.value or not {"meta_init.safetensors",
-                                                       "meta_init.json"} <= set(records):
+    if job.status != JobStatus.SUCCEEDED.value or not set(META_INIT_FILES) <= set(records):
         raise MetaInitNotReady(f"job {job_id} is {job.status}; only a succeeded job has a "
                                f"meta-initialization to adapt", job_id=job_id, status=job.status)
     return job, records
@@ -137,15 +141,14 @@ class MetaInitCache:
         self._models: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, job_id: str, sha256: str, directory: Path) -> Any:
-        from metaserve.workers.engine.artifacts import load_meta_init
-
+    def get(self, job_id: str, sha256: str, load: Callable[[], Any]) -> Any:
+        """The cached model of ``(job_id, sha256)``, or ``load()``'s, then cached."""
         key = (job_id, sha256)
         with self._lock:
             if key in self._models:
                 self._models.move_to_end(key)
                 return self._models[key]
-        model, _ = load_meta_init(directory)  # outside the lock: loading may take a moment
+        model = load()  # outside the lock: downloading and loading may take a moment
         with self._lock:
             self._models[key] = model
             self._models.move_to_end(key)
@@ -157,20 +160,44 @@ class MetaInitCache:
         return len(self._models)
 
 
+def load_meta_init_from_store(store: ArtifactStore, job_id: str,
+                               records: dict[str, Artifact]) -> Any:
+    """The job's meta-initialization model, its two files downloaded from the store into a
+    temporary directory (removed after loading) and checked against the sha256 the database
+    recorded."""
+    from metaserve.workers.engine.artifacts import load_meta_init
+
+    with tempfile.TemporaryDirectory(prefix="metaserve-meta-init-") as scratch:
+        for name in META_INIT_FILES:
+            found = store.open(job_id, name)
+            if found is None:
+                raise artifacts.ArtifactNotFound("The meta-initialization files are missing.",
+                                                 job_id=job_id)
+            digest = hashlib.sha256()
+            with open(Path(scratch) / name, "wb") as handle:
+                for chunk in found[1]:
+                    digest.update(chunk)
+                    handle.write(chunk)
+            if digest.hexdigest() != records[name].sha256:
+                raise StorageError(f"artifact store {store.url}: {name} of job {job_id} does not "
+                                   "match the sha256 recorded for it")
+        model, _ = load_meta_init(Path(scratch))
+    return model
+
+
 def adapt_job(*, session: Session, job_id: str, owner: User, arrays: dict[str, Any],
-              steps: int | None, max_values: int, artifact_root: Path | str,
+              steps: int | None, max_values: int, store: ArtifactStore,
               cache: MetaInitCache) -> dict[str, Any]:
     """Adapt ``owner``'s succeeded job to ``arrays["support_x"/"support_y"]`` with its recipe
     (or ``steps`` inner steps) and predict ``arrays["query_x"]``."""
     check_adapt_sizes(arrays, max_values)
     job, records = get_adaptable_job(session=session, job_id=job_id, owner=owner)
     support_x, support_y, query_x = to_adapt_tensors(job.spec, **arrays)
-    record = records["meta_init.safetensors"]
-    path = artifacts.locate(artifact_root, job_id, record.name)
-    if path is None or artifacts.locate(artifact_root, job_id, "meta_init.json") is None:
-        raise artifacts.ArtifactNotFound("The meta-initialization files are missing.",
-                                         job_id=job_id)
-    model = cache.get(job_id, record.sha256, path.parent)
+    try:
+        model = cache.get(job_id, records["meta_init.safetensors"].sha256,
+                          lambda: load_meta_init_from_store(store, job_id, records))
+    except StorageError as error:
+        raise artifacts.unavailable(error, job_id=job_id) from None
     steps = model.algorithm.inner_steps if steps is None else steps
     output = model.adapt(support_x, support_y, steps)(query_x).detach()
     labels = output.argmax(dim=-1).tolist() if model.algorithm.classification else None

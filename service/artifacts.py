@@ -1,56 +1,42 @@
-"""The artifact store: one directory per job under ``ARTIFACT_ROOT``.
+"""The server's side of the artifact store (:mod:`metaserve.workers.storage`): one store per
+configuration, downloads of registered artifacts, and the cached availability check behind
+``/readyz``.
 
-Files are only ever addressed by a job id (validated) and a name registered in the
-database; a client-supplied path never reaches the filesystem.
+Artifacts are only ever addressed by a job id (validated) and a name registered in the
+database; the store refuses anything that is not a plain file name, so a client-supplied
+string never reaches outside the job's prefix.
 """
 
 from __future__ import annotations
 
-import hashlib
-import re
-from dataclasses import dataclass
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from functools import lru_cache
 from pathlib import Path
 
 from metaserve.service.exceptions import MetaserveError
+from metaserve.workers.storage import (
+    CHECKPOINT_DIRECTORY,
+    JOB_ID_RE,
+    MEDIA_TYPES,
+    ArtifactFile,
+    ArtifactStore,
+    StorageConfig,
+    StorageError,
+    check_job_id,
+    describe_file,
+    open_store,
+)
 
-CHECKPOINT_DIRECTORY = "checkpoint"  # = workers.engine.trainer.CHECKPOINT_DIRECTORY
-JOB_ID_RE = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
-CHUNK_BYTES = 1 << 20
+__all__ = ["CHECKPOINT_DIRECTORY", "JOB_ID_RE", "MEDIA_TYPES", "ArtifactFile", "ArtifactNotFound",
+           "ArtifactStore", "ArtifactStoreUnavailable", "StorageError", "StoreHealth", "describe", "get_store", "job_dir",
+           "open_artifact", "unavailable"]
 
-MEDIA_TYPES = {
-    ".safetensors": "application/octet-stream",
-    ".json": "application/json",
-    ".jsonl": "application/x-ndjson",
-}
+logger = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class ArtifactFile:
-    name: str
-    size: int
-    sha256: str
-    media_type: str
-
-
-def job_dir(root: Path | str, job_id: str) -> Path:
-    """The directory holding ``job_id``'s checkpoints and artifacts."""
-    if not JOB_ID_RE.match(job_id):
-        raise ValueError(f"not a job id: {job_id!r}")
-    return Path(root).resolve() / job_id
-
-
-def describe(path: Path) -> ArtifactFile:
-    """Size, sha256 and media type of one artifact file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(CHUNK_BYTES):
-            digest.update(chunk)
-    return ArtifactFile(
-        name=path.name,
-        size=path.stat().st_size,
-        sha256=digest.hexdigest(),
-        media_type=MEDIA_TYPES.get(path.suffix, "application/octet-stream"),
-    )
+STORE_CHECK_CACHE_S = 5.0  # /readyz asks the store at most this often
 
 
 class ArtifactNotFound(MetaserveError):
@@ -60,21 +46,68 @@ class ArtifactNotFound(MetaserveError):
     code = "not_found"
 
 
-def locate(root: Path | str, job_id: str, name: str) -> Path | None:
-    """The file of the artifact ``name`` of ``job_id``, or None when it is missing.
+class ArtifactStoreUnavailable(MetaserveError):
+    """The artifact store is unavailable; try again later."""
 
-    ``name`` must be a name the database registered for the job (the caller looks it up
-    first). The path is never built from ``name``: the job's directory and its
-    ``checkpoint/`` directory are listed and the regular file (not a link) whose entry
-    equals ``name`` is returned, so no string can reach outside them.
-    """
-    directory = job_dir(root, job_id)
-    for candidate_dir in (directory, directory / CHECKPOINT_DIRECTORY):
-        try:
-            entries = list(candidate_dir.iterdir())
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        for entry in entries:
-            if entry.name == name and entry.is_file() and not entry.is_symlink():
-                return entry
-    return None
+    status_code = 503
+    code = "storage_unavailable"
+
+
+def unavailable(error: StorageError, **details: str) -> ArtifactStoreUnavailable:
+    """The client's error for a store failure; the store's own line (which names the bucket
+    and endpoint) goes to the log, not to the client."""
+    logger.error("artifact store failed: %s", error, extra=details)
+    return ArtifactStoreUnavailable(**details)
+
+
+@lru_cache(maxsize=8)
+def get_store(config: StorageConfig) -> ArtifactStore:
+    """The store for ``config``, made once per process (an S3 client keeps its connections)."""
+    return open_store(config)
+
+
+def describe(path: Path) -> ArtifactFile:
+    """Size, sha256 and media type of one local artifact file."""
+    return describe_file(Path(path))
+
+
+def job_dir(root: Path | str, job_id: str) -> Path:
+    """The directory of ``job_id``'s artifacts under a local artifact root."""
+    if str(root).startswith("s3://"):
+        raise ValueError(f"{root} is not a local directory")
+    return Path(root).resolve() / check_job_id(job_id)
+
+
+def open_artifact(store: ArtifactStore, job_id: str, name: str) -> tuple[int, Iterator[bytes]]:
+    """Size and chunks of the registered artifact ``name``; 404 when its object is missing,
+    503 when the store fails."""
+    try:
+        found = store.open(job_id, name)
+    except StorageError as error:
+        raise unavailable(error, job_id=job_id, name=name) from None
+    if found is None:
+        raise ArtifactNotFound("Artifact file is missing.", job_id=job_id, name=name)
+    return found
+
+
+class StoreHealth:
+    """The store's availability check, remembered for ``ttl_s`` seconds so that a readiness
+    probe stays cheap; ``error()`` is None when the store answered."""
+
+    def __init__(self, store: ArtifactStore, ttl_s: float = STORE_CHECK_CACHE_S):
+        self.store, self.ttl_s = store, ttl_s
+        self._lock = threading.Lock()
+        self._checked_at: float | None = None
+        self._error: str | None = None
+
+    def error(self) -> str | None:
+        with self._lock:  # one check at a time; concurrent probes reuse its answer
+            now = time.monotonic()
+            if self._checked_at is None or now - self._checked_at >= self.ttl_s:
+                try:
+                    self.store.check()
+                    self._error = None
+                except StorageError as failure:
+                    self._error = str(failure)
+                self._checked_at = time.monotonic()
+            return self._error

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from metaserve.service.settings import get_settings
+from metaserve.service.settings import Settings, get_settings
 
 app = typer.Typer(help="metaserve: meta-learning jobs over REST, run on Ray.",
                   no_args_is_help=True, add_completion=False)
@@ -15,6 +15,27 @@ db_app = typer.Typer(help="Database schema migrations.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(keys_app, name="keys")
+
+
+def _settings_with_working_store() -> "Settings":
+    """The settings, once the artifact store answered; otherwise one line on stderr and exit
+    code 1 (a bad setting, wrong credentials, an unreachable endpoint, a missing bucket)."""
+    from pydantic import ValidationError
+
+    from metaserve.workers.storage import StorageError, open_store
+
+    try:
+        settings = get_settings()
+    except ValidationError as error:
+        first = error.errors()[0]
+        field = "METASERVE_" + "_".join(str(part) for part in first["loc"]).upper()
+        message = first["msg"].removeprefix("Value error, ")
+        raise _fail(message if "METASERVE_" in message else f"{field}: {message}") from None
+    try:
+        open_store(settings.storage_config()).check()
+    except (StorageError, ValueError) as error:
+        raise _fail(f"cannot start: {error}") from None
+    return settings
 
 
 @app.command()
@@ -31,7 +52,7 @@ def serve(
     from metaserve.service import auth, migrate
     from metaserve.service.db import make_engine, session_factory
 
-    settings = get_settings()
+    settings = _settings_with_working_store()
     updates = {key: value for key, value in
                {"host": host, "port": port, "dispatcher": False if no_dispatcher else None}.items()
                if value is not None}
@@ -125,7 +146,7 @@ def dispatcher(
     from metaserve.service.dispatcher import Dispatcher
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    settings = get_settings()
+    settings = _settings_with_working_store()
     if concurrency is not None:
         settings = settings.model_copy(update={"dispatcher_concurrency": concurrency})
     migrate.upgrade(settings.database_url)

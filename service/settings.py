@@ -6,11 +6,15 @@ Clients (the CLI's HTTP commands, the SDK, curl walkthroughs) read ``METASERVE_U
 
 from __future__ import annotations
 
+import os
+import re
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from metaserve.workers.storage import StorageConfig, parse_s3_url
 
 LEASE_S = 30.0
 HEARTBEAT_S = 5.0
@@ -31,8 +35,6 @@ class Settings(BaseSettings):
     )
     data_dir: Path = Field(Path("./.metaserve"), description="Where the embedded default keeps "
                            "its state (admin.key, the SQLite file).")
-    artifact_root: Path = Field(Path("./.metaserve/artifacts"),
-                                description="Where job artifacts are stored.")
     ray_address: str = Field("", description="Ray cluster address; empty starts a local Ray.")
     ray_auth_token: str = Field("", description="Token for a Ray cluster that requires one "
                                 "(exported as RAY_AUTH_TOKEN); empty: none.")
@@ -56,6 +58,52 @@ class Settings(BaseSettings):
         description="Ray resource that `gpus_per_worker` asks for: GPU, or a custom resource "
                     "standing in for GPUs (e.g. gpu_slot).")
 
+    # Artifact store (metaserve.workers.storage): artifacts and checkpoints on a local directory,
+    # or on S3-compatible object storage that every host reaches.
+    artifact_root: str = Field(
+        ".metaserve/artifacts",
+        description="Where job artifacts and checkpoints are stored: a directory, or "
+                    "s3://bucket/prefix on object storage every host reaches.")
+    s3_endpoint_url: str = Field("", description="S3 endpoint of an s3:// artifact root "
+                                 "(MinIO, Ceph, ...), e.g. http://artifacts:9000; empty: AWS.")
+    s3_access_key_id: str = Field("", description="S3 access key id; empty: the environment's "
+                                  "or instance's AWS credentials.")
+    s3_secret_access_key: SecretStr = Field(SecretStr(""), description="S3 secret access key.")
+    s3_region: str = Field("us-east-1", min_length=1, description="S3 region.")
+
+    @field_validator("artifact_root", mode="before")
+    @classmethod
+    def _check_artifact_root(cls, value: object) -> str:
+        """A directory (a Path is fine) or a valid ``s3://bucket/prefix``; else a clear error."""
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError("METASERVE_ARTIFACT_ROOT must be a directory or an s3://bucket/prefix URL")
+        if "://" not in value:
+            return str(Path(value))
+        if not value.startswith("s3://"):
+            raise ValueError(f"METASERVE_ARTIFACT_ROOT={value!r}: only a directory or an "
+                             "s3://bucket/prefix URL is supported")
+        try:
+            parse_s3_url(value)
+        except ValueError as error:
+            raise ValueError(f"METASERVE_ARTIFACT_ROOT: {error}") from None
+        return value
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _check_s3_endpoint_url(cls, value: str) -> str:
+        if value and not re.match(r"^https?://[^/\s]+/?$", value):
+            raise ValueError(f"METASERVE_S3_ENDPOINT_URL={value!r}: expected http(s)://host[:port]")
+        return value.rstrip("/")
+
+    def storage_config(self) -> StorageConfig:
+        """What :func:`metaserve.workers.storage.open_store` needs (plain data for Ray actors)."""
+        return StorageConfig(root=self.artifact_root, endpoint_url=self.s3_endpoint_url,
+                             access_key_id=self.s3_access_key_id,
+                             secret_access_key=self.s3_secret_access_key.get_secret_value(),
+                             region=self.s3_region)
+
     @property
     def admin_key_path(self) -> Path:
         return self.data_dir / "admin.key"
@@ -67,4 +115,9 @@ def get_settings() -> Settings:
     return Settings()
 
 
-settings = get_settings()
+def __getattr__(name: str) -> Settings:
+    """``settings``, the singleton, is built on first use: a bad variable then fails where a
+    command reads it (one line), not on import."""
+    if name == "settings":
+        return get_settings()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -627,6 +627,9 @@ class S3Store(ArtifactStore):
         code = _S3_CODE_RE.search(text)
         message = _S3_MESSAGE_RE.search(text)
         status = _STATUS_RE.search(text)
+        if "169.254.169.254" in text:  # no keys given: the instance metadata service was asked
+            cause = f"HTTP {status.group(1)}" if status else _reqwest_cause(text)
+            return f"no credentials: none configured, and none from the instance metadata service ({cause})"
         detail = f"{code.group(1)}: {message.group(1)}" if code and message else None
         if code and code.group(1) == "NoSuchBucket":
             return f"no such bucket {self.bucket!r} ({detail})"
@@ -638,8 +641,7 @@ class S3Store(ArtifactStore):
             return "access denied (HTTP 403: wrong credentials?)"
         lowered = text.lower()
         if "error sending request" in lowered or "connect" in lowered or "dns" in lowered:
-            endpoint = self.config.endpoint_url or "the AWS endpoint"
-            return f"endpoint {endpoint} unreachable ({_reqwest_cause(text)})"
+            return f"endpoint unreachable ({_reqwest_cause(text)})"
         if "timed out" in lowered or "timeout" in lowered:
             return f"no answer within {CHECK_TIMEOUT_S:g}s (timed out)"
         if detail:

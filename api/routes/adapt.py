@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request
 
 from metaserve.api.deps import CurrentUser, SessionDep, SettingsDep
 from metaserve.api.schemas import MAX_ADAPT_VALUES, AdaptRequest, AdaptResponse, ErrorResponse
-from metaserve.service import adaptation
+from metaserve.service import adaptation, artifacts
 
 router = APIRouter(prefix="/v1/jobs", tags=["adapt"], responses={
     401: {"model": ErrorResponse, "description": "Missing or invalid API key"},
@@ -46,6 +46,7 @@ def adapt_job(job_id: str, body: AdaptRequest, request: Request, user: CurrentUs
         session=session, job_id=job_id, owner=user,
         arrays={"support_x": body.support_x, "support_y": body.support_y,
                 "query_x": body.query_x},
-        steps=body.steps, max_values=MAX_ADAPT_VALUES, artifact_root=settings.artifact_root,
+        steps=body.steps, max_values=MAX_ADAPT_VALUES,
+        store=artifacts.get_store(settings.storage_config()),
         cache=meta_init_cache(request))
     return AdaptResponse(**result)

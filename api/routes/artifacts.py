@@ -1,14 +1,16 @@
 """``GET /v1/jobs/{id}/artifacts`` and ``.../artifacts/{name}``: list and download a job's files.
 
-A download is addressed by a name the database registered for the job; the file is found
-by :func:`metaserve.service.artifacts.locate`, which lists the job's directories and never joins the
-client's string into a path. Anything else is a 404.
+A download is addressed by a name the database registered for the job and streamed from the
+artifact store (a local directory or S3, :mod:`metaserve.workers.storage`), which refuses any
+name that is not a plain file name. Anything else is a 404; a store that fails is a 503.
 """
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 from fastapi import APIRouter
-from fastapi.responses import FileResponse
+from fastapi.responses import StreamingResponse
 
 from metaserve.api.deps import CurrentUser, SessionDep, SettingsDep
 from metaserve.api.schemas import ArtifactPublic, ArtifactsPublic, ErrorResponse
@@ -28,17 +30,25 @@ def list_artifacts(job_id: str, user: CurrentUser, session: SessionDep) -> Artif
         for artifact in jobs.list_job_artifacts(session=session, job_id=job_id, owner=user)])
 
 
-@router.get("/{job_id}/artifacts/{name}", response_class=FileResponse, responses={
+@router.get("/{job_id}/artifacts/{name}", response_class=StreamingResponse, responses={
     200: {"description": "The file", "content": {"application/octet-stream": {},
                                                  "application/json": {}}},
+    503: {"model": ErrorResponse, "description": "The artifact store is unavailable"},
 })
 def download_artifact(job_id: str, name: str, user: CurrentUser, session: SessionDep,
-                      settings: SettingsDep) -> FileResponse:
+                      settings: SettingsDep) -> StreamingResponse:
     """Download one artifact listed by `GET /v1/jobs/{id}/artifacts`."""
     artifact = jobs.get_artifact(session=session, job_id=job_id, owner=user, name=name)
-    path = artifacts.locate(settings.artifact_root, job_id, artifact.name)
-    if path is None:
-        raise artifacts.ArtifactNotFound("Artifact file is missing.", job_id=job_id,
-                                         name=artifact.name)
-    return FileResponse(path, media_type=artifact.media_type, filename=artifact.name,
-                        content_disposition_type="attachment")
+    store = artifacts.get_store(settings.storage_config())
+    size, chunks = artifacts.open_artifact(store, job_id, artifact.name)
+    return StreamingResponse(chunks, media_type=artifact.media_type, headers={
+        "content-length": str(size),
+        "content-disposition": _attachment(artifact.name)})
+
+
+def _attachment(name: str) -> str:
+    """``attachment; filename=...`` as Starlette's FileResponse writes it."""
+    quoted = quote(name)
+    if quoted != name:
+        return f"attachment; filename*=utf-8''{quoted}"
+    return f'attachment; filename="{name}"'
