@@ -56,7 +56,9 @@ class ArtifactStoreUnavailable(MetaserveError):
 def unavailable(error: StorageError, **details: str) -> ArtifactStoreUnavailable:
     """The client's error for a store failure; the store's own line (which names the bucket
     and endpoint) goes to the log, not to the client."""
-    logger.error("artifact store failed: %s", error, extra=details)
+    logger.error("artifact store failed: %s", error,
+                 extra={f"artifact_{key}" if key == "name" else key: value
+                        for key, value in details.items()})
     return ArtifactStoreUnavailable(**details)
 
 
@@ -83,6 +85,8 @@ def open_artifact(store: ArtifactStore, job_id: str, name: str) -> tuple[int, It
     503 when the store fails."""
     try:
         found = store.open(job_id, name)
+    except ValueError:  # a name no store holds (a bad record): nothing to serve
+        found = None
     except StorageError as error:
         raise unavailable(error, job_id=job_id, name=name) from None
     if found is None:

@@ -15,6 +15,7 @@ from safetensors.torch import load, load_file, save_file
 
 from metaserve.service import artifacts, jobs
 from metaserve.workers.engine.trainer import CHECKPOINT_DIRECTORY
+from metaserve.workers.storage import StorageConfig, open_store
 
 TWO_LINE_SPEC = {"algorithm": {"name": "maml"}, "task_family": {"name": "sine"}}
 
@@ -231,16 +232,19 @@ def test_download_of_anything_but_a_listed_name_is_404(client, alice_auth, artif
 
 @pytest.mark.parametrize("name", [".", "..", "checkpoint", "", "/", "../secret.txt",
                                   "checkpoint/checkpoint.safetensors"])
-def test_locate_finds_only_plain_files_named_exactly(artifact_root, finished_job, name):
+def test_store_opens_only_plain_names_of_the_job(artifact_root, finished_job, name):
     """``.`` and ``..`` cannot be sent in a URL (clients remove dot segments), so they are
     checked here, with names no database would hold."""
     job_id, _ = finished_job
     (artifact_root / "secret.txt").write_text("not yours")
-    assert artifacts.locate(artifact_root, job_id, name) is None
+    store = open_store(StorageConfig(root=str(artifact_root)))
+    with pytest.raises(ValueError, match="not an artifact file name"):
+        store.open(job_id, name)
     directory = artifacts.job_dir(artifact_root, job_id)
-    assert artifacts.locate(artifact_root, job_id, "meta_init.json") == directory / "meta_init.json"
-    assert artifacts.locate(artifact_root, job_id, "checkpoint.safetensors") == (
-        directory / CHECKPOINT_DIRECTORY / "checkpoint.safetensors")
+    size, chunks = store.open(job_id, "meta_init.json")
+    assert b"".join(chunks) == (directory / "meta_init.json").read_bytes()
+    size, chunks = store.open(job_id, "checkpoint.safetensors")
+    assert b"".join(chunks) == (directory / CHECKPOINT_DIRECTORY / "checkpoint.safetensors").read_bytes()
 
 
 def test_absolute_path_as_name_is_404(client, alice_auth, artifact_root, finished_job):
@@ -272,7 +276,6 @@ def test_registered_traversal_name_never_leaves_the_job_directory(client, sessio
     with sessions() as session:
         jobs.add_artifact(session=session, job_id=job_id, name="../secret.txt", size=9,
                           sha256="0" * 64, media_type="text/plain")
-    assert artifacts.locate(artifact_root, job_id, "../secret.txt") is None
     response = client.get(f"/v1/jobs/{job_id}/artifacts/..%2Fsecret.txt", headers=alice_auth)
     assert response.status_code == 404
     assert b"not yours" not in response.content

@@ -241,7 +241,7 @@ def test_pickle_planted_as_the_checkpoint_is_never_loaded_and_fails_the_job(
         job, _ = jobs.submit_job(session=session, owner=alice, spec=spec)
     settings = Settings(database_url=db_url, artifact_root=tmp_path / "artifacts",
                         dispatcher_concurrency=1)
-    checkpoint = settings.artifact_root / job.id / CHECKPOINT_DIRECTORY
+    checkpoint = Path(settings.artifact_root) / job.id / CHECKPOINT_DIRECTORY
     checkpoint.mkdir(parents=True)
     marker = tmp_path / "unpickled"
     (checkpoint / "checkpoint.safetensors").write_bytes(
@@ -258,4 +258,4 @@ def test_pickle_planted_as_the_checkpoint_is_never_loaded_and_fails_the_job(
     assert finished.error.startswith(f"CheckpointError: {checkpoint}: not a valid safetensors "
                                      "+ JSON checkpoint, refusing to resume from it")
     assert not marker.exists()
-    assert not (settings.artifact_root / job.id / "meta_init.safetensors").exists()
+    assert not (Path(settings.artifact_root) / job.id / "meta_init.safetensors").exists()
