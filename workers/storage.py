@@ -186,9 +186,9 @@ class ArtifactStore:
         atomically at ``<job_id>/<name>``. Returns the description of each file, in order."""
         check_job_id(job_id)
         paths = [Path(path) for path in paths]
-        described = {path: describe_file(path) for path in paths}
         for path in paths:
             check_name(path.name)
+        described = {path: describe_file(path) for path in paths}
         checkpoint = [path for path in paths if path.parent.name == CHECKPOINT_DIRECTORY]
         if len({path.name for path in checkpoint}) != len(checkpoint):
             raise ValueError(f"a checkpoint set holds each name once: {[str(p) for p in checkpoint]}")
