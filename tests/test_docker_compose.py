@@ -1,10 +1,12 @@
 """docker-compose.yml describes a cluster this repository can build and run: every service
 it needs, every build context, Dockerfile, ``COPY`` source, image and ``metaserve`` command it
-names exists here, GPU workers reserve a GPU, every metaserve service shares the artifacts
-volume, and every service has a health check."""
+names exists here, GPU workers reserve a GPU, every metaserve service stores artifacts on the
+S3 ``artifacts`` service, no secret is written in the file, long-running services restart, and
+every one has a health check. (tests/cluster runs the file's commands on namespaces.)"""
 
 from __future__ import annotations
 
+import re
 import shlex
 from pathlib import Path
 from typing import Any
@@ -22,9 +24,11 @@ except ImportError:  # pragma: no cover - older typer on the real click
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = REPO / "docker-compose.yml"
-REQUIRED_SERVICES = {"postgres", "ray-head", "ray-worker", "api", "dispatcher"}
-OFFICIAL_IMAGES = {"postgres"}
-ARTIFACT_ROOT_IN_CONTAINERS = "/artifacts"
+REQUIRED_SERVICES = {"postgres", "artifacts", "ray-head", "ray-worker", "api", "dispatcher"}
+OFFICIAL_IMAGES = {"postgres", "minio/minio", "minio/mc"}
+ARTIFACT_ROOT = "s3://metaserve/artifacts"
+SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|ACCESS_KEY|_KEY$")
+INTERPOLATED = re.compile(r"^\$\{[A-Z_][A-Z0-9_]*(:?[?].*)?\}$")
 
 
 @pytest.fixture(scope="module")
@@ -168,20 +172,82 @@ def test_ray_worker_scales(services):
     assert "container_name" not in worker and "ports" not in worker
 
 
-def test_every_metaserve_service_mounts_the_shared_artifacts_volume(compose, services):
-    assert "artifacts" in compose["volumes"]
+def test_every_metaserve_service_uses_the_object_store(services):
     running_metaserve = metaserve_services(services)
     assert {"ray-head", "ray-worker", "api", "dispatcher"} <= running_metaserve.keys()
     for name, service in running_metaserve.items():
-        mounts = [volume if isinstance(volume, str) else
-                  f"{volume['source']}:{volume['target']}" for volume in service.get("volumes", [])]
-        assert f"artifacts:{ARTIFACT_ROOT_IN_CONTAINERS}" in mounts, name
         environment = service.get("environment", {})
-        assert environment.get("METASERVE_ARTIFACT_ROOT") == ARTIFACT_ROOT_IN_CONTAINERS, name
+        assert environment.get("METASERVE_ARTIFACT_ROOT") == ARTIFACT_ROOT, name
+        assert environment.get("METASERVE_S3_ENDPOINT_URL") == "http://artifacts:9000", name
+        for setting in ("METASERVE_S3_ACCESS_KEY_ID", "METASERVE_S3_SECRET_ACCESS_KEY"):
+            assert environment.get(setting), (name, setting)
+        assert not any(target == "/artifacts" for _, target in _mounts(service)), name
+
+
+def _mounts(service: dict[str, Any]) -> list[tuple[str, str]]:
+    return [tuple(volume.split(":")[:2]) if isinstance(volume, str)
+            else (volume["source"], volume["target"]) for volume in service.get("volumes", [])]
+
+
+def test_no_secret_is_written_in_the_file(services):
+    """Passwords, keys and tokens come from the environment (.env), never literally."""
+    for name, service in services.items():
+        environment = service.get("environment", {})
+        for key, value in environment.items():
+            if SECRET_NAME.search(key):
+                assert INTERPOLATED.match(str(value)), f"{name}: {key} is written in the file"
+        database_url = environment.get("METASERVE_DATABASE_URL", "")
+        if database_url:
+            password = database_url.split("://", 1)[1].split("@", 1)[0].split(":", 1)[1]
+            assert INTERPOLATED.match(password), f"{name}: database password written in the file"
+
+
+def test_the_bucket_is_created_before_the_api_starts(services):
+    init = services["artifacts-init"]
+    assert "mc mb --ignore-existing store/metaserve" in " ".join(command_of(init))
+    assert services["api"]["depends_on"]["artifacts-init"]["condition"] == \
+        "service_completed_successfully"
+
+
+def test_long_running_services_restart(services):
+    for name, service in services.items():
+        expected = "on-failure" if name == "artifacts-init" else "unless-stopped"
+        assert service.get("restart") == expected, name
+
+
+def test_ray_head_and_dispatchers_take_no_work(services):
+    """The head schedules only; inner loops and job drivers (which ask for memory) go to the
+    workers. Dispatchers join as resource-less nodes (service/ray_cluster.py)."""
+    head = command_of(services["ray-head"])
+    assert {"--num-cpus=0", "--num-gpus=0", "--memory=0"} <= set(head), head
+    from metaserve.service.ray_cluster import node_join_command
+
+    joined = node_join_command("ray-head:6379")
+    assert {"--num-cpus=0", "--num-gpus=0", "--memory=0"} <= set(joined), joined
+    assert services["dispatcher"]["environment"]["METASERVE_RAY_ADDRESS"] == "ray-head:6379"
+    for name in ("ray-head", "ray-worker", "dispatcher"):
+        assert services[name].get("shm_size"), f"{name}: a Ray node's object store needs /dev/shm"
+
+
+def test_ray_token_auth_is_on(services):
+    for name, service in metaserve_services(services).items():
+        environment = service["environment"]
+        assert environment.get("RAY_AUTH_MODE") == "token", name
+        assert INTERPOLATED.match(environment.get("RAY_AUTH_TOKEN", "")), name
+
+
+def test_api_listens_on_all_interfaces_and_keeps_its_admin_key_on_a_volume(compose, services):
+    environment = services["api"]["environment"]
+    assert environment.get("METASERVE_HOST") == "0.0.0.0"
+    data_dir = environment["METASERVE_DATA_DIR"]
+    volumes = dict((target, source) for source, target in _mounts(services["api"]))
+    assert volumes.get(data_dir) in compose["volumes"], (data_dir, volumes)
 
 
 def test_every_service_has_a_healthcheck(services):
     for name, service in services.items():
+        if service.get("restart") == "on-failure" and name.endswith("-init"):
+            continue  # a one-shot: compose waits for it to complete instead
         check = service.get("healthcheck", {})
         assert check.get("test") and not check.get("disable", False), name
 

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 
-from tests.cluster.bed import VENV_BIN, Cluster
+from tests.cluster.bed import VENV_BIN, Cluster, env_for_client
 
 
 def test_a_host_without_a_raylet_cannot_drive_ray(cluster: Cluster):
     """The hosts are isolated: a plain ray.init from a host that runs no Ray node fails as
     Ray 2.60 fails in a container without a raylet (it would find another namespace's raylet
     through /tmp/ray or the process table if the hosts shared them)."""
-    env = cluster.service_env("client", "dispatcher")
+    env = {**cluster.service_env("client", "dispatcher"),
+           "RAY_gcs_server_request_timeout_seconds": "5"}  # fail in 5 s, not 60
     result = cluster["client"].exec(
         [str(VENV_BIN / "python"), "-c", "import ray; ray.init(address='ray-head:6379')"],
         env, check=False, timeout=120)
@@ -45,3 +46,77 @@ print(json.dumps({"here": here, "nodes": nodes, "placed": placed}))
     workers = {cluster.ip("ray-worker-1"), cluster.ip("ray-worker-2")}
     for node_id in found["placed"]:
         assert found["nodes"][node_id]["ip"] in workers, json.dumps(found)
+
+
+SINE = {"name": "cluster-sine", "algorithm": {"name": "maml"}, "task_family": {"name": "sine"},
+        "iterations": 40, "meta_batch_size": 8, "checkpoint_every": 10, "log_every": 10,
+        "evaluation": {"every": 0, "tasks": 20, "inner_steps": [1]},
+        "resources": {"workers": 1, "cpus_per_worker": 0.5}, "seed": 3}
+CONV4 = {"name": "cluster-conv4", "algorithm": {"name": "anil", "inner_lr": 0.5},
+         "task_family": {"name": "glyphs", "ways": 5, "support_shots": 1, "query_shots": 2,
+                         "image_size": 28, "num_characters": 100},
+         "model": {"name": "conv4", "filters": 8}, "meta_batch_size": 4, "iterations": 6,
+         "checkpoint_every": 3, "log_every": 3,
+         "evaluation": {"every": 0, "tasks": 10, "inner_steps": [1]},
+         "resources": {"workers": 2, "cpus_per_worker": 0.5}, "seed": 0}
+NODE_IPS_CODE = """
+import json, ray
+ray.init(address="ray-head:6379", log_to_driver=False)
+print(json.dumps({n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}))
+"""
+
+
+def node_ips(cluster: Cluster) -> dict[str, str]:
+    """Every Ray node id (alive or dead) → its host's address."""
+    return cluster.ray_python("dispatcher-2", NODE_IPS_CODE)
+
+
+def placement_of(job: dict) -> dict:
+    """Where the job's driver and inner-loop workers ran, as the dispatcher records it."""
+    placement = (job.get("progress") or {}).get("placement")
+    assert placement, f"job {job['id']} has no recorded placement: {json.dumps(job)[:1000]}"
+    return placement
+
+
+def store_key(job_id: str, name: str) -> str:
+    return f"artifacts/{job_id}/{name}"
+
+
+def test_jobs_run_on_the_worker_nodes_and_artifacts_on_the_store(cluster: Cluster):
+    sine, conv4 = cluster.submit(SINE), cluster.submit(CONV4)
+    for job in (sine, conv4):
+        final = cluster.wait_job(job["id"])
+        assert final["status"] == "succeeded", json.dumps(final)[:2000]
+    ips = node_ips(cluster)
+    worker_ips = {cluster.ip("ray-worker-1"), cluster.ip("ray-worker-2")}
+    for job, count in ((sine, 1), (conv4, 2)):
+        placement = placement_of(cluster.job(job["id"]))
+        assert len(placement["workers"]) == count, placement
+        for placed in [placement["driver"], *placement["workers"]]:
+            assert ips[placed["node"]] in worker_ips, (placed, ips)
+    # The artifact the API serves is the object in the store, byte for byte.
+    for job in (sine, conv4):
+        served = cluster.artifact(job["id"])
+        stored = cluster.s3(lambda s3: s3.get_object(
+            Bucket="metaserve", Key=store_key(job["id"], "meta_init.safetensors"))["Body"].read())
+        assert served == stored and len(served) > 0
+    # A second client, on its own host, fetches it with the CLI.
+    out = "/tmp/ray/fetched"  # the client container's private tmpfs
+    result = cluster["client"].exec(
+        ["sh", "-c", f"metaserve fetch {sine['id']} --out {out} && sha256sum {out}/*.safetensors"],
+        env_for_client(cluster), timeout=120)
+    import hashlib
+    assert hashlib.sha256(cluster.artifact(sine["id"])).hexdigest() in result.stdout, result.stdout
+
+
+def test_a_custom_resource_stands_in_for_gpus(cluster: Cluster):
+    """METASERVE_GPU_RESOURCE=gpu_slot: a job asking for one GPU per worker runs on the only
+    node with a gpu_slot (ray-worker-2)."""
+    spec = {**SINE, "name": "cluster-gpu-slot", "iterations": 10,
+            "resources": {"workers": 1, "cpus_per_worker": 0.5, "gpus_per_worker": 1}}
+    job = cluster.submit(spec)
+    final = cluster.wait_job(job["id"])
+    assert final["status"] == "succeeded", json.dumps(final)[:2000]
+    ips = node_ips(cluster)
+    for placed in placement_of(final)["workers"]:
+        assert ips[placed["node"]] == cluster.ip("ray-worker-2"), placed
