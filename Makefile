@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test install clean-state
+.PHONY: run test cluster-test install clean-state
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(VENV)/bin/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# The compose cluster on network/PID/mount namespaces (root; part of `make test` too).
+cluster-test: $(VENV)/.installed
+	$(VENV)/bin/pytest -q -p no:cacheprovider $(PYTEST_ARGS) tests/cluster
 
 # Forget the embedded default's state (SQLite database, admin key, artifacts).
 clean-state:
