@@ -182,11 +182,12 @@ class Cluster:
             {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}, user="postgres",
             workdir=root)
 
-        def psql(sql: str) -> str:
-            return run(["runuser", "-u", "postgres", "--", str(PG_BIN.parent / "bin" / "psql"),
-                        "-h", str(sockets), "-p", "5432", "-U", "postgres", "-d", "postgres",
+        def psql(sql: str, database: str = "postgres") -> str:
+            return run(["runuser", "-u", "postgres", "--", str(PG_BIN / "psql"),
+                        "-h", str(sockets), "-p", "5432", "-U", "postgres", "-d", database,
                         "-v", "ON_ERROR_STOP=1", "-tAc", sql], timeout=30).stdout
 
+        self.psql = psql
         wait_for("PostgreSQL", lambda: psql("select 1").strip() == "1", timeout=60,
                  on_timeout=lambda: self.topology.tails("postgres"),
                  alive=self.topology["postgres"].container_alive)
@@ -289,6 +290,20 @@ class Cluster:
                         on_timeout=lambda: json.dumps(self.job(job_id))[:2000] + "\n"
                         + self.topology.tails("dispatcher-1", "dispatcher-2", "ray-worker-1",
                                               "ray-worker-2", lines=30))
+
+    def lease_owner(self, job_id: str) -> str:
+        """The dispatcher holding the job's lease (its worker id starts with its host name)."""
+        assert re.fullmatch(r"[0-9A-Za-z_-]+", job_id)
+        database = compose.environment_of(self.compose, "postgres")["POSTGRES_DB"]
+        return self.psql(f"select coalesce(lease_owner, '') from jobs where id = '{job_id}'",
+                         database).strip()
+
+    def wait_progress(self, job_id: str, iteration: int, timeout: float = 180) -> dict:
+        """Wait until the running job is at ``iteration`` or later (and not finished)."""
+        def reached(job: dict) -> bool:
+            assert job["status"] in ("queued", "running"), json.dumps(job)[:2000]
+            return (job.get("progress") or {}).get("iteration", 0) >= iteration
+        return self.wait_job(job_id, timeout=timeout, until=reached)
 
     def artifact(self, job_id: str, name: str = "meta_init.safetensors") -> bytes:
         response = self.http("GET", f"/v1/jobs/{job_id}/artifacts/{name}", timeout=60)

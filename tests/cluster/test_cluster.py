@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import time
+
+import pytest
 
 from tests.cluster.bed import VENV_BIN, Cluster, env_for_client
 
@@ -120,3 +123,87 @@ def test_a_custom_resource_stands_in_for_gpus(cluster: Cluster):
     ips = node_ips(cluster)
     for placed in placement_of(final)["workers"]:
         assert ips[placed["node"]] == cluster.ip("ray-worker-2"), placed
+
+
+# ---------------------------------------------------------------------------------- faults
+#
+# One job spec for the faults; an undisturbed run of it gives the reference bits. Two inner-
+# loop workers, so both worker hosts have work; checkpoints every 10 iterations.
+FAULT = {"name": "cluster-fault", "algorithm": {"name": "maml"}, "task_family": {"name": "sine"},
+         "iterations": 300, "meta_batch_size": 8, "checkpoint_every": 10, "log_every": 10,
+         "evaluation": {"every": 0, "tasks": 20, "inner_steps": [1]},
+         "resources": {"workers": 2, "cpus_per_worker": 0.5}, "seed": 11}
+KILL_AT = 40  # iterations done (past a checkpoint) when the fault is injected
+
+
+def stored_meta_init(cluster: Cluster, job_id: str) -> bytes:
+    return cluster.s3(lambda s3: s3.get_object(
+        Bucket="metaserve", Key=store_key(job_id, "meta_init.safetensors"))["Body"].read())
+
+
+@pytest.fixture(scope="module")
+def reference(cluster: Cluster) -> bytes:
+    """meta_init.safetensors of an undisturbed run of FAULT."""
+    started = time.monotonic()
+    job = cluster.submit(FAULT)
+    final = cluster.wait_job(job["id"], timeout=300)
+    assert final["status"] == "succeeded" and final["attempt"] == 1, json.dumps(final)[:2000]
+    print(f"\nundisturbed FAULT run: {time.monotonic() - started:.1f} s")
+    served = cluster.artifact(job["id"])
+    assert served == stored_meta_init(cluster, job["id"])
+    return served
+
+
+def test_killing_a_worker_host_mid_job_gives_the_same_bits(cluster: Cluster, reference: bytes):
+    job = cluster.submit(FAULT)
+    running = cluster.wait_progress(job["id"], KILL_AT)
+    host = host_of(cluster, placement_of(running)["workers"][0]["node"])
+    cluster[host].kill()  # SIGKILL every process of the host at once
+    time.sleep(3)
+    cluster.start_ray_worker(host)  # restart: unless-stopped
+    final = cluster.wait_job(job["id"], timeout=300)
+    assert final["status"] == "succeeded", json.dumps(final)[:2000]
+    assert cluster.artifact(job["id"]) == reference
+    cluster.wait_nodes(5, "the restarted worker back", host)
+
+
+def test_killing_the_dispatcher_holding_a_job_resumes_it_elsewhere(cluster: Cluster,
+                                                                   reference: bytes):
+    job = cluster.submit(FAULT)
+    cluster.wait_progress(job["id"], KILL_AT)
+    owner = cluster.lease_owner(job["id"])
+    holder = owner.split(":", 1)[0]
+    assert holder in ("dispatcher-1", "dispatcher-2"), owner
+    cluster[holder].kill()
+    try:
+        final = cluster.wait_job(job["id"], timeout=300)
+        assert final["status"] == "succeeded", json.dumps(final)[:2000]
+        assert final["attempt"] == 2, json.dumps(final)[:2000]
+        assert cluster.artifact(job["id"]) == reference
+    finally:
+        cluster.start_service(holder)  # restart: unless-stopped
+    cluster.wait_nodes(5, "the restarted dispatcher back", holder)
+
+
+def test_an_object_store_restart_mid_job_never_corrupts_the_artifact(cluster: Cluster,
+                                                                      reference: bytes):
+    """The store goes away mid-job and comes back (with its data, like MinIO on its volume):
+    the job rides it out, or its attempt fails with a readable error and a retry resumes it
+    from the last checkpoint; either way the artifact is the undisturbed run's, bit for bit."""
+    job = cluster.submit(FAULT)
+    cluster.wait_progress(job["id"], KILL_AT)
+    cluster["artifacts"].kill()
+    time.sleep(8)
+    cluster.start_artifacts(replay=True)
+    final = cluster.wait_job(job["id"], timeout=300)
+    assert final["status"] == "succeeded", json.dumps(final)[:2000]
+    if final["attempt"] > 1:
+        events = cluster.http("GET", f"/v1/jobs/{job['id']}")
+        print(f"\nobject store restart: attempt {final['attempt']}; {events.json().get('message')}")
+    assert cluster.artifact(job["id"]) == reference
+    assert stored_meta_init(cluster, job["id"]) == reference
+
+
+def host_of(cluster: Cluster, node_id: str) -> str:
+    ip = node_ips(cluster)[node_id]
+    return next(name for name in ("ray-worker-1", "ray-worker-2") if cluster.ip(name) == ip)
