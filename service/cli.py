@@ -17,20 +17,25 @@ app.add_typer(db_app, name="db")
 app.add_typer(keys_app, name="keys")
 
 
-def _settings_with_working_store() -> "Settings":
-    """The settings, once the artifact store answered; otherwise one line on stderr and exit
-    code 1 (a bad setting, wrong credentials, an unreachable endpoint, a missing bucket)."""
+def _valid_settings() -> "Settings":
+    """The settings; a bad one is one line on stderr and exit code 1."""
     from pydantic import ValidationError
 
-    from metaserve.workers.storage import StorageError, open_store
-
     try:
-        settings = get_settings()
+        return get_settings()
     except ValidationError as error:
         first = error.errors()[0]
         field = "METASERVE_" + "_".join(str(part) for part in first["loc"]).upper()
         message = first["msg"].removeprefix("Value error, ")
         raise _fail(message if "METASERVE_" in message else f"{field}: {message}") from None
+
+
+def _settings_with_working_store() -> "Settings":
+    """The settings, once the artifact store answered; otherwise one line on stderr and exit
+    code 1 (a bad setting, wrong credentials, an unreachable endpoint, a missing bucket)."""
+    from metaserve.workers.storage import StorageError, open_store
+
+    settings = _valid_settings()
     try:
         open_store(settings.storage_config()).check()
     except (StorageError, ValueError) as error:
@@ -136,14 +141,26 @@ def train(
 def dispatcher(
     concurrency: Annotated[Optional[int], typer.Option(
         help="Jobs run at once (default: METASERVE_DISPATCHER_CONCURRENCY).")] = None,
+    health: Annotated[bool, typer.Option(
+        "--health", help="Exit 0 when the dispatcher of this host is connected to Ray and the "
+        "database and renewing leases (its last report is fresh), else 1 with the reason; "
+        "for container health checks.")] = False,
 ) -> None:
     """Run a standalone dispatcher: claim queued jobs and run them on the Ray cluster at
     METASERVE_RAY_ADDRESS. Any number may run against one database."""
     import logging
 
+    from metaserve.service.dispatcher import Dispatcher, dispatcher_healthy
+
+    if health:
+        settings = _valid_settings()
+        healthy, reason = dispatcher_healthy(settings.dispatcher_health_path,
+                                             max_age_s=settings.lease_s)
+        typer.echo(reason, err=not healthy)
+        raise typer.Exit(0 if healthy else 1)
+
     from metaserve.service import migrate
     from metaserve.service.db import make_engine, session_factory
-    from metaserve.service.dispatcher import Dispatcher
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = _settings_with_working_store()
@@ -152,7 +169,8 @@ def dispatcher(
     migrate.upgrade(settings.database_url)
     engine = make_engine(settings.database_url)
     try:
-        Dispatcher(settings, session_factory(engine)).run_forever()
+        Dispatcher(settings, session_factory(engine),
+                   health_path=settings.dispatcher_health_path).run_forever()
     finally:
         engine.dispose()
 

@@ -14,6 +14,7 @@ dispatcher resumes the job from its last checkpoint with ``attempt + 1``.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
@@ -22,23 +23,68 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, Callable
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from metaserve.service import artifacts, jobs
+from metaserve.service import jobs
 from metaserve.service.exceptions import LeaseLost, MetaserveError
 from metaserve.service.models import JobStatus
 from metaserve.service.ray_cluster import connect_ray
 from metaserve.service.settings import Settings
+from metaserve.workers.storage import ArtifactFile
 
 logger = logging.getLogger(__name__)
 
 POLL_S = 0.5
 WATCH_S = 1.0
 UNSCHEDULABLE_RETRY_S = 10.0
+STOP_GRACE_S = 5.0
+SUPERVISOR_HEARTBEAT_S = 1.0  # well under workers.supervisor.OWNER_TIMEOUT_S
+HEALTH_WRITE_S = 2.0
+EVENT_POLL_S = 0.25
 RAY_CONNECT_RETRY_S = 5.0
+
+
+class Outcome(str, Enum):
+    """How one attempt of a job ended, as the dispatcher settles it."""
+
+    SUCCEEDED = "succeeded"
+    STOPPED = "stopped"              # cancelled, or this dispatcher is shutting down
+    UNSCHEDULABLE = "unschedulable"  # back to queued with the reason, attempt not counted
+    RETRY = "retry"                  # a transient failure: the next attempt may succeed
+    FAILED = "failed"                # the job's own error: the same on every attempt
+
+
+# Errors of the job itself that no retry can change: a bad spec, dataset or checkpoint.
+# MemoryError: the driver outgrew its memory request (it would again).
+PERMANENT_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, LookupError,
+                                                     FileNotFoundError, MemoryError)
+
+
+def classify_job_error(error: BaseException) -> tuple[Outcome, str]:
+    """A job's own error: fail at once when retrying cannot help, else retry."""
+    if isinstance(error, PERMANENT_ERRORS):
+        return Outcome.FAILED, readable_error(error)
+    return Outcome.RETRY, readable_error(error)
+
+
+def classify_driver_death(error: BaseException) -> tuple[Outcome, str]:
+    """The job's driver process died: out of memory fails the job (it would again), anything
+    else (node lost, process killed) is retried from the last checkpoint."""
+    text = str(error)
+    if "memory" in text.lower() and ("OutOfMemory" in text or "memory monitor" in text):
+        return Outcome.FAILED, "out of memory: the job's driver was killed by Ray's memory monitor"
+    return Outcome.RETRY, "the job's driver died (node lost or process killed); resuming " \
+                          "from the last checkpoint"
+
+
+def _cause(error: BaseException) -> BaseException:
+    """The exception raised in a Ray actor, without Ray's wrapper (and its traceback text)."""
+    cause = getattr(error, "cause", None)
+    return cause if isinstance(cause, BaseException) else error
 
 
 def readable_error(error: BaseException) -> str:
@@ -60,9 +106,13 @@ class _Running:
 class _Writer:
     """Moves metrics, progress and artifact records to the database off the training thread."""
 
-    def __init__(self, dispatcher: "Dispatcher", job_id: str, job_dir: Path):
-        self.dispatcher, self.job_id, self.job_dir = dispatcher, job_id, job_dir
+    def __init__(self, dispatcher: "Dispatcher", job_id: str):
+        self.dispatcher, self.job_id = dispatcher, job_id
         self.queue: queue.Queue = queue.Queue()
+        self.progress: dict[str, Any] = {}
+        self.placement: dict[str, Any] | None = None
+        self.written = 0  # events written to the database so far
+        self.on_written: Callable[[int], None] = lambda count: None
         self.thread = threading.Thread(target=self._run, name=f"writer-{job_id}", daemon=True)
         self.failure: BaseException | None = None
         self.thread.start()
@@ -87,8 +137,12 @@ class _Writer:
                 except queue.Empty:
                     break
             done = any(entry is None for entry in items)
+            batch = [entry for entry in items if entry is not None]
             try:
-                self._write([entry for entry in items if entry is not None])
+                self._write(batch)
+                self.written += len(batch)
+                if batch:
+                    self.on_written(self.written)
             except BaseException as error:  # noqa: BLE001 - reported by close()
                 logger.exception("writing job records failed", extra={"job_id": self.job_id})
                 self.failure = error
@@ -97,26 +151,29 @@ class _Writer:
 
     def _write(self, items: list[tuple[str, Any]]) -> None:
         rows: list[tuple[int, str, float]] = []
-        progress: dict | None = None
-        files: dict[str, Path] = {}
+        progress_changed = False
+        files: dict[str, ArtifactFile] = {}
         for kind, payload in items:
             if kind == "metrics":
                 step, values = payload
                 rows.extend((step, name, float(value)) for name, value in values.items())
             elif kind == "progress":
-                progress = payload
+                self.progress, progress_changed = dict(payload), True
+            elif kind == "placement":
+                self.placement, progress_changed = payload, True
             elif kind == "files":
-                files.update({path.name: path for path in payload})
+                files.update({file.name: file for file in payload})
         job_id, worker_id = self.job_id, self.dispatcher.worker_id
         with self.dispatcher.session_factory() as session:
             if rows:
                 jobs.add_metrics(session=session, job_id=job_id, rows=rows)
-            for path in files.values():
-                described = artifacts.describe(path)
-                jobs.add_artifact(session=session, job_id=job_id, name=described.name,
-                                  size=described.size, sha256=described.sha256,
-                                  media_type=described.media_type)
-            if progress is not None:
+            for file in files.values():
+                jobs.add_artifact(session=session, job_id=job_id, name=file.name, size=file.size,
+                                  sha256=file.sha256, media_type=file.media_type)
+            if progress_changed:
+                progress = dict(self.progress)
+                if self.placement is not None:
+                    progress["placement"] = self.placement
                 jobs.update_progress(session=session, job_id=job_id, worker_id=worker_id,
                                      progress=progress, message="")
 
@@ -125,7 +182,7 @@ class Dispatcher:
     """Claims and runs jobs until :meth:`stop` (see the module docstring)."""
 
     def __init__(self, settings: Settings, session_factory: sessionmaker[Session], *,
-                 worker_id: str | None = None):
+                 worker_id: str | None = None, health_path: Path | None = None):
         """``worker_id`` names this dispatcher in job leases. A stable one (the embedded
         server's, see :func:`embedded_worker_id`) makes a restarted process take back at once
         the jobs its previous life held, instead of waiting for their leases to lapse."""
@@ -138,6 +195,8 @@ class Dispatcher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.ray_ready = threading.Event()
+        self.health_path = health_path
+        self._health_written = 0.0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -181,7 +240,7 @@ class Dispatcher:
         while not self._stop.is_set():
             try:
                 connect_ray(self.settings)
-                import metaserve.workers.runner  # noqa: F401 - torch too: the first job starts at once
+                import metaserve.workers.supervisor  # noqa: F401 - the first job starts at once
                 self.ray_ready.set()
                 break
             except Exception:  # noqa: BLE001 - keep trying; jobs stay queued meanwhile
@@ -191,13 +250,32 @@ class Dispatcher:
         while not self._stop.is_set():
             self._reap()
             claimed = False
-            if len(self._running) < self.settings.dispatcher_concurrency:
-                try:
+            try:
+                if len(self._running) < self.settings.dispatcher_concurrency:
                     claimed = self._claim_one()
-                except Exception:  # noqa: BLE001 - database hiccup: try again next poll
-                    logger.exception("claiming a job failed")
+                else:
+                    with self.session_factory() as session:  # the database still answers
+                        jobs.job_status(session=session, job_id=next(iter(self._running)))
+                self._report_health()
+            except Exception:  # noqa: BLE001 - database hiccup: try again next poll
+                logger.exception("claiming a job failed")
             if not claimed:
                 self._stop.wait(POLL_S)
+
+    def _report_health(self) -> None:
+        """Say "connected to Ray, the database answers, leases are renewed" by touching
+        ``health_path`` (read by ``metaserve dispatcher --health``)."""
+        if self.health_path is None:
+            return
+        now = time.time()
+        if now - self._health_written < HEALTH_WRITE_S:
+            return
+        self.health_path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.health_path.with_name(f".{self.health_path.name}.tmp")
+        temporary.write_text(json.dumps({"worker_id": self.worker_id, "time": now,
+                                         "running": sorted(self._running)}))
+        os.replace(temporary, self.health_path)
+        self._health_written = now
 
     def _reap(self) -> None:
         for job_id, running in list(self._running.items()):
@@ -248,63 +326,113 @@ class Dispatcher:
                 logger.exception("lease renewal failed", extra={"job_id": running.job_id})
 
     def _execute(self, job_id: str, spec: dict) -> None:
-        from metaserve.workers.runner import JobCancelled, RunHooks, Unschedulable, run_job
-
         running = self._running[job_id]
         done = threading.Event()
         watcher = threading.Thread(target=self._watch, args=(running, done),
                                    name=f"watch-{job_id}", daemon=True)
         watcher.start()
-        job_dir = artifacts.job_dir(self.settings.artifact_root, job_id)
-        writer = _Writer(self, job_id, job_dir)
-        hooks = RunHooks(
-            report=lambda step, metrics: writer.put("metrics", (step, metrics)),
-            progress=lambda progress: writer.put("progress", progress),
-            checkpointed=lambda paths: writer.put("files", list(paths)),
-            should_stop=running.stop.is_set,
-        )
-        outcome: tuple[str, str | None]
-        try:
-            run_job(spec, job_dir, hooks)
-            outcome = ("succeeded", None)
-        except JobCancelled:
-            outcome = ("stopped", None)
-        except Unschedulable as reason:
-            outcome = ("unschedulable", str(reason))
-        except Exception as error:  # noqa: BLE001 - the job's own failure
-            logger.exception("job attempt failed", extra={"job_id": job_id})
-            outcome = ("failed", readable_error(error))
+        writer = _Writer(self, job_id)
+        outcome, detail = self._supervise(running, spec, writer)
         try:
             writer.close()
         except Exception as error:  # noqa: BLE001
-            if outcome[0] == "succeeded":
-                outcome = ("failed", f"could not record the job's results: {readable_error(error)}")
+            if outcome is Outcome.SUCCEEDED:
+                outcome = Outcome.RETRY
+                detail = f"could not record the job's results: {readable_error(error)}"
         done.set()
         watcher.join()
-        self._settle(running, *outcome)
+        self._settle(running, outcome, detail)
 
-    def _settle(self, running: _Running, outcome: str, detail: str | None) -> None:
+    def _supervise(self, running: _Running, spec: dict,
+                   writer: _Writer) -> tuple["Outcome", str | None]:
+        """Run the job in its supervisor actor, forwarding its events to ``writer``, until it
+        ends or ``running.stop`` is set (cancel, lost lease, shutdown)."""
+        import ray
+        from ray.exceptions import RayActorError, RayTaskError
+
+        from metaserve.workers.runner import JobCancelled, Unschedulable
+        from metaserve.workers.supervisor import start_supervisor
+
+        supervisor = None
+        try:
+            supervisor = start_supervisor(
+                running.job_id, spec, self.settings.storage_config(), self._run_options(),
+                memory_bytes=self.settings.driver_memory_mb * 2**20,
+                should_stop=running.stop.is_set)
+            writer.on_written = supervisor.recorded.remote
+            events = supervisor.run.remote()
+            stop_requested_at: float | None = None
+            heartbeat_at = 0.0
+            while True:
+                if time.monotonic() - heartbeat_at >= SUPERVISOR_HEARTBEAT_S:
+                    supervisor.heartbeat.remote()
+                    heartbeat_at = time.monotonic()
+                if running.stop.is_set():
+                    if stop_requested_at is None:
+                        stop_requested_at = time.monotonic()
+                        supervisor.stop.remote()
+                    elif time.monotonic() - stop_requested_at > STOP_GRACE_S:
+                        return Outcome.STOPPED, None  # the finally below kills the driver
+                if writer.failure is not None:  # the driver would wait for it forever
+                    return Outcome.RETRY, ("could not record the job's events: "
+                                           f"{readable_error(writer.failure)}")
+                ready, _ = ray.wait([events], timeout=EVENT_POLL_S)
+                if not ready:
+                    continue
+                try:
+                    ref = next(events)
+                except StopIteration:
+                    return Outcome.SUCCEEDED, None
+                kind, payload = ray.get(ref)
+                writer.put(kind, payload)
+        except JobCancelled:
+            return Outcome.STOPPED, None
+        except Unschedulable as reason:
+            return Outcome.UNSCHEDULABLE, str(_cause(reason))
+        except RayActorError as error:
+            if running.stop.is_set():
+                return Outcome.STOPPED, None
+            return classify_driver_death(error)
+        except RayTaskError as error:  # the job's own error, raised in its driver
+            logger.warning("job attempt failed", extra={"job_id": running.job_id})
+            return classify_job_error(_cause(error))
+        except Exception as error:  # noqa: BLE001 - e.g. the driver could not be started
+            logger.exception("job attempt failed", extra={"job_id": running.job_id})
+            return classify_job_error(error)
+        finally:
+            if supervisor is not None:
+                try:
+                    ray.kill(supervisor)
+                except Exception:  # noqa: BLE001 - already gone
+                    pass
+
+    def _run_options(self):  # noqa: ANN202 - a workers.runner.RunOptions
+        from metaserve.workers.runner import RunOptions
+
+        return RunOptions(gpu_resource=self.settings.gpu_resource)
+
+    def _settle(self, running: _Running, outcome: "Outcome", detail: str | None) -> None:
         job_id = running.job_id
         if running.lease_lost.is_set():
             return  # someone else owns the job now
         try:
             with self.session_factory() as session:
-                if outcome == "succeeded":
+                if outcome is Outcome.SUCCEEDED:
                     jobs.finish_job(session=session, job_id=job_id, worker_id=self.worker_id,
                                     status=JobStatus.SUCCEEDED)
-                elif outcome == "stopped":
+                elif outcome is Outcome.STOPPED:
                     if self._stop.is_set():
                         return  # shutting down: the lease lapses and the job resumes elsewhere
                     jobs.finish_job(session=session, job_id=job_id, worker_id=self.worker_id,
                                     status=JobStatus.CANCELLED)
-                elif outcome == "unschedulable":
+                elif outcome is Outcome.UNSCHEDULABLE:
                     self._deferred[job_id] = time.monotonic() + UNSCHEDULABLE_RETRY_S
                     jobs.release_job(session=session, job_id=job_id, worker_id=self.worker_id,
                                      message=detail or "waiting for resources")
                 else:
                     jobs.fail_attempt(session=session, job_id=job_id, worker_id=self.worker_id,
-                                      error=detail or "failed")
-            logger.info("job settled", extra={"job_id": job_id, "outcome": outcome})
+                                      error=detail or "failed", retry=outcome is Outcome.RETRY)
+            logger.info("job settled", extra={"job_id": job_id, "outcome": outcome.value})
         except (LeaseLost, MetaserveError):
             logger.warning("job changed hands before it settled", extra={"job_id": job_id})
 
@@ -313,3 +441,16 @@ def embedded_worker_id(settings: Settings) -> str:
     """The lease identity of the dispatcher inside ``metaserve serve``: one per host and
     data directory, so a restarted server resumes its own jobs immediately."""
     return f"embedded:{socket.gethostname()}:{Path(settings.data_dir).resolve()}"
+
+
+def dispatcher_healthy(health_path: Path, max_age_s: float) -> tuple[bool, str]:
+    """Whether the dispatcher writing ``health_path`` reported within ``max_age_s`` (and
+    a line saying why not)."""
+    try:
+        report = json.loads(Path(health_path).read_text())
+    except (OSError, ValueError):
+        return False, f"no health report at {health_path} (not connected to Ray and the database yet)"
+    age = time.time() - float(report.get("time", 0))
+    if age > max_age_s:
+        return False, f"last health report {age:.0f} s ago (more than {max_age_s:.0f} s)"
+    return True, f"ok: {report.get('worker_id')} running {len(report.get('running', []))} job(s)"

@@ -108,6 +108,11 @@ class Settings(BaseSettings):
     def admin_key_path(self) -> Path:
         return self.data_dir / "admin.key"
 
+    @property
+    def dispatcher_health_path(self) -> Path:
+        """Where a standalone dispatcher reports its health (``metaserve dispatcher --health``)."""
+        return self.data_dir / "dispatcher-health.json"
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:

@@ -173,8 +173,14 @@ class ArtifactStore:
     ``_put_bytes``, ``_get_bytes``, ``_stream``, ``_list``, ``_delete_keys``) and ``check``."""
 
     url: str
+    location: str
+    """The root as a person finds it: a directory, or ``s3://bucket/prefix``."""
 
     # -- the interface ---------------------------------------------------------------------
+
+    def checkpoint_location(self, job_id: str) -> str:
+        """Where the job's checkpoint lives, for messages."""
+        return f"{self.location}/{check_job_id(job_id)}/{CHECKPOINT_DIRECTORY}"
 
     def check(self) -> None:
         """One cheap round trip to the store; StorageError when it cannot be used."""
@@ -414,7 +420,7 @@ class LocalStore(ArtifactStore):
     def __init__(self, config: StorageConfig):
         self.config = config
         self.root = Path(config.root).expanduser().resolve()
-        self.url = str(self.root)
+        self.url = self.location = str(self.root)
 
     def check(self) -> None:
         try:
@@ -576,7 +582,7 @@ class S3Store(ArtifactStore):
         self.config = config
         self.bucket, self.prefix = parse_s3_url(config.root)
         self.endpoint = config.endpoint_url or "AWS"
-        where = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+        where = self.location = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
         self.url = where if not config.endpoint_url else f"{where} at {config.endpoint_url}"
         self._store = self._make_store(check=False)
         self._check_store = self._make_store(check=True)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import re
+import signal
 import time
 from pathlib import Path
 
@@ -82,22 +85,49 @@ def test_a_job_runs_to_success_with_metrics_progress_and_artifacts(dispatcher, s
                       "head.weight": (1, 40), "head.bias": (1,)}
 
 
-def test_a_job_with_a_missing_dataset_fails_readably_and_disturbs_nothing(dispatcher, sessions,
-                                                                          alice, tmp_path):  # noqa: ANN001
+def test_a_job_with_a_missing_dataset_fails_on_its_first_attempt_and_disturbs_nothing(
+        dispatcher, sessions, alice, tmp_path):  # noqa: ANN001
     missing = tmp_path / "no-such-dataset"
     bad = submit(sessions, alice, task_family={"name": "images", "path": str(missing)},
-                 max_attempts=2)
+                 max_attempts=3)
     good = submit(sessions, alice)
     bad_job = wait_for(sessions, bad, {"failed", "succeeded"})
     good_job = wait_for(sessions, good, {"failed", "succeeded"})
-    assert bad_job.status == "failed"
-    assert bad_job.attempt == 2
+    assert (bad_job.status, bad_job.attempt) == ("failed", 1)
     assert str(missing) in bad_job.error and "does not exist" in bad_job.error
+    assert "\n" not in bad_job.error and "Traceback" not in bad_job.error
+    assert bad_job.message == f"failed: {bad_job.error}"
     assert good_job.status == "succeeded"
 
 
+def test_the_driver_runs_in_its_own_ray_process_and_its_placement_is_recorded(
+        dispatcher, sessions, alice):  # noqa: ANN001
+    job = wait_for(sessions, submit(sessions, alice), {"succeeded", "failed"})
+    assert job.status == "succeeded"
+    placement = job.progress["placement"]
+    assert placement["driver"]["pid"] != os.getpid()
+    assert [sorted(worker) for worker in placement["workers"]] == [["device", "node", "pid"]]
+    assert placement["workers"][0]["pid"] not in (os.getpid(), placement["driver"]["pid"])
+    assert placement["workers"][0]["device"] == "cpu"
+
+
+def test_a_killed_driver_is_retried_and_resumes_from_its_checkpoint(dispatcher, sessions,
+                                                                     alice):  # noqa: ANN001
+    job_id = submit(sessions, alice, iterations=400, checkpoint_every=20)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        job = wait_for(sessions, job_id, {"running"})
+        if job.progress.get("iteration", 0) >= 40 and "placement" in job.progress:
+            break
+        time.sleep(0.2)
+    os.kill(job.progress["placement"]["driver"]["pid"], signal.SIGKILL)
+    job = wait_for(sessions, job_id, {"succeeded", "failed"})
+    assert (job.status, job.attempt) == ("succeeded", 2)
+    assert "driver died" in job.error
+
+
 def test_cancelling_a_running_job_stops_it_within_five_seconds(dispatcher, sessions, alice,
-                                                               settings):  # noqa: ANN001
+                                                               settings, tmp_path):  # noqa: ANN001
     job_id = submit(sessions, alice, iterations=1_000_000, checkpoint_every=20)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -111,8 +141,10 @@ def test_cancelling_a_running_job_stops_it_within_five_seconds(dispatcher, sessi
     job = wait_for(sessions, job_id, {"cancelled", "failed", "succeeded"}, timeout=10)
     assert job.status == "cancelled"
     assert time.monotonic() - asked < 5.0
-    checkpoint = artifacts.job_dir(settings.artifact_root, job_id) / "checkpoint"
-    assert (checkpoint / "checkpoint.safetensors").exists()
+    store = artifacts.get_store(settings.storage_config())
+    assert store.fetch_checkpoint(job_id, tmp_path / "checkpoint")
+    assert sorted(path.name for path in (tmp_path / "checkpoint").iterdir()) == [
+        "checkpoint.json", "checkpoint.safetensors"]
 
 
 def test_a_job_asking_for_more_gpus_than_the_cluster_has_stays_queued_with_a_reason(
@@ -145,3 +177,65 @@ def test_a_restarted_embedded_dispatcher_takes_back_its_own_jobs_at_once(setting
     finally:
         restarted.stop()
     assert (job.status, job.attempt) == ("succeeded", 2)
+
+
+def test_errors_that_cannot_change_on_retry_fail_at_once_and_the_rest_retry():
+    from metaserve.service.dispatcher import Outcome, classify_driver_death, classify_job_error
+    from metaserve.workers.engine.checkpoints import CheckpointError
+    from metaserve.workers.tasks.fewshot import DatasetError
+
+    assert classify_job_error(DatasetError("dataset path '/x' does not exist")) == (
+        Outcome.FAILED, "DatasetError: dataset path '/x' does not exist")
+    assert classify_job_error(CheckpointError("checkpoint files disagree\nmore")) == (
+        Outcome.FAILED, "CheckpointError: checkpoint files disagree")
+    assert classify_job_error(ConnectionError("storage endpoint reset")) == (
+        Outcome.RETRY, "ConnectionError: storage endpoint reset")
+    assert classify_driver_death(RuntimeError("The actor died unexpectedly"))[0] is Outcome.RETRY
+    assert classify_driver_death(RuntimeError(
+        "Task was killed due to the node running low on memory. Memory on the node was 23 GB; "
+        "OutOfMemoryError raised by the memory monitor")) == (
+        Outcome.FAILED, "out of memory: the job's driver was killed by Ray's memory monitor")
+
+
+def test_a_driver_that_outgrows_its_memory_request_fails_on_attempt_1(settings, sessions,
+                                                                      alice):  # noqa: ANN001
+    # 64 MiB: less than the interpreter and torch alone hold, so the driver is over at once.
+    small = Dispatcher(settings.model_copy(update={"driver_memory_mb": 64}), sessions)
+    small.start()
+    try:
+        job = wait_for(sessions, submit(sessions, alice, max_attempts=3), {"succeeded", "failed"})
+    finally:
+        small.stop()
+    assert (job.status, job.attempt) == ("failed", 1)
+    assert re.fullmatch(r"DriverOutOfMemory: out of memory: the job's driver held \d+ MiB, "
+                        r"more than the 64 MiB it asked for", job.error)
+
+
+def test_dispatcher_health_reports_a_live_claim_loop_and_goes_stale_when_it_stops(
+        settings, sessions, monkeypatch):  # noqa: ANN001
+    from typer.testing import CliRunner
+
+    from metaserve.service import settings as settings_module
+    from metaserve.service.cli import app
+    from metaserve.service.dispatcher import dispatcher_healthy
+
+    health = settings.dispatcher_health_path
+    assert dispatcher_healthy(health, max_age_s=30)[0] is False
+    monkeypatch.setenv("METASERVE_DATA_DIR", str(settings.data_dir))
+    settings_module.get_settings.cache_clear()
+    try:
+        assert CliRunner().invoke(app, ["dispatcher", "--health"]).exit_code == 1
+        live = Dispatcher(settings, sessions, health_path=health)
+        live.start()
+        try:
+            deadline = time.monotonic() + 60
+            while not health.exists() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            result = CliRunner().invoke(app, ["dispatcher", "--health"])
+            assert (result.exit_code, result.output.split(":")[0]) == (0, "ok")
+        finally:
+            live.stop()
+    finally:
+        settings_module.get_settings.cache_clear()
+    healthy, reason = dispatcher_healthy(health, max_age_s=0.0)
+    assert not healthy and reason.startswith("last health report")
