@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.cluster.bed import VENV_BIN, Cluster, env_for_client
+from tests.cluster.bed import SERVICE_OF, VENV_BIN, Cluster, env_for_client
 
 
 def test_a_host_without_a_raylet_cannot_drive_ray(cluster: Cluster):
@@ -89,7 +89,7 @@ def test_jobs_run_on_the_worker_nodes_and_artifacts_on_the_store(cluster: Cluste
     sine, conv4 = cluster.submit(SINE), cluster.submit(CONV4)
     for job in (sine, conv4):
         final = cluster.wait_job(job["id"])
-        assert final["status"] == "succeeded", json.dumps(final)[:2000]
+        assert final["status"] == "succeeded", summary(final)
     ips = node_ips(cluster)
     worker_ips = {cluster.ip("ray-worker-1"), cluster.ip("ray-worker-2")}
     for job, count in ((sine, 1), (conv4, 2)):
@@ -119,7 +119,7 @@ def test_a_custom_resource_stands_in_for_gpus(cluster: Cluster):
             "resources": {"workers": 1, "cpus_per_worker": 0.5, "gpus_per_worker": 1}}
     job = cluster.submit(spec)
     final = cluster.wait_job(job["id"])
-    assert final["status"] == "succeeded", json.dumps(final)[:2000]
+    assert final["status"] == "succeeded", summary(final)
     ips = node_ips(cluster)
     for placed in placement_of(final)["workers"]:
         assert ips[placed["node"]] == cluster.ip("ray-worker-2"), placed
@@ -147,7 +147,7 @@ def reference(cluster: Cluster) -> bytes:
     started = time.monotonic()
     job = cluster.submit(FAULT)
     final = cluster.wait_job(job["id"], timeout=300)
-    assert final["status"] == "succeeded" and final["attempt"] == 1, json.dumps(final)[:2000]
+    assert final["status"] == "succeeded" and final["attempt"] == 1, summary(final)
     print(f"\nundisturbed FAULT run: {time.monotonic() - started:.1f} s")
     served = cluster.artifact(job["id"])
     assert served == stored_meta_init(cluster, job["id"])
@@ -156,13 +156,15 @@ def reference(cluster: Cluster) -> bytes:
 
 def test_killing_a_worker_host_mid_job_gives_the_same_bits(cluster: Cluster, reference: bytes):
     job = cluster.submit(FAULT)
-    running = cluster.wait_progress(job["id"], KILL_AT)
+    running = cluster.wait_progress(job["id"], 1)
     host = host_of(cluster, placement_of(running)["workers"][0]["node"])
+    cluster.wait_progress(job["id"], KILL_AT)
     cluster[host].kill()  # SIGKILL every process of the host at once
+    assert_mid_job(cluster, job["id"])
     time.sleep(3)
     cluster.start_ray_worker(host)  # restart: unless-stopped
     final = cluster.wait_job(job["id"], timeout=300)
-    assert final["status"] == "succeeded", json.dumps(final)[:2000]
+    assert final["status"] == "succeeded", summary(final)
     assert cluster.artifact(job["id"]) == reference
     cluster.wait_nodes(5, "the restarted worker back", host)
 
@@ -175,16 +177,22 @@ def test_killing_the_dispatcher_holding_a_job_resumes_it_elsewhere(cluster: Clus
     holder = owner.split(":", 1)[0]
     assert holder in ("dispatcher-1", "dispatcher-2"), owner
     cluster[holder].kill()
+    assert_mid_job(cluster, job["id"])
     try:
         final = cluster.wait_job(job["id"], timeout=300)
-        assert final["status"] == "succeeded", json.dumps(final)[:2000]
-        assert final["attempt"] == 2, json.dumps(final)[:2000]
+        assert final["status"] == "succeeded", summary(final)
+        assert final["attempt"] == 2, summary(final)
         assert cluster.artifact(job["id"]) == reference
     finally:
         cluster.start_service(holder)  # restart: unless-stopped
     cluster.wait_nodes(5, "the restarted dispatcher back", holder)
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "the dispatcher retries a job whose store is unreachable at once, ~3 s apart, so an 8 s "
+    "outage uses up all 3 attempts: 'StorageError: artifact store s3://metaserve/artifacts at "
+    "http://artifacts:9000: endpoint unreachable (connection refused)'. Remove this mark when a "
+    "store outage waits (backoff, or requeue without counting an attempt)"))
 def test_an_object_store_restart_mid_job_never_corrupts_the_artifact(cluster: Cluster,
                                                                       reference: bytes):
     """The store goes away mid-job and comes back (with its data, like MinIO on its volume):
@@ -193,17 +201,50 @@ def test_an_object_store_restart_mid_job_never_corrupts_the_artifact(cluster: Cl
     job = cluster.submit(FAULT)
     cluster.wait_progress(job["id"], KILL_AT)
     cluster["artifacts"].kill()
+    assert_mid_job(cluster, job["id"])
     time.sleep(8)
     cluster.start_artifacts(replay=True)
     final = cluster.wait_job(job["id"], timeout=300)
-    assert final["status"] == "succeeded", json.dumps(final)[:2000]
-    if final["attempt"] > 1:
-        events = cluster.http("GET", f"/v1/jobs/{job['id']}")
-        print(f"\nobject store restart: attempt {final['attempt']}; {events.json().get('message')}")
+    # Never a corrupt artifact: whatever is stored is the undisturbed run's.
+    listed = cluster.s3(lambda s3: s3.list_objects_v2(
+        Bucket="metaserve", Prefix=store_key(job["id"], "meta_init.safetensors")))
+    if listed.get("KeyCount"):
+        assert stored_meta_init(cluster, job["id"]) == reference
+    if final["status"] == "failed":  # a readable error, one line naming the store
+        assert "\n" not in final["error"] and "artifact store" in final["error"], summary(final)
+    print(f"\nobject store restart: {final['status']}, attempt {final['attempt']}: "
+          f"{final.get('error') or final.get('message') or ''}")
+    assert final["status"] == "succeeded", summary(final)
     assert cluster.artifact(job["id"]) == reference
     assert stored_meta_init(cluster, job["id"]) == reference
+
+
+def assert_mid_job(cluster: Cluster, job_id: str) -> None:
+    """The fault hit a job still short of its last iteration (else the test proves nothing)."""
+    job = cluster.job(job_id)
+    done = (job.get("progress") or {}).get("iteration", 0)
+    assert job["status"] == "running" and done < FAULT["iterations"], summary(job)
+
+
+def summary(job: dict) -> str:
+    """What a failed assertion about a job should show."""
+    return json.dumps({key: job.get(key) for key in ("id", "status", "attempt", "message", "error",
+                                                    "progress")})[:3000]
 
 
 def host_of(cluster: Cluster, node_id: str) -> str:
     ip = node_ips(cluster)[node_id]
     return next(name for name in ("ray-worker-1", "ray-worker-2") if cluster.ip(name) == ip)
+
+
+def test_every_metaserve_healthcheck_passes_in_its_container(cluster: Cluster):
+    """The compose file's health checks, run as docker would (inside each container). The
+    substituted services (postgres, artifacts) are checked by the bed as it starts them."""
+    for host in ("ray-head", "ray-worker-1", "ray-worker-2", "api", "dispatcher-1",
+                 "dispatcher-2"):
+        service = SERVICE_OF.get(host, host)
+        check = cluster.compose["services"][service]["healthcheck"]["test"]
+        assert check[0] in ("CMD", "CMD-SHELL"), check
+        argv = check[1:] if check[0] == "CMD" else ["sh", "-c", check[1]]
+        result = cluster[host].exec(argv, cluster.service_env(host), check=False, timeout=60)
+        assert result.returncode == 0, (host, argv, result.stdout[-1000:], result.stderr[-1000:])
