@@ -145,7 +145,8 @@ def test_every_metaserve_command_exists_in_the_cli(services):
     resolved = {name: resolve_cli(command[1:]) for name, command in commands.items()}
     assert resolved["api"] == ["serve"]
     assert resolved["dispatcher"] == ["dispatcher"]
-    assert resolved["dispatcher healthcheck"] == ["db", "check"]
+    assert resolved["dispatcher healthcheck"] == ["dispatcher"]
+    assert "--health" in commands["dispatcher healthcheck"]
 
 
 def test_resolve_cli_refuses_what_the_cli_refuses():
