@@ -72,3 +72,101 @@ def _content_length(scope: Scope) -> int | None:
             except ValueError:
                 return None
     return None
+
+
+# --------------------------------------------------------------------------- request head limits
+
+def limited_http_protocol(*, max_header_bytes: int, max_url_bytes: int,
+                          header_timeout_s: float) -> type:
+    """uvicorn's httptools protocol with bounds on the request head, for ``metaserve serve``.
+
+    httptools sets no limit on a request line or header: uvicorn appends every fragment of the
+    URL to a bytes object, httptools every fragment of a header value, so a client streaming a
+    128 MB header held the event loop for ~22 s (quadratic copying), ``/healthz`` included.
+    Here the bytes of a request head are counted per ``data_received`` call (a chunk of at most
+    what the socket read, parsed in microseconds) and the connection is answered 431 (head) or
+    414 (URL) and closed as soon as a bound is passed; a head not complete within
+    ``header_timeout_s`` (a silent connection too) is answered 408 and closed. A body is not
+    counted (``BodySizeLimitMiddleware`` bounds it)."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class LimitedHttpToolsProtocol(HttpToolsProtocol):
+        def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+            super().__init__(*args, **kwargs)
+            self._head_open = True  # waiting for (the rest of) a request head
+            self._head_bytes = 0
+            self._url_bytes = 0
+            self._head_timer = None
+            self._refused = False
+
+        def connection_made(self, transport) -> None:  # noqa: ANN001
+            super().connection_made(transport)
+            self._arm_head_timer()
+
+        def connection_lost(self, exc) -> None:  # noqa: ANN001
+            self._disarm_head_timer()
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            if self._refused:
+                return
+            if self._head_open and self._head_timer is None:
+                self._arm_head_timer()
+            super().data_received(data)
+            if not self._head_open or self._refused or self.parser is None:
+                return
+            self._head_bytes += len(data)
+            if self._url_bytes > max_url_bytes:
+                self._refuse(414, "uri_too_long",
+                             f"request target is longer than the limit of {max_url_bytes} bytes")
+            elif self._head_bytes > max_header_bytes:
+                self._refuse(431, "request_header_fields_too_large",
+                             f"request head is larger than the limit of {max_header_bytes} bytes")
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._head_open, self._url_bytes = True, 0
+
+        def on_url(self, url: bytes) -> None:
+            self._url_bytes += len(url)
+            if self._url_bytes <= max_url_bytes:  # past it, stop copying: refused after this chunk
+                super().on_url(url)
+
+        def on_headers_complete(self) -> None:
+            self._head_open, self._head_bytes = False, 0
+            self._disarm_head_timer()
+            super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            super().on_message_complete()
+            self._head_open, self._head_bytes = True, 0  # the next request's head, if any
+
+        def _arm_head_timer(self) -> None:
+            self._disarm_head_timer()
+            self._head_timer = self.loop.call_later(header_timeout_s, self._head_timed_out)
+
+        def _disarm_head_timer(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_timed_out(self) -> None:
+            self._head_timer = None
+            if self._head_open and not self._refused and not self.transport.is_closing():
+                if self.cycle is not None and not self.cycle.response_complete:
+                    return  # a response is still going out (pipelining); keep-alive bounds it
+                self._refuse(408, "request_timeout",
+                             f"no complete request head within {header_timeout_s:g} s")
+
+        def _refuse(self, status: int, code: str, message: str) -> None:
+            self._refused = True
+            self._disarm_head_timer()
+            body = json.dumps(error_body(code, message)).encode()
+            phrase = {408: "Request Timeout", 414: "URI Too Long",
+                      431: "Request Header Fields Too Large"}[status]
+            self.transport.write(
+                b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                b"connection: close\r\n\r\n%s" % (status, phrase.encode(), len(body), body))
+            self.transport.close()
+
+    return LimitedHttpToolsProtocol

@@ -71,7 +71,13 @@ def serve(
         engine.dispose()
     if written is not None:
         typer.echo(f"created an admin API key; it is in {written.resolve()}")
-    uvicorn.run(create_app(settings, freeze_gc=True), host=settings.host, port=settings.port)
+    from metaserve.api.middleware import limited_http_protocol
+
+    protocol = limited_http_protocol(max_header_bytes=settings.max_header_bytes,
+                                     max_url_bytes=settings.max_url_bytes,
+                                     header_timeout_s=settings.header_timeout_s)
+    uvicorn.run(create_app(settings, freeze_gc=True), host=settings.host, port=settings.port,
+                http=protocol)
 
 
 @db_app.command("upgrade")

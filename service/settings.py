@@ -20,6 +20,16 @@ LEASE_S = 30.0
 HEARTBEAT_S = 5.0
 MAX_BODY_BYTES = 1024 * 1024
 DRIVER_MEMORY_MB = 1024
+MAX_QUEUED_JOBS_PER_USER = 100
+MAX_RUNNING_JOBS_PER_USER = 4
+QUOTA_RETRY_AFTER_S = 60
+MAX_HEADER_BYTES = 64 * 1024
+MAX_URL_BYTES = 8 * 1024
+HEADER_TIMEOUT_S = 10.0
+MAX_EVENT_STREAMS_PER_USER = 20
+ADAPT_CONCURRENCY = 2
+ADAPT_QUEUE = 8
+ADAPT_TIMEOUT_S = 30.0
 
 
 class Settings(BaseSettings):
@@ -49,10 +59,38 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(HEARTBEAT_S, gt=0,
                                description="Seconds between lease renewals of a running job.")
 
+    # Per-user quotas and the fair claim (docs/RELIABILITY.md, "Quotas and fair scheduling").
+    # They apply to every user, admins included (an admin key driving automation can flood the
+    # queue too; an operator raises the setting instead). 0 turns a cap off.
+    max_queued_jobs_per_user: int = Field(
+        MAX_QUEUED_JOBS_PER_USER, ge=0,
+        description="Queued jobs one user may have; one more → 429 with Retry-After. 0: no cap.")
+    max_running_jobs_per_user: int = Field(
+        MAX_RUNNING_JOBS_PER_USER, ge=0,
+        description="Running jobs one user may have across all dispatchers; more stay queued "
+                    "with a 'waiting: ...' message. 0: no cap.")
+    quota_retry_after_s: int = Field(
+        QUOTA_RETRY_AFTER_S, ge=1, le=86400,
+        description="Retry-After (seconds) of a 429 for the queued-jobs cap.")
+
     # Where a job's driver and workers are placed on Ray.
     driver_memory_mb: int = Field(
         DRIVER_MEMORY_MB, ge=64, le=1024 * 1024,
         description="Ray `memory` request of each job's driver (its supervisor actor), MB.")
+    # Cost limits: a job estimated above one of these is refused with a 422 (service/limits.py).
+    max_parameters: int = Field(20_000_000, ge=1,
+                                description="Largest network a job may train (parameters).")
+    max_worker_memory_mb: int = Field(
+        16 * 1024, ge=64, description="Largest estimated memory of one inner-loop worker, MB.")
+    max_job_memory_mb: int = Field(
+        64 * 1024, ge=64, description="Largest estimated memory of a job (driver + workers), MB.")
+    max_meta_tasks: int = Field(100_000_000, ge=1,
+                                description="Largest iterations × meta_batch_size of a job.")
+    max_job_pflop: float = Field(1000.0, gt=0,
+                                 description="Largest estimated training work of a job, PFLOP.")
+    max_runtime_s: int = Field(7 * 86400, ge=1,
+                               description="Seconds an attempt of a job may run (the default "
+                                           "and the cap of a spec's max_runtime_s).")
     gpu_resource: str = Field(
         "GPU", pattern=r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$",
         description="Ray resource that `gpus_per_worker` asks for: GPU, or a custom resource "
@@ -70,6 +108,27 @@ class Settings(BaseSettings):
                                   "or instance's AWS credentials.")
     s3_secret_access_key: SecretStr = Field(SecretStr(""), description="S3 secret access key.")
     s3_region: str = Field("us-east-1", min_length=1, description="S3 region.")
+
+    # Hostile-input bounds (docs/RELIABILITY.md, "Server limits"): what one client may hold of
+    # the event loop, the SSE streams and the adapt pool. Header/URL/timeout limits apply to
+    # `metaserve serve` (its uvicorn protocol), not to an app mounted elsewhere.
+    max_header_bytes: int = Field(
+        MAX_HEADER_BYTES, ge=1024, le=16 * 1024 * 1024,
+        description="Largest request head (request line + headers, bytes); larger → 431.")
+    max_url_bytes: int = Field(MAX_URL_BYTES, ge=256, le=1024 * 1024,
+                               description="Longest request target (bytes); longer → 414.")
+    header_timeout_s: float = Field(
+        HEADER_TIMEOUT_S, gt=0, le=3600,
+        description="Seconds a connection may take to send a complete request head; then 408.")
+    max_event_streams_per_user: int = Field(
+        MAX_EVENT_STREAMS_PER_USER, ge=1, le=100_000,
+        description="Open SSE streams per user on one server; more → 429 with Retry-After.")
+    adapt_concurrency: int = Field(ADAPT_CONCURRENCY, ge=1, le=256,
+                                   description="Adapt calls computed at once (their own threads).")
+    adapt_queue: int = Field(ADAPT_QUEUE, ge=0, le=10_000,
+                             description="Adapt calls waiting for a thread; more → 503.")
+    adapt_timeout_s: float = Field(ADAPT_TIMEOUT_S, gt=0, le=3600,
+                                   description="Seconds an adapt call may wait and run; then 504.")
 
     @field_validator("artifact_root", mode="before")
     @classmethod
