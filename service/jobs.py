@@ -307,8 +307,11 @@ def poll_job_events(*, session: Session, job_id: str, owner: User,
     iteration = progress.get("iteration")
     if isinstance(iteration, int) and iteration > cursor.iteration:
         add("progress", progress, iteration=iteration)
-    complete = terminal is not None and len(metric_rows) < MAX_METRIC_ROWS_PER_POLL
-    if complete:  # last: after every metric the job wrote before it ended
+    # A client resuming at or after the terminal event (no change left, the job terminal)
+    # has had it: the stream is complete too, without sending it twice.
+    ended = terminal is not None or (not changes and JobStatus(job.status).is_terminal())
+    complete = ended and len(metric_rows) < MAX_METRIC_ROWS_PER_POLL
+    if complete and terminal is not None:  # last: after every metric the job wrote before it ended
         add("status", _status_data(terminal), status_event_id=terminal.id)
     return events, complete
 

@@ -24,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from metaserve.api.deps import CurrentUser, SessionDep
 from metaserve.api.schemas import ErrorResponse
 from metaserve.service import jobs
+from metaserve.service.exceptions import MetaserveError
 from metaserve.service.models import User
 
 POLL_S = 0.25
@@ -36,7 +37,45 @@ router = APIRouter(prefix="/v1/jobs", tags=["events"], responses={
     401: {"model": ErrorResponse, "description": "Missing or invalid API key"},
     404: {"model": ErrorResponse, "description": "No such job of yours"},
     422: {"model": ErrorResponse, "description": "An invalid Last-Event-ID"},
+    429: {"model": ErrorResponse, "description": "Too many open event streams of this user "
+                                                "(METASERVE_MAX_EVENT_STREAMS_PER_USER)"},
 })
+
+STREAM_RETRY_AFTER_S = 5
+
+
+class StreamSlots:
+    """Open SSE streams per user on this process, at most ``limit`` each: a stream holds a
+    poll loop (a database query every POLL_S) for as long as its client keeps it open."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._open: dict[int, int] = {}
+
+    def acquire(self, user_id: int) -> bool:
+        # Only touched on the event loop: no lock needed.
+        if self._open.get(user_id, 0) >= self.limit:
+            return False
+        self._open[user_id] = self._open.get(user_id, 0) + 1
+        return True
+
+    def release(self, user_id: int) -> None:
+        left = self._open.get(user_id, 0) - 1
+        if left > 0:
+            self._open[user_id] = left
+        else:
+            self._open.pop(user_id, None)
+
+    def open_streams(self, user_id: int) -> int:
+        return self._open.get(user_id, 0)
+
+
+def stream_slots(request: Request) -> StreamSlots:
+    slots = getattr(request.app.state, "event_stream_slots", None)
+    if slots is None:
+        slots = request.app.state.event_stream_slots = StreamSlots(
+            request.app.state.settings.max_event_streams_per_user)
+    return slots
 
 
 def format_event(event: jobs.JobEvent) -> str:
@@ -51,7 +90,16 @@ async def _stream(request: Request, job_id: str, user: User,
         with factory() as session:
             return jobs.poll_job_events(session=session, job_id=job_id, owner=user, after=after)
 
-    yield f"retry: {RETRY_MS}\n\n"
+    slots = stream_slots(request)
+    try:
+        yield f"retry: {RETRY_MS}\n\n"
+        async for chunk in _poll_loop(request, poll, cursor):
+            yield chunk
+    finally:
+        slots.release(user.id)
+
+
+async def _poll_loop(request: Request, poll, cursor: jobs.EventCursor) -> AsyncIterator[str]:  # noqa: ANN001
     last_sent = time.monotonic()
     while True:
         events, complete = await run_in_threadpool(poll, cursor)
@@ -76,7 +124,7 @@ async def _stream(request: Request, job_id: str, user: User,
                          "eta_s, workers); each `id` is a resume cursor.",
           "content": {"text/event-stream": {}}},
 })
-def job_events(
+async def job_events(
     job_id: str,
     request: Request,
     user: CurrentUser,
@@ -91,8 +139,26 @@ def job_events(
 ) -> StreamingResponse:
     """Server-Sent Events of the job until it is terminal; resumes after `Last-Event-ID`."""
     cursor = jobs.EventCursor.parse(last_event_id or after)
-    jobs.get_job(session=session, job_id=job_id, owner=user)  # 404 before the stream starts
+    await run_in_threadpool(_check_job, session, job_id, user)  # 404 before the stream starts
+    slots = stream_slots(request)
+    if not slots.acquire(user.id):
+        raise TooManyStreams(f"{slots.limit} event streams of yours are open on this server; "
+                             "close one or retry later", open_streams=slots.limit)
     # ``user`` is the key cache's transient copy: safe to use after this request's session
+    # From here the slot is the stream's: released when it ends or its client goes away.
     return StreamingResponse(_stream(request, job_id, user, cursor),
                              media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _check_job(session, job_id: str, user: User) -> None:  # noqa: ANN001
+    jobs.get_job(session=session, job_id=job_id, owner=user)
+    session.rollback()  # ends the read: the stream polls with sessions of its own
+
+
+class TooManyStreams(MetaserveError):
+    """Too many open event streams of this user."""
+
+    status_code = 429
+    code = "too_many_requests"
+    headers = {"Retry-After": str(STREAM_RETRY_AFTER_S)}
