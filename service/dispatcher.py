@@ -355,15 +355,22 @@ class Dispatcher:
 
         supervisor = None
         try:
+            from metaserve.workers.cost import estimate
+
+            memory = max(self.settings.driver_memory_mb * 2**20, estimate(spec).driver_bytes)
             supervisor = start_supervisor(
                 running.job_id, spec, self.settings.storage_config(), self._run_options(),
-                memory_bytes=self.settings.driver_memory_mb * 2**20,
-                should_stop=running.stop.is_set)
+                memory_bytes=memory, should_stop=running.stop.is_set)
+            runtime_limit = spec.get("max_runtime_s") or self.settings.max_runtime_s
+            started = time.monotonic()
             writer.on_written = supervisor.recorded.remote
             events = supervisor.run.remote()
             stop_requested_at: float | None = None
             heartbeat_at = 0.0
             while True:
+                if time.monotonic() - started > runtime_limit:
+                    return Outcome.FAILED, (f"ran longer than its max_runtime_s of "
+                                            f"{runtime_limit:,} s; stopped")
                 if time.monotonic() - heartbeat_at >= SUPERVISOR_HEARTBEAT_S:
                     supervisor.heartbeat.remote()
                     heartbeat_at = time.monotonic()

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from metaserve.workers.spec import Conv4Spec, MLPSpec
+from metaserve.workers.spec import Conv4Spec, JobSpec, MLPSpec
 
 Params = dict[str, Tensor]
 
@@ -186,3 +186,11 @@ def build_model(spec: MLPSpec | Conv4Spec, input_shape: tuple[int, ...], output_
     if spec.name == "conv4":
         return Conv4(spec, input_shape, output_dim, prompt_dim)
     raise ValueError(f"unknown model {spec.name!r}")
+
+
+def model_for(spec: JobSpec) -> FunctionalModel:
+    """The network of the supervised job ``spec``, sized for its task family (and, for
+    prompt tuning, its prompt)."""
+    family = spec.task_family
+    prompt_dim = spec.algorithm.prompt_dim if spec.algorithm.name == "prompt" else 0
+    return build_model(spec.model, tuple(family.input_shape), int(family.output_dim), prompt_dim)

@@ -234,7 +234,18 @@ def _check_range(value: Range, field: str) -> Range:
     return value
 
 
-class SineSpec(StrictModel):
+class _Regression1D(StrictModel):
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One example's input shape."""
+        return (1,)
+
+    @property
+    def output_dim(self) -> int:
+        return 1
+
+
+class SineSpec(_Regression1D):
     """Sine regression (Finn et al. 2017): y = A·sin(x − φ)."""
 
     name: Literal["sine"] = "sine"
@@ -251,7 +262,7 @@ class SineSpec(StrictModel):
         return self
 
 
-class LinearSpec(StrictModel):
+class LinearSpec(_Regression1D):
     """Linear regression tasks: y = a·x + b + ε, ε ~ N(0, noise_std²)."""
 
     name: Literal["linear"] = "linear"
@@ -274,6 +285,15 @@ class _FewShotImages(StrictModel):
     support_shots: int = Field(1, ge=1, le=MAX_SHOTS, description="Support images per class.")
     query_shots: int = Field(15, ge=1, le=MAX_SHOTS, description="Query images per class.")
     image_size: int = Field(28, ge=8, le=224, description="Images are resized to this square.")
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """One example's input shape (C, H, W)."""
+        return (getattr(self, "channels", 1), self.image_size, self.image_size)
+
+    @property
+    def output_dim(self) -> int:
+        return self.ways
 
 
 class ImagesSpec(_FewShotImages):
@@ -458,6 +478,10 @@ class JobSpec(StrictModel):
     log_every: int = Field(10, ge=1, le=MAX_ITERATIONS)
     seed: int = Field(0, ge=0, le=2**31 - 1)
     max_attempts: int = Field(3, ge=1, le=20)
+    max_runtime_s: int | None = Field(
+        None, ge=1, le=10 * 365 * 86400,
+        description="Seconds an attempt may run before the job fails with that reason "
+                    "(default and cap: the server's METASERVE_MAX_RUNTIME_S).")
 
     @field_validator("task_family")
     @classmethod

@@ -198,8 +198,10 @@ def test_errors_that_cannot_change_on_retry_fail_at_once_and_the_rest_retry():
 
 
 def test_a_driver_that_outgrows_its_memory_request_fails_on_attempt_1(settings, sessions,
-                                                                      alice):  # noqa: ANN001
-    # 64 MiB: less than the interpreter and torch alone hold, so the driver is over at once.
+                                                                      alice, monkeypatch):  # noqa: ANN001
+    # An estimate that misses the process itself, and a floor of 64 MiB: less than the
+    # interpreter and torch alone hold, so the driver is over its request at once.
+    monkeypatch.setattr("metaserve.workers.cost.RUNTIME_BYTES", 2**20)
     small = Dispatcher(settings.model_copy(update={"driver_memory_mb": 64}), sessions)
     small.start()
     try:
@@ -239,3 +241,11 @@ def test_dispatcher_health_reports_a_live_claim_loop_and_goes_stale_when_it_stop
         settings_module.get_settings.cache_clear()
     healthy, reason = dispatcher_healthy(health, max_age_s=0.0)
     assert not healthy and reason.startswith("last health report")
+
+
+def test_a_job_past_its_max_runtime_fails_with_that_reason_and_no_retry(dispatcher, sessions,
+                                                                        alice):  # noqa: ANN001
+    job_id = submit(sessions, alice, iterations=1_000_000, max_runtime_s=3, max_attempts=3)
+    job = wait_for(sessions, job_id, {"succeeded", "failed", "cancelled"}, timeout=90)
+    assert (job.status, job.attempt) == ("failed", 1)
+    assert job.error == "ran longer than its max_runtime_s of 3 s; stopped"

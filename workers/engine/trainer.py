@@ -22,7 +22,7 @@ from metaserve.workers.engine.evaluation import summarize
 from metaserve.workers.engine.loop import CHECKPOINT_DIRECTORY, RunHooks, train_loop  # noqa: F401 (re-exported)
 from metaserve.workers.engine.optimizers import init_optimizer_state, optimizer_step
 from metaserve.workers.engine.state import ShardResult, TrainState
-from metaserve.workers.models import build_model
+from metaserve.workers.models import model_for
 from metaserve.workers.spec import JobSpec
 from metaserve.workers.tasks import build_task_family
 
@@ -46,9 +46,7 @@ class Trainer:
         self.spec = spec if isinstance(spec, JobSpec) else JobSpec.model_validate(spec)
         self.device = torch.device(device)
         self.family = build_task_family(self.spec.task_family)
-        prompt_dim = getattr(self.spec.algorithm, "prompt_dim", 0) if self.spec.algorithm.name == "prompt" else 0
-        self.model = build_model(self.spec.model, tuple(self.family.input_shape), int(self.family.output_dim),
-                                 prompt_dim)
+        self.model = model_for(self.spec)
         self.algorithm = build_algorithm(self.spec.algorithm, self.model,
                                          classification=bool(self.family.is_classification))
 

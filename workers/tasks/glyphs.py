@@ -178,8 +178,8 @@ class GlyphsFamily:
 
     def __init__(self, spec: GlyphsSpec):
         self.spec = spec
-        self.input_shape: tuple[int, int, int] = (1, spec.image_size, spec.image_size)
-        self.output_dim: int = spec.ways
+        self.input_shape: tuple[int, int, int] = spec.input_shape
+        self.output_dim: int = spec.output_dim
         self.characters = select_characters(spec.num_characters)
         self._base_canvas = min(2 * spec.image_size, max(spec.image_size, MAX_BASE_CANVAS))
         self._splits = split_classes(len(self.characters), SPLIT, spec.split_seed)

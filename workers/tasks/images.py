@@ -253,8 +253,8 @@ class ImagesFamily:
         self.dataset = load_image_dataset(
             spec.path, layout=spec.layout, image_size=spec.image_size, channels=spec.channels
         )
-        self.input_shape: tuple[int, int, int] = (spec.channels, spec.image_size, spec.image_size)
-        self.output_dim: int = spec.ways
+        self.input_shape: tuple[int, int, int] = spec.input_shape
+        self.output_dim: int = spec.output_dim
         rotations = ROTATIONS if spec.rotations else 1
         base_splits = split_classes(len(self.dataset.class_names), spec.split, spec.split_seed)
         # Rows (base class, quarter turns); rotations are added after the split.

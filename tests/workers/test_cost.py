@@ -1,0 +1,60 @@
+"""The cost estimate: exact parameter counts from the meta device, sizes that follow the spec."""
+
+from __future__ import annotations
+
+import pytest
+
+from metaserve.workers.cost import RUNTIME_BYTES, estimate
+from metaserve.workers.engine.trainer import Trainer
+from metaserve.workers.spec import JobSpec
+
+SPECS = {
+    "sine_mlp": {"algorithm": {"name": "maml"}, "task_family": {"name": "sine"}},
+    "prompt": {"algorithm": {"name": "prompt", "prompt_dim": 6}, "task_family": {"name": "sine"}},
+    "metasgd": {"algorithm": {"name": "metasgd"}, "task_family": {"name": "linear"},
+                "model": {"name": "mlp", "hidden": [7, 3]}},
+    "glyphs_conv4": {"algorithm": {"name": "maml"},
+                     "task_family": {"name": "glyphs", "ways": 3, "image_size": 20,
+                                     "num_characters": 60},
+                     "model": {"name": "conv4", "filters": 5, "norm": "layer"}},
+}
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_parameter_count_is_the_models_own(name: str):
+    trainer = Trainer(SPECS[name])
+    params = trainer.model.init_params(__import__("torch").Generator())
+    assert estimate(SPECS[name]).parameters == sum(value.numel() for value in params.values())
+
+
+def test_a_billion_parameter_network_is_estimated_without_allocating_it():
+    cost = estimate({"algorithm": {"name": "maml"}, "task_family": {"name": "sine"},
+                     "model": {"name": "mlp", "hidden": [8192] * 16}})
+    assert cost.parameters == 1 * 8192 + 8192 + 15 * (8192 * 8192 + 8192) + 8192 + 1
+    assert cost.driver_bytes > 6 * 4 * cost.parameters
+
+
+def test_memory_follows_the_tasks_a_worker_holds_at_once():
+    base = {"algorithm": {"name": "maml", "inner_steps": 2}, "task_family": {"name": "glyphs"},
+            "meta_batch_size": 16}
+    whole = estimate(base)
+    chunked = estimate({**base, "resources": {"task_chunk": 4}})
+    two_workers = estimate({**base, "resources": {"workers": 2}})
+    assert (whole.tasks_at_once, chunked.tasks_at_once, two_workers.tasks_at_once) == (16, 4, 8)
+    assert whole.worker_bytes - chunked.worker_bytes == 12 * whole.task_memory_bytes
+    assert two_workers.job_bytes == two_workers.driver_bytes + 2 * two_workers.worker_bytes
+
+
+def test_task_bytes_are_the_sampled_inputs():
+    cost = estimate({"algorithm": {"name": "maml"},
+                     "task_family": {"name": "glyphs", "ways": 4, "support_shots": 2,
+                                     "query_shots": 3, "image_size": 16}})
+    assert cost.task_bytes == 4 * (2 + 3) * 16 * 16 * 4
+    assert cost.meta_tasks == JobSpec.model_validate(SPECS["sine_mlp"]).iterations * 25
+
+
+def test_rl_jobs_are_estimated_by_their_processes():
+    cost = estimate({"algorithm": {"name": "rl2"}, "task_family": {"name": "bandit"},
+                     "resources": {"workers": 3}})
+    assert (cost.parameters, cost.worker_bytes, cost.job_bytes) == (
+        0, RUNTIME_BYTES, 4 * RUNTIME_BYTES)

@@ -1,0 +1,131 @@
+"""What a job will cost, estimated from its spec before anything runs.
+
+The server refuses a job above its configured caps (``metaserve.service.limits``) and sizes
+the Ray ``memory`` requests of the job's driver and inner-loop workers from these figures.
+Nothing is allocated: the network is built on PyTorch's ``meta`` device, where one forward
+pass gives the parameter count, the forward FLOPs and the activation sizes of one example
+without touching memory, so a billion-parameter spec is estimated in milliseconds.
+
+The figures are estimates of the dominant terms, not measurements:
+
+- ``parameters``: exact.
+- ``task_bytes``: one task's support and query inputs (float32), as sampled.
+- ``worker_bytes``: one inner-loop worker: the process (:data:`RUNTIME_BYTES`), the tasks it
+  adapts at once (``task_chunk``, else its shard of the meta-batch) each holding its inputs,
+  a copy of the parameters and of their gradient per training inner step (second-order MAML
+  keeps them for the meta-gradient) and the outputs of every operation of the forward pass
+  per step (an upper bound on what autograd saves). Evaluation adapts without a graph and is
+  not the peak.
+- ``driver_bytes``: the process, the parameters with the outer optimizer's state, the
+  meta-gradient, and the copies a checkpoint and the artifact export make.
+- ``work_flop``: meta-tasks × examples per task × forward FLOPs of one example × 3 (forward
+  and backward) × (inner steps + 1).
+
+Meta-RL jobs (their networks are small policies) are estimated by their processes alone.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
+
+from metaserve.workers.spec import JobSpec
+
+RUNTIME_BYTES = 400 * 2**20
+"""An idle Ray worker process with torch imported (resident size, rounded up)."""
+FLOAT_BYTES = 4
+DRIVER_STATE_COPIES = 6
+"""Parameters, meta-gradient, two Adam moments, a checkpoint's and an export's copy."""
+
+
+@dataclass(frozen=True)
+class CostEstimate:
+    """See the module docstring for what each figure counts."""
+
+    parameters: int
+    task_bytes: int
+    task_memory_bytes: int
+    """Adapting one task: its inputs, parameter copies and activations."""
+    tasks_at_once: int
+    """Tasks one inner-loop worker adapts at once."""
+    worker_bytes: int
+    driver_bytes: int
+    job_bytes: int
+    meta_tasks: int
+    work_flop: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class _ActivationCounter(TorchDispatchMode):
+    """Counts the elements of every tensor an operation returns (on the meta device)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.elements = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        out = func(*args, **(kwargs or {}))
+        for tensor in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(tensor, torch.Tensor):
+                self.elements += tensor.numel()
+        return out
+
+
+def _example_figures(spec: JobSpec) -> tuple[int, int, int]:
+    """(parameters, forward FLOPs of one example, activation elements of one example)."""
+    from metaserve.workers.models import model_for
+
+    model = model_for(spec)
+    with torch.device("meta"):
+        params = model.init_params(torch.Generator())
+        example = torch.empty((1, *model.input_shape))
+        prompt = torch.empty(model.prompt_dim) if model.prompt_dim else None
+        flops = FlopCounterMode(display=False)
+        activations = _ActivationCounter()
+        with flops, activations:
+            model(params, example, prompt)
+    return (sum(value.numel() for value in params.values()), int(flops.get_total_flops()),
+            activations.elements)
+
+
+def _examples_per_task(spec: JobSpec) -> int:
+    family = spec.task_family
+    per_class = family.ways if spec.is_classification else 1
+    shots = max(family.support_shots, spec.evaluation.support_shots or 0) + family.query_shots
+    return per_class * shots
+
+
+def estimate(spec: JobSpec | dict) -> CostEstimate:
+    """The cost of ``spec`` (see the module docstring)."""
+    spec = spec if isinstance(spec, JobSpec) else JobSpec.model_validate(spec)
+    resources = spec.resources
+    meta_tasks = spec.iterations * spec.meta_batch_size
+    if spec.is_rl:
+        workers = RUNTIME_BYTES * resources.workers
+        return CostEstimate(parameters=0, task_bytes=0, task_memory_bytes=0, tasks_at_once=1,
+                            worker_bytes=RUNTIME_BYTES,
+                            driver_bytes=RUNTIME_BYTES, job_bytes=RUNTIME_BYTES + workers,
+                            meta_tasks=meta_tasks, work_flop=0.0)
+    parameters, flop_per_example, activations_per_example = _example_figures(spec)
+    examples = _examples_per_task(spec)
+    steps = spec.algorithm.inner_steps
+    task_bytes = examples * math.prod(spec.task_family.input_shape) * FLOAT_BYTES
+    per_task = (task_bytes
+                + 2 * (steps + 1) * parameters * FLOAT_BYTES
+                + (steps + 1) * examples * activations_per_example * FLOAT_BYTES)
+    shard = math.ceil(spec.meta_batch_size / min(resources.workers, spec.meta_batch_size))
+    at_once = min(resources.task_chunk or shard, shard)
+    worker_bytes = RUNTIME_BYTES + at_once * per_task + 2 * parameters * FLOAT_BYTES
+    driver_bytes = RUNTIME_BYTES + DRIVER_STATE_COPIES * parameters * FLOAT_BYTES
+    work = float(meta_tasks) * examples * flop_per_example * 3 * (steps + 1)
+    return CostEstimate(parameters=parameters, task_bytes=task_bytes, task_memory_bytes=per_task,
+                        tasks_at_once=at_once, worker_bytes=worker_bytes,
+                        driver_bytes=driver_bytes,
+                        job_bytes=driver_bytes + resources.workers * worker_bytes,
+                        meta_tasks=meta_tasks, work_flop=work)
