@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from metaserve.api.errors import install_error_handlers
 from metaserve.api.middleware import BodySizeLimitMiddleware
 from metaserve.api.routes import ROUTERS
+from metaserve.service.adaptation import AdaptPool
 from metaserve.service.auth import KeyCache
 from metaserve.service.db import make_engine, session_factory
 from metaserve.service.settings import Settings, get_settings
@@ -73,6 +74,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         if freezer is not None:
             freezer.cancel()
         _stop_dispatcher(app)
+        app.state.adapt_pool.shutdown()
         app.state.engine.dispose()
 
 
@@ -93,6 +95,8 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
     app.state.engine = make_engine(settings.database_url)
     app.state.session_factory = session_factory(app.state.engine)
     app.state.key_cache = KeyCache()
+    app.state.adapt_pool = AdaptPool(concurrency=settings.adapt_concurrency,
+                                     queue=settings.adapt_queue, timeout_s=settings.adapt_timeout_s)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     for router in ROUTERS:

@@ -4,10 +4,12 @@ version (small LRU), adapted with the job's recipe, predictions returned. The AP
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import tempfile
 import threading
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,72 @@ class AdaptInputTooLarge(MetaserveError):
 
     status_code = 413
     code = "payload_too_large"
+
+
+class AdaptBusy(MetaserveError):
+    """Every adapt thread is busy and the queue is full; retry later."""
+
+    status_code = 503
+    code = "service_unavailable"
+
+
+class AdaptTimedOut(MetaserveError):
+    """The adaptation did not finish in time."""
+
+    status_code = 504
+    code = "gateway_timeout"
+
+
+class AdaptDiverged(MetaserveError):
+    """The adaptation produced non-finite predictions."""
+
+    status_code = 422
+    code = "validation_error"
+
+
+ADAPT_RETRY_AFTER_S = 2
+
+
+class AdaptPool:
+    """Adapt calls run here, not in the route threadpool that every other request's
+    database work goes through: at most ``concurrency`` compute at once, ``queue`` more wait;
+    one more is refused at once (:class:`AdaptBusy`, 503 + Retry-After). A caller waits at
+    most ``timeout_s`` (:class:`AdaptTimedOut`, 504); a call still computing then keeps its
+    slot until it ends (a thread cannot be stopped), so the bound on work always holds."""
+
+    def __init__(self, *, concurrency: int, queue: int, timeout_s: float) -> None:
+        self.concurrency, self.queue, self.timeout_s = concurrency, queue, timeout_s
+        self._executor = ThreadPoolExecutor(concurrency, thread_name_prefix="metaserve-adapt")
+        self._taken = 0
+        self._lock = threading.Lock()
+
+    def _release(self, _future: Future) -> None:
+        with self._lock:
+            self._taken -= 1
+
+    @property
+    def taken(self) -> int:
+        return self._taken
+
+    async def run(self, work: Callable[[], Any]) -> Any:
+        with self._lock:
+            if self._taken >= self.concurrency + self.queue:
+                error = AdaptBusy(f"{self.concurrency} adaptations are running and "
+                                  f"{self.queue} waiting; retry later")
+                error.headers = {"Retry-After": str(ADAPT_RETRY_AFTER_S)}
+                raise error
+            self._taken += 1
+        future = self._executor.submit(work)
+        future.add_done_callback(self._release)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), self.timeout_s)
+        except asyncio.TimeoutError:
+            future.cancel()  # a queued call never starts; a running one finishes unseen
+            raise AdaptTimedOut(f"the adaptation did not finish within {self.timeout_s:g} s; "
+                                "try fewer steps or smaller arrays") from None
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 def count_values(array: Any, limit: int) -> int:
@@ -190,6 +258,8 @@ def adapt_job(*, session: Session, job_id: str, owner: User, arrays: dict[str, A
               cache: MetaInitCache) -> dict[str, Any]:
     """Adapt ``owner``'s succeeded job to ``arrays["support_x"/"support_y"]`` with its recipe
     (or ``steps`` inner steps) and predict ``arrays["query_x"]``."""
+    import torch
+
     check_adapt_sizes(arrays, max_values)
     job, records = get_adaptable_job(session=session, job_id=job_id, owner=owner)
     support_x, support_y, query_x = to_adapt_tensors(job.spec, **arrays)
@@ -200,6 +270,11 @@ def adapt_job(*, session: Session, job_id: str, owner: User, arrays: dict[str, A
         raise artifacts.unavailable(error, job_id=job_id) from None
     steps = model.algorithm.inner_steps if steps is None else steps
     output = model.adapt(support_x, support_y, steps)(query_x).detach()
+    if not bool(torch.isfinite(output).all()):
+        raise AdaptDiverged(
+            f"the adaptation diverged: non-finite predictions after {steps} inner steps "
+            "(overflow); try fewer steps or inputs of a smaller scale",
+            predictions=f"non-finite after {steps} inner steps (overflow)")
     labels = output.argmax(dim=-1).tolist() if model.algorithm.classification else None
     return {"predictions": output.tolist(), "labels": labels, "steps": steps,
             "algorithm": job.spec["algorithm"]["name"]}
