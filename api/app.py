@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from metaserve.api.errors import install_error_handlers
-from metaserve.api.middleware import BodySizeLimitMiddleware
+from metaserve.api.middleware import BodySizeLimitMiddleware, ControlCharacterMiddleware
 from metaserve.api.routes import ROUTERS
 from metaserve.service.adaptation import AdaptPool
 from metaserve.service.auth import KeyCache
@@ -99,6 +99,7 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
                                      queue=settings.adapt_queue, timeout_s=settings.adapt_timeout_s)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(ControlCharacterMiddleware)  # outermost: before the body is read
     for router in ROUTERS:
         app.include_router(router)
     return app

@@ -5,6 +5,8 @@ arrives and refused as soon as it passes the limit, without reading the rest."""
 from __future__ import annotations
 
 import json
+import re
+from urllib.parse import parse_qsl
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -170,3 +172,75 @@ def limited_http_protocol(*, max_header_bytes: int, max_url_bytes: int,
             self.transport.close()
 
     return LimitedHttpToolsProtocol
+
+
+# --------------------------------------------------------------------------- control characters
+
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+"""C0, DEL and C1 controls: NUL (PostgreSQL text cannot hold it: a 500 there, a stored name
+on SQLite), ESC and CSI (terminal escapes), CR/LF (log lines)."""
+
+
+class ControlCharacterMiddleware:
+    """422 naming the field for a control character in a path parameter (``job_id``...), a
+    query parameter or a header value (``idempotency-key``, ``last-event-id``...), before any
+    route or database sees it. JSON bodies are checked by their schemas (every string of a
+    job spec: :class:`metaserve.workers.spec.StrictModel`)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            found = _control_character_field(scope)
+            if found is not None:
+                field, where = found
+                body = json.dumps(error_body(
+                    "validation_error", f"invalid request: {field}",
+                    [{"field": field, "message": "control characters are not allowed",
+                      "type": "value_error", "in": where}])).encode()
+                await send({"type": "http.response.start", "status": 422,
+                            "headers": [(b"content-type", b"application/json"),
+                                        (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
+def _control_character_field(scope: Scope) -> tuple[str, str] | None:
+    for name, value in scope.get("headers", []):
+        if CONTROL_CHARACTERS.search(value.decode("latin-1").replace("\t", " ")):
+            return name.decode("latin-1"), "header"
+    query = scope.get("query_string", b"").decode("latin-1")
+    if query:
+        for name, value in parse_qsl(query, keep_blank_values=True):
+            if CONTROL_CHARACTERS.search(name + value):
+                return (name if not CONTROL_CHARACTERS.search(name) else "query"), "query"
+    path = scope.get("path", "")
+    if CONTROL_CHARACTERS.search(path):
+        return _path_parameter(scope, path), "path"
+    return None
+
+
+def _path_parameter(scope: Scope, path: str) -> str:
+    """The name of the path parameter holding the control character, found by matching the
+    path against the OpenAPI document's path templates (``path`` if none matches)."""
+    app = scope.get("app")
+    for pattern in _path_patterns(app):
+        match = pattern.match(path)
+        if match:
+            for name, value in match.groupdict().items():
+                if CONTROL_CHARACTERS.search(value):
+                    return name
+    return "path"
+
+
+def _path_patterns(app) -> list[re.Pattern]:  # noqa: ANN001
+    patterns = getattr(getattr(app, "state", None), "path_parameter_patterns", None)
+    if patterns is None and app is not None:
+        from starlette.routing import compile_path
+
+        patterns = [compile_path(template)[0] for template in app.openapi().get("paths", {})
+                    if "{" in template]
+        app.state.path_parameter_patterns = patterns
+    return patterns or []

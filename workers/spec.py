@@ -12,6 +12,7 @@ is a complete job.
 from __future__ import annotations
 
 import math
+import re
 from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -24,10 +25,22 @@ MAX_SHOTS = 1000
 MAX_WAYS = 100
 
 
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+"""C0, DEL and C1: NUL (PostgreSQL text cannot hold it), ESC/CSI (terminal escapes), newlines."""
+
+
 class StrictModel(BaseModel):
-    """Base of every spec model: unknown fields and non-finite floats are rejected."""
+    """Base of every spec model: unknown fields, non-finite floats and control characters in
+    strings are rejected."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_default=True)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _no_control_characters(cls, value: object) -> object:
+        if isinstance(value, str) and CONTROL_CHARACTERS.search(value):
+            raise ValueError("control characters (NUL, ESC, newlines, ...) are not allowed")
+        return value
 
 
 LearningRate = Annotated[float, Field(gt=0.0, le=100.0)]
