@@ -10,13 +10,32 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from metaserve.service import store
-from metaserve.service.exceptions import Unauthorized
+from metaserve.service.exceptions import MetaserveError, Unauthorized
 from metaserve.service.models import User
 
 KEY_PREFIX = "ms_"
+REVOKED_PREFIX = "revoked:"
+"""A revoked key's ``key_hash``: this prefix and random hex, 64 characters like a sha256 hex
+digest, which never holds a ``:``, so no key hashes to it (no schema change: the column and
+its unique constraint stay as they are)."""
+
+
+class KeyNotFound(MetaserveError):
+    """No such API key."""
+
+    status_code = 404
+    code = "not_found"
+
+
+class AdminOnly(MetaserveError):
+    """Only an admin key may do this."""
+
+    status_code = 403
+    code = "forbidden"
 
 
 def generate_key() -> str:
@@ -35,6 +54,46 @@ def create_key(*, session: Session, name: str, is_admin: bool = False) -> tuple[
     return user, key
 
 
+def is_revoked(user: User) -> bool:
+    return user.key_hash.startswith(REVOKED_PREFIX)
+
+
+# Key administration. The SQL is here rather than in service/store.py: it touches only the
+# users table, and only these three functions do.
+
+def list_keys(*, session: Session) -> list[User]:
+    """Every key holder, oldest first (their keys are never shown: only hashes are stored)."""
+    return list(session.scalars(select(User).order_by(User.id)))
+
+
+def _get_user(session: Session, user_id: int) -> User:
+    user = session.get(User, user_id)
+    if user is None:
+        raise KeyNotFound(f"no API key with id {user_id}", id=user_id)
+    return user
+
+
+def revoke_key(*, session: Session, user_id: int) -> User:
+    """Revoke the key of user ``user_id``: it authenticates no more (its jobs stay). A server
+    that cached it (:class:`KeyCache`) accepts it until the entry expires, unless told
+    (:meth:`KeyCache.forget_user`); revoking twice is harmless."""
+    user = _get_user(session, user_id)
+    if not is_revoked(user):
+        user.key_hash = REVOKED_PREFIX + secrets.token_hex((64 - len(REVOKED_PREFIX)) // 2)
+    session.commit()
+    return user
+
+
+def rotate_key(*, session: Session, user_id: int) -> tuple[User, str]:
+    """A new key for user ``user_id`` (same user, same jobs); the old key, or a revoked state,
+    ends with it. Returns the user and the new key (shown once)."""
+    user = _get_user(session, user_id)
+    key = generate_key()
+    user.key_hash = hash_key(key)
+    session.commit()
+    return user, key
+
+
 def authenticate(*, session: Session, key: str | None) -> User:
     if not key:
         raise Unauthorized()
@@ -48,8 +107,10 @@ class KeyCache:
     """Key hash → the user it authenticates, for ``ttl_s`` seconds, at most ``size`` entries
     (least recently used evicted first): a status poll then costs no authentication query.
     Only successful lookups are kept, so a wrong key always reaches the database. The users
-    kept are transient copies (id, name, is_admin), safe to share between requests; keys are
-    never revoked or reassigned (a user row is immutable), so an entry cannot go stale."""
+    kept are transient copies (id, name, is_admin), safe to share between requests. A key
+    revoked or rotated through this process's API is forgotten at once
+    (:meth:`forget_user`); through another process (another server, ``metaserve keys``) it is
+    accepted here until its entry expires: at most ``ttl_s``."""
 
     def __init__(self, ttl_s: float = 300.0, size: int = 10_000) -> None:
         self.ttl_s = ttl_s
@@ -67,6 +128,12 @@ class KeyCache:
                 return None
             self._entries.move_to_end(key_hash)
             return entry[1]
+
+    def forget_user(self, user_id: int) -> None:
+        """Drop every entry of ``user_id`` (its key was revoked or rotated)."""
+        with self._lock:
+            for key_hash in [h for h, (_, user) in self._entries.items() if user.id == user_id]:
+                del self._entries[key_hash]
 
     def put(self, key_hash: str, user: User) -> User:
         copy = User(id=user.id, name=user.name, is_admin=user.is_admin)

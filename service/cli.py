@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -15,6 +16,16 @@ db_app = typer.Typer(help="Database schema migrations.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(keys_app, name="keys")
+
+
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(value: object) -> str:
+    """``value`` as text with every control character (C0, DEL, C1: ESC, CSI, BEL, CR, ...)
+    written as its escape (``\\x1b``), so server-supplied text cannot drive the terminal."""
+    return CONTROL_CHARACTERS.sub(lambda found: found.group().encode("unicode_escape").decode(),
+                                  str(value))
 
 
 def _valid_settings() -> "Settings":
@@ -126,6 +137,65 @@ def keys_create(
     try:
         with session_factory(engine)() as session:
             _, key = auth.create_key(session=session, name=name, is_admin=admin)
+    finally:
+        engine.dispose()
+    typer.echo(key)
+
+
+def _key_sessions(url: Optional[str]):  # noqa: ANN202
+    from metaserve.service.db import make_engine, session_factory
+
+    return make_engine(url or get_settings().database_url), session_factory
+
+
+@keys_app.command("list")
+def keys_list(url: Annotated[Optional[str], typer.Option(help="Database URL.")] = None) -> None:
+    """Every API key: id, name, admin, revoked, created (never the key: only its hash is stored)."""
+    from metaserve.service import auth
+
+    engine, factory = _key_sessions(url)
+    try:
+        with factory(engine)() as session:
+            users = auth.list_keys(session=session)
+    finally:
+        engine.dispose()
+    typer.echo(f"{'id':>5}  {'name':<24} {'admin':<6} {'revoked':<8} created")
+    for user in users:
+        typer.echo(f"{user.id:>5}  {printable(user.name):<24} {'yes' if user.is_admin else 'no':<6} "
+                   f"{'yes' if auth.is_revoked(user) else 'no':<8} "
+                   f"{user.created_at:%Y-%m-%d %H:%M:%S}")
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: Annotated[int, typer.Argument(metavar="ID", help="As `keys list` shows.")],
+                url: Annotated[Optional[str], typer.Option(help="Database URL.")] = None) -> None:
+    """Revoke a key: refused at once by a server that has not seen it lately, within 5 minutes
+    (its key cache) by one that has; the user's jobs stay."""
+    from metaserve.service import auth
+
+    engine, factory = _key_sessions(url)
+    try:
+        with factory(engine)() as session:
+            user = auth.revoke_key(session=session, user_id=key_id)
+    except auth.KeyNotFound as error:
+        raise _fail(error.message) from None
+    finally:
+        engine.dispose()
+    typer.echo(f"revoked key {user.id} ({printable(user.name)})")
+
+
+@keys_app.command("rotate")
+def keys_rotate(key_id: Annotated[int, typer.Argument(metavar="ID", help="As `keys list` shows.")],
+                url: Annotated[Optional[str], typer.Option(help="Database URL.")] = None) -> None:
+    """Give key ID's user a new key and print it once; the old one ends as a revoked one does."""
+    from metaserve.service import auth
+
+    engine, factory = _key_sessions(url)
+    try:
+        with factory(engine)() as session:
+            _, key = auth.rotate_key(session=session, user_id=key_id)
+    except auth.KeyNotFound as error:
+        raise _fail(error.message) from None
     finally:
         engine.dispose()
     typer.echo(key)

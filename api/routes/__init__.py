@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from metaserve.api.routes import adapt, artifacts, catalog, events, health, jobs, metrics
+from metaserve.api.routes import adapt, artifacts, catalog, events, health, jobs, keys, metrics
 
 ROUTERS = [health.router, jobs.router, catalog.router, metrics.router, artifacts.router,
-           events.router, adapt.router]
+           events.router, adapt.router, keys.router]

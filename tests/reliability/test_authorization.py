@@ -34,7 +34,8 @@ def v1_requests(client: TestClient, job_id: str) -> list[tuple[str, str, dict]]:
     for template, operations in client.app.openapi()["paths"].items():
         if not template.startswith("/v1"):
             continue
-        path = template.replace("{job_id}", job_id).replace("{name}", "meta_init.json")
+        path = (template.replace("{job_id}", job_id).replace("{name}", "meta_init.json")
+                .replace("{key_id}", "1"))
         for method in sorted(operations):
             kwargs: dict = {}
             if template == "/v1/jobs" and method == "post":
@@ -65,7 +66,8 @@ def test_every_v1_route_refuses_a_missing_or_wrong_key_with_401(client, alice_jo
         ("POST", "/v1/jobs/{id}/cancel"), ("GET", "/v1/algorithms"),
         ("GET", "/v1/task-families"), ("GET", "/v1/jobs/{id}/metrics"),
         ("GET", "/v1/jobs/{id}/artifacts"), ("GET", "/v1/jobs/{id}/artifacts/meta_init.json"),
-        ("GET", "/v1/jobs/{id}/events"), ("POST", "/v1/jobs/{id}/adapt")}
+        ("GET", "/v1/jobs/{id}/events"), ("POST", "/v1/jobs/{id}/adapt"),
+        ("GET", "/v1/keys"), ("DELETE", "/v1/keys/1")}
     refused = {}
     for method, path, kwargs in requests:
         for headers in BAD_CREDENTIALS:
