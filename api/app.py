@@ -63,8 +63,27 @@ async def _freeze_startup_objects(app: FastAPI) -> None:
     logger.info("start-up objects frozen", extra={"objects": gc.get_freeze_count()})
 
 
+class _PathWithoutQuery(logging.Filter):
+    """uvicorn's access log line without the query string (it may carry a cursor, an event
+    id, or whatever a client put there): ``"GET /v1/jobs HTTP/1.1" 200``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str):
+            record.args = (*args[:2], args[2].partition("?")[0], *args[3:])
+        return True
+
+
+def _access_log_without_query() -> None:
+    """Installed at start-up, after uvicorn configured its loggers; once per process."""
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, _PathWithoutQuery) for f in access.filters):
+        access.addFilter(_PathWithoutQuery())
+
+
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    _access_log_without_query()
     _start_dispatcher(app)
     freezer = (asyncio.create_task(_freeze_startup_objects(app)) if app.state.freeze_gc
                else None)

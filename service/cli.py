@@ -54,6 +54,32 @@ def _settings_with_working_store() -> "Settings":
     return settings
 
 
+def private_state(settings: "Settings") -> None:
+    """Files the server writes are its user's only: umask 077 for everything created from
+    here on (SQLite file and its -wal/-shm, admin.key, artifacts, checkpoints), and the
+    existing state tightened: directories 0700, files of the data directory 0600."""
+    import os
+
+    from sqlalchemy.engine import make_url
+
+    os.umask(0o077)
+    directories = [Path(settings.data_dir)]
+    if "://" not in settings.artifact_root:
+        directories.append(Path(settings.artifact_root))
+    url = make_url(settings.database_url)
+    database = (Path(url.database) if url.get_backend_name() == "sqlite" and url.database
+                and url.database != ":memory:" else None)
+    for directory in directories:
+        directory.mkdir(parents=True, exist_ok=True)
+        directory.chmod(0o700)
+    files = [path for path in Path(settings.data_dir).iterdir() if path.is_file()]
+    if database is not None:
+        files += [database.with_name(database.name + suffix) for suffix in ("", "-wal", "-shm")]
+    for path in files:
+        if path.exists():
+            path.chmod(0o600)
+
+
 @app.command()
 def serve(
     host: Annotated[Optional[str], typer.Option(help="Bind address (default: METASERVE_HOST).")] = None,
@@ -73,6 +99,7 @@ def serve(
                {"host": host, "port": port, "dispatcher": False if no_dispatcher else None}.items()
                if value is not None}
     settings = settings.model_copy(update=updates)
+    private_state(settings)
     migrate.upgrade(settings.database_url)
     engine = make_engine(settings.database_url)
     try:

@@ -164,3 +164,25 @@ def test_keep_alive_requests_after_the_first_are_not_timed_out(live_server):
         for _ in range(3):
             assert client.get("/healthz").status_code == 200
             time.sleep(HEADER_TIMEOUT_S * 0.6)
+
+
+def test_access_log_has_the_path_without_the_query_string(live_server):
+    with httpx.Client(base_url=live_server.url, timeout=10) as client:
+        assert client.get("/healthz", params={"token": "s3cr3t-in-query"}).status_code == 200
+    time.sleep(0.3)
+    log = live_server.log_path.read_text()
+    assert '"GET /healthz HTTP/1.1" 200' in log
+    assert "s3cr3t-in-query" not in log and "/healthz?" not in log
+
+
+def test_state_files_are_private_to_the_servers_user(live_server):
+    with live_server.client() as client:  # a write, so the WAL files exist
+        assert client.post("/v1/jobs", json={"algorithm": {"name": "maml"},
+                                             "task_family": {"name": "sine"}}).status_code == 201
+    state = live_server.cwd / ".metaserve"
+    modes = {path.name: oct(path.stat().st_mode & 0o777) for path in
+             [state, state / "admin.key", state / "metaserve.db", state / "metaserve.db-wal",
+              state / "metaserve.db-shm", state / "artifacts"]}
+    assert modes == {".metaserve": "0o700", "admin.key": "0o600", "metaserve.db": "0o600",
+                     "metaserve.db-wal": "0o600", "metaserve.db-shm": "0o600",
+                     "artifacts": "0o700"}
