@@ -94,6 +94,7 @@ async def _on_http_error(_request: Request, exc: StarletteHTTPException) -> JSON
 async def _on_metaserve_error(_request: Request, exc: MetaserveError) -> JSONResponse:
     details = [{"field": key, "message": str(value)} for key, value in exc.details.items()]
     headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
+    headers = getattr(exc, "headers", None) or headers  # e.g. Retry-After of a 429
     if exc.status_code >= 500:
         logger.error("metaserve error", extra={"code": exc.code, "error_message": exc.message})
     return error_response(exc.status_code, exc.code, exc.message, details, headers)

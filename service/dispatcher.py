@@ -288,7 +288,8 @@ class Dispatcher:
         with self.session_factory() as session:
             job = jobs.claim_next_job(session=session, worker_id=self.worker_id,
                                       lease_s=self.settings.lease_s,
-                                      exclude=list(self._deferred))
+                                      exclude=list(self._deferred),
+                                      max_running_per_user=self.settings.max_running_jobs_per_user)
             if job is None:
                 return False
             job_id, spec, attempt = job.id, dict(job.spec), job.attempt

@@ -51,3 +51,18 @@ class LeaseLost(MetaserveError):
 
     status_code = 409
     code = "lease_lost"
+
+
+class QuotaExceeded(MetaserveError):
+    """A per-user limit is reached; retry later."""
+
+    status_code = 429
+    code = "quota_exceeded"
+
+    def __init__(self, message: str | None = None, *, retry_after_s: int, **details: Any) -> None:
+        super().__init__(message, **details)
+        self.retry_after_s = retry_after_s
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}

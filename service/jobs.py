@@ -17,6 +17,7 @@ from metaserve.service import store
 from metaserve.service.artifacts import ArtifactNotFound
 from metaserve.service.exceptions import MetaserveError
 from metaserve.service.models import Artifact, Job, JobStatus, JobStatusEvent, Metric, User
+from metaserve.service.settings import QUOTA_RETRY_AFTER_S
 from metaserve.workers.spec import JobSpec
 
 
@@ -50,13 +51,19 @@ class _Transaction:
 
 
 def submit_job(*, session: Session, owner: User, spec: JobSpec,
-               idempotency_key: str | None = None) -> tuple[Job, bool]:
-    """Store a queued job; returns ``(job, created)`` (False when an idempotent replay)."""
+               idempotency_key: str | None = None, max_queued: int = 0,
+               retry_after_s: int = QUOTA_RETRY_AFTER_S) -> tuple[Job, bool]:
+    """Store a queued job; returns ``(job, created)`` (False when an idempotent replay).
+
+    ``max_queued`` (0: no cap): beyond that many queued jobs of ``owner``, raise
+    :class:`~metaserve.service.exceptions.QuotaExceeded` (429, ``Retry-After: retry_after_s``)
+    and store nothing; a replay of an existing job still returns it."""
     data = canonical_spec(spec)
     with _Transaction(session):
         return store.create_job(session=session, owner=owner, name=default_job_name(spec),
                                 spec=data, spec_hash=spec_hash(data),
-                                max_attempts=spec.max_attempts, idempotency_key=idempotency_key)
+                                max_attempts=spec.max_attempts, idempotency_key=idempotency_key,
+                                max_queued=max_queued, retry_after_s=retry_after_s)
 
 
 def get_job(*, session: Session, job_id: str, owner: User) -> Row:
@@ -84,10 +91,13 @@ cancel_job = request_cancel
 
 
 def claim_next_job(*, session: Session, worker_id: str, lease_s: float,
-                   exclude: Sequence[str] = ()) -> Job | None:
+                   exclude: Sequence[str] = (), max_running_per_user: int = 0) -> Job | None:
+    """The next job for ``worker_id``, fairly across users, never beyond
+    ``max_running_per_user`` running jobs of one user (0: no cap); see
+    :func:`metaserve.service.store.claim_next_job`."""
     with _Transaction(session):
         return store.claim_next_job(session=session, worker_id=worker_id, lease_s=lease_s,
-                                    exclude=exclude)
+                                    exclude=exclude, max_running_per_user=max_running_per_user)
 
 
 def expire_leases(*, session: Session, worker_id: str) -> int:

@@ -100,6 +100,9 @@ class User(Base):
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # When a dispatcher last claimed a queued job of this user: the round-robin turn of the
+    # fair claim (service/store.py, claim_next_job); on PostgreSQL its row is the per-user claim lock.
+    last_claimed_at: Mapped[datetime | None]
 
 
 class Job(Base):
@@ -112,6 +115,8 @@ class Job(Base):
         UniqueConstraint("owner_id", "idempotency_key"),
         Index("ix_jobs_status_id", "status", "id"),
         Index("ix_jobs_owner_id_id", "owner_id", "id"),
+        # The fair claim: each user's oldest queued job, each user's running count.
+        Index("ix_jobs_status_owner_id_id", "status", "owner_id", "id"),
     )
 
     id: Mapped[str] = mapped_column(String(26), primary_key=True, default=new_id)

@@ -60,8 +60,9 @@ class Settings(BaseSettings):
                                description="Seconds between lease renewals of a running job.")
 
     # Per-user quotas and the fair claim (docs/RELIABILITY.md, "Quotas and fair scheduling").
-    # They apply to every user, admins included (an admin key driving automation can flood the
-    # queue too; an operator raises the setting instead). 0 turns a cap off.
+    # Admin keys are exempt: they are operators' (the embedded default's only key is one), and
+    # automation that should be bounded gets a user key. The fair claim order covers admins too.
+    # 0 turns a cap off.
     max_queued_jobs_per_user: int = Field(
         MAX_QUEUED_JOBS_PER_USER, ge=0,
         description="Queued jobs one user may have; one more → 429 with Retry-After. 0: no cap.")

@@ -14,7 +14,7 @@ import math
 from datetime import datetime, timedelta
 from typing import Any, Sequence
 
-from sqlalchemy import Row, and_, bindparam, func, insert, or_, select, update
+from sqlalchemy import Row, bindparam, case, func, insert, null, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -25,6 +25,7 @@ from metaserve.service.exceptions import (
     JobNotFound,
     LeaseLost,
     MetaserveError,
+    QuotaExceeded,
 )
 from metaserve.service.ids import new_id
 from metaserve.service.models import Artifact, Job, JobStatus, JobStatusEvent, Metric, User, utcnow
@@ -33,6 +34,11 @@ MAX_PAGE = 100
 MAX_METRICS_PAGE = 10_000
 CLAIM_RETRIES = 50
 ACTIVE = (JobStatus.RUNNING.value, JobStatus.CANCELLING.value)
+QUEUED_CAP_SETTING = "METASERVE_MAX_QUEUED_JOBS_PER_USER"
+RUNNING_CAP_SETTING = "METASERVE_MAX_RUNNING_JOBS_PER_USER"
+WAITING = "waiting: "
+# PostgreSQL advisory lock space (first key) of a user's submits: the queued-cap check.
+SUBMIT_LOCK = 0x6D73  # "ms"
 
 
 class InvalidCursor(MetaserveError):
@@ -101,6 +107,8 @@ def create_job(
     spec_hash: str,
     max_attempts: int,
     idempotency_key: str | None = None,
+    max_queued: int = 0,
+    retry_after_s: int = 60,
 ) -> tuple[Job, bool]:
     """Insert a queued job; returns ``(job, created)``.
 
@@ -109,7 +117,49 @@ def create_job(
     The insert comes first (the common case: a new key) and the key's unique constraint
     decides a race; the job row and its first status event are two plain INSERTs, and the
     job returned is built from the values written, so a submit reads nothing back.
+
+    ``max_queued`` (0: none; admins: none): a job that would make the owner's queued jobs
+    more than that raises :class:`QuotaExceeded` (the caller rolls back: nothing is stored);
+    a replay is answered before the count, so it still returns its job.
     """
+    if owner.is_admin:
+        max_queued = 0  # operators' keys are exempt (settings.py says why)
+    if max_queued:
+        _lock_owner_submits(session, owner.id)
+    job, created = _create_job(session, owner, name, spec, spec_hash, max_attempts,
+                               idempotency_key)
+    if created and max_queued:
+        # Counted after the insert, under the lock that orders this owner's submits: no
+        # other submit of the owner commits between insert and count, so concurrent submits
+        # cannot pass the cap together.
+        queued = session.scalar(select(func.count()).select_from(Job).where(
+            Job.status == JobStatus.QUEUED.value, Job.owner_id == owner.id)) or 0
+        if queued > max_queued:
+            raise QuotaExceeded(
+                f"{owner.name} has {queued - 1} queued jobs, the most {QUEUED_CAP_SETTING} "
+                f"allows; submit again when one has started", retry_after_s=retry_after_s,
+                limit=QUEUED_CAP_SETTING, count=queued - 1, cap=max_queued)
+    return job, created
+
+
+def _lock_owner_submits(session: Session, owner_id: int) -> None:
+    """Order this owner's submits until the transaction ends. PostgreSQL: an advisory lock
+    (no row is written). SQLite: a write that changes nothing takes the database's write lock
+    now, and opens the transaction, so the Idempotency-Key's SAVEPOINT nests in it (pysqlite
+    starts none before a SAVEPOINT, whose RELEASE would then commit the job before the count)
+    and a rejected job is rolled back."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:space, :owner_id)"),
+                        {"space": SUBMIT_LOCK, "owner_id": owner_id})
+    else:
+        users = User.__table__
+        session.execute(update(users).where(users.c.id == owner_id)
+                        .values(last_claimed_at=users.c.last_claimed_at))
+
+
+def _create_job(session: Session, owner: User, name: str, spec: dict[str, Any],
+                spec_hash: str, max_attempts: int,
+                idempotency_key: str | None) -> tuple[Job, bool]:
     now = utcnow()
     values = dict(id=new_id(), owner_id=owner.id, name=name, spec=spec, spec_hash=spec_hash,
                   status=JobStatus.QUEUED.value, attempt=0, max_attempts=max_attempts,
@@ -240,60 +290,215 @@ def request_cancel(*, session: Session, job_id: str, owner: User) -> Job:
 # --------------------------------------------------------------------------- dispatcher side
 
 
-def _claimable(now: datetime):  # noqa: ANN202
-    return or_(
-        Job.status == JobStatus.QUEUED.value,
-        and_(Job.status.in_(ACTIVE), Job.lease_expires_at < now),
-    )
-
-
 def claim_next_job(*, session: Session, worker_id: str, lease_s: float,
-                   exclude: Sequence[str] = ()) -> Job | None:
-    """Atomically claim the oldest claimable job for ``worker_id``, or None.
+                   exclude: Sequence[str] = (), max_running_per_user: int = 0) -> Job | None:
+    """Atomically claim the next claimable job for ``worker_id``, fairly across users; or None.
 
-    Claimable: ``queued``, or ``running``/``cancelling`` with an expired lease. A reclaimed
+    First a job whose lease expired (``running``/``cancelling``, oldest first): it already
+    counts as running for its owner, so it is recovered before any queued job. A reclaimed
     ``cancelling`` job becomes ``cancelled``; a reclaim past ``max_attempts`` becomes
     ``failed`` ("gave up after N attempts: ..."); both are skipped and the next is tried.
+
+    Then a ``queued`` job, by :func:`_fair_order`: the user with the fewest running jobs,
+    then the one whose turn came longest ago (``users.last_claimed_at``, never first), then
+    the one with the oldest queued job; within a user, the oldest job. With
+    ``max_running_per_user`` (0: none; admins are exempt) a user running that many is
+    skipped, and their queued jobs get a ``waiting: ...`` message (written once, not on
+    every poll).
     Jobs in ``exclude`` (e.g. ones this dispatcher could not place a moment ago) are skipped.
+
+    Exactly once, and never above the running cap, with any number of claimers:
+
+    * the job row: PostgreSQL locks the candidate ``FOR UPDATE SKIP LOCKED``; SQLite (no
+      row locks) relies on the compare-and-set ``UPDATE`` (status, attempt) checked by rowcount.
+    * the user: on PostgreSQL the claim first locks the user's row (``FOR NO KEY UPDATE``:
+      it does not block a submit's foreign-key check), so one claimer at a time claims for a
+      user; a second one passes over that user to the next in the order, and waits only if
+      there is none (see :func:`_next_queued`: never while holding another user, so no
+      deadlock). On SQLite the first write of the claim takes the database's write lock,
+      which serializes every claim.
+      Under that lock the claim writes the user's turn (``last_claimed_at``) and then the
+      job's guarded ``UPDATE``, which re-counts the user's running jobs: a new statement
+      after the lock was granted, so under READ COMMITTED it sees every claim for that user
+      committed before. (A count in the statement that waits for a lock would not do:
+      PostgreSQL evaluates its subquery with the snapshot taken before the wait.)
     """
+    not_excluded = (Job.id.not_in(list(exclude)),) if exclude else ()
+    locked_owners: set[int] = set()  # PostgreSQL: users this transaction holds
     for _ in range(CLAIM_RETRIES):
         now = utcnow()
-        candidate = session.execute(
+        expired = session.execute(
             select(Job.id, Job.status, Job.attempt, Job.max_attempts, Job.error)
-            .where(_claimable(now), *([Job.id.not_in(list(exclude))] if exclude else []))
+            .where(Job.status.in_(ACTIVE), Job.lease_expires_at < now, *not_excluded)
             .order_by(Job.id)
             .limit(1)
             .with_for_update(skip_locked=True)
         ).one_or_none()
+        if expired is not None:
+            job = _reclaim(session, expired, worker_id, lease_s, now)
+            if job is not None:
+                return job
+            continue  # lost the race, or the job ended (cancelled, failed): the next one
+        candidate = _next_queued(session, not_excluded, max_running_per_user, locked_owners)
         if candidate is None:
             return None
-        guard = (Job.status == candidate.status, Job.attempt == candidate.attempt,
-                 _claimable(now))
-        if candidate.status == JobStatus.CANCELLING.value:
-            values: dict[str, Any] = dict(
-                status=JobStatus.CANCELLED.value, finished_at=now, lease_owner=None,
-                lease_expires_at=None, message="cancelled (its lease expired while cancelling)")
-        elif (candidate.status == JobStatus.RUNNING.value
-              and candidate.attempt >= candidate.max_attempts):
-            values = dict(
-                status=JobStatus.FAILED.value, finished_at=now, lease_owner=None,
-                lease_expires_at=None,
-                error=f"gave up after {candidate.attempt} attempts: "
-                      f"{candidate.error or 'lease expired'}")
-        else:
-            values = dict(
-                status=JobStatus.RUNNING.value, lease_owner=worker_id,
-                lease_expires_at=now + timedelta(seconds=lease_s),
-                attempt=Job.attempt + 1, started_at=func.coalesce(Job.started_at, now))
-            if candidate.status != JobStatus.QUEUED.value:
-                values["message"] = f"reclaimed after the lease of attempt {candidate.attempt} expired"
-        result = session.execute(_update(candidate.id, *guard).values(**values))
-        if result.rowcount != 1:
-            continue  # another claimer won this row (SQLite compare-and-set); try the next
-        job = _record_status(session, candidate.id)
-        if values["status"] == JobStatus.RUNNING.value:
-            return job
+        owner, job_id, attempt = candidate
+        owner_id = owner.owner_id
+        session.execute(update(User.__table__).where(User.__table__.c.id == owner_id)
+                        .values(last_claimed_at=now))
+        guard = [Job.status == JobStatus.QUEUED.value, Job.attempt == attempt]
+        if max_running_per_user and not owner.is_admin:
+            guard.append(_running_count(owner_id) < max_running_per_user)
+        result = session.execute(_update(job_id, *guard).values(
+            status=JobStatus.RUNNING.value, lease_owner=worker_id,
+            lease_expires_at=now + timedelta(seconds=lease_s), attempt=Job.attempt + 1,
+            started_at=func.coalesce(Job.started_at, now),
+            message=case((Job.message.startswith(WAITING), null()), else_=Job.message)))
+        if result.rowcount == 1:
+            return _record_status(session, job_id)
+        # Another claimer won this row (SQLite compare-and-set) or the owner reached the cap
+        # meanwhile: order the users again.
     return None
+
+
+def _reclaim(session: Session, candidate: Row, worker_id: str, lease_s: float,
+             now: datetime) -> Job | None:
+    """Take over a job whose lease expired; the job if it runs again, else None."""
+    guard = (Job.status == candidate.status, Job.attempt == candidate.attempt,
+             Job.status.in_(ACTIVE), Job.lease_expires_at < now)
+    if candidate.status == JobStatus.CANCELLING.value:
+        values: dict[str, Any] = dict(
+            status=JobStatus.CANCELLED.value, finished_at=now, lease_owner=None,
+            lease_expires_at=None, message="cancelled (its lease expired while cancelling)")
+    elif candidate.attempt >= candidate.max_attempts:
+        values = dict(
+            status=JobStatus.FAILED.value, finished_at=now, lease_owner=None,
+            lease_expires_at=None,
+            error=f"gave up after {candidate.attempt} attempts: "
+                  f"{candidate.error or 'lease expired'}")
+    else:
+        values = dict(
+            status=JobStatus.RUNNING.value, lease_owner=worker_id,
+            lease_expires_at=now + timedelta(seconds=lease_s), attempt=Job.attempt + 1,
+            message=f"reclaimed after the lease of attempt {candidate.attempt} expired")
+    if session.execute(_update(candidate.id, *guard).values(**values)).rowcount != 1:
+        return None  # another claimer won this row (SQLite compare-and-set)
+    job = _record_status(session, candidate.id)
+    return job if values["status"] == JobStatus.RUNNING.value else None
+
+
+_RUNNING = Job.__table__.alias("running")
+_WAITING = Job.__table__.alias("waiting")
+
+
+def _running_count(owner_id: int):  # noqa: ANN202
+    """The owner's running jobs (``running`` or ``cancelling``: both hold cluster resources),
+    as a subquery for a guard."""
+    return (select(func.count()).select_from(_RUNNING)
+            .where(_RUNNING.c.status.in_(ACTIVE), _RUNNING.c.owner_id == owner_id)
+            .scalar_subquery())
+
+
+def _fair_order(session: Session, not_excluded: Sequence[Any]) -> list[Row]:
+    """Every user with a queued job: ``(owner_id, name, is_admin, running, head)`` in claim
+    order —
+    fewest running jobs, then the earliest turn (``last_claimed_at``, never first), then the
+    oldest queued job (``head``; ids grow with time). Both aggregates read only the index
+    ``ix_jobs_status_owner_id_id``."""
+    queued = (select(Job.owner_id, func.min(Job.id).label("head"))
+              .where(Job.status == JobStatus.QUEUED.value, *not_excluded)
+              .group_by(Job.owner_id).subquery("queued"))
+    running = (select(_RUNNING.c.owner_id, func.count().label("jobs"))
+               .where(_RUNNING.c.status.in_(ACTIVE))
+               .group_by(_RUNNING.c.owner_id).subquery("running_jobs"))
+    jobs_running = func.coalesce(running.c.jobs, 0)
+    return list(session.execute(
+        select(queued.c.owner_id, User.name, User.is_admin, jobs_running.label("running"),
+               queued.c.head)
+        .join(User, User.id == queued.c.owner_id)
+        .outerjoin(running, running.c.owner_id == queued.c.owner_id)
+        .order_by(jobs_running, User.last_claimed_at.asc().nulls_first(), queued.c.head)))
+
+
+def _next_queued(session: Session, not_excluded: Sequence[Any], max_running_per_user: int,
+                 locked_owners: set[int]) -> tuple[Row, str, int] | None:
+    """``(owner row of _fair_order, job_id, attempt)`` of the queued job to claim next, its
+    owner and itself row-locked on PostgreSQL; None when there is none.
+
+    Owners are locked SKIP LOCKED (another claimer holds one: the next in the order is
+    tried). Only when every one was held, and this transaction holds no owner yet
+    (``locked_owners``, kept across the claim's retries), does it wait for the first: a
+    claimer holding one owner never waits for another, so two claimers cannot deadlock, and
+    one busy user does not make a second claimer come back empty."""
+    owners = _fair_order(session, not_excluded)
+    if max_running_per_user:
+        at_cap = [owner for owner in owners
+                  if owner.running >= max_running_per_user and not owner.is_admin]
+        if at_cap:
+            _mark_waiting(session, at_cap, max_running_per_user)
+        owners = [owner for owner in owners if owner not in at_cap]
+    lock_owners = session.get_bind().dialect.name == "postgresql"  # SQLite: the write lock
+    held_elsewhere: list[Row] = []
+    for owner in owners:
+        if lock_owners and owner.owner_id not in locked_owners:
+            if session.execute(_LOCK_OWNER_NOWAIT, {"owner_id": owner.owner_id}
+                               ).one_or_none() is None:
+                held_elsewhere.append(owner)
+                continue
+            locked_owners.add(owner.owner_id)
+        if (head := _head(session, owner.owner_id, not_excluded)) is not None:
+            return owner, head.id, head.attempt
+    if held_elsewhere and not locked_owners:
+        owner = held_elsewhere[0]
+        session.execute(_LOCK_OWNER, {"owner_id": owner.owner_id})
+        locked_owners.add(owner.owner_id)
+        if (head := _head(session, owner.owner_id, not_excluded)) is not None:
+            return owner, head.id, head.attempt
+    return None
+
+
+def _head(session: Session, owner_id: int, not_excluded: Sequence[Any]) -> Row | None:
+    """The owner's oldest queued job (not one another transaction holds)."""
+    return session.execute(
+        select(Job.id, Job.attempt)
+        .where(Job.status == JobStatus.QUEUED.value, Job.owner_id == owner_id, *not_excluded)
+        .order_by(Job.id)
+        .limit(1)
+        .with_for_update(skip_locked=True)
+    ).one_or_none()
+
+
+# FOR NO KEY UPDATE: a submit's foreign-key check (FOR KEY SHARE) on the user is not blocked.
+_LOCK_OWNER = (select(User.__table__.c.id).where(User.__table__.c.id == bindparam("owner_id"))
+               .with_for_update(key_share=True))
+_LOCK_OWNER_NOWAIT = _LOCK_OWNER.with_for_update(skip_locked=True, key_share=True)
+
+
+def waiting_message(owner_name: str, max_running_per_user: int) -> str:
+    return (f"{WAITING}{owner_name} already runs {max_running_per_user} jobs "
+            f"({RUNNING_CAP_SETTING})")
+
+
+_MARK_WAITING = (
+    update(Job.__table__)
+    .where(Job.__table__.c.id.in_(
+        select(_WAITING.c.id)
+        .where(_WAITING.c.status == JobStatus.QUEUED.value,
+               _WAITING.c.owner_id == bindparam("owner"),
+               or_(_WAITING.c.message.is_(None), _WAITING.c.message != bindparam("text")))
+        .with_for_update(skip_locked=True)))
+    .values(message=bindparam("text"))
+)
+
+
+def _mark_waiting(session: Session, owners: Sequence[Row], max_running_per_user: int) -> None:
+    """Say why the queued jobs of users at the running cap wait. Only rows whose message
+    differs are written, so a job is written once while it waits, not on every poll; rows
+    another transaction holds are skipped (SKIP LOCKED: no waits, no deadlock between two
+    claimers marking the same user), the next poll writes them."""
+    session.execute(_MARK_WAITING, [
+        {"owner": owner.owner_id, "text": waiting_message(owner.name, max_running_per_user)}
+        for owner in owners])
 
 
 def expire_leases(*, session: Session, worker_id: str) -> int:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Response, status
+from fastapi import APIRouter, Header, Query, Request, Response, status
 
 from metaserve.api.deps import CurrentUser, SessionDep
 from metaserve.api.schemas import ErrorResponse, JobPublic, JobsPublic, model_response
@@ -26,16 +26,22 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses={
     200: {"model": JobPublic, "description": "Replay of an Idempotency-Key: the existing job"},
     409: {"model": ErrorResponse, "description": "Idempotency-Key reused with another body"},
     413: {"model": ErrorResponse, "description": "Body above MAX_BODY_BYTES"},
+    429: {"model": ErrorResponse, "description": "MAX_QUEUED_JOBS_PER_USER reached; the error "
+          "names the limit, your count and the cap; see Retry-After"},
 })
 def create_job(
     spec: JobSpec,
     user: CurrentUser,
     session: SessionDep,
+    request: Request,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> Response:
     """Validate and queue a meta-training job."""
+    settings = request.app.state.settings  # not SettingsDep: a sync dependency costs a thread hop
     job, created = jobs.submit_job(session=session, owner=user, spec=spec,
-                                   idempotency_key=idempotency_key)
+                                   idempotency_key=idempotency_key,
+                                   max_queued=settings.max_queued_jobs_per_user,
+                                   retry_after_s=settings.quota_retry_after_s)
     return model_response(JobPublic.model_validate(job),
                           status.HTTP_201_CREATED if created else status.HTTP_200_OK,
                           headers={"Location": f"/v1/jobs/{job.id}"})
