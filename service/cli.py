@@ -287,7 +287,7 @@ JobArgument = Annotated[str, typer.Argument(help="Job id (as printed by submit o
 
 
 def _fail(message: str) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
+    typer.echo(f"error: {printable(message)}", err=True)
     return typer.Exit(1)
 
 
@@ -352,7 +352,7 @@ def submit(
     """Submit a job; prints its id (and, with --wait, follows it to the end)."""
     with _ClientErrors(), _client() as client:
         job = client.submit(spec, overrides=set_ or [], idempotency_key=idempotency_key)
-        typer.echo(f"submitted {job['id']} ({job['name']})")
+        typer.echo(printable(f"submitted {job['id']} ({job['name']})"))
         if wait:
             _follow(client, job)
 
@@ -362,7 +362,7 @@ def _follow(client, job: dict) -> None:  # noqa: ANN001
     line = f"{final['id']} {final['status']}"
     if final["status"] != "succeeded":
         raise _fail(f"{line}: {final['error'] or final['message'] or ''}".rstrip(": "))
-    typer.echo(line)
+    typer.echo(printable(line))
 
 
 @app.command("list")
@@ -373,6 +373,7 @@ def list_command(
     """Your jobs, newest first, as a table."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     with _ClientErrors(), _client() as client:
         found = client.list(status=status, limit=limit)
@@ -381,8 +382,10 @@ def list_command(
     for job in found:
         progress = job.get("progress") or {}
         done = f"{progress['iteration']}/{progress['total']}" if "iteration" in progress else "-"
-        table.add_row(job["name"], job["status"], done, str(job["attempt"]),
-                      job["created_at"][:19].replace("T", " "), job["id"])
+        # Text, not str: no rich markup in a server-supplied name, control characters escaped
+        table.add_row(*(Text(printable(cell)) for cell in (
+            job["name"], job["status"], done, job["attempt"],
+            str(job["created_at"])[:19].replace("T", " "), job["id"])))
     Console().print(table)
 
 
@@ -400,7 +403,7 @@ def status(job: JobArgument) -> None:
     lines += [(key, found[key]) for key in ("message", "error", "created_at", "started_at",
                                             "finished_at") if found.get(key)]
     for key, value in lines:
-        typer.echo(f"{key + ':':<13}{value}")
+        typer.echo(f"{key + ':':<13}{printable(value)}")
 
 
 @app.command()
@@ -412,6 +415,7 @@ def metrics(
     """The latest value of each metric series; --plot draws every series over the steps."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     with _ClientErrors(), _client() as client:
         points = client.metrics(job)
@@ -423,7 +427,8 @@ def metrics(
         table = Table("metric", "step", "value")
         for name in sorted(series):
             step, value = series[name][-1]
-            table.add_row(name, str(step), "-" if value is None else f"{value:.4g}")
+            table.add_row(Text(printable(name)), str(step),
+                          "-" if value is None else f"{value:.4g}")
         Console().print(table)
         if plot is not None:
             plot_metrics(series, plot, title=f"job {job}")
@@ -468,7 +473,7 @@ def cancel(job: JobArgument) -> None:
     """Cancel a job: a queued one at once, a running one as soon as its runner stops."""
     with _ClientErrors(), _client() as client:
         found = client.cancel(job)
-    typer.echo(f"{found['id']} {found['status']}")
+    typer.echo(printable(f"{found['id']} {found['status']}"))
 
 
 @app.command()
