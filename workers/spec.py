@@ -15,7 +15,8 @@ import math
 import re
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, field_validator,
+                      model_validator)
 
 MAX_ITERATIONS = 10_000_000
 MAX_META_BATCH = 4096
@@ -23,6 +24,7 @@ MAX_INNER_STEPS = 100
 MAX_WORKERS = 1024
 MAX_SHOTS = 1000
 MAX_WAYS = 100
+CONV4_MIN_IMAGE_SIZE = 16
 
 
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -44,7 +46,7 @@ class StrictModel(BaseModel):
 
 
 LearningRate = Annotated[float, Field(gt=0.0, le=100.0)]
-InnerSteps = Annotated[int, Field(ge=0, le=MAX_INNER_STEPS)]
+InnerSteps = Annotated[StrictInt, Field(ge=0, le=MAX_INNER_STEPS)]
 
 
 # --------------------------------------------------------------------------- algorithms
@@ -59,13 +61,13 @@ class PolicyGradientSpec(StrictModel):
     ``max_kl``) or ``outer_epochs`` Adam steps on PPO's clipped surrogate (``outer: ppo``,
     Schulman et al. 2017; ``outer_optimizer`` applies to PPO only)."""
 
-    episodes_per_task: int = Field(20, ge=1, le=1000,
+    episodes_per_task: StrictInt = Field(20, ge=1, le=1000,
                                    description="Trajectories per task per policy-gradient step.")
     gamma: float = Field(0.99, gt=0.0, le=1.0, description="Discount factor.")
     gae_lambda: float = Field(1.0, ge=0.0, le=1.0, description="GAE λ of the advantages.")
-    outer_epochs: int = Field(5, ge=1, le=100, description="Outer PPO steps on each meta-batch.")
+    outer_epochs: StrictInt = Field(5, ge=1, le=100, description="Outer PPO steps on each meta-batch.")
     clip: float = Field(0.2, gt=0.0, le=1.0, description="PPO ratio clip ε.")
-    hidden: list[Annotated[int, Field(ge=1, le=4096)]] = Field(
+    hidden: list[Annotated[StrictInt, Field(ge=1, le=4096)]] = Field(
         default_factory=lambda: [100, 100], min_length=1, max_length=8,
         description="Hidden layer sizes of the Gaussian MLP policy.")
     init_log_std: float = Field(0.0, ge=-10.0, le=5.0, description="Initial log std of actions.")
@@ -78,10 +80,10 @@ class PolicyGradientSpec(StrictModel):
     outer: Literal["trpo", "ppo"] = Field("ppo", description="The outer (meta) update.")
     max_kl: float = Field(0.01, gt=0.0, le=10.0,
                           description="TRPO: bound on the mean KL of the adapted policies.")
-    cg_iters: int = Field(10, ge=1, le=100, description="TRPO: conjugate-gradient iterations.")
+    cg_iters: StrictInt = Field(10, ge=1, le=100, description="TRPO: conjugate-gradient iterations.")
     cg_damping: float = Field(1e-5, ge=0.0, le=10.0,
                               description="TRPO: damping λ added to the KL Hessian (H + λI).")
-    line_search_steps: int = Field(15, ge=1, le=50,
+    line_search_steps: StrictInt = Field(15, ge=1, le=50,
                                    description="TRPO: backtracking steps before giving up.")
     backtrack_ratio: float = Field(0.8, gt=0.0, lt=1.0,
                                    description="TRPO: step shrink factor per backtracking step.")
@@ -142,7 +144,7 @@ class PromptSpec(StrictModel):
     inner_lr: LearningRate = Field(1.0, description="Inner-loop step size for the prompt.")
     inner_steps: InnerSteps = Field(1, description="Inner-loop steps during meta-training.")
     first_order: bool = Field(False, description="Drop second-order terms.")
-    prompt_dim: int = Field(4, ge=1, le=1024, description="Size of the per-task prompt vector.")
+    prompt_dim: StrictInt = Field(4, ge=1, le=1024, description="Size of the per-task prompt vector.")
 
 
 class RL2Spec(StrictModel):
@@ -157,7 +159,7 @@ class RL2Spec(StrictModel):
     """
 
     name: Literal["rl2"] = "rl2"
-    hidden_size: int = Field(64, ge=4, le=1024, description="LSTM cell size.")
+    hidden_size: StrictInt = Field(64, ge=4, le=1024, description="LSTM cell size.")
     lr: LearningRate = Field(0.001, description="PPO learning rate (Adam).")
     gamma: float = Field(0.9, gt=0.0, le=1.0, description="Discount factor within a trial.")
     gae_lambda: float = Field(0.9, ge=0.0, le=1.0, description="GAE λ.")
@@ -169,18 +171,18 @@ class RL2Spec(StrictModel):
     entropy_coeff_final: float | None = Field(None, ge=0.0, le=1.0,
                                               description="Entropy weight reached linearly at the "
                                                           "end of anneal_env_steps (None: constant).")
-    anneal_env_steps: int | None = Field(None, ge=1, le=10**12,
+    anneal_env_steps: StrictInt | None = Field(None, ge=1, le=10**12,
                                          description="Env steps of the lr / entropy schedules "
                                                      "(None: iterations × trials × trial length).")
     grad_clip: float | None = Field(10.0, gt=0.0, le=1e6, description="Global gradient-norm clip.")
     vf_loss_coeff: float = Field(0.5, ge=0.0, le=100.0, description="Value loss weight.")
-    num_epochs: int = Field(4, ge=1, le=100, description="PPO epochs per iteration.")
-    minibatch_trials: int = Field(16, ge=1, le=MAX_META_BATCH,
+    num_epochs: StrictInt = Field(4, ge=1, le=100, description="PPO epochs per iteration.")
+    minibatch_trials: StrictInt = Field(16, ge=1, le=MAX_META_BATCH,
                                   description="Trials per PPO minibatch.")
-    env_runners: int = Field(0, ge=0, le=MAX_WORKERS,
+    env_runners: StrictInt = Field(0, ge=0, le=MAX_WORKERS,
                              description="RLlib env-runner actors (0: sample in the learner).")
-    envs_per_runner: int = Field(64, ge=1, le=1024, description="Vectorized envs per runner.")
-    evaluation_trials: int = Field(1000, ge=1, le=100_000,
+    envs_per_runner: StrictInt = Field(64, ge=1, le=1024, description="Vectorized envs per runner.")
+    evaluation_trials: StrictInt = Field(1000, ge=1, le=100_000,
                                    description="Held-out trials for the final evaluation.")
 
 
@@ -191,8 +193,8 @@ class PEARLSpec(StrictModel):
     collected by ``rollout_workers`` Ray actors. ``meta_batch_size`` tasks per gradient step."""
 
     name: Literal["pearl"] = "pearl"
-    latent_dim: int = Field(5, ge=1, le=256, description="Size of the task variable z.")
-    hidden: int = Field(128, ge=8, le=2048, description="Width of every hidden layer.")
+    latent_dim: StrictInt = Field(5, ge=1, le=256, description="Size of the task variable z.")
+    hidden: StrictInt = Field(128, ge=8, le=2048, description="Width of every hidden layer.")
     lr: LearningRate = Field(0.0003, description="Adam step size of every network.")
     kl_weight: float = Field(0.1, ge=0.0, le=100.0, description="Weight of KL(q(z|c) ‖ N(0, I)).")
     gamma: float = Field(0.99, gt=0.0, le=1.0, description="Discount factor.")
@@ -207,15 +209,15 @@ class PEARLSpec(StrictModel):
     reward_loss_weight: float = Field(
         0.0, ge=0.0, le=100.0, description="Weight of an auxiliary loss training the encoder (with "
         "a decoder r(s, a, z)) to predict the scaled reward, besides the critic's (0: the paper's).")
-    train_tasks: int = Field(100, ge=1, le=10_000, description="Fixed pool of training tasks.")
-    context_size: int = Field(64, ge=1, le=10_000, description="Transitions in a context batch.")
-    batch_size: int = Field(256, ge=1, le=10_000, description="RL transitions per task per step.")
-    tasks_per_iteration: int = Field(5, ge=1, le=1000,
+    train_tasks: StrictInt = Field(100, ge=1, le=10_000, description="Fixed pool of training tasks.")
+    context_size: StrictInt = Field(64, ge=1, le=10_000, description="Transitions in a context batch.")
+    batch_size: StrictInt = Field(256, ge=1, le=10_000, description="RL transitions per task per step.")
+    tasks_per_iteration: StrictInt = Field(5, ge=1, le=1000,
                                      description="Tasks whose rollouts are collected per iteration.")
-    gradient_steps: int = Field(50, ge=1, le=10_000, description="Gradient steps per iteration.")
-    rollout_workers: int = Field(1, ge=1, le=MAX_WORKERS, description="Ray rollout actors.")
-    evaluation_tasks: int = Field(100, ge=1, le=100_000, description="Held-out tasks at the end.")
-    adaptation_episodes: int = Field(2, ge=1, le=100,
+    gradient_steps: StrictInt = Field(50, ge=1, le=10_000, description="Gradient steps per iteration.")
+    rollout_workers: StrictInt = Field(1, ge=1, le=MAX_WORKERS, description="Ray rollout actors.")
+    evaluation_tasks: StrictInt = Field(100, ge=1, le=100_000, description="Held-out tasks at the end.")
+    adaptation_episodes: StrictInt = Field(2, ge=1, le=100,
                                      description="Episodes of context gathered on a new task.")
 
 
@@ -262,8 +264,8 @@ class SineSpec(_Regression1D):
     """Sine regression (Finn et al. 2017): y = A·sin(x − φ)."""
 
     name: Literal["sine"] = "sine"
-    support_shots: int = Field(10, ge=1, le=MAX_SHOTS, description="Support points per task.")
-    query_shots: int = Field(10, ge=1, le=MAX_SHOTS, description="Query points per task.")
+    support_shots: StrictInt = Field(10, ge=1, le=MAX_SHOTS, description="Support points per task.")
+    query_shots: StrictInt = Field(10, ge=1, le=MAX_SHOTS, description="Query points per task.")
     amplitude: Range = Field((0.1, 5.0), description="Amplitude A ~ U[low, high].")
     phase: Range = Field((0.0, math.pi), description="Phase φ ~ U[low, high].")
     x_range: Range = Field((-5.0, 5.0), description="Inputs x ~ U[low, high].")
@@ -279,8 +281,8 @@ class LinearSpec(_Regression1D):
     """Linear regression tasks: y = a·x + b + ε, ε ~ N(0, noise_std²)."""
 
     name: Literal["linear"] = "linear"
-    support_shots: int = Field(10, ge=1, le=MAX_SHOTS, description="Support points per task.")
-    query_shots: int = Field(10, ge=1, le=MAX_SHOTS, description="Query points per task.")
+    support_shots: StrictInt = Field(10, ge=1, le=MAX_SHOTS, description="Support points per task.")
+    query_shots: StrictInt = Field(10, ge=1, le=MAX_SHOTS, description="Query points per task.")
     slope: Range = Field((-3.0, 3.0), description="Slope a ~ U[low, high].")
     intercept: Range = Field((-3.0, 3.0), description="Intercept b ~ U[low, high].")
     noise_std: float = Field(0.0, ge=0.0, le=100.0, description="Observation noise std.")
@@ -294,10 +296,10 @@ class LinearSpec(_Regression1D):
 
 
 class _FewShotImages(StrictModel):
-    ways: int = Field(5, ge=2, le=MAX_WAYS, description="Classes per task (N-way).")
-    support_shots: int = Field(1, ge=1, le=MAX_SHOTS, description="Support images per class.")
-    query_shots: int = Field(15, ge=1, le=MAX_SHOTS, description="Query images per class.")
-    image_size: int = Field(28, ge=8, le=224, description="Images are resized to this square.")
+    ways: StrictInt = Field(5, ge=2, le=MAX_WAYS, description="Classes per task (N-way).")
+    support_shots: StrictInt = Field(1, ge=1, le=MAX_SHOTS, description="Support images per class.")
+    query_shots: StrictInt = Field(15, ge=1, le=MAX_SHOTS, description="Query images per class.")
+    image_size: StrictInt = Field(28, ge=8, le=224, description="Images are resized to this square.")
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -325,7 +327,7 @@ class ImagesSpec(_FewShotImages):
     rotations: bool = Field(False, description="Add 90/180/270° rotations as new classes.")
     split: tuple[float, float, float] = Field((0.7, 0.15, 0.15),
                                               description="Train/val/test class fractions.")
-    split_seed: int = Field(0, ge=0, le=2**31 - 1)
+    split_seed: StrictInt = Field(0, ge=0, le=2**31 - 1)
 
     @model_validator(mode="after")
     def _split(self) -> "ImagesSpec":
@@ -339,9 +341,9 @@ class GlyphsSpec(_FewShotImages):
     one class per character, with a random affine distortion per sample. No download."""
 
     name: Literal["glyphs"] = "glyphs"
-    num_characters: int = Field(1200, ge=20, le=5000, description="Characters (classes) used.")
+    num_characters: StrictInt = Field(1200, ge=20, le=5000, description="Characters (classes) used.")
     distortion: float = Field(1.0, ge=0.0, le=3.0, description="Strength of the affine jitter.")
-    split_seed: int = Field(0, ge=0, le=2**31 - 1)
+    split_seed: StrictInt = Field(0, ge=0, le=2**31 - 1)
 
 
 class BanditSpec(StrictModel):
@@ -349,8 +351,8 @@ class BanditSpec(StrictModel):
     (Duan et al. 2016, §4.1)."""
 
     name: Literal["bandit"] = "bandit"
-    arms: int = Field(5, ge=2, le=1000, description="Arms k.")
-    pulls: int = Field(10, ge=1, le=10_000, description="Pulls n per trial.")
+    arms: StrictInt = Field(5, ge=2, le=1000, description="Arms k.")
+    pulls: StrictInt = Field(10, ge=1, le=10_000, description="Pulls n per trial.")
 
 
 class TabularMDPSpec(StrictModel):
@@ -358,10 +360,10 @@ class TabularMDPSpec(StrictModel):
     ~ N(1, 1), rewards ~ N(mean, 1); episodes of ``horizon`` steps, ``episodes`` per trial."""
 
     name: Literal["tabular_mdp"] = "tabular_mdp"
-    states: int = Field(10, ge=2, le=1000)
-    actions: int = Field(5, ge=2, le=100)
-    horizon: int = Field(10, ge=1, le=10_000, description="Steps per episode.")
-    episodes: int = Field(10, ge=1, le=1000, description="Episodes n per trial.")
+    states: StrictInt = Field(10, ge=2, le=1000)
+    actions: StrictInt = Field(5, ge=2, le=100)
+    horizon: StrictInt = Field(10, ge=1, le=10_000, description="Steps per episode.")
+    episodes: StrictInt = Field(10, ge=1, le=1000, description="Episodes n per trial.")
 
 
 class Nav2DSpec(StrictModel):
@@ -371,9 +373,9 @@ class Nav2DSpec(StrictModel):
 
     name: Literal["nav2d"] = "nav2d"
     goal_range: Range = Field((-0.5, 0.5), description="Goal coordinates ~ U[low, high].")
-    horizon: int = Field(100, ge=1, le=10_000, description="Steps per episode.")
+    horizon: StrictInt = Field(100, ge=1, le=10_000, description="Steps per episode.")
     max_action: float = Field(0.1, gt=0.0, le=10.0, description="Action bound per axis.")
-    episodes: int = Field(2, ge=1, le=1000, description="Episodes per trial (RL² only).")
+    episodes: StrictInt = Field(2, ge=1, le=1000, description="Episodes per trial (RL² only).")
 
     @model_validator(mode="after")
     def _ranges(self) -> "Nav2DSpec":
@@ -388,8 +390,8 @@ class HalfCheetahVelSpec(StrictModel):
 
     name: Literal["halfcheetah_vel"] = "halfcheetah_vel"
     velocity_range: Range = Field((0.0, 2.0), description="Goal velocity ~ U[low, high].")
-    horizon: int = Field(200, ge=1, le=10_000, description="Steps per episode.")
-    episodes: int = Field(2, ge=1, le=1000, description="Episodes per trial (RL² only).")
+    horizon: StrictInt = Field(200, ge=1, le=10_000, description="Steps per episode.")
+    episodes: StrictInt = Field(2, ge=1, le=1000, description="Episodes per trial (RL² only).")
 
     @model_validator(mode="after")
     def _ranges(self) -> "HalfCheetahVelSpec":
@@ -429,7 +431,7 @@ class MLPSpec(StrictModel):
     """Fully connected network; the output size comes from the task family."""
 
     name: Literal["mlp"] = "mlp"
-    hidden: list[Annotated[int, Field(ge=1, le=8192)]] = Field(
+    hidden: list[Annotated[StrictInt, Field(ge=1, le=8192)]] = Field(
         default_factory=lambda: [40, 40], max_length=16, description="Hidden layer sizes.")
     activation: Literal["relu", "tanh", "gelu"] = "relu"
 
@@ -438,7 +440,7 @@ class Conv4Spec(StrictModel):
     """The standard few-shot backbone: 4 × [conv3×3 → norm → ReLU → max-pool 2]."""
 
     name: Literal["conv4"] = "conv4"
-    filters: int = Field(64, ge=1, le=1024, description="Channels of every conv layer.")
+    filters: StrictInt = Field(64, ge=1, le=1024, description="Channels of every conv layer.")
     norm: Literal["batch", "layer", "none"] = Field(
         "batch", description="Per-task normalization (statistics of the current batch).")
 
@@ -456,21 +458,21 @@ class OuterOptimizerSpec(StrictModel):
 
 
 class EvaluationSpec(StrictModel):
-    every: int = Field(500, ge=0, le=MAX_ITERATIONS,
+    every: StrictInt = Field(500, ge=0, le=MAX_ITERATIONS,
                        description="Evaluate on validation tasks every N iterations (0: only at the end).")
-    tasks: int = Field(600, ge=1, le=100_000, description="Held-out tasks per evaluation.")
+    tasks: StrictInt = Field(600, ge=1, le=100_000, description="Held-out tasks per evaluation.")
     inner_steps: list[InnerSteps] = Field(default_factory=lambda: [1, 10], min_length=1,
                                           max_length=16,
                                           description="Adaptation step counts to report.")
-    support_shots: int | None = Field(None, ge=1, le=MAX_SHOTS,
+    support_shots: StrictInt | None = Field(None, ge=1, le=MAX_SHOTS,
                                       description="Support shots at evaluation (default: training's).")
 
 
 class ResourcesSpec(StrictModel):
-    workers: int = Field(1, ge=1, le=MAX_WORKERS, description="Inner-loop workers (Ray actors).")
+    workers: StrictInt = Field(1, ge=1, le=MAX_WORKERS, description="Inner-loop workers (Ray actors).")
     cpus_per_worker: float = Field(1.0, gt=0.0, le=256.0)
     gpus_per_worker: float = Field(0.0, ge=0.0, le=16.0)
-    task_chunk: int | None = Field(None, ge=1, le=MAX_META_BATCH,
+    task_chunk: StrictInt | None = Field(None, ge=1, le=MAX_META_BATCH,
                                    description="Tasks vectorized at once per worker (bounds memory).")
 
 
@@ -482,16 +484,16 @@ class JobSpec(StrictModel):
     task_family: TaskFamilySpec
     model: ModelSpec | None = Field(
         None, description="Network; default: conv4 for image families, mlp [40, 40] otherwise.")
-    meta_batch_size: int = Field(25, ge=1, le=MAX_META_BATCH)
-    iterations: int = Field(1000, ge=1, le=MAX_ITERATIONS)
+    meta_batch_size: StrictInt = Field(25, ge=1, le=MAX_META_BATCH)
+    iterations: StrictInt = Field(1000, ge=1, le=MAX_ITERATIONS)
     outer_optimizer: OuterOptimizerSpec = Field(default_factory=OuterOptimizerSpec)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
-    checkpoint_every: int = Field(500, ge=1, le=MAX_ITERATIONS)
-    log_every: int = Field(10, ge=1, le=MAX_ITERATIONS)
-    seed: int = Field(0, ge=0, le=2**31 - 1)
-    max_attempts: int = Field(3, ge=1, le=20)
-    max_runtime_s: int | None = Field(
+    checkpoint_every: StrictInt = Field(500, ge=1, le=MAX_ITERATIONS)
+    log_every: StrictInt = Field(10, ge=1, le=MAX_ITERATIONS)
+    seed: StrictInt = Field(0, ge=0, le=2**31 - 1)
+    max_attempts: StrictInt = Field(3, ge=1, le=20)
+    max_runtime_s: StrictInt | None = Field(
         None, ge=1, le=10 * 365 * 86400,
         description="Seconds an attempt may run before the job fails with that reason "
                     "(default and cap: the server's METASERVE_MAX_RUNTIME_S).")
@@ -529,6 +531,19 @@ class JobSpec(StrictModel):
         if model is not None and family is not None and family.name in RL_FAMILIES:
             raise ValueError("RL jobs take their policy architecture from the algorithm's "
                              "parameters; leave model out")
+        return model
+
+    @field_validator("model", mode="after")
+    @classmethod
+    def _conv4_fits_the_images(cls, model: "ModelSpec | None", info: ValidationInfo) -> "ModelSpec | None":
+        """Conv4 halves the image four times: below 16 pixels nothing is left for its head."""
+        family = info.data.get("task_family")
+        size = getattr(family, "image_size", None)
+        conv4 = isinstance(model, Conv4Spec) or (model is None and family is not None
+                                                  and family.name in IMAGE_FAMILIES)
+        if conv4 and size is not None and size < CONV4_MIN_IMAGE_SIZE:
+            raise ValueError(f"conv4 needs task_family.image_size >= {CONV4_MIN_IMAGE_SIZE} "
+                             f"(four 2x poolings), got {size}")
         return model
 
     @model_validator(mode="after")
