@@ -253,6 +253,24 @@ class Progress:
                 self.loss = loss
 
 
+def safe_target(directory: Path, name: str) -> Path:
+    """Where artifact ``name`` (as the server listed it) goes under ``directory``; a name that
+    would leave it (``..``, absolute, a drive or backslash, a control character, a link out
+    of it) raises :class:`MetaserveClientError` instead: a server's names are not trusted."""
+    import re
+
+    parts = name.split("/")
+    if (not name or name.startswith("/") or "\\" in name or ":" in name
+            or re.search(r"[\x00-\x1f\x7f]", name)
+            or any(part in ("", ".", "..") for part in parts)):
+        raise MetaserveClientError(f"refusing artifact name {name!r}: it would leave {directory}")
+    root = directory.resolve()
+    target = (directory / name).resolve()
+    if not target.is_relative_to(root):
+        raise MetaserveClientError(f"refusing artifact name {name!r}: it would leave {directory}")
+    return directory / name
+
+
 class Client:
     """An HTTP client of the metaserve API (see the module docstring)."""
 
@@ -403,9 +421,11 @@ class Client:
         if missing:
             raise MetaserveClientError(f"job {job_id} has no {', '.join(missing)} "
                                        f"(status: {self.get(job_id)['status']})")
+        targets = {name: safe_target(directory, name) for name in wanted}  # all, before any I/O
         directory.mkdir(parents=True, exist_ok=True)
         for name in wanted:
-            target = directory / name
+            target = targets[name]
+            target.parent.mkdir(parents=True, exist_ok=True)
             partial = target.with_name(target.name + ".part")
             try:
                 with self._http.stream("GET", f"/v1/jobs/{job_id}/artifacts/{name}") as response:
