@@ -34,7 +34,7 @@ from metaserve.service.exceptions import LeaseLost, MetaserveError
 from metaserve.service.models import JobStatus
 from metaserve.service.ray_cluster import connect_ray
 from metaserve.service.settings import Settings
-from metaserve.workers.storage import ArtifactFile
+from metaserve.workers.storage import ArtifactFile, StorageError
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ class Outcome(str, Enum):
     SUCCEEDED = "succeeded"
     STOPPED = "stopped"              # cancelled, or this dispatcher is shutting down
     UNSCHEDULABLE = "unschedulable"  # back to queued with the reason, attempt not counted
+                                     # (no resources, the artifact store down)
     RETRY = "retry"                  # a transient failure: the next attempt may succeed
     FAILED = "failed"                # the job's own error: the same on every attempt
 
@@ -65,7 +66,11 @@ PERMANENT_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, Look
 
 
 def classify_job_error(error: BaseException) -> tuple[Outcome, str]:
-    """A job's own error: fail at once when retrying cannot help, else retry."""
+    """A job's own error: fail at once when retrying cannot help, else retry. An artifact
+    store that does not answer is no fault of the job: it waits queued (attempt not counted)
+    and resumes from its last checkpoint once the store is back."""
+    if isinstance(error, StorageError):
+        return Outcome.UNSCHEDULABLE, f"waiting for the artifact store: {error}"
     if isinstance(error, PERMANENT_ERRORS):
         return Outcome.FAILED, readable_error(error)
     return Outcome.RETRY, readable_error(error)
@@ -240,7 +245,8 @@ class Dispatcher:
         while not self._stop.is_set():
             try:
                 connect_ray(self.settings)
-                import metaserve.workers.supervisor  # noqa: F401 - the first job starts at once
+                import metaserve.workers.cost  # noqa: F401 - the first job starts at once
+                import metaserve.workers.supervisor  # noqa: F401
                 self.ray_ready.set()
                 break
             except Exception:  # noqa: BLE001 - keep trying; jobs stay queued meanwhile

@@ -36,10 +36,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from metaserve.workers.spec import JobSpec
 
 RUNTIME_BYTES = 400 * 2**20
-"""An idle Ray worker process with torch imported (resident size, rounded up)."""
+"""A Ray worker process with torch and the engine imported: 280 MiB resident measured on
+this 2-vCPU machine, rounded up."""
 FLOAT_BYTES = 4
-DRIVER_STATE_COPIES = 6
-"""Parameters, meta-gradient, two Adam moments, a checkpoint's and an export's copy."""
+DRIVER_STATE_COPIES = 16
+"""Copies of the parameters a driver holds at its peak: its state (parameters, two Adam
+moments) twice while a new one arrives from the worker, the object store's mapped copy,
+the checkpoint's serialization, the export. Measured: a 12.6 M-parameter MLP's driver peaked
+at 1,083 MiB resident, 280 MiB of it the process: 16 copies of 50 MiB."""
 
 
 @dataclass(frozen=True)

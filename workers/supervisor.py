@@ -58,16 +58,21 @@ class DriverOutOfMemory(MemoryError):
 
 
 def resident_bytes() -> int:
-    """This process's resident set size (Linux: /proc; elsewhere the peak from getrusage)."""
+    """Memory this process alone holds: its anonymous resident pages (Linux). Shared
+    library code and the object store's mapped pages (shared with other processes and
+    accounted by Ray) are left out; elsewhere the peak resident size from getrusage."""
     try:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
     except OSError:
-        import resource
-        import sys
+        pass
+    import resource
+    import sys
 
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak if sys.platform == "darwin" else peak * 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def node_info() -> dict[str, Any]:

@@ -182,14 +182,19 @@ def test_a_restarted_embedded_dispatcher_takes_back_its_own_jobs_at_once(setting
 def test_errors_that_cannot_change_on_retry_fail_at_once_and_the_rest_retry():
     from metaserve.service.dispatcher import Outcome, classify_driver_death, classify_job_error
     from metaserve.workers.engine.checkpoints import CheckpointError
+    from metaserve.workers.storage import StorageError
     from metaserve.workers.tasks.fewshot import DatasetError
 
     assert classify_job_error(DatasetError("dataset path '/x' does not exist")) == (
         Outcome.FAILED, "DatasetError: dataset path '/x' does not exist")
     assert classify_job_error(CheckpointError("checkpoint files disagree\nmore")) == (
         Outcome.FAILED, "CheckpointError: checkpoint files disagree")
-    assert classify_job_error(ConnectionError("storage endpoint reset")) == (
-        Outcome.RETRY, "ConnectionError: storage endpoint reset")
+    assert classify_job_error(ConnectionError("connection reset")) == (
+        Outcome.RETRY, "ConnectionError: connection reset")
+    assert classify_job_error(StorageError(
+        "artifact store s3://b/p at http://s3:9000: endpoint unreachable (connection refused)")) == (
+        Outcome.UNSCHEDULABLE, "waiting for the artifact store: artifact store s3://b/p at "
+                               "http://s3:9000: endpoint unreachable (connection refused)")
     assert classify_driver_death(RuntimeError("The actor died unexpectedly"))[0] is Outcome.RETRY
     assert classify_driver_death(RuntimeError(
         "Task was killed due to the node running low on memory. Memory on the node was 23 GB; "
