@@ -100,6 +100,7 @@ def limited_http_protocol(*, max_header_bytes: int, max_url_bytes: int,
             self._url_bytes = 0
             self._head_timer = None
             self._refused = False
+            self._heads_completed = 0
 
         def connection_made(self, transport) -> None:  # noqa: ANN001
             super().connection_made(transport)
@@ -114,9 +115,11 @@ def limited_http_protocol(*, max_header_bytes: int, max_url_bytes: int,
                 return
             if self._head_open and self._head_timer is None:
                 self._arm_head_timer()
+            heads_before = self._heads_completed
             super().data_received(data)
-            if not self._head_open or self._refused or self.parser is None:
-                return
+            if (not self._head_open or self._refused or self.parser is None
+                    or self._heads_completed != heads_before):
+                return  # a head or message ended in this chunk: not all of it was a head
             self._head_bytes += len(data)
             if self._url_bytes > max_url_bytes:
                 self._refuse(414, "uri_too_long",
@@ -135,12 +138,14 @@ def limited_http_protocol(*, max_header_bytes: int, max_url_bytes: int,
                 super().on_url(url)
 
         def on_headers_complete(self) -> None:
+            self._heads_completed += 1
             self._head_open, self._head_bytes = False, 0
             self._disarm_head_timer()
             super().on_headers_complete()
 
         def on_message_complete(self) -> None:
             super().on_message_complete()
+            self._heads_completed += 1  # (counts as a boundary too, see data_received)
             self._head_open, self._head_bytes = True, 0  # the next request's head, if any
 
         def _arm_head_timer(self) -> None:
