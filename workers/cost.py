@@ -26,6 +26,8 @@ Meta-RL jobs (their networks are small policies) are estimated by their processe
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 from dataclasses import asdict, dataclass
 
@@ -83,9 +85,22 @@ class _ActivationCounter(TorchDispatchMode):
 
 def _example_figures(spec: JobSpec) -> tuple[int, int, int]:
     """(parameters, forward FLOPs of one example, activation elements of one example)."""
-    from metaserve.workers.models import model_for
+    from metaserve.workers.models import network_of
 
-    model = model_for(spec)
+    model, input_shape, output_dim, prompt_dim = network_of(spec)
+    return _network_figures(model.model_dump_json(), input_shape, output_dim, prompt_dim)
+
+
+@functools.lru_cache(maxsize=1024)
+def _network_figures(model_json: str, input_shape: tuple[int, ...], output_dim: int,
+                     prompt_dim: int) -> tuple[int, int, int]:
+    # Cached: a meta-device forward pass costs milliseconds, and submissions repeat networks.
+    from metaserve.workers.models import build_model
+    from metaserve.workers.spec import MODELS
+
+    name = json.loads(model_json)["name"]
+    model = build_model(MODELS[name].model_validate_json(model_json), input_shape, output_dim,
+                        prompt_dim)
     with torch.device("meta"):
         params = model.init_params(torch.Generator())
         example = torch.empty((1, *model.input_shape))

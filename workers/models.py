@@ -188,9 +188,14 @@ def build_model(spec: MLPSpec | Conv4Spec, input_shape: tuple[int, ...], output_
     raise ValueError(f"unknown model {spec.name!r}")
 
 
-def model_for(spec: JobSpec) -> FunctionalModel:
-    """The network of the supervised job ``spec``, sized for its task family (and, for
-    prompt tuning, its prompt)."""
+def network_of(spec: JobSpec) -> tuple[MLPSpec | Conv4Spec, tuple[int, ...], int, int]:
+    """What :func:`build_model` takes for the supervised job ``spec``: the network's spec,
+    sized for the task family's examples and outputs (and, for prompt tuning, its prompt)."""
     family = spec.task_family
     prompt_dim = spec.algorithm.prompt_dim if spec.algorithm.name == "prompt" else 0
-    return build_model(spec.model, tuple(family.input_shape), int(family.output_dim), prompt_dim)
+    return spec.model, tuple(family.input_shape), int(family.output_dim), prompt_dim
+
+
+def model_for(spec: JobSpec) -> FunctionalModel:
+    """The network of the supervised job ``spec``."""
+    return build_model(*network_of(spec))

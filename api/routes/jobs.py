@@ -6,14 +6,15 @@ from fastapi import APIRouter, Header, Query, Request, Response, status
 
 from metaserve.api.deps import CurrentUser, SessionDep
 from metaserve.api.schemas import ErrorResponse, JobPublic, JobsPublic, model_response
-from metaserve.service import jobs
+from metaserve.service import jobs, limits
 from metaserve.service.models import JobStatus
 from metaserve.service.store import MAX_PAGE
 from metaserve.workers.spec import JobSpec
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses={
     401: {"model": ErrorResponse, "description": "Missing or invalid API key"},
-    422: {"model": ErrorResponse, "description": "Invalid request; each bad field is named"},
+    422: {"model": ErrorResponse, "description": "Invalid request, or a job above the server's "
+          "cost limits (code limit_exceeded); each field is named with the estimate and the cap"},
 })
 
 
@@ -38,6 +39,7 @@ def create_job(
 ) -> Response:
     """Validate and queue a meta-training job."""
     settings = request.app.state.settings  # not SettingsDep: a sync dependency costs a thread hop
+    limits.check_job_cost(spec=spec, settings=settings)
     job, created = jobs.submit_job(session=session, owner=user, spec=spec,
                                    idempotency_key=idempotency_key,
                                    max_queued=settings.max_queued_jobs_per_user,

@@ -159,3 +159,23 @@ def test_unknown_route_is_404_in_the_error_shape(client, alice_auth):
     response = client.get("/v1/nope", headers=alice_auth)
     assert response.json() == {"error": {"code": "not_found", "message": "Not Found",
                                          "details": []}}
+
+
+@pytest.mark.parametrize(("spec", "field"), [
+    ({"iterations": 10_000_000, "meta_batch_size": 4096}, "iterations"),
+    ({"model": {"name": "mlp", "hidden": [8192] * 16}}, "model"),
+    ({"meta_batch_size": 1024, "resources": {"workers": 1024, "cpus_per_worker": 0.001}},
+     "resources.workers"),
+    ({"task_family": {"name": "glyphs", "ways": 100, "support_shots": 1000,
+                      "query_shots": 1000, "image_size": 224}}, "task_family"),
+])
+def test_a_job_above_the_cost_limits_is_422_naming_the_field_and_stores_nothing(
+        client, alice_auth, spec, field):  # noqa: ANN001
+    response = client.post("/v1/jobs", json={**TWO_LINE_SPEC, **spec}, headers=alice_auth)
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["code"] == "limit_exceeded"
+    assert error["message"].startswith(f"the job is larger than this server accepts: {field}")
+    detail = next(d for d in error["details"] if d["field"] == field)
+    assert "more than the cap of" in detail["message"] and "(METASERVE_MAX_" in detail["message"]
+    assert client.get("/v1/jobs", headers=alice_auth).json()["data"] == []
