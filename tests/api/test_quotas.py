@@ -33,7 +33,8 @@ def client(engine, db_url: str, artifact_root: Path) -> Iterator[TestClient]:  #
         yield test_client
 
 
-def post(client: TestClient, auth: dict[str, str], key: str | None = None, **spec):  # noqa: ANN003, ANN201
+def post(client: TestClient, auth: dict[str, str], key: str | None = None,
+         **spec) -> object:  # noqa: ANN003
     headers = {**auth, **({"Idempotency-Key": key} if key else {})}
     return client.post("/v1/jobs", json={**TWO_LINE_SPEC, **spec}, headers=headers)
 

@@ -107,6 +107,14 @@ def test_other_users_are_claimed_while_one_is_at_the_running_cap(session, alice,
     assert claimed == [alices[0], bobs[0], alices[1], bobs[1]]
 
 
+def test_excluded_jobs_are_passed_over_in_the_fair_order(session, alice, bob):
+    alices = [submit(session, alice).id for _ in range(2)]
+    submit(session, bob)
+    job = jobs.claim_next_job(session=session, worker_id="w1", lease_s=LEASE_S,
+                              exclude=[alices[0]])
+    assert job.id == alices[1]
+
+
 def test_an_admin_is_exempt_from_the_running_cap(session, admin):
     for _ in range(CAP + 2):
         submit(session, admin)
