@@ -188,11 +188,6 @@ def test_killing_the_dispatcher_holding_a_job_resumes_it_elsewhere(cluster: Clus
     cluster.wait_nodes(5, "the restarted dispatcher back", holder)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the dispatcher retries a job whose store is unreachable at once, ~3 s apart, so an 8 s "
-    "outage uses up all 3 attempts: 'StorageError: artifact store s3://metaserve/artifacts at "
-    "http://artifacts:9000: endpoint unreachable (connection refused)'. Remove this mark when a "
-    "store outage waits (backoff, or requeue without counting an attempt)"))
 def test_an_object_store_restart_mid_job_never_corrupts_the_artifact(cluster: Cluster,
                                                                       reference: bytes):
     """The store goes away mid-job and comes back (with its data, like MinIO on its volume):
@@ -220,10 +215,11 @@ def test_an_object_store_restart_mid_job_never_corrupts_the_artifact(cluster: Cl
 
 
 def assert_mid_job(cluster: Cluster, job_id: str) -> None:
-    """The fault hit a job still short of its last iteration (else the test proves nothing)."""
+    """The fault hit a job still short of its last iteration (else the test proves nothing):
+    running, or back in the queue when the fault took its driver."""
     job = cluster.job(job_id)
     done = (job.get("progress") or {}).get("iteration", 0)
-    assert job["status"] == "running" and done < FAULT["iterations"], summary(job)
+    assert job["status"] in ("running", "queued") and done < FAULT["iterations"], summary(job)
 
 
 def summary(job: dict) -> str:
