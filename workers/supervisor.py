@@ -133,6 +133,7 @@ class JobSupervisor:
 
     def run(self) -> Iterator[tuple[str, Any]]:
         """Run the job to its end, yielding its events (see the module docstring)."""
+        self._last_heartbeat = time.monotonic()  # the dispatcher starts calling now
         events: queue.Queue = queue.Queue()
         driver = node_info()
 
