@@ -11,9 +11,6 @@ from fastapi import Response
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 from metaserve.service.models import JobStatus
-from metaserve.workers.spec import JobSpec
-
-JobCreate = JobSpec
 
 
 def model_response(model: BaseModel, status_code: int = 200,

@@ -1,5 +1,5 @@
 """Alembic environment. The URL comes from the config (set by :mod:`metaserve.service.migrate`) or,
-when run by the ``alembic`` command, from :data:`metaserve.service.settings.settings`."""
+when run by the ``alembic`` command, from :func:`metaserve.service.settings.get_settings`."""
 
 from __future__ import annotations
 

@@ -84,9 +84,6 @@ def request_cancel(*, session: Session, job_id: str, owner: User) -> Job:
         return store.request_cancel(session=session, job_id=job_id, owner=owner)
 
 
-cancel_job = request_cancel
-
-
 # --------------------------------------------------------------------------- dispatcher API
 
 

@@ -179,10 +179,3 @@ def get_settings() -> Settings:
     """The process-wide settings; tests and ``create_app(settings=...)`` may bypass it."""
     return Settings()
 
-
-def __getattr__(name: str) -> Settings:
-    """``settings``, the singleton, is built on first use: a bad variable then fails where a
-    command reads it (one line), not on import."""
-    if name == "settings":
-        return get_settings()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

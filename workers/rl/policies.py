@@ -9,7 +9,6 @@ import math
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 
 class GaussianMLPPolicy(nn.Module):
@@ -34,10 +33,6 @@ def gaussian_log_prob(mean: Tensor, log_std: Tensor, action: Tensor) -> Tensor:
     """log N(action; mean, exp(log_std)²), summed over the action axis."""
     z = (action - mean) / log_std.exp()
     return (-0.5 * z.pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
-
-
-def call_policy(policy: nn.Module, params: dict[str, Tensor], observation: Tensor):
-    return functional_call(policy, params, (observation,))
 
 
 class RecurrentPolicy(nn.Module):

@@ -263,9 +263,7 @@ class RL2Trainer:
 
     def load_state(self, tensors: dict[str, torch.Tensor], document: dict) -> None:
         self.algo.learner_group.set_state(_unflatten(document["learner_group"], tensors))
-        weights = self.algo.learner_group.get_weights()
         self.algo.env_runner_group.sync_weights(from_worker_or_learner_group=self.algo.learner_group)
-        del weights
         if "metrics" in document:
             self.algo.metrics.set_state(_unflatten(document["metrics"], tensors))
         self.iteration = int(document["iteration"])
