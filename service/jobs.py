@@ -4,11 +4,12 @@ directly for writes."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
 from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 from sqlalchemy import Row, select
 from sqlalchemy.orm import Session
@@ -19,6 +20,8 @@ from metaserve.service.exceptions import MetaserveError
 from metaserve.service.models import Artifact, Job, JobStatus, JobStatusEvent, Metric, User
 from metaserve.service.settings import QUOTA_RETRY_AFTER_S
 from metaserve.workers.spec import JobSpec
+
+T = TypeVar("T")
 
 
 def canonical_spec(spec: JobSpec) -> dict[str, Any]:
@@ -34,6 +37,18 @@ def spec_hash(spec: dict[str, Any]) -> str:
 
 def default_job_name(spec: JobSpec) -> str:
     return spec.name or f"{spec.algorithm.name}-{spec.task_family.name}"
+
+
+def _in_transaction(function: Callable[..., T]) -> Callable[..., T]:
+    """The store function ``function`` (keyword arguments, one of them ``session``) in a
+    transaction: committed when it returns, rolled back when it raises."""
+
+    @functools.wraps(function)
+    def in_transaction(**kwargs: Any) -> T:
+        with _Transaction(kwargs["session"]):
+            return function(**kwargs)
+
+    return in_transaction
 
 
 class _Transaction:
@@ -66,40 +81,16 @@ def submit_job(*, session: Session, owner: User, spec: JobSpec,
                                 max_queued=max_queued, retry_after_s=retry_after_s)
 
 
-def get_job(*, session: Session, job_id: str, owner: User) -> Row:
-    """The job as a read-only row (``.id``, ``.status``, ... as on :class:`Job`)."""
-    with _Transaction(session):
-        return store.get_job_row(session=session, job_id=job_id, owner=owner)
-
-
-def list_jobs(*, session: Session, owner: User, status: JobStatus | None = None,
-              cursor: str | None = None, limit: int = 50) -> tuple[list[Job], str | None]:
-    with _Transaction(session):
-        return store.list_jobs(session=session, owner=owner, status=status, cursor=cursor,
-                               limit=limit)
-
-
-def request_cancel(*, session: Session, job_id: str, owner: User) -> Job:
-    with _Transaction(session):
-        return store.request_cancel(session=session, job_id=job_id, owner=owner)
+get_job = _in_transaction(store.get_job_row)
+list_jobs = _in_transaction(store.list_jobs)
+request_cancel = _in_transaction(store.request_cancel)
 
 
 # --------------------------------------------------------------------------- dispatcher API
 
 
-def claim_next_job(*, session: Session, worker_id: str, lease_s: float,
-                   exclude: Sequence[str] = (), max_running_per_user: int = 0) -> Job | None:
-    """The next job for ``worker_id``, fairly across users, never beyond
-    ``max_running_per_user`` running jobs of one user (0: no cap); see
-    :func:`metaserve.service.store.claim_next_job`."""
-    with _Transaction(session):
-        return store.claim_next_job(session=session, worker_id=worker_id, lease_s=lease_s,
-                                    exclude=exclude, max_running_per_user=max_running_per_user)
-
-
-def expire_leases(*, session: Session, worker_id: str) -> int:
-    with _Transaction(session):
-        return store.expire_leases(session=session, worker_id=worker_id)
+claim_next_job = _in_transaction(store.claim_next_job)
+expire_leases = _in_transaction(store.expire_leases)
 
 
 def job_status(*, session: Session, job_id: str) -> JobStatus:
@@ -107,61 +98,15 @@ def job_status(*, session: Session, job_id: str) -> JobStatus:
         return JobStatus(store.job_status(session=session, job_id=job_id))
 
 
-def renew_lease(*, session: Session, job_id: str, worker_id: str, lease_s: float) -> Job:
-    with _Transaction(session):
-        return store.renew_lease(session=session, job_id=job_id, worker_id=worker_id,
-                                 lease_s=lease_s)
-
-
-def update_progress(*, session: Session, job_id: str, worker_id: str, progress: dict[str, Any],
-                    message: str | None = None) -> None:
-    with _Transaction(session):
-        store.update_progress(session=session, job_id=job_id, worker_id=worker_id,
-                              progress=progress, message=message)
-
-
-def release_job(*, session: Session, job_id: str, worker_id: str, message: str) -> None:
-    with _Transaction(session):
-        store.release_job(session=session, job_id=job_id, worker_id=worker_id, message=message)
-
-
-def finish_job(*, session: Session, job_id: str, worker_id: str, status: JobStatus,
-               error: str | None = None) -> None:
-    with _Transaction(session):
-        store.finish_job(session=session, job_id=job_id, worker_id=worker_id, status=status,
-                         error=error)
-
-
-def fail_attempt(*, session: Session, job_id: str, worker_id: str, error: str,
-                 retry: bool = True) -> None:
-    with _Transaction(session):
-        store.fail_attempt(session=session, job_id=job_id, worker_id=worker_id, error=error,
-                           retry=retry)
-
-
-def add_metrics(*, session: Session, job_id: str, rows: Sequence[tuple[int, str, float]]) -> int:
-    with _Transaction(session):
-        return store.add_metrics(session=session, job_id=job_id, rows=rows)
-
-
-def get_metrics(*, session: Session, job_id: str, name: str | None = None,
-                since_step: int | None = None,
-                limit: int = store.MAX_METRICS_PAGE) -> list[Metric]:
-    with _Transaction(session):
-        return store.get_metrics(session=session, job_id=job_id, name=name,
-                                 since_step=since_step, limit=limit)
-
-
-def add_artifact(*, session: Session, job_id: str, name: str, size: int, sha256: str,
-                 media_type: str) -> Artifact:
-    with _Transaction(session):
-        return store.add_artifact(session=session, job_id=job_id, name=name, size=size,
-                                  sha256=sha256, media_type=media_type)
-
-
-def list_artifacts(*, session: Session, job_id: str) -> list[Artifact]:
-    with _Transaction(session):
-        return store.list_artifacts(session=session, job_id=job_id)
+renew_lease = _in_transaction(store.renew_lease)
+update_progress = _in_transaction(store.update_progress)
+release_job = _in_transaction(store.release_job)
+finish_job = _in_transaction(store.finish_job)
+fail_attempt = _in_transaction(store.fail_attempt)
+add_metrics = _in_transaction(store.add_metrics)
+get_metrics = _in_transaction(store.get_metrics)
+add_artifact = _in_transaction(store.add_artifact)
+list_artifacts = _in_transaction(store.list_artifacts)
 
 
 # --------------------------------------------------------------------------- metrics, artifacts (API)

@@ -217,7 +217,7 @@ def test_json_and_checkpoint_artifacts_download(client, alice_auth, finished_job
     "../x", "..%2Fmeta_init.safetensors", "%2e%2e%2fsecret.txt", "%252e%252e%252fsecret.txt",
     "..%5Csecret.txt", "..\\secret.txt", "%2Fetc%2Fpasswd", "%2F..%2Fsecret.txt",
     "checkpoint%2Fcheckpoint.safetensors", "checkpoint", "%2e%2e", "%2e",
-    "secret.txt", "meta_init.safetensors%00", "META_INIT.SAFETENSORS", "meta_init",
+    "secret.txt", "META_INIT.SAFETENSORS", "meta_init",
 ])
 def test_download_of_anything_but_a_listed_name_is_404(client, alice_auth, artifact_root,
                                                         finished_job, name):
@@ -228,6 +228,15 @@ def test_download_of_anything_but_a_listed_name_is_404(client, alice_auth, artif
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "not_found"
     assert b"not yours" not in response.content and b"not listed" not in response.content
+
+
+def test_a_name_with_a_nul_byte_is_422_naming_it_and_serves_nothing(client, alice_auth,
+                                                                    finished_job):
+    job_id, _ = finished_job
+    response = client.get(f"/v1/jobs/{job_id}/artifacts/meta_init.safetensors%00",
+                          headers=alice_auth)
+    assert response.status_code == 422
+    assert [detail["field"] for detail in response.json()["error"]["details"]] == ["name"]
 
 
 @pytest.mark.parametrize("name", [".", "..", "checkpoint", "", "/", "../secret.txt",
