@@ -163,6 +163,10 @@ def test_every_listener_of_the_server_and_its_local_ray_is_on_loopback(tmp_path:
         assert ("127.0.0.1", server.port) in {(a, p) for a, p, _, _ in ours}, described
         assert {"gcs_server", "raylet"} <= names, described
         assert any(name.startswith("ray::") for name in names), described  # a core worker
+        # token authentication stays on (Ray 2.60's default for a local cluster it starts)
+        for pid in {pid for _, _, name, pid in ours if name in {"gcs_server", "raylet"}}:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            assert b"RAY_AUTH_MODE=token" in environ, cmdline(pid)
         exposed = [entry for entry in ours if not is_loopback(entry[0])]
         assert not exposed, "listening beyond loopback:\n" + "\n".join(
             f"{address}:{port} {name} (pid {pid}: {cmdline(pid)[:120]})"
