@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
@@ -22,6 +22,12 @@ from metaserve.service import auth
 from metaserve.service.exceptions import Unauthorized
 from metaserve.service.models import User
 from metaserve.service.settings import Settings
+
+# Text a client may send in a path, query or header: anything but control characters, which
+# ControlCharacterMiddleware refuses with a 422 naming the field; stated in the schema so a
+# client (or a schema fuzzer) knows.
+NO_CONTROL_CHARACTERS = r"^[^\x00-\x1f\x7f-\x9f]*$"
+PathText = Annotated[str, Path(pattern=NO_CONTROL_CHARACTERS)]
 
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer ms_...`")
 

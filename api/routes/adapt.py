@@ -15,7 +15,7 @@ import threading
 
 from fastapi import APIRouter, Request
 
-from metaserve.api.deps import CurrentUser, SettingsDep
+from metaserve.api.deps import CurrentUser, PathText, SettingsDep
 from metaserve.api.schemas import MAX_ADAPT_VALUES, AdaptRequest, AdaptResponse, ErrorResponse
 from metaserve.service import adaptation, artifacts
 
@@ -44,7 +44,7 @@ def meta_init_cache(request: Request) -> adaptation.MetaInitCache:
 
 
 @router.post("/{job_id}/adapt")
-async def adapt_job(job_id: str, body: AdaptRequest, request: Request, user: CurrentUser,
+async def adapt_job(job_id: PathText, body: AdaptRequest, request: Request, user: CurrentUser,
                     settings: SettingsDep) -> AdaptResponse:
     """Adapt the job's meta-initialization to `support_x`/`support_y` with its recipe (or
     `steps` inner steps) and predict `query_x`."""

@@ -12,7 +12,7 @@ from urllib.parse import quote
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
-from metaserve.api.deps import CurrentUser, SessionDep, SettingsDep
+from metaserve.api.deps import CurrentUser, PathText, SessionDep, SettingsDep
 from metaserve.api.schemas import ArtifactPublic, ArtifactsPublic, ErrorResponse
 from metaserve.service import artifacts, jobs
 
@@ -23,7 +23,7 @@ router = APIRouter(prefix="/v1/jobs", tags=["artifacts"], responses={
 
 
 @router.get("/{job_id}/artifacts")
-def list_artifacts(job_id: str, user: CurrentUser, session: SessionDep) -> ArtifactsPublic:
+def list_artifacts(job_id: PathText, user: CurrentUser, session: SessionDep) -> ArtifactsPublic:
     """The job's checkpoints and final artifacts with size and sha256, by name."""
     return ArtifactsPublic(data=[
         ArtifactPublic.model_validate(artifact)
@@ -35,7 +35,7 @@ def list_artifacts(job_id: str, user: CurrentUser, session: SessionDep) -> Artif
                                                  "application/json": {}}},
     503: {"model": ErrorResponse, "description": "The artifact store is unavailable"},
 })
-def download_artifact(job_id: str, name: str, user: CurrentUser, session: SessionDep,
+def download_artifact(job_id: PathText, name: PathText, user: CurrentUser, session: SessionDep,
                       settings: SettingsDep) -> StreamingResponse:
     """Download one artifact listed by `GET /v1/jobs/{id}/artifacts`."""
     artifact = jobs.get_artifact(session=session, job_id=job_id, owner=user, name=name)

@@ -21,7 +21,7 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from metaserve.api.deps import CurrentUser, SessionDep
+from metaserve.api.deps import CurrentUser, PathText, SessionDep
 from metaserve.api.schemas import ErrorResponse
 from metaserve.service import jobs
 from metaserve.service.exceptions import MetaserveError
@@ -30,7 +30,7 @@ from metaserve.service.models import User
 POLL_S = 0.25
 KEEPALIVE_S = 15.0
 RETRY_MS = 1000
-EVENT_ID_PATTERN = r"^\s*[0-9]{1,18}-[0-9]{1,18}-[0-9]{1,18}\s*$"
+EVENT_ID_PATTERN = r"^ *[0-9]{1,18}-[0-9]{1,18}-[0-9]{1,18} *$"
 """What an event id looks like, for the schema (the route checks it: 422 naming the header)."""
 
 router = APIRouter(prefix="/v1/jobs", tags=["events"], responses={
@@ -125,7 +125,7 @@ async def _poll_loop(request: Request, poll, cursor: jobs.EventCursor) -> AsyncI
           "content": {"text/event-stream": {}}},
 })
 async def job_events(
-    job_id: str,
+    job_id: PathText,
     request: Request,
     user: CurrentUser,
     session: SessionDep,

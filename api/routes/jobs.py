@@ -4,7 +4,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
 
-from metaserve.api.deps import CurrentUser, SessionDep
+from metaserve.api.deps import NO_CONTROL_CHARACTERS, CurrentUser, PathText, SessionDep
 from metaserve.api.schemas import ErrorResponse, JobPublic, JobsPublic, model_response
 from metaserve.service import jobs, limits
 from metaserve.service.models import JobStatus
@@ -35,7 +35,8 @@ def create_job(
     user: CurrentUser,
     session: SessionDep,
     request: Request,
-    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+    idempotency_key: Annotated[str | None, Header(max_length=200,
+                                                   pattern=NO_CONTROL_CHARACTERS)] = None,
 ) -> Response:
     """Validate and queue a meta-training job."""
     settings = request.app.state.settings  # not SettingsDep: a sync dependency costs a thread hop
@@ -56,7 +57,7 @@ def list_jobs(
     user: CurrentUser,
     session: SessionDep,
     status_filter: Annotated[JobStatus | None, Query(alias="status")] = None,
-    cursor: Annotated[str | None, Query(max_length=100)] = None,
+    cursor: Annotated[str | None, Query(max_length=100, pattern=NO_CONTROL_CHARACTERS)] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
 ) -> Response:
     """Your jobs, newest first (an admin sees everyone's)."""
@@ -67,14 +68,14 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses={404: {"model": ErrorResponse}})
-def get_job(job_id: str, user: CurrentUser, session: SessionDep) -> Response:
+def get_job(job_id: PathText, user: CurrentUser, session: SessionDep) -> Response:
     return model_response(JobPublic.model_validate(
         jobs.get_job(session=session, job_id=job_id, owner=user)))
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic,
              responses={404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}})
-def cancel_job(job_id: str, user: CurrentUser, session: SessionDep) -> Response:
+def cancel_job(job_id: PathText, user: CurrentUser, session: SessionDep) -> Response:
     """queued → cancelled at once; running → cancelling (the dispatcher stops it); terminal → 409."""
     return model_response(JobPublic.model_validate(
         jobs.request_cancel(session=session, job_id=job_id, owner=user)))

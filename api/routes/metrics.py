@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from metaserve.api.deps import CurrentUser, SessionDep
+from metaserve.api.deps import NO_CONTROL_CHARACTERS, CurrentUser, PathText, SessionDep
 from metaserve.api.schemas import ErrorResponse, MetricPointPublic, MetricsPublic
 from metaserve.service import jobs
 from metaserve.service.store import MAX_METRICS_PAGE
@@ -22,10 +22,10 @@ router = APIRouter(prefix="/v1/jobs", tags=["metrics"], responses={
 
 @router.get("/{job_id}/metrics")
 def get_metrics(
-    job_id: str,
+    job_id: PathText,
     user: CurrentUser,
     session: SessionDep,
-    name: Annotated[str | None, Query(min_length=1, max_length=200,
+    name: Annotated[str | None, Query(min_length=1, max_length=200, pattern=NO_CONTROL_CHARACTERS,
                                       description="Only this series, e.g. `train/loss`.")] = None,
     since_step: Annotated[int | None, Query(ge=0, le=2**62,
                                             description="Only steps after this one.")] = None,
