@@ -63,4 +63,6 @@ def test_a_job_near_the_parameter_cap_leaves_the_server_memory_flat(tmp_path: Pa
     finally:
         server.terminate()
     assert driver["pid"] != server.process.pid
+    print(f"\nmetaserve serve RSS: {before / 2**20:.0f} MiB before the {parameters:,}-parameter "
+          f"job, {after / 2**20:.0f} MiB after ({(after - before) / 2**20:+.0f} MiB)")
     assert after - before < GROWTH_LIMIT_BYTES, (before, after)
