@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from metaserve.service import artifacts, store
 from metaserve.service.exceptions import MetaserveError
-from metaserve.service.jobs import _Transaction
+from metaserve.service.jobs import Transaction
 from metaserve.service.models import Artifact, Job, JobStatus, User
 from metaserve.workers.spec import JobSpec
 from metaserve.workers.storage import ArtifactStore, StorageError
@@ -191,7 +191,7 @@ def get_adaptable_job(*, session: Session, job_id: str,
                       owner: User) -> tuple[Job, dict[str, Artifact]]:
     """``owner``'s succeeded job with a registered meta-initialization, and its artifact
     records by name (409 otherwise; another user's job: JobNotFound)."""
-    with _Transaction(session):
+    with Transaction(session):
         job = store.get_job(session=session, job_id=job_id, owner=owner)
         records = {a.name: a for a in store.list_artifacts(session=session, job_id=job_id)}
     if job.status != JobStatus.SUCCEEDED.value or not set(META_INIT_FILES) <= set(records):

@@ -4,7 +4,7 @@ Server-Sent Events, until the job is terminal.
 The stream polls the database (every :data:`POLL_S`) and builds events from durable data
 only — the job's status history (one row per change), its progress snapshot, the metric rows by
 id — so an event id is a cursor into that data (``"<status event id>-<metric id>-<iteration>"``,
-see :func:`metaserve.service.jobs.poll_job_events` for exactly what is an event). A client that
+see :func:`metaserve.service.events.poll_job_events` for exactly what is an event). A client that
 reconnects with ``Last-Event-ID`` (browsers' EventSource do it by themselves) gets every
 event after that one, none twice. The stream closes after the terminal status event.
 """
@@ -23,7 +23,7 @@ from starlette.concurrency import run_in_threadpool
 
 from metaserve.api.deps import CurrentUser, PathText, SessionDep
 from metaserve.api.schemas import ErrorResponse
-from metaserve.service import jobs
+from metaserve.service import events, jobs
 from metaserve.service.exceptions import MetaserveError
 from metaserve.service.models import User
 
@@ -78,17 +78,17 @@ def stream_slots(request: Request) -> StreamSlots:
     return slots
 
 
-def format_event(event: jobs.JobEvent) -> str:
+def format_event(event: events.JobEvent) -> str:
     return f"id: {event.id}\nevent: {event.kind}\ndata: {json.dumps(event.data)}\n\n"
 
 
 async def _stream(request: Request, job_id: str, user: User,
-                  cursor: jobs.EventCursor) -> AsyncIterator[str]:
+                  cursor: events.EventCursor) -> AsyncIterator[str]:
     factory = request.app.state.session_factory
 
-    def poll(after: jobs.EventCursor) -> tuple[list[jobs.JobEvent], bool]:
+    def poll(after: events.EventCursor) -> tuple[list[events.JobEvent], bool]:
         with factory() as session:
-            return jobs.poll_job_events(session=session, job_id=job_id, owner=user, after=after)
+            return events.poll_job_events(session=session, job_id=job_id, owner=user, after=after)
 
     slots = stream_slots(request)
     try:
@@ -99,7 +99,7 @@ async def _stream(request: Request, job_id: str, user: User,
         slots.release(user.id)
 
 
-async def _poll_loop(request: Request, poll, cursor: jobs.EventCursor) -> AsyncIterator[str]:  # noqa: ANN001
+async def _poll_loop(request: Request, poll, cursor: events.EventCursor) -> AsyncIterator[str]:  # noqa: ANN001
     last_sent = time.monotonic()
     while True:
         events, complete = await run_in_threadpool(poll, cursor)
@@ -138,7 +138,7 @@ async def job_events(
         description="Like Last-Event-ID, for clients that cannot set headers.")] = None,
 ) -> StreamingResponse:
     """Server-Sent Events of the job until it is terminal; resumes after `Last-Event-ID`."""
-    cursor = jobs.EventCursor.parse(last_event_id or after)
+    cursor = events.EventCursor.parse(last_event_id or after)
     await run_in_threadpool(_check_job, session, job_id, user)  # 404 before the stream starts
     slots = stream_slots(request)
     if not slots.acquire(user.id):
