@@ -75,6 +75,24 @@ def resident_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
+SCRATCH_PREFIX = "metaserve-job-"
+
+
+def remove_stale_scratch() -> None:
+    """Remove the scratch directories of drivers on this host whose process is gone (a
+    killed driver cannot clean up after itself)."""
+    for directory in Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*-p*-*"):
+        pid = directory.name.rsplit("-p", 1)[-1].split("-", 1)[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(directory, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
+
+
 def node_info() -> dict[str, Any]:
     """Where this process runs: Ray node id, host name and pid."""
     import socket
@@ -162,7 +180,8 @@ class JobSupervisor:
             should_stop=self._stop.is_set,
             workers_ready=placement,
         )
-        scratch = Path(tempfile.mkdtemp(prefix=f"metaserve-job-{self.job_id}-"))
+        remove_stale_scratch()
+        scratch = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{self.job_id}-p{os.getpid()}-"))
         failure: list[BaseException] = []
 
         def drive() -> None:

@@ -138,3 +138,21 @@ def test_worker_device_follows_the_request_and_the_node(gpus, resource, cuda, de
 def test_worker_given_a_gpu_on_a_node_without_cuda_refuses_to_run_on_the_cpu():
     with pytest.raises(RuntimeError, match="worker was given a GPU but torch sees no CUDA device"):
         worker_device(1.0, "GPU", False)
+
+
+def test_a_driver_removes_the_scratch_directories_of_dead_drivers_only(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from metaserve.workers import supervisor
+
+    monkeypatch.setattr(supervisor.tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    stale = tmp_path / f"metaserve-job-J1-p{dead}-abc"
+    live = tmp_path / f"metaserve-job-J2-p{os.getpid()}-def"
+    other = tmp_path / "metaserve-job-notes"
+    for directory in (stale, live, other):
+        (directory / "checkpoint").mkdir(parents=True)
+    supervisor.remove_stale_scratch()
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted([live.name, other.name])
