@@ -482,8 +482,12 @@ def fetch(
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory to download into.")],
     all_: Annotated[bool, typer.Option("--all", help="Every artifact, checkpoints included.")] = False,
 ) -> None:
-    """Download the job's meta-initialization (meta_init.safetensors + meta_init.json)."""
+    """Download the job's final artifacts: its meta-initialization (meta_init.*) or, for a
+    meta-RL job, its meta-policy (meta_policy.*)."""
     with _ClientErrors(), _client() as client:
-        directory = client.download(job, out, names=None if all_ else ("meta_init.safetensors",
-                                                                       "meta_init.json"))
-    typer.echo(f"downloaded to {directory}")
+        names = None if all_ else tuple(client.final_artifacts(job))
+        if names == ():
+            status = printable(client.get(job)["status"])
+            raise _fail(f"job {printable(job)} has no final artifacts yet (status: {status})")
+        directory = client.download(job, out, names=names)
+    typer.echo(f"downloaded {printable(', '.join(names or ('every artifact',)))} to {directory}")

@@ -42,6 +42,7 @@ TIMEOUT_S = 30.0
 RECONNECT_DELAY_S = 1.0
 MAX_RECONNECTS = 30
 META_INIT_FILES = ("meta_init.safetensors", "meta_init.json")
+CHECKPOINT_PREFIX = "checkpoint."  # checkpoint.safetensors, checkpoint.json
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 
 # --------------------------------------------------------------------------- errors
@@ -439,6 +440,12 @@ class Client:
                 raise ConnectionFailed(f"download of {name} failed: {error}") from None
             partial.replace(target)
         return directory
+
+    def final_artifacts(self, job: str | dict[str, Any]) -> list[str]:
+        """Names of the job's final artifacts, whatever its kind (``meta_init.*`` of a
+        meta-learning job, ``meta_policy.*`` of a meta-RL job); checkpoints left out."""
+        return [artifact["name"] for artifact in self.artifacts(job_id_of(job))
+                if not artifact["name"].startswith(CHECKPOINT_PREFIX)]
 
     def load_meta_init(self, job_or_dir: str | Path | dict[str, Any], *,
                        cache_dir: str | Path | None = None) -> tuple["MetaInitModel", dict[str, Any]]:

@@ -25,6 +25,14 @@ def key(sessions) -> str:  # noqa: ANN001
 
 
 @pytest.fixture(autouse=True)
+def artifact_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The live server's artifact store (its settings come from the environment)."""
+    root = tmp_path / "artifacts"
+    monkeypatch.setenv("METASERVE_ARTIFACT_ROOT", str(root))
+    return root
+
+
+@pytest.fixture(autouse=True)
 def isolated_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path = tmp_path / "config.toml"
     monkeypatch.setenv("METASERVE_CONFIG", str(path))
@@ -130,7 +138,33 @@ def test_metrics_prints_the_latest_values_and_plots_the_curves_and_fetch_needs_a
     assert shown.output.endswith(f"wrote {tmp_path / 'plots' / 'loss.png'}\n")
     assert (tmp_path / "plots" / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert (fetched.exit_code, fetched.output) == (
-        1, f"error: job {job_id} has no meta_init.safetensors, meta_init.json (status: queued)\n")
+        1, f"error: job {job_id} has no final artifacts yet (status: queued)\n")
+
+
+def test_fetch_downloads_a_meta_rl_jobs_meta_policy(logged_in: str, tmp_path: Path, sessions,
+                                                    artifact_root: Path) -> None:  # noqa: ANN001
+    from metaserve.service.settings import Settings
+    from metaserve.workers.storage import open_store
+
+    job_id = invoke("submit", _spec(tmp_path)).output.split()[1]
+    written = tmp_path / "written"
+    (written / "checkpoint").mkdir(parents=True)
+    files = {"meta_policy.safetensors": b"tensors", "meta_policy.json": b"{}",
+             "checkpoint/checkpoint.json": b"{}"}
+    for name, data in files.items():
+        (written / name).write_bytes(data)
+    store = open_store(Settings().storage_config())
+    with sessions() as session:
+        for described in store.put(job_id, [written / name for name in files]):
+            jobs.add_artifact(session=session, job_id=job_id, name=described.name,
+                              size=described.size, sha256=described.sha256,
+                              media_type=described.media_type)
+    fetched = invoke("fetch", job_id, "-o", str(tmp_path / "out"))
+    assert (fetched.exit_code, fetched.output) == (
+        0, f"downloaded meta_policy.json, meta_policy.safetensors to {tmp_path / 'out'}\n")
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == [
+        "meta_policy.json", "meta_policy.safetensors"]
+    assert (tmp_path / "out" / "meta_policy.safetensors").read_bytes() == b"tensors"
 
 
 def _spec(tmp_path: Path) -> str:
