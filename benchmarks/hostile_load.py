@@ -355,6 +355,13 @@ def machine() -> dict:
             "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads), seconds."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    fields = text[text.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def wait_for(predicate, timeout: float, what: str):  # noqa: ANN001, ANN201
     deadline = time.monotonic() + timeout
     while True:
@@ -446,8 +453,12 @@ def main() -> None:
                 config["deadline"] = time.time() + LOADER_READY_TIMEOUT_S + args.seconds + 30
                 load_before = os.getloadavg()
                 with Loaders(directory, kinds, config) as loaders:
+                    cpu_before, wall_before = cpu_seconds(server.process.pid), time.monotonic()
                     healthz = probe_healthz(server.url, args.seconds, args.rate)
+                    server_cpu = ((cpu_seconds(server.process.pid) - cpu_before)
+                                  / (time.monotonic() - wall_before))
                     clients = loaders.results()
+                healthz["server_cpu_cores"] = round(server_cpu, 2)  # while probing
                 with server.client() as client:
                     still = client.get(f"/v1/jobs/{waiting_id}").json()["status"]
                 report["runs"][name] = {"healthz": healthz, "clients": clients,
