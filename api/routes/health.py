@@ -17,8 +17,9 @@ _health_lock = threading.Lock()
 
 
 @router.get("/healthz")
-def healthz() -> dict[str, str]:
-    """The process is up."""
+async def healthz() -> dict[str, str]:
+    """The process is up. ``async``: answered on the event loop, not behind the route
+    threadpool that database-bound routes (and open event streams' polls) queue in."""
     return {"status": "ok"}
 
 
