@@ -17,7 +17,8 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from metaserve.service import artifacts, store
-from metaserve.service.exceptions import MetaserveError
+from metaserve.service.exceptions import (AdaptBusy, AdaptDiverged, AdaptInputTooLarge, AdaptTimedOut,
+                                          InvalidAdaptInput, MetaInitNotReady)
 from metaserve.service.jobs import Transaction
 from metaserve.service.models import Artifact, Job, JobStatus, User
 from metaserve.workers.spec import JobSpec
@@ -25,48 +26,6 @@ from metaserve.workers.storage import ArtifactStore, StorageError
 
 CACHED_META_INITS = 4
 META_INIT_FILES = ("meta_init.safetensors", "meta_init.json")
-
-
-class MetaInitNotReady(MetaserveError):
-    """The job has no meta-initialization yet: only a succeeded job can adapt."""
-
-    status_code = 409
-    code = "not_ready"
-
-
-class InvalidAdaptInput(MetaserveError):
-    """The arrays do not fit the job's task family."""
-
-    status_code = 422
-    code = "validation_error"
-
-
-class AdaptInputTooLarge(MetaserveError):
-    """An array of the request holds more numbers than the server adapts on."""
-
-    status_code = 413
-    code = "payload_too_large"
-
-
-class AdaptBusy(MetaserveError):
-    """Every adapt thread is busy and the queue is full; retry later."""
-
-    status_code = 503
-    code = "service_unavailable"
-
-
-class AdaptTimedOut(MetaserveError):
-    """The adaptation did not finish in time."""
-
-    status_code = 504
-    code = "gateway_timeout"
-
-
-class AdaptDiverged(MetaserveError):
-    """The adaptation produced non-finite predictions."""
-
-    status_code = 422
-    code = "validation_error"
 
 
 ADAPT_RETRY_AFTER_S = 2

@@ -66,3 +66,45 @@ class QuotaExceeded(MetaserveError):
     @property
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after_s)}
+
+
+class MetaInitNotReady(MetaserveError):
+    """The job has no meta-initialization yet: only a succeeded job can adapt."""
+
+    status_code = 409
+    code = "not_ready"
+
+
+class InvalidAdaptInput(MetaserveError):
+    """The arrays do not fit the job's task family."""
+
+    status_code = 422
+    code = "validation_error"
+
+
+class AdaptInputTooLarge(MetaserveError):
+    """An array of the request holds more numbers than the server adapts on."""
+
+    status_code = 413
+    code = "payload_too_large"
+
+
+class AdaptBusy(MetaserveError):
+    """Every adapt thread is busy and the queue is full; retry later."""
+
+    status_code = 503
+    code = "service_unavailable"
+
+
+class AdaptTimedOut(MetaserveError):
+    """The adaptation did not finish in time."""
+
+    status_code = 504
+    code = "gateway_timeout"
+
+
+class AdaptDiverged(MetaserveError):
+    """The adaptation produced non-finite predictions."""
+
+    status_code = 422
+    code = "validation_error"
