@@ -1,0 +1,23 @@
+"""datasets: reserved for the work in progress on this revision (no schema change yet).
+
+Revision ID: 0005
+Revises: 0004
+Create Date: 2026-11-30 06:40:00
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+revision: str = "0005"
+down_revision: str | None = "0004"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    pass
+
+
+def downgrade() -> None:
+    pass
