@@ -14,7 +14,9 @@ Connection settings come from, first to last: the arguments, ``METASERVE_URL`` a
 ``METASERVE_API_KEY``, the config file :func:`config_path` (written by ``metaserve login``).
 Every error response of the API (``{"error": {"code", "message", "details"}}``) is raised as
 a :class:`ApiError` subclass carrying the server's message. ``load_meta_init`` and ``adapt``
-work offline on a downloaded directory: they are :mod:`metaserve.workers.engine.artifacts`' loader.
+work offline on a downloaded directory, with no server and no API key (a client without a key
+raises :class:`NotConfigured` at its first request, not before): they are
+:mod:`metaserve.workers.engine.artifacts`' loader.
 
 torch is imported only by the methods that need it, so importing this module is light.
 """
@@ -280,10 +282,15 @@ class Client:
         config = read_config() if url is None or api_key is None else {}
         self.url = (url or os.environ.get("METASERVE_URL") or config.get("url") or DEFAULT_URL).rstrip("/")
         self.api_key = api_key or os.environ.get("METASERVE_API_KEY") or config.get("api_key")
+        # Without a key the client still loads and adapts a downloaded directory (offline);
+        # its first request raises NotConfigured.
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        self._http = httpx.Client(base_url=self.url, timeout=timeout, transport=transport,
+                                  headers=headers, event_hooks={"request": [self._require_key]})
+
+    def _require_key(self, request: httpx.Request) -> None:
         if not self.api_key:
             raise NotConfigured()
-        self._http = httpx.Client(base_url=self.url, timeout=timeout, transport=transport,
-                                  headers={"Authorization": f"Bearer {self.api_key}"})
 
     def __enter__(self) -> "Client":
         return self

@@ -65,9 +65,12 @@ def test_a_client_without_arguments_reads_the_config_file_written_by_login(
     assert sdk.read_config() == {"url": live_url, "api_key": key}
 
 
-def test_no_key_anywhere_is_a_not_configured_error() -> None:
+def test_no_key_anywhere_is_a_not_configured_error_at_the_first_request() -> None:
+    client = Client()
     with pytest.raises(sdk.NotConfigured, match="run `metaserve login`"):
-        Client()
+        client.list()
+    with pytest.raises(sdk.NotConfigured, match="run `metaserve login`"):
+        list(client.events("01JOB"))
 
 
 def test_submit_a_yaml_file_with_overrides_then_list_get_and_follow_it_to_its_end(
@@ -113,6 +116,11 @@ def test_load_meta_init_and_adapt_work_offline_on_a_downloaded_directory(tmp_pat
 
     engine_model, engine_recipe = load_meta_init(tmp_path)
     assert recipe == engine_recipe
+    with Client() as offline:  # no server, no API key anywhere (the autouse fixture)
+        offline_model, offline_recipe = offline.load_meta_init(tmp_path)
+        offline_predictions = offline.adapt(offline_model, support_x, support_y, steps=3)(query_x)
+    assert offline_recipe == recipe
+    assert torch.equal(offline_predictions, predictions)
     assert torch.equal(predictions, adapt(engine_model, support_x, support_y, 3)(query_x))
     with pytest.raises(sdk.MetaserveClientError, match="has no meta_init.safetensors, meta_init.json"):
         sdk.load_meta_init(tmp_path / "empty")
