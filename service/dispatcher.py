@@ -30,6 +30,7 @@ from typing import Any, Callable
 from sqlalchemy.orm import Session, sessionmaker
 
 from metaserve.service import jobs
+from metaserve.service import logs as job_logs
 from metaserve.service.exceptions import LeaseLost, MetaserveError
 from metaserve.service.models import JobStatus
 from metaserve.service.ray_cluster import connect_ray
@@ -87,9 +88,14 @@ def classify_driver_death(error: BaseException) -> tuple[Outcome, str]:
 
 
 def _cause(error: BaseException) -> BaseException:
-    """The exception raised in a Ray actor, without Ray's wrapper (and its traceback text)."""
-    cause = getattr(error, "cause", None)
-    return cause if isinstance(cause, BaseException) else error
+    """The exception raised in a Ray actor, without Ray's wrappers (and their traceback text):
+    an inner-loop worker's error reaches here wrapped twice (worker, then driver)."""
+    for _ in range(8):
+        cause = getattr(error, "cause", None)
+        if not isinstance(cause, BaseException) or cause is error:
+            break
+        error = cause
+    return error
 
 
 def readable_error(error: BaseException) -> str:
@@ -104,6 +110,7 @@ def readable_error(error: BaseException) -> str:
 class _Running:
     job_id: str
     thread: threading.Thread
+    attempt: int = 0
     stop: threading.Event = field(default_factory=threading.Event)
     lease_lost: threading.Event = field(default_factory=threading.Event)
 
@@ -113,6 +120,7 @@ class _Writer:
 
     def __init__(self, dispatcher: "Dispatcher", job_id: str):
         self.dispatcher, self.job_id = dispatcher, job_id
+        self.attempt = 0
         self.queue: queue.Queue = queue.Queue()
         self.progress: dict[str, Any] = {}
         self.placement: dict[str, Any] | None = None
@@ -124,6 +132,12 @@ class _Writer:
 
     def put(self, kind: str, payload: Any) -> None:
         self.queue.put((kind, payload))
+
+    def log(self, level: str, message: str) -> None:
+        """A line of the dispatcher's own in the job's log (not one of the driver's events,
+        so not counted in :attr:`written`)."""
+        self.put("dispatcher_logs", [{"time": time.time(), "level": level, "source": "dispatcher",
+                           "message": message}])
 
     def close(self) -> None:
         """Write everything queued so far, then stop."""
@@ -145,7 +159,7 @@ class _Writer:
             batch = [entry for entry in items if entry is not None]
             try:
                 self._write(batch)
-                self.written += len(batch)
+                self.written += sum(kind != "dispatcher_logs" for kind, _ in batch)
                 if batch:
                     self.on_written(self.written)
             except BaseException as error:  # noqa: BLE001 - reported by close()
@@ -158,6 +172,7 @@ class _Writer:
         rows: list[tuple[int, str, float]] = []
         progress_changed = False
         files: dict[str, ArtifactFile] = {}
+        records: list[dict[str, Any]] = []
         for kind, payload in items:
             if kind == "metrics":
                 step, values = payload
@@ -168,8 +183,16 @@ class _Writer:
                 self.placement, progress_changed = payload, True
             elif kind == "files":
                 files.update({file.name: file for file in payload})
+            elif kind in ("logs", "dispatcher_logs"):
+                records.extend(payload)
         job_id, worker_id = self.job_id, self.dispatcher.worker_id
         with self.dispatcher.session_factory() as session:
+            if records:  # best effort: a log that cannot be written never fails the job
+                try:
+                    job_logs.add_log_records(session=session, job_id=job_id,
+                                             attempt=self.attempt, records=records)
+                except Exception:  # noqa: BLE001
+                    logger.exception("writing the job's log failed", extra={"job_id": job_id})
             if rows:
                 jobs.add_metrics(session=session, job_id=job_id, rows=rows)
             for file in files.values():
@@ -300,7 +323,7 @@ class Dispatcher:
                 return False
             job_id, spec, attempt = job.id, dict(job.spec), job.attempt
         logger.info("claimed job", extra={"job_id": job_id, "attempt": attempt})
-        running = _Running(job_id=job_id, thread=threading.Thread(
+        running = _Running(job_id=job_id, attempt=attempt, thread=threading.Thread(
             target=self._execute, args=(job_id, spec), name=f"job-{job_id}", daemon=True))
         self._running[job_id] = running
         running.thread.start()
@@ -339,7 +362,10 @@ class Dispatcher:
                                    name=f"watch-{job_id}", daemon=True)
         watcher.start()
         writer = _Writer(self, job_id)
+        writer.attempt = running.attempt
         outcome, detail = self._supervise(running, spec, writer)
+        if outcome in (Outcome.FAILED, Outcome.RETRY):
+            writer.log("ERROR", f"attempt {running.attempt} {outcome.value}: {detail}")
         try:
             writer.close()
         except Exception as error:  # noqa: BLE001
@@ -368,6 +394,7 @@ class Dispatcher:
             supervisor = start_supervisor(
                 running.job_id, spec, self.settings.storage_config(), self._run_options(),
                 memory_bytes=memory, should_stop=running.stop.is_set)
+            writer.log("INFO", f"attempt {running.attempt} started (dispatcher {self.worker_id})")
             runtime_limit = spec.get("max_runtime_s") or self.settings.max_runtime_s
             started = time.monotonic()
             writer.on_written = supervisor.recorded.remote

@@ -190,3 +190,23 @@ class Artifact(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     media_type: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class JobLogLine(Base):
+    """One log record of a job (a line, or a message with its traceback) from its driver or an
+    inner-loop worker. ``seq`` numbers a job's records from 1 across attempts; the oldest are
+    deleted past the per-job cap (service/logs.py), so ``min(seq) - 1`` records were dropped."""
+
+    __tablename__ = "job_logs"
+    __table_args__ = (UniqueConstraint("job_id", "seq"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"),
+                                    primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    seq: Mapped[int] = mapped_column(BigInteger)
+    attempt: Mapped[int] = mapped_column(Integer)
+    time: Mapped[datetime]
+    level: Mapped[str] = mapped_column(String(16))
+    source: Mapped[str] = mapped_column(String(200))
+    message: Mapped[str] = mapped_column(Text)
+

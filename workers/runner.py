@@ -24,7 +24,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import ray
 import torch
@@ -32,6 +32,7 @@ from ray.exceptions import RayActorError
 
 from metaserve.workers.engine import ShardResult, Trainer, TrainState
 from metaserve.workers.engine.loop import JobCancelled, RunHooks, train_loop
+from metaserve.workers.joblog import forward_logs_to
 from metaserve.workers.spec import JobSpec
 
 logger = logging.getLogger(__name__)
@@ -57,6 +58,10 @@ class RunOptions:
     """The Ray resource a job's ``gpus_per_worker`` asks for: ``GPU``, or a custom resource
     that stands in for GPUs (e.g. ``gpu_slot`` on CPU-only test nodes)."""
 
+    log_sink: Any = None
+    """The job's supervisor actor, which inner-loop workers send their log records to
+    (:func:`metaserve.workers.joblog.forward_logs_to`); None: they keep them."""
+
 
 def worker_device(gpus_per_worker: float, gpu_resource: str, cuda_available: bool) -> str:
     """The torch device of an inner-loop worker, decided on the worker's own node.
@@ -78,6 +83,9 @@ class InnerLoopWorker:
     """A Ray actor adapting one shard of every meta-batch (see module docstring)."""
 
     def __init__(self, spec: dict, options: RunOptions, torch_threads: int):
+        import os
+
+        forward_logs_to(options.log_sink, f"worker pid {os.getpid()}")
         torch.set_num_threads(max(1, torch_threads))
         device = worker_device(spec["resources"]["gpus_per_worker"], options.gpu_resource,
                                torch.cuda.is_available())

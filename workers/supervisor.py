@@ -17,6 +17,8 @@ from the generator :meth:`JobSupervisor.run`:
 - ``("files", [ArtifactFile, ...])``: published, to be registered in the database
 - ``("placement", {"driver": {...}, "workers": [{...}, ...]})``: node, pid and device of the
   driver and of every inner-loop worker, whenever the workers change.
+- ``("logs", [record, ...])``: log records of the driver and of its inner-loop workers
+  (:mod:`metaserve.workers.joblog`), the job's error with its traceback among them.
 
 The run ends when the generator ends; its error (the job's own, :class:`JobCancelled`,
 :class:`Unschedulable`) comes out of the generator.
@@ -31,6 +33,7 @@ import shutil
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -38,6 +41,7 @@ import ray
 
 from metaserve.workers.engine.checkpoints import CheckpointError
 from metaserve.workers.engine.trainer import CHECKPOINT_DIRECTORY
+from metaserve.workers.joblog import capture_logs, release_logs
 from metaserve.workers.runner import JobCancelled, RunHooks, RunOptions, Unschedulable, run_job
 from metaserve.workers.storage import StorageConfig, open_store
 
@@ -115,6 +119,17 @@ class JobSupervisor:
         self._last_heartbeat = time.monotonic()
         self._emitted = 0   # events queued for the dispatcher
         self._recorded = 0  # events the dispatcher has written to the database
+        self._events: queue.Queue = queue.Queue()
+        self._emit_lock = threading.Lock()
+
+    def _emit(self, kind: str, payload: Any) -> None:
+        with self._emit_lock:
+            self._emitted += 1
+            self._events.put((kind, payload))
+
+    def add_logs(self, records: list[dict[str, Any]]) -> None:
+        """Log records of an inner-loop worker (:func:`metaserve.workers.joblog.forward_logs_to`)."""
+        self._emit("logs", records)
 
     def ready(self) -> dict[str, Any]:
         return node_info()
@@ -152,12 +167,12 @@ class JobSupervisor:
     def run(self) -> Iterator[tuple[str, Any]]:
         """Run the job to its end, yielding its events (see the module docstring)."""
         self._last_heartbeat = time.monotonic()  # the dispatcher starts calling now
-        events: queue.Queue = queue.Queue()
+        events, emit = self._events, self._emit
         driver = node_info()
-
-        def emit(kind: str, payload: Any) -> None:
-            self._emitted += 1
-            events.put((kind, payload))
+        log_handler = capture_logs(lambda records: emit("logs", records),
+                                   f"driver pid {driver['pid']}")
+        # Inner-loop workers send their records to this actor (add_logs).
+        options = replace(self.options, log_sink=ray.get_runtime_context().current_actor)
 
         def placement(workers: list[dict]) -> None:
             emit("placement", {"driver": driver, "workers": workers})
@@ -187,12 +202,18 @@ class JobSupervisor:
         def drive() -> None:
             try:
                 self.store.fetch_checkpoint(self.job_id, scratch / CHECKPOINT_DIRECTORY)
-                run_job(self.spec, scratch, hooks, self.options)
+                run_job(self.spec, scratch, hooks, options)
             except CheckpointError as error:  # name the checkpoint where the user finds it
                 failure.append(CheckpointError(str(error).replace(
                     str(scratch / CHECKPOINT_DIRECTORY), self.store.checkpoint_location(self.job_id))))
             except BaseException as error:  # noqa: BLE001 - re-raised by the generator below
                 failure.append(error)
+            finally:
+                if failure and not isinstance(failure[0], JobCancelled):
+                    # The whole traceback (an inner-loop worker's too: Ray's error carries it)
+                    # goes to the job's log; the job's error stays one line.
+                    logger.error("the job's attempt failed", exc_info=failure[0])
+                log_handler.flush()  # before this thread ends: run() drains the queue after
 
         placement([])
         thread = threading.Thread(target=drive, name=f"driver-{self.job_id}", daemon=True)
@@ -214,6 +235,7 @@ class JobSupervisor:
         finally:
             self._stop.set()
             thread.join()
+            release_logs(log_handler)
             shutil.rmtree(scratch, ignore_errors=True)
 
 
@@ -232,10 +254,10 @@ def start_supervisor(job_id: str, spec: dict, storage: StorageConfig, options: R
             f"waiting for resources: the job's driver asks {memory_bytes / 2**30:.2f} GiB of "
             f"memory, the largest node offers {largest / 2**30:.2f} GiB")
     # num_cpus=0: the driver's own arithmetic is the outer step; its inner-loop workers hold
-    # the CPUs. max_concurrency=3: stop(), heartbeat() and recorded() are answered while run()
-    # works.
+    # the CPUs. max_concurrency=4: stop(), heartbeat(), recorded() and add_logs() are answered
+    # while run() works.
     actor = ray.remote(JobSupervisor).options(
-        num_cpus=0, memory=memory_bytes, max_restarts=0, max_concurrency=3,
+        num_cpus=0, memory=memory_bytes, max_restarts=0, max_concurrency=4,
     ).remote(job_id, spec, storage, options, memory_bytes)
     ready = actor.ready.remote()
     deadline = time.monotonic() + SUPERVISOR_READY_TIMEOUT_S

@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from metaserve.api.routes import adapt, artifacts, catalog, events, health, jobs, keys, metrics
+from metaserve.api.routes import (adapt, artifacts, catalog, events, health, jobs, keys, logs,
+                                   metrics)
 
 ROUTERS = [health.router, jobs.router, catalog.router, metrics.router, artifacts.router,
-           events.router, adapt.router, keys.router]
+           events.router, adapt.router, keys.router, logs.router]

@@ -10,7 +10,8 @@ from metaserve.service import migrate
 from metaserve.service.db import make_engine
 from metaserve.service.models import Job, JobStatus, User, utcnow
 
-TABLES = {"alembic_version", "users", "jobs", "job_status_events", "metrics", "artifacts"}
+TABLES = {"alembic_version", "users", "jobs", "job_status_events", "metrics", "artifacts",
+          "job_logs"}
 
 
 def table_names(url: str) -> set[str]:
