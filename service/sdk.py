@@ -220,13 +220,21 @@ def load_spec_document(spec_or_path: str | Path | dict[str, Any],
         except OSError as error:
             raise MetaserveClientError(f"cannot read {path}: {error.strerror}") from None
         except yaml.YAMLError as error:
-            raise MetaserveClientError(f"{path} is not valid YAML: {error}") from None
+            raise MetaserveClientError(f"{path} is not valid YAML: {_yaml_problem(error)}") from None
         if not isinstance(document, dict):
             raise MetaserveClientError(f"{path}: a job spec is a mapping")
     try:
         return apply_overrides(document, overrides or [])
     except Exception as error:  # typer.BadParameter: its message says what is wrong
         raise MetaserveClientError(str(getattr(error, "message", error))) from None
+
+
+def _yaml_problem(error: Exception) -> str:
+    """A YAML error as one line: where (line, column) and what, without the quoted source."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}"
 
 
 @dataclass
