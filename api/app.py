@@ -14,10 +14,12 @@ from fastapi import FastAPI
 from metaserve.api.errors import install_error_handlers
 from metaserve.api.middleware import BodySizeLimitMiddleware, ControlCharacterMiddleware
 from metaserve.api.routes import ROUTERS
+from metaserve.api.routes.prometheus import MetricsMiddleware, dispatcher_connected
 from metaserve.service.adaptation import AdaptPool
 from metaserve.service.auth import KeyCache
 from metaserve.service.db import make_engine, session_factory
 from metaserve.service.settings import Settings, get_settings
+from metaserve.service.telemetry import Telemetry
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +120,9 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
                                      queue=settings.adapt_queue, timeout_s=settings.adapt_timeout_s)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
-    app.add_middleware(ControlCharacterMiddleware)  # outermost: before the body is read
+    app.add_middleware(ControlCharacterMiddleware)  # before the body is read
+    app.state.telemetry = Telemetry(app.state.session_factory, lambda: dispatcher_connected(app))
+    app.add_middleware(MetricsMiddleware, telemetry=app.state.telemetry)  # counts every answer
     for router in ROUTERS:
         app.include_router(router)
     return app

@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from metaserve.service import jobs
 from metaserve.service import logs as job_logs
+from metaserve.service import telemetry
 from metaserve.service.exceptions import LeaseLost, MetaserveError
 from metaserve.service.models import JobStatus
 from metaserve.service.ray_cluster import connect_ray
@@ -323,6 +324,8 @@ class Dispatcher:
                 return False
             job_id, spec, attempt = job.id, dict(job.spec), job.attempt
         logger.info("claimed job", extra={"job_id": job_id, "attempt": attempt})
+        if (job.message or "").startswith("reclaimed after"):  # store._reclaim's message
+            telemetry.LEASE_EXPIRIES.inc()
         running = _Running(job_id=job_id, attempt=attempt, thread=threading.Thread(
             target=self._execute, args=(job_id, spec), name=f"job-{job_id}", daemon=True))
         self._running[job_id] = running
@@ -343,17 +346,20 @@ class Dispatcher:
                             session=session, job_id=running.job_id, worker_id=self.worker_id,
                             lease_s=self.settings.lease_s).status)
                         renewed = time.monotonic()
+                        telemetry.LEASE_RENEWALS.inc()
                     else:
                         status = jobs.job_status(session=session, job_id=running.job_id)
                 if status is JobStatus.CANCELLING:
                     running.stop.set()
             except LeaseLost:
                 logger.warning("lease lost", extra={"job_id": running.job_id})
+                telemetry.LEASES_LOST.inc()
                 running.lease_lost.set()
                 running.stop.set()
                 return
             except Exception:  # noqa: BLE001 - database hiccup: the lease has slack
                 logger.exception("lease renewal failed", extra={"job_id": running.job_id})
+                telemetry.LEASE_RENEWAL_FAILURES.inc()
 
     def _execute(self, job_id: str, spec: dict) -> None:
         running = self._running[job_id]

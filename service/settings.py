@@ -130,6 +130,9 @@ class Settings(BaseSettings):
                              description="Adapt calls waiting for a thread; more → 503.")
     adapt_timeout_s: float = Field(ADAPT_TIMEOUT_S, gt=0, le=3600,
                                    description="Seconds an adapt call may wait and run; then 504.")
+    metrics_anonymous: bool = Field(
+        False, description="Serve GET /metrics (Prometheus) without an API key; off: an admin "
+                           "key is needed (a scraper sends it as a bearer token).")
 
     @field_validator("artifact_root", mode="before")
     @classmethod

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from metaserve.api.routes import (adapt, artifacts, catalog, events, health, jobs, keys, logs,
-                                   metrics)
+                                   metrics, prometheus)
 
 ROUTERS = [health.router, jobs.router, catalog.router, metrics.router, artifacts.router,
-           events.router, adapt.router, keys.router, logs.router]
+           events.router, adapt.router, keys.router, logs.router, prometheus.router]
