@@ -447,21 +447,27 @@ def submit(
     wait: Annotated[bool, typer.Option("--wait", help="Follow the job with a progress bar until "
                                        "it finishes; exit 1 unless it succeeds.")] = False,
     idempotency_key: Annotated[Optional[str], typer.Option(help="Makes a retried submit safe.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the job id, for "
+                                        "JOB=$(metaserve submit -q ...); with --wait, once the "
+                                        "job succeeded and without a progress bar.")] = False,
 ) -> None:
     """Submit a job; prints its id (and, with --wait, follows it to the end)."""
     with _ClientErrors(), _client() as client:
         job = client.submit(spec, overrides=set_ or [], idempotency_key=idempotency_key)
-        typer.echo(printable(f"submitted {job['id']} ({job['name']})"))
+        if not quiet:
+            typer.echo(printable(f"submitted {job['id']} ({job['name']})"))
         if wait:
-            _follow(client, job)
+            _follow(client, job, quiet=quiet)
+        elif quiet:
+            typer.echo(printable(job["id"]))
 
 
-def _follow(client, job: dict) -> None:  # noqa: ANN001
-    final = client.wait(job, progress=True)
+def _follow(client, job: dict, *, quiet: bool = False) -> None:  # noqa: ANN001
+    final = client.wait(job, progress=not quiet)
     line = f"{final['id']} {final['status']}"
     if final["status"] != "succeeded":
         raise _fail(f"{line}: {final['error'] or final['message'] or ''}".rstrip(": "))
-    typer.echo(printable(line))
+    typer.echo(printable(final["id"] if quiet else line))
 
 
 @app.command("list")

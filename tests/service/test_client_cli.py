@@ -81,6 +81,15 @@ def test_submit_list_status_and_cancel_a_job(logged_in: str, tmp_path: Path) -> 
         1, f"error: job {job_id} is cancelled; it cannot be cancelled (409 invalid_transition)\n")
 
 
+def test_submit_quiet_prints_only_the_job_id(logged_in: str, tmp_path: Path) -> None:
+    spec = tmp_path / "job.yaml"
+    spec.write_text("algorithm: {name: maml}\ntask_family: {name: sine}\n")
+    submitted = invoke("submit", "-q", str(spec))
+    job_id = submitted.output.strip()
+    assert (submitted.exit_code, submitted.output) == (0, f"{job_id}\n")
+    assert invoke("status", job_id).output.splitlines()[0] == f"id:          {job_id}"
+
+
 def test_submit_wait_of_a_job_cancelled_before_it_ran_exits_1_with_its_status(
         logged_in: str, tmp_path: Path, sessions) -> None:  # noqa: ANN001
     import threading
