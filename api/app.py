@@ -15,7 +15,7 @@ from metaserve.api.errors import install_error_handlers
 from metaserve.api.middleware import BodySizeLimitMiddleware, ControlCharacterMiddleware
 from metaserve.api.routes import ROUTERS
 from metaserve.api.routes.prometheus import MetricsMiddleware, dispatcher_connected
-from metaserve.service.adaptation import AdaptPool
+from metaserve.service.adapt_pool import AdaptPool
 from metaserve.service.auth import KeyCache
 from metaserve.service.db import make_engine, session_factory
 from metaserve.service.settings import Settings, get_settings

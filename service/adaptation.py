@@ -1,76 +1,32 @@
-"""Server-side adaptation (``POST /v1/jobs/{id}/adapt``): bounds and shapes checked before
-any work, the job's meta-initialization loaded from the artifact store once per artifact
-version (small LRU), adapted with the job's recipe, predictions returned. The API route only maps HTTP to this."""
+"""Server-side adaptation (``POST /v1/jobs/{id}/adapt``) in two halves: the API process checks
+the bounds and looks the job up (:func:`prepare_adaptation`, no torch), then an adapt process
+(:mod:`metaserve.service.adapt_pool`) checks the shapes, loads the job's meta-initialization
+from the artifact store once per artifact version (small LRU) and adapts it with the job's
+recipe (:func:`compute_adaptation`). The API route only maps HTTP to this."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import tempfile
 import threading
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy.orm import Session
 
 from metaserve.service import artifacts, store
-from metaserve.service.exceptions import (AdaptBusy, AdaptDiverged, AdaptInputTooLarge, AdaptTimedOut,
-                                          InvalidAdaptInput, MetaInitNotReady)
+from metaserve.service.exceptions import (AdaptDiverged, AdaptInputTooLarge, InvalidAdaptInput,
+                                          MetaInitNotReady)
 from metaserve.service.jobs import Transaction
 from metaserve.service.models import Artifact, Job, JobStatus, User
 from metaserve.workers.spec import JobSpec
-from metaserve.workers.storage import ArtifactStore, StorageError
+from metaserve.workers.storage import ArtifactStore, StorageConfig, StorageError
 
 CACHED_META_INITS = 4
 META_INIT_FILES = ("meta_init.safetensors", "meta_init.json")
-
-
-ADAPT_RETRY_AFTER_S = 2
-
-
-class AdaptPool:
-    """Adapt calls run here, not in the route threadpool that every other request's
-    database work goes through: at most ``concurrency`` compute at once, ``queue`` more wait;
-    one more is refused at once (:class:`AdaptBusy`, 503 + Retry-After). A caller waits at
-    most ``timeout_s`` (:class:`AdaptTimedOut`, 504); a call still computing then keeps its
-    slot until it ends (a thread cannot be stopped), so the bound on work always holds."""
-
-    def __init__(self, *, concurrency: int, queue: int, timeout_s: float) -> None:
-        self.concurrency, self.queue, self.timeout_s = concurrency, queue, timeout_s
-        self._executor = ThreadPoolExecutor(concurrency, thread_name_prefix="metaserve-adapt")
-        self._taken = 0
-        self._lock = threading.Lock()
-
-    def _release(self, _future: Future) -> None:
-        with self._lock:
-            self._taken -= 1
-
-    @property
-    def taken(self) -> int:
-        return self._taken
-
-    async def run(self, work: Callable[[], Any]) -> Any:
-        with self._lock:
-            if self._taken >= self.concurrency + self.queue:
-                error = AdaptBusy(f"{self.concurrency} adaptations are running and "
-                                  f"{self.queue} waiting; retry later")
-                error.headers = {"Retry-After": str(ADAPT_RETRY_AFTER_S)}
-                raise error
-            self._taken += 1
-        future = self._executor.submit(work)
-        future.add_done_callback(self._release)
-        try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), self.timeout_s)
-        except asyncio.TimeoutError:
-            future.cancel()  # a queued call never starts; a running one finishes unseen
-            raise AdaptTimedOut(f"the adaptation did not finish within {self.timeout_s:g} s; "
-                                "try fewer steps or smaller arrays") from None
-
-    def shutdown(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 def count_values(array: Any, limit: int) -> int:
@@ -187,8 +143,7 @@ class MetaInitCache:
         return len(self._models)
 
 
-def load_meta_init_from_store(store: ArtifactStore, job_id: str,
-                               records: dict[str, Artifact]) -> Any:
+def load_meta_init_from_store(store: ArtifactStore, job_id: str, sha256: dict[str, str]) -> Any:
     """The job's meta-initialization model, its two files downloaded from the store into a
     temporary directory (removed after loading) and checked against the sha256 the database
     recorded."""
@@ -205,29 +160,52 @@ def load_meta_init_from_store(store: ArtifactStore, job_id: str,
                 for chunk in found[1]:
                     digest.update(chunk)
                     handle.write(chunk)
-            if digest.hexdigest() != records[name].sha256:
+            if digest.hexdigest() != sha256[name]:
                 raise StorageError(f"artifact store {store.url}: {name} of job {job_id} does not "
                                    "match the sha256 recorded for it")
         model, _ = load_meta_init(Path(scratch))
     return model
 
 
-def adapt_job(*, session: Session, job_id: str, owner: User, arrays: dict[str, Any],
-              steps: int | None, max_values: int, store: ArtifactStore,
-              cache: MetaInitCache) -> dict[str, Any]:
-    """Adapt ``owner``'s succeeded job to ``arrays["support_x"/"support_y"]`` with its recipe
-    (or ``steps`` inner steps) and predict ``arrays["query_x"]``."""
-    import torch
+@dataclass(frozen=True)
+class AdaptWork:
+    """One adaptation as plain data, sent to an adapt process: the job's spec and the sha256
+    the database recorded for each meta-initialization file, the request's arrays and steps,
+    and where the artifacts are."""
 
+    job_id: str
+    spec: dict[str, Any]
+    sha256: dict[str, str]
+    arrays: dict[str, Any]
+    steps: int | None
+    storage: StorageConfig
+
+
+def prepare_adaptation(*, session: Session, job_id: str, owner: User, arrays: dict[str, Any],
+                       steps: int | None, max_values: int, storage: StorageConfig) -> AdaptWork:
+    """The API process's half: sizes (413 naming the array) and ``owner``'s succeeded job with
+    its meta-initialization (404 / 409), before any work is handed on."""
     check_adapt_sizes(arrays, max_values)
     job, records = get_adaptable_job(session=session, job_id=job_id, owner=owner)
-    support_x, support_y, query_x = to_adapt_tensors(job.spec, **arrays)
+    return AdaptWork(job_id=job_id, spec=dict(job.spec),
+                     sha256={name: records[name].sha256 for name in META_INIT_FILES},
+                     arrays=arrays, steps=steps, storage=storage)
+
+
+def compute_adaptation(work: AdaptWork, cache: MetaInitCache) -> dict[str, Any]:
+    """The adapt process's half: shapes checked against the job's task family (422 naming the
+    field), the meta-initialization from ``cache`` or the store, adapted to the support set
+    with the job's recipe (or ``work.steps`` inner steps), the query inputs predicted."""
+    import torch
+
+    support_x, support_y, query_x = to_adapt_tensors(work.spec, **work.arrays)
     try:
-        model = cache.get(job_id, records["meta_init.safetensors"].sha256,
-                          lambda: load_meta_init_from_store(store, job_id, records))
+        model = cache.get(work.job_id, work.sha256["meta_init.safetensors"],
+                          lambda: load_meta_init_from_store(artifacts.get_store(work.storage),
+                                                            work.job_id, work.sha256))
     except StorageError as error:
-        raise artifacts.unavailable(error, job_id=job_id) from None
-    steps = model.algorithm.inner_steps if steps is None else steps
+        raise artifacts.unavailable(error, job_id=work.job_id) from None
+    steps = model.algorithm.inner_steps if work.steps is None else work.steps
     output = model.adapt(support_x, support_y, steps)(query_x).detach()
     if not bool(torch.isfinite(output).all()):
         raise AdaptDiverged(
@@ -236,4 +214,4 @@ def adapt_job(*, session: Session, job_id: str, owner: User, arrays: dict[str, A
             predictions=f"non-finite after {steps} inner steps (overflow)")
     labels = output.argmax(dim=-1).tolist() if model.algorithm.classification else None
     return {"predictions": output.tolist(), "labels": labels, "steps": steps,
-            "algorithm": job.spec["algorithm"]["name"]}
+            "algorithm": work.spec["algorithm"]["name"]}

@@ -7,13 +7,13 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from metaserve.service import store
 from metaserve.service.exceptions import MetaserveError
 from metaserve.service.jobs import Transaction
-from metaserve.service.models import JobStatus, JobStatusEvent, Metric, User
+from metaserve.service.models import Job, JobStatus, JobStatusEvent, Metric, User
 
 
 # An event id is a cursor of three counters,
@@ -119,6 +119,20 @@ def poll_job_events(*, session: Session, job_id: str, owner: User,
     if complete and terminal is not None:  # last: after every metric the job wrote before it ended
         add("status", _status_data(terminal), status_event_id=terminal.id)
     return events, complete
+
+
+def job_marks(*, session: Session, job_ids: list[str]) -> dict[str, tuple[Any, int]]:
+    """``(updated_at, last metric row id)`` of each of ``job_ids`` that exists: every event of
+    a job moves one of the two (a status change or progress updates the job row; metrics add
+    rows). Two queries for all the jobs, by primary key and by the metrics' (job_id, id) index."""
+    with Transaction(session):
+        updated = dict(session.execute(
+            select(Job.id, Job.updated_at).where(Job.id.in_(job_ids))).all())
+        last_metric = dict(session.execute(
+            select(Metric.job_id, func.max(Metric.id)).where(Metric.job_id.in_(job_ids))
+            .group_by(Metric.job_id)).all())
+    return {job_id: (changed_at, last_metric.get(job_id, 0))
+            for job_id, changed_at in updated.items()}
 
 
 def _status_data(change: JobStatusEvent) -> dict[str, Any]:

@@ -17,6 +17,19 @@ class MetaserveError(Exception):
         self.details = details
         super().__init__(self.message)
 
+    def __reduce__(self) -> tuple:
+        # Picklable with its details (an adapt process sends its errors back to the API).
+        return _rebuild_error, (type(self), self.message, self.details,
+                                self.__dict__.get("headers"))
+
+
+def _rebuild_error(cls: type[MetaserveError], message: str, details: dict[str, Any],
+                   headers: dict[str, str] | None) -> MetaserveError:
+    error = cls(message, **details)
+    if headers is not None:
+        error.headers = headers
+    return error
+
 
 class Unauthorized(MetaserveError):
     """Missing or invalid API key."""
@@ -90,7 +103,7 @@ class AdaptInputTooLarge(MetaserveError):
 
 
 class AdaptBusy(MetaserveError):
-    """Every adapt thread is busy and the queue is full; retry later."""
+    """Every adapt process is busy and the queue is full; retry later."""
 
     status_code = 503
     code = "service_unavailable"
@@ -101,6 +114,13 @@ class AdaptTimedOut(MetaserveError):
 
     status_code = 504
     code = "gateway_timeout"
+
+
+class AdaptProcessDied(MetaserveError):
+    """The adapt process ended before it answered (e.g. killed for memory); retry later."""
+
+    status_code = 503
+    code = "service_unavailable"
 
 
 class AdaptDiverged(MetaserveError):

@@ -163,10 +163,11 @@ class JobStatusEvent(Base):
 
 class Metric(Base):
     """One value of one named series at one step. (job_id, name, step) is unique, so a
-    resumed job re-writing a step is ignored; the unique index is also the read index."""
+    resumed job re-writing a step is ignored; (job_id, id) is the event streams' read order."""
 
     __tablename__ = "metrics"
-    __table_args__ = (UniqueConstraint("job_id", "name", "step"),)
+    __table_args__ = (UniqueConstraint("job_id", "name", "step"),
+                      Index("ix_metrics_job_id_id", "job_id", "id"))
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"),
                                     primary_key=True)

@@ -1,8 +1,9 @@
 """``GET /v1/jobs/{id}/events``: a job's status changes, progress and new metrics as
 Server-Sent Events, until the job is terminal.
 
-The stream polls the database (every :data:`POLL_S`) and builds events from durable data
-only — the job's status history (one row per change), its progress snapshot, the metric rows by
+The streams of a process share one probe of their jobs (every :data:`POLL_S`,
+:class:`~metaserve.api.job_watch.JobWatch`); a stream reads its job's events when its job moved,
+built from durable data only — the job's status history (one row per change), its progress snapshot, the metric rows by
 id — so an event id is a cursor into that data (``"<status event id>-<metric id>-<iteration>"``,
 see :func:`metaserve.service.events.poll_job_events` for exactly what is an event). A client that
 reconnects with ``Last-Event-ID`` (browsers' EventSource do it by themselves) gets every
@@ -16,12 +17,12 @@ import time
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-import anyio
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from metaserve.api.deps import CurrentUser, PathText, SessionDep
+from metaserve.api.job_watch import JobWatch
 from metaserve.api.schemas import ErrorResponse
 from metaserve.service import events, jobs
 from metaserve.service.exceptions import MetaserveError
@@ -29,6 +30,8 @@ from metaserve.service.models import User
 
 POLL_S = 0.25
 KEEPALIVE_S = 15.0
+DISCONNECT_CHECK_S = 1.0
+"""How often a quiet stream looks whether its client left (no database work)."""
 RETRY_MS = 1000
 EVENT_ID_PATTERN = r"^ *[0-9]{1,18}-[0-9]{1,18}-[0-9]{1,18} *$"
 """What an event id looks like, for the schema (the route checks it: 422 naming the header)."""
@@ -46,7 +49,7 @@ STREAM_RETRY_AFTER_S = 5
 
 class StreamSlots:
     """Open SSE streams per user on this process, at most ``limit`` each: a stream holds a
-    poll loop (a database query every POLL_S) for as long as its client keeps it open."""
+    connection and a place in the job watch for as long as its client keeps it open."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -82,6 +85,13 @@ def format_event(event: events.JobEvent) -> str:
     return f"id: {event.id}\nevent: {event.kind}\ndata: {json.dumps(event.data)}\n\n"
 
 
+def job_watch(request: Request) -> JobWatch:
+    watch = getattr(request.app.state, "job_watch", None)
+    if watch is None:
+        watch = request.app.state.job_watch = JobWatch(request.app.state.session_factory, POLL_S)
+    return watch
+
+
 async def _stream(request: Request, job_id: str, user: User,
                   cursor: events.EventCursor) -> AsyncIterator[str]:
     factory = request.app.state.session_factory
@@ -90,32 +100,40 @@ async def _stream(request: Request, job_id: str, user: User,
         with factory() as session:
             return events.poll_job_events(session=session, job_id=job_id, owner=user, after=after)
 
-    slots = stream_slots(request)
+    slots, watch = stream_slots(request), job_watch(request)
+    version = watch.watch(job_id)
     try:
         yield f"retry: {RETRY_MS}\n\n"
-        async for chunk in _poll_loop(request, poll, cursor):
+        async for chunk in _event_loop(request, watch, job_id, version, poll, cursor):
             yield chunk
     finally:
+        watch.unwatch(job_id)
         slots.release(user.id)
 
 
-async def _poll_loop(request: Request, poll, cursor: events.EventCursor) -> AsyncIterator[str]:  # noqa: ANN001
+async def _event_loop(request: Request, watch: JobWatch, job_id: str, version: int,
+                      poll, cursor: events.EventCursor) -> AsyncIterator[str]:  # noqa: ANN001
     last_sent = time.monotonic()
+    events_, complete = await run_in_threadpool(poll, cursor)  # all there is, at once
     while True:
-        events, complete = await run_in_threadpool(poll, cursor)
-        for event in events:
+        for event in events_:
             yield format_event(event)
             cursor = event.id
         if complete:
             return
-        if events:
+        if events_:
             last_sent = time.monotonic()
-        elif time.monotonic() - last_sent > KEEPALIVE_S:
-            yield ": keep-alive\n\n"
-            last_sent = time.monotonic()
-        if await request.is_disconnected():
-            return
-        await anyio.sleep(POLL_S)
+        while True:  # until the job moves: no database work, a look at the client each second
+            seen, version = version, await watch.wait_for_change(job_id, version,
+                                                                 DISCONNECT_CHECK_S)
+            if await request.is_disconnected():
+                return
+            if version > seen:
+                break
+            if time.monotonic() - last_sent > KEEPALIVE_S:
+                yield ": keep-alive\n\n"
+                last_sent = time.monotonic()
+        events_, complete = await watch.read(job_id, version, cursor, poll)
 
 
 @router.get("/{job_id}/events", response_class=StreamingResponse, responses={

@@ -4,6 +4,7 @@ connection (uvicorn in a thread) while that happens."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ import uvicorn
 from fastapi.testclient import TestClient
 
 from metaserve.api.app import create_app
-from metaserve.service import jobs
+from metaserve.service import events, jobs
 from metaserve.service.models import JobStatus
 from metaserve.service.sdk import Event, parse_sse
 from metaserve.service.settings import Settings
@@ -169,6 +170,35 @@ def test_the_live_stream_delivers_each_change_as_it_happens_and_resumes_from_las
     cursors = [tuple(int(part) for part in event_id.split("-")) for event_id in ids]
     assert all(all(a <= b for a, b in zip(earlier, later)) and earlier != later
                for earlier, later in zip(cursors, cursors[1:]))
+
+
+def test_the_streams_of_one_job_share_its_probe_and_each_read(
+        live_url: str, sessions, alice_auth, monkeypatch) -> None:  # noqa: ANN001
+    """Ten open streams on a running job read its events once each when they open, then once
+    together when the watch first sees the job, and no more while it does not move (one poll
+    per stream every 0.25 s would be ~40 reads in that second); one change is one shared read."""
+    reads: list[str] = []
+    real_poll = events.poll_job_events
+    monkeypatch.setattr(events, "poll_job_events",
+                        lambda **kwargs: (reads.append(str(kwargs["after"])), real_poll(**kwargs))[1])
+    streams = 10
+    with httpx.Client(base_url=live_url, headers=alice_auth, timeout=10) as http, \
+            contextlib.ExitStack() as open_streams:
+        job_id = submit(http, alice_auth)
+        claim(sessions)
+        readers = [parse_sse(open_streams.enter_context(
+            http.stream("GET", f"/v1/jobs/{job_id}/events")).iter_lines()) for _ in range(streams)]
+        first = [(next(reader), next(reader)) for reader in readers]
+        time.sleep(1.0)
+        quiet_reads = len(reads)
+        add_step(sessions, job_id, 10)
+        after_change = [(next(reader), next(reader)) for reader in readers]
+
+    assert {(a.data["status"], b.data["status"]) for a, b in first} == {("queued", "running")}
+    assert streams <= quiet_reads <= streams + 1
+    assert len(reads) - quiet_reads <= 2  # metrics and progress may land in two probes
+    assert {(a.kind, b.kind, a.data["step"], b.data["iteration"]) for a, b in after_change} == {
+        ("metrics", "progress", 10, 10)}
 
 
 def _owner(session, auth: dict[str, str]):  # noqa: ANN001, ANN202
