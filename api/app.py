@@ -13,7 +13,7 @@ from fastapi import FastAPI
 
 from metaserve.api.errors import install_error_handlers
 from metaserve.api.middleware import BodySizeLimitMiddleware, ControlCharacterMiddleware
-from metaserve.api.routes import ROUTERS
+from metaserve.api.routes import ROUTERS, datasets
 from metaserve.api.routes.prometheus import MetricsMiddleware, dispatcher_connected
 from metaserve.service.adapt_pool import AdaptPool
 from metaserve.service.auth import KeyCache
@@ -119,10 +119,12 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
     app.state.adapt_pool = AdaptPool(concurrency=settings.adapt_concurrency,
                                      queue=settings.adapt_queue, timeout_s=settings.adapt_timeout_s)
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes,
+                       own_limit_paths=frozenset({"/v1/datasets"}))
     app.add_middleware(ControlCharacterMiddleware)  # before the body is read
     app.state.telemetry = Telemetry(app.state.session_factory, lambda: dispatcher_connected(app))
     app.add_middleware(MetricsMiddleware, telemetry=app.state.telemetry)  # counts every answer
     for router in ROUTERS:
         app.include_router(router)
+    app.include_router(datasets.router)
     return app

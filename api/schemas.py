@@ -145,3 +145,26 @@ class AdaptResponse(BaseModel):
                                                        "of each query input.")
     steps: int = Field(description="Inner steps applied.")
     algorithm: str
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+class DatasetPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str = Field(description="Name it in a spec: `task_family: {name: images, dataset: <id>}`.")
+    name: str
+    format: str = Field(description="What was uploaded: npz, imagefolder or omniglot.")
+    classes: int
+    images: int
+    shape: list[int] = Field(description="[C, H, W] of every stored image.")
+    bytes: int = Field(description="Size of the upload as sent.")
+    sha256: str = Field(description="sha256 of the upload as sent.")
+    status: str = Field(description="ready: an upload is converted before its 201.")
+    created_at: datetime
+
+
+class DatasetsPublic(BaseModel):
+    data: list[DatasetPublic]
+    next_cursor: str | None = Field(None, description="Pass as `cursor` for the next page.")

@@ -456,7 +456,8 @@ class Dispatcher:
     def _run_options(self):  # noqa: ANN202 - a workers.runner.RunOptions
         from metaserve.workers.runner import RunOptions
 
-        return RunOptions(gpu_resource=self.settings.gpu_resource)
+        return RunOptions(gpu_resource=self.settings.gpu_resource,
+                          storage=self.settings.storage_config())
 
     def _settle(self, running: _Running, outcome: "Outcome", detail: str | None) -> None:
         job_id = running.job_id

@@ -128,3 +128,51 @@ class AdaptDiverged(MetaserveError):
 
     status_code = 422
     code = "validation_error"
+
+class DatasetNotFound(MetaserveError):
+    """Dataset not found."""
+
+    status_code = 404
+    code = "not_found"
+
+
+class InvalidDataset(MetaserveError):
+    """The upload is not a dataset this server reads."""
+
+    status_code = 422
+    code = "invalid_dataset"
+
+
+class DatasetTooLarge(MetaserveError):
+    """The upload is larger than this server accepts."""
+
+    status_code = 413
+    code = "payload_too_large"
+
+
+class DatasetLimitExceeded(MetaserveError):
+    """The dataset is larger than this server accepts."""
+
+    status_code = 422
+    code = "limit_exceeded"
+
+
+class DatasetInUse(MetaserveError):
+    """A queued or running job uses this dataset."""
+
+    status_code = 409
+    code = "dataset_in_use"
+
+
+class DatasetReferenceInvalid(MetaserveError):
+    """The spec names a dataset this key may not use."""
+
+    status_code = 422
+    code = "validation_error"
+
+
+class DatasetPathForbidden(MetaserveError):
+    """Only an admin key may name a dataset path on the server."""
+
+    status_code = 403
+    code = "forbidden"

@@ -211,3 +211,29 @@ class JobLogLine(Base):
     source: Mapped[str] = mapped_column(String(200))
     message: Mapped[str] = mapped_column(Text)
 
+
+DATASET_STATUSES = ("ready",)
+"""An upload is converted inside its request: a dataset row exists only once it is ready."""
+
+
+class Dataset(Base):
+    """A user's uploaded few-shot dataset; its canonical files live in the artifact store
+    under its id (:mod:`metaserve.workers.tasks.uploaded`)."""
+
+    __tablename__ = "datasets"
+    __table_args__ = (
+        CheckConstraint("status IN ('ready')", name="status"),
+        Index("ix_datasets_owner_id_id", "owner_id", "id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(29), primary_key=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(200))
+    format: Mapped[str] = mapped_column(String(16))
+    classes: Mapped[int] = mapped_column(Integer)
+    images: Mapped[int] = mapped_column(BigInteger)
+    shape: Mapped[list[int]] = mapped_column(JSON)
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16), default="ready")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -30,6 +30,10 @@ MAX_EVENT_STREAMS_PER_USER = 20
 ADAPT_CONCURRENCY = 2
 ADAPT_QUEUE = 8
 ADAPT_TIMEOUT_S = 30.0
+DATASET_MAX_UPLOAD_BYTES = 2 * 1024**3
+DATASET_MAX_IMAGES = 1_000_000
+DATASET_MAX_IMAGE_SIDE = 512
+DATASET_MAX_STORED_BYTES = 16 * 1024**3
 
 
 class Settings(BaseSettings):
@@ -134,6 +138,23 @@ class Settings(BaseSettings):
         False, description="Serve GET /metrics (Prometheus) without an API key; off: an admin "
                            "key is needed (a scraper sends it as a bearer token).")
 
+    # Uploaded datasets (docs/DATASETS.md): each limit broken → 413/422 naming the field; a
+    # raw server path in a spec is an operator's tool.
+    dataset_max_upload_bytes: int = Field(
+        DATASET_MAX_UPLOAD_BYTES, ge=1,
+        description="Largest dataset upload (bytes, as sent); larger → 413 before it is kept.")
+    dataset_max_images: int = Field(DATASET_MAX_IMAGES, ge=1,
+                                    description="Most images in one dataset; more → 422.")
+    dataset_max_image_side: int = Field(
+        DATASET_MAX_IMAGE_SIDE, ge=8, le=8192,
+        description="Largest height or width of an image of a dataset (pixels); larger → 422.")
+    dataset_max_stored_bytes: int = Field(
+        DATASET_MAX_STORED_BYTES, ge=1,
+        description="Largest dataset once decoded (N × C × H × W bytes); larger → 422.")
+    data_root: str = Field(
+        "", description="A directory under which any key's spec may name a dataset `path`; "
+                        "empty: only admin keys may name paths.")
+
     @field_validator("artifact_root", mode="before")
     @classmethod
     def _check_artifact_root(cls, value: object) -> str:
@@ -170,6 +191,11 @@ class Settings(BaseSettings):
     @property
     def admin_key_path(self) -> Path:
         return self.data_dir / "admin.key"
+
+    @property
+    def upload_dir(self) -> Path:
+        """Where dataset uploads are spooled while they are converted (removed after)."""
+        return self.data_dir / "uploads"
 
     @property
     def dispatcher_health_path(self) -> Path:

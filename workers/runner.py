@@ -34,6 +34,8 @@ from metaserve.workers.engine import ShardResult, Trainer, TrainState
 from metaserve.workers.engine.loop import JobCancelled, RunHooks, train_loop
 from metaserve.workers.joblog import forward_logs_to
 from metaserve.workers.spec import JobSpec
+from metaserve.workers.storage import StorageConfig
+from metaserve.workers.tasks.uploaded import use_dataset_store
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +59,9 @@ class RunOptions:
     gpu_resource: str = "GPU"
     """The Ray resource a job's ``gpus_per_worker`` asks for: ``GPU``, or a custom resource
     that stands in for GPUs (e.g. ``gpu_slot`` on CPU-only test nodes)."""
+
+    storage: StorageConfig | None = None
+    """The artifact store uploaded datasets are read from (:mod:`metaserve.workers.tasks.uploaded`)."""
 
     log_sink: Any = None
     """The job's supervisor actor, which inner-loop workers send their log records to
@@ -87,6 +92,7 @@ class InnerLoopWorker:
 
         forward_logs_to(options.log_sink, f"worker pid {os.getpid()}")
         torch.set_num_threads(max(1, torch_threads))
+        use_dataset_store(options.storage)
         device = worker_device(spec["resources"]["gpus_per_worker"], options.gpu_resource,
                                torch.cuda.is_available())
         self.trainer = Trainer(spec, device=device)
@@ -269,6 +275,7 @@ def run_job(spec: JobSpec | dict, job_dir: Path, hooks: RunHooks | None = None,
         return None
     hooks = hooks or RunHooks()
     options = options or RunOptions()
+    use_dataset_store(options.storage)
     job_dir = Path(job_dir)
     job_dir.mkdir(parents=True, exist_ok=True)
     check_schedulable(spec, options)

@@ -311,8 +311,13 @@ class _FewShotImages(StrictModel):
         return self.ways
 
 
+DATASET_ID_PATTERN = r"^ds_[0-9A-Z]{26}$"
+
+
 class ImagesSpec(_FewShotImages):
-    """Few-shot classification from a dataset on the cluster's storage.
+    """Few-shot classification from a dataset: an uploaded one (``dataset``: the id that
+    ``POST /v1/datasets`` returned) or, for operators, one on the cluster's storage
+    (``path``: admin keys only, or under the server's data root).
 
     ``path`` is a directory in Omniglot's layout (alphabet/character/*.png), in
     ImageFolder's (class/*.png), or an ``.npz`` with ``images`` (uint8 [N,H,W] or
@@ -320,8 +325,11 @@ class ImagesSpec(_FewShotImages):
     """
 
     name: Literal["images"] = "images"
-    path: str = Field("datasets/omniglot", min_length=1, max_length=4096,
-                      description="Dataset directory or .npz file.")
+    dataset: str | None = Field(None, pattern=DATASET_ID_PATTERN,
+                                description="Id of an uploaded dataset (POST /v1/datasets).")
+    path: str | None = Field(None, min_length=1, max_length=4096,
+                             description="Dataset directory or .npz file on the cluster's "
+                                         "storage (admin keys, or under the data root).")
     layout: Literal["auto", "omniglot", "imagefolder", "npz"] = "auto"
     channels: Literal[1, 3] = Field(1, description="1 = grayscale, 3 = RGB.")
     rotations: bool = Field(False, description="Add 90/180/270° rotations as new classes.")
@@ -333,7 +341,17 @@ class ImagesSpec(_FewShotImages):
     def _split(self) -> "ImagesSpec":
         if any(part < 0 for part in self.split) or abs(sum(self.split) - 1.0) > 1e-6:
             raise ValueError("split: fractions must be non-negative and sum to 1")
+        if (self.dataset is None) == (self.path is None):
+            raise ValueError("name exactly one of dataset (an uploaded dataset's id, from "
+                             "POST /v1/datasets) and path (a dataset on the server's storage)")
+        if self.dataset is not None and self.layout != "auto":
+            raise ValueError("layout applies to a path; an uploaded dataset has one layout")
         return self
+
+    @property
+    def source(self) -> str:
+        """The dataset, as messages name it."""
+        return f"dataset {self.dataset}" if self.dataset else f"dataset path {self.path!r}"
 
 
 class GlyphsSpec(_FewShotImages):

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Header, Query, Request, Response, status
 
 from metaserve.api.deps import NO_CONTROL_CHARACTERS, CurrentUser, PathText, SessionDep
 from metaserve.api.schemas import ErrorResponse, JobPublic, JobsPublic, model_response
-from metaserve.service import jobs, limits
+from metaserve.service import datasets, jobs, limits
 from metaserve.service.models import JobStatus
 from metaserve.service.store import MAX_PAGE
 from metaserve.workers.spec import JobSpec
@@ -41,6 +41,7 @@ def create_job(
     """Validate and queue a meta-training job."""
     settings = request.app.state.settings  # not SettingsDep: a sync dependency costs a thread hop
     limits.check_job_cost(spec=spec, settings=settings)
+    datasets.check_job_data(session=session, owner=user, spec=spec, settings=settings)
     job, created = jobs.submit_job(session=session, owner=user, spec=spec,
                                    idempotency_key=idempotency_key,
                                    max_queued=settings.max_queued_jobs_per_user,

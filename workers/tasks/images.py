@@ -1,6 +1,7 @@
-"""Few-shot image classification from a dataset on disk: the ``images`` task family.
+"""Few-shot image classification from a dataset: the ``images`` task family.
 
-Three layouts are read:
+An uploaded dataset (``dataset: <id>``) is read from its canonical layout
+(:mod:`metaserve.workers.tasks.uploaded`); a dataset on disk (``path``) in one of three layouts:
 
 - ``omniglot``: ``root/alphabet/character/*.png`` (Lake et al. 2015), one class per character;
 - ``imagefolder``: ``root/class/*.png`` (also ``.jpg``, ``.jpeg``, ``.bmp``), one class per folder;
@@ -250,9 +251,14 @@ class ImagesFamily:
 
     def __init__(self, spec: ImagesSpec):
         self.spec = spec
-        self.dataset = load_image_dataset(
-            spec.path, layout=spec.layout, image_size=spec.image_size, channels=spec.channels
-        )
+        if spec.dataset is not None:
+            from metaserve.workers.tasks.uploaded import load_uploaded_dataset
+
+            self.dataset = load_uploaded_dataset(spec.dataset, spec.image_size, spec.channels)
+        else:
+            self.dataset = load_image_dataset(
+                spec.path, layout=spec.layout, image_size=spec.image_size, channels=spec.channels
+            )
         self.input_shape: tuple[int, int, int] = spec.input_shape
         self.output_dim: int = spec.output_dim
         rotations = ROTATIONS if spec.rotations else 1
@@ -265,7 +271,7 @@ class ImagesFamily:
         for split, classes in self._split_classes.items():
             if len(classes) < spec.ways:
                 raise DatasetError(
-                    f"dataset path {spec.path!r}: the {split} split has {len(classes)} classes, "
+                    f"{spec.source}: the {split} split has {len(classes)} classes, "
                     f"fewer than ways={spec.ways} ({len(self.dataset.class_names)} classes split "
                     f"{spec.split}{', ×4 rotations' if spec.rotations else ''})"
                 )
@@ -289,12 +295,12 @@ class ImagesFamily:
                 logger.warning(
                     "%d classes of the %s split have fewer than %d images and are not sampled",
                     len(small), split, shots,
-                    extra={"dataset_path": self.spec.path, "small_classes": small[:20]},
+                    extra={"dataset": self.spec.source, "small_classes": small[:20]},
                 )
             eligible = classes[large_enough]
             if len(eligible) < self.spec.ways:
                 raise DatasetError(
-                    f"dataset path {self.spec.path!r}: the {split} split has only "
+                    f"{self.spec.source}: the {split} split has only "
                     f"{len(eligible)} classes with at least {shots} images "
                     f"(support + query shots), fewer than ways={self.spec.ways}"
                 )

@@ -1,0 +1,115 @@
+"""``/v1/datasets``: a user's own few-shot datasets, uploaded once and named by id in specs.
+
+The upload is the request body itself (``Content-Type`` anything; an ``.npz``, a ``.zip`` or a
+``.tar``), streamed to a spool file on disk as it arrives, its size checked as it arrives
+(413 naming ``body`` past ``METASERVE_DATASET_MAX_UPLOAD_BYTES``), then converted in the
+threadpool (:mod:`metaserve.service.datasets`); nothing of a refused upload is kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response, status
+from starlette.concurrency import run_in_threadpool
+
+from metaserve.api.deps import NO_CONTROL_CHARACTERS, CurrentUser, PathText, SessionDep
+from metaserve.api.schemas import DatasetPublic, DatasetsPublic, ErrorResponse, model_response
+from metaserve.service import artifacts, datasets
+from metaserve.service.exceptions import DatasetTooLarge
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses={
+    401: {"model": ErrorResponse, "description": "Missing or invalid API key"},
+})
+
+UPLOAD_PATH = "/v1/datasets"
+
+
+def _too_large(size: int, cap: int) -> DatasetTooLarge:
+    return DatasetTooLarge(
+        f"body: the upload is {'more than ' if size > cap else ''}{size:,} bytes, above the cap "
+        f"of {cap:,} (METASERVE_DATASET_MAX_UPLOAD_BYTES)",
+        body=f"at most {cap:,} bytes")
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetPublic, responses={
+    413: {"model": ErrorResponse, "description": "Upload above METASERVE_DATASET_MAX_UPLOAD_BYTES"},
+    422: {"model": ErrorResponse, "description": "Not a dataset this server reads, a refused "
+          "archive member (named), or above a dataset limit (code limit_exceeded, named)"},
+})
+async def upload_dataset(
+    request: Request,
+    user: CurrentUser,
+    name: Annotated[str | None, Query(max_length=200, pattern=NO_CONTROL_CHARACTERS,
+                                      description="Default: dataset-<time>.")] = None,
+) -> Response:
+    """Upload a dataset as the request body: an `.npz` with `images` and `labels`, or a
+    `.zip`/`.tar` of an ImageFolder (class/*.png) or Omniglot (alphabet/character/*.png) tree."""
+    settings = request.app.state.settings
+    cap = settings.dataset_max_upload_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > cap:
+        raise _too_large(int(declared), cap)
+    settings.upload_dir.mkdir(parents=True, exist_ok=True)
+    spool = Path(tempfile.mkdtemp(prefix="upload-", dir=settings.upload_dir))
+    try:
+        digest, size = hashlib.sha256(), 0
+        with open(spool / "upload", "wb") as handle:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > cap:
+                    raise _too_large(size, cap)
+                digest.update(chunk)
+                handle.write(chunk)
+        store = artifacts.get_store(settings.storage_config())
+
+        def convert() -> DatasetPublic:
+            with request.app.state.session_factory() as session:
+                dataset = datasets.create_dataset(
+                    session=session, owner=user, upload=spool / "upload",
+                    name=name or f"dataset-{digest.hexdigest()[:8]}", size=size,
+                    sha256=digest.hexdigest(), settings=settings, store=store)
+                return DatasetPublic.model_validate(dataset)
+
+        public = await run_in_threadpool(convert)
+    finally:
+        shutil.rmtree(spool, ignore_errors=True)
+    return model_response(public, status.HTTP_201_CREATED,
+                          headers={"Location": f"/v1/datasets/{public.id}"})
+
+
+@router.get("", response_model=DatasetsPublic)
+def list_datasets(
+    user: CurrentUser,
+    session: SessionDep,
+    cursor: Annotated[str | None, Query(max_length=100, pattern=NO_CONTROL_CHARACTERS)] = None,
+    limit: Annotated[int, Query(ge=1, le=datasets.MAX_PAGE)] = 50,
+) -> Response:
+    """Your datasets, newest first (an admin sees everyone's)."""
+    page, next_cursor = datasets.list_datasets(session=session, owner=user, cursor=cursor,
+                                               limit=limit)
+    return model_response(DatasetsPublic(data=[DatasetPublic.model_validate(d) for d in page],
+                                         next_cursor=next_cursor))
+
+
+@router.get("/{dataset_id}", response_model=DatasetPublic,
+            responses={404: {"model": ErrorResponse}})
+def get_dataset(dataset_id: PathText, user: CurrentUser, session: SessionDep) -> Response:
+    return model_response(DatasetPublic.model_validate(
+        datasets.get_dataset(session=session, dataset_id=dataset_id, owner=user)))
+
+
+@router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT, responses={
+    404: {"model": ErrorResponse},
+    409: {"model": ErrorResponse, "description": "A queued or running job uses it (named)"},
+})
+def delete_dataset(dataset_id: PathText, user: CurrentUser, session: SessionDep,
+                   request: Request) -> Response:
+    """Delete the dataset and its stored files (refused while a queued or running job uses it)."""
+    store = artifacts.get_store(request.app.state.settings.storage_config())
+    datasets.delete_dataset(session=session, dataset_id=dataset_id, owner=user, store=store)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
