@@ -45,6 +45,8 @@ db_app = typer.Typer(help="Database schema migrations.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(keys_app, name="keys")
+datasets_app = typer.Typer(help="Your uploaded datasets.", no_args_is_help=True)
+app.add_typer(datasets_app, name="datasets")
 
 
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -596,3 +598,59 @@ def fetch(
             raise _fail(f"job {printable(job)} has no final artifacts yet (status: {status})")
         directory = client.download(job, out, names=names)
     typer.echo(f"downloaded {printable(', '.join(names or ('every artifact',)))} to {directory}")
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+def _dataset_line(dataset: dict) -> str:
+    shape = "×".join(str(n) for n in dataset["shape"])
+    return (f"{dataset['id']}  {dataset['name']}  {dataset['format']}  {dataset['classes']} classes"
+            f"  {dataset['images']} images of {shape}  {dataset['bytes']:,} bytes")
+
+
+@datasets_app.command("upload")
+def datasets_upload(
+    path: Annotated[Path, typer.Argument(help="An .npz (images, labels) or a .zip/.tar of an "
+                                         "ImageFolder or Omniglot tree.")],
+    name: Annotated[Optional[str], typer.Option(help="Default: the file name.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Upload a dataset; prints its id (name it in a spec as task_family.dataset)."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    with _ClientErrors(), _client() as client:
+        bar = Progress("[bold]upload", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                       disable=not progress)
+        with bar:
+            task = bar.add_task("upload", total=path.stat().st_size)
+            dataset = client.upload_dataset(
+                path, name=name, progress=lambda sent, total: bar.update(task, completed=sent))
+    typer.echo(printable(_dataset_line(dataset)))
+
+
+@datasets_app.command("list")
+def datasets_list() -> None:
+    """Your datasets, newest first."""
+    with _ClientErrors(), _client() as client:
+        for dataset in client.datasets():
+            typer.echo(printable(_dataset_line(dataset)))
+
+
+@datasets_app.command("show")
+def datasets_show(dataset_id: Annotated[str, typer.Argument(metavar="DATASET")]) -> None:
+    """One dataset, as JSON."""
+    import json
+
+    with _ClientErrors(), _client() as client:
+        document = client.dataset(dataset_id)
+    for line in json.dumps(document, indent=2, ensure_ascii=False).splitlines():
+        typer.echo(printable(line))
+
+
+@datasets_app.command("delete")
+def datasets_delete(dataset_id: Annotated[str, typer.Argument(metavar="DATASET")]) -> None:
+    """Delete a dataset (refused while a queued or running job uses it)."""
+    with _ClientErrors(), _client() as client:
+        client.delete_dataset(dataset_id)
+    typer.echo(printable(f"deleted {dataset_id}"))

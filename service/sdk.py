@@ -41,6 +41,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 TIMEOUT_S = 30.0
+UPLOAD_CHUNK_BYTES = 1 << 20
+UPLOAD_TIMEOUT_S = 3600.0  # the server converts the upload before it answers
 RECONNECT_DELAY_S = 1.0
 MAX_RECONNECTS = 30
 META_INIT_FILES = ("meta_init.safetensors", "meta_init.json")
@@ -474,6 +476,49 @@ class Client:
         if not all((directory / name).exists() for name in META_INIT_FILES):
             self.download(job_id, directory)
         return load_meta_init(directory)
+
+    # ------------------------------------------------------------------ datasets
+
+    def upload_dataset(self, path: str | Path, *, name: str | None = None,
+                       progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+        """Upload a dataset file (an ``.npz`` with ``images`` and ``labels``, or a ``.zip`` /
+        ``.tar`` of an ImageFolder or Omniglot tree), streamed from disk; returns the dataset
+        (its ``id`` goes in a spec as ``task_family: {name: images, dataset: <id>}``).
+        ``progress(sent, total)`` is called as bytes go out."""
+        path = Path(path)
+        total = path.stat().st_size
+
+        def chunks() -> Iterator[bytes]:
+            sent = 0
+            with path.open("rb") as file:
+                while chunk := file.read(UPLOAD_CHUNK_BYTES):
+                    sent += len(chunk)
+                    if progress is not None:
+                        progress(sent, total)
+                    yield chunk
+
+        return self._request(
+            "POST", "/v1/datasets", params={"name": name or path.name}, content=chunks(),
+            headers={"Content-Length": str(total), "Content-Type": "application/octet-stream"},
+            timeout=httpx.Timeout(TIMEOUT_S, read=UPLOAD_TIMEOUT_S)).json()
+
+    def datasets(self) -> list[dict[str, Any]]:
+        """Your datasets, newest first (every page)."""
+        found: list[dict[str, Any]] = []
+        params: dict[str, Any] = {"limit": 100}
+        while True:
+            page = self._request("GET", "/v1/datasets", params=params).json()
+            found.extend(page["data"])
+            if not page["next_cursor"]:
+                return found
+            params["cursor"] = page["next_cursor"]
+
+    def dataset(self, dataset_id: str) -> dict[str, Any]:
+        return self._request("GET", f"/v1/datasets/{dataset_id}").json()
+
+    def delete_dataset(self, dataset_id: str) -> None:
+        """Delete a dataset (refused with :class:`Conflict` while a queued or running job uses it)."""
+        self._request("DELETE", f"/v1/datasets/{dataset_id}")
 
     @staticmethod
     def adapt(model: "MetaInitModel", support_x: "Tensor", support_y: "Tensor",
