@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from metaserve.service.settings import Settings
+from metaserve.workers.local_ray import start_local_ray
 
 logger = logging.getLogger(__name__)
 
@@ -65,32 +66,6 @@ def local_node_running() -> bool:
     return bool(services.find_node_ids())
 
 
-LOOPBACK = "127.0.0.1"
-# Ray 2.60 reads it once, at import (ray._private.ray_constants.ENABLE_RAY_CLUSTER).
-LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-
-
-def loopback_only_ray() -> None:
-    """Make the local Ray that ``ray.init()`` starts listen on 127.0.0.1 only.
-
-    Ray 2.60 binds every server of a node (GCS, raylet, object manager, core workers, the
-    dashboard and runtime-env agents, the metrics servers of the autoscaler monitor and the
-    dashboard head) to the node's IP, and ``ray.init(_node_ip_address="127.0.0.1")`` alone does
-    not help: ``ray.init`` replaces a loopback ``_node_ip_address`` with this host's outward IP
-    (``services.resolve_ip_for_localhost``), and the gRPC servers of a node on an outward IP
-    listen on all addresses (``*``). It keeps the loopback address only where Ray clusters are
-    off (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, read once when Ray is imported; the
-    Windows/macOS default): then the node's IP is 127.0.0.1 and every server, also those of
-    the processes Ray starts, listens on 127.0.0.1 (the gRPC ones on ``[::ffff:127.0.0.1]``).
-    ``tests/reliability/test_embedded_ray_ports.py`` checks each listener with ``ss``.
-    Only for the embedded default: a node that joins a cluster needs a reachable IP.
-    """
-    from ray._private import ray_constants
-
-    os.environ[LOCAL_ONLY_ENV] = "0"  # for the processes Ray starts
-    ray_constants.ENABLE_RAY_CLUSTER = False  # this process may have imported Ray already
-
-
 def connect_ray(settings: Settings) -> None:
     """Connect to ``settings.ray_address`` (see the module docstring)."""
     import ray
@@ -105,9 +80,7 @@ def connect_ray(settings: Settings) -> None:
     runtime_env = {"env_vars": {"PYTHONUNBUFFERED": "1"}}
     address = settings.ray_address
     if not address:
-        loopback_only_ray()
-        ray.init(include_dashboard=False, runtime_env=runtime_env,
-                 num_cpus=settings.ray_num_cpus or None, _node_ip_address=LOOPBACK, **kwargs)
+        start_local_ray(runtime_env=runtime_env, num_cpus=settings.ray_num_cpus or None, **kwargs)
     elif address.startswith("ray://"):
         ray.init(address=address, runtime_env=runtime_env, **kwargs)
     else:

@@ -83,11 +83,12 @@ def _train_rl(job, out: Path, reporter) -> None:  # noqa: ANN001
     import ray
 
     from metaserve.workers.engine.loop import RunHooks
+    from metaserve.workers.local_ray import start_local_ray
     from metaserve.workers.rl import run_rl_job
 
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        start_local_ray(log_to_driver=False, configure_logging=False)
     try:
         run_rl_job(job, out, RunHooks(report=reporter))
     finally:

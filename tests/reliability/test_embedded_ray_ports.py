@@ -170,6 +170,9 @@ def test_every_listener_of_the_server_and_its_local_ray_is_on_loopback(tmp_path:
         for pid in {pid for _, _, name, pid in ours if name in {"gcs_server", "raylet"}}:
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
             assert b"RAY_AUTH_MODE=token" in environ, cmdline(pid)
+        # the Prometheus servers of the monitor and the dashboard head: any free port, not
+        # Ray's fixed defaults (a second Ray on the host went without them)
+        assert not {44217, 44227} & {port for _, port, _, _ in ours}, described
         exposed = [entry for entry in ours if not is_loopback(entry[0])]
         assert not exposed, "listening beyond loopback:\n" + "\n".join(
             f"{address}:{port} {name} (pid {pid}: {cmdline(pid)[:120]})"
