@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from metaserve.api.errors import install_error_handlers
 from metaserve.api.middleware import BodySizeLimitMiddleware, ControlCharacterMiddleware
 from metaserve.api.routes import ROUTERS, datasets
+from metaserve.api.routes import dashboard
 from metaserve.api.routes.prometheus import MetricsMiddleware, dispatcher_connected
 from metaserve.service.adapt_pool import AdaptPool
 from metaserve.service.auth import KeyCache
@@ -110,6 +111,8 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
         version="0.1.0",
         summary="Meta-learning jobs (MAML, Reptile, ANIL, Meta-SGD, prompt tuning) on Ray.",
         lifespan=_lifespan,
+        docs_url=None,   # served by routes/dashboard.py from the packaged Swagger UI assets
+        redoc_url=None,  # ReDoc's script is not vendored; /docs covers the same schema
     )
     app.state.settings = settings
     app.state.freeze_gc = freeze_gc
@@ -127,4 +130,5 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
     for router in ROUTERS:
         app.include_router(router)
     app.include_router(datasets.router)
+    app.mount(dashboard.STATIC_PATH, dashboard.static_files(), name="static")
     return app

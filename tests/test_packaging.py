@@ -103,3 +103,16 @@ def test_migrations_run_from_the_installed_package(installed: Path, tmp_path: Pa
         site_dir=installed, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1] == str(installed / "metaserve" / "migrations")
+
+
+def test_wheel_ships_every_dashboard_and_docs_asset(wheel: Path):
+    """The dashboard (``/``) and ``/docs`` serve files from inside the package: no CDN."""
+    names = set(zipfile.ZipFile(wheel).namelist())
+    static = ROOT / "api" / "static"
+    expected = {f"metaserve/api/static/{path.relative_to(static).as_posix()}"
+                for path in static.rglob("*") if path.is_file()}
+    assert {"metaserve/api/static/index.html", "metaserve/api/static/app.js",
+            "metaserve/api/static/vendor/uplot/uPlot.iife.min.js",
+            "metaserve/api/static/vendor/uplot/LICENSE",
+            "metaserve/api/static/vendor/swagger-ui/swagger-ui-bundle.js"} <= expected
+    assert expected - names == set()

@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
-from metaserve.api.routes import (adapt, artifacts, catalog, events, health, jobs, keys, logs,
-                                   metrics, prometheus)
+from metaserve.api.routes import (adapt, artifacts, catalog, dashboard, events, health, jobs,
+                                   keys, logs, metrics, prometheus)
 
 ROUTERS = [health.router, jobs.router, catalog.router, metrics.router, artifacts.router,
-           events.router, adapt.router, keys.router, logs.router, prometheus.router]
+           events.router, adapt.router, keys.router, logs.router, prometheus.router,
+           dashboard.router]

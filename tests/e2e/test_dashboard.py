@@ -1,0 +1,278 @@
+"""The dashboard in a real browser (Debian's chromium + chromium-driver through selenium),
+against the API served by uvicorn. Jobs are driven through the service layer exactly as the
+dispatcher drives them (claim, metrics, progress), so the page's live curve is fed by the same
+event stream a real run feeds, while the test decides when each point arrives.
+
+Set ``METASERVE_DASHBOARD_SCREENSHOTS=DIR`` to save a screenshot of each page, and
+``METASERVE_DASHBOARD_REPORT=FILE`` to write the measured figures as JSON (docs/DASHBOARD.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import uvicorn
+from selenium import webdriver  # a dev dependency: missing, the suite fails (no skip)
+from selenium.common.exceptions import TimeoutException
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+
+from metaserve.api.app import create_app
+from metaserve.service import auth, jobs
+from metaserve.service.db import make_engine, session_factory
+from metaserve.service.models import Base, JobStatus
+from metaserve.service.settings import Settings
+from metaserve.workers.spec import JobSpec
+from tests.server_process import free_port
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+WORKER = "dispatcher-under-test"
+POINTS = 10_000
+STEPS = POINTS // 2  # two series (loss before and after adaptation): 10,000 points
+FIRST_LOAD_BUDGET_BYTES = 300 * 1024
+
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator["webdriver.Chrome"]:
+    missing = [path for path in (CHROMIUM, CHROMEDRIVER) if not Path(path).exists()]
+    if missing:
+        message = f"{', '.join(missing)} missing: apt-get install chromium chromium-driver"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                     "--window-size=1400,1000", "--disable-extensions"):
+        options.add_argument(argument)
+    service = webdriver.ChromeService(executable_path=CHROMEDRIVER)
+    driver = webdriver.Chrome(options=options, service=service)
+    driver.set_script_timeout(30)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """The API on SQLite served by uvicorn, two users, and their jobs."""
+    root = tmp_path_factory.mktemp("dashboard")
+    url = f"sqlite:///{root / 'metaserve.db'}"
+    engine = make_engine(url)
+    Base.metadata.create_all(engine)
+    sessions = session_factory(engine)
+    with sessions() as session:
+        alice, alice_key = auth.create_key(session=session, name="alice")
+        bob, bob_key = auth.create_key(session=session, name="bob")
+    port = free_port()
+    app = create_app(Settings(database_url=url, dispatcher=False, artifact_root=root / "artifacts"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    yield {"url": f"http://127.0.0.1:{port}", "sessions": sessions, "alice": alice,
+           "alice_key": alice_key, "bob": bob, "bob_key": bob_key}
+    server.should_exit = True
+    thread.join(timeout=20)
+    engine.dispose()
+
+
+def submit(site: dict, name: str, **spec) -> str:
+    with site["sessions"]() as session:
+        job, _ = jobs.submit_job(session=session, owner=site["alice"], spec=JobSpec.model_validate(
+            {"name": name, "algorithm": {"name": "maml"}, "task_family": {"name": "sine"},
+             "iterations": POINTS, **spec}))
+        return job.id
+
+
+def claim(site: dict, job_id: str) -> None:
+    with site["sessions"]() as session:
+        claimed = jobs.claim_next_job(session=session, worker_id=WORKER, lease_s=600)
+    assert claimed is not None and claimed.id == job_id
+
+
+def report(site: dict, job_id: str, steps: range, *, total: int = POINTS) -> None:
+    """What the dispatcher writes for a run at ``steps``: the two training losses and progress."""
+    rows = [row for step in steps for row in (
+        (step, "train/loss_before", 2.0 / (1 + step / 400)),
+        (step, "train/loss_after", 1.0 / (1 + step / 250)))]
+    with site["sessions"]() as session:
+        jobs.add_metrics(session=session, job_id=job_id, rows=rows)
+        jobs.update_progress(session=session, job_id=job_id, worker_id=WORKER, message="",
+                             progress={"iteration": steps[-1], "total": total,
+                                       "tasks_per_s": 812.4, "eta_s": 30.0, "workers": 1})
+
+
+def evaluate(site: dict, job_id: str, step: int) -> None:
+    rows = [(step, f"val/loss_step{k}", 0.9 / (k + 1)) for k in (1, 10)]
+    rows += [(step, f"val/loss_step{k}_ci95", 0.05) for k in (1, 10)]
+    with site["sessions"]() as session:
+        jobs.add_metrics(session=session, job_id=job_id, rows=rows)
+
+
+def wait(browser, condition, timeout: float = 20.0, message: str = ""):  # noqa: ANN001, ANN201
+    try:
+        return WebDriverWait(browser, timeout, poll_frequency=0.05).until(condition)
+    except TimeoutException:
+        state = browser.execute_script(
+            "const d = window.metaserveDashboard; return {points: d.points, renders: d.renders,"
+            " live: (document.getElementById('live') || {}).textContent};")
+        pytest.fail(f"timed out: {message}; the page: {state}")
+
+
+def shot(browser, name: str) -> None:  # noqa: ANN001
+    directory = os.environ.get("METASERVE_DASHBOARD_SCREENSHOTS")
+    if directory:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        browser.save_screenshot(str(Path(directory) / f"{name}.png"))
+
+
+def log_in(browser, site: dict, key: str) -> None:  # noqa: ANN001
+    browser.get(site["url"] + "/")
+    if not browser.find_elements(By.ID, "key"):
+        browser.execute_script("sessionStorage.clear();")
+        browser.get(site["url"] + "/")
+    wait(browser, lambda b: b.find_elements(By.ID, "key"), message="login form")
+    field = browser.find_element(By.ID, "key")
+    field.clear()
+    field.send_keys(key)
+    browser.find_element(By.CSS_SELECTOR, "#login button[type=submit]").click()
+
+
+def chart_points(browser, group: str) -> int:  # noqa: ANN001
+    return browser.execute_script(
+        "const c = window.metaserveDashboard.charts; return c ? c.points(arguments[0]) : 0;", group)
+
+
+FIGURES: dict[str, float] = {}
+
+
+def test_a_user_logs_in_sees_live_curves_compares_and_cancels_and_another_user_sees_nothing(
+        browser, site: dict) -> None:  # noqa: ANN001
+    running = submit(site, "sine-live")
+    finished = submit(site, "sine-reptile", algorithm={"name": "reptile"})
+    queued = submit(site, "sine-queued")
+    claim(site, running)
+    report(site, running, range(10, 101, 10))
+    evaluate(site, running, 100)
+
+    # The first load (the login page, nothing cached), then a refused key, then alice's: the
+    # list shows her jobs; the key is in sessionStorage only.
+    browser.get(site["url"] + "/")
+    wait(browser, lambda b: b.find_elements(By.ID, "key"), message="login form")
+    FIGURES["first_load_bytes"] = browser.execute_script(
+        "return performance.getEntriesByType('navigation').concat("
+        "performance.getEntriesByType('resource')).reduce((s, e) => s + e.transferSize, 0);")
+    assert 0 < FIGURES["first_load_bytes"] < FIRST_LOAD_BUDGET_BYTES
+    shot(browser, "login")
+    log_in(browser, site, "ms_not-a-key")
+    wait(browser, lambda b: "refused" in b.find_element(By.ID, "login-error").text, message="refusal")
+    log_in(browser, site, site["alice_key"])
+    wait(browser, lambda b: len(b.find_elements(By.CSS_SELECTOR, "#jobs tbody tr[data-id]")) == 3,
+         message="alice's three jobs listed")
+    assert site["alice_key"] not in browser.current_url
+    assert browser.execute_script("return sessionStorage.getItem('metaserve.apiKey')") == site["alice_key"]
+    rows = browser.find_elements(By.CSS_SELECTOR, "#jobs tbody tr[data-id]")
+    assert [row.get_attribute("data-name") for row in rows] == ["sine-queued", "sine-reptile", "sine-live"]
+    shot(browser, "jobs")
+
+    # The running job: its curve gains points from the event stream, without a reload.
+    browser.find_element(By.LINK_TEXT, "sine-live").click()
+    wait(browser, lambda b: chart_points(b, "train_loss") == 20, message="the first 20 points")
+    browser.execute_script("window.__sameDocument = true;")
+    report(site, running, range(110, 301, 10))
+    evaluate(site, running, 300)
+    wait(browser, lambda b: chart_points(b, "train_loss") == 60, message="40 more points, live")
+    assert browser.execute_script("return window.__sameDocument === true")
+    assert chart_points(browser, "eval_loss") == 4
+    assert "300 / 10000" in browser.find_element(By.CSS_SELECTOR, ".kv").text
+    history = [li.text for li in browser.find_elements(By.CSS_SELECTOR, "#history li")]
+    assert [item.split(" —")[0] for item in history] == ["queued attempt 0", "running attempt 1"]
+    shot(browser, "job")
+
+    # Compare the running and the finished job.
+    claim(site, finished)
+    report(site, finished, range(10, 201, 10), total=200)
+    with site["sessions"]() as session:
+        jobs.finish_job(session=session, job_id=finished, worker_id=WORKER,
+                        status=JobStatus.SUCCEEDED)
+    browser.get(site["url"] + "/#/")
+    wait(browser, lambda b: b.find_elements(By.CSS_SELECTOR, f"input[data-id='{running}']"))
+    browser.find_element(By.CSS_SELECTOR, f"input[data-id='{running}']").click()
+    browser.find_element(By.CSS_SELECTOR, f"input[data-id='{finished}']").click()
+    browser.find_element(By.ID, "compare-selected").click()
+    wait(browser, lambda b: len(b.find_elements(By.CSS_SELECTOR, "#compare-table tbody tr")) == 2,
+         message="compare table")
+    assert browser.find_element(By.ID, "compare-metric").get_attribute("value") == "train/loss_after"
+    assert browser.execute_script("return window.metaserveDashboard.points") == 30 + 20
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#compare-chart canvas")) == 1
+    shot(browser, "compare")
+
+    # Cancel the queued job from its page.
+    browser.get(site["url"] + f"/#/jobs/{queued}")
+    wait(browser, lambda b: b.find_element(By.ID, "cancel").is_enabled(), message="cancel button")
+    browser.find_element(By.ID, "cancel").click()
+    wait(browser, lambda b: b.find_element(By.ID, "job-status").text == "cancelled",
+         message="cancelled on the page")
+    with site["sessions"]() as session:
+        assert jobs.job_status(session=session, job_id=queued) is JobStatus.CANCELLED
+
+    # Bob: none of alice's jobs in his list, her job's page and its API calls say 404.
+    browser.find_element(By.ID, "logout").click()
+    log_in(browser, site, site["bob_key"])
+    wait(browser, lambda b: b.find_elements(By.CSS_SELECTOR, "#jobs tbody td.muted"), message="bob's list")
+    assert browser.find_elements(By.CSS_SELECTOR, "#jobs tbody tr[data-id]") == []
+    browser.get(site["url"] + f"/#/jobs/{running}")
+    wait(browser, lambda b: b.find_elements(By.ID, "job-error"), message="bob's job page")
+    assert browser.find_element(By.ID, "job-error").text == "No such job of yours."
+    statuses = browser.execute_async_script("""
+        const done = arguments[arguments.length - 1];
+        const headers = {Authorization: 'Bearer ' + sessionStorage.getItem('metaserve.apiKey')};
+        Promise.all(['', '/metrics', '/events', '/logs', '/artifacts'].map(
+            (tail) => fetch('/v1/jobs/' + arguments[0] + tail, {headers}).then((r) => r.status)))
+          .then(done);""", running)
+    assert statuses == [404, 404, 404, 404, 404]
+
+
+def test_the_job_page_shows_ten_thousand_points_and_stays_responsive(browser, site: dict) -> None:  # noqa: ANN001
+    big = submit(site, "sine-10k")
+    claim(site, big)
+    for start in range(1, STEPS + 1, 2500):
+        report(site, big, range(start, start + 2500))
+    log_in(browser, site, site["alice_key"])
+    wait(browser, lambda b: b.find_elements(By.CSS_SELECTOR, "#jobs tbody tr[data-id]"))
+    browser.execute_script("location.hash = arguments[0];", f"#/jobs/{big}")
+    started = browser.execute_script("return performance.now();")
+    wait(browser, lambda b: chart_points(b, "train_loss") == POINTS, timeout=60,
+         message="10,000 points (5,000 steps of 2 series)")
+    figures = browser.execute_script("return window.metaserveDashboard;")
+    FIGURES["points"] = POINTS
+    FIGURES["time_to_all_points_ms"] = round(figures["lastRenderAt"] - started, 1)
+    FIGURES["last_render_ms"] = round(figures["lastRenderMs"], 1)
+    FIGURES["max_render_ms"] = round(figures["maxRenderMs"], 1)
+    # Responsive: a click is handled at once (the page is not stuck in a long task).
+    clicked = browser.execute_async_script("""
+        const done = arguments[arguments.length - 1];
+        const t0 = performance.now();
+        document.getElementById('history').addEventListener('click', () => done(performance.now() - t0), {once: true});
+        document.getElementById('history').click();""")
+    FIGURES["click_handled_ms"] = round(clicked, 1)
+    FIGURES["longest_task_ms"] = round(browser.execute_script(
+        "return window.metaserveDashboard.longestTaskMs;"), 1)
+    assert FIGURES["max_render_ms"] < 2000 and FIGURES["click_handled_ms"] < 500
+    shot(browser, "job-10k")
+    target = os.environ.get("METASERVE_DASHBOARD_REPORT")
+    if target:
+        Path(target).write_text(json.dumps({**FIGURES, "chromium": browser.capabilities.get(
+            "browserVersion")}, indent=2) + "\n")
