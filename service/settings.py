@@ -129,11 +129,13 @@ class Settings(BaseSettings):
         MAX_EVENT_STREAMS_PER_USER, ge=1, le=100_000,
         description="Open SSE streams per user on one server; more → 429 with Retry-After.")
     adapt_concurrency: int = Field(ADAPT_CONCURRENCY, ge=1, le=256,
-                                   description="Adapt calls computed at once (their own threads).")
+                                   description="Adapt calls computed at once: adapt processes, each "
+                                               "started on first use and kept.")
     adapt_queue: int = Field(ADAPT_QUEUE, ge=0, le=10_000,
-                             description="Adapt calls waiting for a thread; more → 503.")
+                             description="Adapt calls waiting for a process; more → 503.")
     adapt_timeout_s: float = Field(ADAPT_TIMEOUT_S, gt=0, le=3600,
-                                   description="Seconds an adapt call may wait and run; then 504.")
+                                   description="Seconds an adapt call may compute once a process took it; "
+                                               "then 504 and that process is killed.")
     metrics_anonymous: bool = Field(
         False, description="Serve GET /metrics (Prometheus) without an API key; off: an admin "
                            "key is needed (a scraper sends it as a bearer token).")
