@@ -1,8 +1,10 @@
 """Adapt a finished sine job's meta-initialization to a new sine curve, on this machine.
 
-    python examples/adapt_sine.py JOB [--shots 10] [--seed 0]
+    python examples/adapt_sine.py sine-maml [--shots 10] [--seed 0]   # a fetched directory
+    python examples/adapt_sine.py JOB                                  # a job id
 
-Downloads the job's meta_init.safetensors + meta_init.json through the SDK (reading
+Loads meta_init.safetensors + meta_init.json from a directory `metaserve fetch` wrote
+(offline: no server, no API key), or downloads them for a job id through the SDK (reading
 METASERVE_URL / METASERVE_API_KEY or the config file of `metaserve login`), draws one new
 curve y = A·sin(x − φ) with 10 support points and 100 query points, and prints the query MSE
 of the meta-initialization before and after adapting with the job's recipe (Finn et al. 2017).
@@ -30,7 +32,8 @@ def new_sine_task(seed: int, shots: int, queries: int = 100):  # noqa: ANN201
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("job", help="id of a succeeded sine job")
+    parser.add_argument("job", help="a directory `metaserve fetch` wrote, or the id of a "
+                                    "succeeded sine job")
     parser.add_argument("--shots", type=int, default=10, help="support points of the new curve")
     parser.add_argument("--steps", type=int, default=None, help="inner steps (default: the job's)")
     parser.add_argument("--seed", type=int, default=0, help="which new curve")
@@ -38,7 +41,7 @@ def main() -> int:
     support_x, support_y, query_x, query_y, amplitude, phase = new_sine_task(args.seed, args.shots)
     try:
         with Client() as client:
-            model, recipe = client.load_meta_init(args.job)  # downloads, then loads offline
+            model, recipe = client.load_meta_init(args.job)  # a directory, or downloads first
             before = torch.nn.functional.mse_loss(model(query_x), query_y).item()
             predict = client.adapt(model, support_x, support_y, steps=args.steps)
             after = torch.nn.functional.mse_loss(predict(query_x), query_y).item()

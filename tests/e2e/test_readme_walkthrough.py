@@ -1,10 +1,13 @@
-"""The README's walkthrough, command by command, as a new user runs it: ``make run`` in one
-terminal (the Makefile's real ``run`` recipe, its install step already satisfied), the
-client commands in a second one, each as a separate process. The commands are parsed out
-of README.md, so the README and this test cannot drift apart. Real server, real local Ray.
+"""The README's walkthrough as a newcomer runs it: ``make run`` in one terminal (the Makefile's
+real ``run`` recipe, its install step already satisfied), then the second terminal's block in
+one fresh shell — no virtualenv on PATH, no PYTHONPATH, an empty HOME — and the Python
+snippets as they are written. Everything is parsed out of README.md, so the README and this
+test cannot drift apart. Real server, real local Ray.
 
-Two substitutions only: the server's port (a free one instead of 8000) and, for
-``submit``, ``--set`` overrides that shorten the example's training to seconds.
+The one substitution: the server's port (a free one instead of 8000). The training is kept
+short by the ``--set``/``overrides`` the README itself shows. The clone is a directory with
+the repository's ``examples/`` and, as ``.venv``, the virtualenv ``make run`` would have
+created (this environment's).
 """
 
 from __future__ import annotations
@@ -26,42 +29,62 @@ from tests.server_process import STARTUP_TIMEOUT_S, free_port
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-SHORT_TRAINING = ["--set", "iterations=300", "--set", "meta_batch_size=25",
-                  "--set", "evaluation.every=0", "--set", "evaluation.tasks=100",
-                  "--set", "checkpoint_every=100", "--set", "log_every=50"]
-COMMAND_TIMEOUT_S = 300
+README_URL = "http://127.0.0.1:8000"
+BLOCK_TIMEOUT_S = 600
+FRESH_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 
-def walkthrough_blocks(readme: str) -> list[list[str]]:
-    """The command lines of each ```sh block of the README's "## Walkthrough" section."""
-    section = readme.split("\n## Walkthrough\n", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```sh\n(.*?)```", section, flags=re.DOTALL)
-    return [[line.split("  #")[0].strip() for line in block.splitlines() if line.strip()]
-            for block in blocks]
+def section(readme: str, heading: str) -> str:
+    return readme.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
 
 
-def test_the_readme_walkthrough_blocks_are_the_server_and_the_client_commands() -> None:
-    server_block, client_block = walkthrough_blocks((REPO / "README.md").read_text())
-    assert server_block == ["make run"]
-    assert [shlex.split(line)[:2] for line in client_block] == [
-        ["metaserve", "login"], ["metaserve", "submit"], ["metaserve", "list"],
-        ["metaserve", "status"], ["metaserve", "fetch"], ["python", "examples/adapt_sine.py"],
-        ["metaserve", "metrics"]]
+def code_blocks(text: str, language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", text, flags=re.DOTALL)
+
+
+def command_lines(block: str) -> list[str]:
+    """The block's command lines, without their trailing comments."""
+    return [line.split("  #")[0].strip() for line in block.splitlines() if line.strip()]
+
+
+def walkthrough() -> tuple[list[str], list[str], list[str]]:
+    """The server terminal's lines, the client terminal's lines and the Python snippets."""
+    readme = (REPO / "README.md").read_text()
+    server_block, client_block = code_blocks(section(readme, "Walkthrough"), "sh")
+    snippets = code_blocks(section(readme, "The same in Python"), "python")
+    return command_lines(server_block), command_lines(client_block), snippets
+
+
+def fresh_environment(home: Path) -> dict[str, str]:
+    """What a new terminal has: a HOME and the system PATH, nothing of this test's Python."""
+    home.mkdir(parents=True, exist_ok=True)
+    return {"HOME": str(home), "PATH": FRESH_PATH, "LANG": "C.UTF-8"}
+
+
+def test_the_walkthrough_is_the_server_the_client_commands_and_two_snippets() -> None:
+    server, client, snippets = walkthrough()
+    assert server == ["make run"]
+    assert [shlex.split(line)[:2] for line in client] == [
+        ["source", ".venv/bin/activate"], ["metaserve", "login"],
+        ["JOB=$(metaserve", "submit"], ["metaserve", "status"], ["metaserve", "metrics"],
+        ["metaserve", "fetch"], ["python", "examples/adapt_sine.py"], ["metaserve", "list"]]
+    assert len(snippets) == 2
 
 
 def start_make_run(line: str, work: Path, port: int) -> subprocess.Popen:
     """Run the README's ``make run`` in ``work`` against the repository's Makefile, with a
-    VENV whose install stamp is current and whose metaserve is this environment's."""
-    venv = work / "venv"
+    VENV whose install stamp is current and whose metaserve is this environment's (a real
+    install would rewrite the shared virtualenv)."""
+    venv = work.parent / "server-venv"
     (venv / "bin").mkdir(parents=True)
     (venv / "bin" / "metaserve").symlink_to(Path(sys.executable).with_name("metaserve"))
     (work / "pyproject.toml").symlink_to(REPO / "pyproject.toml")
     (venv / ".installed").touch()
     command = shlex.split(line) + ["-f", str(REPO / "Makefile"), f"VENV={venv}"]
-    env = {k: v for k, v in os.environ.items() if k != "METASERVE_DATABASE_URL"}
-    log = (work / "server.log").open("w")
-    process = subprocess.Popen(command, cwd=work, env={**env, "METASERVE_PORT": str(port)},
-                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    env = {**fresh_environment(work.parent / "server-home"), "METASERVE_PORT": str(port)}
+    log = (work.parent / "server.log").open("w")
+    process = subprocess.Popen(command, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while True:
         try:
@@ -71,67 +94,76 @@ def start_make_run(line: str, work: Path, port: int) -> subprocess.Popen:
             pass
         if process.poll() is not None or time.monotonic() > deadline:
             os.killpg(process.pid, signal.SIGKILL)
-            raise AssertionError(f"make run did not serve:\n{(work / 'server.log').read_text()}")
+            raise AssertionError(f"make run did not serve:\n{(work.parent / 'server.log').read_text()}")
         time.sleep(0.25)
 
 
-def run_line(line: str, work: Path, env: dict[str, str], job_id: str | None,
-             url: str) -> subprocess.CompletedProcess:
-    argv = shlex.split(line.replace("http://127.0.0.1:8000", url))
-    if job_id is not None:
-        argv = [job_id if arg == "JOB" else arg for arg in argv]
-    if argv[0] == "python":
-        argv[0] = sys.executable
-    if argv[:2] == ["metaserve", "submit"]:
-        argv += SHORT_TRAINING
-    result = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True,
-                            timeout=COMMAND_TIMEOUT_S)
-    assert result.returncode == 0, f"{line}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-    assert "Traceback" not in result.stderr, result.stderr
-    return result
+def stop(server: subprocess.Popen) -> None:
+    os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(timeout=60)
+    finally:
+        try:
+            os.killpg(server.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
-def test_every_walkthrough_command_runs_as_the_readme_says(tmp_path: Path) -> None:
-    server_block, client_block = walkthrough_blocks((REPO / "README.md").read_text())
+def run_in_one_shell(lines: list[str], work: Path, env: dict[str, str]) -> tuple[list[str], str]:
+    """Run ``lines`` one after another in one bash (so ``source`` and ``JOB=`` carry over),
+    stopping at the first that fails; returns each line's output and the final ``$JOB``."""
+    script = ["set -e -o pipefail"]
+    for index, line in enumerate(lines):
+        script += [line, f"echo '@@@ {index}'"]
+    script.append('echo "@@@ JOB=${JOB:-}"')
+    done = subprocess.run(["bash", "-c", "\n".join(script)], cwd=work, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=BLOCK_TIMEOUT_S)
+    parts = re.split(r"^@@@ (?:\d+|JOB=(\w*))\n", done.stdout, flags=re.M)
+    outputs, job_ids = parts[0::2], [part for part in parts[1::2] if part]
+    assert done.returncode == 0 and len(outputs) == len(lines) + 2, (
+        f"failed after {len(outputs) - 1} of the README's lines, at: "
+        f"{lines[len(outputs) - 1] if len(outputs) <= len(lines) else ''}\n{done.stdout}")
+    assert "Traceback" not in done.stdout, done.stdout
+    return outputs[:len(lines)], (job_ids or [""])[0]
+
+
+def run_python(snippet: str, work: Path, env: dict[str, str]) -> str:
+    (work / "snippet.py").write_text(snippet)
+    done = subprocess.run([str(work / ".venv" / "bin" / "python"), "snippet.py"], cwd=work,
+                          env=env, capture_output=True, text=True, timeout=BLOCK_TIMEOUT_S)
+    assert done.returncode == 0, f"{snippet}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    return done.stdout
+
+
+def test_the_readme_runs_as_written_in_a_fresh_shell(tmp_path: Path) -> None:
+    server_lines, client_lines, (snippet, offline_snippet) = walkthrough()
     work = tmp_path / "clone"
     work.mkdir()
     (work / "examples").symlink_to(REPO / "examples")
+    (work / ".venv").symlink_to(Path(sys.prefix))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("METASERVE_URL", "METASERVE_API_KEY", "METASERVE_DATABASE_URL")}
-    env.update(METASERVE_CONFIG=str(tmp_path / "config.toml"),
-               XDG_CACHE_HOME=str(tmp_path / "cache"),
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-               PYTHONPATH=str(REPO), COLUMNS="120")
-    server = start_make_run(server_block[0], work, port)
-    outputs: dict[str, str] = {}
-    job_id = None
+    home = tmp_path / "home"
+    env = fresh_environment(home)
+    server = start_make_run(server_lines[0], work, port)
     try:
-        for line in client_block:
-            result = run_line(line, work, env, job_id, url)
-            outputs[shlex.split(line)[1]] = result.stdout
-            if job_id is None and (found := re.search(r"^submitted (\w{26}) ", result.stdout, re.M)):
-                job_id = found.group(1)
+        outputs, job_id = run_in_one_shell([line.replace(README_URL, url) for line in client_lines],
+                                           work, env)
+        printed = run_python(snippet, work, env)
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=60)
-        finally:
-            try:
-                os.killpg(server.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        stop(server)
+    login, submit, status, metrics, fetch, adapt, listed = outputs[1:]
+    offline = run_python(offline_snippet, work, fresh_environment(tmp_path / "offline-home"))
 
-    assert job_id is not None, outputs["submit"]
-    assert outputs["login"] == f"logged in to {url}; saved in {tmp_path / 'config.toml'}\n"
-    assert outputs["submit"].splitlines()[-1] == f"{job_id} succeeded"
-    assert job_id in outputs["list"] and "succeeded" in outputs["list"]
-    assert "status:      succeeded" in outputs["status"]
+    assert login == f"logged in to {url}; saved in {home}/.config/metaserve/config.toml\n"
+    assert re.fullmatch(r"[0-9A-Z]{26}", job_id) and submit == ""
+    assert "status:      succeeded" in status
+    assert "train/loss_after" in metrics and (work / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert sorted(p.name for p in (work / "sine-maml").iterdir()) == ["meta_init.json",
                                                                        "meta_init.safetensors"]
-    mse = dict(re.findall(r"query MSE (before|after) adaptation: +([0-9.]+)",
-                          outputs["examples/adapt_sine.py"]))
-    assert float(mse["after"]) < float(mse["before"]), outputs["examples/adapt_sine.py"]
-    assert (work / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "train/loss_after" in outputs["metrics"]
+    mse = dict(re.findall(r"query MSE (before|after) adaptation: +([0-9.]+)", adapt))
+    assert float(mse["after"]) < float(mse["before"]), adapt
+    assert job_id in listed  # (its status column is cut at a pipe's 80 columns: "succee…")
+    found = re.fullmatch(r"query MSE before ([0-9.]+), after ([0-9.]+)", printed.splitlines()[-1])
+    assert found is not None and float(found[2]) < float(found[1]), printed  # above: wait's bar
+    assert offline == "maml 1 0.01\n"

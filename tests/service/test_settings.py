@@ -27,6 +27,24 @@ def test_defaults_are_the_embedded_default(monkeypatch):
         1024 * 1024)
 
 
+def readme_settings_tables() -> list[set[str]]:
+    """The variables of each table of the README's Settings section, in order."""
+    settings = README.read_text().split("\n## Settings\n", 1)[1].split("\n## ", 1)[0]
+    tables = re.split(r"\n(?=[^|\n])", settings)  # a line outside a table ends it
+    found = [set(re.findall(r"^\| `METASERVE_([A-Z0-9_]+)`", table, re.M)) for table in tables]
+    return [names for names in found if names]
+
+
 def test_readme_settings_table_lists_every_setting():
-    documented = set(re.findall(r"^\| `METASERVE_([A-Z0-9_]+)`", README.read_text(), re.M))
-    assert documented - {"TEST_DATABASE_URL"} == {name.upper() for name in Settings.model_fields}
+    server, clients = readme_settings_tables()
+    assert server == {name.upper() for name in Settings.model_fields}
+    assert clients == {"URL", "API_KEY", "CONFIG", "TEST_DATABASE_URL"}
+
+
+def test_the_readme_client_table_lists_every_variable_the_sdk_reads():
+    from metaserve.service import sdk
+
+    source = Path(sdk.__file__).read_text()
+    read = set(re.findall(r"os\.environ(?:\.get)?[(\[]\"METASERVE_([A-Z0-9_]+)\"", source))
+    assert read == {"URL", "API_KEY", "CONFIG"}
+    assert read < readme_settings_tables()[1]
