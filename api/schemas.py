@@ -36,6 +36,7 @@ class JobPublic(BaseModel):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    sweep_id: str | None = Field(None, description="The sweep this job is a trial of.")
 
 
 class JobsPublic(BaseModel):

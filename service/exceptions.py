@@ -176,3 +176,17 @@ class DatasetPathForbidden(MetaserveError):
 
     status_code = 403
     code = "forbidden"
+
+
+class SweepNotFound(MetaserveError):
+    """Sweep not found."""
+
+    status_code = 404
+    code = "not_found"
+
+
+class InvalidSweep(MetaserveError):
+    """The sweep cannot run as asked."""
+
+    status_code = 422
+    code = "validation_error"

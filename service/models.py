@@ -118,6 +118,9 @@ class Job(Base):
         Index("ix_jobs_owner_id_id", "owner_id", "id"),
         # The fair claim: each user's oldest queued job, each user's running count.
         Index("ix_jobs_status_owner_id_id", "status", "owner_id", "id"),
+        # A sweep's trials (GET /v1/jobs?sweep=...), and one job per Tune trial.
+        Index("ix_jobs_sweep_id_id", "sweep_id", "id"),
+        UniqueConstraint("sweep_id", "trial_id"),
     )
 
     id: Mapped[str] = mapped_column(String(26), primary_key=True, default=new_id)
@@ -138,6 +141,9 @@ class Job(Base):
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    # A sweep's trial (service/sweeps.py): never claimed, its sweep's driver job runs it.
+    sweep_id: Mapped[str | None] = mapped_column(ForeignKey("sweeps.id", ondelete="CASCADE"))
+    trial_id: Mapped[str | None] = mapped_column(String(64))
 
     @property
     def job_status(self) -> JobStatus:
@@ -236,4 +242,28 @@ class Dataset(Base):
     bytes: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
     status: Mapped[str] = mapped_column(String(16), default="ready")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Sweep(Base):
+    """A hyperparameter sweep (service/sweeps.py): the request as submitted (base spec, space,
+    search, scheduler) and its driver job, a plain job row that dispatchers claim and lease
+    and whose run is the Ray Tune driver. Status, attempts, logs and the sweep's artifacts
+    are the driver job's; the trials are job rows with ``sweep_id``."""
+
+    __tablename__ = "sweeps"
+    __table_args__ = (
+        UniqueConstraint("owner_id", "idempotency_key"),
+        Index("ix_sweeps_owner_id_id", "owner_id", "id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(29), primary_key=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(200))
+    config: Mapped[dict[str, Any]]
+    config_hash: Mapped[str] = mapped_column(String(64))
+    # No foreign key: jobs.sweep_id already points here (a cycle would need ALTERs); the
+    # driver job is created with the sweep, and both go with their owner.
+    driver_job_id: Mapped[str] = mapped_column(String(26), unique=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -78,6 +78,15 @@ class Settings(BaseSettings):
         QUOTA_RETRY_AFTER_S, ge=1, le=86400,
         description="Retry-After (seconds) of a 429 for the queued-jobs cap.")
 
+    # Sweeps (service/sweeps.py): caps on one sweep, checked at submit (422 naming the field).
+    sweep_max_trials: int = Field(256, ge=1, le=100_000,
+                                  description="Most trials one sweep may run.")
+    sweep_max_grid: int = Field(256, ge=1, le=100_000,
+                                description="Largest grid (product of the domains) of a grid search.")
+    sweep_driver_memory_mb: int = Field(
+        1536, ge=256, le=1024 * 1024,
+        description="Ray `memory` request of a sweep's driver (the Ray Tune driver), MB.")
+
     # Where a job's driver and workers are placed on Ray.
     driver_memory_mb: int = Field(
         DRIVER_MEMORY_MB, ge=64, le=1024 * 1024,

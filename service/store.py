@@ -248,8 +248,10 @@ def list_jobs(
     status: JobStatus | None = None,
     cursor: str | None = None,
     limit: int = 50,
+    sweep_id: str | None = None,
 ) -> tuple[list[Job], str | None]:
-    """A page of jobs newest first and the cursor of the next page (None on the last)."""
+    """A page of jobs newest first and the cursor of the next page (None on the last);
+    ``sweep_id``: that sweep's trials only."""
     limit = max(1, min(limit, MAX_PAGE))
     query = select(Job).order_by(Job.id.desc()).limit(limit + 1)
     if not owner.is_admin:
@@ -258,6 +260,8 @@ def list_jobs(
         query = query.where(Job.status == JobStatus(status).value)
     if cursor is not None:
         query = query.where(Job.id < decode_cursor(cursor))
+    if sweep_id is not None:
+        query = query.where(Job.sweep_id == sweep_id)
     jobs = list(session.scalars(query))
     if len(jobs) > limit:
         return jobs[:limit], encode_cursor(jobs[limit - 1].id)
@@ -329,7 +333,8 @@ def claim_next_job(*, session: Session, worker_id: str, lease_s: float,
         now = utcnow()
         expired = session.execute(
             select(Job.id, Job.status, Job.attempt, Job.max_attempts, Job.error)
-            .where(Job.status.in_(ACTIVE), Job.lease_expires_at < now, *not_excluded)
+            .where(Job.status.in_(ACTIVE), Job.lease_expires_at < now, Job.sweep_id.is_(None),
+                   *not_excluded)
             .order_by(Job.id)
             .limit(1)
             .with_for_update(skip_locked=True)
@@ -497,8 +502,10 @@ def _head(session: Session, owner_id: int, exclude: Sequence[str]) -> Row | None
     return session.execute(_HEAD, {"owner_id": owner_id}).one_or_none()
 
 
+# A sweep's trial (sweep_id set) is never claimed: its sweep's driver job runs it.
 _HEAD = (select(Job.id, Job.attempt)
-         .where(Job.status == JobStatus.QUEUED.value, Job.owner_id == bindparam("owner_id"))
+         .where(Job.status == JobStatus.QUEUED.value, Job.owner_id == bindparam("owner_id"),
+                Job.sweep_id.is_(None))
          .order_by(Job.id).limit(1).with_for_update(skip_locked=True))
 _HEAD_EXCLUDING = _HEAD.where(Job.id.not_in(bindparam("exclude", expanding=True)))
 

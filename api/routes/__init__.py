@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 from metaserve.api.routes import (adapt, artifacts, catalog, dashboard, events, health, jobs,
-                                   keys, logs, metrics, prometheus)
+                                   keys, logs, metrics, prometheus, sweeps)
 
 ROUTERS = [health.router, jobs.router, catalog.router, metrics.router, artifacts.router,
            events.router, adapt.router, keys.router, logs.router, prometheus.router,
-           dashboard.router]
+           dashboard.router, sweeps.router]

@@ -60,10 +60,12 @@ def list_jobs(
     status_filter: Annotated[JobStatus | None, Query(alias="status")] = None,
     cursor: Annotated[str | None, Query(max_length=100, pattern=NO_CONTROL_CHARACTERS)] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
+    sweep: Annotated[str | None, Query(max_length=100, pattern=NO_CONTROL_CHARACTERS,
+                                       description="A sweep's id: its trials only.")] = None,
 ) -> Response:
     """Your jobs, newest first (an admin sees everyone's)."""
     page, next_cursor = jobs.list_jobs(session=session, owner=user, status=status_filter,
-                                       cursor=cursor, limit=limit)
+                                       cursor=cursor, limit=limit, sweep_id=sweep)
     return model_response(JobsPublic(data=[JobPublic.model_validate(job) for job in page],
                                      next_cursor=next_cursor))
 

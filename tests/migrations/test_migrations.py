@@ -11,7 +11,7 @@ from metaserve.service.db import make_engine
 from metaserve.service.models import Job, JobStatus, User, utcnow
 
 TABLES = {"alembic_version", "users", "jobs", "job_status_events", "metrics", "artifacts",
-          "job_logs", "datasets"}
+          "job_logs", "datasets", "sweeps"}
 
 
 def table_names(url: str) -> set[str]:

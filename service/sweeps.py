@@ -1,0 +1,438 @@
+"""Sweeps: hyperparameter searches run by Ray Tune, each trial a job (docs/SWEEPS.md).
+
+A sweep is a row in ``sweeps`` (the request as submitted, canonical) plus its *driver job*: a
+plain job row, claimed, leased, heartbeated, retried and cancelled by the dispatchers exactly
+like any job, whose run is the Tune driver (:mod:`metaserve.workers.sweep`) instead of the
+engine. The sweep's status, attempts, logs and artifacts (the best trial's ``meta_init.*`` and
+``sweep.json``) are the driver job's. Each Tune trial is a job row with ``sweep_id`` and
+``trial_id``, inserted ``running`` when Tune starts it and written by the dispatcher from the
+driver's events; no dispatcher ever claims one (it is never queued and holds no lease).
+
+Validation at submit: the base spec is a valid job; every path of the space exists in it;
+every domain is well formed; every value of a discrete domain, and a continuous domain's
+bounds, midpoint and a sample, give a valid job spec (each path alone, then the product of
+the discrete ones); the metric is one the spec's evaluation reports; the trial count is
+within the configured caps. Each failure is a 422 naming the field.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from pydantic import ValidationError
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from metaserve.service import store
+from metaserve.service.exceptions import (IdempotencyConflict, InvalidSweep, MetaserveError,
+                                          SweepNotFound)
+from metaserve.service.ids import new_id
+from metaserve.service.jobs import Transaction, spec_hash
+from metaserve.service.models import (TERMINAL_STATUSES, Job, JobStatus, JobStatusEvent, Metric,
+                                      Sweep, User, utcnow)
+from metaserve.service.settings import Settings
+from metaserve.workers.spec import JobSpec
+from metaserve.workers.sweep_spec import (DISCRETE, FORBIDDEN_PATHS, SweepError, SweepSpec,
+                                          apply_config, checked_specs, default_metric, get_path,
+                                          parse_domain, reported_metrics, trial_count)
+
+SWEEP_ID_PREFIX = "sw_"
+SWEEP_ID_PATTERN = r"^sw_[0-9A-Z]{26}$"
+TERMINAL = tuple(status.value for status in TERMINAL_STATUSES)
+ACTIVE = (JobStatus.RUNNING.value, JobStatus.CANCELLING.value)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _first_error(error: ValidationError) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first.get("loc", ()))
+    return f"{where}: {first.get('msg', 'invalid')}" if where else first.get("msg", "invalid")
+
+
+def validate_sweep(request: SweepSpec, settings: Settings) -> dict[str, Any]:
+    """The canonical sweep (every default filled in, the trial count) or :class:`InvalidSweep`
+    naming the field (see the module docstring)."""
+    try:
+        return _validate(request, settings)
+    except SweepError as error:
+        raise InvalidSweep(f"invalid sweep: {error}", **{error.field: error.message}) from None
+
+
+def _validate(request: SweepSpec, settings: Settings) -> dict[str, Any]:
+    from metaserve.service import limits
+
+    try:
+        base_spec = JobSpec.model_validate(request.spec)
+    except ValidationError as error:
+        first = error.errors()[0]
+        path = ".".join(str(part) for part in first.get("loc", ()))
+        raise SweepError(f"spec.{path}" if path else "spec", first.get("msg", "invalid")) from None
+    if base_spec.is_rl:
+        raise SweepError("spec.task_family", "sweeps run the supervised families (sine, linear, "
+                         "images, glyphs); RL families are not swept yet")
+    base = base_spec.model_dump(mode="json")
+    domains: dict[str, tuple[str, Any]] = {}
+    for path, domain in request.space.items():
+        if path.split(".")[0] in FORBIDDEN_PATHS:
+            raise SweepError(f"space.{path}", f"{path.split('.')[0]} is not swept "
+                             f"(one of {', '.join(FORBIDDEN_PATHS)})")
+        try:
+            get_path(base, path)
+        except KeyError:
+            raise SweepError(f"space.{path}", "no such field in the spec (with its defaults "
+                             "filled in); name a field as a dotted path, e.g. "
+                             "algorithm.inner_lr") from None
+        domains[path] = parse_domain(path, domain)
+    search = request.search.name
+    if search == "grid":
+        continuous = [path for path, (kind, _) in domains.items() if kind not in DISCRETE]
+        if continuous:
+            raise SweepError(f"space.{continuous[0]}", "a grid search takes choice or grid "
+                             "domains only")
+        grid = math.prod(len(args) for _, args in domains.values())
+        if grid > settings.sweep_max_grid:
+            raise SweepError("space", f"the grid has {grid:,} points, more than the cap of "
+                             f"{settings.sweep_max_grid:,} (METASERVE_SWEEP_MAX_GRID)")
+    if search == "optuna":
+        gridded = [path for path, (kind, _) in domains.items() if kind == "grid"]
+        if gridded:
+            raise SweepError(f"space.{gridded[0]}", "optuna samples; use choice, not grid")
+        _require_optuna()
+    trials = trial_count(request, domains)
+    if trials > settings.sweep_max_trials:
+        raise SweepError("num_samples", f"the sweep would run {trials:,} trials, more than the "
+                         f"cap of {settings.sweep_max_trials:,} (METASERVE_SWEEP_MAX_TRIALS)")
+    scheduler = request.scheduler.model_dump(mode="json")
+    metric, mode = default_metric(base_spec)
+    if scheduler["metric"] is None:
+        scheduler["metric"] = metric
+    elif scheduler["metric"] not in reported_metrics(base_spec):
+        raise SweepError("scheduler.metric", f"{scheduler['metric']!r} is not reported by the "
+                         f"spec's evaluation; one of {', '.join(reported_metrics(base_spec))}")
+    if scheduler["mode"] is None:
+        scheduler["mode"] = "max" if "accuracy" in scheduler["metric"] else "min"
+    if scheduler["grace_period"] is None:
+        scheduler["grace_period"] = base_spec.evaluation.every or base_spec.iterations
+    if scheduler["name"] != "fifo" and not base_spec.evaluation.every:
+        raise SweepError("scheduler.name", f"{scheduler['name']} stops trials by the metric of "
+                         "each evaluation window: set spec.evaluation.every")
+    checked: set[str] = set()
+    for config, field in checked_specs(request, base, domains):
+        document = apply_config(base, config)
+        try:
+            trial = JobSpec.model_validate(document)
+        except ValidationError as error:
+            shown = ", ".join(f"{path}={value!r}" for path, value in config.items())
+            raise SweepError(field, f"{shown} gives an invalid spec: {_first_error(error)}") from None
+        if scheduler["metric"] not in reported_metrics(trial):
+            raise SweepError(field, f"with {config} the spec no longer reports "
+                             f"{scheduler['metric']}")
+        key = spec_hash(document)
+        if key not in checked:
+            checked.add(key)
+            try:
+                limits.check_job_cost(spec=trial, settings=settings)
+            except MetaserveError as error:
+                raise SweepError(field, f"{config}: {error.message}") from None
+    return {"name": request.name or f"sweep-{base_spec.algorithm.name}-{base_spec.task_family.name}",
+            "spec": base, "space": request.space, "search": request.search.model_dump(mode="json"),
+            "scheduler": scheduler, "num_samples": request.num_samples,
+            "max_concurrent_trials": request.max_concurrent_trials, "trials": trials}
+
+
+def _require_optuna() -> None:
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        raise SweepError("search.name", "optuna is not installed on this server; use random "
+                         "or grid") from None
+
+
+# --------------------------------------------------------------------------- client side
+
+
+@dataclass
+class SweepView:
+    """A sweep as the API shows it: the row, its driver job, trial counts and the best trial."""
+
+    sweep: Sweep
+    driver: Job
+    counts: dict[str, int]
+    best: dict[str, Any] | None
+
+
+def submit_sweep(*, session: Session, owner: User, request: SweepSpec, settings: Settings,
+                 idempotency_key: str | None = None) -> tuple[SweepView, bool]:
+    """Validate and store a sweep and its queued driver job; ``(view, created)``. The same
+    Idempotency-Key and body give the same sweep (``created`` False), another body a 409."""
+    config = validate_sweep(request, settings)
+    digest = spec_hash(config)
+    with Transaction(session):
+        if idempotency_key is not None:
+            existing = _by_key(session, owner.id, idempotency_key)
+            if existing is not None:
+                return _replay(session, existing, digest), False
+        base = JobSpec.model_validate(config["spec"])
+        try:
+            with session.begin_nested():
+                driver, _ = store.create_job(
+                    session=session, owner=owner, name=f"{config['name']} (sweep driver)",
+                    spec=config["spec"], spec_hash=spec_hash(config["spec"]),
+                    max_attempts=base.max_attempts,
+                    max_queued=settings.max_queued_jobs_per_user,
+                    retry_after_s=settings.quota_retry_after_s)
+                sweep = Sweep(id=SWEEP_ID_PREFIX + new_id(), owner_id=owner.id,
+                              name=config["name"], config=config, config_hash=digest,
+                              driver_job_id=driver.id, idempotency_key=idempotency_key,
+                              created_at=utcnow())
+                session.add(sweep)
+                session.flush()
+        except IntegrityError:
+            existing = _by_key(session, owner.id, idempotency_key) if idempotency_key else None
+            if existing is None:
+                raise
+            return _replay(session, existing, digest), False
+        return _view(session, sweep), True
+
+
+def _by_key(session: Session, owner_id: int, key: str) -> Sweep | None:
+    return session.scalars(select(Sweep).where(Sweep.owner_id == owner_id,
+                                               Sweep.idempotency_key == key)).one_or_none()
+
+
+def _replay(session: Session, sweep: Sweep, digest: str) -> SweepView:
+    if sweep.config_hash != digest:
+        raise IdempotencyConflict("this Idempotency-Key was already used with a different sweep",
+                                  sweep_id=sweep.id)
+    return _view(session, sweep)
+
+
+def _owned(session: Session, sweep_id: str, owner: User) -> Sweep:
+    query = select(Sweep).where(Sweep.id == sweep_id)
+    if not owner.is_admin:
+        query = query.where(Sweep.owner_id == owner.id)
+    sweep = session.scalars(query).one_or_none()
+    if sweep is None:
+        raise SweepNotFound(sweep_id=sweep_id)
+    return sweep
+
+
+def get_sweep(*, session: Session, sweep_id: str, owner: User) -> SweepView:
+    with Transaction(session):
+        return _view(session, _owned(session, sweep_id, owner))
+
+
+def list_sweeps(*, session: Session, owner: User, cursor: str | None = None,
+                limit: int = 50) -> tuple[list[SweepView], str | None]:
+    """A page of sweeps newest first and the cursor of the next page (None on the last)."""
+    limit = max(1, min(limit, store.MAX_PAGE))
+    with Transaction(session):
+        query = select(Sweep).order_by(Sweep.id.desc()).limit(limit + 1)
+        if not owner.is_admin:
+            query = query.where(Sweep.owner_id == owner.id)
+        if cursor is not None:
+            query = query.where(Sweep.id < SWEEP_ID_PREFIX + store.decode_cursor(cursor))
+        rows = list(session.scalars(query))
+        views = [_view(session, sweep) for sweep in rows[:limit]]
+        next_cursor = (store.encode_cursor(rows[limit - 1].id[len(SWEEP_ID_PREFIX):])
+                       if len(rows) > limit else None)
+        return views, next_cursor
+
+
+def cancel_sweep(*, session: Session, sweep_id: str, owner: User) -> SweepView:
+    """Cancel the driver job: queued → cancelled at once; running → cancelling (its dispatcher
+    kills the Tune driver, whose trial actors die with it, and marks the trials cancelled);
+    a finished sweep → 409."""
+    with Transaction(session):
+        sweep = _owned(session, sweep_id, owner)
+        store.request_cancel(session=session, job_id=sweep.driver_job_id, owner=owner)
+        return _view(session, sweep)
+
+
+def _view(session: Session, sweep: Sweep) -> SweepView:
+    driver = session.get(Job, sweep.driver_job_id, populate_existing=True)
+    assert driver is not None
+    if driver.status in TERMINAL and _active_trials(session, sweep.id):
+        # The driver ended where no dispatcher settled its trials (e.g. a cancelling lease
+        # expired): they end with it.
+        _settle(session, sweep, driver)
+    counts = dict(session.execute(select(Job.status, func.count()).where(
+        Job.sweep_id == sweep.id).group_by(Job.status)).all())
+    board = leaderboard(session=session, sweep=sweep)
+    best = next((row for row in board if row["value"] is not None), None)
+    return SweepView(sweep=sweep, driver=driver, counts=counts, best=best)
+
+
+def _active_trials(session: Session, sweep_id: str) -> int:
+    return session.scalar(select(func.count()).select_from(Job).where(
+        Job.sweep_id == sweep_id, Job.status.in_(ACTIVE))) or 0
+
+
+def leaderboard(*, session: Session, sweep: Sweep) -> list[dict[str, Any]]:
+    """Every trial with its configuration and its last value of the sweep's metric (the final
+    evaluation of a finished trial, the last window of a stopped one), best first; trials
+    without a value last."""
+    metric = sweep.config["scheduler"]["metric"]
+    maximize = sweep.config["scheduler"]["mode"] == "max"
+    last_step = (select(Metric.job_id, func.max(Metric.step).label("step"))
+                 .join(Job, Job.id == Metric.job_id)
+                 .where(Job.sweep_id == sweep.id, Metric.name == metric)
+                 .group_by(Metric.job_id).subquery())
+    values = {row.job_id: (row.step, row.value) for row in session.execute(
+        select(Metric.job_id, Metric.step, Metric.value)
+        .join(last_step, (Metric.job_id == last_step.c.job_id) & (Metric.step == last_step.c.step))
+        .where(Metric.name == metric))}
+    trials = session.scalars(select(Job).where(Job.sweep_id == sweep.id).order_by(Job.id)).all()
+    rows = []
+    for trial in trials:
+        step, value = values.get(trial.id, (None, None))
+        config = {}
+        for path in sweep.config["space"]:
+            try:
+                config[path] = get_path(trial.spec, path)
+            except KeyError:
+                config[path] = None
+        rows.append({"trial_id": trial.trial_id, "job_id": trial.id, "status": trial.status,
+                     "message": trial.message, "config": config, "metric": metric,
+                     "value": value, "step": step, "attempt": trial.attempt,
+                     "iteration": (trial.progress or {}).get("iteration")})
+
+    def rank(row: dict[str, Any]) -> tuple:
+        value = row["value"]
+        if value is None:
+            return (1, 0.0, row["job_id"])
+        return (0, -value if maximize else value, row["job_id"])
+
+    return sorted(rows, key=rank)
+
+
+def sweep_trials(*, session: Session, sweep_id: str, owner: User) -> tuple[SweepView, list[dict]]:
+    with Transaction(session):
+        sweep = _owned(session, sweep_id, owner)
+        view = _view(session, sweep)
+        return view, leaderboard(session=session, sweep=sweep)
+
+
+# --------------------------------------------------------------------------- dispatcher side
+
+
+def driver_sweep(*, session: Session, job_id: str, settings: Settings) -> dict[str, Any] | None:
+    """What the Tune driver of the sweep that ``job_id`` drives needs (None: a plain job):
+    the sweep, its config, and the trials recorded so far (a resumed attempt keeps their
+    job ids, and a finished one is reported, not rerun)."""
+    with Transaction(session):
+        sweep = session.scalars(select(Sweep).where(Sweep.driver_job_id == job_id)).one_or_none()
+        if sweep is None:
+            return None
+        board = {row["trial_id"]: row for row in leaderboard(session=session, sweep=sweep)}
+        trials = {trial_id: {"job_id": row["job_id"], "status": row["status"],
+                             "value": row["value"], "step": row["step"],
+                             "attempt": row["attempt"]}
+                  for trial_id, row in board.items() if trial_id is not None}
+        concurrency = sweep.config.get("max_concurrent_trials")
+        owner = session.get(User, sweep.owner_id)
+        cap = settings.max_running_jobs_per_user
+        if cap and owner is not None and not owner.is_admin:
+            # Trials count toward their owner's running jobs; the driver is one of them.
+            concurrency = max(1, min(concurrency or cap, cap - 1))
+        return {"sweep_id": sweep.id, "owner_id": sweep.owner_id, "driver_job_id": job_id,
+                "name": sweep.name, "config": sweep.config, "trials": trials,
+                "max_concurrent_trials": concurrency}
+
+
+def record_trial_events(*, session: Session, sweep: dict[str, Any],
+                        events: Sequence[tuple[str, Any]]) -> None:
+    """Write the trial events of a sweep's driver, in order (in the caller's transaction):
+
+    - ``("trial_start", {trial_id, job_id, spec, name})``: a new trial's job row (``running``,
+      attempt 1), or the next attempt of one a previous driver started;
+    - ``("trial_metrics", (job_id, step, {name: value}))``; ``("trial_progress", (job_id, {...}))``;
+    - ``("trial_files", (job_id, [ArtifactFile, ...]))``;
+    - ``("trial_end", {job_id, status, message, error})``: succeeded, failed or cancelled
+      (stopped early by the scheduler, or the sweep cancelled).
+    """
+    for kind, payload in events:
+        if kind == "trial_start":
+            _start_trial(session, sweep, payload)
+        elif kind == "trial_metrics":
+            job_id, step, values = payload
+            store.add_metrics(session=session, job_id=job_id,
+                              rows=[(step, name, float(value)) for name, value in values.items()])
+        elif kind == "trial_progress":
+            job_id, progress = payload
+            session.execute(update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE))
+                            .values(progress=progress).execution_options(synchronize_session=False))
+        elif kind == "trial_files":
+            job_id, files = payload
+            for file in files:
+                store.add_artifact(session=session, job_id=job_id, name=file.name, size=file.size,
+                                   sha256=file.sha256, media_type=file.media_type)
+        elif kind == "trial_end":
+            _end_trial(session, payload["job_id"], payload["status"], payload.get("message"),
+                       payload.get("error"))
+
+
+def _start_trial(session: Session, sweep: dict[str, Any], payload: dict[str, Any]) -> None:
+    now = utcnow()
+    job_id = payload["job_id"]
+    existing = session.get(Job, job_id, populate_existing=True)
+    if existing is None:
+        spec = payload["spec"]
+        session.execute(insert(Job.__table__), dict(
+            id=job_id, owner_id=sweep["owner_id"], name=payload["name"], spec=spec,
+            spec_hash=spec_hash(spec), status=JobStatus.RUNNING.value, attempt=1,
+            max_attempts=int(spec.get("max_attempts", 1)), progress={}, created_at=now,
+            updated_at=now, started_at=now, sweep_id=sweep["sweep_id"],
+            trial_id=payload["trial_id"], message=f"trial {payload['trial_id']} started"))
+        session.execute(insert(JobStatusEvent.__table__), dict(
+            job_id=job_id, status=JobStatus.RUNNING.value, attempt=1, created_at=now,
+            message=f"trial {payload['trial_id']} started"))
+        return
+    if existing.status in TERMINAL:
+        return  # a terminal state is never left
+    session.execute(update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE)).values(
+        status=JobStatus.RUNNING.value, attempt=Job.attempt + 1,
+        message="trial resumed by the sweep's next attempt").execution_options(
+        synchronize_session=False))
+    store._record_status(session, job_id)
+
+
+def _end_trial(session: Session, job_id: str, status: str, message: str | None,
+               error: str | None) -> None:
+    values: dict[str, Any] = dict(status=status, finished_at=utcnow(), message=message)
+    if error is not None:
+        values["error"] = error
+    result = session.execute(update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE))
+                             .values(**values).execution_options(synchronize_session=False))
+    if result.rowcount == 1:
+        store._record_status(session, job_id)
+
+
+def settle_trials(*, session: Session, sweep: dict[str, Any]) -> int:
+    """End every trial still running once the sweep's driver job is terminal (cancelled:
+    cancelled; failed or succeeded: its unfinished trials cancelled with the reason). Returns
+    how many were ended; none while the driver is not terminal (it resumes them)."""
+    with Transaction(session):
+        row = session.get(Sweep, sweep["sweep_id"])
+        driver = session.get(Job, sweep["driver_job_id"], populate_existing=True)
+        if row is None or driver is None or driver.status not in TERMINAL:
+            return 0
+        return _settle(session, row, driver)
+
+
+def _settle(session: Session, sweep: Sweep, driver: Job) -> int:
+    if driver.status == JobStatus.CANCELLED.value:
+        message = "cancelled with its sweep"
+    else:
+        message = f"the sweep {driver.status} before this trial finished"
+    ids = session.scalars(select(Job.id).where(Job.sweep_id == sweep.id,
+                                               Job.status.in_(ACTIVE))).all()
+    for job_id in ids:
+        _end_trial(session, job_id, JobStatus.CANCELLED.value, message, None)
+    return len(ids)
+

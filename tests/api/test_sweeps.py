@@ -1,0 +1,167 @@
+"""/v1/sweeps without a dispatcher (SQLite and PostgreSQL): validation, ownership, idempotency,
+cancel of a queued sweep, trials as jobs and the leaderboard."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import func, select
+
+from metaserve.service import sweeps
+from metaserve.service.models import Job, Sweep
+from metaserve.service.settings import Settings
+from metaserve.workers.storage import ArtifactFile
+
+BASE = {"algorithm": {"name": "maml"}, "task_family": {"name": "sine"}, "meta_batch_size": 4,
+        "iterations": 20, "evaluation": {"every": 5, "tasks": 10, "inner_steps": [1]}}
+SWEEP = {"name": "tiny", "spec": BASE,
+         "space": {"algorithm.inner_lr": {"grid": [0.01, 0.1]},
+                   "outer_optimizer.lr": {"loguniform": [0.0005, 0.005]}},
+         "search": {"name": "random", "seed": 1},
+         "scheduler": {"name": "asha", "metric": "val/loss_step1", "mode": "min"},
+         "num_samples": 2}
+
+
+def with_(**changes) -> dict:  # noqa: ANN003
+    return {**SWEEP, **changes}
+
+
+def stored(sessions) -> tuple[int, int]:  # noqa: ANN001
+    with sessions() as session:
+        return (session.scalar(select(func.count()).select_from(Sweep)),
+                session.scalar(select(func.count()).select_from(Job)))
+
+
+def test_a_sweep_is_stored_with_its_queued_driver_job_and_defaults_filled_in(client, alice_auth,
+                                                                             sessions):  # noqa: ANN001
+    response = client.post("/v1/sweeps", json=with_(scheduler={"name": "asha"}), headers=alice_auth)
+    assert response.status_code == 201, response.text
+    sweep = response.json()
+    assert sweep["id"].startswith("sw_") and sweep["status"] == "queued"
+    assert response.headers["Location"] == f"/v1/sweeps/{sweep['id']}"
+    assert sweep["config"]["trials"] == 4  # the grid's 2 values × num_samples 2
+    assert sweep["config"]["scheduler"] == {"name": "asha", "metric": "val/loss_step1",
+                                            "mode": "min", "grace_period": 5,
+                                            "reduction_factor": 3.0, "min_samples_required": 3}
+    assert (sweep["trials"], sweep["best"]) == ({}, None)
+    driver = client.get(f"/v1/jobs/{sweep['driver_job_id']}", headers=alice_auth).json()
+    assert (driver["status"], driver["name"], driver["sweep_id"]) == (
+        "queued", "tiny (sweep driver)", None)
+    assert client.get(f"/v1/sweeps/{sweep['id']}", headers=alice_auth).json() == sweep
+    listed = client.get("/v1/sweeps", headers=alice_auth).json()
+    assert [s["id"] for s in listed["data"]] == [sweep["id"]] and listed["next_cursor"] is None
+
+
+@pytest.mark.parametrize(("body", "field", "words"), [
+    (with_(space={"algorithm.no_such": {"choice": [1, 2]}}), "space.algorithm.no_such",
+     "no such field"),
+    (with_(space={"outer_optimizer.lr": {"uniform": [0.01, 0.001]}}), "space.outer_optimizer.lr",
+     "low 0.01 is above high 0.001"),
+    (with_(space={"algorithm.inner_steps": {"randint": [1, 1]}}), "space.algorithm.inner_steps",
+     "is empty"),
+    (with_(space={"algorithm.inner_lr": {"gaussian": [0, 1]}}), "space.algorithm.inner_lr",
+     "unknown domain"),
+    (with_(space={"algorithm.inner_lr": {"choice": [0.01, -1.0]}}), "space.algorithm.inner_lr",
+     "algorithm.inner_lr=-1.0 gives an invalid spec"),
+    (with_(space={"meta_batch_size": {"qrandint": [0, 8, 4]}}), "space.meta_batch_size",
+     "meta_batch_size=0 gives an invalid spec"),
+    (with_(space={"name": {"choice": ["a", "b"]}}), "space.name", "not swept"),
+    (with_(num_samples=0), "num_samples", "greater than or equal to 1"),
+    (with_(num_samples=200), "num_samples", "400 trials, more than the cap of 256"),
+    (with_(scheduler={"name": "asha", "metric": "val/accuracy_step1"}), "scheduler.metric",
+     "not reported by the spec's evaluation; one of val/loss_step1"),
+    (with_(scheduler={"name": "asha", "metric": "val/loss_step1", "mode": "maximize"}),
+     "scheduler.mode", "'min' or 'max'"),
+    (with_(search={"name": "grid"}, space={"algorithm.inner_lr": {"grid": list(range(1, 17))},
+                                           "meta_batch_size": {"choice": list(range(1, 18))}}),
+     "space", "the grid has 272 points, more than the cap of 256"),
+    (with_(search={"name": "grid"}), "space.outer_optimizer.lr", "choice or grid domains only"),
+    (with_(spec={**BASE, "iterations": 0}), "spec.iterations", "greater than or equal to 1"),
+    (with_(spec={**BASE, "evaluation": {"every": 0}}), "scheduler.name",
+     "set spec.evaluation.every"),
+])
+def test_bad_sweeps_are_a_422_naming_the_field_and_store_nothing(client, alice_auth, sessions,
+                                                                 body, field, words):  # noqa: ANN001
+    response = client.post("/v1/sweeps", json=body, headers=alice_auth)
+    assert response.status_code == 422, response.text
+    details = response.json()["error"]["details"]
+    assert [d["field"] for d in details] == [field]
+    assert words in details[0]["message"], details
+    assert stored(sessions) == (0, 0)
+
+
+def test_optuna_search_is_accepted_when_installed(client, alice_auth):  # noqa: ANN001
+    import optuna  # noqa: F401 - a dependency: fails, not skips, without it
+    response = client.post("/v1/sweeps", json=with_(
+        search={"name": "optuna"}, space={"outer_optimizer.lr": {"loguniform": [1e-4, 1e-2]}}),
+        headers=alice_auth)
+    assert response.status_code == 201, response.text
+    assert response.json()["config"]["trials"] == 2
+
+
+def test_idempotency_key_replays_the_same_sweep_and_refuses_another_body(client, alice_auth,
+                                                                         sessions):  # noqa: ANN001
+    headers = {**alice_auth, "Idempotency-Key": "sweep-1"}
+    first = client.post("/v1/sweeps", json=SWEEP, headers=headers)
+    again = client.post("/v1/sweeps", json=SWEEP, headers=headers)
+    other = client.post("/v1/sweeps", json=with_(num_samples=3), headers=headers)
+    assert (first.status_code, again.status_code, other.status_code) == (201, 200, 409)
+    assert again.json()["id"] == first.json()["id"]
+    assert stored(sessions) == (1, 1)
+
+
+def test_another_users_sweep_is_not_found_and_cannot_be_cancelled(client, alice_auth,
+                                                                  bob_auth):  # noqa: ANN001
+    sweep = client.post("/v1/sweeps", json=SWEEP, headers=alice_auth).json()
+    for method, path in (("get", ""), ("get", "/trials"), ("post", "/cancel")):
+        response = getattr(client, method)(f"/v1/sweeps/{sweep['id']}{path}", headers=bob_auth)
+        assert response.status_code == 404, (path, response.text)
+    assert client.get("/v1/sweeps", headers=bob_auth).json()["data"] == []
+    assert client.get(f"/v1/sweeps/{sweep['id']}", headers=alice_auth).json()["status"] == "queued"
+
+
+def test_cancelling_a_queued_sweep_cancels_its_driver_at_once_and_a_second_cancel_is_409(
+        client, alice_auth):  # noqa: ANN001
+    sweep = client.post("/v1/sweeps", json=SWEEP, headers=alice_auth).json()
+    cancelled = client.post(f"/v1/sweeps/{sweep['id']}/cancel", headers=alice_auth)
+    assert (cancelled.status_code, cancelled.json()["status"]) == (200, "cancelled")
+    assert client.post(f"/v1/sweeps/{sweep['id']}/cancel", headers=alice_auth).status_code == 409
+
+
+def test_trials_are_jobs_of_the_sweep_ranked_on_the_leaderboard_and_never_claimed(
+        client, alice_auth, sessions, db_url, tmp_path):  # noqa: ANN001
+    from metaserve.service import jobs
+
+    sweep = client.post("/v1/sweeps", json=SWEEP, headers=alice_auth).json()
+    settings = Settings(database_url=db_url, artifact_root=tmp_path / "a")
+    with sessions() as session:  # the dispatcher claims the driver, which reports two trials
+        claimed = jobs.claim_next_job(session=session, worker_id="w", lease_s=30)
+        assert claimed.id == sweep["driver_job_id"]
+        run = sweeps.driver_sweep(session=session, job_id=claimed.id, settings=settings)
+        assert (run["sweep_id"], run["trials"]) == (sweep["id"], {})
+        spec = {**claimed.spec, "algorithm": {**claimed.spec["algorithm"], "inner_lr": 0.1}}
+        events = [("trial_start", {"trial_id": f"t{i}", "job_id": job_id, "spec": spec,
+                                   "name": f"tiny/t{i}"})
+                  for i, job_id in enumerate(("0" * 25 + "1", "0" * 25 + "2"))]
+        events += [("trial_metrics", ("0" * 25 + "1", 5, {"val/loss_step1": 2.0})),
+                   ("trial_metrics", ("0" * 25 + "1", 20, {"val/loss_step1": 0.5})),
+                   ("trial_metrics", ("0" * 25 + "2", 5, {"val/loss_step1": 1.5})),
+                   ("trial_files", ("0" * 25 + "1", [ArtifactFile("meta_init.json", 2, "0" * 64,
+                                                                  "application/json")])),
+                   ("trial_end", {"job_id": "0" * 25 + "1", "status": "succeeded",
+                                  "message": "finished"}),
+                   ("trial_end", {"job_id": "0" * 25 + "2", "status": "cancelled",
+                                  "message": "stopped early by asha at iteration 5"})]
+        sweeps.record_trial_events(session=session, sweep=run, events=events)
+        session.commit()
+        assert jobs.claim_next_job(session=session, worker_id="w2", lease_s=30) is None
+    board = client.get(f"/v1/sweeps/{sweep['id']}/trials", headers=alice_auth).json()
+    assert [(t["trial_id"], t["status"], t["value"], t["step"]) for t in board["data"]] == [
+        ("t0", "succeeded", 0.5, 20), ("t1", "cancelled", 1.5, 5)]
+    assert board["data"][0]["config"] == {"algorithm.inner_lr": 0.1, "outer_optimizer.lr": 0.001}
+    assert board["sweep"]["trials"] == {"succeeded": 1, "cancelled": 1}
+    assert board["sweep"]["best"]["job_id"] == "0" * 25 + "1"
+    listed = client.get(f"/v1/jobs?sweep={sweep['id']}", headers=alice_auth).json()["data"]
+    assert [(j["id"], j["sweep_id"]) for j in listed] == [
+        ("0" * 25 + "2", sweep["id"]), ("0" * 25 + "1", sweep["id"])]
+    artifacts = client.get(f"/v1/jobs/{'0' * 25 + '1'}/artifacts", headers=alice_auth).json()
+    assert [a["name"] for a in artifacts["data"]] == ["meta_init.json"]
