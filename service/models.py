@@ -169,11 +169,13 @@ class JobStatusEvent(Base):
 
 class Metric(Base):
     """One value of one named series at one step. (job_id, name, step) is unique, so a
-    resumed job re-writing a step is ignored; (job_id, id) is the event streams' read order."""
+    resumed job re-writing a step is ignored; (job_id, id) is the event streams' read order,
+    (job_id, step, name) the metrics pages'."""
 
     __tablename__ = "metrics"
     __table_args__ = (UniqueConstraint("job_id", "name", "step"),
-                      Index("ix_metrics_job_id_id", "job_id", "id"))
+                      Index("ix_metrics_job_id_id", "job_id", "id"),
+                      Index("ix_metrics_job_id_step_name", "job_id", "step", "name"))
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"),
                                     primary_key=True)
