@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from enum import Enum
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
@@ -131,7 +132,8 @@ def serve(
                if value is not None}
     settings = settings.model_copy(update=updates)
     private_state(settings)
-    migrate.upgrade(settings.database_url)
+    with _database_errors(settings.database_url):  # unreachable: one line naming it
+        migrate.upgrade(settings.database_url)
     engine = make_engine(settings.database_url)
     try:
         with session_factory(engine)() as session:
@@ -370,7 +372,8 @@ def dispatcher(
     settings = _settings_with_working_store()
     if concurrency is not None:
         settings = settings.model_copy(update={"dispatcher_concurrency": concurrency})
-    migrate.upgrade(settings.database_url)
+    with _database_errors(settings.database_url):  # unreachable: one line naming it
+        migrate.upgrade(settings.database_url)
     engine = make_engine(settings.database_url)
     try:
         Dispatcher(settings, session_factory(engine),
@@ -388,7 +391,9 @@ JobArgument = Annotated[str, typer.Argument(help="Job id (as printed by submit o
 
 
 def _fail(message: str) -> typer.Exit:
-    typer.echo(f"error: {printable(message)}", err=True)
+    first, *more = message.split("\n")
+    typer.echo("\n".join([f"error: {printable(first)}", *(printable(line) for line in more)]),
+               err=True)
     return typer.Exit(1)
 
 
@@ -404,7 +409,12 @@ class _ClientErrors:
         if exc is None or isinstance(exc, (typer.Exit, typer.Abort)):
             return False
         if isinstance(exc, MetaserveClientError):
-            raise _fail(str(exc)) from None
+            # A 422 names each bad field: one line each, under the message.
+            details = (getattr(exc, "details", None) or []
+                       if getattr(exc, "status_code", None) == 422 else [])
+            lines = [str(exc)] + [f"  {detail.get('field') or 'request'}: {detail.get('message')}"
+                                  for detail in details if isinstance(detail, dict)]
+            raise _fail("\n".join(lines)) from None
         if isinstance(exc, OSError):
             raise _fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc)) from None
         return False
@@ -465,25 +475,51 @@ def submit(
 
 
 def _follow(client, job: dict, *, quiet: bool = False) -> None:  # noqa: ANN001
-    final = client.wait(job, progress=not quiet)
+    try:
+        final = client.wait(job, progress=not quiet)
+    except KeyboardInterrupt:
+        job_id = printable(job["id"])
+        typer.echo(f"\nstopped following {job_id}; the job goes on. Re-attach with: "
+                   f"metaserve wait {job_id}   (its log: metaserve logs -f {job_id}; "
+                   f"cancel it: metaserve cancel {job_id})", err=True)
+        raise typer.Exit(130) from None
     line = f"{final['id']} {final['status']}"
     if final["status"] != "succeeded":
         raise _fail(f"{line}: {final['error'] or final['message'] or ''}".rstrip(": "))
     typer.echo(printable(final["id"] if quiet else line))
 
 
+class OutputFormat(str, Enum):
+    table = "table"
+    json = "json"
+
+
+OutputOption = Annotated[OutputFormat, typer.Option(
+    "--output", "-o", help="table (for people) or json (the API's objects, for scripts).")]
+
+
+def _print_json(value: object) -> None:
+    import json
+
+    typer.echo(json.dumps(value, indent=2, sort_keys=True))
+
+
 @app.command("list")
 def list_command(
     status: Annotated[Optional[str], typer.Option(help="Only jobs in this status.")] = None,
     limit: Annotated[int, typer.Option(help="At most this many jobs.", min=1)] = 20,
+    output: OutputOption = OutputFormat.table,
 ) -> None:
-    """Your jobs, newest first, as a table."""
+    """Your jobs, newest first, as a table (or --output json)."""
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
     with _ClientErrors(), _client() as client:
         found = client.list(status=status, limit=limit)
+    if output is OutputFormat.json:
+        _print_json(found)
+        return
     table = Table("name", "status", "progress", "attempt", "created")
     table.add_column("id", no_wrap=True, min_width=26)
     for job in found:
@@ -497,10 +533,13 @@ def list_command(
 
 
 @app.command()
-def status(job: JobArgument) -> None:
-    """One job: status, attempt, progress, message and error."""
+def status(job: JobArgument, output: OutputOption = OutputFormat.table) -> None:
+    """One job: status, attempt, progress, message and error (or --output json)."""
     with _ClientErrors(), _client() as client:
         found = client.get(job)
+    if output is OutputFormat.json:
+        _print_json(found)
+        return
     progress = found.get("progress") or {}
     lines = [("id", found["id"]), ("name", found["name"]), ("status", found["status"]),
              ("attempt", f"{found['attempt']} of {found['max_attempts']}")]
@@ -542,37 +581,107 @@ def metrics(
             typer.echo(f"wrote {plot}")
 
 
+COUNTER = re.compile(r"(^|/)(tasks|env_steps|steps|episodes|line_search_steps|workers)$"
+                     r"|_per_s(econd)?$")
+"""Series that count or rate work (tasks, env steps, throughput): never plotted as curves."""
+
+PANELS = (("train_loss", "meta-training loss", "loss"),
+          ("eval_loss", "evaluation loss / MSE (held-out tasks)", "loss"),
+          ("accuracy", "evaluation accuracy (held-out tasks)", "accuracy"),
+          ("returns", "returns (RL)", "return"),
+          ("train_other", "meta-training: other", "value"))
+
+
+def metric_panel(name: str) -> str | None:
+    """Which panel of :func:`plot_metrics` a series goes on (None: not plotted): loss,
+    accuracy and returns never share an axis."""
+    if name.endswith("_ci95") or COUNTER.search(name):
+        return None
+    split, _, measure = name.rpartition("/")
+    if "return" in measure:
+        return "returns"
+    if "accuracy" in measure:
+        return "accuracy"
+    if "loss" in measure or "mse" in measure:
+        return "train_loss" if split == "train" else "eval_loss"
+    return "train_other" if split == "train" else None
+
+
 def plot_metrics(series: dict[str, list[tuple[int, float | None]]], path: Path, title: str) -> None:
-    """Training curves (``train/*`` losses) on the left, evaluation curves (``val/``,
-    ``test/``: loss or accuracy after k steps, with 95% intervals) on the right."""
+    """One panel per kind of quantity (:data:`PANELS`): training loss, evaluation loss or MSE
+    and accuracy (after k adaptation steps, with 95% intervals), RL returns; counters and
+    rates are left out."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (train_axes, eval_axes) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name, values in sorted(series.items()):
-        if name.endswith("_ci95") or name.endswith("tasks") or "per_second" in name:
-            continue
-        steps = [step for step, value in values if value is not None]
-        ys = [value for _, value in values if value is not None]
-        if name.startswith("train/"):
-            train_axes.plot(steps, ys, label=name.removeprefix("train/"))
-        elif name.startswith(("val/", "test/")):
+    grouped: dict[str, list[str]] = {}
+    for name in sorted(series):
+        panel = metric_panel(name)
+        if panel is not None and any(value is not None for _, value in series[name]):
+            grouped.setdefault(panel, []).append(name)
+    panels = [panel for panel in PANELS if panel[0] in grouped] or [PANELS[0]]
+    figure, axes_list = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2),
+                                     squeeze=False)
+    for axes, (panel, heading, unit) in zip(axes_list[0], panels):
+        for name in grouped.get(panel, []):
+            steps = [step for step, value in series[name] if value is not None]
+            ys = [value for _, value in series[name] if value is not None]
             interval = dict(series.get(f"{name}_ci95", []))
-            errors = [interval.get(step) or 0.0 for step in steps]
-            eval_axes.errorbar(steps, ys, yerr=errors, marker="o", capsize=3, label=name)
-    for axes, heading in ((train_axes, "meta-training"), (eval_axes, "evaluation (held-out tasks)")):
+            if interval:
+                errors = [interval.get(step) or 0.0 for step in steps]
+                axes.errorbar(steps, ys, yerr=errors, marker="o", capsize=3, label=name)
+            else:
+                axes.plot(steps, ys, label=name)
         axes.set_title(heading)
         axes.set_xlabel("meta-iteration")
+        axes.set_ylabel(unit)
         if axes.has_data():
             axes.legend(fontsize=8)
-    train_axes.set_ylabel("loss")
     figure.suptitle(title)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+@app.command()
+def wait(
+    job: JobArgument,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar; print only "
+                                        "the id once the job succeeded.")] = False,
+) -> None:
+    """Follow a job (again) with a progress bar until it ends; exit 0 if it succeeded, else
+    1 with its error. Ctrl-C stops following, not the job."""
+    with _ClientErrors(), _client() as client:
+        _follow(client, client.get(job), quiet=quiet)
+
+
+def format_log_record(record: dict) -> str:
+    """``HH:MM:SS LEVEL source: message`` (a traceback's lines follow, indented as sent)."""
+    stamp = str(record.get("time", ""))[11:19]
+    return (f"{stamp} {str(record.get('level', '')):<7} {record.get('source', '')}: "
+            f"{record.get('message', '')}")
+
+
+@app.command()
+def logs(
+    job: JobArgument,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new records "
+                                         "until the job ends.")] = False,
+) -> None:
+    """The job's log: its driver's and inner-loop workers' records and tracebacks, and the
+    dispatcher's lines about its attempts."""
+    with _ClientErrors(), _client() as client:
+        records = client.follow_logs(job) if follow else client.logs(job)
+        try:
+            for record in records:
+                # printable per line: a traceback keeps its lines, control characters escaped
+                typer.echo("\n".join(printable(line)
+                                      for line in format_log_record(record).split("\n")))
+        except KeyboardInterrupt:
+            raise typer.Exit(130) from None
 
 
 @app.command()

@@ -107,3 +107,13 @@ def test_train_with_an_invalid_spec_names_each_bad_field_on_one_line(
     assert err == ("error: invalid job spec job.yaml: algorithm.maml.inner_lr: Input should be "
                    "greater than 0; iterations: Input should be greater than or equal to 1\n")
     assert not (empty_directory / "runs").exists()
+
+
+def test_serve_with_an_unreachable_database_is_one_line_naming_it(
+        empty_directory: Path, capsys: pytest.CaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("METASERVE_DATABASE_URL", "postgresql+psycopg://postgres:pw@127.0.0.1:1/x")
+    code, out, err = run_metaserve(["serve"], capsys)
+    assert (code, out) == (1, "")
+    assert err.startswith("error: database postgresql+psycopg://postgres:***@127.0.0.1:1/x: ")
+    assert err.count("\n") == 1
