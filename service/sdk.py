@@ -250,20 +250,50 @@ class Progress:
     eta_s: float | None = None
     loss: float | None = None
     metrics: dict[str, float | None] = field(default_factory=dict)
+    name: str = ""
+    message: str | None = None  # why a queued job waits (the queue reason)
+    env_steps_per_s: float | None = None  # meta-RL jobs
+    latest_return: float | None = None    # meta-RL jobs
+    evaluation: tuple[str, float] | None = None  # the latest evaluation figure: (label, value)
+    reconnecting: bool = False  # the event stream dropped; resuming
 
     def update(self, event: Event) -> None:
+        self.reconnecting = False
         if event.kind == "status":
             self.status = event.data["status"]
+            self.message = event.data.get("message")
         elif event.kind == "progress":
             self.iteration = int(event.data.get("iteration", self.iteration))
             self.total = event.data.get("total", self.total)
             self.tasks_per_s = event.data.get("tasks_per_s", self.tasks_per_s)
+            self.env_steps_per_s = event.data.get("env_steps_per_s", self.env_steps_per_s)
+            self.latest_return = event.data.get("latest_return", self.latest_return)
             self.eta_s = event.data.get("eta_s")
         elif event.kind == "metrics":
-            self.metrics.update(event.data["values"])
-            loss = event.data["values"].get("train/loss_after")
+            values = event.data["values"]
+            self.metrics.update(values)
+            loss = values.get("train/loss_after")
             if loss is not None:
                 self.loss = loss
+            figure = evaluation_figure(values)
+            if figure is not None:
+                self.evaluation = figure
+
+
+def evaluation_figure(values: dict[str, float | None]) -> tuple[str, float] | None:
+    """The headline of an evaluation among ``values``: accuracy, else return, else loss after
+    the most adaptation steps, on the test split, else validation; ``("val acc@5", 0.71)``."""
+    import re
+
+    for split in ("test", "val"):
+        for measure, short in (("accuracy", "acc"), ("return", "return"), ("loss", "loss")):
+            found = [(int(match.group(1)), name) for name in values
+                     if (match := re.fullmatch(rf"{split}/{measure}_step(\d+)", name))
+                     and values[name] is not None]
+            if found:
+                steps, name = max(found)
+                return f"{split} {short}@{steps}", float(values[name])  # type: ignore[arg-type]
+    return None
 
 
 def safe_target(directory: Path, name: str) -> Path:
@@ -378,9 +408,11 @@ class Client:
     # ------------------------------------------------------------------ events, waiting
 
     def events(self, job: str | dict[str, Any], *, last_event_id: str | None = None,
-               reconnect: bool = True) -> Iterator[Event]:
+               reconnect: bool = True,
+               on_reconnect: Callable[[], None] | None = None) -> Iterator[Event]:
         """The job's events until it is terminal. A dropped connection is resumed from the
-        last event received (``Last-Event-ID``), so none is lost or repeated."""
+        last event received (``Last-Event-ID``), so none is lost or repeated;
+        ``on_reconnect()`` is called each time it is being resumed."""
         job_id = job_id_of(job)
         failures = 0
         while True:
@@ -405,6 +437,45 @@ class Client:
                 return
             if not reconnect:
                 return
+            if on_reconnect is not None:
+                on_reconnect()
+            time.sleep(RECONNECT_DELAY_S)
+
+    def logs(self, job: str | dict[str, Any], *, after: int = 0) -> list[dict[str, Any]]:
+        """The job's log records after seq ``after`` (its driver's and inner-loop workers'
+        lines and tracebacks, the dispatcher's lines about its attempts), following the pages."""
+        records: list[dict[str, Any]] = []
+        while True:
+            page = self._request("GET", f"/v1/jobs/{job_id_of(job)}/logs",
+                                 params={"after": after, "limit": 5000}).json()
+            records.extend(page["data"])
+            after = page["next_after"]
+            if page["complete"]:
+                return records
+
+    def follow_logs(self, job: str | dict[str, Any], *, after: int = 0) -> Iterator[dict[str, Any]]:
+        """The job's log records as they are written (``?follow=true``), until the job has
+        ended and its log is read; a dropped connection is resumed after the last record."""
+        job_id = job_id_of(job)
+        failures = 0
+        while True:
+            try:
+                with self._http.stream("GET", f"/v1/jobs/{job_id}/logs",
+                                       params={"follow": "true", "after": after},
+                                       timeout=httpx.Timeout(TIMEOUT_S, read=None)) as response:
+                    if response.status_code >= 400:
+                        response.read()
+                        raise error_from_response(response)
+                    for event in parse_sse(response.iter_lines()):
+                        failures = 0
+                        if event.kind == "end":
+                            return
+                        after = max(after, int(event.data["seq"]))
+                        yield event.data
+            except httpx.TransportError as error:
+                failures += 1
+                if failures > MAX_RECONNECTS:
+                    raise ConnectionFailed(f"lost the log stream of {job_id}: {error}") from None
             time.sleep(RECONNECT_DELAY_S)
 
     def wait(self, job: str | dict[str, Any], *, progress: bool = True,
@@ -412,9 +483,21 @@ class Client:
         """Follow the job's event stream until it is terminal and return the final job. With
         ``progress``, a rich progress bar shows iteration, loss, tasks/s and ETA."""
         state = Progress()
-        bar = _ProgressBar(job_id_of(job)) if progress else None
+        bar = None
+        if progress:
+            found = job if isinstance(job, dict) and "name" in job else self.get(job)
+            state.name, state.status = found["name"], found["status"]
+            state.message = found.get("message") if found["status"] == "queued" else None
+            bar = _ProgressBar(job_id_of(job))
+            bar.show(state)
+
+        def reconnecting() -> None:
+            state.reconnecting = True
+            if bar is not None:
+                bar.show(state)
+
         try:
-            for event in self.events(job):
+            for event in self.events(job, on_reconnect=reconnecting):
                 state.update(event)
                 if bar is not None:
                     bar.show(state)
@@ -569,28 +652,59 @@ def adapt(model: "MetaInitModel", support_x: "Tensor", support_y: "Tensor",
     return engine_adapt(model, support_x, support_y, steps)
 
 
+def progress_line(state: Progress, width: int) -> str:
+    """What follows the bar: the queue reason while queued, "reconnecting" while the stream
+    is resumed, else loss, the latest evaluation figure, an RL job's return and env steps/s
+    (or tasks/s) and ETA, cut to ``width`` characters."""
+    if state.reconnecting:
+        parts = [f"{state.status}, reconnecting..."]
+    elif state.status == "queued":
+        parts = [f"queued: {state.message}" if state.message else "queued"]
+    else:
+        parts = [] if state.status == "running" else [state.status]
+        if state.loss is not None:
+            parts.append(f"loss {state.loss:.3g}")
+        if state.latest_return is not None:
+            parts.append(f"return {state.latest_return:.3g}")
+        if state.evaluation is not None:
+            parts.append(f"{state.evaluation[0]} {state.evaluation[1]:.3g}")
+        if state.env_steps_per_s is not None:
+            parts.append(f"{state.env_steps_per_s:,.0f} steps/s")
+        elif state.tasks_per_s is not None:
+            parts.append(f"{state.tasks_per_s:,.0f} tasks/s")
+        if state.status == "running" and state.eta_s is not None:
+            parts.append(f"ETA {_duration(state.eta_s)}")
+    line = "  ".join(parts)
+    return line if len(line) <= width else line[:max(0, width - 1)] + "…"
+
+
 class _ProgressBar:
-    """A rich progress bar over meta-iterations, fed by :class:`Progress` updates."""
+    """A rich progress line fed by :class:`Progress` updates: the job's name, a bar over its
+    meta-iterations and :func:`progress_line`, within the terminal's width (80 columns too)."""
+
+    NAME_WIDTH = 18
+    BAR_WIDTH = 16
 
     def __init__(self, job_id: str) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
         from rich.progress import Progress as RichProgress
 
         self._progress = RichProgress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[status]}"), TextColumn("loss {task.fields[loss]}"),
-            TextColumn("{task.fields[rate]} tasks/s"), TextColumn("ETA {task.fields[eta]}"),
-            transient=False)
-        self._task = self._progress.add_task(job_id, total=None, status="queued", loss="-",
-                                             rate="-", eta="-")
+            TextColumn("{task.description}"), BarColumn(bar_width=self.BAR_WIDTH),
+            MofNCompleteColumn(), TextColumn("{task.fields[detail]}"), transient=False)
+        self._task = self._progress.add_task(job_id[-8:], total=None, detail="")
         self._progress.start()
 
     def show(self, state: Progress) -> None:
+        from rich.markup import escape
+
+        name = state.name or ""
+        name = name if len(name) <= self.NAME_WIDTH else name[:self.NAME_WIDTH - 1] + "…"
+        done = f"{state.iteration}/{state.total}" if state.total else "0/?"
+        width = self._progress.console.width - len(name) - self.BAR_WIDTH - len(done) - 4
         self._progress.update(
-            self._task, total=state.total, completed=state.iteration, status=state.status,
-            loss="-" if state.loss is None else f"{state.loss:.3f}",
-            rate="-" if state.tasks_per_s is None else f"{state.tasks_per_s:.0f}",
-            eta=_duration(state.eta_s) if state.status == "running" else "-")
+            self._task, total=state.total, completed=state.iteration,
+            description=escape(name), detail=escape(progress_line(state, max(10, width))))
 
     def stop(self) -> None:
         self._progress.stop()

@@ -125,8 +125,9 @@ def test_invalid_input_and_unknown_jobs_are_one_line_errors(logged_in: str, tmp_
     invalid = invoke("submit", str(spec))
     missing = invoke("submit", str(tmp_path / "none.yaml"))
     unknown = invoke("status", "01ARZ3NDEKTSV4RRFFQ69G5FAV")
-    assert (invalid.exit_code, invalid.output) == (
-        1, "error: invalid request: algorithm.inner_lr (422 validation_error)\n")
+    assert (invalid.exit_code, invalid.output) == (  # each detail under the message
+        1, "error: invalid request: algorithm.inner_lr (422 validation_error)\n"
+           "  algorithm.inner_lr: Input should be greater than 0\n")
     assert (missing.exit_code, missing.output) == (
         1, f"error: cannot read {tmp_path / 'none.yaml'}: No such file or directory\n")
     assert (unknown.exit_code, unknown.output) == (1, "error: Job not found. (404 not_found)\n")
