@@ -4,10 +4,12 @@ one fresh shell — no virtualenv on PATH, no PYTHONPATH, an empty HOME — and 
 snippets as they are written. Everything is parsed out of README.md, so the README and this
 test cannot drift apart. Real server, real local Ray.
 
-The one substitution: the server's port (a free one instead of 8000). The training is kept
-short by the ``--set``/``overrides`` the README itself shows. The clone is a directory with
-the repository's ``examples/`` and, as ``.venv``, the virtualenv ``make run`` would have
-created (this environment's).
+The clone is a fresh ``git clone`` of this repository (its committed files); as its
+``.venv`` it has the virtualenv ``make run`` would have created (this environment's). Two
+substitutions: the server's port (a free one instead of 8000), and ``make run``'s VENV: a
+directory whose install stamp is current and whose ``metaserve`` is this environment's (a
+real install would rewrite the shared virtualenv). The training is kept short by the
+``--set``/``overrides`` the README itself shows.
 """
 
 from __future__ import annotations
@@ -72,15 +74,13 @@ def test_the_walkthrough_is_the_server_the_client_commands_and_two_snippets() ->
 
 
 def start_make_run(line: str, work: Path, port: int) -> subprocess.Popen:
-    """Run the README's ``make run`` in ``work`` against the repository's Makefile, with a
-    VENV whose install stamp is current and whose metaserve is this environment's (a real
-    install would rewrite the shared virtualenv)."""
+    """Run the README's ``make run`` in the clone ``work`` with a VENV whose install stamp is
+    current and whose metaserve is this environment's."""
     venv = work.parent / "server-venv"
     (venv / "bin").mkdir(parents=True)
     (venv / "bin" / "metaserve").symlink_to(Path(sys.executable).with_name("metaserve"))
-    (work / "pyproject.toml").symlink_to(REPO / "pyproject.toml")
     (venv / ".installed").touch()
-    command = shlex.split(line) + ["-f", str(REPO / "Makefile"), f"VENV={venv}"]
+    command = shlex.split(line) + [f"VENV={venv}"]
     env = {**fresh_environment(work.parent / "server-home"), "METASERVE_PORT": str(port)}
     log = (work.parent / "server.log").open("w")
     process = subprocess.Popen(command, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -138,8 +138,8 @@ def run_python(snippet: str, work: Path, env: dict[str, str]) -> str:
 def test_the_readme_runs_as_written_in_a_fresh_shell(tmp_path: Path) -> None:
     server_lines, client_lines, (snippet, offline_snippet) = walkthrough()
     work = tmp_path / "clone"
-    work.mkdir()
-    (work / "examples").symlink_to(REPO / "examples")
+    subprocess.run(["git", "clone", "--quiet", "--depth", "1", f"file://{REPO}", str(work)],
+                   check=True, timeout=120)
     (work / ".venv").symlink_to(Path(sys.prefix))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
