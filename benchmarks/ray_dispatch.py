@@ -130,7 +130,8 @@ def overhead(iterations: int) -> dict:
 def scaling(iterations: int) -> dict:
     import ray
 
-    from metaserve.workers.runner import RunHooks, run_job
+    from metaserve.workers.engine.loop import RunHooks
+    from metaserve.workers.registry import run_job
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     results = {}

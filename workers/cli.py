@@ -84,13 +84,13 @@ def _train_rl(job, out: Path, reporter) -> None:  # noqa: ANN001
 
     from metaserve.workers.engine.loop import RunHooks
     from metaserve.workers.local_ray import start_local_ray
-    from metaserve.workers.rl import run_rl_job
+    from metaserve.workers.registry import run_job
 
     started_here = not ray.is_initialized()
     if started_here:
         start_local_ray(log_to_driver=False, configure_logging=False)
     try:
-        run_rl_job(job, out, RunHooks(report=reporter))
+        run_job(job, out, RunHooks(report=reporter))
     finally:
         if started_here:
             ray.shutdown()

@@ -1,19 +1,22 @@
-"""Runs one meta-training job on Ray: the outer loop here, the inner loops on Ray actors.
+"""A meta-learning job on Ray (:class:`MetaLearningRayDriver`): the outer loop in the job's
+driver process, the inner loops on Ray actors; and what every Ray driver shares (the server's
+:class:`RunOptions`, placement: :func:`actor_resources`, :func:`check_schedulable`,
+:func:`worker_device`). :func:`metaserve.workers.registry.run_job` picks the driver of a job's
+kind and runs it on :func:`~metaserve.workers.engine.loop.train_loop`'s schedule.
 
-The outer loop (this module, called by the dispatcher in its own process) owns the
-meta-parameters, the outer optimizer state and the schedule (log, evaluate, checkpoint).
-``resources.workers`` :class:`InnerLoopWorker` actors each hold a :class:`Trainer` built from
-the same spec; every meta-iteration the meta-batch is split into contiguous shards, one
-per worker, each worker samples its own tasks from the counter-based seed, adapts them
-vectorized and returns the summed meta-gradient. The shards are combined in worker order,
-so a run is a pure function of (spec, seed, worker count).
+The driver owns the meta-parameters and the outer optimizer state; the schedule (log,
+evaluate, checkpoint) is the loop's. ``resources.workers`` :class:`InnerLoopWorker` actors each
+hold a :class:`Trainer` built from the same spec; every meta-iteration the meta-batch is split
+into contiguous shards, one per worker, each worker samples its own tasks from the
+counter-based seed, adapts them vectorized and returns the summed meta-gradient. The shards
+are combined in worker order, so a run is a pure function of (spec, seed, worker count).
 
 With a single worker the whole segment between two reporting points runs on the actor
 (`run_segment`), which removes the per-iteration round trip; the arithmetic is the same
 as a one-shard step, so the result is the same bits.
 
 Faults: a worker that dies (process killed, node removed) is replaced and the lost work is
-recomputed from the same parameters, so the final parameters do not change. The runner
+recomputed from the same parameters, so the final parameters do not change. The driver
 itself keeps nothing that a checkpoint does not hold: if its process dies, the next
 attempt resumes from the last checkpoint.
 """
@@ -23,7 +26,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
 import ray
@@ -31,7 +33,9 @@ import torch
 from ray.exceptions import RayActorError
 
 from metaserve.workers.engine import ShardResult, Trainer, TrainState
-from metaserve.workers.engine.loop import JobCancelled, RunHooks, train_loop
+from metaserve.workers.engine.loop import RunHooks
+from metaserve.workers.engine.trainer import MetaLearningDriver
+from metaserve.workers.exceptions import JobCancelled, Unschedulable, WorkerLost
 from metaserve.workers.joblog import forward_logs_to
 from metaserve.workers.spec import JobSpec
 from metaserve.workers.storage import StorageConfig
@@ -42,14 +46,6 @@ logger = logging.getLogger(__name__)
 WORKER_READY_TIMEOUT_S = 60.0
 POLL_S = 0.25
 MAX_WORKER_REPLACEMENTS = 20
-
-
-class Unschedulable(Exception):
-    """The cluster cannot provide the resources this job asks for."""
-
-
-class WorkerLost(Exception):
-    """An inner-loop worker died more times than the runner will replace it."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +78,16 @@ def worker_device(gpus_per_worker: float, gpu_resource: str, cuda_available: boo
     if gpu_resource == "GPU":
         raise RuntimeError("worker was given a GPU but torch sees no CUDA device")
     return "cpu"
+
+
+def actor_resources(resources, options: RunOptions) -> dict:  # noqa: ANN001 - a ResourcesSpec
+    """Ray options placing one worker actor of a job: ``cpus_per_worker`` CPUs and
+    ``gpus_per_worker`` of the server's GPU resource (Ray's ``GPU`` or its stand-in)."""
+    gpus: dict = {}
+    if resources.gpus_per_worker > 0:
+        gpus = ({"num_gpus": resources.gpus_per_worker} if options.gpu_resource == "GPU"
+                else {"resources": {options.gpu_resource: resources.gpus_per_worker}})
+    return dict(num_cpus=resources.cpus_per_worker, **gpus)
 
 
 class InnerLoopWorker:
@@ -170,12 +176,8 @@ class _WorkerPool:
     replacements: int = 0
 
     def _options(self):
-        r = self.spec.resources
-        gpus: dict = {}
-        if r.gpus_per_worker > 0:
-            gpus = ({"num_gpus": r.gpus_per_worker} if self.options.gpu_resource == "GPU"
-                    else {"resources": {self.options.gpu_resource: r.gpus_per_worker}})
-        return dict(num_cpus=r.cpus_per_worker, max_restarts=0, max_concurrency=1, **gpus)
+        return dict(max_restarts=0, max_concurrency=1,
+                    **actor_resources(self.spec.resources, self.options))
 
     def _new_actor(self):
         threads = max(1, int(self.spec.resources.cpus_per_worker))
@@ -258,56 +260,45 @@ class _WorkerPool:
         self.actors = []
 
 
-def run_job(spec: JobSpec | dict, job_dir: Path, hooks: RunHooks | None = None,
-            options: RunOptions | None = None) -> TrainState | None:
-    """Run ``spec`` to completion on the connected Ray cluster; artifacts go to ``job_dir``.
+class MetaLearningRayDriver(MetaLearningDriver):
+    """A meta-learning job's :class:`~metaserve.workers.engine.loop.Driver` on Ray: its
+    iterations sharded over ``resources.workers`` inner-loop workers (see the module
+    docstring)."""
 
-    Meta-RL jobs go to :func:`metaserve.workers.rl.run_rl_job` (and return None).
+    def __init__(self, spec: JobSpec, hooks: RunHooks, options: RunOptions):
+        use_dataset_store(options.storage)
+        check_schedulable(spec, options)
+        # The local trainer validates the spec (e.g. the dataset exists) before any actor starts
+        # and takes the outer steps of a sharded meta-batch.
+        super().__init__(Trainer(spec, device="cpu"))
+        self.hooks = hooks
+        self.shards = shard_ranges(spec.meta_batch_size, spec.resources.workers)
+        self.workers = len(self.shards)
+        self.pool = _WorkerPool(spec, hooks, options)
 
-    Resumes from ``job_dir``'s checkpoint when there is one. Raises :class:`JobCancelled`,
-    :class:`Unschedulable`, or the job's own error (bad dataset, ...).
-    """
-    spec = spec if isinstance(spec, JobSpec) else JobSpec.model_validate(spec)
-    if spec.is_rl:  # meta-RL (rl2, pearl, maml on an RL family): its own driver
-        from metaserve.workers.rl import run_rl_job
+    def restore(self, checkpoint) -> int:  # noqa: ANN001 - a Checkpoint or None
+        iteration = super().restore(checkpoint)
+        self.pool.start(len(self.shards))
+        return iteration
 
-        run_rl_job(spec, job_dir, hooks)
-        return None
-    hooks = hooks or RunHooks()
-    options = options or RunOptions()
-    use_dataset_store(options.storage)
-    job_dir = Path(job_dir)
-    job_dir.mkdir(parents=True, exist_ok=True)
-    check_schedulable(spec, options)
-
-    # The local trainer validates the spec (e.g. the dataset exists) before any actor starts,
-    # holds the outer optimizer and writes checkpoints and artifacts.
-    trainer = Trainer(spec, device="cpu")
-    shards = shard_ranges(spec.meta_batch_size, spec.resources.workers)
-    pool = _WorkerPool(spec, hooks, options)
-
-    def advance(state: TrainState, iterations: int) -> tuple[TrainState, list[dict]]:
-        if len(shards) == 1:  # the whole segment on the worker: no per-iteration round trip
-            return pool.call([(0, "run_segment", (state, iterations))])[0]
+    def _advance(self, state: TrainState, iterations: int) -> tuple[TrainState, list[dict]]:
+        if len(self.shards) == 1:  # the whole segment on the worker: no per-iteration round trip
+            return self.pool.call([(0, "run_segment", (state, iterations))])[0]
         per_step = []
         for _ in range(iterations):
-            results = pool.call([(w, "shard_step", (state.params, state.iteration, shard))
-                                 for w, shard in enumerate(shards)])
-            state = trainer.apply(state, results)
+            results = self.pool.call([(w, "shard_step", (state.params, state.iteration, shard))
+                                      for w, shard in enumerate(self.shards)])
+            state = self.trainer.apply(state, results)
             per_step.append(_shard_metrics(results))
-            if hooks.should_stop():
+            if self.hooks.should_stop():
                 raise JobCancelled()
         return state, per_step
 
-    def evaluate(params: dict, split: str) -> dict[str, float]:
-        return pool.call([(0, "evaluate", (params, split))])[0]
+    def evaluate(self, split: str) -> dict[str, float]:
+        return self.pool.call([(0, "evaluate", (self.state.params, split))])[0]
 
-    try:
-        pool.start(len(shards))
-        return train_loop(trainer, job_dir, advance=advance, evaluate=evaluate, hooks=hooks,
-                          workers=len(shards))
-    finally:
-        pool.shutdown()
+    def close(self) -> None:
+        self.pool.shutdown()
 
 
 def _shard_metrics(results: list[ShardResult]) -> dict[str, float]:

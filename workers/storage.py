@@ -44,6 +44,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from metaserve.workers.exceptions import StorageError  # noqa: F401 - raised here, imported from here
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_DIRECTORY = "checkpoint"  # = workers.engine.loop.CHECKPOINT_DIRECTORY
@@ -92,10 +94,6 @@ class ArtifactFile:
     size: int
     sha256: str
     media_type: str
-
-
-class StorageError(Exception):
-    """The artifact store failed; ``str()`` is one line naming the store and the cause."""
 
 
 def media_type(name: str) -> str:

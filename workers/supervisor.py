@@ -2,7 +2,7 @@
 
 This is the shape of Ray's own job manager (``JobSupervisor``): the dispatcher that claimed a
 job keeps the claim, the lease, the cancel watch and the database writes, and starts one
-:class:`JobSupervisor` actor that runs :func:`metaserve.workers.runner.run_job` (the outer loop,
+:class:`JobSupervisor` actor that runs :func:`metaserve.workers.registry.run_job` (the outer loop,
 the dataset, the model and optimizer state, the inner-loop workers it owns). So no job trains in
 the API or dispatcher process, the driver gets a ``memory`` request Ray places it by, and a
 driver that dies takes only its own job with it.
@@ -39,10 +39,12 @@ from typing import Any, Callable, Iterator
 
 import ray
 
-from metaserve.workers.engine.checkpoints import CheckpointError
-from metaserve.workers.engine.trainer import CHECKPOINT_DIRECTORY
+from metaserve.workers.engine.checkpoints import CHECKPOINT_DIRECTORY
+from metaserve.workers.engine.loop import RunHooks
+from metaserve.workers.exceptions import CheckpointError, DriverOutOfMemory, JobCancelled, Unschedulable
 from metaserve.workers.joblog import capture_logs, release_logs
-from metaserve.workers.runner import JobCancelled, RunHooks, RunOptions, Unschedulable, run_job
+from metaserve.workers.registry import run_job
+from metaserve.workers.runner import RunOptions
 from metaserve.workers.storage import StorageConfig, open_store
 
 logger = logging.getLogger(__name__)
@@ -55,10 +57,6 @@ OWNER_TIMEOUT_S = 10.0
 an orphan (its dispatcher died; Ray may not have reaped it yet): it stops and exits, since the
 job's next attempt will run elsewhere."""
 ORPHAN_EXIT_S = 30.0
-
-
-class DriverOutOfMemory(MemoryError):
-    """The job's driver used more memory than it asked Ray for."""
 
 
 def resident_bytes() -> int:

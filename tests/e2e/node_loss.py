@@ -14,7 +14,8 @@ import torch
 from ray.cluster_utils import Cluster
 from safetensors.torch import load_file
 
-from metaserve.workers.runner import RunHooks, run_job
+from metaserve.workers.engine.loop import RunHooks
+from metaserve.workers.registry import run_job
 
 SPEC = {
     "algorithm": {"name": "maml"},

@@ -13,8 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 from metaserve.workers.engine import Trainer
-from metaserve.workers.runner import (JobCancelled, RunHooks, Unschedulable, run_job, shard_ranges,
-                                      worker_device)
+from metaserve.workers.engine.loop import RunHooks
+from metaserve.workers.exceptions import JobCancelled, Unschedulable
+from metaserve.workers.registry import run_job
+from metaserve.workers.runner import shard_ranges, worker_device
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

@@ -1,5 +1,7 @@
 """The meta-learning engine: :class:`Trainer` (in-process loop, and the shard/apply pieces the Ray
-runner calls), checkpoints and the meta-initialization artifact."""
+runner calls), the one schedule every job kind runs on (:mod:`~metaserve.workers.engine.loop`),
+the one checkpoint format (:mod:`~metaserve.workers.engine.checkpoints`) and the one artifact
+writer (:mod:`~metaserve.workers.engine.artifacts`)."""
 
 from __future__ import annotations
 

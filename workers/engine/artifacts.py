@@ -1,23 +1,58 @@
-"""The meta-initialization artifact: ``meta_init.safetensors`` (model parameters, and Meta-SGD's
-learned ``inner_lr.*`` rates) + ``meta_init.json`` (architecture, adaptation recipe, task
-family, evaluation, spec, versions); and the small loader/adapter the SDK uses."""
+"""The one artifact writer of every job kind, and the meta-initialization loader.
+
+A job's final artifact is two files named for its kind: ``<kind>.safetensors`` (the tensors)
++ ``<kind>.json`` (``kind``, architecture, adaptation recipe, task family, evaluation, spec,
+versions). The kinds:
+
+- ``meta_init``: a meta-learning job's meta-initialization θ* (model parameters, and
+  Meta-SGD's learned ``inner_lr.*`` rates); :func:`load_meta_init` loads it as a module that
+  adapts with the recorded recipe.
+- ``meta_policy``: a meta-RL job's meta-policy (RL²'s recurrent network, PEARL's encoder and
+  policy, MAML-RL's Gaussian policy); :func:`metaserve.workers.rl.load_meta_policy` loads it.
+
+The kind is recorded in the JSON, is what the files are named, and follows from the spec
+(:func:`artifact_kind`); clients read it instead of assuming ``meta_init``.
+"""
 
 from __future__ import annotations
 
 import json
 from importlib import metadata
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
 from metaserve.workers.engine.checkpoints import atomic_save_tensors, atomic_write_bytes
+from metaserve.workers.exceptions import ArtifactError
 
+META_INIT = "meta_init"
+META_POLICY = "meta_policy"
+ARTIFACT_KINDS = (META_INIT, META_POLICY)
 META_INIT_TENSORS = "meta_init.safetensors"
 META_INIT_JSON = "meta_init.json"
+META_POLICY_TENSORS = "meta_policy.safetensors"
+META_POLICY_JSON = "meta_policy.json"
 FORMAT_VERSION = 1
+VERSIONED_PACKAGES = {META_INIT: ("metaserve", "torch"), META_POLICY: ("metaserve", "torch", "ray")}
+
+
+def artifact_kind(spec: Any) -> str:
+    """``meta_policy`` for a meta-RL job, else ``meta_init`` (``spec``: a JobSpec or its dict)."""
+    if isinstance(spec, dict):
+        from metaserve.workers.spec import RL_FAMILIES
+
+        return META_POLICY if spec["task_family"]["name"] in RL_FAMILIES else META_INIT
+    return META_POLICY if spec.is_rl else META_INIT
+
+
+def artifact_files(kind: str) -> tuple[str, str]:
+    """The two files of an artifact of ``kind``: (tensors, JSON document)."""
+    if kind not in ARTIFACT_KINDS:
+        raise ArtifactError(f"unknown artifact kind {kind!r}; known: {', '.join(ARTIFACT_KINDS)}")
+    return f"{kind}.safetensors", f"{kind}.json"
 
 
 def _version(package: str) -> str | None:
@@ -27,23 +62,54 @@ def _version(package: str) -> str | None:
         return None
 
 
-def export_meta_init(*, directory: Path, params: dict[str, Tensor], architecture: dict, recipe: dict,
-                     task_family: dict, evaluation: dict, spec: dict, iteration: int) -> list[Path]:
-    tensors_path = Path(directory) / META_INIT_TENSORS
-    json_path = Path(directory) / META_INIT_JSON
-    atomic_save_tensors(tensors_path, params, {"format": str(FORMAT_VERSION)})
+def export_artifact(directory: Path, *, kind: str, tensors: dict[str, Tensor], architecture: dict,
+                    recipe: dict, task_family: dict, evaluation: dict, spec: dict,
+                    iteration: int) -> list[Path]:
+    """Write the artifact of ``kind`` into ``directory`` (both files atomically); returns them."""
+    tensors_name, json_name = artifact_files(kind)
+    tensors_path, json_path = Path(directory) / tensors_name, Path(directory) / json_name
+    atomic_save_tensors(tensors_path, tensors, {"format": str(FORMAT_VERSION), "kind": kind})
     document = {
         "format": FORMAT_VERSION,
+        "kind": kind,
         "architecture": architecture,
         "recipe": recipe,
         "task_family": task_family,
         "evaluation": evaluation,
         "iterations": iteration,
         "spec": spec,
-        "versions": {"metaserve": _version("metaserve"), "torch": torch.__version__},
+        "versions": {package: _version(package) for package in VERSIONED_PACKAGES[kind]},
     }
     atomic_write_bytes(json_path, json.dumps(document, indent=2, sort_keys=True).encode())
     return [tensors_path, json_path]
+
+
+def find_artifact(directory: Path) -> str:
+    """The kind of the artifact in ``directory`` (a job directory or a fetched one)."""
+    found = [kind for kind in ARTIFACT_KINDS
+             if all((Path(directory) / name).exists() for name in artifact_files(kind))]
+    if len(found) != 1:
+        expected = " or ".join(" + ".join(artifact_files(kind)) for kind in ARTIFACT_KINDS)
+        raise ArtifactError(f"{directory} holds {'no' if not found else 'more than one'} "
+                            f"artifact (expected {expected})")
+    return found[0]
+
+
+def read_artifact(directory: Path, kind: str, device: str | torch.device = "cpu"
+                  ) -> tuple[dict[str, Tensor], dict]:
+    """``(tensors, document)`` of the artifact of ``kind`` in ``directory``; a directory
+    holding the other kind raises :class:`ArtifactError` saying what it holds instead."""
+    tensors_name, json_name = artifact_files(kind)
+    directory = Path(directory)
+    if not (directory / json_name).exists() or not (directory / tensors_name).exists():
+        other = [k for k in ARTIFACT_KINDS if k != kind and (directory / f"{k}.json").exists()]
+        hint = f"; it holds a {other[0]} (load it with load_{other[0]})" if other else ""
+        raise ArtifactError(f"{directory} has no {tensors_name} + {json_name}{hint}")
+    document = json.loads((directory / json_name).read_text())
+    recorded = document.get("kind", kind)  # artifacts of before 0.2 have no "kind"
+    if recorded != kind:
+        raise ArtifactError(f"{directory / json_name} records kind {recorded!r}, not {kind!r}")
+    return load_file(str(directory / tensors_name), device=str(device)), document
 
 
 class MetaInitModel(torch.nn.Module):
@@ -82,8 +148,7 @@ class MetaInitModel(torch.nn.Module):
 
 def load_meta_init(directory: Path, device: str | torch.device = "cpu") -> tuple[MetaInitModel, dict]:
     """``(model, recipe)`` from ``meta_init.safetensors`` + ``meta_init.json`` in ``directory``."""
-    document = json.loads((Path(directory) / META_INIT_JSON).read_text())
-    params = load_file(str(Path(directory) / META_INIT_TENSORS), device=str(device))
+    params, document = read_artifact(directory, META_INIT, device)
     recipe = {**document["recipe"], "architecture": document["architecture"]}
     return MetaInitModel(params, recipe, document["spec"]), document["recipe"]
 

@@ -1,8 +1,15 @@
-"""Checkpoints: ``checkpoint.safetensors`` (params, outer optimizer state) + ``checkpoint.json``
-(iteration, spec), both written atomically (temporary file + ``os.replace``). No pickle.
+"""The one checkpoint format of every job kind: ``checkpoint.safetensors`` (every tensor of the
+job's state) + ``checkpoint.json`` (format, iteration, the rest of the state as JSON, spec),
+both written atomically (temporary file + ``os.replace``). No pickle.
 
 The safetensors metadata repeats the iteration; a pair whose iterations disagree (a crash
-between the two renames) is rejected rather than resumed from.
+between the two renames), or files that do not parse, raise :class:`CheckpointError` rather
+than being resumed from (the job then fails at once with that line: retrying cannot help).
+
+What the tensors and the state document hold is the driver's business: a meta-learning job
+stores ``params/*`` and ``optimizer/*`` (:func:`train_state_tensors`) and an empty document;
+a meta-RL job its networks, optimizers, replay buffers and counters. Optimizer moments of a
+``torch.optim`` optimizer go through :func:`optimizer_tensors` / :func:`load_optimizer_tensors`.
 """
 
 from __future__ import annotations
@@ -10,13 +17,16 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from metaserve.workers.engine.state import TrainState
+from metaserve.workers.exceptions import CheckpointError  # noqa: F401 - raised here, imported from here
 
+CHECKPOINT_DIRECTORY = "checkpoint"
 CHECKPOINT_TENSORS = "checkpoint.safetensors"
 CHECKPOINT_JSON = "checkpoint.json"
 PARAMS_PREFIX = "params/"
@@ -24,8 +34,13 @@ OPTIMIZER_PREFIX = "optimizer/"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(ValueError):
-    """The checkpoint is unreadable or inconsistent."""
+@dataclass(frozen=True)
+class Checkpoint:
+    """A job's saved state: its tensors, the rest of it as JSON, and the iterations done."""
+
+    tensors: dict[str, torch.Tensor]
+    state: dict = field(default_factory=dict)
+    iteration: int = 0
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -54,20 +69,22 @@ def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: 
         raise
 
 
-def save_checkpoint(state: TrainState, directory: Path, *, spec: dict) -> list[Path]:
+def save_checkpoint(directory: Path, checkpoint: Checkpoint, *, spec: dict) -> list[Path]:
+    """Write ``checkpoint`` to ``directory``; returns the two files written."""
     directory = Path(directory)
-    tensors = {PARAMS_PREFIX + name: value for name, value in state.params.items()}
-    tensors.update({OPTIMIZER_PREFIX + name: value for name, value in state.opt_state.items()})
     tensors_path = directory / CHECKPOINT_TENSORS
     json_path = directory / CHECKPOINT_JSON
-    atomic_save_tensors(tensors_path, tensors, {"iteration": str(state.iteration), "format": str(FORMAT_VERSION)})
-    document = {"format": FORMAT_VERSION, "iteration": state.iteration, "spec": spec}
+    atomic_save_tensors(tensors_path, checkpoint.tensors,
+                        {"iteration": str(checkpoint.iteration), "format": str(FORMAT_VERSION)})
+    document = {"format": FORMAT_VERSION, "iteration": checkpoint.iteration,
+                "state": checkpoint.state, "spec": spec}
     atomic_write_bytes(json_path, json.dumps(document, indent=2, sort_keys=True).encode())
     return [tensors_path, json_path]
 
 
-def load_checkpoint(directory: Path, device: torch.device | str = "cpu") -> TrainState | None:
-    """The checkpoint in ``directory``, or None when there is none."""
+def load_checkpoint(directory: Path, device: torch.device | str = "cpu") -> Checkpoint | None:
+    """The checkpoint in ``directory``, or None when there is none; :class:`CheckpointError`
+    when its files do not parse or disagree."""
     directory = Path(directory)
     tensors_path = directory / CHECKPOINT_TENSORS
     json_path = directory / CHECKPOINT_JSON
@@ -85,14 +102,71 @@ def load_checkpoint(directory: Path, device: torch.device | str = "cpu") -> Trai
             raise CheckpointError(
                 f"{directory}: checkpoint files disagree on the iteration "
                 f"({metadata.get('iteration')} vs {document.get('iteration')})")
+        state = document.get("state", {})  # absent in meta-learning checkpoints of before 0.2
+        if not isinstance(state, dict):
+            raise ValueError(f"{CHECKPOINT_JSON}: 'state' is not a JSON object")
         tensors = load_file(str(tensors_path), device=str(device))
-    except (SafetensorError, ValueError) as error:  # JSONDecodeError, UnicodeDecodeError too
+        iteration = int(document["iteration"])
+    except (SafetensorError, ValueError, KeyError, TypeError) as error:  # JSONDecodeError too
         if isinstance(error, CheckpointError):
             raise
         raise CheckpointError(f"{directory}: not a valid safetensors + JSON checkpoint, "
                               f"refusing to resume from it ({error})") from None
+    return Checkpoint(tensors=tensors, state=state, iteration=iteration)
+
+
+# ---------------------------------------------------------------------- what the drivers store
+
+
+def train_state_tensors(state: TrainState) -> dict[str, torch.Tensor]:
+    """A meta-learning job's state as checkpoint tensors (``params/*``, ``optimizer/*``)."""
+    tensors = {PARAMS_PREFIX + name: value for name, value in state.params.items()}
+    tensors.update({OPTIMIZER_PREFIX + name: value for name, value in state.opt_state.items()})
+    return tensors
+
+
+def train_state_from(checkpoint: Checkpoint) -> TrainState:
+    """The :class:`TrainState` of a meta-learning job's checkpoint."""
+    tensors = checkpoint.tensors
     params = {name[len(PARAMS_PREFIX):]: t for name, t in tensors.items() if name.startswith(PARAMS_PREFIX)}
-    opt_state = {name[len(OPTIMIZER_PREFIX):]: t for name, t in tensors.items() if name.startswith(OPTIMIZER_PREFIX)}
+    opt_state = {name[len(OPTIMIZER_PREFIX):]: t for name, t in tensors.items()
+                 if name.startswith(OPTIMIZER_PREFIX)}
     if "step" in opt_state:
         opt_state["step"] = opt_state["step"].cpu()
-    return TrainState(params=params, opt_state=opt_state, iteration=int(document["iteration"]))
+    if not params:
+        raise CheckpointError("the checkpoint holds no meta-parameters (params/*): not a "
+                              "meta-learning job's checkpoint")
+    return TrainState(params=params, opt_state=opt_state, iteration=checkpoint.iteration)
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer, prefix: str,
+                      names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """The per-parameter state of a ``torch.optim`` optimizer (Adam's moments and step) as
+    tensors ``{prefix}{parameter}/{key}``, a parameter named by ``names[index]`` or, without
+    ``names``, by its index. Hyper-parameters are not stored: they come from the spec."""
+    tensors = {}
+    for index, entries in optimizer.state_dict()["state"].items():
+        parameter = names[index] if names is not None else str(index)
+        for key, value in entries.items():
+            tensors[f"{prefix}{parameter}/{key}"] = torch.as_tensor(value).detach().clone()
+    return tensors
+
+
+def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                           prefix: str, names: list[str] | None = None) -> None:
+    """Restore what :func:`optimizer_tensors` stored (a parameter without entries: no state
+    yet, as before its first step)."""
+    labels = names if names is not None else [str(index) for index in range(_parameter_count(optimizer))]
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for index, parameter in enumerate(labels):
+        head = f"{prefix}{parameter}/"
+        entries = {key[len(head):]: value for key, value in tensors.items() if key.startswith(head)}
+        if entries:
+            state[index] = entries
+    document = optimizer.state_dict()
+    document["state"] = state
+    optimizer.load_state_dict(document)
+
+
+def _parameter_count(optimizer: torch.optim.Optimizer) -> int:
+    return sum(len(group["params"]) for group in optimizer.param_groups)

@@ -1,5 +1,8 @@
-"""The meta-training loop: :class:`Trainer` is what the CLI runs in-process and what the Ray
-runner drives shard by shard (``shard_step`` on inner-loop workers, ``apply`` on the runner).
+"""Meta-learning's arithmetic: :class:`Trainer` (one meta-iteration, in one piece or shard by
+shard: ``shard_step`` on inner-loop workers, ``apply`` on the runner; evaluation; the
+artifact's content), and the :class:`~metaserve.workers.engine.loop.Driver` of a meta-learning
+job (:class:`MetaLearningDriver`; :class:`LocalDriver` runs it in this process, as
+``metaserve train`` does, the Ray runner shards it over inner-loop workers).
 
 Determinism: tasks come from the counter-based seed ``(seed, split, iteration, task)``, the
 initial parameters from ``seed``, the outer optimizer state is checkpointed exactly, and shard
@@ -17,9 +20,10 @@ import torch
 from torch import Tensor
 
 from metaserve.workers.algorithms import build_algorithm
-from metaserve.workers.engine import artifacts, checkpoints
+from metaserve.workers.engine import checkpoints
+from metaserve.workers.engine.checkpoints import CHECKPOINT_DIRECTORY, Checkpoint  # noqa: F401 (re-exported)
 from metaserve.workers.engine.evaluation import summarize
-from metaserve.workers.engine.loop import CHECKPOINT_DIRECTORY, RunHooks, train_loop  # noqa: F401 (re-exported)
+from metaserve.workers.engine.loop import RunHooks, train_loop
 from metaserve.workers.engine.optimizers import init_optimizer_state, optimizer_step
 from metaserve.workers.engine.state import ShardResult, TrainState
 from metaserve.workers.models import model_for
@@ -126,44 +130,102 @@ class Trainer:
     # ------------------------------------------------------------------ persistence
 
     def save_checkpoint(self, state: TrainState, directory: Path) -> list[Path]:
-        return checkpoints.save_checkpoint(state, Path(directory), spec=self.spec.model_dump(mode="json"))
+        checkpoint = Checkpoint(checkpoints.train_state_tensors(state), iteration=state.iteration)
+        return checkpoints.save_checkpoint(Path(directory), checkpoint, spec=self.spec.model_dump(mode="json"))
 
     def load_checkpoint(self, directory: Path) -> TrainState | None:
-        return checkpoints.load_checkpoint(Path(directory), device=self.device)
+        checkpoint = checkpoints.load_checkpoint(Path(directory), device=self.device)
+        return None if checkpoint is None else checkpoints.train_state_from(checkpoint)
 
-    def export_meta_init(self, state: TrainState, directory: Path, evaluation: dict) -> list[Path]:
-        return artifacts.export_meta_init(
-            directory=Path(directory), params=self.algorithm.export_params(state.params),
-            architecture=self.model.describe(), recipe=self.algorithm.recipe(),
-            task_family=self.spec.task_family.model_dump(mode="json"), evaluation=evaluation,
-            spec=self.spec.model_dump(mode="json"), iteration=state.iteration)
+    def artifact(self, state: TrainState) -> tuple[dict[str, Tensor], dict]:
+        """The meta-initialization's tensors, architecture and adaptation recipe."""
+        return (self.algorithm.export_params(state.params),
+                {"architecture": self.model.describe(), "recipe": self.algorithm.recipe()})
 
     # ------------------------------------------------------------------ the in-process loop
 
     def run(self, out_dir: Path, *, reporter: Reporter | None = None, progress: bool = False) -> TrainState:
         """Train to ``spec.iterations`` in this process, resuming from ``out_dir/checkpoint``;
         ends with the validation and test evaluations and ``meta_init.*`` in ``out_dir``."""
-        bar = None
-
-        def advance(state: TrainState, iterations: int) -> tuple[TrainState, list[dict[str, float]]]:
-            nonlocal bar
-            if progress and bar is None:
-                bar = _ProgressBar(self.spec.iterations, state.iteration)
-            per_step = []
-            for _ in range(iterations):
-                state, metrics = self.step(state)
-                per_step.append(metrics)
-                if bar is not None:
-                    bar.update(metrics)
-            return state, per_step
-
-        hooks = RunHooks(report=reporter or (lambda step, metrics: None))
+        driver = LocalDriver(self, progress=progress)
         try:
-            return train_loop(self, Path(out_dir), advance=advance, hooks=hooks,
-                              evaluate=lambda params, split: self.evaluate(params, split=split))
+            train_loop(driver, Path(out_dir), RunHooks(report=reporter or (lambda step, metrics: None)))
         finally:
-            if bar is not None:
-                bar.close()
+            driver.close()
+        return driver.state
+
+
+class MetaLearningDriver:
+    """The :class:`~metaserve.workers.engine.loop.Driver` of a meta-learning job: the state is
+    a :class:`TrainState` held here; *how* iterations and evaluations are computed is the
+    subclass's (:class:`LocalDriver` in this process, the Ray runner's inner-loop workers)."""
+
+    throughput = "tasks"
+    latest_return = None
+
+    def __init__(self, trainer: Trainer, workers: int = 1):
+        self.trainer, self.spec, self.workers = trainer, trainer.spec, workers
+        self.state = TrainState(params={})
+
+    def restore(self, checkpoint: Checkpoint | None) -> int:
+        if checkpoint is None:
+            self.state = self.trainer.init_state()
+        else:
+            state = checkpoints.train_state_from(checkpoint)
+            opt_state = {name: value if name == "step" else value.to(self.trainer.device)
+                         for name, value in state.opt_state.items()}
+            self.state = TrainState(params=self.trainer._on_device(state.params),
+                                    opt_state=opt_state, iteration=state.iteration)
+        return self.state.iteration
+
+    def advance(self, iterations: int) -> list[dict[str, float]]:
+        self.state, per_step = self._advance(self.state, iterations)
+        return per_step
+
+    def _advance(self, state: TrainState, iterations: int) -> tuple[TrainState, list[dict[str, float]]]:
+        raise NotImplementedError
+
+    def evaluate(self, split: str) -> dict[str, float]:
+        raise NotImplementedError
+
+    def work_done(self) -> float:
+        return float(self.state.iteration * self.spec.meta_batch_size)
+
+    def checkpoint(self) -> Checkpoint:
+        return Checkpoint(checkpoints.train_state_tensors(self.state), iteration=self.state.iteration)
+
+    def artifact(self) -> tuple[dict[str, Tensor], dict]:
+        return self.trainer.artifact(self.state)
+
+    def close(self) -> None:
+        pass
+
+
+class LocalDriver(MetaLearningDriver):
+    """A meta-learning job computed in this process (``metaserve train``, tests)."""
+
+    def __init__(self, trainer: Trainer, *, progress: bool = False):
+        super().__init__(trainer)
+        self.show_progress = progress
+        self.bar: _ProgressBar | None = None
+
+    def _advance(self, state: TrainState, iterations: int) -> tuple[TrainState, list[dict[str, float]]]:
+        if self.show_progress and self.bar is None:
+            self.bar = _ProgressBar(self.spec.iterations, state.iteration)
+        per_step = []
+        for _ in range(iterations):
+            state, metrics = self.trainer.step(state)
+            per_step.append(metrics)
+            if self.bar is not None:
+                self.bar.update(metrics)
+        return state, per_step
+
+    def evaluate(self, split: str) -> dict[str, float]:
+        return self.trainer.evaluate(self.state.params, split=split)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 class _ProgressBar:

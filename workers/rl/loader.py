@@ -8,14 +8,12 @@ new tasks, in plain torch (no Ray, no RLlib, no pickle).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
-from metaserve.workers.rl.job import META_POLICY_JSON, META_POLICY_TENSORS
+from metaserve.workers.engine.artifacts import META_POLICY, read_artifact
 from metaserve.workers.rl.tasks import Task, build_rl_family, task_rng
 from metaserve.workers.spec import JobSpec
 
@@ -73,6 +71,5 @@ class MetaPolicy:
 
 def load_meta_policy(directory: Path | str) -> MetaPolicy:
     """The meta-policy stored in ``directory`` (as written by a meta-RL job)."""
-    directory = Path(directory)
-    document = json.loads((directory / META_POLICY_JSON).read_text())
-    return MetaPolicy(load_file(directory / META_POLICY_TENSORS), document)
+    tensors, document = read_artifact(Path(directory), META_POLICY)
+    return MetaPolicy(tensors, document)

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 from torch.func import functional_call, grad, vmap
 
+from metaserve.workers.engine.checkpoints import load_optimizer_tensors, optimizer_tensors
 from metaserve.workers.rl.policies import GaussianMLPPolicy, gaussian_log_prob
 from metaserve.workers.rl.tasks import GOAL_TOLERANCE, Nav2DFamily, build_rl_family
 from metaserve.workers.spec import JobSpec, PolicyGradientSpec
@@ -451,7 +452,7 @@ class MAMLRL:
         before = batches[0] if batches else post
         return {"train/return_before": float(before.episode_returns.mean()),
                 "train/return_after": float(post.episode_returns.mean()),
-                **metrics, "train/env_steps": float(self.env_steps)}
+                **metrics}
 
     def evaluate(self, split: str, *, tasks: int | None = None,
                  inner_steps: list[int] | None = None) -> dict[str, float]:
@@ -485,26 +486,14 @@ class MAMLRL:
 
     def state(self) -> tuple[dict[str, Tensor], dict]:
         tensors = {f"params/{k}": v.detach().clone() for k, v in self.params.items()}
-        names = list(self.params)
-        for index, state in self.optimizer.state_dict()["state"].items():
-            for key, value in state.items():
-                tensors[f"optimizer/{names[index]}/{key}"] = torch.as_tensor(value).clone()
+        tensors.update(optimizer_tensors(self.optimizer, "optimizer/", list(self.params)))
         return tensors, {"iteration": self.iteration, "env_steps": self.env_steps}
 
     def load_state(self, tensors: dict[str, Tensor], document: dict) -> None:
         with torch.no_grad():
             for name, value in self.params.items():
                 value.copy_(tensors[f"params/{name}"])
-        names = list(self.params)
-        optimizer_state = self.optimizer.state_dict()
-        state: dict[int, dict[str, Tensor]] = {}
-        for index, name in enumerate(names):
-            prefix = f"optimizer/{name}/"
-            entries = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-            if entries:
-                state[index] = entries
-        optimizer_state["state"] = state
-        self.optimizer.load_state_dict(optimizer_state)
+        load_optimizer_tensors(self.optimizer, tensors, "optimizer/", list(self.params))
         self.iteration = int(document["iteration"])
         self.env_steps = int(document["env_steps"])
 

@@ -29,6 +29,7 @@ import ray
 import torch
 from torch import Tensor, nn
 
+from metaserve.workers.engine.checkpoints import load_optimizer_tensors, optimizer_tensors
 from metaserve.workers.rl.tasks import GOAL_TOLERANCE, Nav2DFamily, Task, build_rl_family
 from metaserve.workers.spec import JobSpec, Nav2DSpec
 from metaserve.workers.tasks.base import task_seed
@@ -259,7 +260,8 @@ class PEARL:
     def _generator(self, iteration: int, stream: int) -> torch.Generator:
         return torch.Generator().manual_seed(task_seed(self.spec.seed, "train", iteration, stream))
 
-    def collect(self) -> None:
+    def collect(self) -> float:
+        """Collect this iteration's episodes (see the module docstring); their mean return."""
         generator = self._generator(self.iteration, 1 << 30)
         tasks = torch.randperm(self.p.train_tasks, generator=generator)[:self.p.tasks_per_iteration]
         weights = {k: v.detach().clone() for k, v in self.agent.state_dict().items()}
@@ -269,15 +271,18 @@ class PEARL:
                                                task_seed(self.spec.seed, "train", self.iteration, i),
                                                self.p.adaptation_episodes))
                  for i, (shard, worker) in enumerate(zip(shards, workers)) if len(shard)]
+        returns = []
         for shard, ref in calls:
             collected = ray.get(ref)
             for episodes in collected:
                 for row, task in enumerate(shard.tolist()):
                     self.buffer.add(task, episodes, row)
                 self.env_steps += int(episodes.mask.sum())
+                returns.append(episodes.rewards.sum(1))
             contexts = torch.stack([episodes.context() for episodes in collected], 1)
             for row, task in enumerate(shard.tolist()):
                 self.contexts[task] = contexts[row].clone()
+        return float(torch.cat(returns).mean())
 
     def _gradient_step(self, generator: torch.Generator) -> dict[str, float]:
         p = self.p
@@ -347,12 +352,12 @@ class PEARL:
         return z, kl
 
     def train_iteration(self) -> dict[str, float]:
-        self.collect()
+        episode_return = self.collect()
         generator = self._generator(self.iteration, (1 << 30) + 1)
         losses = [self._gradient_step(generator) for _ in range(self.p.gradient_steps)]
         self.iteration += 1
         metrics = {f"train/{k}": float(np.mean([l[k] for l in losses])) for k in losses[0]}
-        metrics["train/env_steps"] = float(self.env_steps)
+        metrics["train/episode_return"] = episode_return
         return metrics
 
     def evaluate(self, split: str, *, tasks: int | None = None) -> dict[str, float]:
@@ -380,21 +385,15 @@ class PEARL:
     def state(self) -> tuple[dict[str, Tensor], dict]:
         tensors = {f"{name}/{k}": v.detach().clone() for name, module in self._modules().items()
                    for k, v in module.state_dict().items()}
-        optimizers = {}
         tensors["temperature/log_alpha"] = self.log_alpha.detach().clone()
         for name, optimizer in self._optimizers():
-            state = optimizer.state_dict()
-            for index, entries in state["state"].items():
-                for key, value in entries.items():
-                    tensors[f"optimizer/{name}/{index}/{key}"] = torch.as_tensor(value).clone()
-            optimizers[name] = sorted(state["state"])
+            tensors.update(optimizer_tensors(optimizer, f"optimizer/{name}/"))
         for task in range(self.p.train_tasks):
             if self.buffer.data[task]:
                 tensors[f"buffer/{task}"] = self.buffer.all(task).clone()
             if self.contexts[task] is not None:
                 tensors[f"context/{task}"] = self.contexts[task].clone()
-        return tensors, {"iteration": self.iteration, "env_steps": self.env_steps,
-                         "optimizers": optimizers}
+        return tensors, {"iteration": self.iteration, "env_steps": self.env_steps}
 
     def load_state(self, tensors: dict[str, Tensor], document: dict) -> None:
         for name, module in self._modules().items():
@@ -404,12 +403,7 @@ class PEARL:
             if "temperature/log_alpha" in tensors:
                 self.log_alpha.copy_(tensors["temperature/log_alpha"])
         for name, optimizer in self._optimizers():
-            state = optimizer.state_dict()
-            state["state"] = {int(index): {key[len(f"optimizer/{name}/{index}/"):]: value
-                                           for key, value in tensors.items()
-                                           if key.startswith(f"optimizer/{name}/{index}/")}
-                              for index in document["optimizers"].get(name, [])}
-            optimizer.load_state_dict(state)
+            load_optimizer_tensors(optimizer, tensors, f"optimizer/{name}/")
         self.buffer = ReplayBuffer(self.p.train_tasks)
         self.contexts = [None] * self.p.train_tasks
         for key, rows in tensors.items():

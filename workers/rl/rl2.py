@@ -217,8 +217,7 @@ class RL2Trainer:
         runners = result.get("env_runners", {})
         self.env_steps = int(runners.get("num_env_steps_sampled_lifetime", self.env_steps))
         learner = result.get("learners", {}).get("default_policy", {})
-        metrics = {"train/trial_return": float(runners.get("episode_return_mean", float("nan"))),
-                   "train/env_steps": float(self.env_steps)}
+        metrics = {"train/trial_return": float(runners.get("episode_return_mean", float("nan")))}
         for name in ("policy_loss", "vf_loss", "entropy"):
             if name in learner:
                 metrics[f"train/{name}"] = float(learner[name])

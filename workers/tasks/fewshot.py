@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from metaserve.workers.exceptions import DatasetError  # noqa: F401 - raised here, imported from here
 from metaserve.workers.tasks.base import SPLITS, TaskBatch
-
-
-class DatasetError(ValueError):
-    """The few-shot dataset is missing, malformed or too small for the requested tasks."""
 
 
 def split_classes(

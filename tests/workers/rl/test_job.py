@@ -1,4 +1,4 @@
-"""run_rl_job through workers.runner.run_job on the shared local Ray: schedule, checkpoints,
+"""A meta-RL job through workers.registry.run_job on the shared local Ray: schedule, checkpoints,
 resume with the same bits, cancel, and the meta-policy artifact loaded and run on new tasks."""
 
 from __future__ import annotations
@@ -10,7 +10,9 @@ import pytest
 from safetensors.torch import load_file
 
 from metaserve.workers.rl import load_meta_policy
-from metaserve.workers.runner import JobCancelled, RunHooks, run_job
+from metaserve.workers.engine.loop import RunHooks
+from metaserve.workers.exceptions import JobCancelled
+from metaserve.workers.registry import run_job
 
 SPEC = {"algorithm": {"name": "maml", "inner_lr": 0.1,
                       "policy_gradient": {"episodes_per_task": 2, "hidden": [8], "outer_epochs": 1}},
@@ -24,7 +26,7 @@ def test_an_rl_job_reports_checkpoints_and_exports_a_loadable_meta_policy(ray_se
     run_job(SPEC, tmp_path, RunHooks(report=lambda step, m: reports.append((step, sorted(m))),
                                      checkpointed=lambda paths: files.extend(p.name for p in paths)))
     train_keys = sorted(["train/return_before", "train/return_after", "train/outer_loss",
-                         "train/env_steps", "train/iteration_seconds"])
+                         "train/env_steps", "train/env_steps_per_second"])
     evaluation_keys = sorted(f"{split}/return_step{k}{suffix}" for split in ("val", "test")
                              for k in (0, 1) for suffix in ("", "_ci95"))
     assert reports == [(1, train_keys), (2, train_keys), (3, train_keys), (4, train_keys),

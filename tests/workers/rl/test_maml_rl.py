@@ -69,7 +69,7 @@ def test_halfcheetah_rollout_replays_in_mujoco_and_a_meta_iteration_runs():
                    for step in range(6)]
         assert np.allclose(rewards, data.rewards[task, episode].numpy(), atol=1e-4)
     metrics = maml.train_iteration()
-    assert metrics["train/env_steps"] == 2 * 3 * 6 * 2  # pre- and post-update rollouts
+    assert maml.env_steps == 2 * 3 * 6 * 2  # pre- and post-update rollouts
     assert maml.meta_policy()[1]["architecture"]["observation_size"] == 17
     maml.close()
 

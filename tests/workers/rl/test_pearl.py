@@ -110,8 +110,10 @@ def test_state_round_trip_restores_networks_optimizers_and_replay(ray_session):
     pearl = PEARL(spec)
     try:
         metrics = pearl.train_iteration()
-        assert sorted(metrics) == ["train/critic_loss", "train/entropy", "train/env_steps", "train/kl",
-                                   "train/policy_loss", "train/reward_loss", "train/temperature"]
+        assert sorted(metrics) == ["train/critic_loss", "train/entropy", "train/episode_return",
+                                   "train/kl", "train/policy_loss", "train/reward_loss",
+                                   "train/temperature"]
+        assert pearl.env_steps > 0 and -15 * 1.5 <= metrics["train/episode_return"] <= 0
         # the encoder's context of a collected task: the episodes just collected on it
         for task, context in enumerate(pearl.contexts):
             if context is not None:

@@ -1,0 +1,46 @@
+"""The exceptions of ``metaserve.workers``, in one place.
+
+The dispatcher settles a job attempt by the class of the error it ended with
+(:func:`metaserve.service.dispatcher.classify_job_error`): a ``ValueError`` (bad spec,
+dataset or checkpoint) or a ``MemoryError`` fails the job at once, :class:`Unschedulable`
+and :class:`StorageError` put it back in the queue with the reason, anything else is retried
+from the last checkpoint. The base classes below are chosen for that.
+"""
+
+from __future__ import annotations
+
+
+class JobCancelled(Exception):
+    """The job was cancelled (or its lease was lost) while it ran."""
+
+
+class Unschedulable(Exception):
+    """The cluster cannot provide the resources this job asks for."""
+
+
+class WorkerLost(Exception):
+    """An inner-loop worker died more times than the runner will replace it."""
+
+
+class CheckpointError(ValueError):
+    """The checkpoint is unreadable or inconsistent."""
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be read, or that is too small for the spec."""
+
+
+class ArtifactError(ValueError):
+    """A directory that holds no readable artifact of the kind asked for."""
+
+
+class StorageError(Exception):
+    """The artifact store failed; ``str()`` is one line naming the store and the cause."""
+
+
+class DriverOutOfMemory(MemoryError):
+    """The job's driver used more memory than it asked Ray for."""
+
+
+__all__ = ["ArtifactError", "CheckpointError", "DatasetError", "DriverOutOfMemory", "JobCancelled",
+           "StorageError", "Unschedulable", "WorkerLost"]
