@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from metaserve.service import artifacts, store
 from metaserve.service.exceptions import (AdaptDiverged, AdaptInputTooLarge, InvalidAdaptInput,
-                                          MetaInitNotReady)
+                                          MetaInitNotReady, NotAdaptable)
 from metaserve.service.jobs import Transaction
 from metaserve.service.models import Artifact, Job, JobStatus, User
 from metaserve.workers.spec import JobSpec
@@ -105,10 +105,20 @@ def to_adapt_tensors(spec: dict[str, Any], support_x: Any, support_y: Any,
 def get_adaptable_job(*, session: Session, job_id: str,
                       owner: User) -> tuple[Job, dict[str, Artifact]]:
     """``owner``'s succeeded job with a registered meta-initialization, and its artifact
-    records by name (409 otherwise; another user's job: JobNotFound)."""
+    records by name (409 otherwise, and for a meta-RL job whatever its status, saying what to
+    use instead; another user's job: JobNotFound)."""
     with Transaction(session):
         job = store.get_job(session=session, job_id=job_id, owner=owner)
         records = {a.name: a for a in store.list_artifacts(session=session, job_id=job_id)}
+    if JobSpec.model_validate(job.spec).is_rl:  # its artifact is a meta_policy
+        algorithm, family = job.spec["algorithm"]["name"], job.spec["task_family"]["name"]
+        raise NotAdaptable(
+            f"job {job_id} is a meta-RL job ({algorithm} on {family}): its artifact is a "
+            "meta-policy, which adapts by acting in a task, not on support arrays. Use the "
+            f"Python SDK: policy = Client().load_meta_policy({job_id!r}), then "
+            "policy.adapt(task).act(observation); offline, load_meta_policy(DIR) on what "
+            f"`metaserve fetch {job_id} -o DIR` downloaded",
+            job_id=job_id, artifact_kind="meta_policy", use="Client.load_meta_policy")
     if job.status != JobStatus.SUCCEEDED.value or not set(META_INIT_FILES) <= set(records):
         raise MetaInitNotReady(f"job {job_id} is {job.status}; only a succeeded job has a "
                                f"meta-initialization to adapt", job_id=job_id, status=job.status)

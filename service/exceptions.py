@@ -88,6 +88,13 @@ class MetaInitNotReady(MetaserveError):
     code = "not_ready"
 
 
+class NotAdaptable(MetaserveError):
+    """The job's artifact is a meta-policy, which adapts by acting in its task, not on arrays."""
+
+    status_code = 409
+    code = "not_adaptable"
+
+
 class InvalidAdaptInput(MetaserveError):
     """The arrays do not fit the job's task family."""
 
@@ -128,6 +135,7 @@ class AdaptDiverged(MetaserveError):
 
     status_code = 422
     code = "validation_error"
+
 
 class DatasetNotFound(MetaserveError):
     """Dataset not found."""

@@ -21,7 +21,9 @@ from metaserve.service.adapt_pool import AdaptPool
 router = APIRouter(prefix="/v1/jobs", tags=["adapt"], responses={
     401: {"model": ErrorResponse, "description": "Missing or invalid API key"},
     404: {"model": ErrorResponse, "description": "No such job of yours"},
-    409: {"model": ErrorResponse, "description": "The job has not succeeded (no meta-initialization)"},
+    409: {"model": ErrorResponse, "description": "The job has not succeeded (no meta-initialization), "
+                                                "or it is a meta-RL job (its meta-policy adapts by "
+                                                "acting: Client.load_meta_policy)"},
     413: {"model": ErrorResponse, "description": "An array above the size bounds, named"},
     422: {"model": ErrorResponse, "description": "Arrays that do not fit the task family, "
                                                 "named; or non-finite predictions (diverged)"},

@@ -148,6 +148,28 @@ def test_a_job_that_has_not_succeeded_cannot_adapt_and_another_users_job_is_404(
     assert (foreign.status_code, foreign.json()["error"]["code"]) == (404, "not_found")
 
 
+RL2_SPEC = {"algorithm": {"name": "rl2"}, "task_family": {"name": "bandit"}}
+
+
+def test_a_meta_rl_job_is_a_409_that_says_to_load_its_meta_policy_with_the_sdk(
+        client, sessions, alice_auth) -> None:  # noqa: ANN001
+    body = {"support_x": [[0.5]], "support_y": [[0.1]], "query_x": [[0.2]]}
+    job_id = client.post("/v1/jobs", json=RL2_SPEC, headers=alice_auth).json()["id"]
+    queued = client.post(f"/v1/jobs/{job_id}/adapt", json=body, headers=alice_auth)
+    with sessions() as session:
+        assert jobs.claim_next_job(session=session, worker_id=WORKER, lease_s=30).id == job_id
+        jobs.finish_job(session=session, job_id=job_id, worker_id=WORKER, status=JobStatus.SUCCEEDED)
+    succeeded = client.post(f"/v1/jobs/{job_id}/adapt", json=body, headers=alice_auth)
+    for response in (queued, succeeded):
+        error = response.json()["error"]
+        assert (response.status_code, error["code"]) == (409, "not_adaptable")
+        assert error["message"] == (
+            f"job {job_id} is a meta-RL job (rl2 on bandit): its artifact is a meta-policy, which "
+            "adapts by acting in a task, not on support arrays. Use the Python SDK: policy = "
+            f"Client().load_meta_policy('{job_id}'), then policy.adapt(task).act(observation); "
+            f"offline, load_meta_policy(DIR) on what `metaserve fetch {job_id} -o DIR` downloaded")
+
+
 @pytest.fixture(scope="module")
 def glyphs_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("glyphs-run")
