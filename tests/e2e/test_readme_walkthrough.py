@@ -68,7 +68,8 @@ def test_the_walkthrough_is_the_server_the_client_commands_and_two_snippets() ->
     assert server == ["make run"]
     assert [shlex.split(line)[:2] for line in client] == [
         ["source", ".venv/bin/activate"], ["metaserve", "login"],
-        ["JOB=$(metaserve", "submit"], ["metaserve", "status"], ["metaserve", "metrics"],
+        ["JOB=$(metaserve", "submit"], ["metaserve", "wait"], ["metaserve", "status"],
+        ["metaserve", "metrics"],
         ["metaserve", "fetch"], ["python", "examples/adapt_sine.py"], ["metaserve", "list"]]
     assert len(snippets) == 2
 
@@ -152,11 +153,12 @@ def test_the_readme_runs_as_written_in_a_fresh_shell(tmp_path: Path) -> None:
         printed = run_python(snippet, work, env)
     finally:
         stop(server)
-    login, submit, status, metrics, fetch, adapt, listed = outputs[1:]
+    login, submit, wait, status, metrics, fetch, adapt, listed = outputs[1:]
     offline = run_python(offline_snippet, work, fresh_environment(tmp_path / "offline-home"))
 
     assert login == f"logged in to {url}; saved in {home}/.config/metaserve/config.toml\n"
     assert re.fullmatch(r"[0-9A-Z]{26}", job_id) and submit == ""
+    assert wait.splitlines()[-1] == f"{job_id} succeeded"
     assert "status:      succeeded" in status
     assert "train/loss_after" in metrics and (work / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert sorted(p.name for p in (work / "sine-maml").iterdir()) == ["meta_init.json",
