@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from metaserve.service import jobs
 from metaserve.service import logs as job_logs
+from metaserve.service import sweeps
 from metaserve.service import telemetry
 from metaserve.service.exceptions import LeaseLost, MetaserveError
 from metaserve.service.models import JobStatus
@@ -114,6 +115,7 @@ class _Running:
     attempt: int = 0
     stop: threading.Event = field(default_factory=threading.Event)
     lease_lost: threading.Event = field(default_factory=threading.Event)
+    sweep: dict[str, Any] | None = None  # the job drives this sweep (service.sweeps.driver_sweep)
 
 
 class _Writer:
@@ -126,6 +128,7 @@ class _Writer:
         self.progress: dict[str, Any] = {}
         self.placement: dict[str, Any] | None = None
         self.written = 0  # events written to the database so far
+        self.sweep: dict[str, Any] | None = None  # a sweep's driver: its trials' events too
         self.on_written: Callable[[int], None] = lambda count: None
         self.thread = threading.Thread(target=self._run, name=f"writer-{job_id}", daemon=True)
         self.failure: BaseException | None = None
@@ -174,8 +177,11 @@ class _Writer:
         progress_changed = False
         files: dict[str, ArtifactFile] = {}
         records: list[dict[str, Any]] = []
+        trial_events: list[tuple[str, Any]] = []
         for kind, payload in items:
-            if kind == "metrics":
+            if kind.startswith("trial_"):
+                trial_events.append((kind, payload))
+            elif kind == "metrics":
                 step, values = payload
                 rows.extend((step, name, float(value)) for name, value in values.items())
             elif kind == "progress":
@@ -194,6 +200,9 @@ class _Writer:
                                              attempt=self.attempt, records=records)
                 except Exception:  # noqa: BLE001
                     logger.exception("writing the job's log failed", extra={"job_id": job_id})
+            if trial_events:
+                sweeps.record_trial_events(session=session, sweep=self.sweep, events=trial_events)
+                session.commit()
             if rows:
                 jobs.add_metrics(session=session, job_id=job_id, rows=rows)
             for file in files.values():
@@ -323,10 +332,11 @@ class Dispatcher:
             if job is None:
                 return False
             job_id, spec, attempt = job.id, dict(job.spec), job.attempt
+            sweep = sweeps.driver_sweep(session=session, job_id=job_id, settings=self.settings)
         logger.info("claimed job", extra={"job_id": job_id, "attempt": attempt})
         if (job.message or "").startswith("reclaimed after"):  # store._reclaim's message
             telemetry.LEASE_EXPIRIES.inc()
-        running = _Running(job_id=job_id, attempt=attempt, thread=threading.Thread(
+        running = _Running(job_id=job_id, attempt=attempt, sweep=sweep, thread=threading.Thread(
             target=self._execute, args=(job_id, spec), name=f"job-{job_id}", daemon=True))
         self._running[job_id] = running
         running.thread.start()
@@ -369,6 +379,7 @@ class Dispatcher:
         watcher.start()
         writer = _Writer(self, job_id)
         writer.attempt = running.attempt
+        writer.sweep = running.sweep
         outcome, detail = self._supervise(running, spec, writer)
         if outcome in (Outcome.FAILED, Outcome.RETRY):
             writer.log("ERROR", f"attempt {running.attempt} {outcome.value}: {detail}")
@@ -397,9 +408,17 @@ class Dispatcher:
             from metaserve.workers.cost import estimate
 
             memory = max(self.settings.driver_memory_mb * 2**20, estimate(spec).driver_bytes)
-            supervisor = start_supervisor(
-                running.job_id, spec, self.settings.storage_config(), self._run_options(),
-                memory_bytes=memory, should_stop=running.stop.is_set)
+            if running.sweep is not None:  # the sweep's Ray Tune driver (workers/sweep.py)
+                from metaserve.workers.sweep import start_sweep_supervisor
+
+                supervisor = start_sweep_supervisor(
+                    running.sweep, self.settings.storage_config(), self._run_options(),
+                    memory_bytes=max(memory, self.settings.sweep_driver_memory_mb * 2**20),
+                    should_stop=running.stop.is_set)
+            else:
+                supervisor = start_supervisor(
+                    running.job_id, spec, self.settings.storage_config(), self._run_options(),
+                    memory_bytes=memory, should_stop=running.stop.is_set)
             writer.log("INFO", f"attempt {running.attempt} started (dispatcher {self.worker_id})")
             runtime_limit = spec.get("max_runtime_s") or self.settings.max_runtime_s
             started = time.monotonic()
@@ -414,6 +433,10 @@ class Dispatcher:
                 if time.monotonic() - heartbeat_at >= SUPERVISOR_HEARTBEAT_S:
                     supervisor.heartbeat.remote()
                     heartbeat_at = time.monotonic()
+                if running.stop.is_set() and running.sweep is not None:
+                    # A sweep stops at once: killing its driver (the finally below) ends its
+                    # trial actors too; the next attempt resumes from Tune's saved state.
+                    return Outcome.STOPPED, None
                 if running.stop.is_set():
                     if stop_requested_at is None:
                         stop_requested_at = time.monotonic()
@@ -480,6 +503,9 @@ class Dispatcher:
                 else:
                     jobs.fail_attempt(session=session, job_id=job_id, worker_id=self.worker_id,
                                       error=detail or "failed", retry=outcome is Outcome.RETRY)
+            if running.sweep is not None:  # a sweep that ended ends its unfinished trials
+                with self.session_factory() as session:
+                    sweeps.settle_trials(session=session, sweep=running.sweep)
             logger.info("job settled", extra={"job_id": job_id, "outcome": outcome.value})
         except (LeaseLost, MetaserveError):
             logger.warning("job changed hands before it settled", extra={"job_id": job_id})

@@ -1,0 +1,128 @@
+"""A sweep through REST, a real dispatcher and Ray Tune (SQLite; the API and validation run on
+both databases in tests/api/test_sweeps.py): trials as jobs, ASHA, the leaderboard, the
+sweep's artifacts, and cancel with no actor of the sweep left."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from metaserve.api.app import create_app
+from metaserve.service import auth
+from metaserve.service.db import make_engine, session_factory
+from metaserve.service.models import Base
+from metaserve.service.settings import Settings
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+TINY = {"algorithm": {"name": "maml", "first_order": True}, "task_family": {"name": "sine"},
+        "model": {"name": "mlp", "hidden": [16, 16]}, "meta_batch_size": 4, "iterations": 12,
+        "log_every": 3, "checkpoint_every": 6,
+        "evaluation": {"every": 3, "tasks": 10, "inner_steps": [1]},
+        "resources": {"workers": 1, "cpus_per_worker": 0.5}}
+SWEEP = {"name": "tiny", "spec": TINY,
+         "space": {"algorithm.inner_lr": {"grid": [0.003, 0.3]},
+                   "outer_optimizer.lr": {"grid": [0.0001, 0.01]}},
+         "search": {"name": "grid"},
+         "scheduler": {"name": "asha", "grace_period": 3, "reduction_factor": 2}}
+SWEEP_ACTOR_CLASSES = ("SweepSupervisor", "ImplicitFunc", "sweep_trial")
+
+
+@pytest.fixture
+def served(tmp_path: Path):  # noqa: ANN201
+    url = f"sqlite:///{tmp_path / 'metaserve.db'}"
+    engine = make_engine(url)
+    Base.metadata.create_all(engine)
+    with session_factory(engine)() as session:
+        _, key = auth.create_key(session=session, name="alice")
+    settings = Settings(database_url=url, artifact_root=tmp_path / "artifacts", data_dir=tmp_path,
+                        dispatcher_concurrency=2, sweep_driver_memory_mb=256)
+    with TestClient(create_app(settings)) as client:
+        yield client, {"Authorization": f"Bearer {key}"}
+    engine.dispose()
+
+
+def wait_for(client, headers, sweep_id: str, done, timeout: float = 150.0) -> dict:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while True:
+        sweep = client.get(f"/v1/sweeps/{sweep_id}", headers=headers).json()
+        if done(sweep) or time.monotonic() > deadline:
+            return sweep
+        time.sleep(0.3)
+
+
+def sweep_actors_alive() -> list[str]:
+    import ray
+
+    return [actor["ActorClassName"] for actor in ray._private.state.actors().values()
+            if actor["State"] != "DEAD"
+            and any(name in actor["ActorClassName"] for name in SWEEP_ACTOR_CLASSES)]
+
+
+def test_a_grid_sweep_with_asha_runs_its_trials_as_jobs_and_publishes_the_best(served):  # noqa: ANN001
+    client, headers = served
+    created = client.post("/v1/sweeps", json=SWEEP, headers=headers)
+    assert created.status_code == 201, created.text
+    sweep_id = created.json()["id"]
+    sweep = wait_for(client, headers, sweep_id, lambda s: s["status"] in
+                     ("succeeded", "failed", "cancelled"))
+    assert (sweep["status"], sweep["error"]) == ("succeeded", None)
+    board = client.get(f"/v1/sweeps/{sweep_id}/trials", headers=headers).json()["data"]
+    assert len(board) == 4
+    assert {json.dumps(t["config"], sort_keys=True) for t in board} == {
+        json.dumps({"algorithm.inner_lr": lr, "outer_optimizer.lr": olr}, sort_keys=True)
+        for lr in (0.003, 0.3) for olr in (0.0001, 0.01)}
+    assert all(t["status"] in ("succeeded", "cancelled") and t["attempt"] == 1 for t in board)
+    finished = [t for t in board if t["status"] == "succeeded"]
+    stopped = [t for t in board if t["status"] == "cancelled"]
+    assert finished and all(t["step"] == 12 for t in finished)
+    assert all("stopped early by asha" in t["message"] and t["step"] < 12 for t in stopped)
+    values = [t["value"] for t in board]
+    assert values == sorted(values)  # min mode: best first
+    best = sweep["best"]
+    assert best["job_id"] == board[0]["job_id"]
+    # Trials are jobs with the job routes' metrics and artifacts.
+    jobs = client.get(f"/v1/jobs?sweep={sweep_id}", headers=headers).json()["data"]
+    assert sorted(j["id"] for j in jobs) == sorted(t["job_id"] for t in board)
+    best_job = finished[0]["job_id"] if board[0]["status"] != "succeeded" else board[0]["job_id"]
+    metrics = client.get(f"/v1/jobs/{best_job}/metrics?name=val/loss_step1",
+                         headers=headers).json()["data"]
+    assert [m["step"] for m in metrics] == [3, 6, 9, 12]
+    names = {a["name"] for a in client.get(f"/v1/jobs/{best_job}/artifacts",
+                                           headers=headers).json()["data"]}
+    assert {"meta_init.safetensors", "meta_init.json"} <= names
+    # The sweep's artifacts: the best finished trial's meta_init.* and the leaderboard.
+    driver = sweep["driver_job_id"]
+    names = {a["name"] for a in client.get(f"/v1/jobs/{driver}/artifacts",
+                                           headers=headers).json()["data"]}
+    assert {"meta_init.safetensors", "meta_init.json", "sweep.json"} <= names
+    summary = client.get(f"/v1/jobs/{driver}/artifacts/sweep.json", headers=headers).json()
+    assert summary["best"]["job_id"] == finished[0]["job_id"] == min(
+        finished, key=lambda t: t["value"])["job_id"]
+    assert len(summary["trials"]) == 4
+    assert sweep_actors_alive() == []
+
+
+def test_cancelling_a_running_sweep_ends_every_trial_within_5_s_and_leaves_no_actor(served):  # noqa: ANN001
+    client, headers = served
+    body = {**SWEEP, "spec": {**TINY, "iterations": 100000, "checkpoint_every": 1000},
+            "scheduler": {"name": "fifo"}}
+    sweep_id = client.post("/v1/sweeps", json=body, headers=headers).json()["id"]
+    sweep = wait_for(client, headers, sweep_id, lambda s: s["trials"].get("running", 0) >= 2)
+    assert sweep["trials"].get("running", 0) >= 2, sweep
+    started = time.monotonic()
+    assert client.post(f"/v1/sweeps/{sweep_id}/cancel", headers=headers).status_code == 200
+    sweep = wait_for(client, headers, sweep_id, lambda s: s["status"] == "cancelled" and not
+                     s["trials"].get("running"), timeout=10)
+    elapsed = time.monotonic() - started
+    assert sweep["status"] == "cancelled" and elapsed < 5.0, (sweep, elapsed)
+    trials = client.get(f"/v1/sweeps/{sweep_id}/trials", headers=headers).json()["data"]
+    assert trials and {t["status"] for t in trials} <= {"cancelled", "succeeded"}
+    deadline = time.monotonic() + 5
+    while sweep_actors_alive() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert sweep_actors_alive() == []
