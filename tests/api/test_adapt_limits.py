@@ -22,7 +22,7 @@ from metaserve.service.settings import MAX_BODY_BYTES, Settings
 from metaserve.workers.engine import Trainer
 from tests.api.test_adapt import SINE_SPEC, sine_run, sine_task, succeeded_job  # noqa: F401
 
-TIMEOUT_S = 5.0
+TIMEOUT_S = 10.0
 # Adapting this MLP to 1,000 points for 100 steps takes about a minute on one thread: far
 # past TIMEOUT_S on any CPU (a small adaptation, loading included, takes well under it).
 WIDE_SPEC = {**SINE_SPEC, "model": {"name": "mlp", "hidden": [2048, 2048]}, "meta_batch_size": 1,
