@@ -6,9 +6,25 @@ adapted per task without copies (the torch.func MAML recipe).
 
 - ``mlp``: fully connected, hidden sizes and activation from the spec.
 - ``conv4``: the standard few-shot backbone (Vinyals et al. 2016; Finn et al. 2017):
-  4 × [conv 3×3 → norm → ReLU → max-pool 2] and a linear head. ``norm: batch`` normalizes
-  with the statistics of the current batch (per task, no running statistics, as in MAML's
-  reference code), ``layer`` normalizes each example over (C, H, W), ``none`` skips it.
+  4 × [conv 3×3 → norm → ReLU → max-pool 2] and a linear head.
+- ``resnet12``: the backbone of MetaOptNet and TADAM (Lee et al. 2019; Oreshkin et al. 2018):
+  4 residual blocks of 3 × [conv 3×3 → norm → leaky ReLU 0.1] with a 1×1 conv shortcut, each
+  followed by max-pool 2, widths 64-160-320-640 (or smaller, for a CPU), global average
+  pooling and a linear head.
+
+Normalization (``norm``) of the convolutional models:
+
+- ``batch``: statistics of the batch being normalized, per task, no running statistics, as in
+  MAML's reference code. Transductive: a query image's output depends on the other query
+  images. Kept for training as in the paper; evaluation reports both numbers, and the served
+  predictor normalizes with the support set's statistics instead.
+- ``support``: statistics of the task's support set, for support and query alike (in
+  training too), so nothing depends on the query batch.
+- ``instance``: each example's own per-channel statistics over (H, W) (the instance part of
+  TaskNorm-I, Bronskill et al. 2020); ``layer``: each example over (C, H, W); ``none``.
+
+``stats_rows`` (an int) says that the first ``stats_rows`` examples of ``x`` are the support set
+whose statistics ``batch``/``support`` norms use for every row; ``None`` uses all of ``x``.
 
 Prompt conditioning (for the ``prompt`` algorithm, CAVIA, Zintgraf et al. 2019): the
 per-task prompt vector ``[P]`` is concatenated to every input — as ``P`` extra features for
@@ -24,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from metaserve.workers.spec import Conv4Spec, JobSpec, MLPSpec
+from metaserve.workers.spec import Conv4Spec, JobSpec, MLPSpec, ResNet12Spec
 
 Params = dict[str, Tensor]
 
@@ -59,18 +75,22 @@ class FunctionalModel:
     output_dim: int
     prompt_dim: int
     head_names: tuple[str, ...] = HEAD_NAMES
+    norm_mode: str = "none"
+    """``batch`` and ``support`` read a set's statistics (see the module docstring)."""
 
     def init_params(self, generator: torch.Generator) -> Params:
         raise NotImplementedError
 
-    def features(self, params: Params, x: Tensor, prompt: Tensor | None = None) -> Tensor:
+    def features(self, params: Params, x: Tensor, prompt: Tensor | None = None,
+                 stats_rows: int | None = None) -> Tensor:
         raise NotImplementedError
 
     def head(self, params: Params, h: Tensor) -> Tensor:
         return F.linear(h, params["head.weight"], params["head.bias"])
 
-    def __call__(self, params: Params, x: Tensor, prompt: Tensor | None = None) -> Tensor:
-        return self.head(params, self.features(params, x, prompt))
+    def __call__(self, params: Params, x: Tensor, prompt: Tensor | None = None,
+                 stats_rows: int | None = None) -> Tensor:
+        return self.head(params, self.features(params, x, prompt, stats_rows))
 
     def describe(self) -> dict:
         """The architecture, as recorded in ``meta_init.json``."""
@@ -88,6 +108,7 @@ class MLP(FunctionalModel):
         self.activation = ACTIVATIONS[spec.activation]
         self.in_features = math.prod(self.input_shape)
         self.num_hidden = len(spec.hidden)
+        self.feature_dim = spec.hidden[-1] if spec.hidden else self.in_features + prompt_dim
 
     def init_params(self, generator: torch.Generator) -> Params:
         params: Params = {}
@@ -98,7 +119,8 @@ class MLP(FunctionalModel):
         params["head.weight"], params["head.bias"] = _linear_init(self.output_dim, fan_in, generator)
         return params
 
-    def features(self, params: Params, x: Tensor, prompt: Tensor | None = None) -> Tensor:
+    def features(self, params: Params, x: Tensor, prompt: Tensor | None = None,
+                 stats_rows: int | None = None) -> Tensor:
         h = x.reshape(x.shape[0], self.in_features)
         if prompt is not None:
             h = torch.cat([h, prompt.expand(h.shape[0], prompt.shape[-1])], dim=1)
@@ -112,18 +134,32 @@ class MLP(FunctionalModel):
                 "prompt_dim": self.prompt_dim}
 
 
-def _batch_norm(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    """Batch norm with the statistics of ``x`` itself (one task's batch), no running stats."""
-    mean = x.mean(dim=(0, 2, 3), keepdim=True)
-    var = x.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+def _batch_norm(x: Tensor, weight: Tensor, bias: Tensor, stats_rows: int | None = None) -> Tensor:
+    """Batch norm with the statistics of ``x[:stats_rows]`` (one task's support set) or of
+    ``x`` itself (one task's batch), no running statistics."""
+    reference = x if stats_rows is None else x[:stats_rows]
+    mean = reference.mean(dim=(0, 2, 3), keepdim=True)
+    var = reference.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
     return (x - mean) * torch.rsqrt(var + NORM_EPS) * weight[:, None, None] + bias[:, None, None]
 
 
-def _layer_norm(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+def _layer_norm(x: Tensor, weight: Tensor, bias: Tensor, stats_rows: int | None = None) -> Tensor:
     """Per-example normalization over (C, H, W) with a per-channel affine."""
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     var = x.var(dim=(1, 2, 3), unbiased=False, keepdim=True)
     return (x - mean) * torch.rsqrt(var + NORM_EPS) * weight[:, None, None] + bias[:, None, None]
+
+
+def _instance_norm(x: Tensor, weight: Tensor, bias: Tensor, stats_rows: int | None = None) -> Tensor:
+    """Per-example, per-channel normalization over (H, W) with a per-channel affine."""
+    mean = x.mean(dim=(2, 3), keepdim=True)
+    var = x.var(dim=(2, 3), unbiased=False, keepdim=True)
+    return (x - mean) * torch.rsqrt(var + NORM_EPS) * weight[:, None, None] + bias[:, None, None]
+
+
+NORMS: dict[str, Callable | None] = {"batch": _batch_norm, "support": _batch_norm,
+                                     "instance": _instance_norm, "layer": _layer_norm,
+                                     "none": None}
 
 
 class Conv4(FunctionalModel):
@@ -144,7 +180,8 @@ class Conv4(FunctionalModel):
         if height < 1 or width < 1:
             raise ValueError(f"conv4 needs images of at least 16×16, got {self.input_shape[1:]}")
         self.feature_dim = spec.filters * height * width
-        self.norm = {"batch": _batch_norm, "layer": _layer_norm, "none": None}[spec.norm]
+        self.norm = NORMS[spec.norm]
+        self.norm_mode = spec.norm
 
     def init_params(self, generator: torch.Generator) -> Params:
         params: Params = {}
@@ -161,14 +198,14 @@ class Conv4(FunctionalModel):
         params["head.weight"], params["head.bias"] = _linear_init(self.output_dim, self.feature_dim, generator)
         return params
 
-    def features(self, params: Params, x: Tensor, prompt: Tensor | None = None) -> Tensor:
-        h = x
-        if prompt is not None:
-            h = torch.cat([h, prompt[None, :, None, None].expand(h.shape[0], -1, h.shape[2], h.shape[3])], dim=1)
+    def features(self, params: Params, x: Tensor, prompt: Tensor | None = None,
+                 stats_rows: int | None = None) -> Tensor:
+        h = _with_prompt(x, prompt)
         for index in range(self.BLOCKS):
             h = F.conv2d(h, params[f"blocks.{index}.conv.weight"], params[f"blocks.{index}.conv.bias"], padding=1)
             if self.norm is not None:
-                h = self.norm(h, params[f"blocks.{index}.norm.weight"], params[f"blocks.{index}.norm.bias"])
+                h = self.norm(h, params[f"blocks.{index}.norm.weight"], params[f"blocks.{index}.norm.bias"],
+                              stats_rows)
             h = F.max_pool2d(F.relu(h), 2)
         return h.flatten(1)
 
@@ -178,13 +215,96 @@ class Conv4(FunctionalModel):
                 "prompt_dim": self.prompt_dim}
 
 
-def build_model(spec: MLPSpec | Conv4Spec, input_shape: tuple[int, ...], output_dim: int,
-                prompt_dim: int = 0) -> FunctionalModel:
+def _with_prompt(x: Tensor, prompt: Tensor | None) -> Tensor:
+    """``x`` with the prompt as extra constant input channels (CAVIA's concatenation)."""
+    if prompt is None:
+        return x
+    return torch.cat([x, prompt[None, :, None, None].expand(x.shape[0], -1, x.shape[2], x.shape[3])],
+                     dim=1)
+
+
+class ResNet12(FunctionalModel):
+    """ResNet-12 (Lee et al. 2019, MetaOptNet; Oreshkin et al. 2018, TADAM): 4 residual blocks,
+    each 3 × [conv 3×3 (no bias) → norm → leaky ReLU 0.1] (no activation after the third
+    norm: it comes after the residual sum) plus a 1×1 conv → norm shortcut, then max-pool 2;
+    global average pooling and a linear head. Without DropBlock."""
+
+    BLOCKS = 4
+    CONVS = 3
+    SLOPE = 0.1
+
+    def __init__(self, spec: ResNet12Spec, input_shape: tuple[int, ...], output_dim: int,
+                 prompt_dim: int = 0):
+        if len(input_shape) != 3:
+            raise ValueError(f"resnet12 needs (C, H, W) inputs, got input_shape {tuple(input_shape)}")
+        if min(input_shape[1:]) < 2 ** self.BLOCKS:
+            raise ValueError(f"resnet12 needs images of at least 16×16, got {tuple(input_shape[1:])}")
+        self.spec = spec
+        self.input_shape = tuple(input_shape)
+        self.output_dim = output_dim
+        self.prompt_dim = prompt_dim
+        self.widths = list(spec.widths)
+        self.feature_dim = self.widths[-1]
+        self.norm = NORMS[spec.norm]
+        self.norm_mode = spec.norm
+
+    def _norm_params(self, params: Params, prefix: str, channels: int) -> None:
+        if self.norm is not None:
+            params[f"{prefix}.weight"] = torch.ones(channels)
+            params[f"{prefix}.bias"] = torch.zeros(channels)
+
+    def init_params(self, generator: torch.Generator) -> Params:
+        params: Params = {}
+        in_channels = self.input_shape[0] + self.prompt_dim
+        for block, width in enumerate(self.widths):
+            channels = in_channels
+            for conv in range(self.CONVS):
+                bound = 1.0 / math.sqrt(channels * 9)
+                params[f"blocks.{block}.conv{conv}.weight"] = _uniform((width, channels, 3, 3), bound, generator)
+                self._norm_params(params, f"blocks.{block}.norm{conv}", width)
+                channels = width
+            bound = 1.0 / math.sqrt(in_channels)
+            params[f"blocks.{block}.shortcut.weight"] = _uniform((width, in_channels, 1, 1), bound, generator)
+            self._norm_params(params, f"blocks.{block}.shortcut_norm", width)
+            in_channels = width
+        params["head.weight"], params["head.bias"] = _linear_init(self.output_dim, self.feature_dim, generator)
+        return params
+
+    def _normalize(self, params: Params, prefix: str, h: Tensor, stats_rows: int | None) -> Tensor:
+        if self.norm is None:
+            return h
+        return self.norm(h, params[f"{prefix}.weight"], params[f"{prefix}.bias"], stats_rows)
+
+    def features(self, params: Params, x: Tensor, prompt: Tensor | None = None,
+                 stats_rows: int | None = None) -> Tensor:
+        h = _with_prompt(x, prompt)
+        for block in range(len(self.widths)):
+            shortcut = self._normalize(params, f"blocks.{block}.shortcut_norm",
+                                       F.conv2d(h, params[f"blocks.{block}.shortcut.weight"]), stats_rows)
+            out = h
+            for conv in range(self.CONVS):
+                out = F.conv2d(out, params[f"blocks.{block}.conv{conv}.weight"], padding=1)
+                out = self._normalize(params, f"blocks.{block}.norm{conv}", out, stats_rows)
+                if conv < self.CONVS - 1:
+                    out = F.leaky_relu(out, self.SLOPE)
+            h = F.max_pool2d(F.leaky_relu(out + shortcut, self.SLOPE), 2)
+        return h.mean(dim=(2, 3))
+
+    def describe(self) -> dict:
+        return {"name": "resnet12", "widths": list(self.widths), "norm": self.spec.norm,
+                "input_shape": list(self.input_shape), "output_dim": self.output_dim,
+                "prompt_dim": self.prompt_dim}
+
+
+def build_model(spec: MLPSpec | Conv4Spec | ResNet12Spec, input_shape: tuple[int, ...],
+                output_dim: int, prompt_dim: int = 0) -> FunctionalModel:
     """The functional model named by ``spec``, sized for the task family."""
     if spec.name == "mlp":
         return MLP(spec, input_shape, output_dim, prompt_dim)
     if spec.name == "conv4":
         return Conv4(spec, input_shape, output_dim, prompt_dim)
+    if spec.name == "resnet12":
+        return ResNet12(spec, input_shape, output_dim, prompt_dim)
     raise ValueError(f"unknown model {spec.name!r}")
 
 

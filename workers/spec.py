@@ -147,6 +147,23 @@ class PromptSpec(StrictModel):
     prompt_dim: StrictInt = Field(4, ge=1, le=1024, description="Size of the per-task prompt vector.")
 
 
+class ProtoNetSpec(StrictModel):
+    """Prototypical Networks (Snell et al. 2017): the network embeds images; a task's class
+    prototypes are the mean embeddings of its support images, and a query image goes to the
+    nearest prototype (squared Euclidean). No inner steps; image families only."""
+
+    name: Literal["protonet"] = "protonet"
+
+    @property
+    def inner_steps(self) -> int:
+        """Adapting is averaging, not gradient steps."""
+        return 0
+
+    @property
+    def inner_lr(self) -> float:
+        return 0.0
+
+
 class RL2Spec(StrictModel):
     """RL² (Duan et al. 2016): a recurrent policy, fed the previous action, reward and
     episode-done flag, trained with PPO (Schulman et al. 2017) on RLlib's new API stack. A trial
@@ -222,7 +239,8 @@ class PEARLSpec(StrictModel):
 
 
 AlgorithmSpec = Annotated[
-    Union[MAMLSpec, ReptileSpec, ANILSpec, MetaSGDSpec, PromptSpec, RL2Spec, PEARLSpec],
+    Union[MAMLSpec, ReptileSpec, ANILSpec, MetaSGDSpec, PromptSpec, ProtoNetSpec, RL2Spec,
+          PEARLSpec],
     Field(discriminator="name"),
 ]
 ALGORITHMS: dict[str, type[StrictModel]] = {
@@ -231,6 +249,7 @@ ALGORITHMS: dict[str, type[StrictModel]] = {
     "anil": ANILSpec,
     "metasgd": MetaSGDSpec,
     "prompt": PromptSpec,
+    "protonet": ProtoNetSpec,
     "rl2": RL2Spec,
     "pearl": PEARLSpec,
 }
@@ -454,17 +473,35 @@ class MLPSpec(StrictModel):
     activation: Literal["relu", "tanh", "gelu"] = "relu"
 
 
+Norm = Literal["batch", "support", "instance", "layer", "none"]
+NORM_DESCRIPTION = (
+    "batch: statistics of the batch (transductive, as in MAML's paper; the served predictor "
+    "uses the support set's); support: the task's support set's, in training too; instance: "
+    "each image's own per channel; layer: each image's over (C, H, W); none.")
+
+
 class Conv4Spec(StrictModel):
     """The standard few-shot backbone: 4 × [conv3×3 → norm → ReLU → max-pool 2]."""
 
     name: Literal["conv4"] = "conv4"
     filters: StrictInt = Field(64, ge=1, le=1024, description="Channels of every conv layer.")
-    norm: Literal["batch", "layer", "none"] = Field(
-        "batch", description="Per-task normalization (statistics of the current batch).")
+    norm: Norm = Field("batch", description=NORM_DESCRIPTION)
 
 
-ModelSpec = Annotated[Union[MLPSpec, Conv4Spec], Field(discriminator="name")]
-MODELS: dict[str, type[StrictModel]] = {"mlp": MLPSpec, "conv4": Conv4Spec}
+class ResNet12Spec(StrictModel):
+    """ResNet-12 (Lee et al. 2019; Oreshkin et al. 2018): 4 residual blocks of 3 × [conv3×3 →
+    norm → leaky ReLU] with a 1×1 shortcut, max-pool 2 after each, global average pooling."""
+
+    name: Literal["resnet12"] = "resnet12"
+    widths: tuple[Annotated[StrictInt, Field(ge=1, le=2048)], ...] = Field(
+        (64, 160, 320, 640), min_length=4, max_length=4,
+        description="Channels of the four blocks (the papers': 64-160-320-640; smaller for a CPU).")
+    norm: Norm = Field("batch", description=NORM_DESCRIPTION)
+
+
+ModelSpec = Annotated[Union[MLPSpec, Conv4Spec, ResNet12Spec], Field(discriminator="name")]
+MODELS: dict[str, type[StrictModel]] = {"mlp": MLPSpec, "conv4": Conv4Spec,
+                                        "resnet12": ResNet12Spec}
 
 
 # --------------------------------------------------------------------------- the rest
@@ -537,6 +574,9 @@ class JobSpec(StrictModel):
                 raise ValueError(
                     f"task family {family.name!r} runs with algorithm "
                     f"{' or '.join(repr(n) for n in runs_on)}, not {algorithm.name!r}")
+        elif algorithm.name == "protonet" and family.name not in IMAGE_FAMILIES:
+            raise ValueError(f"algorithm 'protonet' classifies images: it needs an image family "
+                             f"({', '.join(sorted(IMAGE_FAMILIES))}), got {family.name!r}")
         elif algorithm.name == "maml" and algorithm.policy_gradient is not None:
             raise ValueError(f"algorithm.policy_gradient is only for RL task families "
                              f"({', '.join(sorted(RL_FAMILIES))}), got {family.name!r}")
@@ -554,15 +594,24 @@ class JobSpec(StrictModel):
     @field_validator("model", mode="after")
     @classmethod
     def _conv4_fits_the_images(cls, model: "ModelSpec | None", info: ValidationInfo) -> "ModelSpec | None":
-        """Conv4 halves the image four times: below 16 pixels nothing is left for its head."""
+        """Conv4 and ResNet-12 halve the image four times: below 16 pixels nothing is left for
+        their heads."""
         family = info.data.get("task_family")
         size = getattr(family, "image_size", None)
-        conv4 = isinstance(model, Conv4Spec) or (model is None and family is not None
-                                                  and family.name in IMAGE_FAMILIES)
+        conv4 = isinstance(model, (Conv4Spec, ResNet12Spec)) or (
+            model is None and family is not None and family.name in IMAGE_FAMILIES)
         if conv4 and size is not None and size < CONV4_MIN_IMAGE_SIZE:
-            raise ValueError(f"conv4 needs task_family.image_size >= {CONV4_MIN_IMAGE_SIZE} "
+            raise ValueError(f"{model.name if model else 'conv4'} needs task_family.image_size >= "
+                             f"{CONV4_MIN_IMAGE_SIZE} "
                              f"(four 2x poolings), got {size}")
         return model
+
+    @model_validator(mode="after")
+    def _protonet_evaluates_without_steps(self) -> "JobSpec":
+        """ProtoNets take no inner steps: unless asked otherwise, evaluate at step 0 only."""
+        if self.algorithm.name == "protonet" and "inner_steps" not in self.evaluation.model_fields_set:
+            self.evaluation.inner_steps = [0]
+        return self
 
     @model_validator(mode="after")
     def _default_model(self) -> "JobSpec":

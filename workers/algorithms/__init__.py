@@ -7,11 +7,13 @@ from metaserve.workers.algorithms.base import Algorithm
 from metaserve.workers.algorithms.maml import MAML
 from metaserve.workers.algorithms.metasgd import MetaSGD
 from metaserve.workers.algorithms.prompt import Prompt
+from metaserve.workers.algorithms.protonet import ProtoNet
 from metaserve.workers.algorithms.reptile import Reptile
 from metaserve.workers.models import FunctionalModel
 
 ALGORITHM_CLASSES: dict[str, type[Algorithm]] = {
     "maml": MAML, "reptile": Reptile, "anil": ANIL, "metasgd": MetaSGD, "prompt": Prompt,
+    "protonet": ProtoNet,
 }
 
 

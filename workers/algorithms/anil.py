@@ -21,8 +21,8 @@ class ANIL(Algorithm):
     def initial_fast(self, params: Params) -> Fast:
         return {name: params[name] for name in self.model.head_names}
 
-    def predict(self, params: Params, fast: Fast, x: Tensor) -> Tensor:
-        return self.model.head(fast, self.model.features(params, x))
+    def predict(self, params: Params, fast: Fast, x: Tensor, stats_rows: int | None = None) -> Tensor:
+        return self.model.head(fast, self.model.features(params, x, stats_rows=stats_rows))
 
     def adapt(self, params: Params, support_x: Tensor, support_y: Tensor, steps: int,
               first_order: bool = False) -> Fast:

@@ -66,7 +66,7 @@ class Algorithm:
         self._batched_objective = vmap(self.task_objective, in_dims=_TASK_AXES)
         self._support_grad = grad(self._support_loss)
         self._batched_query_metrics = vmap(self._query_metrics_before, in_dims=_TASK_AXES)
-        self._batched_curves: dict[tuple[int, ...], Callable] = {}
+        self._batched_curves: dict[tuple[tuple[int, ...], bool], Callable] = {}
 
     # ----------------------------------------------------------------- to override
 
@@ -81,13 +81,32 @@ class Algorithm:
     def initial_fast(self, params: Params) -> Fast:
         return dict(params)
 
-    def predict(self, params: Params, fast: Fast, x: Tensor) -> Tensor:
-        return self.model(fast, x)
+    def predict(self, params: Params, fast: Fast, x: Tensor, stats_rows: int | None = None) -> Tensor:
+        return self.model(fast, x, stats_rows=stats_rows)
 
     def inner_update(self, params: Params, fast: Fast, grads: Fast) -> Fast:
         return {name: value - self.inner_lr * grads[name] for name, value in fast.items()}
 
     # ----------------------------------------------------------------- one task
+
+    def query_predict(self, params: Params, fast: Fast, support_x: Tensor, x: Tensor,
+                      transductive: bool = False) -> Tensor:
+        """Outputs for the query inputs ``x`` of a task whose support set is ``support_x``.
+
+        A model whose norm reads a set's statistics (``batch``, ``support``) normalizes with
+        the support set's, so each output depends on ``x``'s row and the support set only —
+        unless ``transductive`` (``batch`` norm in training and in the second evaluation
+        number, as in MAML's paper), when the statistics are ``x``'s own."""
+        if self.model.norm_mode not in ("batch", "support") or (
+                transductive and self.model.norm_mode == "batch"):
+            return self.predict(params, fast, x)
+        rows = support_x.shape[0]
+        return self.predict(params, fast, torch.cat([support_x, x]), stats_rows=rows)[rows:]
+
+    @property
+    def trains_transductive(self) -> bool:
+        """Batch norm trains on the query batch's own statistics (MAML's reference code)."""
+        return self.model.norm_mode == "batch"
 
     def _support_loss(self, fast: Fast, params: Params, x: Tensor, y: Tensor) -> Tensor:
         return self.loss_fn(self.predict(params, fast, x), y)
@@ -107,7 +126,7 @@ class Algorithm:
                        query_x: Tensor, query_y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Query loss of one task after adaptation, and its metrics (detached)."""
         fast = self.adapt(params, support_x, support_y, self.inner_steps, self.first_order)
-        output = self.predict(params, fast, query_x)
+        output = self.query_predict(params, fast, support_x, query_x, self.trains_transductive)
         loss = self.loss_fn(output, query_y)
         metrics = {"loss_after": loss.detach()}
         if self.classification:
@@ -116,7 +135,8 @@ class Algorithm:
 
     def _query_metrics_before(self, params: Params, support_x: Tensor, support_y: Tensor,
                               query_x: Tensor, query_y: Tensor) -> dict[str, Tensor]:
-        output = self.predict(params, self.initial_fast(params), query_x)
+        output = self.query_predict(params, self.initial_fast(params), support_x, query_x,
+                                    self.trains_transductive)
         metrics = {"loss_before": self.loss_fn(output, query_y)}
         if self.classification:
             metrics["accuracy_before"] = accuracy(output, query_y)
@@ -139,14 +159,14 @@ class Algorithm:
 
     # ----------------------------------------------------------------- evaluation
 
-    def _curve(self, steps: tuple[int, ...]) -> Callable:
+    def _curve(self, steps: tuple[int, ...], transductive: bool) -> Callable:
         def task_curve(params: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor,
                        query_y: Tensor) -> tuple[Tensor, Tensor]:
             fast = self.initial_fast(params)
             losses, accuracies = [], []
             for step in range(max(steps) + 1):
                 if step in steps:
-                    output = self.predict(params, fast, query_x)
+                    output = self.query_predict(params, fast, support_x, query_x, transductive)
                     losses.append(self.loss_fn(output, query_y))
                     accuracies.append(accuracy(output, query_y) if self.classification else losses[-1])
                 if step < max(steps):
@@ -156,20 +176,28 @@ class Algorithm:
         return vmap(task_curve, in_dims=_TASK_AXES)
 
     def evaluation_curves(self, params: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor,
-                          query_y: Tensor, steps: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+                          query_y: Tensor, steps: tuple[int, ...],
+                          transductive: bool = False) -> tuple[Tensor, Tensor]:
         """Per-task query loss and accuracy ``[T, len(steps)]`` after each step count in ``steps``
-        (accuracy equals loss for regression). Parameters are detached: no meta-gradient."""
+        (accuracy equals loss for regression), as the served predictor computes them (query
+        images one at a time), or with ``transductive`` batch norm over the query batch.
+        Parameters are detached: no meta-gradient."""
         steps = tuple(sorted(set(steps)))
-        if steps not in self._batched_curves:
-            self._batched_curves[steps] = self._curve(steps)
+        key = (steps, transductive)
+        if key not in self._batched_curves:
+            self._batched_curves[key] = self._curve(steps, transductive)
         detached = {name: value.detach() for name, value in params.items()}
-        return self._batched_curves[steps](detached, support_x, support_y, query_x, query_y)
+        return self._batched_curves[key](detached, support_x, support_y, query_x, query_y)
 
     def export_params(self, params: Params) -> Params:
         """What goes into ``meta_init.safetensors``."""
         return dict(params)
 
     def recipe(self) -> dict:
-        """The adaptation recipe recorded in ``meta_init.json``."""
-        return {"algorithm": self.name, "inner_lr": self.inner_lr, "inner_steps": self.inner_steps,
-                "adapts": "all"}
+        """The adaptation recipe recorded in ``meta_init.json``; for a model that normalizes
+        with a set's statistics, which set the served predictor uses (the support set's)."""
+        recipe = {"algorithm": self.name, "inner_lr": self.inner_lr,
+                  "inner_steps": self.inner_steps, "adapts": "all"}
+        if self.model.norm_mode in ("batch", "support"):
+            recipe["served_normalization"] = "support_statistics"
+        return recipe

@@ -19,8 +19,8 @@ class Prompt(Algorithm):
         reference = params["head.bias"]
         return torch.zeros(self.model.prompt_dim, dtype=reference.dtype, device=reference.device)
 
-    def predict(self, params: Params, fast: Fast, x: Tensor) -> Tensor:
-        return self.model(params, x, fast)
+    def predict(self, params: Params, fast: Fast, x: Tensor, stats_rows: int | None = None) -> Tensor:
+        return self.model(params, x, fast, stats_rows)
 
     def inner_update(self, params: Params, fast: Fast, grads: Fast) -> Fast:
         return fast - self.inner_lr * grads

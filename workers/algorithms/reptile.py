@@ -24,7 +24,7 @@ class Reptile(Algorithm):
     def _adapt_and_measure(self, params: Params, support_x: Tensor, support_y: Tensor,
                            query_x: Tensor, query_y: Tensor):
         fast = self.adapt(params, support_x, support_y, self.inner_steps)
-        output = self.predict(params, fast, query_x)
+        output = self.query_predict(params, fast, support_x, query_x, self.trains_transductive)
         metrics = {"loss_after": self.loss_fn(output, query_y)}
         if self.classification:
             metrics["accuracy_after"] = accuracy(output, query_y)

@@ -118,14 +118,26 @@ class Trainer:
         steps = sorted({0, *self.spec.evaluation.inner_steps})
         params = self._on_device(params)
         losses, accuracies = [], []
+        transductive: list[tuple[Tensor, Tensor]] = []
         for chunk in _chunks(range(count), self.spec.resources.task_chunk or DEFAULT_EVALUATION_CHUNK):
             batch = self.family.sample(seed=self.spec.seed, split=split, iteration=0, task_indices=chunk,
                                        support_shots=shots).to(self.device)
             loss, acc = self.algorithm.evaluation_curves(params, *batch, steps=tuple(steps))
             losses.append(loss.detach().cpu())
             accuracies.append(acc.detach().cpu())
-        return summarize(split, steps, torch.cat(losses),
-                         torch.cat(accuracies) if self.family.is_classification else None)
+            if self.algorithm.trains_transductive:  # batch norm: also the paper's number
+                loss, acc = self.algorithm.evaluation_curves(params, *batch, steps=tuple(steps),
+                                                             transductive=True)
+                transductive.append((loss.detach().cpu(), acc.detach().cpu()))
+        result = summarize(split, steps, torch.cat(losses),
+                           torch.cat(accuracies) if self.family.is_classification else None)
+        if transductive:
+            both = summarize(split, steps, torch.cat([loss for loss, _ in transductive]),
+                             torch.cat([acc for _, acc in transductive])
+                             if self.family.is_classification else None)
+            result.update({name.replace("/", "/transductive_", 1): value
+                           for name, value in both.items() if not name.endswith("/tasks")})
+        return result
 
     # ------------------------------------------------------------------ persistence
 

@@ -1,0 +1,66 @@
+"""Prototypical Networks (Snell et al. 2017, "Prototypical Networks for Few-shot Learning"):
+the network is an embedding f; a task is adapted by averaging the embeddings of each class's
+support images into a prototype, and a query image is classified by softmax over the negative
+squared Euclidean distances of its embedding to the prototypes. No gradient step adapts
+anything: the meta-gradient flows through the prototypes into f.
+
+The adapted state (``fast``) is the prototypes ``[ways, D]``; the served predictor is the
+nearest prototype (logits = −‖f(x) − c_k‖²). The model's linear head is not used."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.func import vmap
+
+from metaserve.workers.algorithms.base import _TASK_AXES, Algorithm, Fast, accuracy
+from metaserve.workers.models import Params
+
+
+class ProtoNet(Algorithm):
+    name = "protonet"
+
+    def __init__(self, spec, model, *, classification: bool):
+        if not classification:
+            raise ValueError("protonet classifies: it needs an image (classification) task family")
+        super().__init__(spec, model, classification=classification)
+        self.ways = model.output_dim
+
+    def initial_fast(self, params: Params) -> Fast:
+        """No support set seen: every prototype at the origin (every class equally likely)."""
+        reference = next(iter(params.values()))
+        return torch.zeros(self.ways, self.model.feature_dim, dtype=reference.dtype,
+                           device=reference.device)
+
+    def adapt(self, params: Params, support_x: Tensor, support_y: Tensor, steps: int,
+              first_order: bool = False) -> Fast:
+        """The class prototypes: mean support embedding per class (a class without support
+        images keeps its prototype at the origin)."""
+        features = self.model.features(params, support_x)
+        one_hot = F.one_hot(support_y, self.ways).to(features.dtype)  # [S, ways]
+        counts = one_hot.sum(0).clamp(min=1.0)
+        return (one_hot.T @ features) / counts[:, None]
+
+    def predict(self, params: Params, fast: Fast, x: Tensor, stats_rows: int | None = None) -> Tensor:
+        features = self.model.features(params, x, stats_rows=stats_rows)
+        return -((features[:, None, :] - fast[None, :, :]) ** 2).sum(-1)
+
+    def _curve(self, steps: tuple[int, ...], transductive: bool):  # noqa: ANN202
+        """No inner steps: every step count of the curve is the nearest-prototype result."""
+
+        def task_curve(params: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor,
+                       query_y: Tensor) -> tuple[Tensor, Tensor]:
+            prototypes = self.adapt(params, support_x, support_y, 0)
+            output = self.query_predict(params, prototypes, support_x, query_x, transductive)
+            loss, hits = self.loss_fn(output, query_y), accuracy(output, query_y)
+            return loss.expand(len(steps)), hits.expand(len(steps))
+
+        return vmap(task_curve, in_dims=_TASK_AXES)
+
+    def recipe(self) -> dict:
+        recipe = {"algorithm": "protonet", "inner_steps": 0, "adapts": "prototypes",
+                  "distance": "squared_euclidean", "served_predictor": "nearest_prototype"}
+        if self.model.norm_mode in ("batch", "support"):
+            recipe["served_normalization"] = "support_statistics"
+        return recipe
