@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 FLUSH_S = 0.5
 FLUSH_COUNT = 200
+SEND_TIMEOUT_S = 5.0
 MAX_PENDING = 2_000
 MAX_MESSAGE_CHARS = 16_000
 _FORMATTER = logging.Formatter()
@@ -126,4 +127,11 @@ def forward_logs_to(supervisor: Any, source: str) -> JobLogHandler | None:
     for handler in logging.getLogger().handlers:
         if isinstance(handler, JobLogHandler):
             return handler
-    return capture_logs(lambda batch: supervisor.add_logs.remote(batch), source)
+    import ray
+
+    def send(batch: list[dict[str, Any]]) -> None:
+        # Waited for: a warning or an error is often a worker's last words before its call
+        # fails, and the driver must have them before it reports the failure and ends.
+        ray.get(supervisor.add_logs.remote(batch), timeout=SEND_TIMEOUT_S)
+
+    return capture_logs(send, source)

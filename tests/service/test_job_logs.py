@@ -16,6 +16,13 @@ from tests.service.test_dispatcher import dispatcher, settings, submit, wait_for
 pytestmark = pytest.mark.usefixtures("ray_session")
 
 
+@pytest.fixture
+def db_url(tmp_path: Path) -> str:
+    """SQLite only: the log's storage is tested on both databases in tests/api/test_logs.py;
+    this module tests what reaches it from Ray."""
+    return f"sqlite:///{tmp_path / 'metaserve.db'}"
+
+
 def tiny_npz(path: Path, classes: int = 40, per_class: int = 3) -> Path:
     """``classes`` classes of ``per_class`` 8x8 images: enough for 1+1 shots, not for 5+1."""
     rng = np.random.default_rng(0)
