@@ -196,6 +196,8 @@
       this.node = el("div", { class: "card chart" }, el("div", { class: "title", text: title }));
       this.area = el("div");
       this.node.append(this.area);
+      // Follow the card's width (the grid re-flows as charts are added or the window resized).
+      new ResizeObserver(() => this.resize()).observe(this.area);
     }
     add(name, step, value, band) {
       const target = band ? this.bands : this.series;
@@ -215,12 +217,15 @@
       const data = [steps];
       const series = [{ label: "step" }];
       const bands = [];
+      const hidden = [];  // the CI bounds: drawn as a band, not listed in the legend
       names.forEach((name, index) => {
         const values = this.series.get(name);
         const color = COLORS[index % COLORS.length];
         const column = Array.from(steps, (step) => (values.has(step) ? values.get(step) : null));
         data.push(column);
-        series.push({ label: name, stroke: color, width: 1.5, spanGaps: true, points: { show: false } });
+        // A series with a few steps only (a final test evaluation) is drawn as points.
+        series.push({ label: name, stroke: color, width: 1.5, spanGaps: true,
+                      points: { show: values.size < 3 || name.startsWith("test/"), size: 7, fill: color } });
         const ci = this.bands.get(`${name}_ci95`);
         if (ci && ci.size) {
           const hi = column.map((v, i) => (v === null || !ci.has(steps[i]) ? null : v + ci.get(steps[i])));
@@ -229,10 +234,11 @@
           series.push({ label: `${name} +CI`, stroke: color + "55", width: 1, dash: [4, 4], spanGaps: true, points: { show: false } },
                       { label: `${name} −CI`, stroke: color + "55", width: 1, dash: [4, 4], spanGaps: true, points: { show: false } });
           bands.push({ series: [series.length - 2, series.length - 1], fill: color + "22" });
+          hidden.push(series.length - 2, series.length - 1);
         }
       });
       const shape = series.map((s) => s.label).join("|");
-      const width = Math.max(320, this.area.clientWidth || 600);
+      const width = Math.max(280, this.area.clientWidth || 600);
       if (!this.plot || shape !== this.shape) {
         if (this.plot) this.plot.destroy();
         this.shape = shape;
@@ -241,12 +247,19 @@
           scales: { x: { time: false } },
           axes: [{ label: "step" }, { size: 60 }],
           legend: { live: true },
+          hooks: { init: [(plot) => {
+            const rows = plot.root.querySelectorAll(".u-legend .u-series");
+            for (const index of hidden) if (rows[index]) rows[index].style.display = "none";
+          }] },
         }, data, this.area);
       } else {
         this.plot.setData(data);
       }
     }
-    resize() { if (this.plot) this.plot.setSize({ width: Math.max(320, this.area.clientWidth), height: 240 }); }
+    resize() {
+      const width = Math.max(280, this.area.clientWidth);
+      if (this.plot && Math.abs(width - this.plot.width) > 2) this.plot.setSize({ width, height: 240 });
+    }
   }
 
   class Charts {
