@@ -763,3 +763,8 @@ def datasets_delete(dataset_id: Annotated[str, typer.Argument(metavar="DATASET")
     with _ClientErrors(), _client() as client:
         client.delete_dataset(dataset_id)
     typer.echo(printable(f"deleted {dataset_id}"))
+
+
+from metaserve.service.sweep_cli import sweep_app  # noqa: E402 - registers `metaserve sweep`
+
+app.add_typer(sweep_app, name="sweep")

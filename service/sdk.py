@@ -603,6 +603,56 @@ class Client:
         """Delete a dataset (refused with :class:`Conflict` while a queued or running job uses it)."""
         self._request("DELETE", f"/v1/datasets/{dataset_id}")
 
+    # ------------------------------------------------------------------ sweeps
+
+    def submit_sweep(self, sweep_or_path: str | Path | dict[str, Any], *,
+                     overrides: list[str] | None = None,
+                     idempotency_key: str | None = None) -> dict[str, Any]:
+        """Queue a hyperparameter sweep (docs/SWEEPS.md) from a dict or a YAML/JSON file, with
+        ``key.path=value`` overrides of the sweep document (``num_samples=8``,
+        ``spec.iterations=200``); returns the sweep (status ``queued``, defaults filled in)."""
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return self._request("POST", "/v1/sweeps", headers=headers,
+                             json=load_spec_document(sweep_or_path, overrides)).json()
+
+    def sweep(self, sweep: str | dict[str, Any]) -> dict[str, Any]:
+        """The sweep: status, trial counts by status, the best trial so far."""
+        return self._request("GET", f"/v1/sweeps/{job_id_of(sweep)}").json()
+
+    def sweeps(self, *, limit: int = 50) -> list[dict[str, Any]]:
+        """Your sweeps, newest first (one page of up to ``limit``)."""
+        return self._request("GET", "/v1/sweeps", params={"limit": limit}).json()["data"]
+
+    def sweep_trials(self, sweep: str | dict[str, Any]) -> list[dict[str, Any]]:
+        """The leaderboard: every started trial (its config, job id, status and metric), best
+        first. Each ``job_id`` works with :meth:`get`, :meth:`metrics`, :meth:`download`."""
+        return self._request("GET", f"/v1/sweeps/{job_id_of(sweep)}/trials").json()["data"]
+
+    def cancel_sweep(self, sweep: str | dict[str, Any]) -> dict[str, Any]:
+        """Stop the sweep and every running trial."""
+        return self._request("POST", f"/v1/sweeps/{job_id_of(sweep)}/cancel").json()
+
+    def wait_sweep(self, sweep: str | dict[str, Any], *, poll_s: float = 2.0,
+                   timeout_s: float | None = None,
+                   on_update: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Poll the sweep until it ends (or ``timeout_s``); ``on_update(sweep)`` after each poll."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            current = self.sweep(sweep)
+            if on_update is not None:
+                on_update(current)
+            if current["status"] in ("succeeded", "failed", "cancelled"):
+                return current
+            if deadline is not None and time.monotonic() > deadline:
+                return current
+            time.sleep(poll_s)
+
+    def download_sweep(self, sweep: str | dict[str, Any], directory: str | Path) -> Path:
+        """Download the sweep's artifacts (the best trial's ``meta_init.*`` and ``sweep.json``,
+        the leaderboard) into ``directory``; :meth:`load_meta_init` loads it."""
+        driver = self.sweep(sweep)["driver_job_id"]
+        return self.download(driver, directory, names=(*META_INIT_FILES, "sweep.json"))
+
     @staticmethod
     def adapt(model: "MetaInitModel", support_x: "Tensor", support_y: "Tensor",
               steps: int | None = None) -> Callable[["Tensor"], "Tensor"]:

@@ -1,0 +1,111 @@
+"""``metaserve sweep submit|status|trials|cancel|fetch`` and the SDK's sweep methods against
+the real API served by uvicorn (no dispatcher: the trials are written as a driver would)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from metaserve.service import jobs, sweeps
+from metaserve.service.cli import app
+from metaserve.service.sdk import Client
+from metaserve.service.settings import Settings
+from metaserve.workers.storage import StorageConfig, open_store
+from tests.api.test_events import live_url  # noqa: F401 - the fixture
+from tests.service.test_client_cli import artifact_root, isolated_config, key, logged_in  # noqa: F401
+
+runner = CliRunner()
+SWEEP_YAML = """\
+name: cli-sweep
+spec:
+  algorithm: {name: maml}
+  task_family: {name: sine}
+  iterations: 20
+  evaluation: {every: 5, tasks: 10, inner_steps: [1]}
+space:
+  algorithm.inner_lr: {grid: [0.01, 0.1]}
+search: {name: grid}
+scheduler: {name: asha}
+"""
+TRIAL = "0" * 25 + "7"
+
+
+def invoke(*args: str):  # noqa: ANN201
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+def run_one_trial(sessions, db_url: str, root: Path) -> str:  # noqa: ANN001
+    """Claim the driver and record one finished trial and the sweep's artifacts, as the
+    dispatcher does from the Tune driver's events; the driver job's id."""
+    with sessions() as session:
+        driver = jobs.claim_next_job(session=session, worker_id="w", lease_s=30)
+        run = sweeps.driver_sweep(session=session, job_id=driver.id,
+                                  settings=Settings(database_url=db_url))
+        spec = {**driver.spec, "algorithm": {**driver.spec["algorithm"], "inner_lr": 0.1}}
+        sweeps.record_trial_events(session=session, sweep=run, events=[
+            ("trial_start", {"trial_id": "abc_00001", "job_id": TRIAL, "spec": spec,
+                             "name": "cli-sweep/abc_00001"}),
+            ("trial_metrics", (TRIAL, 20, {"val/loss_step1": 0.25})),
+            ("trial_end", {"job_id": TRIAL, "status": "succeeded", "message": "finished"})])
+        session.commit()
+    scratch = root.parent / "scratch"
+    scratch.mkdir()
+    for name, text in (("meta_init.safetensors", "weights"), ("meta_init.json", "{}"),
+                       ("sweep.json", json.dumps({"best": {"job_id": TRIAL}}))):
+        (scratch / name).write_text(text)
+    files = open_store(StorageConfig(root=str(root))).put(driver.id, sorted(scratch.iterdir()))
+    with sessions() as session:
+        for file in files:
+            jobs.add_artifact(session=session, job_id=driver.id, name=file.name, size=file.size,
+                              sha256=file.sha256, media_type=file.media_type)
+    return driver.id
+
+
+def test_sweep_submit_status_trials_fetch_and_cancel(logged_in, tmp_path, sessions, db_url,
+                                                    artifact_root):  # noqa: ANN001, F811
+    document = tmp_path / "sweep.yaml"
+    document.write_text(SWEEP_YAML)
+    submitted = invoke("sweep", "submit", str(document), "--set", "num_samples=2", "-q")
+    assert submitted.exit_code == 0, submitted.output
+    sweep_id = submitted.output.strip()
+    assert sweep_id.startswith("sw_")
+    status = invoke("sweep", "status", sweep_id)
+    assert status.output == (f"{sweep_id}  cli-sweep  queued  trials: none started of 4\n")
+    run_one_trial(sessions, db_url, artifact_root)
+    status = invoke("sweep", "status", sweep_id)
+    assert status.output == (f"{sweep_id}  cli-sweep  running  trials: 1 succeeded of 4; best "
+                             f"val/loss_step1 0.25 (job {TRIAL})\n")
+    table = invoke("sweep", "trials", sweep_id)
+    assert "abc_00001" in table.output and TRIAL in table.output and "0.25" in table.output
+    board = json.loads(invoke("sweep", "trials", sweep_id, "--json").output)
+    assert [(t["job_id"], t["config"], t["value"]) for t in board] == [
+        (TRIAL, {"algorithm.inner_lr": 0.1}, 0.25)]
+    fetched = invoke("sweep", "fetch", sweep_id, "--out", str(tmp_path / "best"))
+    assert fetched.exit_code == 0, fetched.output
+    assert sorted(p.name for p in (tmp_path / "best").iterdir()) == [
+        "meta_init.json", "meta_init.safetensors", "sweep.json"]
+    cancelled = invoke("sweep", "cancel", sweep_id)
+    assert cancelled.exit_code == 0 and "cancelling" in cancelled.output
+    missing = invoke("sweep", "status", "sw_" + "0" * 26)
+    assert (missing.exit_code, missing.output) == (1, "error: Sweep not found. (404 not_found)\n")
+
+
+def test_sdk_submit_sweep_and_a_422_naming_the_field(logged_in, key):  # noqa: ANN001, F811
+    from metaserve.service.sdk import InvalidRequest
+
+    with Client(url=logged_in, api_key=key) as client:
+        sweep = client.submit_sweep({"spec": {"algorithm": {"name": "maml"},
+                                              "task_family": {"name": "sine"}},
+                                     "space": {"algorithm.inner_lr": {"choice": [0.01, 0.1]}},
+                                     "num_samples": 3})
+        assert (sweep["status"], sweep["config"]["trials"]) == ("queued", 3)
+        assert client.sweep_trials(sweep) == []
+        assert [s["id"] for s in client.sweeps()] == [sweep["id"]]
+        with pytest.raises(InvalidRequest) as raised:
+            client.submit_sweep({"spec": {"algorithm": {"name": "maml"},
+                                          "task_family": {"name": "sine"}},
+                                 "space": {"algorithm.inner_lr": {"uniform": [0.1, 0.01]}}})
+    assert [d["field"] for d in raised.value.details] == ["space.algorithm.inner_lr"]
