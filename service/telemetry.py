@@ -87,6 +87,10 @@ class DatabaseCollector(Collector):
                                   "progress report).", labels=["job_id", "name"])
         tasks_total = GaugeMetricFamily("metaserve_running_tasks_per_second",
                                         "Tasks adapted per second by all running jobs.")
+        env_steps = GaugeMetricFamily("metaserve_running_job_env_steps_per_second",
+                                      "Environment steps per second of each running meta-RL "
+                                      "job (its latest progress report).",
+                                      labels=["job_id", "name"])
         up = GaugeMetricFamily("metaserve_database_up", "The database answered this scrape.")
         try:
             with self.sessions() as session:
@@ -121,7 +125,11 @@ class DatabaseCollector(Collector):
                 if isinstance(rate, (int, float)):
                     tasks.add_metric([job_id, name], float(rate))
                     total += float(rate)
+                steps = (progress or {}).get("env_steps_per_s")
+                if isinstance(steps, (int, float)):
+                    env_steps.add_metric([job_id, name], float(steps))
             yield tasks
+            yield env_steps
             tasks_total.add_metric([], total)
             yield tasks_total
         connected = GaugeMetricFamily("metaserve_dispatcher_connected",

@@ -65,23 +65,27 @@ def test_requests_are_counted_and_timed_by_route_template_and_status(
 def test_jobs_by_status_queue_depth_oldest_age_and_running_tasks_per_second(
         client: TestClient, sessions, alice_auth, admin_auth) -> None:  # noqa: ANN001
     running_id = submit(client, alice_auth)
+    rl_id = submit(client, alice_auth)
     submit(client, alice_auth)
-    submit(client, alice_auth)
-    assert claim(sessions) == running_id
+    assert (claim(sessions), claim(sessions)) == (running_id, rl_id)
     with sessions() as session:
         jobs.update_progress(session=session, job_id=running_id, worker_id=WORKER,
                              progress={"iteration": 5, "total": 30, "tasks_per_s": 123.5},
                              message="")
+        jobs.update_progress(session=session, job_id=rl_id, worker_id=WORKER, message="",
+                             progress={"iteration": 2, "total": 9, "env_steps_per_s": 4321.0})
     time.sleep(0.05)
     metrics = scrape(client, admin_auth)
     assert {status: metrics[("metaserve_jobs", (("status", status),))]
             for status in ("queued", "running", "succeeded", "failed")} == {
-        "queued": 2, "running": 1, "succeeded": 0, "failed": 0}
-    assert metrics[("metaserve_queue_depth", ())] == 2
+        "queued": 1, "running": 2, "succeeded": 0, "failed": 0}
+    assert metrics[("metaserve_queue_depth", ())] == 1
     assert 0.0 < metrics[("metaserve_queue_oldest_age_seconds", ())] < 60
     assert metrics[("metaserve_running_job_tasks_per_second",
                     (("job_id", running_id), ("name", "maml-sine")))] == 123.5
     assert metrics[("metaserve_running_tasks_per_second", ())] == 123.5
+    assert metrics[("metaserve_running_job_env_steps_per_second",
+                    (("job_id", rl_id), ("name", "maml-sine")))] == 4321.0
     assert metrics[("metaserve_dispatcher_connected", ())] == 0  # none in this app
     assert metrics[("metaserve_database_up", ())] == 1
 
