@@ -39,6 +39,7 @@ import shutil
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -257,6 +258,11 @@ class SweepSupervisor(JobSupervisor):
 
     def __init__(self, run: dict[str, Any], storage: StorageConfig, options: RunOptions,
                  memory_bytes: int):
+        # Tune runs each trial in a directory of its own: a relative artifact root (the
+        # embedded default's ./.metaserve/artifacts) is made absolute here, in the
+        # supervisor's working directory, before it travels to the trials.
+        storage = _absolute(storage)
+        options = replace(options, storage=_absolute(options.storage))
         super().__init__(run["driver_job_id"], run["config"]["spec"], storage, options,
                          memory_bytes)
         self.run_info, self.storage = run, storage
@@ -442,6 +448,12 @@ class SweepSupervisor(JobSupervisor):
         (scratch / "sweep.json").write_text(json.dumps(summary, indent=2, default=str))
         paths.append(scratch / "sweep.json")
         self._emit("files", self.store.put(self.job_id, paths))
+
+
+def _absolute(storage: StorageConfig | None) -> StorageConfig | None:
+    if storage is None or storage.is_s3:
+        return storage
+    return replace(storage, root=str(Path(storage.root).resolve()))
 
 
 def _get(document: dict[str, Any], path: str) -> Any:

@@ -1,0 +1,83 @@
+"""The sweep document mapped to Ray Tune (no cluster): domains, searchers, schedulers, trial
+resources, trial job ids."""
+
+from __future__ import annotations
+
+import random
+
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
+from ray.tune.search import BasicVariantGenerator
+from ray.tune.search.optuna import OptunaSearch
+
+from metaserve.workers.runner import RunOptions
+from metaserve.workers.sweep import (new_trial_job_id, scheduler_of, search_algorithm,
+                                     search_space, trial_resources)
+from metaserve.workers.sweep_spec import apply_config, probe_values
+
+SPACE = {"algorithm.inner_lr": {"loguniform": [0.001, 0.1]},
+         "outer_optimizer.lr": {"uniform": [0.001, 0.01]},
+         "meta_batch_size": {"choice": [5, 10]},
+         "algorithm.first_order": {"grid": [True, False]},
+         "algorithm.inner_steps": {"randint": [1, 4]},
+         "iterations": {"qrandint": [100, 300, 100]}}
+
+
+def config(search: str = "random", scheduler: str = "fifo", space: dict = SPACE) -> dict:  # noqa: B006
+    return {"spec": {"iterations": 300, "resources": {"workers": 2, "cpus_per_worker": 0.5,
+                                                      "gpus_per_worker": 0.25}},
+            "space": space, "search": {"name": search, "seed": 3},
+            "scheduler": {"name": scheduler, "metric": "val/loss_step1", "mode": "min",
+                          "grace_period": 50, "reduction_factor": 3.0,
+                          "min_samples_required": 3},
+            "num_samples": 2}
+
+
+def test_domains_map_to_tunes_and_a_grid_search_grids_every_choice():
+    space = search_space(config())
+    assert isinstance(space["algorithm.inner_lr"], tune.search.sample.Float)
+    assert (space["algorithm.inner_lr"].lower, space["algorithm.inner_lr"].upper) == (0.001, 0.1)
+    assert isinstance(space["algorithm.inner_lr"].get_sampler(), tune.search.sample.LogUniform)
+    assert space["meta_batch_size"].categories == [5, 10]
+    assert space["algorithm.first_order"] == {"grid_search": [True, False]}
+    assert (space["algorithm.inner_steps"].lower, space["algorithm.inner_steps"].upper) == (1, 4)
+    assert space["iterations"].get_sampler().q == 100
+    grid = search_space(config("grid", space={"meta_batch_size": {"choice": [5, 10]}}))
+    assert grid == {"meta_batch_size": {"grid_search": [5, 10]}}
+
+
+def test_searchers_and_schedulers_are_tunes():
+    assert isinstance(search_algorithm(config("random")), BasicVariantGenerator)
+    assert isinstance(search_algorithm(config("optuna")), OptunaSearch)
+    asha = scheduler_of(config(scheduler="asha"))
+    assert isinstance(asha, ASHAScheduler)
+    assert (asha._time_attr, asha._max_t, asha._reduction_factor) == ("iteration", 300, 3.0)
+    median = scheduler_of(config(scheduler="median"))
+    assert isinstance(median, MedianStoppingRule) and median._time_attr == "iteration"
+    assert isinstance(scheduler_of(config()), FIFOScheduler)
+
+
+def test_a_trial_asks_for_its_specs_cpus_and_gpus_or_their_stand_in():
+    spec = config()["spec"]
+    assert trial_resources(spec, RunOptions()) == {"cpu": 1.0, "gpu": 0.5}
+    assert trial_resources(spec, RunOptions(gpu_resource="gpu_slot")) == {"cpu": 1.0,
+                                                                         "gpu_slot": 0.5}
+
+
+def test_trial_job_ids_have_the_job_id_shape_and_sort_by_time():
+    first = new_trial_job_id()
+    later = [new_trial_job_id() for _ in range(3)]
+    assert len(first) == 26 and first.isalnum() and first.upper() == first
+    assert first[:8] <= min(later)[:8]
+
+
+def test_probe_values_cover_bounds_and_stay_in_range_and_configs_apply_to_a_copy():
+    rng = random.Random(0)
+    assert probe_values("qrandint", [100, 350, 100], rng)[0] == 100
+    assert max(probe_values("qrandint", [100, 350, 100], rng)) == 300
+    assert probe_values("randint", [1, 4], rng)[0] == 1 and max(probe_values("randint", [1, 4], rng)) == 3
+    low, high, mid, sample = probe_values("loguniform", [0.001, 0.1], rng)
+    assert (low, high) == (0.001, 0.1) and abs(mid - 0.01) < 1e-12 and 0.001 <= sample <= 0.1
+    base = {"algorithm": {"inner_lr": 0.01}}
+    assert apply_config(base, {"algorithm.inner_lr": 0.1}) == {"algorithm": {"inner_lr": 0.1}}
+    assert base == {"algorithm": {"inner_lr": 0.01}}
