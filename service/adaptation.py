@@ -22,7 +22,7 @@ from metaserve.service.exceptions import (AdaptDiverged, AdaptInputTooLarge, Inv
                                           MetaInitNotReady, NotAdaptable)
 from metaserve.service.jobs import Transaction
 from metaserve.service.models import Artifact, Job, JobStatus, User
-from metaserve.workers.spec import JobSpec
+from metaserve.workers.spec import IMAGE_FAMILIES, JobSpec
 from metaserve.workers.storage import ArtifactStore, StorageConfig, StorageError
 
 CACHED_META_INITS = 4
@@ -52,7 +52,7 @@ def check_adapt_sizes(arrays: dict[str, Any], max_values: int) -> None:
 def adaptation_shapes(spec: dict[str, Any]) -> tuple[tuple[int, ...], int | None]:
     """``(input shape of one example, ways or None for regression)`` of a job's task family."""
     family = JobSpec.model_validate(spec).task_family
-    if family.name in ("images", "glyphs"):
+    if family.name in IMAGE_FAMILIES:
         channels = getattr(family, "channels", 1)
         return (channels, family.image_size, family.image_size), family.ways
     return (1,), None

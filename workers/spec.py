@@ -383,6 +383,21 @@ class GlyphsSpec(_FewShotImages):
     split_seed: StrictInt = Field(0, ge=0, le=2**31 - 1)
 
 
+class TypefacesSpec(_FewShotImages):
+    """The hard built-in few-shot family (no download): a class is a character, its images are
+    its renderings by the different fonts matplotlib ships (up to 21 "drawers"), with stroke
+    and elastic jitter; support and query images come from different fonts; characters are
+    split by script and near-duplicates across splits removed. 1 to 5 support shots."""
+
+    name: Literal["typefaces"] = "typefaces"
+    distortion: float = Field(1.0, ge=0.0, le=3.0, description="Strength of the elastic and "
+                              "affine jitter.")
+    stroke_jitter: float = Field(0.5, ge=0.0, le=1.0, description="Probability that an image's "
+                                 "strokes are thinned or thickened by a pixel.")
+    split_seed: StrictInt = Field(0, ge=0, le=2**31 - 1, description="Shuffles the scripts "
+                                  "before they are assigned to train/val/test.")
+
+
 class BanditSpec(StrictModel):
     """k-armed Bernoulli bandits, arm means ~ U[0, 1], ``pulls`` pulls per trial
     (Duan et al. 2016, §4.1)."""
@@ -437,8 +452,8 @@ class HalfCheetahVelSpec(StrictModel):
 
 
 TaskFamilySpec = Annotated[
-    Union[SineSpec, LinearSpec, ImagesSpec, GlyphsSpec, BanditSpec, TabularMDPSpec, Nav2DSpec,
-          HalfCheetahVelSpec],
+    Union[SineSpec, LinearSpec, ImagesSpec, GlyphsSpec, TypefacesSpec, BanditSpec, TabularMDPSpec,
+          Nav2DSpec, HalfCheetahVelSpec],
     Field(discriminator="name"),
 ]
 TASK_FAMILIES: dict[str, type[StrictModel]] = {
@@ -446,12 +461,13 @@ TASK_FAMILIES: dict[str, type[StrictModel]] = {
     "linear": LinearSpec,
     "images": ImagesSpec,
     "glyphs": GlyphsSpec,
+    "typefaces": TypefacesSpec,
     "bandit": BanditSpec,
     "tabular_mdp": TabularMDPSpec,
     "nav2d": Nav2DSpec,
     "halfcheetah_vel": HalfCheetahVelSpec,
 }
-IMAGE_FAMILIES = frozenset({"images", "glyphs"})
+IMAGE_FAMILIES = frozenset({"images", "glyphs", "typefaces"})
 RL_FAMILIES = frozenset({"bandit", "tabular_mdp", "nav2d", "halfcheetah_vel"})
 # Which RL algorithms run on which RL families (MAML-RL: continuous actions; PEARL: nav2d).
 RL_ALGORITHM_FAMILIES: dict[str, frozenset[str]] = {

@@ -17,6 +17,7 @@ TASK_FAMILY_CLASSES: dict[str, tuple[str, str]] = {
     "linear": ("metaserve.workers.tasks.regression", "LinearFamily"),
     "images": ("metaserve.workers.tasks.images", "ImagesFamily"),
     "glyphs": ("metaserve.workers.tasks.glyphs", "GlyphsFamily"),
+    "typefaces": ("metaserve.workers.tasks.typefaces", "TypefacesFamily"),
 }
 
 
