@@ -225,7 +225,8 @@
         data.push(column);
         // A series with a few steps only (a final test evaluation) is drawn as points.
         series.push({ label: name, stroke: color, width: 1.5, spanGaps: true,
-                      points: { show: values.size < 3 || name.startsWith("test/"), size: 7, fill: color } });
+                      points: { show: (plot, index) => name.startsWith("test/") || this.series.get(
+                                  plot.series[index].label)?.size < 3, size: 7, fill: color } });
         const ci = this.bands.get(`${name}_ci95`);
         if (ci && ci.size) {
           const hi = column.map((v, i) => (v === null || !ci.has(steps[i]) ? null : v + ci.get(steps[i])));
@@ -348,7 +349,11 @@
       const pick = (prefix) => Object.keys(values).filter((n) => n.startsWith(prefix) && !n.endsWith("_ci95"))
         .sort((a, b) => (parseInt(b.replace(/\D+/g, ""), 10) || 0) - (parseInt(a.replace(/\D+/g, ""), 10) || 0))[0];
       const name = pick("test/accuracy") || pick("test/return") || pick("test/loss") || pick("val/accuracy") || pick("val/loss");
-      if (name) { cell.textContent = `${fmt(values[name])}`; cell.title = name; }
+      if (name) {
+        const [split, measure] = name.split("/");
+        cell.replaceChildren(fmt(values[name]), el("div", { class: "muted", text: `${split} ${measure.replace("_step", " @")}` }));
+        cell.title = name;
+      }
     } catch (_) { /* leave it empty */ }
   }
 
