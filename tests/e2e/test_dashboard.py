@@ -219,9 +219,22 @@ def test_a_user_logs_in_sees_live_curves_compares_and_cancels_and_another_user_s
     assert len(browser.find_elements(By.CSS_SELECTOR, "#compare-chart canvas")) == 1
     shot(browser, "compare")
 
-    # Cancel the queued job from its page.
+    # Resubmit the queued job's spec from its page (a new job, its page opens), then cancel
+    # the queued job from its page.
     browser.get(site["url"] + f"/#/jobs/{queued}")
     wait(browser, lambda b: b.find_element(By.ID, "cancel").is_enabled(), message="cancel button")
+    browser.find_element(By.ID, "resubmit").click()
+    wait(browser, lambda b: b.current_url.split("/#/jobs/")[-1] not in (queued, ""),
+         message="the resubmitted job's page")
+    resubmitted = browser.current_url.split("/#/jobs/")[-1]
+    wait(browser, lambda b: b.find_element(By.ID, "job-name").text == "sine-queued")
+    with site["sessions"]() as session:
+        assert jobs.get_job(session=session, job_id=resubmitted, owner=site["alice"]).spec == \
+            jobs.get_job(session=session, job_id=queued, owner=site["alice"]).spec
+        jobs.request_cancel(session=session, job_id=resubmitted, owner=site["alice"])
+    browser.get(site["url"] + f"/#/jobs/{queued}")
+    wait(browser, lambda b: b.find_element(By.ID, "job-name").text == "sine-queued"
+         and b.find_element(By.ID, "cancel").is_enabled(), message="cancel button")
     browser.find_element(By.ID, "cancel").click()
     wait(browser, lambda b: b.find_element(By.ID, "job-status").text == "cancelled",
          message="cancelled on the page")
