@@ -699,14 +699,20 @@ def fetch(
     all_: Annotated[bool, typer.Option("--all", help="Every artifact, checkpoints included.")] = False,
 ) -> None:
     """Download the job's final artifacts: its meta-initialization (meta_init.*) or, for a
-    meta-RL job, its meta-policy (meta_policy.*)."""
+    meta-RL job, its meta-policy (meta_policy.*); says which and how to load it."""
+    from metaserve.service import sdk
+
     with _ClientErrors(), _client() as client:
         names = None if all_ else tuple(client.final_artifacts(job))
         if names == ():
             status = printable(client.get(job)["status"])
             raise _fail(f"job {printable(job)} has no final artifacts yet (status: {status})")
         directory = client.download(job, out, names=names)
-    typer.echo(f"downloaded {printable(', '.join(names or ('every artifact',)))} to {directory}")
+    listed = set(names) if names is not None else {path.name for path in Path(out).iterdir()}
+    kinds = [kind for kind, files in sdk.ARTIFACT_FILES.items() if set(files) <= listed]
+    loads = f"; load it with Client().{sdk.LOADERS[kinds[0]]}({str(directory)!r})" if kinds else ""
+    typer.echo(f"downloaded {printable(', '.join(names or ('every artifact',)))} to "
+               f"{printable(str(directory))}{printable(loads)}")
 
 
 # --------------------------------------------------------------------------- datasets

@@ -10,11 +10,23 @@ model, recipe = client.load_meta_init(job)         # downloads meta_init.safeten
 predict = client.adapt(model, support_x, support_y)  # the job's recipe (MAML: inner lr, steps)
 ```
 
+A meta-RL job (RL², PEARL, MAML-RL) ends with a meta-policy instead (``meta_policy.*``; the
+job's :meth:`Client.artifact_kind` says which):
+
+```python
+policy = client.load_meta_policy(job)              # downloads meta_policy.safetensors + .json
+task = policy.sample_tasks(1, seed=7)[0]           # or a task of your own: {"goal": ...}, ...
+adapted = policy.adapt(task)                       # MAML-RL: PG steps; PEARL: posterior z; RL²: new trial
+env = policy.make_env(task)
+observation, _ = env.reset(seed=0)
+action = adapted.act(observation)
+```
+
 Connection settings come from, first to last: the arguments, ``METASERVE_URL`` and
 ``METASERVE_API_KEY``, the config file :func:`config_path` (written by ``metaserve login``).
 Every error response of the API (``{"error": {"code", "message", "details"}}``) is raised as
-a :class:`ApiError` subclass carrying the server's message. ``load_meta_init`` and ``adapt``
-work offline on a downloaded directory, with no server and no API key (a client without a key
+a :class:`ApiError` subclass carrying the server's message. ``load_meta_init``,
+``load_meta_policy`` and ``adapt`` work offline on a downloaded directory, with no server and no API key (a client without a key
 raises :class:`NotConfigured` at its first request, not before): they are
 :mod:`metaserve.workers.engine.artifacts`' loader.
 
@@ -38,6 +50,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from torch import Tensor
 
     from metaserve.workers.engine.artifacts import MetaInitModel
+    from metaserve.workers.rl.loader import MetaPolicy
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 TIMEOUT_S = 30.0
@@ -46,6 +59,9 @@ UPLOAD_TIMEOUT_S = 3600.0  # the server converts the upload before it answers
 RECONNECT_DELAY_S = 1.0
 MAX_RECONNECTS = 30
 META_INIT_FILES = ("meta_init.safetensors", "meta_init.json")
+META_POLICY_FILES = ("meta_policy.safetensors", "meta_policy.json")
+ARTIFACT_FILES = {"meta_init": META_INIT_FILES, "meta_policy": META_POLICY_FILES}
+LOADERS = {"meta_init": "load_meta_init", "meta_policy": "load_meta_policy"}
 CHECKPOINT_PREFIX = "checkpoint."  # checkpoint.safetensors, checkpoint.json
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 
@@ -547,18 +563,47 @@ class Client:
         return [artifact["name"] for artifact in self.artifacts(job_id_of(job))
                 if not artifact["name"].startswith(CHECKPOINT_PREFIX)]
 
+    def artifact_kind(self, job: str | dict[str, Any]) -> str | None:
+        """The kind of the job's final artifact, as its files record it: ``meta_init`` (a
+        meta-learning job's meta-initialization) or ``meta_policy`` (a meta-RL job's
+        meta-policy); None while it has none (not succeeded yet)."""
+        names = set(self.final_artifacts(job))
+        return next((kind for kind, files in ARTIFACT_FILES.items() if set(files) <= names), None)
+
+    def _fetch_artifact(self, job_or_dir: str | Path | dict[str, Any], kind: str,
+                        cache_dir: str | Path | None) -> Path:
+        """The directory holding the job's artifact of ``kind``: ``job_or_dir`` itself when it
+        is a directory, else the job's files downloaded into ``cache_dir`` (default
+        ``~/.cache/metaserve/jobs/<id>``); a job whose artifact is of the other kind raises
+        :class:`MetaserveClientError` naming the loader to use."""
+        if not isinstance(job_or_dir, dict) and Path(job_or_dir).is_dir():
+            return Path(job_or_dir)
+        job_id = job_id_of(job_or_dir if isinstance(job_or_dir, dict) else str(job_or_dir))
+        directory = Path(cache_dir) if cache_dir else _cache_root() / job_id
+        files = ARTIFACT_FILES[kind]
+        if not all((directory / name).exists() for name in files):
+            found = self.artifact_kind(job_id)
+            if found is not None and found != kind:
+                raise MetaserveClientError(
+                    f"job {job_id}'s artifact is a {found} ({', '.join(ARTIFACT_FILES[found])}), "
+                    f"not a {kind}: load it with {LOADERS[found]}")
+            self.download(job_id, directory, names=files)
+        return directory
+
     def load_meta_init(self, job_or_dir: str | Path | dict[str, Any], *,
                        cache_dir: str | Path | None = None) -> tuple["MetaInitModel", dict[str, Any]]:
         """``(model, recipe)`` from a directory holding ``meta_init.safetensors`` +
         ``meta_init.json`` (offline), or from a job, downloaded first into ``cache_dir``
         (default ``~/.cache/metaserve/jobs/<id>``)."""
-        if not isinstance(job_or_dir, dict) and Path(job_or_dir).is_dir():
-            return load_meta_init(job_or_dir)
-        job_id = job_id_of(job_or_dir if isinstance(job_or_dir, dict) else str(job_or_dir))
-        directory = Path(cache_dir) if cache_dir else _cache_root() / job_id
-        if not all((directory / name).exists() for name in META_INIT_FILES):
-            self.download(job_id, directory)
-        return load_meta_init(directory)
+        return load_meta_init(self._fetch_artifact(job_or_dir, "meta_init", cache_dir))
+
+    def load_meta_policy(self, job_or_dir: str | Path | dict[str, Any], *,
+                         cache_dir: str | Path | None = None) -> "MetaPolicy":
+        """A meta-RL job's meta-policy from a directory holding ``meta_policy.safetensors`` +
+        ``meta_policy.json`` (offline, e.g. what ``metaserve fetch`` downloaded), or from a job,
+        downloaded first into ``cache_dir`` (default ``~/.cache/metaserve/jobs/<id>``). See
+        :func:`load_meta_policy` for what it does."""
+        return load_meta_policy(self._fetch_artifact(job_or_dir, "meta_policy", cache_dir))
 
     # ------------------------------------------------------------------ datasets
 
@@ -687,8 +732,27 @@ def load_meta_init(directory: str | Path) -> tuple["MetaInitModel", dict[str, An
     directory = Path(directory)
     missing = [name for name in META_INIT_FILES if not (directory / name).exists()]
     if missing:
-        raise MetaserveClientError(f"{directory} has no {', '.join(missing)}")
+        holds = all((directory / name).exists() for name in META_POLICY_FILES)
+        hint = "; it holds a meta_policy (load it with load_meta_policy)" if holds else ""
+        raise MetaserveClientError(f"{directory} has no {', '.join(missing)}{hint}")
     return engine_load(directory)
+
+
+def load_meta_policy(directory: str | Path) -> "MetaPolicy":
+    """A meta-policy from a downloaded directory (offline): ``policy.adapt(task)`` returns a
+    policy adapted to a task (MAML-RL: the recipe's policy-gradient steps on episodes of it;
+    PEARL: z from the posterior on its exploration episodes, or ``context=`` transitions you
+    collected; RL²: a new trial, hidden state reset), whose ``act(observation)`` gives the
+    action; ``policy.act`` acts before adaptation, ``policy.make_env(task)`` is a gymnasium env
+    of the task, ``policy.sample_tasks`` draws new tasks of the job's family. See
+    :mod:`metaserve.workers.rl.loader`."""
+    from metaserve.workers.exceptions import ArtifactError
+    from metaserve.workers.rl.loader import load_meta_policy as rl_load
+
+    try:
+        return rl_load(Path(directory))
+    except ArtifactError as error:
+        raise MetaserveClientError(str(error)) from None
 
 
 def adapt(model: "MetaInitModel", support_x: "Tensor", support_y: "Tensor",

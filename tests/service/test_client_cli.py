@@ -171,7 +171,8 @@ def test_fetch_downloads_a_meta_rl_jobs_meta_policy(logged_in: str, tmp_path: Pa
                               media_type=described.media_type)
     fetched = invoke("fetch", job_id, "-o", str(tmp_path / "out"))
     assert (fetched.exit_code, fetched.output) == (
-        0, f"downloaded meta_policy.json, meta_policy.safetensors to {tmp_path / 'out'}\n")
+        0, f"downloaded meta_policy.json, meta_policy.safetensors to {tmp_path / 'out'}; load it "
+           f"with Client().load_meta_policy({str(tmp_path / 'out')!r})\n")
     assert sorted(path.name for path in (tmp_path / "out").iterdir()) == [
         "meta_policy.json", "meta_policy.safetensors"]
     assert (tmp_path / "out" / "meta_policy.safetensors").read_bytes() == b"tensors"

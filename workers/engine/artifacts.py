@@ -104,7 +104,7 @@ def read_artifact(directory: Path, kind: str, device: str | torch.device = "cpu"
     if not (directory / json_name).exists() or not (directory / tensors_name).exists():
         other = [k for k in ARTIFACT_KINDS if k != kind and (directory / f"{k}.json").exists()]
         hint = f"; it holds a {other[0]} (load it with load_{other[0]})" if other else ""
-        raise ArtifactError(f"{directory} has no {tensors_name} + {json_name}{hint}")
+        raise ArtifactError(f"{directory} has no {tensors_name}, {json_name}{hint}")
     document = json.loads((directory / json_name).read_text())
     recorded = document.get("kind", kind)  # artifacts of before 0.2 have no "kind"
     if recorded != kind:

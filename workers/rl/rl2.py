@@ -36,7 +36,7 @@ from ray.rllib.evaluation.postprocessing import Postprocessing
 from ray.tune.registry import register_env
 
 from metaserve.workers.rl.baselines import BANDIT_BASELINES, tune_ucb1, ucb1
-from metaserve.workers.rl.rl2_policy import rl2_network, run_rl2_trials
+from metaserve.workers.rl.rl2_policy import rl2_meta_policy, rl2_network, run_rl2_trials
 from metaserve.workers.rl.tasks import BanditTrialVectorEnv, TrialEnv, build_rl_family
 from metaserve.workers.spec import TASK_FAMILIES, JobSpec
 
@@ -269,13 +269,7 @@ class RL2Trainer:
         self.env_steps = int(document["env_steps"])
 
     def meta_policy(self) -> tuple[dict[str, torch.Tensor], dict]:
-        network = self.network()
-        tensors = {name: value.detach().cpu().clone() for name, value in network.state_dict().items()}
-        architecture = {"kind": "rl2_lstm", "hidden_size": network.hidden_size,
-                        "discrete": network.discrete}
-        recipe = {"algorithm": "rl2", "adaptation": "recurrent state over one trial",
-                  "trial_episodes": self.family.trial_episodes}
-        return tensors, {"architecture": architecture, "recipe": recipe}
+        return rl2_meta_policy(self.network(), self.family)
 
     def close(self) -> None:
         self.algo.stop()

@@ -18,6 +18,15 @@ def rl2_network(family: RLTaskFamily, hidden_size: int) -> RecurrentPolicy:
     return RecurrentPolicy(env.observation_space.shape[0], action_size, hidden_size, family.discrete)
 
 
+def rl2_meta_policy(network: RecurrentPolicy, family: RLTaskFamily) -> tuple[dict[str, torch.Tensor], dict]:
+    """The meta-policy artifact's content: the network's tensors, architecture and recipe."""
+    tensors = {name: value.detach().cpu().clone() for name, value in network.state_dict().items()}
+    architecture = {"kind": "rl2_lstm", "hidden_size": network.hidden_size, "discrete": network.discrete}
+    recipe = {"algorithm": "rl2", "adaptation": "recurrent state over one trial",
+              "trial_episodes": family.trial_episodes}
+    return tensors, {"architecture": architecture, "recipe": recipe}
+
+
 @torch.no_grad()
 def run_rl2_trials(network: RecurrentPolicy, family: RLTaskFamily, tasks: list[Task], *,
                    seed: int, split: str = "test", greedy: bool = False) -> np.ndarray:
