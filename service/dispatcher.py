@@ -116,6 +116,7 @@ class _Running:
     stop: threading.Event = field(default_factory=threading.Event)
     lease_lost: threading.Event = field(default_factory=threading.Event)
     sweep: dict[str, Any] | None = None  # the job drives this sweep (service.sweeps.driver_sweep)
+    cancelling_trials: frozenset[str] = frozenset()  # its trial jobs asked to stop
 
 
 class _Writer:
@@ -359,6 +360,10 @@ class Dispatcher:
                         telemetry.LEASE_RENEWALS.inc()
                     else:
                         status = jobs.job_status(session=session, job_id=running.job_id)
+                if running.sweep is not None:
+                    with self.session_factory() as session:
+                        running.cancelling_trials = sweeps.cancelling_trials(
+                            session=session, sweep=running.sweep)
                 if status is JobStatus.CANCELLING:
                     running.stop.set()
             except LeaseLost:
@@ -425,6 +430,7 @@ class Dispatcher:
             writer.on_written = supervisor.recorded.remote
             events = supervisor.run.remote()
             stop_requested_at: float | None = None
+            stopped_trials: frozenset[str] = frozenset()
             heartbeat_at = 0.0
             while True:
                 if time.monotonic() - started > runtime_limit:
@@ -446,6 +452,9 @@ class Dispatcher:
                 if writer.failure is not None:  # the driver would wait for it forever
                     return Outcome.RETRY, ("could not record the job's events: "
                                            f"{readable_error(writer.failure)}")
+                if running.cancelling_trials - stopped_trials:  # a trial job was cancelled
+                    stopped_trials = running.cancelling_trials
+                    supervisor.stop_trials.remote(sorted(stopped_trials))
                 ready, _ = ray.wait([events], timeout=EVENT_POLL_S)
                 if not ready:
                     continue

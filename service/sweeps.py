@@ -345,6 +345,13 @@ def driver_sweep(*, session: Session, job_id: str, settings: Settings) -> dict[s
                 "max_concurrent_trials": concurrency}
 
 
+def cancelling_trials(*, session: Session, sweep: dict[str, Any]) -> frozenset[str]:
+    """The sweep's trial jobs a user asked to stop (``POST /v1/jobs/{trial}/cancel``)."""
+    with Transaction(session):
+        return frozenset(session.scalars(select(Job.id).where(
+            Job.sweep_id == sweep["sweep_id"], Job.status == JobStatus.CANCELLING.value)))
+
+
 def record_trial_events(*, session: Session, sweep: dict[str, Any],
                         events: Sequence[tuple[str, Any]]) -> None:
     """Write the trial events of a sweep's driver, in order (in the caller's transaction):

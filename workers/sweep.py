@@ -231,6 +231,7 @@ def sweep_trial(config: dict[str, Any], *, run: dict[str, Any], sink: Any,
         progress=lambda progress: call("trial_event", ("trial_progress", (job_id, progress))),
         checkpointed=lambda paths: call("trial_event", (
             "trial_files", (job_id, store.put(job_id, list(paths))))),
+        should_stop=lambda: call("trial_should_stop", (job_id,)),
     )
     device = worker_device(spec.resources.gpus_per_worker, options.gpu_resource,
                            torch.cuda.is_available())
@@ -238,6 +239,10 @@ def sweep_trial(config: dict[str, Any], *, run: dict[str, Any], sink: Any,
     try:
         store.fetch_checkpoint(job_id, scratch / CHECKPOINT_DIRECTORY)
         final = train_loop(driver, scratch, hooks)
+    except JobCancelled:  # its job was cancelled: the trial ends, the sweep goes on
+        call("trial_event", ("trial_end", {"job_id": job_id, "status": "cancelled",
+                                           "message": "cancelled"}))
+        return
     except BaseException as error:
         text = str(error).strip().splitlines()
         call("trial_event", ("trial_error", (trial_id, f"{type(error).__name__}: {text[0]}"
@@ -273,6 +278,7 @@ class SweepSupervisor(JobSupervisor):
         self.trials: dict[str, dict[str, Any]] = {
             trial_id: {**known, "config": None} for trial_id, known in run["trials"].items()}
         self.errors: dict[str, str] = {}
+        self.stopped_jobs: set[str] = set()  # trial jobs cancelled by their owner
 
     # ------------------------------------------------------------------ called by trials
 
@@ -288,6 +294,13 @@ class SweepSupervisor(JobSupervisor):
                                        "spec": spec, "name": name})
             self._progress()
             return trial["job_id"]
+
+    def stop_trials(self, job_ids: list[str]) -> None:
+        """Stop these trials (their jobs were cancelled) at their next check."""
+        self.stopped_jobs.update(job_ids)
+
+    def trial_should_stop(self, job_id: str) -> bool:
+        return job_id in self.stopped_jobs or self._stop.is_set()
 
     def trial_event(self, kind: str, payload: Any) -> None:
         if kind == "trial_error":

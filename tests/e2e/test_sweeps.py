@@ -107,13 +107,24 @@ def test_a_grid_sweep_with_asha_runs_its_trials_as_jobs_and_publishes_the_best(s
     assert sweep_actors_alive() == []
 
 
-def test_cancelling_a_running_sweep_ends_every_trial_within_5_s_and_leaves_no_actor(served):  # noqa: ANN001
+def test_a_cancelled_trial_ends_alone_and_a_cancelled_sweep_ends_every_trial_within_5_s(served):  # noqa: ANN001
     client, headers = served
     body = {**SWEEP, "spec": {**TINY, "iterations": 100000, "checkpoint_every": 1000},
             "scheduler": {"name": "fifo"}}
     sweep_id = client.post("/v1/sweeps", json=body, headers=headers).json()["id"]
     sweep = wait_for(client, headers, sweep_id, lambda s: s["trials"].get("running", 0) >= 2)
     assert sweep["trials"].get("running", 0) >= 2, sweep
+    # One trial's job cancelled: that trial ends, the sweep goes on.
+    trial = client.get(f"/v1/sweeps/{sweep_id}/trials", headers=headers).json()["data"][0]
+    assert client.post(f"/v1/jobs/{trial['job_id']}/cancel", headers=headers).status_code == 200
+    deadline = time.monotonic() + 10
+    while client.get(f"/v1/jobs/{trial['job_id']}", headers=headers).json()["status"] not in (
+            "cancelled", "succeeded") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    job = client.get(f"/v1/jobs/{trial['job_id']}", headers=headers).json()
+    assert (job["status"], job["message"]) == ("cancelled", "cancelled"), job
+    assert client.get(f"/v1/sweeps/{sweep_id}", headers=headers).json()["status"] == "running"
+    sweep = wait_for(client, headers, sweep_id, lambda s: s["trials"].get("running", 0) >= 2)
     started = time.monotonic()
     assert client.post(f"/v1/sweeps/{sweep_id}/cancel", headers=headers).status_code == 200
     sweep = wait_for(client, headers, sweep_id, lambda s: s["status"] == "cancelled" and not
