@@ -402,10 +402,10 @@ def _start_trial(session: Session, sweep: dict[str, Any], payload: dict[str, Any
         return
     if existing.status in TERMINAL:
         return  # a terminal state is never left
+    # running stays running; cancelling stays cancelling (the dispatcher stops it again)
     session.execute(update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE)).values(
-        status=JobStatus.RUNNING.value, attempt=Job.attempt + 1,
-        message="trial resumed by the sweep's next attempt").execution_options(
-        synchronize_session=False))
+        attempt=Job.attempt + 1, message="trial resumed by the sweep's next attempt")
+        .execution_options(synchronize_session=False))
     store._record_status(session, job_id)
 
 

@@ -47,7 +47,7 @@ import ray
 from ray import tune
 
 from metaserve.workers.engine.checkpoints import CHECKPOINT_DIRECTORY
-from metaserve.workers.exceptions import JobCancelled, Unschedulable
+from metaserve.workers.exceptions import DriverOutOfMemory, JobCancelled, Unschedulable
 from metaserve.workers.joblog import capture_logs, release_logs
 from metaserve.workers.runner import RunOptions
 from metaserve.workers.storage import StorageConfig, parse_s3_url
@@ -389,6 +389,11 @@ class SweepSupervisor(JobSupervisor):
                     yield events.get(timeout=EVENT_POLL_S)
                 except queue.Empty:
                     continue
+            if self._out_of_memory is not None:
+                raise DriverOutOfMemory(
+                    f"out of memory: the sweep's driver held {self._out_of_memory / 2**20:.0f} "
+                    f"MiB, more than the {self.memory_bytes / 2**20:.0f} MiB it asked for "
+                    "(METASERVE_SWEEP_DRIVER_MEMORY_MB)")
             if failure:
                 raise failure[0]
         finally:
