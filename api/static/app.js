@@ -360,6 +360,7 @@
   async function renderJobs(params) {
     const status = params.get("status") || "";
     const search = params.get("q") || "";
+    const sweep = params.get("sweep") || "";
     const cursors = (params.get("cursors") || "").split(",").filter(Boolean);
     const cursor = cursors[cursors.length - 1] || "";
     const navigate = (changes) => {
@@ -381,8 +382,10 @@
       el("th", {}, "Status"), el("th", {}, "Progress"), el("th", {}, "Created"),
       el("th", {}, "Duration"), el("th", {}, "Final metric"))), body);
     const pager = el("div", { class: "pager" });
+    const sweepChip = sweep ? el("span", { class: "badge", id: "sweep-filter" }, `trials of sweep ${shortId(sweep)} `,
+      el("button", { type: "button", class: "link-dark", title: "all jobs", onclick: () => navigate({ sweep: "", cursors: "" }) }, "×")) : null;
     main.replaceChildren(el("h1", {}, "Jobs"),
-      el("div", { class: "toolbar" }, statusSelect, searchBox, el("span", { class: "grow" }),
+      el("div", { class: "toolbar" }, statusSelect, searchBox, sweepChip, el("span", { class: "grow" }),
         el("button", { type: "button", id: "refresh", onclick: () => route() }, "Refresh"), compare),
       el("div", { class: "card" }, table, pager));
 
@@ -393,6 +396,7 @@
 
     const query = new URLSearchParams({ limit: String(PAGE) });
     if (status) query.set("status", status);
+    if (sweep) query.set("sweep", sweep);
     if (cursor) query.set("cursor", cursor);
     let page;
     try {
@@ -610,6 +614,79 @@
     } catch (error) { list.append(el("p", { class: "error", text: errorText(error) })); }
   }
 
+  // ------------------------------------------------------------------ sweeps
+
+  async function renderSweeps() {
+    const body = el("tbody");
+    main.replaceChildren(el("h1", {}, "Sweeps"), el("div", { class: "card" }, el("table", { id: "sweeps" },
+      el("thead", {}, el("tr", {}, el("th", {}, "Name"), el("th", {}, "Status"), el("th", {}, "Trials"),
+        el("th", {}, "Best"), el("th", {}, "Created"))), body)));
+    let page;
+    try { page = await api("/v1/sweeps?limit=100"); } catch (error) {
+      body.append(el("tr", {}, el("td", { colspan: 5, class: "error", text: errorText(error) }))); return;
+    }
+    if (!page.data.length) body.append(el("tr", {}, el("td", { colspan: 5, class: "muted", text: "No sweeps." })));
+    for (const sweep of page.data) {
+      const counts = Object.entries(sweep.trials).map(([status, n]) => `${n} ${status}`).join(", ");
+      const best = sweep.best && sweep.best.value !== null ? `${sweep.best.metric} ${fmt(sweep.best.value)}` : "—";
+      body.append(el("tr", { "data-id": sweep.id },
+        el("td", {}, el("a", { href: `#/sweeps/${encodeURIComponent(sweep.id)}`, text: sweep.name }), el("div", { class: "muted", text: shortId(sweep.id) })),
+        el("td", {}, badge(sweep.status)), el("td", { text: counts || "none yet" }), el("td", { class: "num", text: best }),
+        el("td", { text: when(sweep.created_at) })));
+    }
+  }
+
+  /* A sweep: its trials' leaderboard (best first by the sweep's metric) and the metric
+   * against one parameter of the space. */
+  async function renderSweep(sweepId) {
+    let board;
+    try {
+      board = await api(`/v1/sweeps/${encodeURIComponent(sweepId)}/trials`);
+    } catch (error) {
+      main.replaceChildren(el("h1", {}, "Sweep"), el("p", { class: "error", id: "sweep-error", text: error.status === 404 ? "No such sweep of yours." : errorText(error) }));
+      return;
+    }
+    const sweep = board.sweep;
+    const paths = Object.keys(sweep.config.space || {});
+    const metric = sweep.config.scheduler.metric;
+    const head = el("tr", {}, el("th", {}, "#"), el("th", {}, "Trial"), el("th", {}, "Status"),
+      paths.map((p) => el("th", { text: p })), el("th", { text: `${metric} (${sweep.config.scheduler.mode})` }), el("th", {}, "Iterations"));
+    const rows = board.data.map((trial, index) => el("tr", { "data-id": trial.job_id },
+      el("td", { class: "num", text: String(index + 1) }),
+      el("td", {}, el("a", { href: `#/jobs/${encodeURIComponent(trial.job_id)}`, text: trial.trial_id || shortId(trial.job_id) })),
+      el("td", {}, badge(trial.status)),
+      paths.map((p) => el("td", { class: "num", text: typeof trial.config[p] === "number" ? fmt(trial.config[p]) : JSON.stringify(trial.config[p]) })),
+      el("td", { class: "num", text: fmt(trial.value) }), el("td", { class: "num", text: trial.iteration ?? "—" })));
+    const picker = el("select", { id: "sweep-parameter", "aria-label": "Parameter", onchange: () => plot() },
+      paths.map((p) => el("option", { value: p }, p)));
+    const area = el("div", { class: "card chart", id: "sweep-chart" });
+    main.replaceChildren(
+      el("div", { class: "toolbar" }, el("h1", { id: "sweep-name", text: sweep.name }), badge(sweep.status), el("span", { class: "grow" }),
+        el("a", { href: `#/?sweep=${encodeURIComponent(sweep.id)}` }, "Trials as jobs"),
+        el("a", { href: `#/jobs/${encodeURIComponent(sweep.driver_job_id)}` }, "Driver job (log, artifacts)")),
+      sweep.error ? el("div", { class: "notice bad", text: sweep.error }) : "",
+      el("div", { class: "toolbar" }, el("label", { for: "sweep-parameter" }, `${metric} against `), picker),
+      area,
+      el("div", { class: "card" }, el("h2", {}, "Leaderboard"), el("table", { id: "leaderboard" }, el("thead", {}, head), el("tbody", {}, rows))));
+    let chart = null;
+    function plot() {
+      const path = picker.value;
+      const points = board.data.filter((t) => typeof t.config[path] === "number" && t.value !== null)
+        .map((t) => [t.config[path], t.value]).sort((a, b) => a[0] - b[0]);
+      const xs = points.map((p) => p[0]);
+      const logX = xs.length > 1 && xs[0] > 0 && xs[xs.length - 1] / xs[0] >= 100;
+      if (chart) chart.destroy();
+      chart = new uPlot({
+        width: Math.max(320, area.clientWidth - 32), height: 300,
+        scales: { x: { time: false, distr: logX ? 3 : 1 } },
+        axes: [{ label: path }, { label: metric, size: 60 }],
+        series: [{ label: path }, { label: metric, stroke: COLORS[0], paths: () => null, points: { show: true, size: 9, fill: COLORS[0] } }],
+      }, [xs, points.map((p) => p[1])], area);
+      bench.points = points.length;
+    }
+    if (paths.length) plot(); else area.append(el("p", { class: "muted", text: "This sweep has no parameters." }));
+  }
+
   // ------------------------------------------------------------------ routing
 
   function route() {
@@ -624,6 +701,9 @@
     const jobMatch = path.match(/^\/jobs\/([^/]+)$/);
     if (jobMatch) return renderJob(decodeURIComponent(jobMatch[1]));
     if (path === "/compare") return renderCompare(params);
+    const sweepMatch = path.match(/^\/sweeps\/([^/]+)$/);
+    if (sweepMatch) return renderSweep(decodeURIComponent(sweepMatch[1]));
+    if (path === "/sweeps") return renderSweeps();
     return renderJobs(params);
   }
 

@@ -289,3 +289,57 @@ def test_the_job_page_shows_ten_thousand_points_and_stays_responsive(browser, si
     if target:
         Path(target).write_text(json.dumps({**FIGURES, "chromium": browser.capabilities.get(
             "browserVersion")}, indent=2) + "\n")
+
+
+def test_a_sweep_page_ranks_its_trials_and_plots_the_metric_against_a_parameter(
+        browser, site: dict) -> None:  # noqa: ANN001
+    import httpx
+
+    from metaserve.service import sweeps
+    from metaserve.service.ids import new_id
+
+    space = {"algorithm.inner_lr": {"grid": [0.003, 0.03, 0.3]}}
+    response = httpx.post(site["url"] + "/v1/sweeps", headers={
+        "Authorization": f"Bearer {site['alice_key']}"}, json={
+        "name": "sweep-inner-lr", "spec": {"algorithm": {"name": "maml"},
+                                           "task_family": {"name": "sine"}, "iterations": 100},
+        "space": space, "search": {"name": "grid"},
+        "scheduler": {"name": "fifo", "metric": "val/loss_step1", "mode": "min"}})
+    assert response.status_code == 201, response.text
+    sweep_id = response.json()["id"]
+    trials = {}
+    with site["sessions"]() as session:
+        for index, (inner_lr, loss) in enumerate(((0.003, 0.9), (0.03, 0.2), (0.3, 0.5))):
+            job_id = trials[inner_lr] = new_id()
+            spec = {"algorithm": {"name": "maml", "inner_lr": inner_lr},
+                    "task_family": {"name": "sine"}, "iterations": 100}
+            sweeps.record_trial_events(session=session, sweep={
+                "sweep_id": sweep_id, "owner_id": site["alice"].id}, events=[
+                ("trial_start", {"trial_id": f"t{index}", "job_id": job_id, "spec": spec,
+                                 "name": f"sweep-inner-lr-t{index}"}),
+                ("trial_metrics", (job_id, 100, {"val/loss_step1": loss}))])
+        session.commit()
+    log_in(browser, site, site["alice_key"])
+    wait(browser, lambda b: b.find_elements(By.CSS_SELECTOR, "#jobs tbody tr"))
+    browser.find_element(By.ID, "nav-sweeps").click()
+    wait(browser, lambda b: b.find_elements(By.CSS_SELECTOR, f"#sweeps tr[data-id='{sweep_id}']"),
+         message="the sweep listed")
+    browser.find_element(By.LINK_TEXT, "sweep-inner-lr").click()
+    wait(browser, lambda b: len(b.find_elements(By.CSS_SELECTOR, "#leaderboard tbody tr")) == 3,
+         message="the leaderboard")
+    ranked = [row.get_attribute("data-id")
+              for row in browser.find_elements(By.CSS_SELECTOR, "#leaderboard tbody tr")]
+    assert ranked == [trials[0.03], trials[0.3], trials[0.003]]  # val/loss_step1, min first
+    assert browser.execute_script("return window.metaserveDashboard.points") == 3
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#sweep-chart canvas")) == 1
+    assert browser.find_element(By.ID, "main").text.startswith("sweep-inner-lr\nqueued\nTrials")
+    shot(browser, "sweep")
+    browser.find_element(By.LINK_TEXT, "Trials as jobs").click()
+    wait(browser, lambda b: b.find_elements(By.ID, "sweep-filter"), message="the sweep filter")
+    wait(browser, lambda b: {row.get_attribute("data-id") for row in b.find_elements(
+        By.CSS_SELECTOR, "#jobs tbody tr[data-id]")} == set(trials.values()),
+         message="the trials as jobs")
+    log_in(browser, site, site["bob_key"])
+    browser.get(site["url"] + f"/#/sweeps/{sweep_id}")
+    wait(browser, lambda b: b.find_elements(By.ID, "sweep-error"), message="bob's sweep page")
+    assert browser.find_element(By.ID, "sweep-error").text == "No such sweep of yours."
