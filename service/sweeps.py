@@ -36,8 +36,9 @@ from metaserve.service.models import (TERMINAL_STATUSES, Job, JobStatus, JobStat
 from metaserve.service.settings import Settings
 from metaserve.workers.spec import JobSpec
 from metaserve.workers.sweep_spec import (DISCRETE, FORBIDDEN_PATHS, SweepError, SweepSpec,
-                                          apply_config, checked_specs, default_metric, get_path,
-                                          parse_domain, reported_metrics, trial_count)
+                                          apply_config, checked_specs, default_metric,
+                                          forbidden_path, get_path, parse_domain,
+                                          reported_metrics, trial_count)
 
 SWEEP_ID_PREFIX = "sw_"
 SWEEP_ID_PATTERN = r"^sw_[0-9A-Z]{26}$"
@@ -78,9 +79,9 @@ def _validate(request: SweepSpec, settings: Settings) -> dict[str, Any]:
     base = base_spec.model_dump(mode="json")
     domains: dict[str, tuple[str, Any]] = {}
     for path, domain in request.space.items():
-        if path.split(".")[0] in FORBIDDEN_PATHS:
-            raise SweepError(f"space.{path}", f"{path.split('.')[0]} is not swept "
-                             f"(one of {', '.join(FORBIDDEN_PATHS)})")
+        if forbidden_path(path) is not None:
+            raise SweepError(f"space.{path}", f"{forbidden_path(path)} is not swept "
+                             f"(none of {', '.join(FORBIDDEN_PATHS)})")
         try:
             get_path(base, path)
         except KeyError:
@@ -170,8 +171,17 @@ def submit_sweep(*, session: Session, owner: User, request: SweepSpec, settings:
                  idempotency_key: str | None = None) -> tuple[SweepView, bool]:
     """Validate and store a sweep and its queued driver job; ``(view, created)``. The same
     Idempotency-Key and body give the same sweep (``created`` False), another body a 409."""
+    from metaserve.service import datasets
+
     config = validate_sweep(request, settings)
     digest = spec_hash(config)
+    # The data every trial reads is the base spec's (the space may not change it): one check.
+    try:
+        datasets.check_job_data(session=session, owner=owner,
+                                spec=JobSpec.model_validate(config["spec"]), settings=settings)
+    except MetaserveError as error:  # its field, as the sweep's body names it
+        error.details = {f"spec.{field}": text for field, text in error.details.items()}
+        raise
     with Transaction(session):
         if idempotency_key is not None:
             existing = _by_key(session, owner.id, idempotency_key)

@@ -31,8 +31,18 @@ MAX_SPACE_PATHS = 32
 MAX_CHECKED_SPECS = 2048
 """Most specs one submit builds and validates (the discrete product, then each path alone)."""
 
-# Paths a space may not name: what identifies or bounds the run rather than trains it.
-FORBIDDEN_PATHS = ("name", "max_attempts", "max_runtime_s", "resources")
+# Paths a space may not name (nor a part of, nor a field above): what identifies or bounds
+# the run rather than trains it, and the data it reads (checked once, on the base spec).
+FORBIDDEN_PATHS = ("name", "max_attempts", "max_runtime_s", "resources",
+                   "task_family.dataset", "task_family.path")
+
+
+def forbidden_path(path: str) -> str | None:
+    """The forbidden path that ``path`` names, lies under or contains; None if it may vary."""
+    for forbidden in FORBIDDEN_PATHS:
+        if path == forbidden or path.startswith(forbidden + ".") or forbidden.startswith(path + "."):
+            return forbidden
+    return None
 
 
 class SearchSpec(StrictModel):
