@@ -148,6 +148,11 @@ def test_trials_are_jobs_of_the_sweep_ranked_on_the_leaderboard_and_never_claime
         assert claimed.id == sweep["driver_job_id"]
         run = sweeps.driver_sweep(session=session, job_id=claimed.id, settings=settings)
         assert (run["sweep_id"], run["trials"]) == (sweep["id"], {})
+        # Trials count toward the owner's running jobs, the driver too: cap 4 → 3 trials.
+        assert settings.max_running_jobs_per_user == 4 and run["max_concurrent_trials"] == 3
+        uncapped = sweeps.driver_sweep(session=session, job_id=claimed.id, settings=Settings(
+            database_url=db_url, max_running_jobs_per_user=0))
+        assert uncapped["max_concurrent_trials"] is None
         spec = {**claimed.spec, "algorithm": {**claimed.spec["algorithm"], "inner_lr": 0.1}}
         events = [("trial_start", {"trial_id": f"t{i}", "job_id": job_id, "spec": spec,
                                    "name": f"tiny/t{i}"})
