@@ -36,7 +36,13 @@ def _too_large(size: int, cap: int) -> DatasetTooLarge:
         body=f"at most {cap:,} bytes")
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetPublic, responses={
+UPLOAD_BODY = {"requestBody": {"required": True, "description": "The dataset file itself.",
+                               "content": {"application/octet-stream": {
+                                   "schema": {"type": "string", "format": "binary"}}}}}
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetPublic,
+             openapi_extra=UPLOAD_BODY, responses={
     413: {"model": ErrorResponse, "description": "Upload above METASERVE_DATASET_MAX_UPLOAD_BYTES"},
     422: {"model": ErrorResponse, "description": "Not a dataset this server reads, a refused "
           "archive member (named), or above a dataset limit (code limit_exceeded, named)"},

@@ -67,7 +67,9 @@ def test_every_v1_route_refuses_a_missing_or_wrong_key_with_401(client, alice_jo
         ("GET", "/v1/task-families"), ("GET", "/v1/jobs/{id}/metrics"),
         ("GET", "/v1/jobs/{id}/artifacts"), ("GET", "/v1/jobs/{id}/artifacts/meta_init.json"),
         ("GET", "/v1/jobs/{id}/events"), ("POST", "/v1/jobs/{id}/adapt"),
-        ("GET", "/v1/keys"), ("DELETE", "/v1/keys/1")}
+        ("GET", "/v1/keys"), ("DELETE", "/v1/keys/1"),
+        ("POST", "/v1/datasets"), ("GET", "/v1/datasets"), ("GET", "/v1/datasets/{dataset_id}"),
+        ("DELETE", "/v1/datasets/{dataset_id}")}
     refused = {}
     for method, path, kwargs in requests:
         for headers in BAD_CREDENTIALS:
