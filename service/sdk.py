@@ -766,38 +766,64 @@ def adapt(model: "MetaInitModel", support_x: "Tensor", support_y: "Tensor",
     return engine_adapt(model, support_x, support_y, steps)
 
 
+def _compact(number: float) -> str:
+    """``1234.5`` → ``1.2k``, ``15230`` → ``15.2k``, ``812.4`` → ``812``."""
+    for limit, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(number) >= limit:
+            return f"{number / limit:.1f}{suffix}"
+    return f"{number:.0f}"
+
+
+def _eta(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
 def progress_line(state: Progress, width: int) -> str:
     """What follows the bar: the queue reason while queued, "reconnecting" while the stream
-    is resumed, else loss, the latest evaluation figure, an RL job's return and env steps/s
-    (or tasks/s) and ETA, cut to ``width`` characters."""
+    is resumed, else the latest evaluation figure, loss, an RL job's return, env steps/s (or
+    tasks/s) and ETA — as many as fit in ``width`` characters, in that order of importance."""
     if state.reconnecting:
-        parts = [f"{state.status}, reconnecting..."]
+        head = f"{state.status}, reconnecting..."
     elif state.status == "queued":
-        parts = [f"queued: {state.message}" if state.message else "queued"]
+        head = f"queued: {state.message}" if state.message else "queued"
     else:
-        parts = [] if state.status == "running" else [state.status]
-        if state.loss is not None:
-            parts.append(f"loss {state.loss:.3g}")
-        if state.latest_return is not None:
-            parts.append(f"return {state.latest_return:.3g}")
-        if state.evaluation is not None:
-            parts.append(f"{state.evaluation[0]} {state.evaluation[1]:.3g}")
-        if state.env_steps_per_s is not None:
-            parts.append(f"{state.env_steps_per_s:,.0f} steps/s")
-        elif state.tasks_per_s is not None:
-            parts.append(f"{state.tasks_per_s:,.0f} tasks/s")
-        if state.status == "running" and state.eta_s is not None:
-            parts.append(f"ETA {_duration(state.eta_s)}")
-    line = "  ".join(parts)
-    return line if len(line) <= width else line[:max(0, width - 1)] + "…"
+        head = "" if state.status == "running" else state.status
+    if state.reconnecting or state.status == "queued":
+        return head if len(head) <= width else head[:max(0, width - 1)] + "…"
+    parts: list[tuple[int, str]] = []  # (importance: lower first, text), in display order
+    if head:
+        parts.append((0, head))
+    if state.loss is not None:
+        parts.append((2, f"loss {state.loss:.3g}"))
+    if state.latest_return is not None:
+        parts.append((1, f"return {state.latest_return:.3g}"))
+    if state.evaluation is not None:
+        parts.append((1, f"{state.evaluation[0]} {state.evaluation[1]:.3g}"))
+    if state.env_steps_per_s is not None:
+        parts.append((3, f"{_compact(state.env_steps_per_s)} steps/s"))
+    elif state.tasks_per_s is not None:
+        parts.append((3, f"{_compact(state.tasks_per_s)} tasks/s"))
+    if state.status == "running" and state.eta_s is not None:
+        parts.append((4, f"ETA {_eta(state.eta_s)}"))
+    kept: set[int] = set()
+    used = 0
+    for index in sorted(range(len(parts)), key=lambda i: parts[i][0]):
+        cost = len(parts[index][1]) + (2 if kept else 0)
+        if used + cost <= width:
+            kept.add(index)
+            used += cost
+    return "  ".join(text for index, (_, text) in enumerate(parts) if index in kept)
 
 
 class _ProgressBar:
     """A rich progress line fed by :class:`Progress` updates: the job's name, a bar over its
     meta-iterations and :func:`progress_line`, within the terminal's width (80 columns too)."""
 
-    NAME_WIDTH = 18
-    BAR_WIDTH = 16
+    NAME_WIDTH = 14
+    BAR_WIDTH = 10
 
     def __init__(self, job_id: str) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
@@ -822,10 +848,3 @@ class _ProgressBar:
 
     def stop(self) -> None:
         self._progress.stop()
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"

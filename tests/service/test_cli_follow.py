@@ -140,13 +140,17 @@ def test_the_progress_line_shows_queue_reason_reconnecting_evaluation_and_rl_fig
                   Event("2", "progress", {"iteration": 10, "total": 100, "tasks_per_s": 812.4,
                                           "eta_s": 65.0})):
         running.update(event)
-    assert progress_line(running, 80) == "loss 0.0123  val acc@10 0.7  812 tasks/s  ETA 0:01:05"
+    assert progress_line(running, 80) == "loss 0.0123  val acc@10 0.7  812 tasks/s  ETA 1m05s"
+    # Narrower: the least important figures go first (ETA, then the rate), none is cut.
+    assert progress_line(running, 40) == "loss 0.0123  val acc@10 0.7  812 tasks/s"
+    assert progress_line(running, 30) == "loss 0.0123  val acc@10 0.7"
+    assert progress_line(running, 16) == "val acc@10 0.7"
     running.reconnecting = True
     assert progress_line(running, 80) == "running, reconnecting..."
     rl = Progress(status="running")
     rl.update(Event("3", "progress", {"iteration": 3, "total": 50, "env_steps_per_s": 15230.0,
                                       "env_steps": 4000, "latest_return": -41.5, "eta_s": 20}))
-    assert progress_line(rl, 80) == "return -41.5  15,230 steps/s  ETA 0:00:20"
+    assert progress_line(rl, 80) == "return -41.5  15.2k steps/s  ETA 20s"
     assert len(progress_line(running, 80)) <= 80
 
 
