@@ -274,7 +274,11 @@ def _view(session: Session, sweep: Sweep) -> SweepView:
     counts = dict(session.execute(select(Job.status, func.count()).where(
         Job.sweep_id == sweep.id).group_by(Job.status)).all())
     board = leaderboard(session=session, sweep=sweep)
-    best = next((row for row in board if row["value"] is not None), None)
+    # The best finished trial (the one whose meta_init.* the sweep publishes); before any
+    # finished, the best so far.
+    valued = [row for row in board if row["value"] is not None]
+    best = next((row for row in valued if row["status"] == JobStatus.SUCCEEDED.value),
+                valued[0] if valued else None)
     return SweepView(sweep=sweep, driver=driver, counts=counts, best=best)
 
 
