@@ -82,6 +82,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         assert time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.05)
     yield {"url": f"http://127.0.0.1:{port}", "sessions": sessions, "alice": alice,
+           "artifact_root": root / "artifacts",
            "alice_key": alice_key, "bob": bob, "bob_key": bob_key}
     server.should_exit = True
     thread.join(timeout=20)
@@ -207,6 +208,29 @@ def test_a_user_logs_in_sees_live_curves_compares_and_cancels_and_another_user_s
     with site["sessions"]() as session:
         jobs.finish_job(session=session, job_id=finished, worker_id=WORKER,
                         status=JobStatus.SUCCEEDED)
+    # The finished job's artifact downloads with the key in a header (the page hands the
+    # bytes to the browser as a blob).
+    from metaserve.service import artifacts
+
+    directory = artifacts.job_dir(site["artifact_root"], finished)
+    directory.mkdir(parents=True)
+    (directory / "meta_init.json").write_text('{"kind": "meta_init"}')
+    described = artifacts.describe(directory / "meta_init.json")
+    with site["sessions"]() as session:
+        jobs.add_artifact(session=session, job_id=finished, name="meta_init.json",
+                          size=described.size, sha256=described.sha256,
+                          media_type=described.media_type)
+    browser.get(site["url"] + f"/#/jobs/{finished}")
+    wait(browser, lambda b: b.find_elements(By.CSS_SELECTOR, "#artifacts button"),
+         message="the artifact listed")
+    browser.execute_script("URL.createObjectURL = (blob) => { window.__download = blob; return 'data:text/plain,'; };")
+    browser.find_element(By.CSS_SELECTOR, "#artifacts button").click()
+    downloaded = browser.execute_async_script("""
+        const done = arguments[arguments.length - 1];
+        const wait = () => window.__download ? window.__download.text().then(done) : setTimeout(wait, 50);
+        wait();""")
+    assert json.loads(downloaded) == {"kind": "meta_init"}
+
     browser.get(site["url"] + "/#/")
     wait(browser, lambda b: b.find_elements(By.CSS_SELECTOR, f"input[data-id='{running}']"))
     browser.find_element(By.CSS_SELECTOR, f"input[data-id='{running}']").click()
@@ -233,8 +257,10 @@ def test_a_user_logs_in_sees_live_curves_compares_and_cancels_and_another_user_s
             jobs.get_job(session=session, job_id=queued, owner=site["alice"]).spec
         jobs.request_cancel(session=session, job_id=resubmitted, owner=site["alice"])
     browser.get(site["url"] + f"/#/jobs/{queued}")
-    wait(browser, lambda b: b.find_element(By.ID, "job-name").text == "sine-queued"
-         and b.find_element(By.ID, "cancel").is_enabled(), message="cancel button")
+    wait(browser, lambda b: b.execute_script(
+        "const id = document.querySelector('.kv code'), cancel = document.getElementById('cancel');"
+        "return !!id && id.textContent === arguments[0] && !cancel.disabled;", queued),
+         message="the queued job's page and its cancel button")
     browser.find_element(By.ID, "cancel").click()
     wait(browser, lambda b: b.find_element(By.ID, "job-status").text == "cancelled",
          message="cancelled on the page")
