@@ -229,8 +229,8 @@ def sweep_trial(config: dict[str, Any], *, run: dict[str, Any], sink: Any,
     hooks = RunHooks(
         report=report,
         progress=lambda progress: call("trial_event", ("trial_progress", (job_id, progress))),
-        checkpointed=lambda paths: call("trial_event", (
-            "trial_files", (job_id, store.put(job_id, list(paths))))),
+        checkpointed=lambda paths: (call("trial_recorded", ()), call("trial_event", (
+            "trial_files", (job_id, store.put(job_id, list(paths)))))),
         should_stop=lambda: call("trial_should_stop", (job_id,)),
     )
     device = worker_device(spec.resources.gpus_per_worker, options.gpu_resource,
@@ -298,6 +298,16 @@ class SweepSupervisor(JobSupervisor):
     def stop_trials(self, job_ids: list[str]) -> None:
         """Stop these trials (their jobs were cancelled) at their next check."""
         self.stopped_jobs.update(job_ids)
+
+    def trial_recorded(self) -> None:
+        """Return once the dispatcher has written every event emitted so far: a trial publishes
+        a checkpoint only then, so a resumed trial finds the metrics up to it recorded (as a
+        job's driver does, :class:`JobSupervisor`)."""
+        emitted = self._emitted
+        while self._recorded < emitted:
+            if self._stop.is_set():
+                raise JobCancelled()
+            time.sleep(EVENT_POLL_S / 4)
 
     def trial_should_stop(self, job_id: str) -> bool:
         return job_id in self.stopped_jobs or self._stop.is_set()
