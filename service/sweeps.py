@@ -41,7 +41,6 @@ from metaserve.workers.sweep_spec import (DISCRETE, FORBIDDEN_PATHS, SweepError,
                                           reported_metrics, trial_count)
 
 SWEEP_ID_PREFIX = "sw_"
-SWEEP_ID_PATTERN = r"^sw_[0-9A-Z]{26}$"
 TERMINAL = tuple(status.value for status in TERMINAL_STATUSES)
 ACTIVE = (JobStatus.RUNNING.value, JobStatus.CANCELLING.value)
 

@@ -3,7 +3,6 @@ cancel of a queued sweep, trials as jobs and the leaderboard."""
 
 from __future__ import annotations
 
-import pytest
 from sqlalchemy import func, select
 
 from metaserve.service import sweeps
