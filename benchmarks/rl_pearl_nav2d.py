@@ -2,7 +2,7 @@
 
 Trains the spec of ``examples/pearl_nav2d.yaml`` and evaluates it every ``--eval-every``
 iterations on validation goals: the adapted return after k = 0, 1, … exploration episodes
-(posterior sampling, see :meth:`metaserve.workers.rl.pearl.PEARLAgent.evaluate_tasks`). Records the
+(posterior sampling, see :meth:`metaserve.workers.rl.pearl_agent.PEARLAgent.evaluate_tasks`). Records the
 environment steps at which each first reached −15, then the final model and the best one on
 validation (by the return after the most exploration episodes) on held-out test goals, and
 MAML's 1-step return at the same number of environment steps (read from ``--maml``).
@@ -42,7 +42,8 @@ def maml_return_at(steps: int, maml: dict) -> dict:
 
 def oracle(args: argparse.Namespace, spec_document: dict) -> None:
     """SAC of workers.rl.pearl with z = the true goal: the diagnostic of the RL half alone."""
-    from metaserve.workers.rl.pearl import PEARL, simulate_nav2d
+    from metaserve.workers.rl.pearl import PEARL
+    from metaserve.workers.rl.pearl_agent import play_episodes
     from metaserve.workers.spec import JobSpec
 
     class Oracle(PEARL):
@@ -52,14 +53,15 @@ def oracle(args: argparse.Namespace, spec_document: dict) -> None:
         def _latent(self, tasks, context, generator):  # noqa: ANN001, ANN202
             return self.train_goals[tasks], torch.zeros(())
 
-        def collect(self) -> None:
+        def collect(self) -> float:
             generator = self._generator(self.iteration, 1 << 30)
-            tasks = torch.randperm(self.p.train_tasks, generator=generator)[:self.p.tasks_per_iteration]
+            tasks = torch.randperm(self.config.train_tasks, generator=generator)[:self.config.tasks_per_iteration]
             goals = self.train_goals[tasks]
-            episodes = simulate_nav2d(self.agent, self.spec.task_family, goals, goals, generator)
+            episodes = play_episodes(self.agent, self.spec.task_family, goals, goals, generator)
             for row, task in enumerate(tasks.tolist()):
                 self.buffer.add(task, episodes, row)
             self.env_steps += int(episodes.mask.sum())
+            return float(episodes.rewards.sum(1).mean())
 
     spec_document["algorithm"] = {**spec_document["algorithm"], "latent_dim": 2}
     spec = JobSpec.model_validate(spec_document)
@@ -71,7 +73,7 @@ def oracle(args: argparse.Namespace, spec_document: dict) -> None:
     while agent.iteration < args.iterations and time.monotonic() - started < args.minutes * 60:
         train = agent.train_iteration()
         if agent.iteration % args.eval_every == 0:
-            episodes = simulate_nav2d(agent.agent, spec.task_family, goals, goals,
+            episodes = play_episodes(agent.agent, spec.task_family, goals, goals,
                                       torch.Generator().manual_seed(0), deterministic=True)
             point = {"iteration": agent.iteration, "env_steps": agent.env_steps,
                      "seconds": round(time.monotonic() - started, 1), **train,

@@ -32,9 +32,9 @@ import ray
 import torch
 from ray.exceptions import RayActorError
 
-from metaserve.workers.engine import ShardResult, Trainer, TrainState
+from metaserve.workers.engine.state import ShardResult, TrainState
 from metaserve.workers.engine.loop import RunHooks
-from metaserve.workers.engine.trainer import MetaLearningDriver
+from metaserve.workers.engine.trainer import MetaLearningDriver, Trainer
 from metaserve.workers.exceptions import JobCancelled, Unschedulable, WorkerLost
 from metaserve.workers.joblog import forward_logs_to
 from metaserve.workers.spec import JobSpec

@@ -20,8 +20,9 @@ from typing import Callable, Protocol
 
 from torch import Tensor
 
-from metaserve.workers.engine import artifacts, checkpoints
-from metaserve.workers.engine.checkpoints import CHECKPOINT_DIRECTORY, Checkpoint
+from metaserve.workers.engine.artifacts import artifact_kind, export_artifact
+from metaserve.workers.engine.checkpoints import (CHECKPOINT_DIRECTORY, Checkpoint, load_checkpoint,
+                                                  save_checkpoint)
 from metaserve.workers.exceptions import JobCancelled  # noqa: F401 - raised by drivers, re-exported
 from metaserve.workers.spec import JobSpec
 
@@ -101,7 +102,7 @@ def train_loop(driver: Driver, out_dir: Path, hooks: RunHooks) -> dict[str, floa
     out_dir = Path(out_dir)
     checkpoint_dir = out_dir / CHECKPOINT_DIRECTORY
     spec_json = spec.model_dump(mode="json")
-    iteration = first = driver.restore(checkpoints.load_checkpoint(checkpoint_dir))
+    iteration = first = driver.restore(load_checkpoint(checkpoint_dir))
     if iteration:
         logger.info("resuming", extra={"iteration": iteration, "out_dir": str(out_dir)})
     total, unit = spec.iterations, driver.throughput
@@ -135,8 +136,7 @@ def train_loop(driver: Driver, out_dir: Path, hooks: RunHooks) -> dict[str, floa
         if spec.evaluation.every and iteration % spec.evaluation.every == 0 and iteration < total:
             hooks.report(iteration, driver.evaluate("val"))
         if iteration % spec.checkpoint_every == 0 or iteration == total:
-            hooks.checkpointed(checkpoints.save_checkpoint(checkpoint_dir, driver.checkpoint(),
-                                                           spec=spec_json))
+            hooks.checkpointed(save_checkpoint(checkpoint_dir, driver.checkpoint(), spec=spec_json))
         rate = (iteration - first) / busy_seconds if busy_seconds else 0.0
         progress = {"iteration": iteration, "total": total,
                     f"{unit}_per_s": round((work - work_at_start) / busy_seconds, 1) if busy_seconds else 0.0,
@@ -150,8 +150,8 @@ def train_loop(driver: Driver, out_dir: Path, hooks: RunHooks) -> dict[str, floa
     final = {**driver.evaluate("val"), **driver.evaluate("test")}
     hooks.report(iteration, final)
     tensors, described = driver.artifact()
-    hooks.checkpointed(artifacts.export_artifact(
-        out_dir, kind=artifacts.artifact_kind(spec), tensors=tensors,
+    hooks.checkpointed(export_artifact(
+        out_dir, kind=artifact_kind(spec), tensors=tensors,
         architecture=described["architecture"], recipe=described["recipe"],
         task_family=spec.task_family.model_dump(mode="json"), evaluation=final, spec=spec_json,
         iteration=iteration))

@@ -20,8 +20,9 @@ import torch
 from torch import Tensor
 
 from metaserve.workers.algorithms import build_algorithm
-from metaserve.workers.engine import checkpoints
-from metaserve.workers.engine.checkpoints import CHECKPOINT_DIRECTORY, Checkpoint  # noqa: F401 (re-exported)
+from metaserve.workers.engine.checkpoints import (CHECKPOINT_DIRECTORY, Checkpoint,  # noqa: F401 (re-exported)
+                                                  load_checkpoint, save_checkpoint, train_state_from,
+                                                  train_state_tensors)
 from metaserve.workers.engine.evaluation import summarize
 from metaserve.workers.engine.loop import RunHooks, train_loop
 from metaserve.workers.engine.optimizers import init_optimizer_state, optimizer_step
@@ -142,12 +143,12 @@ class Trainer:
     # ------------------------------------------------------------------ persistence
 
     def save_checkpoint(self, state: TrainState, directory: Path) -> list[Path]:
-        checkpoint = Checkpoint(checkpoints.train_state_tensors(state), iteration=state.iteration)
-        return checkpoints.save_checkpoint(Path(directory), checkpoint, spec=self.spec.model_dump(mode="json"))
+        checkpoint = Checkpoint(train_state_tensors(state), iteration=state.iteration)
+        return save_checkpoint(Path(directory), checkpoint, spec=self.spec.model_dump(mode="json"))
 
     def load_checkpoint(self, directory: Path) -> TrainState | None:
-        checkpoint = checkpoints.load_checkpoint(Path(directory), device=self.device)
-        return None if checkpoint is None else checkpoints.train_state_from(checkpoint)
+        checkpoint = load_checkpoint(Path(directory), device=self.device)
+        return None if checkpoint is None else train_state_from(checkpoint)
 
     def artifact(self, state: TrainState) -> tuple[dict[str, Tensor], dict]:
         """The meta-initialization's tensors, architecture and adaptation recipe."""
@@ -183,7 +184,7 @@ class MetaLearningDriver:
         if checkpoint is None:
             self.state = self.trainer.init_state()
         else:
-            state = checkpoints.train_state_from(checkpoint)
+            state = train_state_from(checkpoint)
             opt_state = {name: value if name == "step" else value.to(self.trainer.device)
                          for name, value in state.opt_state.items()}
             self.state = TrainState(params=self.trainer._on_device(state.params),
@@ -204,7 +205,7 @@ class MetaLearningDriver:
         return float(self.state.iteration * self.spec.meta_batch_size)
 
     def checkpoint(self) -> Checkpoint:
-        return Checkpoint(checkpoints.train_state_tensors(self.state), iteration=self.state.iteration)
+        return Checkpoint(train_state_tensors(self.state), iteration=self.state.iteration)
 
     def artifact(self) -> tuple[dict[str, Tensor], dict]:
         return self.trainer.artifact(self.state)

@@ -34,7 +34,9 @@ from torch import Tensor
 from torch.func import functional_call
 
 from metaserve.workers.engine.artifacts import META_POLICY, read_artifact
-from metaserve.workers.rl.tasks import Task, TrialEnv, build_rl_family, task_rng
+from metaserve.workers.rl.policies import expand_params
+from metaserve.workers.rl.tasks import Task, build_rl_family, task_rng
+from metaserve.workers.rl.trials import TrialEnv
 from metaserve.workers.spec import JobSpec
 
 HELD_OUT_ITERATION = 1 << 20  # sample_tasks draws from an iteration no job trains on
@@ -83,7 +85,7 @@ class LatentTaskPolicy(TaskPolicy):
 
 class RecurrentTaskPolicy(TaskPolicy):
     """RL²'s recurrent policy over one trial: the hidden state carries what the trial taught
-    it; observations are a trial env's (:class:`~metaserve.workers.rl.tasks.TrialEnv`)."""
+    it; observations are a trial env's (:class:`~metaserve.workers.rl.trials.TrialEnv`)."""
 
     def __init__(self, network, discrete: bool, generator: torch.Generator):  # noqa: ANN001
         self.network, self.discrete, self.generator = network, discrete, generator
@@ -129,7 +131,7 @@ class MetaPolicy:
             self.runner = rl2_network(self.family, self.architecture["hidden_size"])
             self.runner.load_state_dict(tensors)
         elif self.algorithm == "pearl":
-            from metaserve.workers.rl.pearl import PEARLAgent
+            from metaserve.workers.rl.pearl_agent import PEARLAgent
 
             self.runner = PEARLAgent.from_tensors(self.spec, tensors)
         else:
@@ -168,8 +170,6 @@ class MetaPolicy:
                                     generator)
         if task is None:
             raise ValueError("MAML-RL adapts on episodes of a task: pass the task")
-        from metaserve.workers.rl.maml_rl import expand_params
-
         goals = torch.as_tensor(np.asarray(task["goal"]), dtype=torch.float32)[None]
         params = expand_params({k: v.detach() for k, v in self.runner.params.items()}, 1)
         for step in range(self.recipe["inner_steps"] if steps is None else steps):
@@ -180,7 +180,7 @@ class MetaPolicy:
 
     def _pearl_posterior(self, task: Task | None, context: Any,
                          generator: torch.Generator) -> Tensor:
-        from metaserve.workers.rl.pearl import TRANSITION_SIZE, simulate_nav2d
+        from metaserve.workers.rl.pearl_agent import TRANSITION_SIZE, play_episodes
 
         if context is not None:
             context = torch.as_tensor(np.asarray(context), dtype=torch.float32).reshape(1, -1, TRANSITION_SIZE)
@@ -188,7 +188,7 @@ class MetaPolicy:
             goals = torch.as_tensor(np.asarray(task["goal"]), dtype=torch.float32)[None]
             for _ in range(self.recipe["adaptation_episodes"] - 1):
                 z = self.runner.sample_z(context, 1, generator)
-                explored = simulate_nav2d(self.runner, self.spec.task_family, goals, z, generator).context()
+                explored = play_episodes(self.runner, self.spec.task_family, goals, z, generator).transitions()
                 context = explored if context is None else torch.cat([context, explored], 1)
         return self.runner.sample_z(context, 1, generator)
 

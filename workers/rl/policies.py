@@ -1,4 +1,5 @@
-"""Policy networks shared by the meta-RL algorithms and by :func:`load_meta_policy`.
+"""Policy networks shared by the meta-RL algorithms and by :func:`load_meta_policy`, and the
+Gaussian densities MAML-RL's losses are written with.
 
 Plain ``torch.nn`` modules (no RLlib import), so an exported meta-policy loads anywhere.
 """
@@ -33,6 +34,17 @@ def gaussian_log_prob(mean: Tensor, log_std: Tensor, action: Tensor) -> Tensor:
     """log N(action; mean, exp(log_std)²), summed over the action axis."""
     z = (action - mean) / log_std.exp()
     return (-0.5 * z.pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+
+def gaussian_kl(mean_p: Tensor, log_std_p: Tensor, mean_q: Tensor, log_std_q: Tensor) -> Tensor:
+    """KL(N(mean_p, σ_p²) ‖ N(mean_q, σ_q²)) of diagonal Gaussians, summed over the action axis."""
+    var_p, var_q = (2 * log_std_p).exp(), (2 * log_std_q).exp()
+    return (log_std_q - log_std_p + (var_p + (mean_p - mean_q) ** 2) / (2 * var_q) - 0.5).sum(-1)
+
+
+def expand_params(params: dict[str, Tensor], tasks: int) -> dict[str, Tensor]:
+    """Shared parameters as per-task ones ``[tasks, ...]`` (a view: no copy)."""
+    return {name: value.unsqueeze(0).expand(tasks, *value.shape) for name, value in params.items()}
 
 
 class RecurrentPolicy(nn.Module):

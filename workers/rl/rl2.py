@@ -14,7 +14,7 @@ minibatch holds ``minibatch_trials`` whole trials. One iteration is one
 Throughput: the network is tiny, so torch runs it on one thread (intra-op threads cost far
 more than they bring on a loaded machine: 9 ms against 0.1 ms per batched LSTM step measured
 on 2 busy cores), and bandit trials are stepped as one numpy vector env per runner
-(:class:`~metaserve.workers.rl.tasks.BanditTrialVectorEnv`, RLlib's ``vector_entry_point`` mode) instead
+(:class:`~metaserve.workers.rl.trials.BanditTrialVectorEnv`, RLlib's ``vector_entry_point`` mode) instead
 of gymnasium looping over single envs.
 """
 
@@ -37,7 +37,8 @@ from ray.tune.registry import register_env
 
 from metaserve.workers.rl.baselines import BANDIT_BASELINES, tune_ucb1, ucb1
 from metaserve.workers.rl.rl2_policy import rl2_meta_policy, rl2_network, run_rl2_trials
-from metaserve.workers.rl.tasks import BanditTrialVectorEnv, TrialEnv, build_rl_family
+from metaserve.workers.rl.tasks import build_rl_family
+from metaserve.workers.rl.trials import BanditTrialVectorEnv, TrialEnv
 from metaserve.workers.spec import TASK_FAMILIES, JobSpec
 
 ENV_STREAMS_PER_RUNNER = 1_000_000

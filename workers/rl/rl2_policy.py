@@ -7,7 +7,8 @@ import numpy as np
 import torch
 
 from metaserve.workers.rl.policies import RecurrentPolicy
-from metaserve.workers.rl.tasks import RLTaskFamily, Task, TrialEnv
+from metaserve.workers.rl.tasks import RLTaskFamily, Task
+from metaserve.workers.rl.trials import TrialEnv
 
 
 def rl2_network(family: RLTaskFamily, hidden_size: int) -> RecurrentPolicy:

@@ -12,10 +12,14 @@ import torch
 from metaserve.workers.engine.artifacts import META_INIT, META_POLICY, export_artifact
 from metaserve.workers.exceptions import ArtifactError
 from metaserve.workers.rl import load_meta_policy
-from metaserve.workers.rl.maml_rl import MAMLRL, expand_params
-from metaserve.workers.rl.pearl import PEARL, TRANSITION_SIZE
+from metaserve.workers.rl.maml_rl import MAMLRL
+from metaserve.workers.rl.policies import expand_params
+from metaserve.workers.rl.pearl import PEARL
+from metaserve.workers.rl.pearl_agent import TRANSITION_SIZE
 from metaserve.workers.rl.rl2_policy import rl2_meta_policy, rl2_network, run_rl2_trials
-from metaserve.workers.rl.tasks import BanditFamily, Nav2DEnv, TrialEnv
+from metaserve.workers.rl.nav2d import Nav2DEnv
+from metaserve.workers.rl.tasks import BanditFamily
+from metaserve.workers.rl.trials import TrialEnv
 from metaserve.workers.spec import JobSpec
 
 MAML = {"algorithm": {"name": "maml", "inner_lr": 0.5, "inner_steps": 1,

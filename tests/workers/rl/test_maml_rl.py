@@ -11,7 +11,9 @@ import torch
 from pydantic import ValidationError
 from torch.func import vmap
 
-from metaserve.workers.rl.maml_rl import MAMLRL, conjugate_gradient, expand_params, flatten, unflatten
+from metaserve.workers.rl.maml_rl import MAMLRL
+from metaserve.workers.rl.policies import expand_params
+from metaserve.workers.rl.trpo import conjugate_gradient, flatten, unflatten
 from metaserve.workers.rl.policies import gaussian_log_prob
 from metaserve.workers.spec import JobSpec
 
@@ -81,7 +83,7 @@ def test_inner_step_is_the_vanilla_policy_gradient_step_per_task(maml):
     adapted = maml.adapt(expand_params(theta, 2), data, create_graph=False)
     for task in range(2):
         params = {k: v.clone().requires_grad_(True) for k, v in theta.items()}
-        mean, log_std = maml._policy(params, data.observations[task])
+        mean, log_std = maml.policy_outputs(params, data.observations[task])
         log_prob = gaussian_log_prob(mean, log_std, data.actions[task])
         mask = data.mask[task]
         vpg_loss = -(log_prob * data.advantages[task] * mask).sum() / mask.sum()
@@ -166,7 +168,7 @@ def test_kl_hessian_vector_product_matches_the_hessian_through_the_inner_steps(s
     maml = _trpo()
     theta, batches, post = _batches(maml, steps=steps)
     with torch.no_grad():
-        old = vmap(maml._policy)(maml.adapt_all(theta, batches, create_graph=False),
+        old = vmap(maml.policy_outputs)(maml.adapt_all(theta, batches, create_graph=False),
                                  post.observations)
 
     def mean_kl(vector):
@@ -188,7 +190,7 @@ def test_the_accepted_trpo_step_improves_the_surrogate_within_the_kl_bound():
     after = {k: v.detach() for k, v in maml.params.items()}
     assert not torch.equal(flatten(after), before)
     with torch.no_grad():
-        old = vmap(maml._policy)(maml.adapt_all(theta, batches, create_graph=False),
+        old = vmap(maml.policy_outputs)(maml.adapt_all(theta, batches, create_graph=False),
                                  post.observations)
         adapted = maml.adapt_all(after, batches, create_graph=False)
         kl = maml.mean_kl(old, adapted, post).item()

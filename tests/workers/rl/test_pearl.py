@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from metaserve.workers.rl.pearl import PEARL, PEARLAgent, simulate_nav2d
-from metaserve.workers.rl.tasks import Nav2DEnv
+from metaserve.workers.rl.pearl import PEARL
+from metaserve.workers.rl.pearl_agent import PEARLAgent, play_episodes
+from metaserve.workers.rl.nav2d import Nav2DEnv
 from metaserve.workers.spec import JobSpec, Nav2DSpec
 
 SMALL = {"algorithm": {"name": "pearl", "hidden": 16, "train_tasks": 4, "tasks_per_iteration": 2,
@@ -78,7 +79,7 @@ def test_batched_simulation_replays_exactly_in_the_gymnasium_env():
     agent = PEARLAgent(latent_dim=2, hidden=8, max_action=0.1)
     nav = Nav2DSpec(horizon=15)
     goals = torch.tensor([[0.02, 0.01], [0.3, -0.4]])
-    episodes = simulate_nav2d(agent, nav, goals, torch.zeros(2, 2), torch.Generator().manual_seed(0))
+    episodes = play_episodes(agent, nav, goals, torch.zeros(2, 2), torch.Generator().manual_seed(0))
     env = Nav2DEnv(nav.horizon, nav.max_action)
     for task in range(2):
         env.set_task({"goal": goals[task].double().numpy()})
@@ -86,7 +87,7 @@ def test_batched_simulation_replays_exactly_in_the_gymnasium_env():
         steps = int(episodes.mask[task].sum())
         rewards = [env.step(episodes.actions[task, t].double().numpy())[1] for t in range(steps)]
         assert np.allclose(rewards, episodes.rewards[task, :steps].numpy(), atol=1e-5)
-    assert episodes.context().shape == (2, 15, 7)
+    assert episodes.transitions().shape == (2, 15, 7)
 
 
 def test_deterministic_simulation_takes_the_mean_action():
@@ -94,12 +95,12 @@ def test_deterministic_simulation_takes_the_mean_action():
     agent = PEARLAgent(latent_dim=2, hidden=8, max_action=0.1)
     nav = Nav2DSpec(horizon=5)
     goals, z = torch.tensor([[0.3, 0.2]]), torch.randn(1, 2)
-    episodes = [simulate_nav2d(agent, nav, goals, z, torch.Generator().manual_seed(seed),
+    episodes = [play_episodes(agent, nav, goals, z, torch.Generator().manual_seed(seed),
                                deterministic=True) for seed in (0, 1)]
     assert torch.equal(episodes[0].actions, episodes[1].actions)
     mean, _ = agent.policy(torch.cat([episodes[0].observations[0], z.expand(5, -1)], -1)).chunk(2, -1)
     assert torch.allclose(episodes[0].actions[0], torch.tanh(mean) * 0.1)
-    sampled = simulate_nav2d(agent, nav, goals, z, torch.Generator().manual_seed(0))
+    sampled = play_episodes(agent, nav, goals, z, torch.Generator().manual_seed(0))
     assert not torch.equal(sampled.actions, episodes[0].actions)
 
 
@@ -143,11 +144,11 @@ def test_pearl_refuses_families_without_continuous_actions(family):
 def test_the_temperature_falls_while_the_entropy_is_above_its_target():
     spec = JobSpec.model_validate({**SMALL, "algorithm": {**SMALL["algorithm"], "target_entropy": -50.0}})
     pearl = PEARL(spec)
-    episodes = simulate_nav2d(pearl.agent, spec.task_family, pearl.train_goals,
+    episodes = play_episodes(pearl.agent, spec.task_family, pearl.train_goals,
                               torch.randn(4, 5), torch.Generator().manual_seed(0))
     for task in range(4):
         pearl.buffer.add(task, episodes, task)
-        pearl.contexts[task] = episodes.context()[task][None]
+        pearl.contexts[task] = episodes.transitions()[task][None]
     generator = torch.Generator().manual_seed(1)
     temperatures = [pearl._gradient_step(generator)["temperature"] for _ in range(3)]
     assert temperatures[0] == pytest.approx(1.0)
@@ -156,3 +157,21 @@ def test_the_temperature_falls_while_the_entropy_is_above_its_target():
         {**SMALL, "algorithm": {**SMALL["algorithm"], "learn_temperature": False, "temperature": 0.2}}))
     fixed.buffer, fixed.contexts = pearl.buffer, pearl.contexts
     assert [fixed._gradient_step(generator)["temperature"] for _ in range(2)] == pytest.approx([0.2, 0.2])
+
+
+def test_the_encoders_kl_is_summed_over_the_meta_batchs_tasks_as_in_the_reference_implementation():
+    """rlkit's PEARLAgent.compute_kl_div sums KL(q(z | c_t) ‖ N(0, I)) over the tasks t (and the
+    latent dimensions); a mean over tasks would weigh it 1/meta_batch_size of that."""
+    pearl = PEARL(JobSpec.model_validate(SMALL))
+    contexts = [torch.randn(5, 7, generator=torch.Generator().manual_seed(task)) for task in range(3)]
+    _, kl = pearl._latent([0, 1, 2], contexts, torch.Generator().manual_seed(0))
+    prior = torch.distributions.Normal(torch.zeros(5), torch.ones(5))
+    expected = 0.0
+    for context in contexts:
+        mean, variance = pearl.agent.posterior(context[None])
+        posterior = torch.distributions.Normal(mean[0], variance[0].sqrt())
+        expected = expected + torch.distributions.kl_divergence(posterior, prior).sum()
+    assert torch.allclose(kl, expected, rtol=1e-5)
+    per_task = [pearl._latent([task], [context], torch.Generator().manual_seed(0))[1]
+                for task, context in enumerate(contexts)]
+    assert torch.allclose(kl, sum(per_task), rtol=1e-6)  # the tasks' KLs add up, not average

@@ -11,7 +11,8 @@ from ray.rllib.evaluation.postprocessing import Postprocessing
 from metaserve.workers.rl.rl2 import (ENV_STREAMS_PER_RUNNER, RealStepAdvantages, _number_streams, _schedule,
                             make_trial_env)
 from metaserve.workers.rl.rl2_policy import rl2_network, run_rl2_trials
-from metaserve.workers.rl.tasks import BanditFamily, BanditTrialVectorEnv, TrialEnv
+from metaserve.workers.rl.tasks import BanditFamily
+from metaserve.workers.rl.trials import BanditTrialVectorEnv, TrialEnv
 from metaserve.workers.spec import BanditSpec
 
 CONFIG = {"family": {"name": "bandit", "arms": 3, "pulls": 4}, "seed": 0}

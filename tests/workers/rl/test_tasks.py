@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from metaserve.workers.rl.tasks import (CHEETAH_CONTROL_COST, BanditFamily, BanditTrialVectorEnv,
-                              HalfCheetahVelFamily, Nav2DFamily, TabularMDPFamily, TrialEnv)
+from metaserve.workers.rl.halfcheetah import CHEETAH_CONTROL_COST
+from metaserve.workers.rl.tasks import BanditFamily, HalfCheetahVelFamily, Nav2DFamily, TabularMDPFamily
+from metaserve.workers.rl.trials import BanditTrialVectorEnv, TrialEnv
 from metaserve.workers.spec import BanditSpec, HalfCheetahVelSpec, Nav2DSpec, TabularMDPSpec
 
 
