@@ -121,8 +121,10 @@ async def _event_loop(request: Request, watch: JobWatch, job_id: str, version: i
             cursor = event.id
         if complete:
             return
-        if events_:
+        if events_:  # a read is bounded (MAX_METRIC_ROWS_PER_POLL): read on until one is empty
             last_sent = time.monotonic()
+            events_, complete = await watch.read(job_id, version, cursor, poll)
+            continue
         while True:  # until the job moves: no database work, a look at the client each second
             seen, version = version, await watch.wait_for_change(job_id, version,
                                                                  DISCONNECT_CHECK_S)

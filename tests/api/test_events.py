@@ -175,7 +175,8 @@ def test_the_live_stream_delivers_each_change_as_it_happens_and_resumes_from_las
 def test_the_streams_of_one_job_share_its_probe_and_each_read(
         live_url: str, sessions, alice_auth, monkeypatch) -> None:  # noqa: ANN001
     """Ten open streams on a running job read its events once each when they open, then once
-    together when the watch first sees the job, and no more while it does not move (one poll
+    together to see that nothing more is there and once when the watch first sees the job, and
+    no more while it does not move (one poll
     per stream every 0.25 s would be ~40 reads in that second); one change is one shared read."""
     reads: list[str] = []
     real_poll = events.poll_job_events
@@ -195,10 +196,29 @@ def test_the_streams_of_one_job_share_its_probe_and_each_read(
         after_change = [(next(reader), next(reader)) for reader in readers]
 
     assert {(a.data["status"], b.data["status"]) for a, b in first} == {("queued", "running")}
-    assert streams <= quiet_reads <= streams + 1
+    assert streams <= quiet_reads <= streams + 2  # + the shared re-reads: one empty, one at the first probe
     assert len(reads) - quiet_reads <= 2  # metrics and progress may land in two probes
     assert {(a.kind, b.kind, a.data["step"], b.data["iteration"]) for a, b in after_change} == {
         ("metrics", "progress", 10, 10)}
+
+
+def test_a_stream_reads_on_past_the_read_bound_until_it_has_every_event(
+        live_url: str, sessions, alice_auth, monkeypatch) -> None:  # noqa: ANN001
+    """A finished job's history larger than one read (MAX_METRIC_ROWS_PER_POLL rows) comes
+    whole, without waiting for the job to move (it never will), then the terminal event."""
+    monkeypatch.setattr(events, "MAX_METRIC_ROWS_PER_POLL", 6)  # 3 steps of 2 values a read
+    with httpx.Client(base_url=live_url, headers=alice_auth, timeout=10) as http:
+        job_id = submit(http, alice_auth)
+        claim(sessions)
+        for step in range(1, 11):
+            add_step(sessions, job_id, step)
+        finish(sessions, job_id, JobStatus.SUCCEEDED)
+        began = time.monotonic()
+        with http.stream("GET", f"/v1/jobs/{job_id}/events") as response:
+            received = list(parse_sse(response.iter_lines()))
+    assert time.monotonic() - began < 5
+    assert [what for _, kind, what in summary(received) if kind == "metrics"] == list(range(1, 11))
+    assert summary(received)[-1][1:] == ("status", ("succeeded", 1))
 
 
 def _owner(session, auth: dict[str, str]):  # noqa: ANN001, ANN202
