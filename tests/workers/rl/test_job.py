@@ -11,8 +11,10 @@ from safetensors.torch import load_file
 
 from metaserve.workers.rl import load_meta_policy
 from metaserve.workers.engine.loop import RunHooks
-from metaserve.workers.exceptions import JobCancelled
+from metaserve.workers.exceptions import JobCancelled, Unschedulable
 from metaserve.workers.registry import run_job
+from metaserve.workers.runner import RunOptions, actor_resources
+from metaserve.workers.spec import JobSpec
 
 SPEC = {"algorithm": {"name": "maml", "inner_lr": 0.1,
                       "policy_gradient": {"episodes_per_task": 2, "hidden": [8], "outer_epochs": 1}},
@@ -68,3 +70,38 @@ def test_a_job_cancelled_before_its_first_iteration_writes_nothing(ray_session, 
     with pytest.raises(JobCancelled):
         run_job(SPEC, tmp_path / "job", RunHooks(should_stop=lambda: True))
     assert list((tmp_path / "job").iterdir()) == []
+
+
+PEARL_SPEC = {"algorithm": {"name": "pearl", "hidden": 8, "latent_dim": 2, "train_tasks": 3,
+                            "tasks_per_iteration": 2, "gradient_steps": 2, "batch_size": 4,
+                            "context_size": 4, "evaluation_tasks": 2},
+              "task_family": {"name": "nav2d", "horizon": 8}, "meta_batch_size": 2, "iterations": 4,
+              "log_every": 1, "checkpoint_every": 2}
+
+
+@pytest.mark.slow
+def test_a_cancelled_pearl_job_resumes_its_networks_optimizers_and_replay_with_identical_bits(
+        ray_session, tmp_path):
+    run_job(PEARL_SPEC, tmp_path / "undisturbed")
+    checkpoints = []
+    with pytest.raises(JobCancelled):
+        run_job(PEARL_SPEC, tmp_path / "disturbed",
+                RunHooks(checkpointed=checkpoints.append, should_stop=lambda: bool(checkpoints)))
+    progress = []
+    run_job(PEARL_SPEC, tmp_path / "disturbed", RunHooks(progress=progress.append))
+    assert [p["iteration"] for p in progress] == [3, 4]
+    assert set(progress[-1]) == {"iteration", "total", "env_steps_per_s", "eta_s", "workers",
+                                 "env_steps", "latest_return"}
+    undisturbed = load_file(tmp_path / "undisturbed" / "meta_policy.safetensors")
+    resumed = load_file(tmp_path / "disturbed" / "meta_policy.safetensors")
+    assert sorted(undisturbed) == sorted(resumed)
+    assert all(undisturbed[name].equal(resumed[name]) for name in undisturbed)
+
+
+def test_an_rl_job_is_placed_by_the_servers_run_options(ray_session, tmp_path):
+    spec = {**SPEC, "resources": {"gpus_per_worker": 1}}
+    options = RunOptions(gpu_resource="gpu_slot")
+    assert actor_resources(JobSpec.model_validate(spec).resources, options) == {
+        "num_cpus": 1.0, "resources": {"gpu_slot": 1.0}}
+    with pytest.raises(Unschedulable, match=r"^waiting for resources: 1 GPU\(s\) \(gpu_slot\) asked"):
+        run_job(spec, tmp_path / "job", options=options)
