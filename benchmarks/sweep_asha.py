@@ -53,7 +53,9 @@ def run_sweep(client, headers: dict[str, str], document: dict, timeout_s: float)
         time.sleep(2.0)
     trials = client.get(f"/v1/sweeps/{sweep_id}/trials", headers=headers).json()["data"]
     finished = [t for t in trials if t["status"] == "succeeded" and t["value"] is not None]
-    iterations = sum(t["iteration"] or 0 for t in trials)
+    # Iterations trained per trial: its progress, or the step of its last evaluation (a
+    # stopped trial ends at the window that stopped it).
+    iterations = sum(max(t["iteration"] or 0, t["step"] or 0) for t in trials)
     return {"sweep_id": sweep_id, "status": sweep["status"], "error": sweep["error"],
             "seconds": round(time.monotonic() - started, 1), "trials": len(trials),
             "finished": len(finished), "iterations": iterations,

@@ -313,7 +313,10 @@ def leaderboard(*, session: Session, sweep: Sweep) -> list[dict[str, Any]]:
         rows.append({"trial_id": trial.trial_id, "job_id": trial.id, "status": trial.status,
                      "message": trial.message, "config": config, "metric": metric,
                      "value": value, "step": step, "attempt": trial.attempt,
-                     "iteration": (trial.progress or {}).get("iteration")})
+                     # Iterations trained: a trial stopped at an evaluation window ends
+                     # before its progress says it reached it, its metric's step does.
+                     "iteration": max((trial.progress or {}).get("iteration") or 0, step or 0)
+                     or None})
 
     def rank(row: dict[str, Any]) -> tuple:
         value = row["value"]

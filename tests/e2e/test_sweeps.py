@@ -81,6 +81,7 @@ def test_a_grid_sweep_with_asha_runs_its_trials_as_jobs_and_publishes_the_best(s
     stopped = [t for t in board if t["status"] == "cancelled"]
     assert finished and all(t["step"] == 12 for t in finished)
     assert all("stopped early by asha" in t["message"] and t["step"] < 12 for t in stopped)
+    assert all(t["iteration"] == t["step"] for t in board)  # where each stopped, or 12
     values = [t["value"] for t in board]
     assert values == sorted(values)  # min mode: best first
     best = sweep["best"]
