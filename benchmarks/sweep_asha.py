@@ -71,6 +71,7 @@ def main() -> None:
     parser.add_argument("--every", type=int, help="Override evaluation.every and grace_period.")
     parser.add_argument("--tasks", type=int, help="Override evaluation.tasks.")
     parser.add_argument("--concurrency", type=int, help="Override max_concurrent_trials.")
+    parser.add_argument("--reduction-factor", type=float, help="Override ASHA's η.")
     parser.add_argument("--timeout-s", type=float, default=6 * 3600)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -94,6 +95,8 @@ def main() -> None:
         base["spec"]["evaluation"]["tasks"] = args.tasks
     if args.concurrency:
         base["max_concurrent_trials"] = args.concurrency
+    if args.reduction_factor:
+        base["scheduler"]["reduction_factor"] = args.reduction_factor
     runs = []
     with tempfile.TemporaryDirectory() as data:
         url = f"sqlite:///{data}/metaserve.db"
