@@ -9,7 +9,9 @@ than being resumed from (the job then fails at once with that line: retrying can
 What the tensors and the state document hold is the driver's business: a meta-learning job
 stores ``params/*`` and ``optimizer/*`` (:func:`train_state_tensors`) and an empty document;
 a meta-RL job its networks, optimizers, replay buffers and counters. Optimizer moments of a
-``torch.optim`` optimizer go through :func:`optimizer_tensors` / :func:`load_optimizer_tensors`.
+``torch.optim`` optimizer go through :func:`optimizer_tensors` / :func:`load_optimizer_tensors`,
+a library's nested state (RLlib's learner and metrics) through :func:`nested_state_tensors` /
+:func:`nested_state_from`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -170,3 +174,38 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, 
 
 def _parameter_count(optimizer: torch.optim.Optimizer) -> int:
     return sum(len(group["params"]) for group in optimizer.param_groups)
+
+
+def nested_state_tensors(tree: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """Move every array of a nested state into ``tensors`` (key = path); return the rest, which
+    survives JSON: a dict with a key that is not a string (torch's optimizer state is keyed by
+    parameter index) becomes ``{"__items__": [[key, value], ...]}``, since JSON would turn its
+    keys into strings and the optimizer would then no longer find its moments."""
+    if isinstance(tree, dict):
+        if all(isinstance(key, str) for key in tree):
+            return {key: nested_state_tensors(value, f"{prefix}{key}/", tensors)
+                    for key, value in tree.items()}
+        return {"__items__": [[key, nested_state_tensors(value, f"{prefix}{key}/", tensors)]
+                              for key, value in tree.items()]}
+    if isinstance(tree, (list, tuple)):
+        return [nested_state_tensors(value, f"{prefix}{index}/", tensors)
+                for index, value in enumerate(tree)]
+    if isinstance(tree, (np.ndarray, torch.Tensor)):
+        tensors[prefix] = torch.as_tensor(np.asarray(tree) if isinstance(tree, np.ndarray) else tree).clone()
+        return {"__tensor__": prefix}
+    if isinstance(tree, np.generic):
+        return tree.item()
+    return tree
+
+
+def nested_state_from(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """The nested state :func:`nested_state_tensors` took apart (arrays as numpy)."""
+    if isinstance(tree, dict):
+        if set(tree) == {"__tensor__"}:
+            return tensors[tree["__tensor__"]].numpy()
+        if set(tree) == {"__items__"}:
+            return {key: nested_state_from(value, tensors) for key, value in tree["__items__"]}
+        return {key: nested_state_from(value, tensors) for key, value in tree.items()}
+    if isinstance(tree, list):
+        return [nested_state_from(value, tensors) for value in tree]
+    return tree

@@ -20,7 +20,9 @@ of gymnasium looping over single envs.
 
 from __future__ import annotations
 
+import functools
 import itertools
+import random
 from typing import Any
 
 import numpy as np
@@ -35,13 +37,17 @@ from ray.rllib.core.rl_module.torch import TorchRLModule
 from ray.rllib.evaluation.postprocessing import Postprocessing
 from ray.tune.registry import register_env
 
+from metaserve.workers.engine.checkpoints import nested_state_from, nested_state_tensors
 from metaserve.workers.rl.baselines import BANDIT_BASELINES, tune_ucb1, ucb1
 from metaserve.workers.rl.rl2_policy import rl2_meta_policy, rl2_network, run_rl2_trials
 from metaserve.workers.rl.tasks import build_rl_family
 from metaserve.workers.rl.trials import BanditTrialVectorEnv, TrialEnv
 from metaserve.workers.spec import TASK_FAMILIES, JobSpec
+from metaserve.workers.tasks.base import task_seed
 
 ENV_STREAMS_PER_RUNNER = 1_000_000
+TRIALS_PER_ITERATION = 1_000_000  # iteration i's trials are numbered from i × this, per stream
+RNG_STREAM = 1_000_007  # task index of the per-iteration seed of sampling and learning
 TRIAL_ENV_NAME = "metaserve_rl2_trial"
 _env_counter = itertools.count()
 
@@ -64,6 +70,30 @@ def _number_streams(*, env_runner: Any, env: Any, **kwargs: Any) -> None:
     (RLlib drops the worker index from the config of a ``vector_entry_point`` creator)."""
     if isinstance(env, BanditTrialVectorEnv):
         env.set_streams(int(env_runner.worker_index) * ENV_STREAMS_PER_RUNNER)
+
+
+def _seed_process(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _start_iteration(runner: Any, *, iteration: int, seed: int) -> None:
+    """On an env runner (local or remote), before ``iteration`` samples: seed the process from
+    ``(seed, runner)``, number its envs' next trials from ``iteration`` × TRIALS_PER_ITERATION
+    and have RLlib reset its envs and episodes. An iteration then depends only on the
+    checkpointed state (weights, optimizer, RLlib's counters) and its number, so a resumed job
+    samples and learns the bits of an uninterrupted one (the trial a runner had reset its envs
+    to at the end of the previous iteration is dropped)."""
+    _seed_process(seed + 7919 * int(getattr(runner, "worker_index", 0) or 0))
+    env = runner.env.unwrapped if getattr(runner, "env", None) is not None else None
+    first_trial = iteration * TRIALS_PER_ITERATION
+    if isinstance(env, BanditTrialVectorEnv):
+        env.trials[:] = first_trial
+    elif env is not None:
+        for trial_env in env.envs:
+            trial_env.unwrapped.trials = first_trial
+    runner._needs_initial_reset = True  # RLlib's SingleAgentEnvRunner: reset at the next sample()
 
 
 class RealStepAdvantages(ConnectorV2):
@@ -139,38 +169,6 @@ class RL2Module(TorchRLModule, ValueFunctionAPI):
         return self._run(batch)[1]
 
 
-def _flatten(tree: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
-    """Move every array of a nested state into ``tensors`` (key = path); return the rest, which
-    survives JSON: a dict with a key that is not a string (torch's optimizer state is keyed by
-    parameter index) becomes ``{"__items__": [[key, value], ...]}``, since JSON would turn its
-    keys into strings and the optimizer would then no longer find its moments."""
-    if isinstance(tree, dict):
-        if all(isinstance(key, str) for key in tree):
-            return {key: _flatten(value, f"{prefix}{key}/", tensors) for key, value in tree.items()}
-        return {"__items__": [[key, _flatten(value, f"{prefix}{key}/", tensors)]
-                              for key, value in tree.items()]}
-    if isinstance(tree, (list, tuple)):
-        return [_flatten(value, f"{prefix}{index}/", tensors) for index, value in enumerate(tree)]
-    if isinstance(tree, (np.ndarray, torch.Tensor)):
-        tensors[prefix] = torch.as_tensor(np.asarray(tree) if isinstance(tree, np.ndarray) else tree).clone()
-        return {"__tensor__": prefix}
-    if isinstance(tree, np.generic):
-        return tree.item()
-    return tree
-
-
-def _unflatten(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    if isinstance(tree, dict):
-        if set(tree) == {"__tensor__"}:
-            return tensors[tree["__tensor__"]].numpy()
-        if set(tree) == {"__items__"}:
-            return {key: _unflatten(value, tensors) for key, value in tree["__items__"]}
-        return {key: _unflatten(value, tensors) for key, value in tree.items()}
-    if isinstance(tree, list):
-        return [_unflatten(value, tensors) for value in tree]
-    return tree
-
-
 class RL2Trainer:
     """The RL² algorithm object driven by :func:`metaserve.workers.rl.run_rl_job`."""
 
@@ -213,6 +211,10 @@ class RL2Trainer:
         self.env_steps = 0
 
     def train_iteration(self) -> dict[str, float]:
+        start = functools.partial(_start_iteration, iteration=self.iteration,
+                                  seed=task_seed(self.spec.seed, "train", self.iteration, RNG_STREAM))
+        self.algo.env_runner_group.foreach_env_runner(start, local_env_runner=True)
+        _seed_process(task_seed(self.spec.seed, "train", self.iteration, RNG_STREAM))  # the learner
         result = self.algo.train()
         self.iteration += 1
         runners = result.get("env_runners", {})
@@ -256,16 +258,16 @@ class RL2Trainer:
         tensors: dict[str, torch.Tensor] = {}
         learner_state = self.algo.learner_group.get_state()
         document = {"iteration": self.iteration, "env_steps": self.env_steps,
-                    "learner_group": _flatten(learner_state, "learner_group/", tensors),
+                    "learner_group": nested_state_tensors(learner_state, "learner_group/", tensors),
                     # RLlib's lifetime env-step count: the lr and entropy schedules run on it
-                    "metrics": _flatten(self.algo.metrics.get_state(), "metrics/", tensors)}
+                    "metrics": nested_state_tensors(self.algo.metrics.get_state(), "metrics/", tensors)}
         return tensors, document
 
     def load_state(self, tensors: dict[str, torch.Tensor], document: dict) -> None:
-        self.algo.learner_group.set_state(_unflatten(document["learner_group"], tensors))
+        self.algo.learner_group.set_state(nested_state_from(document["learner_group"], tensors))
         self.algo.env_runner_group.sync_weights(from_worker_or_learner_group=self.algo.learner_group)
         if "metrics" in document:
-            self.algo.metrics.set_state(_unflatten(document["metrics"], tensors))
+            self.algo.metrics.set_state(nested_state_from(document["metrics"], tensors))
         self.iteration = int(document["iteration"])
         self.env_steps = int(document["env_steps"])
 

@@ -105,3 +105,26 @@ def test_an_rl_job_is_placed_by_the_servers_run_options(ray_session, tmp_path):
         "num_cpus": 1.0, "resources": {"gpu_slot": 1.0}}
     with pytest.raises(Unschedulable, match=r"^waiting for resources: 1 GPU\(s\) \(gpu_slot\) asked"):
         run_job(spec, tmp_path / "job", options=options)
+
+
+RL2_SPEC = {"algorithm": {"name": "rl2", "hidden_size": 8, "envs_per_runner": 8, "num_epochs": 2,
+                          "minibatch_trials": 4, "evaluation_trials": 10},
+            "task_family": {"name": "bandit", "arms": 3, "pulls": 5}, "meta_batch_size": 8,
+            "iterations": 4, "log_every": 1, "checkpoint_every": 2}
+
+
+@pytest.mark.slow
+def test_a_cancelled_rl2_job_resumes_with_identical_bits(ray_session, tmp_path):
+    """RLlib's env runners keep state outside the checkpoint (trial counters, RNG, episodes in
+    flight); every iteration starts them from (seed, iteration), so a resumed job samples and
+    learns what an uninterrupted one does."""
+    run_job(RL2_SPEC, tmp_path / "undisturbed")
+    checkpoints = []
+    with pytest.raises(JobCancelled):
+        run_job(RL2_SPEC, tmp_path / "disturbed",
+                RunHooks(checkpointed=checkpoints.append, should_stop=lambda: bool(checkpoints)))
+    run_job(RL2_SPEC, tmp_path / "disturbed")
+    undisturbed = load_file(tmp_path / "undisturbed" / "meta_policy.safetensors")
+    resumed = load_file(tmp_path / "disturbed" / "meta_policy.safetensors")
+    assert sorted(undisturbed) == sorted(resumed)
+    assert all(undisturbed[name].equal(resumed[name]) for name in undisturbed)
