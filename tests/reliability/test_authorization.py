@@ -54,6 +54,8 @@ def job_requests(job_id: str) -> list[tuple[str, str, dict]]:
         ("GET", f"/v1/jobs/{job_id}/artifacts", {}),
         ("GET", f"/v1/jobs/{job_id}/artifacts/meta_init.json", {}),
         ("GET", f"/v1/jobs/{job_id}/events", {}),
+        ("GET", f"/v1/jobs/{job_id}/logs", {}),
+        ("GET", f"/v1/jobs/{job_id}/logs?follow=true", {}),
         ("POST", f"/v1/jobs/{job_id}/adapt", {"json": ADAPT_BODY}),
         ("POST", f"/v1/jobs/{job_id}/cancel", {}),
     ]
@@ -69,7 +71,9 @@ def test_every_v1_route_refuses_a_missing_or_wrong_key_with_401(client, alice_jo
         ("GET", "/v1/jobs/{id}/events"), ("POST", "/v1/jobs/{id}/adapt"),
         ("GET", "/v1/keys"), ("DELETE", "/v1/keys/1"),
         ("POST", "/v1/datasets"), ("GET", "/v1/datasets"), ("GET", "/v1/datasets/{dataset_id}"),
-        ("DELETE", "/v1/datasets/{dataset_id}")}
+        ("DELETE", "/v1/datasets/{dataset_id}"), ("GET", "/v1/jobs/{id}/logs"),
+        ("POST", "/v1/sweeps"), ("GET", "/v1/sweeps"), ("GET", "/v1/sweeps/{sweep_id}"),
+        ("GET", "/v1/sweeps/{sweep_id}/trials"), ("POST", "/v1/sweeps/{sweep_id}/cancel")}
     refused = {}
     for method, path, kwargs in requests:
         for headers in BAD_CREDENTIALS:
@@ -122,6 +126,7 @@ def test_an_admin_sees_and_reads_every_users_job(client, alice_job, bob_key, adm
     assert statuses == {
         "/v1/jobs/{id}": 200, "/v1/jobs/{id}/metrics": 200, "/v1/jobs/{id}/artifacts": 200,
         "/v1/jobs/{id}/artifacts/meta_init.json": 200, "/v1/jobs/{id}/events": 200,
+        "/v1/jobs/{id}/logs": 200, "/v1/jobs/{id}/logs?follow=true": 200,
         "/v1/jobs/{id}/adapt": 409,  # found, but cancelled: no meta-initialization
         "/v1/jobs/{id}/cancel": 409}  # found, but already cancelled
     assert client.post(f"/v1/jobs/{bobs}/cancel", headers=admin).json()["status"] == "cancelled"
