@@ -39,11 +39,17 @@ SEMANTIC_REFUSALS = [
     # Cross-field bounds of a spec, e.g. task_family.phase [low, high] needs low ≤ high: 422.
     {"include-name": "POST /v1/jobs",
      "checks": {"positive_data_acceptance": {"expected-statuses": [*DEFAULT_ACCEPTED, "422"]}}},
+    # A sweep's space is checked against its spec (a path the spec has, low ≤ high, every
+    # sampled spec a valid job): 422 naming the path.
+    {"include-name": "POST /v1/sweeps",
+     "checks": {"positive_data_acceptance": {"expected-statuses": [*DEFAULT_ACCEPTED, "422"]}}},
     # A dataset upload's bytes must be an archive this server reads: 422 (or 413 past a cap).
     {"include-name": "POST /v1/datasets",
      "checks": {"positive_data_acceptance": {"expected-statuses": [*DEFAULT_ACCEPTED, "413", "422"]}}},
     # A cursor is opaque: only one returned by a previous page is valid: 400.
     {"include-name": "GET /v1/jobs",
+     "checks": {"positive_data_acceptance": {"expected-statuses": [*DEFAULT_ACCEPTED, "400"]}}},
+    {"include-name": "GET /v1/sweeps",
      "checks": {"positive_data_acceptance": {"expected-statuses": [*DEFAULT_ACCEPTED, "400"]}}},
 ]
 
