@@ -171,7 +171,7 @@ class RL2Spec(StrictModel):
     the network itself learns to explore and exploit. ``meta_batch_size`` trials per iteration.
 
     The defaults are the settings that reached the RL² paper on bandits with n = 10 pulls
-    (docs/BENCHMARKS.md: many small PPO minibatches), except the annealing, which those runs
+    (docs/notes/rl2-bandits.md: many small PPO minibatches), except the annealing, which those runs
     added with ``lr_final: 0.0002`` and ``entropy_coeff_final: 0`` (examples/rl2_bandit.yaml).
     """
 
