@@ -24,7 +24,9 @@ events of :mod:`metaserve.workers.supervisor`:
 
 At the end the best finished trial's ``meta_init.*`` and a ``sweep.json`` (the leaderboard) are
 published as the driver job's artifacts. Cancelling kills the supervisor: Ray ends the trial
-actors with it (their owner), so nothing of the sweep keeps running.
+actors with it (their owner) and removes the trials' placement groups (the supervisor is a
+detached actor, whose placement groups die with it), so nothing of the sweep keeps running or
+keeps CPUs reserved.
 """
 
 from __future__ import annotations
@@ -495,8 +497,14 @@ def start_sweep_supervisor(run: dict[str, Any], storage: StorageConfig, options:
                            memory_bytes: int, should_stop: Callable[[], bool] = lambda: False):
     """Start the sweep's :class:`SweepSupervisor` and wait until it runs (as
     :func:`metaserve.workers.supervisor.start_supervisor` does for a job)."""
+    # Detached: Tune reserves a placement group per trial from inside this actor, and a
+    # placement group made by an ordinary actor lives as long as the *dispatcher's* Ray job,
+    # so a killed sweep (cancel, dispatcher death) left its trials' CPUs reserved; a detached
+    # actor's placement groups are removed when it dies. It still dies with its dispatcher:
+    # the orphan watchdog ends a supervisor whose heartbeats stop (JobSupervisor).
     actor = ray.remote(SweepSupervisor).options(
         num_cpus=0, memory=memory_bytes, max_restarts=0, max_concurrency=32,
+        lifetime="detached",
     ).remote(run, storage, options, memory_bytes)
     ready = actor.ready.remote()
     deadline = time.monotonic() + SUPERVISOR_READY_TIMEOUT_S

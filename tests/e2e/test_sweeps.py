@@ -63,6 +63,13 @@ def sweep_actors_alive() -> list[str]:
             and any(name in actor["ActorClassName"] for name in SWEEP_ACTOR_CLASSES)]
 
 
+def placement_groups_reserved() -> list[str]:
+    """Placement groups still holding resources (Tune makes one per trial)."""
+    from ray.util import placement_group_table
+
+    return [pg_id for pg_id, pg in placement_group_table().items() if pg["state"] != "REMOVED"]
+
+
 def test_a_grid_sweep_with_asha_runs_its_trials_as_jobs_and_publishes_the_best(served):  # noqa: ANN001
     client, headers = served
     created = client.post("/v1/sweeps", json=SWEEP, headers=headers)
@@ -106,6 +113,10 @@ def test_a_grid_sweep_with_asha_runs_its_trials_as_jobs_and_publishes_the_best(s
         finished, key=lambda t: t["value"])["job_id"]
     assert len(summary["trials"]) == 4
     assert sweep_actors_alive() == []
+    deadline = time.monotonic() + 5
+    while placement_groups_reserved() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert placement_groups_reserved() == []
 
 
 def test_a_cancelled_trial_ends_alone_and_a_cancelled_sweep_ends_every_trial_within_5_s(served):  # noqa: ANN001
@@ -140,6 +151,9 @@ def test_a_cancelled_trial_ends_alone_and_a_cancelled_sweep_ends_every_trial_wit
     trials = client.get(f"/v1/sweeps/{sweep_id}/trials", headers=headers).json()["data"]
     assert trials and {t["status"] for t in trials} <= {"cancelled", "succeeded"}
     deadline = time.monotonic() + 5
-    while sweep_actors_alive() and time.monotonic() < deadline:
+    while (sweep_actors_alive() or placement_groups_reserved()) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert sweep_actors_alive() == []
+    # the killed sweep's trials' CPUs are free again (they stayed reserved until the
+    # dispatcher's Ray job ended, and the next tests' jobs could not be placed)
+    assert placement_groups_reserved() == []
