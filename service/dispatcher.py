@@ -8,7 +8,7 @@ that imports ``ray``.
 Per job: a watch thread renews the lease every ``heartbeat_s`` and looks for a cancel
 request every second, a writer thread moves metrics, progress and artifact records to the
 database in batches off the training thread, and the training thread runs
-:func:`metaserve.workers.runner.run_job`. If this process dies the lease expires and another
+:func:`metaserve.workers.registry.run_job`. If this process dies the lease expires and another
 dispatcher resumes the job from its last checkpoint with ``attempt + 1``.
 """
 

@@ -196,7 +196,9 @@ def test_the_streams_of_one_job_share_its_probe_and_each_read(
         after_change = [(next(reader), next(reader)) for reader in readers]
 
     assert {(a.data["status"], b.data["status"]) for a, b in first} == {("queued", "running")}
-    assert streams <= quiet_reads <= streams + 2  # + the shared re-reads: one empty, one at the first probe
+    # + the shared re-reads (one empty, one at the first probe) and, under load, a stream that
+    # opened after the first probe read it again: a few, never one per stream per poll (~40)
+    assert streams <= quiet_reads <= streams + 5
     assert len(reads) - quiet_reads <= 2  # metrics and progress may land in two probes
     assert {(a.kind, b.kind, a.data["step"], b.data["iteration"]) for a, b in after_change} == {
         ("metrics", "progress", 10, 10)}

@@ -74,13 +74,26 @@ def test_sine_examples_are_valid_specs_of_the_paper_setting(name):
 
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
+JOB_EXAMPLES = [path for path in EXAMPLES if not path.stem.startswith("sweep_")]
+SWEEP_EXAMPLES = [path for path in EXAMPLES if path.stem.startswith("sweep_")]
 
 
-@pytest.mark.parametrize("path", EXAMPLES, ids=[path.stem for path in EXAMPLES])
+@pytest.mark.parametrize("path", JOB_EXAMPLES, ids=[path.stem for path in JOB_EXAMPLES])
 def test_every_example_spec_is_valid(path):
     from metaserve.workers.cli import load_spec
 
     assert load_spec(path).task_family.name in path.stem  # validated, and the family it names
+
+
+@pytest.mark.parametrize("path", SWEEP_EXAMPLES, ids=[path.stem for path in SWEEP_EXAMPLES])
+def test_every_example_sweep_is_valid(path):
+    import yaml
+
+    from metaserve.workers.spec import JobSpec
+    from metaserve.workers.sweep_spec import SweepSpec
+
+    sweep = SweepSpec.model_validate(yaml.safe_load(path.read_text()))
+    assert JobSpec.model_validate(sweep.spec).task_family.name in path.stem
 
 
 @pytest.mark.slow
