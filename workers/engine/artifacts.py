@@ -68,7 +68,10 @@ def export_artifact(directory: Path, *, kind: str, tensors: dict[str, Tensor], a
     """Write the artifact of ``kind`` into ``directory`` (both files atomically); returns them."""
     tensors_name, json_name = artifact_files(kind)
     tensors_path, json_path = Path(directory) / tensors_name, Path(directory) / json_name
-    atomic_save_tensors(tensors_path, tensors, {"format": str(FORMAT_VERSION), "kind": kind})
+    # One metadata key: safetensors writes its metadata map in a per-process hash order, so two
+    # keys made the same weights two different files (resumed vs undisturbed runs). The kind
+    # is in the JSON and the file names.
+    atomic_save_tensors(tensors_path, tensors, {"format": str(FORMAT_VERSION)})
     document = {
         "format": FORMAT_VERSION,
         "kind": kind,
