@@ -493,6 +493,24 @@ def _get(document: dict[str, Any], path: str) -> Any:
     return node
 
 
+SUPERVISOR_NAMESPACE = "metaserve"
+PREVIOUS_SUPERVISOR_EXIT_S = 30.0
+
+
+def _end_previous_supervisor(name: str) -> None:
+    """Kill the sweep supervisor called ``name`` if one still runs, and wait until it is gone."""
+    deadline = time.monotonic() + PREVIOUS_SUPERVISOR_EXIT_S
+    while time.monotonic() < deadline:
+        try:
+            previous = ray.get_actor(name, namespace=SUPERVISOR_NAMESPACE)
+        except ValueError:
+            return
+        ray.kill(previous)
+        time.sleep(0.2)
+    raise RuntimeError(f"the previous sweep supervisor {name} did not end within "
+                       f"{PREVIOUS_SUPERVISOR_EXIT_S:.0f} s")
+
+
 def start_sweep_supervisor(run: dict[str, Any], storage: StorageConfig, options: RunOptions, *,
                            memory_bytes: int, should_stop: Callable[[], bool] = lambda: False):
     """Start the sweep's :class:`SweepSupervisor` and wait until it runs (as
@@ -502,9 +520,14 @@ def start_sweep_supervisor(run: dict[str, Any], storage: StorageConfig, options:
     # so a killed sweep (cancel, dispatcher death) left its trials' CPUs reserved; a detached
     # actor's placement groups are removed when it dies. It still dies with its dispatcher:
     # the orphan watchdog ends a supervisor whose heartbeats stop (JobSupervisor).
+    # A detached actor outlives a dispatcher killed with its Ray driver (until its orphan
+    # watchdog ends it): named per sweep, so a resumed attempt first ends a previous one that
+    # may still drive the same Tune experiment.
+    name = f"metaserve-sweep-{run['driver_job_id']}"
+    _end_previous_supervisor(name)
     actor = ray.remote(SweepSupervisor).options(
         num_cpus=0, memory=memory_bytes, max_restarts=0, max_concurrency=32,
-        lifetime="detached",
+        lifetime="detached", name=name, namespace=SUPERVISOR_NAMESPACE,
     ).remote(run, storage, options, memory_bytes)
     ready = actor.ready.remote()
     deadline = time.monotonic() + SUPERVISOR_READY_TIMEOUT_S
