@@ -257,6 +257,13 @@ def start_supervisor(job_id: str, spec: dict, storage: StorageConfig, options: R
     actor = ray.remote(JobSupervisor).options(
         num_cpus=0, memory=memory_bytes, max_restarts=0, max_concurrency=4,
     ).remote(job_id, spec, storage, options, memory_bytes)
+    return wait_until_ready(actor, memory_bytes, should_stop, "the job's driver")
+
+
+def wait_until_ready(actor, memory_bytes: int, should_stop: Callable[[], bool],  # noqa: ANN001, ANN201
+                     what: str):
+    """``actor`` once its ``ready()`` answered; it is killed and JobCancelled raised when
+    ``should_stop()``, Unschedulable past SUPERVISOR_READY_TIMEOUT_S."""
     ready = actor.ready.remote()
     deadline = time.monotonic() + SUPERVISOR_READY_TIMEOUT_S
     try:
@@ -265,7 +272,7 @@ def start_supervisor(job_id: str, spec: dict, storage: StorageConfig, options: R
                 raise JobCancelled()
             if time.monotonic() > deadline:
                 raise Unschedulable(
-                    f"waiting for resources: the job's driver ({memory_bytes / 2**30:.2f} GiB "
+                    f"waiting for resources: {what} ({memory_bytes / 2**30:.2f} GiB "
                     f"of memory) could not be placed within {SUPERVISOR_READY_TIMEOUT_S:.0f} s")
         ray.get(ready)
     except BaseException:

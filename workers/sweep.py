@@ -49,12 +49,12 @@ import ray
 from ray import tune
 
 from metaserve.workers.engine.checkpoints import CHECKPOINT_DIRECTORY
-from metaserve.workers.exceptions import DriverOutOfMemory, JobCancelled, Unschedulable
+from metaserve.workers.exceptions import DriverOutOfMemory, JobCancelled
 from metaserve.workers.joblog import capture_logs, release_logs
 from metaserve.workers.runner import RunOptions
 from metaserve.workers.storage import StorageConfig, parse_s3_url
-from metaserve.workers.supervisor import (EVENT_POLL_S, SCRATCH_PREFIX, SUPERVISOR_READY_TIMEOUT_S,
-                                          JobSupervisor, node_info, remove_stale_scratch)
+from metaserve.workers.supervisor import (EVENT_POLL_S, SCRATCH_PREFIX, JobSupervisor, node_info,
+                                          remove_stale_scratch, wait_until_ready)
 from metaserve.workers.sweep_spec import apply_config
 
 logger = logging.getLogger(__name__)
@@ -529,18 +529,4 @@ def start_sweep_supervisor(run: dict[str, Any], storage: StorageConfig, options:
         num_cpus=0, memory=memory_bytes, max_restarts=0, max_concurrency=32,
         lifetime="detached", name=name, namespace=SUPERVISOR_NAMESPACE,
     ).remote(run, storage, options, memory_bytes)
-    ready = actor.ready.remote()
-    deadline = time.monotonic() + SUPERVISOR_READY_TIMEOUT_S
-    try:
-        while not ray.wait([ready], timeout=EVENT_POLL_S)[0]:
-            if should_stop():
-                raise JobCancelled()
-            if time.monotonic() > deadline:
-                raise Unschedulable(
-                    f"waiting for resources: the sweep's driver ({memory_bytes / 2**30:.2f} GiB "
-                    f"of memory) could not be placed within {SUPERVISOR_READY_TIMEOUT_S:.0f} s")
-        ray.get(ready)
-    except BaseException:
-        ray.kill(actor)
-        raise
-    return actor
+    return wait_until_ready(actor, memory_bytes, should_stop, "the sweep's driver")
