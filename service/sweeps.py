@@ -37,8 +37,8 @@ from metaserve.service.settings import Settings
 from metaserve.workers.spec import JobSpec
 from metaserve.workers.sweep_spec import (DISCRETE, FORBIDDEN_PATHS, SweepError, SweepSpec,
                                           apply_config, checked_specs, default_metric,
-                                          forbidden_path, get_path, parse_domain,
-                                          reported_metrics, trial_count)
+                                          forbidden_path, get_path, longest_iterations,
+                                          parse_domain, reported_metrics, trial_count)
 
 SWEEP_ID_PREFIX = "sw_"
 TERMINAL = tuple(status.value for status in TERMINAL_STATUSES)
@@ -118,6 +118,11 @@ def _validate(request: SweepSpec, settings: Settings) -> dict[str, Any]:
         scheduler["mode"] = "max" if "accuracy" in scheduler["metric"] else "min"
     if scheduler["grace_period"] is None:
         scheduler["grace_period"] = base_spec.evaluation.every or base_spec.iterations
+    if scheduler["name"] == "asha" and scheduler["grace_period"] > longest_iterations(
+            base, request.space):
+        raise SweepError("scheduler.grace_period", f"{scheduler['grace_period']} is longer than "
+                         f"any trial ({longest_iterations(base, request.space)} iterations): "
+                         "ASHA's first rung would never be reached")
     if scheduler["name"] != "fifo" and not base_spec.evaluation.every:
         raise SweepError("scheduler.name", f"{scheduler['name']} stops trials by the metric of "
                          "each evaluation window: set spec.evaluation.every")

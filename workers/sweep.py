@@ -31,11 +31,13 @@ keeps CPUs reserved.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
 import os
 import queue
+import random
 import secrets
 import shutil
 import tempfile
@@ -55,7 +57,7 @@ from metaserve.workers.runner import RunOptions
 from metaserve.workers.storage import StorageConfig, parse_s3_url
 from metaserve.workers.supervisor import (EVENT_POLL_S, SCRATCH_PREFIX, JobSupervisor, node_info,
                                           remove_stale_scratch, wait_until_ready)
-from metaserve.workers.sweep_spec import apply_config
+from metaserve.workers.sweep_spec import apply_config, longest_iterations
 
 logger = logging.getLogger(__name__)
 
@@ -85,13 +87,42 @@ def new_trial_job_id() -> str:
 # --------------------------------------------------------------------------- Tune's side
 
 
+def shuffled(config: dict[str, Any]) -> bool:
+    """Whether the sweep runs its grid's points in a drawn order (``search.shuffle``)."""
+    return config["search"]["name"] == "grid" and bool(config["search"].get("shuffle"))
+
+
+def grid_points(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """A shuffled grid's trials, in order: every point of the grid ``num_samples`` times,
+    permuted by ``search.seed`` (a random order without one)."""
+    paths = list(config["space"])
+    values = [next(iter(config["space"][path].values())) for path in paths]
+    points = [dict(zip(paths, point)) for _ in range(config["num_samples"])
+              for point in itertools.product(*values)]
+    random.Random(config["search"]["seed"]).shuffle(points)
+    return points
+
+
+def tune_samples(config: dict[str, Any]) -> int:
+    """Tune's ``num_samples``: a shuffled grid's points are its samples, one each."""
+    return len(grid_points(config)) if shuffled(config) else config["num_samples"]
+
+
+def max_iterations(config: dict[str, Any]) -> int:
+    """ASHA's ``max_t``: the most iterations a trial can run (:func:`longest_iterations`)."""
+    return longest_iterations(config["spec"], config["space"])
+
+
 def search_space(config: dict[str, Any]) -> dict[str, Any]:
-    """The sweep's domains as Tune's (a grid search takes every domain as a grid)."""
+    """The sweep's domains as Tune's (a grid search takes every domain as a grid; a shuffled
+    one as choices, every trial of it a point given to the searcher, :func:`grid_points`)."""
     grid = config["search"]["name"] == "grid"
     space = {}
     for path, domain in config["space"].items():
         (kind, args), = domain.items()
-        if kind == "grid" or (kind == "choice" and grid):
+        if shuffled(config):
+            space[path] = tune.choice(list(args))
+        elif kind == "grid" or (kind == "choice" and grid):
             space[path] = tune.grid_search(list(args))
         elif kind == "choice":
             space[path] = tune.choice(list(args))
@@ -114,6 +145,9 @@ def search_algorithm(config: dict[str, Any]):  # noqa: ANN201 - a Tune search al
         from ray.tune.search.optuna import OptunaSearch
 
         return OptunaSearch(seed=search["seed"])
+    if shuffled(config):
+        return BasicVariantGenerator(points_to_evaluate=grid_points(config),
+                                     random_state=search["seed"])
     return BasicVariantGenerator(random_state=search["seed"])
 
 
@@ -122,7 +156,9 @@ def scheduler_of(config: dict[str, Any]):  # noqa: ANN201 - a Tune trial schedul
 
     scheduler = config["scheduler"]
     if scheduler["name"] == "asha":
-        return ASHAScheduler(time_attr="iteration", max_t=config["spec"]["iterations"],
+        # Rungs at grace_period × η^k below max_t (Tune's _Bracket); "iteration" is the
+        # meta-iteration of the evaluation window a trial reports (sweep_trial).
+        return ASHAScheduler(time_attr="iteration", max_t=max_iterations(config),
                              grace_period=scheduler["grace_period"],
                              reduction_factor=scheduler["reduction_factor"])
     if scheduler["name"] == "median":
@@ -434,7 +470,7 @@ class SweepSupervisor(JobSupervisor):
                 trainable, param_space=search_space(config),
                 tune_config=tune.TuneConfig(
                     metric=self.metric, mode=self.mode, search_alg=search_algorithm(config),
-                    scheduler=scheduler_of(config), num_samples=config["num_samples"],
+                    scheduler=scheduler_of(config), num_samples=tune_samples(config),
                     max_concurrent_trials=self.run_info.get("max_concurrent_trials")),
                 run_config=tune.RunConfig(
                     name=sweep_id, storage_path=storage_path, storage_filesystem=filesystem,

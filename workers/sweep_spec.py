@@ -20,7 +20,7 @@ import math
 import random
 from typing import Any, Iterator, Literal
 
-from pydantic import Field, StrictInt
+from pydantic import Field, StrictInt, model_validator
 
 from metaserve.workers.spec import JobSpec, StrictModel
 
@@ -49,11 +49,26 @@ class SearchSpec(StrictModel):
     """How configurations are drawn: ``random`` (Tune's basic variant generator: every
     ``grid`` domain expanded, the others sampled ``num_samples`` times), ``grid`` (the
     product of every domain, each of them choice or grid), ``optuna`` (TPE through Tune's
-    OptunaSearch; no grid domains)."""
+    OptunaSearch; no grid domains).
+
+    ``shuffle`` (grid only) runs the grid's points in an order drawn from ``seed``, as Optuna's
+    GridSampler does, instead of Tune's (the first domain varying fastest, so the last value of
+    the last domain comes last). The points are the same; what changes is which ones start
+    first, and asynchronous early stopping (ASHA) promotes a trial by comparing it with the
+    trials that reached its rung before it, so in Tune's order a grid whose strong values come
+    last lets the weak ones that start first run longer."""
 
     name: Literal["random", "grid", "optuna"] = "random"
     seed: StrictInt | None = Field(None, ge=0, le=2**31 - 1,
                                    description="Seed of the sampler (None: a random one).")
+    shuffle: bool = Field(False, description="grid: run the points in an order drawn from "
+                                             "seed (False: Tune's order).")
+
+    @model_validator(mode="after")
+    def _shuffle_is_a_grids(self) -> "SearchSpec":
+        if self.shuffle and self.name != "grid":
+            raise ValueError(f"shuffle orders a grid's points; {self.name} draws its own order")
+        return self
 
 
 class SchedulerSpec(StrictModel):
@@ -125,6 +140,22 @@ def apply_config(base: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]
     for path, value in config.items():
         set_path(document, path, value)
     return document
+
+
+def longest_iterations(base: dict[str, Any], space: dict[str, dict[str, Any]]) -> int:
+    """The most iterations a trial can run: the base spec's or, where the space sweeps
+    ``iterations``, the largest its domain gives (ASHA's ``max_t``)."""
+    domain = space.get("iterations")
+    if domain is None:
+        return base["iterations"]
+    (kind, args), = domain.items()
+    if kind in DISCRETE:
+        return max(args)
+    if kind == "randint":  # high exclusive
+        return args[1] - 1
+    if kind == "qrandint":  # Tune rounds to a multiple of q: at most high rounded up
+        return math.ceil(args[1] / args[2]) * args[2]
+    return math.ceil(args[1])
 
 
 # --------------------------------------------------------------------------- domains

@@ -82,6 +82,9 @@ BAD_SWEEPS = [
     (with_(spec={**BASE, "iterations": 0}), "spec.iterations", "greater than or equal to 1"),
     (with_(spec={**BASE, "evaluation": {"every": 0}}), "scheduler.name",
      "set spec.evaluation.every"),
+    (with_(scheduler={"name": "asha", "grace_period": BASE["iterations"] + 1}),
+     "scheduler.grace_period", f"longer than any trial ({BASE['iterations']} iterations)"),
+    (with_(search={"name": "random", "shuffle": True}), "search", "shuffle orders a grid"),
 ]
 
 

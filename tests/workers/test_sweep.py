@@ -11,9 +11,16 @@ from ray.tune.search import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 
 from metaserve.workers.runner import RunOptions
-from metaserve.workers.sweep import (new_trial_job_id, scheduler_of, search_algorithm,
-                                     search_space, trial_resources)
-from metaserve.workers.sweep_spec import apply_config, probe_values
+import itertools
+
+import pytest
+from pydantic import ValidationError
+from ray.tune.experiment import Experiment
+
+from metaserve.workers.sweep import (max_iterations, new_trial_job_id, scheduler_of,
+                                     search_algorithm, search_space, trial_resources,
+                                     tune_samples)
+from metaserve.workers.sweep_spec import SweepSpec, apply_config, probe_values
 
 SPACE = {"algorithm.inner_lr": {"loguniform": [0.001, 0.1]},
          "outer_optimizer.lr": {"uniform": [0.001, 0.01]},
@@ -55,6 +62,59 @@ def test_searchers_and_schedulers_are_tunes():
     median = scheduler_of(config(scheduler="median"))
     assert isinstance(median, MedianStoppingRule) and median._time_attr == "iteration"
     assert isinstance(scheduler_of(config()), FIFOScheduler)
+
+
+def test_asha_rungs_are_grace_times_eta_powers_below_the_longest_trial():
+    # max_t: the base spec's 300 iterations, or the largest the space's iterations domain gives
+    asha = scheduler_of(config(scheduler="asha", space={"meta_batch_size": {"choice": [5]}}))
+    assert asha._max_t == 300
+    assert sorted(milestone for milestone, _ in asha._brackets[0]._rungs) == [50, 150]
+    for domain, longest in (({"grid": [200, 900]}, 900), ({"randint": [100, 701]}, 700),
+                            ({"qrandint": [100, 650, 100]}, 700)):
+        swept = config(scheduler="asha", space={"iterations": domain})
+        assert max_iterations(swept) == longest
+        assert scheduler_of(swept)._max_t == longest
+
+
+GRID = {"algorithm.inner_lr": {"grid": [0.003, 0.01, 0.03, 0.1]},
+        "outer_optimizer.lr": {"grid": [0.0005, 0.002]},
+        "meta_batch_size": {"choice": [10, 25]}}
+
+
+def trials_of(swept: dict) -> list[tuple]:
+    """The configurations Tune's searcher hands out for ``swept``, in order."""
+    searcher = search_algorithm(swept)
+    searcher.add_configurations([Experiment("x", run=lambda _: None, config=search_space(swept),
+                                            num_samples=tune_samples(swept))])
+    trials = []
+    while (trial := searcher.next_trial()) is not None:
+        trials.append(tuple(trial.config[path] for path in GRID))
+    return trials
+
+
+def test_a_shuffled_grid_runs_the_same_points_in_an_order_drawn_from_its_seed():
+    grid = config("grid", space=GRID)
+    in_tunes_order = trials_of(grid)
+    points = list(itertools.product([0.003, 0.01, 0.03, 0.1], [0.0005, 0.002], [10, 25]))
+    assert sorted(in_tunes_order) == sorted(points * 2)  # num_samples 2: the grid twice
+    assert in_tunes_order[:2] == [(0.003, 0.0005, 10), (0.01, 0.0005, 10)]  # first domain fastest
+
+    def shuffled(seed: int) -> dict:
+        return {**grid, "search": {"name": "grid", "seed": seed, "shuffle": True}}
+
+    assert tune_samples(shuffled(3)) == 32
+    first = trials_of(shuffled(3))
+    assert sorted(first) == sorted(in_tunes_order)  # the same points, each as often
+    assert first == trials_of(shuffled(3))  # repeatable
+    assert first != in_tunes_order and first != trials_of(shuffled(4))
+
+
+def test_only_a_grid_is_shuffled():
+    base = {"spec": {}, "space": GRID}
+    assert SweepSpec.model_validate({**base, "search": {"name": "grid", "shuffle": True}})
+    for name in ("random", "optuna"):
+        with pytest.raises(ValidationError, match="shuffle"):
+            SweepSpec.model_validate({**base, "search": {"name": name, "shuffle": True}})
 
 
 def test_a_trial_asks_for_its_specs_cpus_and_gpus_or_their_stand_in():
