@@ -3,10 +3,11 @@ submitted through REST twice per seed, once as written (ASHA on val/loss_step1) 
 ``scheduler: fifo`` (every configuration to full length), in one run of a server with its
 dispatcher and a local Ray (in this process, SQLite, a temporary data directory).
 
-Reports per seed and as mean ± 95 % CI over seeds (the spec's ``seed``): the best finished
+Reports per seed and as mean ± 95 % CI over seeds (a seed is the spec's ``seed`` and the
+shuffled grid's order, ``search.seed``, in both sweeps): the best finished
 trial's validation MSE after one step in each sweep, their ratio (target: ASHA within 5 % of the
 grid's best, i.e. ratio ≤ 1.05), and the iterations each sweep trained, summed over its trials
-(target: ASHA ≤ 40 % of the grid's).
+(target: ASHA ≤ 40 % of the grid's). The JSON is written after every seed.
 
     python benchmarks/sweep_asha.py --seeds 0 1 2 --json benchmarks/results/sweep_asha.json
     # a quick check of the script (minutes, not a result):
@@ -40,7 +41,7 @@ def mean_ci(values: list[float]) -> tuple[float, float | None]:
 
 
 def run_sweep(client, headers: dict[str, str], document: dict, timeout_s: float) -> dict:  # noqa: ANN001
-    started = time.monotonic()
+    started, load = time.monotonic(), os.getloadavg()
     created = client.post("/v1/sweeps", json=document, headers=headers)
     assert created.status_code == 201, created.text
     sweep_id = created.json()["id"]
@@ -56,8 +57,15 @@ def run_sweep(client, headers: dict[str, str], document: dict, timeout_s: float)
     # Iterations trained per trial: its progress, or the step of its last evaluation (a
     # stopped trial ends at the window that stopped it).
     iterations = sum(max(t["iteration"] or 0, t["step"] or 0) for t in trials)
+    stopped_at: dict[str, int] = {}
+    for t in trials:
+        if t["status"] != "succeeded":
+            key = str(max(t["iteration"] or 0, t["step"] or 0))
+            stopped_at[key] = stopped_at.get(key, 0) + 1
     return {"sweep_id": sweep_id, "status": sweep["status"], "error": sweep["error"],
-            "seconds": round(time.monotonic() - started, 1), "trials": len(trials),
+            "seconds": round(time.monotonic() - started, 1),
+            "load_average": {"start": load, "end": os.getloadavg()}, "trials": len(trials),
+            "stopped_at": stopped_at,
             "finished": len(finished), "iterations": iterations,
             "best_val_mse": min((t["value"] for t in finished), default=None),
             "best_config": min(finished, key=lambda t: t["value"])["config"] if finished else None,
@@ -97,7 +105,27 @@ def main() -> None:
         base["max_concurrent_trials"] = args.concurrency
     if args.reduction_factor:
         base["scheduler"]["reduction_factor"] = args.reduction_factor
-    runs = []
+    runs: list[dict] = []
+
+    def write() -> None:
+        ratios = [r["best_ratio"] for r in runs if r.get("best_ratio") is not None]
+        fractions = [r["iteration_fraction"] for r in runs
+                     if r.get("iteration_fraction") is not None]
+        summary = {}
+        for name, values in (("best_ratio", ratios), ("iteration_fraction", fractions)):
+            if values:
+                mean, ci = mean_ci(values)
+                summary[name] = {"mean": mean, "ci95": ci, "values": values}
+        document = {"benchmark": "sweep_asha", "spec": base, "seeds": [r["seed"] for r in runs],
+                    "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                                "python": platform.python_version()},
+                    "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "summary": summary, "runs": runs}
+        print(json.dumps(summary, indent=2), flush=True)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(document, indent=2))
+
     with tempfile.TemporaryDirectory() as data:
         url = f"sqlite:///{data}/metaserve.db"
         upgrade(url)
@@ -109,7 +137,8 @@ def main() -> None:
         with TestClient(create_app(settings)) as client:
             for seed in args.seeds:
                 asha = {**base, "name": f"asha-seed{seed}",
-                        "spec": {**base["spec"], "seed": seed}}
+                        "spec": {**base["spec"], "seed": seed},
+                        "search": {**base.get("search", {}), "seed": seed}}
                 grid = {**asha, "name": f"grid-seed{seed}",
                         "scheduler": {**base["scheduler"], "name": "fifo"}}
                 result = {"seed": seed, "asha": run_sweep(client, headers, asha, args.timeout_s),
@@ -121,22 +150,7 @@ def main() -> None:
                 runs.append(result)
                 print(json.dumps({key: value for key, value in result.items()
                                   if key not in ("asha", "grid")}), flush=True)
-    ratios = [r["best_ratio"] for r in runs if r.get("best_ratio") is not None]
-    fractions = [r["iteration_fraction"] for r in runs if r.get("iteration_fraction") is not None]
-    summary = {}
-    for name, values in (("best_ratio", ratios), ("iteration_fraction", fractions)):
-        if values:
-            mean, ci = mean_ci(values)
-            summary[name] = {"mean": mean, "ci95": ci, "values": values}
-    document = {"benchmark": "sweep_asha", "spec": base, "seeds": args.seeds,
-                "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                            "python": platform.python_version()},
-                "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "summary": summary, "runs": runs}
-    print(json.dumps(summary, indent=2))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(document, indent=2))
+                write()
 
 
 if __name__ == "__main__":
