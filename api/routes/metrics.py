@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Response
 
 from metaserve.api.deps import NO_CONTROL_CHARACTERS, CurrentUser, PathText, SessionDep
-from metaserve.api.schemas import ErrorResponse, MetricPointPublic, MetricsPublic
+from metaserve.api.schemas import ErrorResponse, MetricsPublic, metrics_response
 from metaserve.service import jobs
 from metaserve.service.store import MAX_METRICS_PAGE
 
@@ -20,7 +20,7 @@ router = APIRouter(prefix="/v1/jobs", tags=["metrics"], responses={
 })
 
 
-@router.get("/{job_id}/metrics")
+@router.get("/{job_id}/metrics", response_model=MetricsPublic)
 def get_metrics(
     job_id: PathText,
     user: CurrentUser,
@@ -31,9 +31,8 @@ def get_metrics(
                                             description="Only steps after this one.")] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_METRICS_PAGE, description="Values per page "
                                 "(whole steps).")] = DEFAULT_METRICS_PAGE,
-) -> MetricsPublic:
+) -> Response:
     """Metric values ordered by (step, name); follow `next_since_step` for the next page."""
     page, next_since_step = jobs.get_metrics_page(session=session, job_id=job_id, owner=user,
                                                   name=name, since_step=since_step, limit=limit)
-    return MetricsPublic(data=[MetricPointPublic.model_validate(row) for row in page],
-                         next_since_step=next_since_step)
+    return metrics_response(page, next_since_step)

@@ -6,14 +6,19 @@ from __future__ import annotations
 
 import json
 import math
+from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import load, load_file, save_file
+from sqlalchemy import select
 
+from metaserve.api.schemas import MetricPointPublic, MetricsPublic, metrics_response
 from metaserve.service import artifacts, jobs
+from metaserve.service.models import Metric
 from metaserve.workers.engine.trainer import CHECKPOINT_DIRECTORY
 from metaserve.workers.storage import StorageConfig, open_store
 
@@ -163,6 +168,55 @@ def test_metrics_of_another_users_job_are_404(client, sessions, alice_auth, bob_
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "not_found"
     assert response.json()["error"]["message"] == "Job not found."
+
+
+def reference_body(page, next_since_step) -> bytes:  # noqa: ANN001
+    """The page as the route built it before it skipped the models: a model per value."""
+    return MetricsPublic(data=[MetricPointPublic.model_validate(row) for row in page],
+                         next_since_step=next_since_step).model_dump_json().encode()
+
+
+def test_metrics_response_bytes_equal_the_models(sessions):
+    """The route's one-call serialization is byte for byte what the pydantic models make:
+    non-finite values null, naive and aware times, large steps, non-ASCII names."""
+    naive, aware = datetime(2026, 11, 30, 9, 5, 1, 123456), datetime(2026, 1, 2, tzinfo=UTC)
+    rows = [SimpleNamespace(step=step, name=name, value=value, created_at=time)
+            for step, name, value, time in [
+                (0, "loss", 0.1, naive), (1, "loss", math.nan, aware), (2, "é/λ", math.inf, naive),
+                (3, "a\"b", -math.inf, aware), (2**62, "x", None, naive), (5, "y", -0.0, naive),
+                (6, "z", 1e-310, naive), (7, "w", 12345678901234567.0, aware)]]
+    for next_since_step in (None, 0, 2**62):
+        assert (metrics_response(rows, next_since_step).body
+                == reference_body(rows, next_since_step))
+    assert metrics_response([], None).body == reference_body([], None)
+
+
+def test_metrics_pages_bytes_equal_the_models(client, sessions, alice_auth):
+    """Every page the route serves equals the models' bytes for the same rows read as ORM
+    objects, with and without a name, across whole-step cuts."""
+    job_id = submit(client, alice_auth)
+    write_metrics(sessions, job_id, [(step, name, step / 7) for step in range(1, 30)
+                                     for name in ("a", "b", "c")] + [(30, "a", math.nan)])
+    for name in (None, "b"):
+        since_step = None
+        while True:
+            params = {"limit": 7} | ({} if since_step is None else {"since_step": since_step})
+            params |= {} if name is None else {"name": name}
+            response = client.get(f"/v1/jobs/{job_id}/metrics", params=params, headers=alice_auth)
+            assert response.headers["content-type"] == "application/json"
+            with sessions() as session:
+                orm = list(session.scalars(
+                    select(Metric).where(Metric.job_id == job_id,
+                                         *([] if name is None else [Metric.name == name]),
+                                         Metric.step > (-1 if since_step is None else since_step))
+                    .order_by(Metric.step, Metric.name)))
+            data = response.json()["data"]
+            expected = orm[:len(data)]
+            assert response.content == reference_body(expected, response.json()["next_since_step"])
+            since_step = response.json()["next_since_step"]
+            if since_step is None:
+                assert len(data) == len(orm)
+                break
 
 
 # --------------------------------------------------------------------------- artifacts
