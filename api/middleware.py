@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from urllib.parse import parse_qsl
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from metaserve.api.errors import error_body
+from metaserve.service.telemetry import RECEIVED_AT
 
 
 class BodySizeLimitMiddleware:
@@ -97,7 +99,13 @@ def limited_http_protocol(*, max_header_bytes: int, max_url_bytes: int,
     what the socket read, parsed in microseconds) and the connection is answered 431 (head) or
     414 (URL) and closed as soon as a bound is passed; a head not complete within
     ``header_timeout_s`` (a silent connection too) is answered 408 and closed. A body is not
-    counted (``BodySizeLimitMiddleware`` bounds it)."""
+    counted (``BodySizeLimitMiddleware`` bounds it).
+
+    Each request's scope carries when its first bytes were read
+    (``scope["extensions"][RECEIVED_AT]``, ``time.perf_counter()`` of the ``data_received``
+    call that began its head): the request histogram times from there, so the time a request
+    waits after it was read (for the event loop to parse it and run its task, behind the
+    requests read with it) is in its latency."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     class LimitedHttpToolsProtocol(HttpToolsProtocol):
@@ -109,6 +117,7 @@ def limited_http_protocol(*, max_header_bytes: int, max_url_bytes: int,
             self._head_timer = None
             self._refused = False
             self._heads_completed = 0
+            self._read_at = time.perf_counter()
 
         def connection_made(self, transport) -> None:  # noqa: ANN001
             super().connection_made(transport)
@@ -119,6 +128,7 @@ def limited_http_protocol(*, max_header_bytes: int, max_url_bytes: int,
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
+            self._read_at = time.perf_counter()
             if self._refused:
                 return
             if self._head_open and self._head_timer is None:
@@ -139,6 +149,7 @@ def limited_http_protocol(*, max_header_bytes: int, max_url_bytes: int,
         def on_message_begin(self) -> None:
             super().on_message_begin()
             self._head_open, self._url_bytes = True, 0
+            self.scope.setdefault("extensions", {})[RECEIVED_AT] = self._read_at
 
         def on_url(self, url: bytes) -> None:
             self._url_bytes += len(url)

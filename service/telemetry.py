@@ -4,7 +4,9 @@ scrape config).
 Three sources:
 
 - the HTTP requests of this server process (:class:`HttpMetrics`, fed by the API's
-  middleware): count and latency histogram by method, route template and status;
+  middleware): count and latency histogram by method, route template and status; and the
+  event loop's stalls (:class:`LoopLag`) and the garbage collector's pauses, the time a
+  request spends unread in its socket, which no timer in the server can see;
 - this process's dispatcher (module-level counters below): lease renewals, renewal failures,
   leases lost, leases found expired and reclaimed;
 - the database, read at scrape time (:class:`DatabaseCollector`): jobs by status, queue
@@ -14,13 +16,17 @@ Three sources:
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import logging
+import threading
 import time
 from datetime import datetime, timezone
 from typing import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -30,8 +36,27 @@ from metaserve.service.models import Job, JobStatus
 logger = logging.getLogger(__name__)
 
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                     10.0, 30.0)
-"""Request latency buckets (seconds): fine below 100 ms, where a status poll lives."""
+                     10.0, 30.0, 60.0, 120.0)
+"""Request latency buckets (seconds). Each edge is 2-2.5 times the one below (1-2.5-5 per
+decade), so a quantile read from them is known within a factor of 2.5, evenly from a 1 ms
+status poll to a 2-minute upload; and the edges are this service's own figures:
+25 ms is the status-poll p99 target (benchmarks/load.py), so the share of polls within it is
+a bucket ratio, not an interpolation; 100-500 ms is where event-loop stalls (a full garbage
+collection, a starved CPU) put a request; 10 s is the request-head timeout, 30 s the adapt
+timeout; 60 and 120 s hold dataset uploads and artifact downloads, timed to their last byte.
+docs/DASHBOARD.md, "Prometheus", says why finer edges would not make the p99 truer."""
+
+LOOP_LAG_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+GC_PAUSE_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+LOOP_LAG_INTERVAL_S = 0.025
+"""The loop-lag probe sleeps this long and records how late it woke (40 wake-ups a second,
+~0.1% of a core); a stall shorter than this may be seen only in part."""
+
+RECEIVED_AT = "metaserve.received_at"
+"""``scope["extensions"][RECEIVED_AT]``: ``time.perf_counter()`` when the server read the
+first bytes of the request's head (set by ``metaserve serve``'s HTTP protocol,
+:func:`metaserve.api.middleware.limited_http_protocol`); the request's time starts there, or
+where the application is called when a server does not set it."""
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -49,6 +74,62 @@ LEASE_EXPIRIES = Counter("metaserve_lease_expiries", "Jobs whose lease had expir
                          registry=PROCESS_REGISTRY)
 
 
+class GcPauses(Collector):
+    """Garbage collections of this process by generation, and how long each stopped every
+    thread (the event loop too): a histogram fed by ``gc.callbacks``. The callback keeps its
+    counts in plain lists, not in a prometheus_client metric, whose lock a collection could
+    interrupt in the same thread; they are read out at each scrape."""
+
+    def __init__(self) -> None:
+        self.bounds = GC_PAUSE_BUCKETS_S
+        self.counts = {generation: [0] * (len(self.bounds) + 1) for generation in (0, 1, 2)}
+        self.sums = {generation: 0.0 for generation in (0, 1, 2)}
+        self._started = 0.0
+
+    def callback(self, phase: str, info: dict) -> None:
+        # Collections never overlap (CPython runs one at a time, callbacks included).
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        seconds = time.perf_counter() - self._started
+        generation = info.get("generation")
+        if generation not in self.counts:
+            return
+        index = next((i for i, bound in enumerate(self.bounds) if seconds <= bound),
+                     len(self.bounds))
+        self.counts[generation][index] += 1
+        self.sums[generation] += seconds
+
+    def collect(self) -> Iterable[Metric]:
+        family = HistogramMetricFamily(
+            "metaserve_gc_pause_seconds", "Garbage collections of this process by generation "
+            "and how long each stopped every thread, the event loop too.", labels=["generation"])
+        for generation, counts in self.counts.items():
+            cumulative, buckets = 0, []
+            for bound, count in zip((*self.bounds, float("inf")), list(counts)):
+                cumulative += count
+                buckets.append((floatToGoString(bound), cumulative))
+            family.add_metric([str(generation)], buckets, self.sums[generation])
+        yield family
+        frozen = GaugeMetricFamily("metaserve_gc_frozen_objects", "Objects moved out of the "
+                                   "collector's view (``metaserve serve`` freezes its start-up "
+                                   "objects once warmed up; 0 before).")
+        frozen.add_metric([], gc.get_freeze_count())
+        yield frozen
+
+
+GC_PAUSES = GcPauses()
+PROCESS_REGISTRY.register(GC_PAUSES)
+_gc_timer_lock = threading.Lock()
+
+
+def install_gc_timer() -> None:
+    """Time every collection of this process (``gc.callbacks``; once per process)."""
+    with _gc_timer_lock:
+        if GC_PAUSES.callback not in gc.callbacks:
+            gc.callbacks.append(GC_PAUSES.callback)
+
+
 class HttpMetrics:
     """Request count and latency of one application (one registry per app, so that several
     apps in a process, as in tests, do not mix their counts)."""
@@ -59,14 +140,38 @@ class HttpMetrics:
                                 ["method", "route", "status"], registry=self.registry)
         self.latency = Histogram(
             "metaserve_http_request_duration_seconds",
-            "Time from a request's arrival to its response head (for an event stream: until "
-            "the stream starts).", ["method", "route", "status"], buckets=LATENCY_BUCKETS_S,
-            registry=self.registry)
+            "Time from reading the request's first byte to handing its response's last byte "
+            "to the socket (an event stream: to its response head). Not in it: time the "
+            "request waited unread while the event loop stalled "
+            "(metaserve_event_loop_lag_seconds).", ["method", "route", "status"],
+            buckets=LATENCY_BUCKETS_S, registry=self.registry)
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         labels = (method, route, str(status))
         self.requests.labels(*labels).inc()
         self.latency.labels(*labels).observe(seconds)
+
+
+class LoopLag:
+    """How late the event loop runs a callback that is due: a probe sleeps
+    :data:`LOOP_LAG_INTERVAL_S` and records how much later it woke. While the loop is stalled
+    (a long garbage collection, a callback that does not yield, the process waiting for a
+    CPU) a new request waits unread in its socket; the request histogram starts when it is
+    read, so this is the part of the clients' latency it cannot show."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.lag = Histogram("metaserve_event_loop_lag_seconds", "How late the event loop woke "
+                             f"a probe due every {LOOP_LAG_INTERVAL_S * 1000:g} ms (a stall: "
+                             "requests arriving meanwhile wait unread).",
+                             buckets=LOOP_LAG_BUCKETS_S, registry=registry)
+
+    async def probe(self, interval_s: float = LOOP_LAG_INTERVAL_S) -> None:
+        """Runs until cancelled (the API's lifespan)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + interval_s
+            await asyncio.sleep(interval_s)
+            self.lag.observe(max(0.0, loop.time() - due))
 
 
 class DatabaseCollector(Collector):
@@ -76,6 +181,9 @@ class DatabaseCollector(Collector):
                  dispatcher_connected: Callable[[], bool]) -> None:
         self.sessions = sessions
         self.dispatcher_connected = dispatcher_connected
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # registering reads no database (the registry would call collect())
 
     def collect(self) -> Iterable[Metric]:
         by_status = GaugeMetricFamily("metaserve_jobs", "Jobs by status.", labels=["status"])
@@ -146,7 +254,9 @@ class Telemetry:
     def __init__(self, sessions: sessionmaker[Session],
                  dispatcher_connected: Callable[[], bool]) -> None:
         self.http = HttpMetrics()
+        self.loop_lag = LoopLag(self.http.registry)
         self.http.registry.register(DatabaseCollector(sessions, dispatcher_connected))
+        install_gc_timer()
 
     def exposition(self) -> bytes:
         """The text exposition of every metric (HTTP, database, this process's dispatcher)."""

@@ -3,6 +3,8 @@ route template, the database gauges, and the dispatcher's lease counters."""
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import threading
 import time
 
@@ -108,3 +110,139 @@ def test_the_dispatcher_counts_lease_renewals(client: TestClient, sessions, alic
     watch.join()
     after = scrape(client, admin_auth)[("metaserve_lease_renewals_total", ())]
     assert after - before == pytest.approx(2, abs=1)
+
+
+# --------------------------------------------------------------------------- what a request's time spans
+
+
+def _timed(app, scope_extra: dict | None = None, body_chunks: list[tuple[float, bytes]] = ()) -> float:  # noqa: ANN001
+    """Run one request through MetricsMiddleware around the ASGI ``app``; the seconds it
+    observed for it (the histogram's sum)."""
+    from metaserve.api.routes.prometheus import MetricsMiddleware
+
+    metrics = telemetry.Telemetry(sessions=None, dispatcher_connected=lambda: False)  # type: ignore[arg-type]
+    pending = list(body_chunks)
+
+    async def receive() -> dict:
+        if not pending:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        delay, chunk = pending.pop(0)
+        await asyncio.sleep(delay)
+        return {"type": "http.request", "body": chunk, "more_body": bool(pending)}
+
+    async def send(message: dict) -> None:
+        pass
+
+    scope = {"type": "http", "method": "GET", "path": "/x", "headers": [], **(scope_extra or {})}
+    asyncio.run(MetricsMiddleware(app, metrics)(scope, receive, send))
+    return metrics.http.latency.labels("GET", "<unmatched>", "200")._sum.get()
+
+
+async def _slow_body(scope, receive, send) -> None:  # noqa: ANN001 - an ASGI app
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/octet-stream")]})
+    for _ in range(3):
+        await asyncio.sleep(0.1)
+        await send({"type": "http.response.body", "body": b"x" * 10, "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
+
+
+async def _event_stream(scope, receive, send) -> None:  # noqa: ANN001 - an ASGI app
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"text/event-stream; charset=utf-8")]})
+    await asyncio.sleep(0.3)
+    await send({"type": "http.response.body", "body": b"data: 1\n\n"})
+
+
+async def _read_body_then_answer(scope, receive, send) -> None:  # noqa: ANN001 - an ASGI app
+    while (await receive()).get("more_body"):
+        pass
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+def test_a_request_is_timed_to_its_last_response_byte_an_event_stream_to_its_head() -> None:
+    assert 0.3 <= _timed(_slow_body) < 1.0  # the streamed body counts, not only the head
+    assert _timed(_event_stream) < 0.2  # a stream's length is its job's, not a latency
+
+
+def test_a_request_is_timed_from_its_first_byte_read_its_body_included() -> None:
+    assert 0.3 <= _timed(_read_body_then_answer, body_chunks=[(0.15, b"a"), (0.15, b"b")]) < 1.0
+    # metaserve serve's protocol stamps when the head's first bytes were read
+    read_earlier = {"extensions": {telemetry.RECEIVED_AT: time.perf_counter() - 0.4}}
+    assert 0.4 <= _timed(_read_body_then_answer, read_earlier) < 1.0
+
+
+def test_answers_before_routing_are_labelled_with_the_route_their_path_matches(
+        client: TestClient, alice_auth, admin_auth) -> None:  # noqa: ANN001
+    too_large = client.post("/v1/jobs", content=b"{" + b" " * 20_000 + b"}",
+                            headers={**alice_auth, "content-type": "application/json"})
+    assert too_large.status_code == 413
+    assert client.get("/v1/jobs/a%01b", headers=alice_auth).status_code == 422
+    metrics = scrape(client, admin_auth)
+    count = "metaserve_http_requests_total"
+    assert metrics[(count, (("method", "POST"), ("route", "/v1/jobs"), ("status", "413")))] == 1
+    assert metrics[(count, (("method", "GET"), ("route", "/v1/jobs/{job_id}"),
+                            ("status", "422")))] == 1
+
+
+def test_event_loop_stalls_and_full_collections_are_measured(db_url: str, engine,  # noqa: ANN001
+                                                            sessions) -> None:  # noqa: ANN001
+    from metaserve.service import auth
+
+    with sessions() as session:
+        _, key = auth.create_key(session=session, name="root", is_admin=True)
+    app = create_app(Settings(database_url=db_url, dispatcher=False, metrics_anonymous=True))
+
+    @app.get("/stall")
+    async def stall() -> dict:
+        time.sleep(0.3)  # a callback that does not yield: the loop stops
+        return {}
+
+    with TestClient(app) as test_client:
+        time.sleep(0.2)  # the probe runs
+        before = scrape(test_client, {})
+        assert test_client.get("/stall").status_code == 200
+        time.sleep(0.1)
+        stalled = scrape(test_client, {})
+        gc.collect()
+        after = scrape(test_client, {})
+    lag = "metaserve_event_loop_lag_seconds_bucket"
+    late = {le: stalled[(lag, (("le", le),))] - before[(lag, (("le", le),))]
+            for le in ("0.25", "+Inf")}
+    assert late["+Inf"] - late["0.25"] >= 1  # a probe woke 0.25-0.3 s late
+    full = ("metaserve_gc_pause_seconds_count", (("generation", "2"),))
+    assert after[full] - before[full] >= 1
+    assert after[("metaserve_gc_frozen_objects", ())] == 0  # only metaserve serve freezes
+
+
+def test_metaserve_serve_times_a_request_from_the_first_byte_it_read(tmp_path) -> None:  # noqa: ANN001
+    """The head sent in two parts 0.6 s apart: the application is called only once it is
+    complete, the histogram counts from the first part."""
+    import socket
+
+    from tests.server_process import ServerProcess
+
+    server = ServerProcess(tmp_path, METASERVE_DISPATCHER="false",
+                           METASERVE_METRICS_ANONYMOUS="true").start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(b"GET /v1/jobs HTTP/1.1\r\nHost: x\r\n")
+            time.sleep(0.6)
+            sock.sendall(b"Connection: close\r\n\r\n")
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 401")
+        with server.client() as client:
+            response = client.get("/metrics")
+        metrics = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for family in text_string_to_metric_families(response.text)
+                   for s in family.samples}
+        series = (("method", "GET"), ("route", "/v1/jobs"), ("status", "401"))
+        histogram = "metaserve_http_request_duration_seconds"
+        assert metrics[(f"{histogram}_count", series)] == 1
+        assert metrics[(f"{histogram}_bucket", (("le", "0.5"), *series))] == 0
+        assert 0.6 <= metrics[(f"{histogram}_sum", series)] < 5
+    finally:
+        server.terminate()
