@@ -9,7 +9,7 @@ import hashlib
 import json
 from typing import Any, Callable, Sequence, TypeVar
 
-from sqlalchemy import Row, bindparam, select
+from sqlalchemy import Row, Select, bindparam, select
 from sqlalchemy.orm import Session
 
 from metaserve.service import store
@@ -111,21 +111,29 @@ list_artifacts = _in_transaction(store.list_artifacts)
 # --------------------------------------------------------------------------- metrics, artifacts (API)
 
 
-# Built once (constructing a statement and its cache key costs more than running it on an
-# index): the columns a page shows, never the ORM object (1,000 identity-mapped objects were
-# most of a page's time), for each combination of the optional filters.
-_M = Metric.__table__.c
-_METRIC_COLUMNS = select(_M.step, _M.name, _M.value, _M.created_at).where(
-    _M.job_id == bindparam("job_id"))
-_METRICS_PAGE = {
-    (by_name, after): (
-        (_METRIC_COLUMNS.where(_M.name == bindparam("name")) if by_name else _METRIC_COLUMNS)
-        .where(*([_M.step > bindparam("since_step")] if after else []))
-        .order_by(_M.step, _M.name).limit(bindparam("limit")))
-    for by_name in (False, True) for after in (False, True)}
-_METRICS_STEP = {by_name: (_METRIC_COLUMNS.where(_M.name == bindparam("name")) if by_name
-                           else _METRIC_COLUMNS).where(_M.step == bindparam("step"))
-                 .order_by(_M.name) for by_name in (False, True)}
+_M, _J = Metric.__table__.c, Job.__table__.c
+
+
+@functools.cache
+def _metrics_statement(*, by_name: bool, after: bool, own: bool, one_step: bool) -> Select:
+    """The read of a metrics page (``one_step``: of the values of one step), built once per
+    combination of the optional filters (constructing a statement and its cache key costs
+    more than running it on the index). The four columns a page shows as plain rows: ORM
+    objects in the identity map were most of a page's time. ``own``: only if the job is the
+    caller's (an uncorrelated EXISTS, evaluated once), so an ordinary user's page is one
+    round trip; an admin may read any job."""
+    query = select(_M.step, _M.name, _M.value, _M.created_at).where(
+        _M.job_id == bindparam("job_id"))
+    if own:
+        query = query.where(select(_J.id).where(_J.id == bindparam("job_id"),
+                                                _J.owner_id == bindparam("owner_id")).exists())
+    if by_name:
+        query = query.where(_M.name == bindparam("name"))
+    if one_step:
+        return query.where(_M.step == bindparam("step")).order_by(_M.name)
+    if after:
+        query = query.where(_M.step > bindparam("since_step"))
+    return query.order_by(_M.step, _M.name).limit(bindparam("limit"))
 
 
 def get_metrics_page(*, session: Session, job_id: str, owner: User, name: str | None = None,
@@ -139,20 +147,28 @@ def get_metrics_page(*, session: Session, job_id: str, owner: User, name: str | 
     at the page boundary: a partial last step is left to the next page, and a single step
     with more than ``limit`` values is returned whole. Another user's job raises
     :class:`~metaserve.service.exceptions.JobNotFound`.
+
+    A read-only autocommit read: no BEGIN and COMMIT round trips around it. On PostgreSQL
+    (READ COMMITTED) each statement had its own snapshot inside a transaction too; values
+    are only ever added, and a page's whole steps come from one statement.
     """
+    filters = {"by_name": name is not None, "own": not owner.is_admin}
+    parameters = {"job_id": job_id, "owner_id": owner.id, "name": name,
+                  "since_step": since_step, "limit": limit + 1}
     with Transaction(session):
-        store.get_job_row(session=session, job_id=job_id, owner=owner)
-        parameters = {"job_id": job_id, "name": name, "since_step": since_step,
-                      "limit": limit + 1}
-        rows = session.execute(_METRICS_PAGE[name is not None, since_step is not None],
-                               parameters).all()
+        session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+        rows = session.execute(_metrics_statement(**filters, after=since_step is not None,
+                                                  one_step=False), parameters).all()
+        if not rows:  # none yet, or no such job of the caller's: which one
+            store.get_job_row(session=session, job_id=job_id, owner=owner)
+            return rows, None
         if len(rows) <= limit:
             return rows, None
         page, last_step = rows[:limit], rows[limit - 1].step
         if rows[limit].step == last_step:  # the page would cut a step in two
             page = [row for row in page if row.step < last_step]
             if not page:
-                page = session.execute(_METRICS_STEP[name is not None],
+                page = session.execute(_metrics_statement(**filters, after=False, one_step=True),
                                        {**parameters, "step": last_step}).all()
         return page, page[-1].step
 

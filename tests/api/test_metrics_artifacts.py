@@ -19,6 +19,7 @@ from sqlalchemy import select
 from metaserve.api.schemas import MetricPointPublic, MetricsPublic, metrics_response
 from metaserve.service import artifacts, jobs
 from metaserve.service.models import Metric
+from metaserve.workers.spec import JobSpec
 from metaserve.workers.engine.trainer import CHECKPOINT_DIRECTORY
 from metaserve.workers.storage import StorageConfig, open_store
 
@@ -168,6 +169,43 @@ def test_metrics_of_another_users_job_are_404(client, sessions, alice_auth, bob_
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "not_found"
     assert response.json()["error"]["message"] == "Job not found."
+
+
+def test_metrics_of_any_job_for_an_admin_and_404_for_a_missing_one(client, sessions, alice_auth,
+                                                                   admin_auth):
+    job_id = submit(client, alice_auth)
+    write_metrics(sessions, job_id, [(1, "loss", 1.0), (1, "acc", 0.5)])
+    response = client.get(f"/v1/jobs/{job_id}/metrics", headers=admin_auth)
+    assert points(response) == [(1, "acc", 0.5), (1, "loss", 1.0)]
+    empty = submit(client, alice_auth)
+    assert client.get(f"/v1/jobs/{empty}/metrics", headers=admin_auth).json() == {
+        "data": [], "next_since_step": None}
+    for auth in (admin_auth, alice_auth):
+        assert client.get("/v1/jobs/0NOSUCHJOB/metrics", headers=auth).status_code == 404
+
+
+def test_a_metrics_page_leaves_its_pooled_connection_transactional(engine, sessions):
+    """The page reads in autocommit; the connection it used goes back to the pool as it came,
+    so the next session's writes are a transaction again (a rollback undoes them)."""
+    from metaserve.service.models import Job
+    from tests.conftest import make_user
+
+    user, _ = make_user(sessions, "carol")
+    with sessions() as session:
+        job, _ = jobs.submit_job(session=session, owner=user, spec=JobSpec.model_validate(
+            TWO_LINE_SPEC))
+    write_metrics(sessions, job.id, [(1, "loss", 1.0)])
+    for _ in range(3):  # more than a pool's worth of checkouts on SQLite's small pool
+        with sessions() as session:
+            page, _ = jobs.get_metrics_page(session=session, job_id=job.id, owner=user)
+            assert [row.value for row in page] == [1.0]
+            assert session.connection().get_isolation_level() != "AUTOCOMMIT"
+    with sessions() as session:
+        session.get(Job, job.id).name = "renamed"
+        session.flush()
+        session.rollback()
+    with sessions() as session:
+        assert session.get(Job, job.id).name != "renamed"
 
 
 def reference_body(page, next_since_step) -> bytes:  # noqa: ANN001
