@@ -507,29 +507,73 @@ def _print_json(value: object) -> None:
 @app.command("list")
 def list_command(
     status: Annotated[Optional[str], typer.Option(help="Only jobs in this status.")] = None,
+    name: Annotated[Optional[str], typer.Option(
+        help="Only jobs whose name contains this, in any case.")] = None,
     limit: Annotated[int, typer.Option(help="At most this many jobs.", min=1)] = 20,
     output: OutputOption = OutputFormat.table,
 ) -> None:
     """Your jobs, newest first, as a table (or --output json)."""
     from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text
 
     with _ClientErrors(), _client() as client:
-        found = client.list(status=status, limit=limit)
+        found = client.list(status=status, limit=limit, name=name)
     if output is OutputFormat.json:
         _print_json(found)
         return
-    table = Table("name", "status", "progress", "attempt", "created")
-    table.add_column("id", no_wrap=True, min_width=26)
+    console = Console()
+    console.print(jobs_table(found, console.width))
+
+
+def jobs_table(found: list[dict], width: int):  # noqa: ANN201 - a rich Table
+    """The jobs as a table that reads in ``width`` columns (80: names up to 19 characters
+    whole): every column but the name at its full width (a status, an id are never cut), the
+    name cut with an ellipsis to what is left."""
+    from datetime import datetime, timezone
+
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    now = datetime.now(timezone.utc)
+    rows = []
     for job in found:
         progress = job.get("progress") or {}
         done = f"{progress['iteration']}/{progress['total']}" if "iteration" in progress else "-"
-        # Text, not str: no rich markup in a server-supplied name, control characters escaped
-        table.add_row(*(Text(printable(cell)) for cell in (
-            job["name"], job["status"], done, job["attempt"],
-            str(job["created_at"])[:19].replace("T", " "), job["id"])))
-    Console().print(table)
+        rows.append([printable(cell) for cell in (
+            job["name"], job["status"], done, job["attempt"], _age(job["created_at"], now),
+            job["id"])])
+    columns = (("status", "left"), ("progress", "right"), ("try", "right"), ("age", "right"),
+               ("id", "left"))
+    widths = [max([len(header), *(len(row[index]) for row in rows)])
+              for index, (header, _) in enumerate(columns, start=1)]
+    gap = 2  # one space of padding, one of the (blank) column divider
+    names = max([4, *(len(row[0]) for row in rows)])
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, padding=(0, 1, 0, 0))
+    table.add_column("name", overflow="ellipsis", no_wrap=True,
+                     width=max(12, min(names, width - sum(widths) - gap * len(widths) - 1)))
+    for (header, justify), column_width in zip(columns, widths):
+        table.add_column(header, no_wrap=True, justify=justify,  # type: ignore[arg-type]
+                         width=column_width)
+    for row in rows:  # Text, not str: no rich markup in a server-supplied name
+        table.add_row(*(Text(cell) for cell in row))
+    return table
+
+
+def _age(created_at: str, now) -> str:  # noqa: ANN001
+    """``45s``, ``12m``, ``5h``, ``3d`` (``kubectl get``'s AGE)."""
+    from datetime import datetime, timezone
+
+    try:
+        created = datetime.fromisoformat(str(created_at).replace("Z", "+00:00"))
+    except ValueError:
+        return "?"
+    if created.tzinfo is None:
+        created = created.replace(tzinfo=timezone.utc)
+    seconds = max(0, int((now - created).total_seconds()))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
 
 
 @app.command()

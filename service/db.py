@@ -28,6 +28,15 @@ def _configure_sqlite(dbapi_connection, _record) -> None:  # noqa: ANN001
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
+    # SQLite's lower() folds ASCII only; PostgreSQL's folds every letter (name search)
+    dbapi_connection.create_function(UNICODE_LOWER, 1, _lower, deterministic=True)
+
+
+UNICODE_LOWER = "metaserve_lower"
+
+
+def _lower(value: object) -> object:
+    return value.lower() if isinstance(value, str) else value
 
 
 def make_engine(url: str, **kwargs) -> Engine:  # noqa: ANN003

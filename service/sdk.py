@@ -381,14 +381,18 @@ class Client:
     def get(self, job: str | dict[str, Any]) -> dict[str, Any]:
         return self._request("GET", f"/v1/jobs/{job_id_of(job)}").json()
 
-    def list(self, *, status: str | None = None, limit: int | None = 50) -> list[dict[str, Any]]:
-        """Your jobs, newest first: up to ``limit`` (None: all), following the pages."""
+    def list(self, *, status: str | None = None, limit: int | None = 50,
+             name: str | None = None) -> list[dict[str, Any]]:
+        """Your jobs, newest first: up to ``limit`` (None: all), following the pages;
+        ``name``: only those whose name contains it, in any case."""
         found: list[dict[str, Any]] = []
         cursor: str | None = None
         while limit is None or len(found) < limit:
             params: dict[str, Any] = {"limit": 100 if limit is None else min(100, limit - len(found))}
             if status:
                 params["status"] = status
+            if name is not None:
+                params["name"] = name
             if cursor:
                 params["cursor"] = cursor
             page = self._request("GET", "/v1/jobs", params=params).json()

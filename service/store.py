@@ -27,6 +27,7 @@ from metaserve.service.exceptions import (
     MetaserveError,
     QuotaExceeded,
 )
+from metaserve.service.db import UNICODE_LOWER
 from metaserve.service.ids import new_id
 from metaserve.service.models import Artifact, Job, JobStatus, JobStatusEvent, Metric, User, utcnow
 
@@ -249,9 +250,11 @@ def list_jobs(
     cursor: str | None = None,
     limit: int = 50,
     sweep_id: str | None = None,
+    name: str | None = None,
 ) -> tuple[list[Job], str | None]:
     """A page of jobs newest first and the cursor of the next page (None on the last);
-    ``sweep_id``: that sweep's trials only."""
+    ``sweep_id``: that sweep's trials only; ``name``: jobs whose name contains it, in any
+    case (``%`` and ``_`` are literal)."""
     limit = max(1, min(limit, MAX_PAGE))
     query = select(Job).order_by(Job.id.desc()).limit(limit + 1)
     if not owner.is_admin:
@@ -262,6 +265,10 @@ def list_jobs(
         query = query.where(Job.id < decode_cursor(cursor))
     if sweep_id is not None:
         query = query.where(Job.sweep_id == sweep_id)
+    if name is not None:
+        lower = (getattr(func, UNICODE_LOWER) if session.get_bind().dialect.name == "sqlite"
+                 else func.lower)
+        query = query.where(lower(Job.name).contains(name.lower(), autoescape=True))
     jobs = list(session.scalars(query))
     if len(jobs) > limit:
         return jobs[:limit], encode_cursor(jobs[limit - 1].id)

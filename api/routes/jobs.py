@@ -62,10 +62,15 @@ def list_jobs(
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
     sweep: Annotated[str | None, Query(max_length=100, pattern=NO_CONTROL_CHARACTERS,
                                        description="A sweep's id: its trials only.")] = None,
+    name: Annotated[str | None, Query(min_length=1, max_length=200,
+                                      pattern=NO_CONTROL_CHARACTERS,
+                                      description="Only jobs whose name contains this, in any "
+                                      "case (`%` and `_` match themselves). Pages with the same "
+                                      "`name` follow each other by `cursor`.")] = None,
 ) -> Response:
     """Your jobs, newest first (an admin sees everyone's)."""
     page, next_cursor = jobs.list_jobs(session=session, owner=user, status=status_filter,
-                                       cursor=cursor, limit=limit, sweep_id=sweep)
+                                       cursor=cursor, limit=limit, sweep_id=sweep, name=name)
     return model_response(JobsPublic(data=[JobPublic.model_validate(job) for job in page],
                                      next_cursor=next_cursor))
 
