@@ -12,8 +12,11 @@ from ``--clients`` threads with a keep-alive connection each:
 - poll: ``GET /v1/jobs/{id}`` of the caller's own jobs, p50/p99;
 - list: ``GET /v1/jobs?limit=50`` of a user holding 1/100 of the jobs, first page and a page
   whose cursor lies deep in that user's history (the 90th percentile of its ids);
-- metrics (full phase): pages of 1,000 values of the job holding 1,000,000 points (4 series ×
-  250,000 steps) at since_step 0, 25 %, 50 %, 99 %, with and without ``name``;
+- metrics (full phase): pages of the API's default size (1,000 values) of the job holding
+  1,000,000 points (4 series × 250,000 steps) at since_step 0, 25 %, 50 %, 99 %, with and
+  without ``name``, from 4 clients at once and from one; and an ordinary user's own job;
+- every figure: the 1-minute load average when it began and the server process's CPU per
+  request (``/proc``), which the machine's other work does not inflate as much as latency;
 - claims: 8 threads (8 dispatchers: a session each) claim queued jobs until none is left or
   ``--claims`` were made; claims/s and whether any job was claimed twice.
 
@@ -56,9 +59,18 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def timed_requests(url: str, key: str, paths: list[str], clients: int,
-                   method: str = "GET", body: dict | None = None) -> dict:
-    """Each path requested once, spread over ``clients`` threads; latency figures in ms."""
+                   method: str = "GET", body: dict | None = None,
+                   server_pid: int | None = None) -> dict:
+    """Each path requested once, spread over ``clients`` threads; latency figures in ms, the
+    1-minute load average when it began and, given the server's pid, the server process's
+    CPU per request (ms): what a request costs whatever else the machine runs."""
     latencies: list[float] = []
     statuses: dict[int, int] = {}
     lock = threading.Lock()
@@ -75,6 +87,8 @@ def timed_requests(url: str, key: str, paths: list[str], clients: int,
                     latencies.append(elapsed)
                     statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
 
+    load = os.getloadavg()[0]
+    cpu_before = process_cpu_s(server_pid) if server_pid else 0.0
     began = time.perf_counter()
     threads = [threading.Thread(target=run, args=(chunk,)) for chunk in chunks if chunk]
     for thread in threads:
@@ -82,9 +96,14 @@ def timed_requests(url: str, key: str, paths: list[str], clients: int,
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - began
-    return {"requests": len(latencies), "per_s": round(len(latencies) / wall, 1),
-            "p50_ms": round(percentile(latencies, 50), 2),
-            "p99_ms": round(percentile(latencies, 99), 2), "statuses": statuses}
+    result = {"requests": len(latencies), "per_s": round(len(latencies) / wall, 1),
+              "p50_ms": round(percentile(latencies, 50), 2),
+              "p99_ms": round(percentile(latencies, 99), 2), "statuses": statuses,
+              "clients": clients, "load_1m": round(load, 2)}
+    if server_pid:
+        result["server_cpu_ms_per_request"] = round(
+            (process_cpu_s(server_pid) - cpu_before) / len(latencies) * 1000, 2)
+    return result
 
 
 def make_users(url: str) -> list[tuple[int, str]]:
@@ -202,9 +221,10 @@ def measure(server: ServerProcess, url: str, users: list[tuple[int, str]], args:
             big_job: dict | None) -> dict:
     from metaserve.service.store import encode_cursor
 
+    pid = server.process.pid
     submitter_key = users[0][1]
     result = {"submit": timed_requests(server.url, submitter_key, ["/v1/jobs"] * args.submits,
-                                       args.clients, method="POST", body=SPEC)}
+                                       args.clients, method="POST", body=SPEC, server_pid=pid)}
     reader_id, reader_key = users[50]  # an ordinary user
     own = owned_job_ids(url, reader_id, 2000)
     if not own:  # the empty database: the reader's own jobs come from the API
@@ -213,24 +233,35 @@ def measure(server: ServerProcess, url: str, users: list[tuple[int, str]], args:
     rng = random.Random(0)
     result["poll"] = timed_requests(server.url, reader_key,
                                     [f"/v1/jobs/{rng.choice(own)}" for _ in range(args.polls)],
-                                    args.clients)
+                                    args.clients, server_pid=pid)
     result["list_first_page"] = timed_requests(server.url, reader_key,
-                                               ["/v1/jobs?limit=50"] * args.lists, args.clients)
+                                               ["/v1/jobs?limit=50"] * args.lists, args.clients,
+                                               server_pid=pid)
     deep = own[int(len(own) * 0.9)]
     result["list_deep_cursor"] = timed_requests(
         server.url, reader_key, [f"/v1/jobs?limit=50&cursor={encode_cursor(deep)}"] * args.lists,
-        args.clients)
+        args.clients, server_pid=pid)
     result["list_deep_cursor"]["position"] = int(len(own) * 0.9)
     if big_job is not None:
+        # Pages of the API's default size (no ``limit``: DEFAULT_METRICS_PAGE values), from 4
+        # clients at once and from one client alone.
         admin_key = users[0][1]
         steps = big_job["big_job_steps"]
         for fraction in (0, 0.25, 0.5, 0.99):
             since = int(steps * fraction)
             for name in (None, "train/loss"):
-                query = f"limit=1000&since_step={since}" + (f"&name={name}" if name else "")
-                result[f"metrics_page_{fraction:g}_{'one_series' if name else 'all'}"] = \
-                    timed_requests(server.url, admin_key,
-                                   [f"/v1/jobs/{big_job['big_job']}/metrics?{query}"] * 40, 4)
+                query = f"since_step={since}" + (f"&name={name}" if name else "")
+                paths = [f"/v1/jobs/{big_job['big_job']}/metrics?{query}"] * args.metric_pages
+                label = f"metrics_page_{fraction:g}_{'one_series' if name else 'all'}"
+                result[label] = timed_requests(server.url, admin_key, paths, 4, server_pid=pid)
+                result[label + "_1_client"] = timed_requests(server.url, admin_key, paths, 1,
+                                                             server_pid=pid)
+        # An ordinary user's own job (its ownership checked in the same statement): one of
+        # the history jobs holding PER_JOB_METRIC_ROWS values.
+        own_with_metrics = f"{USERS // 2:026x}"
+        result["metrics_page_own_job"] = timed_requests(
+            server.url, reader_key, [f"/v1/jobs/{own_with_metrics}/metrics"] * args.metric_pages,
+            4, server_pid=pid)
     result["claims"] = claims(url, args.claims)
     return result
 
@@ -245,6 +276,8 @@ def main() -> None:
     parser.add_argument("--polls", type=int, default=4000)
     parser.add_argument("--lists", type=int, default=1000)
     parser.add_argument("--claims", type=int, default=800)
+    parser.add_argument("--metric-pages", type=int, default=100,
+                        help="requests per metrics-page measurement")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
