@@ -374,8 +374,15 @@
     const statusSelect = el("select", { id: "status-filter", "aria-label": "Status",
       onchange: (e) => navigate({ status: e.target.value, cursors: "" }) },
       el("option", { value: "" }, "All statuses"), STATUSES.map((s) => el("option", { value: s, selected: s === status }, s)));
-    const searchBox = el("input", { id: "search", type: "search", placeholder: "Search names on this page", value: search,
-      oninput: (e) => filter(e.target.value) });
+    // The search runs on the server (GET /v1/jobs?name=), so it finds jobs on every page;
+    // typing re-lists after a pause, Enter at once, and the box keeps the focus.
+    let searchTimer = null;
+    const searchNow = (value) => { clearTimeout(searchTimer); navigate({ q: value.trim(), cursors: "" }); };
+    const searchBox = el("input", { id: "search", type: "search", placeholder: "Search names", "aria-label": "Search names",
+      value: search, maxlength: 200,
+      oninput: (e) => { clearTimeout(searchTimer); searchTimer = setTimeout(() => searchNow(e.target.value), 400); },
+      onkeydown: (e) => { if (e.key === "Enter") searchNow(e.target.value); } });
+    const refocus = document.activeElement && document.activeElement.id === "search";
     const body = el("tbody");
     const table = el("table", { id: "jobs" }, el("thead", {}, el("tr", {},
       el("th", {}, ""), el("th", {}, "Name"), el("th", {}, "Algorithm"), el("th", {}, "Family"),
@@ -389,15 +396,13 @@
         el("button", { type: "button", id: "refresh", onclick: () => route() }, "Refresh"), compare),
       el("div", { class: "card" }, table, pager));
 
-    function filter(text) {
-      const needle = text.trim().toLowerCase();
-      for (const row of body.rows) row.hidden = needle !== "" && !row.dataset.name.toLowerCase().includes(needle);
-    }
+    if (refocus) { searchBox.focus(); searchBox.setSelectionRange(search.length, search.length); }
 
     const query = new URLSearchParams({ limit: String(PAGE) });
     if (status) query.set("status", status);
     if (sweep) query.set("sweep", sweep);
     if (cursor) query.set("cursor", cursor);
+    if (search.trim()) query.set("name", search.trim());
     let page;
     try {
       page = await api(`/v1/jobs?${query}`);
@@ -405,7 +410,8 @@
       body.append(el("tr", {}, el("td", { colspan: 9, class: "error", text: errorText(error) })));
       return;
     }
-    if (!page.data.length) body.append(el("tr", {}, el("td", { colspan: 9, class: "muted", text: "No jobs." })));
+    if (!page.data.length) body.append(el("tr", {}, el("td", { colspan: 9, class: "muted", id: "no-jobs",
+      text: search.trim() ? `No jobs whose name contains “${search.trim()}”.` : "No jobs." })));
     for (const job of page.data) {
       const finalCell = el("td", { class: "num" });
       const box = el("input", { type: "checkbox", "aria-label": `select ${job.name}`, "data-id": job.id,
@@ -422,7 +428,6 @@
         finalCell));
       finalMetric(job, finalCell);
     }
-    filter(search);
     if (cursors.length) pager.append(el("button", { type: "button", onclick: () => navigate({ cursors: cursors.slice(0, -1).join(",") }) }, "← Newer"));
     if (page.next_cursor) pager.append(el("button", { type: "button", id: "older", onclick: () => navigate({ cursors: [...cursors, page.next_cursor].join(",") }) }, "Older →"));
   }

@@ -369,3 +369,36 @@ def test_a_sweep_page_ranks_its_trials_and_plots_the_metric_against_a_parameter(
     browser.get(site["url"] + f"/#/sweeps/{sweep_id}")
     wait(browser, lambda b: b.find_elements(By.ID, "sweep-error"), message="bob's sweep page")
     assert browser.find_element(By.ID, "sweep-error").text == "No such sweep of yours."
+
+
+def listed_ids(browser) -> list[str]:  # noqa: ANN001
+    """The ids of the listed jobs, read in one script (the list may be re-rendered between
+    two element lookups)."""
+    return browser.execute_script(
+        "return [...document.querySelectorAll('#jobs tbody tr[data-id]')].map((r) => r.dataset.id);")
+
+
+def test_the_name_search_runs_on_the_server_and_finds_jobs_beyond_the_first_page(
+        browser, site: dict) -> None:  # noqa: ANN001
+    """The needle is alice's oldest job, more than a page (25) behind the newest: a search of
+    the loaded page could not find it. Bob's job of the same name stays his."""
+    needle = submit(site, "Needle-in-the-haystack")
+    for index in range(30):
+        submit(site, f"hay-{index}")
+    with site["sessions"]() as session:
+        jobs.submit_job(session=session, owner=site["bob"], spec=JobSpec.model_validate(
+            {"name": "needle-of-bob", "algorithm": {"name": "maml"}, "task_family": {"name": "sine"}}))
+    log_in(browser, site, site["alice_key"])
+    wait(browser, lambda b: len(listed_ids(b)) == 25, message="the first page")
+    assert needle not in listed_ids(browser)
+    browser.find_element(By.ID, "search").send_keys("nEEDLE")  # typing: listed after a pause
+    wait(browser, lambda b: listed_ids(b) == [needle], message="the needle found")
+    assert "q=nEEDLE" in browser.current_url
+    assert browser.switch_to.active_element.get_attribute("id") == "search"  # still typing
+    assert browser.find_element(By.ID, "search").get_attribute("value") == "nEEDLE"
+    shot(browser, "jobs-search")
+    search = browser.find_element(By.ID, "search")
+    search.clear()
+    search.send_keys("no such job\n")  # Enter: at once
+    wait(browser, lambda b: b.find_elements(By.ID, "no-jobs"), message="no match")
+    assert browser.find_element(By.ID, "no-jobs").text == "No jobs whose name contains “no such job”."
