@@ -20,6 +20,11 @@ half-width over test tasks, and the spread over seeds (min-max).
 
 Raw JSON: one file per (setting, method, backbone, seed) and ``summary.json`` under ``--out``
 (default benchmarks/results/fewshot); the Markdown table is printed and written as table.md.
+The table and summary cover every run JSON in ``--out``, so a table can be built by several
+invocations (e.g. different ``--iterations`` per setting); ``--skip-done`` keeps finished runs,
+so a crashed or stopped benchmark restarts where it was. ``--train-query-shots`` trains on fewer
+queries per class than the test tasks have (ProtoNets' Omniglot recipe trains on 5); the test
+tasks always have 15, the same tasks as the pixel floor's.
 """
 
 from __future__ import annotations
@@ -53,14 +58,15 @@ def algorithm_spec(method: str, ways: int) -> tuple[dict, list[int]]:
              "inner_steps": 1 if five_way else 5}, [1, 3] if five_way else [5])
 
 
-def job_spec(method: str, setting: str, backbone: str, seed: int, args: argparse.Namespace) -> dict:
+def job_spec(method: str, setting: str, backbone: str, seed: int, args: argparse.Namespace,
+             query_shots: int = QUERY_SHOTS) -> dict:
     ways, shots = SETTINGS[setting]
     algorithm, steps = algorithm_spec(method, ways)
     model = ({"name": "conv4", "filters": 64, "norm": "batch"} if backbone == "conv4" else
              {"name": "resnet12", "widths": args.resnet_widths, "norm": "batch"})
     return {"name": f"fewshot-{setting}-{method}-{backbone}-seed{seed}", "algorithm": algorithm,
             "task_family": {"name": "typefaces", "ways": ways, "support_shots": shots,
-                            "query_shots": QUERY_SHOTS},
+                            "query_shots": query_shots},
             "model": model, "meta_batch_size": args.meta_batch_size, "iterations": args.iterations,
             "outer_optimizer": {"name": "adam", "lr": 0.001},
             "evaluation": {"every": 0, "tasks": args.tasks, "inner_steps": steps},
@@ -93,22 +99,87 @@ def pixel_floor(setting: str, seed: int, tasks: int) -> dict:
     return {"accuracy": accuracy, "ci95": ci, "transductive_accuracy": None, "train_seconds": 0.0}
 
 
-def train_and_test(spec: dict, device: str) -> dict:
+def test_evaluation(trainer, params: dict, steps: list[int], transductive: bool) -> dict:
+    """What :meth:`Trainer.evaluate` computes on the test split (the engine's sampling, chunks,
+    ``evaluation_curves`` and ``summarize``), at the inner-step counts ``steps`` only (no step 0
+    unless asked), and the transductive pass only when ``transductive``."""
+    from metaserve.workers.engine.evaluation import summarize
+    from metaserve.workers.engine.trainer import DEFAULT_EVALUATION_CHUNK, _chunks
+
+    spec = trainer.spec
+    steps = sorted(set(steps))
+    modes = (False, True) if transductive else (False,)
+    curves: dict[bool, list[tuple[torch.Tensor, torch.Tensor]]] = {mode: [] for mode in modes}
+    for chunk in _chunks(range(spec.evaluation.tasks), spec.resources.task_chunk or DEFAULT_EVALUATION_CHUNK):
+        batch = trainer.family.sample(seed=spec.seed, split="test", iteration=0, task_indices=chunk,
+                                      support_shots=spec.evaluation.support_shots).to(trainer.device)
+        for mode in modes:
+            loss, acc = trainer.algorithm.evaluation_curves(trainer._on_device(params), *batch,
+                                                            steps=tuple(steps), transductive=mode)
+            curves[mode].append((loss.detach().cpu(), acc.detach().cpu()))
+    result = {}
+    for mode in modes:
+        both = summarize("test", steps, torch.cat([loss for loss, _ in curves[mode]]),
+                         torch.cat([acc for _, acc in curves[mode]]))
+        result.update({(name.replace("/", "/transductive_", 1) if mode else name): value
+                       for name, value in both.items() if not (mode and name.endswith("/tasks"))})
+    return result
+
+
+def train_and_test(spec: dict, device: str, transductive: bool = True,
+                   train_query_shots: int = QUERY_SHOTS, final_step_only: bool = False) -> dict:
+    """Train on ``train_query_shots`` queries per class, test on the benchmark's test tasks
+    (``QUERY_SHOTS`` queries per class, the tasks the pixel floor sees)."""
     from metaserve.workers.engine import Trainer
 
-    trainer = Trainer(spec, device=device)
+    train_spec = json.loads(json.dumps(spec))
+    train_spec["task_family"]["query_shots"] = train_query_shots
+    trainer = Trainer(train_spec, device=device)
     state = trainer.init_state()
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
+    accuracies = []
     for _ in range(spec["iterations"]):
-        state, _ = trainer.step(state)
-    seconds = time.perf_counter() - started
-    result = trainer.evaluate(state.params, split="test")
+        state, metrics = trainer.step(state)
+        accuracies.append(metrics.get("train/accuracy_after"))
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu
+    evaluator = Trainer(spec, device=device)
+    started, cpu = time.perf_counter(), time.process_time()
     step = max(spec["evaluation"]["inner_steps"])
+    steps = [step] if final_step_only else [0, *spec["evaluation"]["inner_steps"]]
+    result = test_evaluation(evaluator, state.params, steps,
+                             transductive and evaluator.algorithm.trains_transductive)
     return {"accuracy": result[f"test/accuracy_step{step}"],
             "ci95": result[f"test/accuracy_step{step}_ci95"],
             "transductive_accuracy": result.get(f"test/transductive_accuracy_step{step}"),
             "transductive_ci95": result.get(f"test/transductive_accuracy_step{step}_ci95"),
-            "inner_steps_at_test": step, "train_seconds": seconds, "evaluation": result}
+            "inner_steps_at_test": step, "train_seconds": seconds, "train_cpu_seconds": cpu_seconds,
+            "test_seconds": time.perf_counter() - started, "test_cpu_seconds": time.process_time() - cpu,
+            "train_query_shots": train_query_shots,
+            "train_query_accuracy_first_last10": [statistics.mean(accuracies[:10]),
+                                                  statistics.mean(accuracies[-10:])]
+            if accuracies and None not in accuracies else None,
+            "evaluation": result}
+
+
+def engine_source() -> dict:
+    """Where the engine came from: its folder and commit (``METASERVE_SOURCE_COMMIT`` for an
+    exported tree), and whether its files differ from that commit."""
+    import subprocess
+
+    import metaserve.workers
+
+    folder = Path(metaserve.workers.__file__).resolve().parent
+    commit = os.environ.get("METASERVE_SOURCE_COMMIT")
+    dirty = None
+    if commit is None:
+        try:
+            commit = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], check=True,
+                                    capture_output=True, text=True).stdout.strip()
+            dirty = subprocess.run(["git", "-C", str(folder), "diff", "--quiet", "HEAD", "--", "."],
+                                   capture_output=True).returncode != 0
+        except (OSError, subprocess.CalledProcessError):
+            pass
+    return {"path": str(folder), "commit": commit, "uncommitted_changes": dirty}
 
 
 def hardware(device: str) -> str:
@@ -119,8 +190,8 @@ def hardware(device: str) -> str:
 
 
 def table(rows: list[dict], backbones: list[str]) -> str:
-    lines = ["| setting | method | backbone | accuracy (non-transductive) | transductive | "
-             "spread over seeds | seeds | train s/seed |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| setting | method | backbone | iterations | accuracy (non-transductive) | transductive | "
+             "spread over seeds | seeds | train s/seed |", "|---|---|---|---|---|---|---|---|---|"]
     for setting in SETTINGS:
         for method in METHODS:
             for backbone in (backbones if method != "pixels" else ["-"]):
@@ -132,9 +203,12 @@ def table(rows: list[dict], backbones: list[str]) -> str:
                 ci = statistics.mean(100 * r["ci95"] for r in runs)
                 trans = [100 * r["transductive_accuracy"] for r in runs
                          if r.get("transductive_accuracy") is not None]
+                iterations = sorted({r["spec"]["iterations"] for r in runs if r.get("spec")})
                 lines.append(
-                    f"| {setting} | {method} | {backbone} | {statistics.mean(accuracy):.1f} ± {ci:.1f} | "
-                    + (f"{statistics.mean(trans):.1f}" if trans else "-")
+                    f"| {setting} | {method} | {backbone} | {'/'.join(map(str, iterations)) or '-'} | "
+                    f"{statistics.mean(accuracy):.1f} ± {ci:.1f} | "
+                    + (f"{statistics.mean(trans):.1f} ({len(trans)} seed{'s' * (len(trans) > 1)})"
+                       if trans else "-")
                     + f" | {min(accuracy):.1f}-{max(accuracy):.1f} | {len(runs)} | "
                     f"{statistics.mean(r['train_seconds'] for r in runs):.0f} |")
     return "\n".join(lines)
@@ -152,34 +226,54 @@ def main() -> None:
     parser.add_argument("--task-chunk", type=int, default=0)
     parser.add_argument("--tasks", type=int, default=1000, help="Test tasks per run.")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default).")
+    parser.add_argument("--train-query-shots", type=int, default=QUERY_SHOTS,
+                        help="Queries per class in training tasks (test tasks keep 15).")
+    parser.add_argument("--transductive-seeds", nargs="*", type=int, default=None,
+                        help="Seeds whose test also runs the transductive pass (default: all).")
+    parser.add_argument("--final-step-only", action="store_true",
+                        help="Test only at the last inner-step count (not step 0 and the others).")
+    parser.add_argument("--skip-done", action="store_true",
+                        help="Keep a run whose JSON is already in --out instead of rerunning it.")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/fewshot")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    command = "benchmarks/fewshot.py " + " ".join(sys.argv[1:])
     for setting in args.settings:
         for seed in args.seeds:
             for method in args.methods:
                 for backbone in (args.backbones if method != "pixels" else ["-"]):
-                    started = time.perf_counter()
+                    name = f"{setting}-{method}-{backbone}-seed{seed}.json"
+                    if args.skip_done and (args.out / name).exists():
+                        print(f"{name}: done, kept", file=sys.stderr)
+                        continue
+                    started, load_before = time.perf_counter(), os.getloadavg()
                     if method == "pixels":
                         result, spec = pixel_floor(setting, seed, args.tasks), None
                     else:
                         spec = job_spec(method, setting, backbone, seed, args)
-                        result = train_and_test(spec, args.device)
+                        transductive = args.transductive_seeds is None or seed in args.transductive_seeds
+                        result = train_and_test(spec, args.device, transductive, args.train_query_shots,
+                                                args.final_step_only)
                     row = {"setting": setting, "method": method, "backbone": backbone, "seed": seed,
                            **{k: v for k, v in result.items() if k != "evaluation"},
-                           "wall_seconds": time.perf_counter() - started,
-                           "hardware": hardware(args.device), "spec": spec,
+                           "test_tasks": args.tasks, "wall_seconds": time.perf_counter() - started,
+                           "hardware": hardware(args.device),
+                           "load_average_1min_before_after": [load_before[0], os.getloadavg()[0]],
+                           "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                           "command": command, "engine": engine_source(), "spec": spec,
                            "evaluation": result.get("evaluation")}
-                    rows.append(row)
-                    name = f"{setting}-{method}-{backbone}-seed{seed}.json"
                     (args.out / name).write_text(json.dumps(row, indent=2))
                     print(f"{setting} {method} {backbone} seed {seed}: "
                           f"{100 * row['accuracy']:.1f} ± {100 * row['ci95']:.1f}", file=sys.stderr)
-    markdown = table(rows, args.backbones)
-    summary = {"command": "benchmarks/fewshot.py " + " ".join(sys.argv[1:]),
+    # every run in --out, from this invocation or an earlier one
+    rows = [json.loads(path.read_text()) for path in sorted(args.out.glob("*-seed*.json"))]
+    markdown = table(rows, sorted({r["backbone"] for r in rows if r["backbone"] != "-"}))
+    summary = {"command": command, "commands": sorted({r.get("command") or "" for r in rows}),
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-               "hardware": hardware(args.device), "test_tasks": args.tasks,
+               "hardware": hardware(args.device), "test_tasks": sorted({r.get("test_tasks") or 0 for r in rows}),
                "query_shots": QUERY_SHOTS, "rows": [{k: v for k, v in r.items() if k != "evaluation"}
                                                     for r in rows]}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
