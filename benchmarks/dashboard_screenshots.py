@@ -48,6 +48,17 @@ def wait_status(client, job_id: str, statuses: set[str], timeout: float = 600) -
         time.sleep(1)
 
 
+def wait_progress(client, job_id: str, iteration: int, timeout: float = 600) -> dict:  # noqa: ANN001
+    """The job once it reached ``iteration`` (or ended)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        done = (job.get("progress") or {}).get("iteration", 0)
+        if done >= iteration or job["status"] != "running" or time.monotonic() > deadline:
+            return job
+        time.sleep(0.2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("docs/dashboard"))
@@ -80,8 +91,12 @@ def main() -> None:
             # The MAML job's page while it runs: its curves grow from the event stream.
             wait_status(client, maml, {"running"})
             driver.get(server.url + f"/#/jobs/{maml}")
-            time.sleep(25)
+            # taken while it runs, a third of the way (a fixed wait outlived the whole job)
+            running = wait_progress(client, maml, SINE["iterations"] // 3)
+            time.sleep(1.0)  # the page draws what the stream brought
             driver.save_screenshot(str(out / "real-job-running.png"))
+            if running["status"] != "running":
+                print(f"warning: the job was {running['status']} at the running screenshot")
             for job_id in (maml, reptile, failing):
                 wait_status(client, job_id, {"succeeded", "failed", "cancelled"})
             driver.get(server.url + f"/#/jobs/{maml}")
