@@ -165,7 +165,8 @@ def test_the_readme_runs_as_written_in_a_fresh_shell(tmp_path: Path) -> None:
                                                                        "meta_init.safetensors"]
     mse = dict(re.findall(r"query MSE (before|after) adaptation: +([0-9.]+)", adapt))
     assert float(mse["after"]) < float(mse["before"]), adapt
-    assert job_id in listed  # (its status column is cut at a pipe's 80 columns: "succee…")
+    row = next(line for line in listed.splitlines() if job_id in line)  # a pipe's 80 columns
+    assert "succeeded" in row.split() and len(row) <= 80, listed
     found = re.fullmatch(r"query MSE before ([0-9.]+), after ([0-9.]+)", printed.splitlines()[-1])
     assert found is not None and float(found[2]) < float(found[1]), printed  # above: wait's bar
     assert offline == "maml 1 0.01\n"
