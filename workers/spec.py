@@ -545,6 +545,9 @@ class ResourcesSpec(StrictModel):
     gpus_per_worker: float = Field(0.0, ge=0.0, le=16.0)
     task_chunk: StrictInt | None = Field(None, ge=1, le=MAX_META_BATCH,
                                    description="Tasks vectorized at once per worker (bounds memory).")
+    fast_path: bool = Field(True, description="Meta-step of MLP models batched by hand over the tasks "
+                                              "(same maths as the vmapped step, within float rounding); "
+                                              "false: always the vmapped step.")
 
 
 class JobSpec(StrictModel):

@@ -17,13 +17,14 @@ ALGORITHM_CLASSES: dict[str, type[Algorithm]] = {
 }
 
 
-def build_algorithm(spec, model: FunctionalModel, *, classification: bool) -> Algorithm:
-    """The algorithm named by ``spec.name`` over ``model``."""
+def build_algorithm(spec, model: FunctionalModel, *, classification: bool, fast_path: bool = True) -> Algorithm:
+    """The algorithm named by ``spec.name`` over ``model``; ``fast_path``: its meta-step batched
+    by hand where that applies (:mod:`metaserve.workers.algorithms.batched`)."""
     try:
         algorithm_class = ALGORITHM_CLASSES[spec.name]
     except KeyError:
         raise ValueError(f"unknown algorithm {spec.name!r}; known: {sorted(ALGORITHM_CLASSES)}") from None
-    return algorithm_class(spec, model, classification=classification)
+    return algorithm_class(spec, model, classification=classification, fast_path=fast_path)
 
 
 __all__ = ["ALGORITHM_CLASSES", "Algorithm", "build_algorithm"]

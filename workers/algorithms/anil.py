@@ -14,8 +14,8 @@ from metaserve.workers.models import Params
 class ANIL(Algorithm):
     name = "anil"
 
-    def __init__(self, spec, model, *, classification: bool):
-        super().__init__(spec, model, classification=classification)
+    def __init__(self, spec, model, *, classification: bool, fast_path: bool = True):
+        super().__init__(spec, model, classification=classification, fast_path=fast_path)
         self._head_grad = grad(self._head_loss)
 
     def initial_fast(self, params: Params) -> Fast:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import grad, vmap
 
+from metaserve.workers.algorithms.batched import batched_path
 from metaserve.workers.models import FunctionalModel, Params
 
 Fast = Any  # a pytree of tensors: the per-task adapted state
@@ -54,7 +55,7 @@ class Algorithm:
 
     name: str = ""
 
-    def __init__(self, spec, model: FunctionalModel, *, classification: bool):
+    def __init__(self, spec, model: FunctionalModel, *, classification: bool, fast_path: bool = True):
         self.spec = spec
         self.model = model
         self.classification = classification
@@ -67,6 +68,8 @@ class Algorithm:
         self._support_grad = grad(self._support_loss)
         self._batched_query_metrics = vmap(self._query_metrics_before, in_dims=_TASK_AXES)
         self._batched_curves: dict[tuple[tuple[int, ...], bool], Callable] = {}
+        # the hand-batched meta-step where it applies (MLP models), else None: the vmapped one
+        self.fast_path = batched_path(self) if fast_path else None
 
     # ----------------------------------------------------------------- to override
 
@@ -146,7 +149,10 @@ class Algorithm:
 
     def meta_gradient(self, params: Params, support_x: Tensor, support_y: Tensor,
                       query_x: Tensor, query_y: Tensor) -> tuple[Params, dict[str, Tensor]]:
-        """Sum over the chunk's tasks of the per-task meta-gradients, and per-task metrics ``[T]``."""
+        """Sum over the chunk's tasks of the per-task meta-gradients, and per-task metrics ``[T]``
+        (by the batched fast path where it applies: same maths, see :mod:`.batched`)."""
+        if self.fast_path is not None:
+            return self.fast_path.meta_gradient(params, support_x, support_y, query_x, query_y)
         leaves = {name: value.detach().requires_grad_(True) for name, value in params.items()}
         with torch.enable_grad():
             losses, metrics = self._batched_objective(leaves, support_x, support_y, query_x, query_y)
@@ -183,6 +189,8 @@ class Algorithm:
         images one at a time), or with ``transductive`` batch norm over the query batch.
         Parameters are detached: no meta-gradient."""
         steps = tuple(sorted(set(steps)))
+        if self.fast_path is not None:  # an MLP: no norm, so nothing is transductive
+            return self.fast_path.evaluation_curves(params, support_x, support_y, query_x, query_y, steps)
         key = (steps, transductive)
         if key not in self._batched_curves:
             self._batched_curves[key] = self._curve(steps, transductive)

@@ -21,10 +21,10 @@ from metaserve.workers.models import Params
 class ProtoNet(Algorithm):
     name = "protonet"
 
-    def __init__(self, spec, model, *, classification: bool):
+    def __init__(self, spec, model, *, classification: bool, fast_path: bool = True):
         if not classification:
             raise ValueError("protonet classifies: it needs an image (classification) task family")
-        super().__init__(spec, model, classification=classification)
+        super().__init__(spec, model, classification=classification, fast_path=fast_path)
         self.ways = model.output_dim
 
     def initial_fast(self, params: Params) -> Fast:

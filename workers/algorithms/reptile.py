@@ -17,8 +17,8 @@ from metaserve.workers.models import Params
 class Reptile(Algorithm):
     name = "reptile"
 
-    def __init__(self, spec, model, *, classification: bool):
-        super().__init__(spec, model, classification=classification)
+    def __init__(self, spec, model, *, classification: bool, fast_path: bool = True):
+        super().__init__(spec, model, classification=classification, fast_path=fast_path)
         self._batched_adapt_and_measure = vmap(self._adapt_and_measure, in_dims=_TASK_AXES)
 
     def _adapt_and_measure(self, params: Params, support_x: Tensor, support_y: Tensor,
@@ -32,6 +32,8 @@ class Reptile(Algorithm):
 
     def meta_gradient(self, params: Params, support_x: Tensor, support_y: Tensor,
                       query_x: Tensor, query_y: Tensor) -> tuple[Params, dict[str, Tensor]]:
+        if self.fast_path is not None:
+            return self.fast_path.reptile_step(params, support_x, support_y, query_x, query_y)
         detached = {name: value.detach() for name, value in params.items()}
         fast, metrics = self._batched_adapt_and_measure(detached, support_x, support_y, query_x, query_y)
         pseudo_gradient = {name: (detached[name][None] - fast[name]).sum(0) for name in detached}

@@ -53,7 +53,8 @@ class Trainer:
         self.family = build_task_family(self.spec.task_family)
         self.model = model_for(self.spec)
         self.algorithm = build_algorithm(self.spec.algorithm, self.model,
-                                         classification=bool(self.family.is_classification))
+                                         classification=bool(self.family.is_classification),
+                                         fast_path=self.spec.resources.fast_path)
 
     # ------------------------------------------------------------------ state
 

@@ -15,9 +15,10 @@ def sine_batch(tasks: int = 5):
     return build_task_family(SineSpec()).sample(seed=0, split="train", iteration=0, task_indices=range(tasks))
 
 
-def setup(spec, prompt_dim: int = 0):
+def setup(spec, prompt_dim: int = 0, fast_path: bool = True):
+    """``fast_path``: the batched fast path (MLP; the default) or the plain vmapped step."""
     model = build_model(MLPSpec(hidden=[16, 16]), (1,), 1, prompt_dim)
-    algorithm = build_algorithm(spec, model, classification=False)
+    algorithm = build_algorithm(spec, model, classification=False, fast_path=fast_path)
     generator = torch.Generator().manual_seed(0)
     return model, algorithm, algorithm.init_params(generator)
 
@@ -49,15 +50,17 @@ def assert_dicts_close(actual, expected):
 
 
 @pytest.mark.parametrize("steps", [1, 3])
-def test_second_order_maml_equals_per_task_autograd_loop(steps):
-    model, algorithm, params = setup(MAMLSpec(inner_steps=steps, inner_lr=0.1))
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast_path", "vmapped"])
+def test_second_order_maml_equals_per_task_autograd_loop(steps, fast_path):
+    model, algorithm, params = setup(MAMLSpec(inner_steps=steps, inner_lr=0.1), fast_path=fast_path)
     batch = sine_batch()
     grads, _ = algorithm.meta_gradient(params, *batch)
     assert_dicts_close(grads, maml_reference(model, params, batch, lr=0.1, steps=steps, create_graph=True))
 
 
-def test_fomaml_equals_maml_without_create_graph():
-    model, algorithm, params = setup(MAMLSpec(inner_steps=2, inner_lr=0.1, first_order=True))
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast_path", "vmapped"])
+def test_fomaml_equals_maml_without_create_graph(fast_path):
+    model, algorithm, params = setup(MAMLSpec(inner_steps=2, inner_lr=0.1, first_order=True), fast_path=fast_path)
     batch = sine_batch()
     grads, _ = algorithm.meta_gradient(params, *batch)
     assert_dicts_close(grads, maml_reference(model, params, batch, lr=0.1, steps=2, create_graph=False))
@@ -65,8 +68,9 @@ def test_fomaml_equals_maml_without_create_graph():
     assert not torch.allclose(grads["layers.0.weight"], second_order["layers.0.weight"], **TOLERANCE)
 
 
-def test_maml_with_zero_inner_steps_equals_the_plain_loss_gradient():
-    model, algorithm, params = setup(MAMLSpec(inner_steps=0))
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast_path", "vmapped"])
+def test_maml_with_zero_inner_steps_equals_the_plain_loss_gradient(fast_path):
+    model, algorithm, params = setup(MAMLSpec(inner_steps=0), fast_path=fast_path)
     batch = sine_batch()
     grads, metrics = algorithm.meta_gradient(params, *batch)
     leaves = {name: value.detach().requires_grad_(True) for name, value in params.items()}
@@ -81,8 +85,9 @@ def test_maml_with_zero_inner_steps_equals_the_plain_loss_gradient():
     MAMLSpec(inner_steps=2), MAMLSpec(first_order=True), ReptileSpec(inner_steps=3), ANILSpec(inner_steps=2),
     MetaSGDSpec(inner_steps=2), PromptSpec(inner_steps=2, prompt_dim=3),
 ], ids=lambda spec: f"{spec.name}-{spec.inner_steps}-{getattr(spec, 'first_order', False)}")
-def test_vmapped_meta_gradient_equals_sum_of_per_task_gradients(spec):
-    _, algorithm, params = setup(spec, prompt_dim=getattr(spec, "prompt_dim", 0))
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast_path", "vmapped"])
+def test_vmapped_meta_gradient_equals_sum_of_per_task_gradients(spec, fast_path):
+    _, algorithm, params = setup(spec, prompt_dim=getattr(spec, "prompt_dim", 0), fast_path=fast_path)
     batch = sine_batch()
     grads, metrics = algorithm.meta_gradient(params, *batch)
     per_task = [algorithm.meta_gradient(params, *(t[i:i + 1] for t in batch)) for i in range(5)]
@@ -92,8 +97,9 @@ def test_vmapped_meta_gradient_equals_sum_of_per_task_gradients(spec):
         torch.testing.assert_close(values, torch.cat([m[name] for _, m in per_task]), **TOLERANCE)
 
 
-def test_reptile_with_one_task_and_one_step_is_sgd_on_the_support_loss():
-    model, algorithm, params = setup(ReptileSpec(inner_steps=1, inner_lr=0.05))
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast_path", "vmapped"])
+def test_reptile_with_one_task_and_one_step_is_sgd_on_the_support_loss(fast_path):
+    model, algorithm, params = setup(ReptileSpec(inner_steps=1, inner_lr=0.05), fast_path=fast_path)
     batch = sine_batch(1)
     pseudo_gradient, _ = algorithm.meta_gradient(params, *batch)
     leaves = {name: value.detach().requires_grad_(True) for name, value in params.items()}
@@ -115,8 +121,9 @@ def test_metasgd_with_equal_learned_rates_equals_maml():
     torch.testing.assert_close(metasgd_metrics["loss_after"], maml_metrics["loss_after"], **TOLERANCE)
 
 
-def test_anil_meta_gradient_equals_maml_restricted_to_the_head_inner_loop():
-    model, anil, params = setup(ANILSpec(inner_steps=2, inner_lr=0.1))
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast_path", "vmapped"])
+def test_anil_meta_gradient_equals_maml_restricted_to_the_head_inner_loop(fast_path):
+    model, anil, params = setup(ANILSpec(inner_steps=2, inner_lr=0.1), fast_path=fast_path)
     batch = sine_batch(3)
     grads, _ = anil.meta_gradient(params, *batch)
     leaves = {name: value.detach().requires_grad_(True) for name, value in params.items()}
