@@ -10,6 +10,8 @@ grid's best, i.e. ratio ≤ 1.05), and the iterations each sweep trained, summed
 (target: ASHA ≤ 40 % of the grid's). The JSON is written after every seed.
 
     python benchmarks/sweep_asha.py --seeds 0 1 2 --json benchmarks/results/sweep_asha.json
+    # the same in Tune's grid order (the ablation of search.shuffle):
+    python benchmarks/sweep_asha.py --seeds 0 --tune-order --json /tmp/tune_order.json
     # a quick check of the script (minutes, not a result):
     python benchmarks/sweep_asha.py --iterations 60 --every 20 --tasks 20 --json /tmp/tiny.json
 """
@@ -53,6 +55,11 @@ def run_sweep(client, headers: dict[str, str], document: dict, timeout_s: float)
             raise TimeoutError(f"sweep {sweep_id} still {sweep['status']} after {timeout_s} s")
         time.sleep(2.0)
     trials = client.get(f"/v1/sweeps/{sweep_id}/trials", headers=headers).json()["data"]
+    metric = document["scheduler"]["metric"]
+    for trial in trials:  # its validation curve: every evaluation window, to replay rungs
+        page = client.get(f"/v1/jobs/{trial['job_id']}/metrics", headers=headers,
+                          params={"name": metric, "limit": 1000}).json()
+        trial["curve"] = [[m["step"], m["value"]] for m in page["data"]]
     finished = [t for t in trials if t["status"] == "succeeded" and t["value"] is not None]
     # Iterations trained per trial: its progress, or the step of its last evaluation (a
     # stopped trial ends at the window that stopped it).
@@ -80,6 +87,8 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, help="Override evaluation.tasks.")
     parser.add_argument("--concurrency", type=int, help="Override max_concurrent_trials.")
     parser.add_argument("--reduction-factor", type=float, help="Override ASHA's η.")
+    parser.add_argument("--tune-order", action="store_true",
+                        help="Run the grid in Tune's order (search.shuffle false).")
     parser.add_argument("--timeout-s", type=float, default=6 * 3600)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -105,6 +114,8 @@ def main() -> None:
         base["max_concurrent_trials"] = args.concurrency
     if args.reduction_factor:
         base["scheduler"]["reduction_factor"] = args.reduction_factor
+    if args.tune_order:
+        base["search"]["shuffle"] = False
     runs: list[dict] = []
 
     def write() -> None:

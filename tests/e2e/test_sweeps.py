@@ -27,7 +27,7 @@ TINY = {"algorithm": {"name": "maml", "first_order": True}, "task_family": {"nam
 SWEEP = {"name": "tiny", "spec": TINY,
          "space": {"algorithm.inner_lr": {"grid": [0.003, 0.3]},
                    "outer_optimizer.lr": {"grid": [0.0001, 0.01]}},
-         "search": {"name": "grid"},
+         "search": {"name": "grid", "shuffle": True, "seed": 1},  # Tune's order: the resume test
          "scheduler": {"name": "asha", "grace_period": 3, "reduction_factor": 2}}
 SWEEP_ACTOR_CLASSES = ("SweepSupervisor", "ImplicitFunc", "sweep_trial")
 
