@@ -10,7 +10,8 @@ overhead: the sine MAML configuration of the engine benchmark (MLP 1-40-40-1, me
   submitted to a real ``metaserve serve`` (embedded default: SQLite, its own local Ray), against
   the in-process engine (``Trainer.step``) in this process, same machine, same run. The
   service's figure is the job's own tasks/s (training loop only, from its progress record) and
-  also the end-to-end rate from ``started_at`` to ``finished_at``.
+  also the end-to-end rate from ``started_at`` to ``finished_at``. Between the two, the same
+  segments through a bare inner-loop actor (a local Ray, no server): what Ray itself costs.
 scaling: conv4 5-way 1-shot (15 query) on the built-in glyphs family, meta-batch 32, one torch
   thread per worker, 1 and then 2 inner-loop workers on a local Ray with 2 CPUs (runner only).
 latency: queued → running with Ray already up: ``started_at - created_at`` of jobs submitted
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -62,8 +64,6 @@ def _machine() -> dict:
                 break
     except OSError:
         pass
-    import os
-
     import torch
 
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
@@ -90,6 +90,62 @@ def in_process_tasks_per_s(spec: dict, iterations: int) -> float:
     return iterations * spec["meta_batch_size"] / (time.perf_counter() - start)
 
 
+def bare_actor_rounds(spec: dict, iterations: int, rounds: int) -> dict:
+    """The job's training loop through one inner-loop worker on a local Ray of this process,
+    no server, the actor started as the runner starts it: segments of ``log_every`` iterations
+    (``run_segment``, as the runner sends them with one worker), timed at the caller and
+    inside the actor, each round followed by the loop in-process. Separates what Ray costs
+    (the round trip per segment, the worker process) from what the server around it costs."""
+    import ray
+
+    from metaserve.workers.engine import Trainer
+    from metaserve.workers.engine.loop import RunHooks
+    from metaserve.workers.runner import _WorkerPool
+    from metaserve.workers.spec import JobSpec
+
+    job_spec = JobSpec.model_validate(spec)
+    segment, batch = job_spec.log_every, job_spec.meta_batch_size
+    segments = iterations // segment
+
+    def timed_segment(worker, state, count):  # noqa: ANN001 - runs in the actor
+        began = time.perf_counter()
+        out = worker.run_segment(state, count)
+        return out, time.perf_counter() - began
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    actor_rounds, local, loads = [], [], []
+    try:
+        pool = _WorkerPool(job_spec, RunHooks())  # the runner's own actor and its options
+        pool.start(1)
+        actor = pool.actors[0]
+        first = Trainer(job_spec.model_dump(mode="json")).init_state()
+        ray.get(actor.__ray_call__.remote(timed_segment, first, 20))  # warm-up
+        for _ in range(rounds):
+            loads.append(round(os.getloadavg()[0], 2))
+            state, inside = first, 0.0
+            start = time.perf_counter()
+            for _ in range(segments):
+                (state, _), seconds = ray.get(actor.__ray_call__.remote(timed_segment, state,
+                                                                        segment))
+                inside += seconds
+            outside = time.perf_counter() - start
+            tasks = segments * segment * batch
+            actor_rounds.append({"tasks_per_s": round(tasks / outside, 1),
+                                 "inside_actor_tasks_per_s": round(tasks / inside, 1),
+                                 "round_trip_ms_per_segment":
+                                     round((outside - inside) / segments * 1000, 1)})
+            local.append(round(in_process_tasks_per_s(spec, iterations), 1))
+            print(f"bare actor {actor_rounds[-1]}, in-process {local[-1]} tasks/s "
+                  f"(load {loads[-1]})", flush=True)
+        pool.shutdown()
+    finally:
+        ray.shutdown()
+    best = max(actor_rounds, key=lambda round_: round_["tasks_per_s"])
+    return {"rounds": {"actor": actor_rounds, "in_process_tasks_per_s": local, "load_1m": loads},
+            **best, "in_process_tasks_per_s": max(local),
+            "ratio": round(best["tasks_per_s"] / max(local), 3)}
+
+
 def _wait(client, job_id: str, timeout: float = 3600) -> dict:  # noqa: ANN001
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -100,30 +156,48 @@ def _wait(client, job_id: str, timeout: float = 3600) -> dict:  # noqa: ANN001
     raise TimeoutError(job_id)
 
 
-def overhead(iterations: int) -> dict:
+def overhead(iterations: int, rounds: int = 3) -> dict:
+    """``rounds`` rounds of (the job through the server, the same loop in-process) while one
+    server stays up, then ``rounds`` of (a bare actor, in-process) on a local Ray: the
+    machine is shared and its load moves within minutes, so each ratio is of the best round
+    of each side, and every round's figures and load are kept."""
     from tests.server_process import ServerProcess
 
     spec = {**SINE_SPEC, "iterations": iterations}
+    local_iterations = min(iterations, 1000)
+    service, local, loads = [], [], []
     with tempfile.TemporaryDirectory() as directory:
         server = ServerProcess(Path(directory)).start()
         try:
             with server.client() as client:
                 # warm the server's Ray (actor start-up is not what this measures)
                 _wait(client, client.post("/v1/jobs", json={**spec, "iterations": 20}).json()["id"])
-                job = _wait(client, client.post("/v1/jobs", json=spec).json()["id"])
+                for _ in range(rounds):
+                    loads.append(round(os.getloadavg()[0], 2))
+                    job = _wait(client, client.post("/v1/jobs", json=spec).json()["id"])
+                    assert job["status"] == "succeeded", job
+                    seconds = (_parse_time(job["finished_at"])
+                               - _parse_time(job["started_at"])).total_seconds()
+                    service.append({"tasks_per_s": job["progress"]["tasks_per_s"],
+                                    "end_to_end_tasks_per_s": round(iterations * 25 / seconds, 1)})
+                    local.append(round(in_process_tasks_per_s(spec, local_iterations), 1))
+                    print(f"service {service[-1]}, in-process {local[-1]} tasks/s "
+                          f"(load {loads[-1]})", flush=True)
         finally:
             server.terminate()
-    assert job["status"] == "succeeded", job
-    end_to_end = (_parse_time(job["finished_at"]) - _parse_time(job["started_at"])).total_seconds()
-    service_rate = job["progress"]["tasks_per_s"]
-    local_rate = in_process_tasks_per_s(spec, min(iterations, 1000))
+    bare = bare_actor_rounds(spec, local_iterations, rounds)
+    best_local = max(local)
+    best_service = max(round_["tasks_per_s"] for round_ in service)
+    best_end_to_end = max(round_["end_to_end_tasks_per_s"] for round_ in service)
     return {
         "iterations": iterations,
-        "in_process_tasks_per_s": round(local_rate, 1),
-        "service_tasks_per_s": service_rate,
-        "service_end_to_end_tasks_per_s": round(iterations * 25 / end_to_end, 1),
-        "ratio": round(service_rate / local_rate, 3),
-        "ratio_end_to_end": round(iterations * 25 / end_to_end / local_rate, 3),
+        "rounds": {"service": service, "in_process_tasks_per_s": local, "load_1m": loads},
+        "in_process_tasks_per_s": best_local,
+        "service_tasks_per_s": best_service,
+        "service_end_to_end_tasks_per_s": best_end_to_end,
+        "ratio": round(best_service / best_local, 3),
+        "ratio_end_to_end": round(best_end_to_end / best_local, 3),
+        "bare_actor": bare,
     }
 
 
@@ -134,7 +208,7 @@ def scaling(iterations: int) -> dict:
     from metaserve.workers.registry import run_job
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    results = {}
+    results, loads = {}, []
     try:
         for workers in (1, 2, 1, 2):  # interleaved: the machine is shared and noisy
             spec = {**CONV4_SPEC, "iterations": iterations,
@@ -144,11 +218,12 @@ def scaling(iterations: int) -> dict:
                 run_job(spec, Path(directory), RunHooks(progress=progress.append))
             rate = progress[-1]["tasks_per_s"]
             results.setdefault(workers, []).append(rate)
-            print(f"workers={workers}: {rate} tasks/s", flush=True)
+            loads.append(round(os.getloadavg()[0], 2))
+            print(f"workers={workers}: {rate} tasks/s (load {loads[-1]})", flush=True)
     finally:
         ray.shutdown()
     best = {workers: max(rates) for workers, rates in results.items()}
-    return {"iterations": iterations, "tasks_per_s": results,
+    return {"iterations": iterations, "tasks_per_s": results, "load_1m_after_each_round": loads,
             "best_1_worker": best[1], "best_2_workers": best[2],
             "speedup": round(best[2] / best[1], 3)}
 
@@ -177,13 +252,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("what", choices=["overhead", "scaling", "latency", "all"])
     parser.add_argument("--iterations", type=int, default=2000, help="overhead: iterations")
+    parser.add_argument("--rounds", type=int, default=3, help="overhead: rounds of each side")
     parser.add_argument("--scaling-iterations", type=int, default=6, help="scaling: iterations")
     parser.add_argument("--jobs", type=int, default=10)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     report: dict = {"machine": _machine()}
     if args.what in ("overhead", "all"):
-        report["overhead"] = overhead(args.iterations)
+        report["overhead"] = overhead(args.iterations, args.rounds)
         print(json.dumps(report["overhead"]), flush=True)
     if args.what in ("latency", "all"):
         report["latency"] = latency(args.jobs)

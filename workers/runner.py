@@ -46,6 +46,13 @@ logger = logging.getLogger(__name__)
 WORKER_READY_TIMEOUT_S = 60.0
 POLL_S = 0.25
 MAX_WORKER_REPLACEMENTS = 20
+# Ray starts worker processes at nice 15 (below its own daemons); an inner-loop worker is
+# where a job's training runs, so it runs at the priority of the process that asked for it,
+# as Ray's own job drivers do (merged into the job's runtime env). At nice 15 any other
+# process on the node took its core first: the sine MAML loop on a worker ran at 0.75-0.83
+# of the same loop in-process on a busy 2-core machine (docs/BENCHMARKS.md, "Running jobs
+# on Ray").
+WORKER_RUNTIME_ENV = {"env_vars": {"RAY_worker_niceness": "0"}}
 
 
 @dataclass(frozen=True)
@@ -176,7 +183,7 @@ class _WorkerPool:
     replacements: int = 0
 
     def _options(self):
-        return dict(max_restarts=0, max_concurrency=1,
+        return dict(max_restarts=0, max_concurrency=1, runtime_env=WORKER_RUNTIME_ENV,
                     **actor_resources(self.spec.resources, self.options))
 
     def _new_actor(self):
@@ -286,7 +293,11 @@ class MetaLearningRayDriver(MetaLearningDriver):
             return self.pool.call([(0, "run_segment", (state, iterations))])[0]
         per_step = []
         for _ in range(iterations):
-            results = self.pool.call([(w, "shard_step", (state.params, state.iteration, shard))
+            # The parameters go to the object store once per iteration and every shard reads
+            # them from there (an argument per call would serialize them once per worker); a
+            # replaced worker's recomputation reads the same object.
+            params = ray.put(state.params)
+            results = self.pool.call([(w, "shard_step", (params, state.iteration, shard))
                                       for w, shard in enumerate(self.shards)])
             state = self.trainer.apply(state, results)
             per_step.append(_shard_metrics(results))

@@ -75,6 +75,19 @@ def test_two_workers_are_deterministic_and_agree_with_one(tmp_path: Path) -> Non
         torch.testing.assert_close(one[name], two[name], rtol=1e-4, atol=1e-5)
 
 
+def test_inner_loop_workers_run_at_the_niceness_of_the_job_not_rays_15(tmp_path: Path) -> None:
+    """Ray starts workers at nice 15; a job's workers (where its training runs) are started at
+    this process's niceness, so any other process on the node does not take their core first."""
+    niceness: list[int] = []
+
+    def ready(workers: list[dict]) -> None:
+        niceness.extend(os.getpriority(os.PRIO_PROCESS, worker["pid"]) for worker in workers)
+
+    run_job({**SPEC, "iterations": 5, "resources": {"workers": 2}}, tmp_path,
+            RunHooks(workers_ready=ready))
+    assert niceness == [os.getpriority(os.PRIO_PROCESS, 0)] * 2
+
+
 @pytest.mark.slow
 def test_sigkill_of_an_inner_loop_worker_does_not_change_the_result(tmp_path: Path) -> None:
     spec = {**SPEC, "iterations": 60, "resources": {"workers": 2}}
