@@ -12,8 +12,9 @@ counter-based seed, adapts them vectorized and returns the summed meta-gradient.
 are combined in worker order, so a run is a pure function of (spec, seed, worker count).
 
 With a single worker the whole segment between two reporting points runs on the actor
-(`run_segment`), which removes the per-iteration round trip; the arithmetic is the same
-as a one-shard step, so the result is the same bits.
+(`run_segment`), which removes the per-iteration round trip, and the next segment is queued
+behind it (`run_ahead`), so the worker does not wait for the driver between segments; the
+arithmetic is the same as a one-shard step, so the result is the same bits.
 
 Faults: a worker that dies (process killed, node removed) is replaced and the lost work is
 recomputed from the same parameters, so the final parameters do not change. The driver
@@ -33,7 +34,7 @@ import torch
 from ray.exceptions import RayActorError
 
 from metaserve.workers.engine.state import ShardResult, TrainState
-from metaserve.workers.engine.loop import RunHooks
+from metaserve.workers.engine.loop import RunHooks, next_stop
 from metaserve.workers.engine.trainer import MetaLearningDriver, Trainer
 from metaserve.workers.exceptions import JobCancelled, Unschedulable, WorkerLost
 from metaserve.workers.joblog import forward_logs_to
@@ -126,7 +127,13 @@ class InnerLoopWorker:
         for _ in range(iterations):
             state, step_metrics = self.trainer.step(state)
             metrics.append(step_metrics)
+        self.last_state = state
         return _to_cpu_state(state), metrics
+
+    def run_ahead(self, iterations: int) -> tuple[TrainState, list[dict]]:
+        """:meth:`run_segment` from the state the previous segment on this worker ended at
+        (the driver queues it behind that segment, so the worker never waits for the driver)."""
+        return self.run_segment(self.last_state, iterations)
 
     def evaluate(self, params: dict, split: str) -> dict[str, float]:
         return self.trainer.evaluate(params, split=split)
@@ -258,6 +265,14 @@ class _WorkerPool:
                 raise JobCancelled()
         return results
 
+    def wait(self, ref):  # noqa: ANN001, ANN201 - an ObjectRef and its value
+        """The value of one call's ``ref``; raises RayActorError if its worker died (the
+        caller recomputes), JobCancelled when the job must stop."""
+        while not ray.wait([ref], timeout=POLL_S)[0]:
+            if self.hooks.should_stop():
+                raise JobCancelled()
+        return ray.get(ref)
+
     def shutdown(self) -> None:
         for actor in self.actors:
             try:
@@ -282,15 +297,17 @@ class MetaLearningRayDriver(MetaLearningDriver):
         self.shards = shard_ranges(spec.meta_batch_size, spec.resources.workers)
         self.workers = len(self.shards)
         self.pool = _WorkerPool(spec, hooks, options)
+        self.ahead: _Ahead | None = None
 
     def restore(self, checkpoint) -> int:  # noqa: ANN001 - a Checkpoint or None
         iteration = super().restore(checkpoint)
+        self.ahead = None
         self.pool.start(len(self.shards))
         return iteration
 
     def _advance(self, state: TrainState, iterations: int) -> tuple[TrainState, list[dict]]:
-        if len(self.shards) == 1:  # the whole segment on the worker: no per-iteration round trip
-            return self.pool.call([(0, "run_segment", (state, iterations))])[0]
+        if len(self.shards) == 1:
+            return self._advance_one_worker(state, iterations)
         per_step = []
         for _ in range(iterations):
             # The parameters go to the object store once per iteration and every shard reads
@@ -305,11 +322,60 @@ class MetaLearningRayDriver(MetaLearningDriver):
                 raise JobCancelled()
         return state, per_step
 
+    def _advance_one_worker(self, state: TrainState,
+                            iterations: int) -> tuple[TrainState, list[dict]]:
+        """The whole segment on the worker (no per-iteration round trip), with the next one
+        queued behind it: the worker goes on from the state it ended at while the result
+        travels back and the loop logs, evaluates or checkpoints. A queued segment is used
+        only when the loop then asks for exactly it (from the very state object the previous
+        segment returned, for as many iterations), else the segment is computed from the
+        driver's state; the same arithmetic from the same state either way, so the same bits.
+        A worker that died is replaced and the segment recomputed from the driver's state."""
+        ahead, self.ahead = self.ahead, None
+        if (ahead is not None and ahead.after is state and ahead.iterations == iterations
+                and ahead.worker is self.pool.actors[0]):  # not replaced since it was queued
+            following = self._queue_ahead(state.iteration + iterations)
+            try:
+                result = self.pool.wait(ahead.ref)
+            except RayActorError as error:
+                logger.warning("inner-loop worker died; recomputing its segment",
+                               extra={"worker": 0, "error": str(error)[:200]})
+                self.pool.replace(0)
+                self.pool._wait_ready([0])
+            else:
+                if following is not None:
+                    self.ahead = _Ahead(result[0], *following)
+                return result
+        result = self.pool.call([(0, "run_segment", (state, iterations))])[0]
+        following = self._queue_ahead(state.iteration + iterations)
+        if following is not None:
+            self.ahead = _Ahead(result[0], *following)
+        return result
+
+    def _queue_ahead(self, iteration: int) -> tuple[int, Any, Any] | None:
+        """Queue on the worker the segment the loop asks for after one ending at ``iteration``
+        (none after the last); returns its length, the reference to its result and the
+        worker."""
+        if iteration >= self.spec.iterations:
+            return None
+        length, worker = next_stop(iteration, self.spec) - iteration, self.pool.actors[0]
+        return length, worker.run_ahead.remote(length), worker
+
     def evaluate(self, split: str) -> dict[str, float]:
         return self.pool.call([(0, "evaluate", (self.state.params, split))])[0]
 
     def close(self) -> None:
         self.pool.shutdown()
+
+
+@dataclass(frozen=True)
+class _Ahead:
+    """A segment queued on the single worker: ``iterations`` from the state ``after``."""
+
+    after: TrainState
+    iterations: int
+    ref: Any
+    worker: Any
 
 
 def _shard_metrics(results: list[ShardResult]) -> dict[str, float]:
