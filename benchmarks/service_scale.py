@@ -281,6 +281,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
+    load_at_start = round(os.getloadavg()[0], 2)
     name = f"metaserve_scale_{os.getpid()}"
     admin = create_engine(args.postgres, isolation_level="AUTOCOMMIT")
     with admin.connect() as connection:
@@ -301,7 +302,8 @@ def main() -> None:
         ratios = {key: round(full[key]["p99_ms"] / empty[key]["p99_ms"], 2)
                   for key in ("poll", "list_first_page", "list_deep_cursor")}
         result = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-                  "load_average_1m_at_start": round(os.getloadavg()[0], 2),
+                  "load_average_1m_at_start": load_at_start,
+                  "load_average_1m_at_end": round(os.getloadavg()[0], 2),
                   "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                   "args": {k: v for k, v in vars(args).items() if k not in ("postgres", "json")},
                   "fill": filled, "empty": empty, "full": full, "p99_full_over_empty": ratios}
