@@ -47,13 +47,9 @@ logger = logging.getLogger(__name__)
 WORKER_READY_TIMEOUT_S = 60.0
 POLL_S = 0.25
 MAX_WORKER_REPLACEMENTS = 20
-# Ray starts worker processes at nice 15 (below its own daemons); an inner-loop worker is
-# where a job's training runs, so it runs at the priority of the process that asked for it,
-# as Ray's own job drivers do (merged into the job's runtime env). At nice 15 any other
-# process on the node took its core first: the sine MAML loop on a worker ran at 0.75-0.83
-# of the same loop in-process on a busy 2-core machine (docs/BENCHMARKS.md, "Running jobs
-# on Ray").
-WORKER_RUNTIME_ENV = {"env_vars": {"RAY_worker_niceness": "0"}}
+# Inner-loop workers keep Ray's worker niceness (15): where the API server shares a host with
+# them (the embedded default, a head node), the API's requests come before training
+# (docs/RELIABILITY.md). A job's training competes with other jobs' at the same niceness.
 
 
 @dataclass(frozen=True)
@@ -190,7 +186,7 @@ class _WorkerPool:
     replacements: int = 0
 
     def _options(self):
-        return dict(max_restarts=0, max_concurrency=1, runtime_env=WORKER_RUNTIME_ENV,
+        return dict(max_restarts=0, max_concurrency=1,
                     **actor_resources(self.spec.resources, self.options))
 
     def _new_actor(self):

@@ -75,9 +75,9 @@ def test_two_workers_are_deterministic_and_agree_with_one(tmp_path: Path) -> Non
         torch.testing.assert_close(one[name], two[name], rtol=1e-4, atol=1e-5)
 
 
-def test_inner_loop_workers_run_at_the_niceness_of_the_job_not_rays_15(tmp_path: Path) -> None:
-    """Ray starts workers at nice 15; a job's workers (where its training runs) are started at
-    this process's niceness, so any other process on the node does not take their core first."""
+def test_inner_loop_workers_run_below_the_priority_of_the_process_that_serves(tmp_path: Path) -> None:
+    """A job's workers (where its training runs) yield their core to the API server on a shared
+    host: they run at a higher niceness than the process that asked for them (Ray's 15)."""
     niceness: list[int] = []
 
     def ready(workers: list[dict]) -> None:
@@ -85,7 +85,7 @@ def test_inner_loop_workers_run_at_the_niceness_of_the_job_not_rays_15(tmp_path:
 
     run_job({**SPEC, "iterations": 5, "resources": {"workers": 2}}, tmp_path,
             RunHooks(workers_ready=ready))
-    assert niceness == [os.getpriority(os.PRIO_PROCESS, 0)] * 2
+    assert len(niceness) == 2 and min(niceness) > os.getpriority(os.PRIO_PROCESS, 0), niceness
 
 
 @pytest.mark.slow
