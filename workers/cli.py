@@ -75,6 +75,13 @@ def train(
             _train_rl(job, out, reporter)
             typer.echo(f"done: {job.iterations} iterations; meta-policy in {out}")
             return
+        # The threads the job's workers would hold (torch's default, every core, oversubscribes
+        # a shared machine: 100 sine steps took 20-45 s on 2 threads at load 5, under 1 s on 1).
+        import os
+
+        import torch
+
+        torch.set_num_threads(min(job.resources.torch_threads, os.cpu_count() or 1))
         state = Trainer(job, device=device).run(out, reporter=reporter, progress=progress)
     typer.echo(f"done: {state.iteration} iterations; meta-initialization in {out}")
 

@@ -549,6 +549,12 @@ class ResourcesSpec(StrictModel):
                                               "(same maths as the vmapped step, within float rounding); "
                                               "false: always the vmapped step.")
 
+    @property
+    def torch_threads(self) -> int:
+        """torch threads of a process that runs all of the job's workers' share itself (a sweep
+        trial, ``metaserve train``): the CPUs its workers would hold, at least one."""
+        return max(1, int(self.workers * self.cpus_per_worker))
+
 
 class JobSpec(StrictModel):
     """A meta-training job."""

@@ -254,7 +254,7 @@ def sweep_trial(config: dict[str, Any], *, run: dict[str, Any], sink: Any,
         return ray.get(getattr(sink, kind).remote(*payload))
 
     job_id = call("trial_started", (trial_id, document, f"{run['name']}/{trial_id}"))
-    torch.set_num_threads(max(1, int(spec.resources.workers * spec.resources.cpus_per_worker)))
+    torch.set_num_threads(spec.resources.torch_threads)
     use_dataset_store(options.storage)
     store = open_store(storage)
     scratch = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{job_id}-p{os.getpid()}-"))

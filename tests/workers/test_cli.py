@@ -46,6 +46,22 @@ def test_train_writes_metrics_jsonl_and_meta_init(tmp_path):
     assert json.loads((out / "meta_init.json").read_text())["iterations"] == 6
 
 
+def test_train_runs_on_the_threads_its_workers_would_hold(tmp_path):
+    """torch's default (every core) oversubscribes a shared machine; ``metaserve train`` takes the
+    CPUs the job's workers would hold (one by default)."""
+    import torch
+
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(SPEC_YAML)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        train(spec_path, tmp_path / "out", ["iterations=1"], "cpu", False)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_train_command_line_shows_progress_and_rejects_bad_specs(tmp_path):
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(SPEC_YAML)
