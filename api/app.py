@@ -19,6 +19,7 @@ from metaserve.api.routes.prometheus import MetricsMiddleware, dispatcher_connec
 from metaserve.service.adapt_pool import AdaptPool
 from metaserve.service.auth import KeyCache
 from metaserve.service.db import make_engine, session_factory
+from metaserve.service.limits import warm_up_cost_model
 from metaserve.service.settings import Settings, get_settings
 from metaserve.service.telemetry import Telemetry
 
@@ -61,24 +62,10 @@ async def _freeze_startup_objects(app: FastAPI) -> None:
     while (dispatcher is not None and not dispatcher.ray_ready.is_set()
            and time.monotonic() < deadline):
         await asyncio.sleep(0.5)
-    await asyncio.to_thread(_warm_up_cost_estimate)
+    await asyncio.to_thread(warm_up_cost_model)
     gc.collect()
     gc.freeze()
     logger.info("start-up objects frozen", extra={"objects": gc.get_freeze_count()})
-
-
-def _warm_up_cost_estimate() -> None:
-    """Estimate one job's cost before the freeze: the first estimate imports torch's FLOP
-    counter and sympy (~800 modules, ~120 k objects). Imported by the first submit after the
-    freeze, they made every full collection stop the event loop for 100-270 ms again."""
-    from metaserve.workers.cost import estimate
-    from metaserve.workers.spec import JobSpec
-
-    try:
-        estimate(JobSpec.model_validate({"algorithm": {"name": "maml"},
-                                         "task_family": {"name": "sine"}}))
-    except Exception:  # noqa: BLE001 - a warm-up only; the first submit would do it
-        logger.exception("cost estimate warm-up failed")
 
 
 class _PathWithoutQuery(logging.Filter):

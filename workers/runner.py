@@ -234,6 +234,11 @@ class _WorkerPool:
             pass
         self.actors[index] = self._new_actor()
 
+    def restart(self, index: int) -> None:
+        """Replace the dead worker ``index`` and wait until its successor is ready."""
+        self.replace(index)
+        self._wait_ready([index])
+
     def call(self, calls: Sequence[tuple[int, str, tuple]]) -> list:
         """Run ``(worker index, method, args)`` calls; replace dead workers and redo their call.
 
@@ -254,8 +259,7 @@ class _WorkerPool:
                 except RayActorError as error:
                     logger.warning("inner-loop worker died; recomputing its shard",
                                    extra={"worker": index, "error": str(error)[:200]})
-                    self.replace(index)
-                    self._wait_ready([index])
+                    self.restart(index)
                     pending[getattr(self.actors[index], method).remote(*args)] = slot
             if pending and should_stop():
                 raise JobCancelled()
@@ -336,8 +340,7 @@ class MetaLearningRayDriver(MetaLearningDriver):
             except RayActorError as error:
                 logger.warning("inner-loop worker died; recomputing its segment",
                                extra={"worker": 0, "error": str(error)[:200]})
-                self.pool.replace(0)
-                self.pool._wait_ready([0])
+                self.pool.restart(0)
             else:
                 if following is not None:
                     self.ahead = _Ahead(result[0], *following)
