@@ -398,6 +398,115 @@ class TypefacesSpec(_FewShotImages):
                                   "before they are assigned to train/val/test.")
 
 
+ColumnName = Annotated[str, Field(min_length=1, max_length=200)]
+MAX_LAGS = 100
+
+
+class TabularSpec(StrictModel):
+    """Task-grouped tables: one task per entity (patient, machine, firm), the rows whose
+    ``task_column`` holds that entity's id. Entities, never rows, are split train/val/test, so
+    evaluation measures adaptation to entities the meta-learner never saw; features and
+    regression targets are standardized with statistics of the training entities only.
+
+    With ``time_column`` a task forecasts an entity's future from its past: its support rows
+    strictly precede its query rows in time, optionally with the ``lags`` previous targets of
+    the same entity as extra features."""
+
+    name: Literal["tabular"] = "tabular"
+    dataset: str = Field(..., pattern=DATASET_ID_PATTERN,
+                         description="Id of an uploaded table (POST /v1/datasets, CSV or Parquet).")
+    task_column: ColumnName = Field(..., description="Column whose value names a row's entity "
+                                                     "(one task per entity).")
+    target: ColumnName | list[ColumnName] = Field(
+        ..., description="Column(s) to predict; a list for several regression targets.")
+    features: list[ColumnName] | None = Field(
+        None, min_length=1, max_length=10_000,
+        description="Input columns, in order (default: every other numeric, non-constant "
+                    "column, resolved at submit).")
+    problem: Literal["regression", "classification"] = Field(
+        "regression", description="regression: MSE on standardized targets; classification: "
+                                  "a task's classes are its own labels, remapped to 0..ways-1.")
+    ways: StrictInt | None = Field(None, ge=2, le=MAX_WAYS,
+                                   description="Classification: classes per task (N-way).")
+    support_shots: StrictInt = Field(10, ge=1, le=MAX_SHOTS,
+                                     description="Support rows per task (regression) or per "
+                                                 "class (classification).")
+    query_shots: StrictInt = Field(10, ge=1, le=MAX_SHOTS,
+                                   description="Query rows per task (regression) or per class "
+                                               "(classification).")
+    time_column: ColumnName | None = Field(
+        None, description="Orders an entity's rows: a task's support rows precede its query rows.")
+    lags: StrictInt = Field(0, ge=0, le=MAX_LAGS,
+                            description="Previous targets of the same entity added as features "
+                                        "(needs time_column; rows without that many "
+                                        "predecessors are not used).")
+    split: tuple[float, float, float] = Field((0.7, 0.15, 0.15),
+                                              description="Train/val/test fractions of the "
+                                                          "entities (tasks), never of rows.")
+    split_seed: StrictInt = Field(0, ge=0, le=2**31 - 1)
+    on_invalid: Literal["refuse", "skip"] = Field(
+        "refuse", description="Entities too small for a task (too few rows, or classes for "
+                              "ways): refuse the job (422) or skip them and report the count.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TabularSpec":
+        if any(part < 0 for part in self.split) or abs(sum(self.split) - 1.0) > 1e-6:
+            raise ValueError("split: fractions must be non-negative and sum to 1")
+        if self.lags > 0 and self.time_column is None:
+            raise ValueError("lags: lagged targets need time_column (the order of an entity's rows)")
+        if self.problem == "classification":
+            if self.ways is None:
+                raise ValueError("ways: classification needs the classes per task (N-way)")
+            if len(self.targets) != 1:
+                raise ValueError("target: classification predicts one column")
+            if self.lags > 0:
+                raise ValueError("lags: lagged targets are for regression (forecasting)")
+        elif self.ways is not None:
+            raise ValueError("ways: only for problem: classification")
+        targets = self.targets
+        if len(set(targets)) != len(targets):
+            raise ValueError(f"target: duplicate column {_first_duplicate(targets)!r}")
+        if self.features is not None:
+            if len(set(self.features)) != len(self.features):
+                raise ValueError(f"features: duplicate column {_first_duplicate(self.features)!r}")
+            for column in targets:
+                if column in self.features:
+                    raise ValueError(f"features: {column!r} is the target")
+        for field in ("task_column", "time_column"):
+            column = getattr(self, field)
+            if column is None:
+                continue
+            if column in targets:
+                raise ValueError(f"{field}: {column!r} is also the target")
+            if self.features is not None and column in self.features:
+                raise ValueError(f"features: {column!r} is the {field}")
+        if self.time_column is not None and self.time_column == self.task_column:
+            raise ValueError("time_column: must differ from task_column")
+        return self
+
+    @property
+    def targets(self) -> list[str]:
+        """The target column(s), always as a list."""
+        return [self.target] if isinstance(self.target, str) else list(self.target)
+
+    @property
+    def input_shape(self) -> tuple[int]:
+        """One row's input: the features, then ``lags`` previous values of each target
+        (features must be resolved: explicit, or filled in at submit)."""
+        if self.features is None:
+            raise ValueError("features are resolved against the dataset at submit")
+        return (len(self.features) + self.lags * len(self.targets),)
+
+    @property
+    def output_dim(self) -> int:
+        return self.ways if self.problem == "classification" else len(self.targets)
+
+
+def _first_duplicate(names: list[str]) -> str:
+    """The first name that occurs twice (the caller knows there is one)."""
+    return next(name for index, name in enumerate(names) if name in names[:index])
+
+
 class BanditSpec(StrictModel):
     """k-armed Bernoulli bandits, arm means ~ U[0, 1], ``pulls`` pulls per trial
     (Duan et al. 2016, §4.1)."""
@@ -453,7 +562,7 @@ class HalfCheetahVelSpec(StrictModel):
 
 TaskFamilySpec = Annotated[
     Union[SineSpec, LinearSpec, ImagesSpec, GlyphsSpec, TypefacesSpec, BanditSpec, TabularMDPSpec,
-          Nav2DSpec, HalfCheetahVelSpec],
+          Nav2DSpec, HalfCheetahVelSpec, TabularSpec],
     Field(discriminator="name"),
 ]
 TASK_FAMILIES: dict[str, type[StrictModel]] = {
@@ -466,6 +575,7 @@ TASK_FAMILIES: dict[str, type[StrictModel]] = {
     "tabular_mdp": TabularMDPSpec,
     "nav2d": Nav2DSpec,
     "halfcheetah_vel": HalfCheetahVelSpec,
+    "tabular": TabularSpec,
 }
 IMAGE_FAMILIES = frozenset({"images", "glyphs", "typefaces"})
 RL_FAMILIES = frozenset({"bandit", "tabular_mdp", "nav2d", "halfcheetah_vel"})
@@ -649,7 +759,8 @@ class JobSpec(StrictModel):
 
     @property
     def is_classification(self) -> bool:
-        return self.task_family.name in IMAGE_FAMILIES
+        return (self.task_family.name in IMAGE_FAMILIES
+                or getattr(self.task_family, "problem", None) == "classification")
 
     @property
     def is_rl(self) -> bool:
