@@ -30,6 +30,18 @@ class DatasetError(ValueError):
     """A dataset that cannot be read, or that is too small for the spec."""
 
 
+class TableSpecInvalid(DatasetError):
+    """A ``tabular`` spec that its table cannot serve (a missing column, too few rows, ...)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+    def __reduce__(self) -> tuple:  # pickled across Ray with its two arguments
+        return type(self), (self.field, self.message)
+
+
 class ArtifactError(ValueError):
     """A directory that holds no readable artifact of the kind asked for."""
 
@@ -43,4 +55,4 @@ class DriverOutOfMemory(MemoryError):
 
 
 __all__ = ["ArtifactError", "CheckpointError", "DatasetError", "DriverOutOfMemory", "JobCancelled",
-           "StorageError", "Unschedulable", "WorkerLost"]
+           "StorageError", "TableSpecInvalid", "Unschedulable", "WorkerLost"]
