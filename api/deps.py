@@ -20,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 
 from metaserve.service import auth
 from metaserve.service.exceptions import Unauthorized
-from metaserve.service.models import User
+from metaserve.service.orm import User
 from metaserve.service.settings import Settings
 
 # Text a client may send in a path, query or header: anything but control characters, which

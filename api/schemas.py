@@ -11,7 +11,7 @@ from fastapi import Response
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import to_json
 
-from metaserve.service.models import JobStatus
+from metaserve.service.orm import JobStatus
 
 
 def model_response(model: BaseModel, status_code: int = 200,

@@ -36,7 +36,7 @@ from sqlalchemy.engine import make_url  # noqa: E402
 from metaserve.service import jobs, store  # noqa: E402
 from metaserve.service.db import make_engine, session_factory  # noqa: E402
 from metaserve.service.ids import new_id  # noqa: E402
-from metaserve.service.models import Base, Job, JobStatusEvent, User, utcnow  # noqa: E402
+from metaserve.service.orm import Base, Job, JobStatusEvent, User, utcnow  # noqa: E402
 
 SPEC = {"algorithm": {"name": "maml"}, "task_family": {"name": "sine"}}
 RUNNING_CAP = 4

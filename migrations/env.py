@@ -7,7 +7,7 @@ from alembic import context
 from sqlalchemy import Connection
 
 from metaserve.service.db import make_engine
-from metaserve.service.models import Base
+from metaserve.service.orm import Base
 from metaserve.service.settings import get_settings
 
 config = context.config

@@ -59,7 +59,7 @@ def serve_adaptations(connection: Connection) -> None:
         pass
     import torch
 
-    import metaserve.workers.engine.artifacts  # noqa: F401 - what loading needs, before "ready"
+    import metaserve.workers.engine.final_artifact  # noqa: F401 - what loading needs, before "ready"
 
     torch.set_num_threads(1)
     cache = MetaInitCache()

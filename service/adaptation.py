@@ -21,9 +21,9 @@ from metaserve.service import artifacts, store
 from metaserve.service.exceptions import (AdaptDiverged, AdaptInputTooLarge, InvalidAdaptInput,
                                           MetaInitNotReady, NotAdaptable)
 from metaserve.service.jobs import Transaction
-from metaserve.service.models import Artifact, Job, JobStatus, User
+from metaserve.service.orm import Artifact, Job, JobStatus, User
 from metaserve.workers.spec import IMAGE_FAMILIES, JobSpec
-from metaserve.workers.storage import ArtifactStore, StorageConfig, StorageError
+from metaserve.workers.object_store import ArtifactStore, StorageConfig, StorageError
 
 CACHED_META_INITS = 4
 META_INIT_FILES = ("meta_init.safetensors", "meta_init.json")
@@ -157,7 +157,7 @@ def load_meta_init_from_store(store: ArtifactStore, job_id: str, sha256: dict[st
     """The job's meta-initialization model, its two files downloaded from the store into a
     temporary directory (removed after loading) and checked against the sha256 the database
     recorded."""
-    from metaserve.workers.engine.artifacts import load_meta_init
+    from metaserve.workers.engine.final_artifact import load_meta_init
 
     with tempfile.TemporaryDirectory(prefix="metaserve-meta-init-") as scratch:
         for name in META_INIT_FILES:

@@ -1,4 +1,4 @@
-"""The server's side of the artifact store (:mod:`metaserve.workers.storage`): one store per
+"""The server's side of the artifact store (:mod:`metaserve.workers.object_store`): one store per
 configuration, downloads of registered artifacts, and the cached availability check behind
 ``/readyz``.
 
@@ -17,7 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from metaserve.service.exceptions import MetaserveError
-from metaserve.workers.storage import (
+from metaserve.workers.object_store import (
     CHECKPOINT_DIRECTORY,
     JOB_ID_RE,
     MEDIA_TYPES,

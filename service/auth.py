@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from metaserve.service import store
 from metaserve.service.exceptions import MetaserveError, Unauthorized
-from metaserve.service.models import User
+from metaserve.service.orm import User
 
 KEY_PREFIX = "ms_"
 REVOKED_PREFIX = "revoked:"

@@ -76,7 +76,7 @@ def _valid_settings() -> "Settings":
 def _settings_with_working_store() -> "Settings":
     """The settings, once the artifact store answered; otherwise one line on stderr and exit
     code 1 (a bad setting, wrong credentials, an unreachable endpoint, a missing bucket)."""
-    from metaserve.workers.storage import StorageError, open_store
+    from metaserve.workers.object_store import StorageError, open_store
 
     settings = _valid_settings()
     try:

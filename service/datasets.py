@@ -46,10 +46,10 @@ from metaserve.service.exceptions import (DatasetInUse, DatasetLimitExceeded, Da
                                           InvalidDataset)
 from metaserve.service.ids import new_id
 from metaserve.service.jobs import Transaction
-from metaserve.service.models import Dataset, Job, JobStatus, User
+from metaserve.service.orm import Dataset, Job, JobStatus, User
 from metaserve.service.settings import Settings
 from metaserve.workers.spec import JobSpec
-from metaserve.workers.storage import ArtifactStore
+from metaserve.workers.object_store import ArtifactStore
 from metaserve.workers.tasks.uploaded import (DATASET_TENSORS, copy_exactly, safetensors_header,
                                               write_canonical_json)
 

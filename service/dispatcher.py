@@ -30,14 +30,14 @@ from typing import Any, Callable
 from sqlalchemy.orm import Session, sessionmaker
 
 from metaserve.service import jobs
-from metaserve.service import logs as job_logs
+from metaserve.service import job_logs
 from metaserve.service import sweeps
 from metaserve.service import telemetry
 from metaserve.service.exceptions import LeaseLost, MetaserveError
-from metaserve.service.models import JobStatus
+from metaserve.service.orm import JobStatus
 from metaserve.service.ray_cluster import connect_ray
 from metaserve.service.settings import Settings
-from metaserve.workers.storage import ArtifactFile, StorageError
+from metaserve.workers.object_store import ArtifactFile, StorageError
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from metaserve.service import store
 from metaserve.service.exceptions import MetaserveError
 from metaserve.service.jobs import Transaction
-from metaserve.service.models import Job, JobStatus, JobStatusEvent, Metric, User
+from metaserve.service.orm import Job, JobStatus, JobStatusEvent, Metric, User
 
 
 # An event id is a cursor of three counters,

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from metaserve.service import store
 from metaserve.service.artifacts import ArtifactNotFound
-from metaserve.service.models import Artifact, Job, JobStatus, Metric, User
+from metaserve.service.orm import Artifact, Job, JobStatus, Metric, User
 from metaserve.service.settings import QUOTA_RETRY_AFTER_S
 from metaserve.workers.spec import JobSpec
 

@@ -28,7 +28,7 @@ Every error response of the API (``{"error": {"code", "message", "details"}}``) 
 a :class:`ApiError` subclass carrying the server's message. ``load_meta_init``,
 ``load_meta_policy`` and ``adapt`` work offline on a downloaded directory, with no server and no API key (a client without a key
 raises :class:`NotConfigured` at its first request, not before): they are
-:mod:`metaserve.workers.engine.artifacts`' loader.
+:mod:`metaserve.workers.engine.final_artifact`' loader.
 
 torch is imported only by the methods that need it, so importing this module is light.
 """
@@ -49,7 +49,7 @@ import httpx
 if TYPE_CHECKING:  # pragma: no cover
     from torch import Tensor
 
-    from metaserve.workers.engine.artifacts import MetaInitModel
+    from metaserve.workers.engine.final_artifact import MetaInitModel
     from metaserve.workers.rl.loader import MetaPolicy
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -731,7 +731,7 @@ def _cache_root() -> Path:
 
 def load_meta_init(directory: str | Path) -> tuple["MetaInitModel", dict[str, Any]]:
     """``(model, recipe)`` from a downloaded meta-initialization directory (offline)."""
-    from metaserve.workers.engine.artifacts import load_meta_init as engine_load
+    from metaserve.workers.engine.final_artifact import load_meta_init as engine_load
 
     directory = Path(directory)
     missing = [name for name in META_INIT_FILES if not (directory / name).exists()]
@@ -765,7 +765,7 @@ def adapt(model: "MetaInitModel", support_x: "Tensor", support_y: "Tensor",
     recipe (MAML/Reptile/ANIL/Meta-SGD/prompt: its inner lr(s) and inner steps; ``steps``
     overrides the step count). Regression: x ``[n, 1]``, y ``[n, 1]``; classification:
     x ``[n, C, H, W]``, y ``[n]`` class indices."""
-    from metaserve.workers.engine.artifacts import adapt as engine_adapt
+    from metaserve.workers.engine.final_artifact import adapt as engine_adapt
 
     return engine_adapt(model, support_x, support_y, steps)
 

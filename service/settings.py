@@ -14,7 +14,7 @@ from pathlib import Path
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from metaserve.workers.storage import StorageConfig, parse_s3_url
+from metaserve.workers.object_store import StorageConfig, parse_s3_url
 
 LEASE_S = 30.0
 HEARTBEAT_S = 5.0
@@ -110,7 +110,7 @@ class Settings(BaseSettings):
         description="Ray resource that `gpus_per_worker` asks for: GPU, or a custom resource "
                     "standing in for GPUs (e.g. gpu_slot).")
 
-    # Artifact store (metaserve.workers.storage): artifacts and checkpoints on a local directory,
+    # Artifact store (metaserve.workers.object_store): artifacts and checkpoints on a local directory,
     # or on S3-compatible object storage that every host reaches.
     artifact_root: str = Field(
         ".metaserve/artifacts",
@@ -193,7 +193,7 @@ class Settings(BaseSettings):
         return value.rstrip("/")
 
     def storage_config(self) -> StorageConfig:
-        """What :func:`metaserve.workers.storage.open_store` needs (plain data for Ray actors)."""
+        """What :func:`metaserve.workers.object_store.open_store` needs (plain data for Ray actors)."""
         return StorageConfig(root=self.artifact_root, endpoint_url=self.s3_endpoint_url,
                              access_key_id=self.s3_access_key_id,
                              secret_access_key=self.s3_secret_access_key.get_secret_value(),

@@ -29,7 +29,7 @@ from metaserve.service.exceptions import (
 )
 from metaserve.service.db import UNICODE_LOWER
 from metaserve.service.ids import new_id
-from metaserve.service.models import Artifact, Job, JobStatus, JobStatusEvent, Metric, User, utcnow
+from metaserve.service.orm import Artifact, Job, JobStatus, JobStatusEvent, Metric, User, utcnow
 
 MAX_PAGE = 100
 MAX_METRICS_PAGE = 10_000

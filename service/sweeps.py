@@ -31,8 +31,8 @@ from metaserve.service.exceptions import (IdempotencyConflict, InvalidSweep, Met
                                           SweepNotFound)
 from metaserve.service.ids import new_id
 from metaserve.service.jobs import Transaction, spec_hash
-from metaserve.service.models import (TERMINAL_STATUSES, Job, JobStatus, JobStatusEvent, Metric,
-                                      Sweep, User, utcnow)
+from metaserve.service.orm import (TERMINAL_STATUSES, Job, JobStatus, JobStatusEvent, Metric,
+                                   Sweep, User, utcnow)
 from metaserve.service.settings import Settings
 from metaserve.workers.spec import JobSpec
 from metaserve.workers.sweep_spec import (DISCRETE, FORBIDDEN_PATHS, SweepError, SweepSpec,

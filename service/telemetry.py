@@ -31,7 +31,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from metaserve.service.models import Job, JobStatus
+from metaserve.service.orm import Job, JobStatus
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from metaserve.service import auth
 from metaserve.service.db import make_engine, session_factory
-from metaserve.service.models import Base, User
+from metaserve.service.orm import Base, User
 
 DEFAULT_TEST_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 

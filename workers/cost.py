@@ -85,7 +85,7 @@ class _ActivationCounter(TorchDispatchMode):
 
 def _example_figures(spec: JobSpec) -> tuple[int, int, int]:
     """(parameters, forward FLOPs of one example, activation elements of one example)."""
-    from metaserve.workers.models import network_of
+    from metaserve.workers.networks import network_of
 
     model, input_shape, output_dim, prompt_dim = network_of(spec)
     return _network_figures(model.model_dump_json(), input_shape, output_dim, prompt_dim)
@@ -95,7 +95,7 @@ def _example_figures(spec: JobSpec) -> tuple[int, int, int]:
 def _network_figures(model_json: str, input_shape: tuple[int, ...], output_dim: int,
                      prompt_dim: int) -> tuple[int, int, int]:
     # Cached: a meta-device forward pass costs milliseconds, and submissions repeat networks.
-    from metaserve.workers.models import build_model
+    from metaserve.workers.networks import build_model
     from metaserve.workers.spec import MODELS
 
     name = json.loads(model_json)["name"]

@@ -1,7 +1,7 @@
 """Every job kind runs through one contract: this registry → one driver interface
 (:class:`~metaserve.workers.engine.loop.Driver`) → :func:`~metaserve.workers.engine.loop.train_loop`'s
 schedule, one checkpoint format (:mod:`~metaserve.workers.engine.checkpoints`), one artifact
-writer (:mod:`~metaserve.workers.engine.artifacts`).
+writer (:mod:`~metaserve.workers.engine.final_artifact`).
 
 ==============  =======================================  ==================  =====================
 kind            algorithms                               driver              artifact
@@ -26,7 +26,7 @@ from metaserve.workers.spec import JobSpec
 @dataclass(frozen=True)
 class JobKind:
     """A kind of job and how to build its driver (the artifact's kind follows from the spec:
-    :func:`~metaserve.workers.engine.artifacts.artifact_kind`)."""
+    :func:`~metaserve.workers.engine.final_artifact.artifact_kind`)."""
 
     name: str
     driver: Callable[[JobSpec, RunHooks, RunOptions], Driver]

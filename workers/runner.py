@@ -37,9 +37,9 @@ from metaserve.workers.engine.state import ShardResult, TrainState
 from metaserve.workers.engine.loop import RunHooks, next_stop
 from metaserve.workers.engine.trainer import MetaLearningDriver, Trainer
 from metaserve.workers.exceptions import JobCancelled, Unschedulable, WorkerLost
-from metaserve.workers.joblog import forward_logs_to
+from metaserve.workers.log_capture import forward_logs_to
 from metaserve.workers.spec import JobSpec
-from metaserve.workers.storage import StorageConfig
+from metaserve.workers.object_store import StorageConfig
 from metaserve.workers.tasks.uploaded import use_dataset_store
 
 logger = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class RunOptions:
 
     log_sink: Any = None
     """The job's supervisor actor, which inner-loop workers send their log records to
-    (:func:`metaserve.workers.joblog.forward_logs_to`); None: they keep them."""
+    (:func:`metaserve.workers.log_capture.forward_logs_to`); None: they keep them."""
 
 
 def worker_device(gpus_per_worker: float, gpu_resource: str, cuda_available: bool) -> str:

@@ -164,6 +164,18 @@ class ProtoNetSpec(StrictModel):
         return 0.0
 
 
+class FinetuneSpec(StrictModel):
+    """The pooled baseline (Finn et al. 2017 §5.1's "pretrained"; Chen et al. 2019's Baseline):
+    one model trained on the rows of all training tasks together, no inner loop; adapting to
+    a task is ``inner_steps`` SGD steps at ``inner_lr`` from it on the task's support set, as
+    MAML's evaluation does. The yardstick a meta-learner must beat on the same budget."""
+
+    name: Literal["finetune"] = "finetune"
+    inner_lr: LearningRate = Field(0.01, description="SGD step size of the per-task fine-tuning.")
+    inner_steps: InnerSteps = Field(10, description="Fine-tuning steps on a task's support set "
+                                                    "when adapting (not used in training).")
+
+
 class RL2Spec(StrictModel):
     """RL² (Duan et al. 2016): a recurrent policy, fed the previous action, reward and
     episode-done flag, trained with PPO (Schulman et al. 2017) on RLlib's new API stack. A trial
@@ -239,8 +251,8 @@ class PEARLSpec(StrictModel):
 
 
 AlgorithmSpec = Annotated[
-    Union[MAMLSpec, ReptileSpec, ANILSpec, MetaSGDSpec, PromptSpec, ProtoNetSpec, RL2Spec,
-          PEARLSpec],
+    Union[MAMLSpec, ReptileSpec, ANILSpec, MetaSGDSpec, PromptSpec, ProtoNetSpec, FinetuneSpec,
+          RL2Spec, PEARLSpec],
     Field(discriminator="name"),
 ]
 ALGORITHMS: dict[str, type[StrictModel]] = {
@@ -250,6 +262,7 @@ ALGORITHMS: dict[str, type[StrictModel]] = {
     "metasgd": MetaSGDSpec,
     "prompt": PromptSpec,
     "protonet": ProtoNetSpec,
+    "finetune": FinetuneSpec,
     "rl2": RL2Spec,
     "pearl": PEARLSpec,
 }

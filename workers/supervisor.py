@@ -18,7 +18,7 @@ from the generator :meth:`JobSupervisor.run`:
 - ``("placement", {"driver": {...}, "workers": [{...}, ...]})``: node, pid and device of the
   driver and of every inner-loop worker, whenever the workers change.
 - ``("logs", [record, ...])``: log records of the driver and of its inner-loop workers
-  (:mod:`metaserve.workers.joblog`), the job's error with its traceback among them.
+  (:mod:`metaserve.workers.log_capture`), the job's error with its traceback among them.
 
 The run ends when the generator ends; its error (the job's own, :class:`JobCancelled`,
 :class:`Unschedulable`) comes out of the generator.
@@ -42,10 +42,10 @@ import ray
 from metaserve.workers.engine.checkpoints import CHECKPOINT_DIRECTORY
 from metaserve.workers.engine.loop import RunHooks
 from metaserve.workers.exceptions import CheckpointError, DriverOutOfMemory, JobCancelled, Unschedulable
-from metaserve.workers.joblog import capture_logs, release_logs
+from metaserve.workers.log_capture import capture_logs, release_logs
 from metaserve.workers.registry import run_job
 from metaserve.workers.runner import RunOptions
-from metaserve.workers.storage import StorageConfig, open_store
+from metaserve.workers.object_store import StorageConfig, open_store
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ class JobSupervisor:
             self._events.put((kind, payload))
 
     def add_logs(self, records: list[dict[str, Any]]) -> None:
-        """Log records of an inner-loop worker (:func:`metaserve.workers.joblog.forward_logs_to`)."""
+        """Log records of an inner-loop worker (:func:`metaserve.workers.log_capture.forward_logs_to`)."""
         self._emit("logs", records)
 
     def ready(self) -> dict[str, Any]:

@@ -52,9 +52,9 @@ from ray import tune
 
 from metaserve.workers.engine.checkpoints import CHECKPOINT_DIRECTORY
 from metaserve.workers.exceptions import DriverOutOfMemory, JobCancelled
-from metaserve.workers.joblog import capture_logs, release_logs
+from metaserve.workers.log_capture import capture_logs, release_logs
 from metaserve.workers.runner import RunOptions
-from metaserve.workers.storage import StorageConfig, parse_s3_url
+from metaserve.workers.object_store import StorageConfig, parse_s3_url
 from metaserve.workers.supervisor import (EVENT_POLL_S, SCRATCH_PREFIX, JobSupervisor, node_info,
                                           remove_stale_scratch, wait_until_ready)
 from metaserve.workers.sweep_spec import apply_config, longest_iterations
@@ -233,7 +233,7 @@ def sweep_trial(config: dict[str, Any], *, run: dict[str, Any], sink: Any,
     from metaserve.workers.engine.trainer import LocalDriver, Trainer
     from metaserve.workers.runner import worker_device
     from metaserve.workers.spec import JobSpec
-    from metaserve.workers.storage import open_store
+    from metaserve.workers.object_store import open_store
     from metaserve.workers.tasks.uploaded import use_dataset_store
 
     metric = run["config"]["scheduler"]["metric"]

@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
-from metaserve.api.routes import (adapt, artifacts, catalog, dashboard, events, health, jobs,
-                                   keys, logs, metrics, prometheus, sweeps)
+from metaserve.api.routes import (adapt, artifacts, catalog, dashboard, events, health, job_logs,
+                                   job_metrics, jobs, keys, prometheus, sweeps)
 
-ROUTERS = [health.router, jobs.router, catalog.router, metrics.router, artifacts.router,
-           events.router, adapt.router, keys.router, logs.router, prometheus.router,
+ROUTERS = [health.router, jobs.router, catalog.router, job_metrics.router, artifacts.router,
+           events.router, adapt.router, keys.router, job_logs.router, prometheus.router,
            dashboard.router, sweeps.router]

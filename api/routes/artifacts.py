@@ -1,7 +1,7 @@
 """``GET /v1/jobs/{id}/artifacts`` and ``.../artifacts/{name}``: list and download a job's files.
 
 A download is addressed by a name the database registered for the job and streamed from the
-artifact store (a local directory or S3, :mod:`metaserve.workers.storage`), which refuses any
+artifact store (a local directory or S3, :mod:`metaserve.workers.object_store`), which refuses any
 name that is not a plain file name. Anything else is a 404; a store that fails is a 503.
 """
 

@@ -26,7 +26,7 @@ from metaserve.api.job_watch import JobWatch
 from metaserve.api.schemas import ErrorResponse
 from metaserve.service import events, jobs
 from metaserve.service.exceptions import MetaserveError
-from metaserve.service.models import User
+from metaserve.service.orm import User
 
 POLL_S = 0.25
 KEEPALIVE_S = 15.0

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Header, Query, Request, Response, status
 from metaserve.api.deps import NO_CONTROL_CHARACTERS, CurrentUser, PathText, SessionDep
 from metaserve.api.schemas import ErrorResponse, JobPublic, JobsPublic, model_response
 from metaserve.service import datasets, jobs, limits
-from metaserve.service.models import JobStatus
+from metaserve.service.orm import JobStatus
 from metaserve.service.store import MAX_PAGE
 from metaserve.workers.spec import JobSpec
 

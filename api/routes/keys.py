@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from metaserve.api.deps import CurrentUser
 from metaserve.api.schemas import ErrorResponse
 from metaserve.service import auth
-from metaserve.service.models import User
+from metaserve.service.orm import User
 
 router = APIRouter(prefix="/v1/keys", tags=["keys"], responses={
     401: {"model": ErrorResponse, "description": "Missing or invalid API key"},

@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field
 from metaserve.api.deps import NO_CONTROL_CHARACTERS, CurrentUser, PathText, SessionDep
 from metaserve.api.schemas import ErrorResponse, model_response
 from metaserve.service import sweeps
-from metaserve.service.models import JobStatus
+from metaserve.service.orm import JobStatus
 from metaserve.service.store import MAX_PAGE
 from metaserve.workers.sweep_spec import SweepSpec
 

@@ -12,10 +12,10 @@ from fastapi.testclient import TestClient
 
 from metaserve.api.schemas import MAX_ADAPT_VALUES
 from metaserve.service import artifacts, jobs
-from metaserve.service.models import JobStatus
+from metaserve.service.orm import JobStatus
 from metaserve.workers.engine import Trainer
 from metaserve.service.settings import MAX_BODY_BYTES
-from metaserve.workers.engine.artifacts import adapt, load_meta_init
+from metaserve.workers.engine.final_artifact import adapt, load_meta_init
 
 SINE_SPEC = {"algorithm": {"name": "maml", "inner_steps": 1}, "task_family": {"name": "sine"},
              "iterations": 2, "evaluation": {"every": 0, "tasks": 2, "inner_steps": [1]}}

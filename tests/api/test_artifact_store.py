@@ -17,11 +17,11 @@ from fastapi.testclient import TestClient
 
 from metaserve.api.app import create_app
 from metaserve.service import artifacts, jobs
-from metaserve.service.models import JobStatus
+from metaserve.service.orm import JobStatus
 from metaserve.service.settings import MAX_BODY_BYTES, Settings
 from metaserve.workers.engine import Trainer
-from metaserve.workers.engine.artifacts import adapt, load_meta_init
-from metaserve.workers.storage import CHECKPOINT_DIRECTORY, ArtifactStore, open_store
+from metaserve.workers.engine.final_artifact import adapt, load_meta_init
+from metaserve.workers.object_store import CHECKPOINT_DIRECTORY, ArtifactStore, open_store
 from tests.moto_s3 import MotoS3, free_port, moto_s3_server
 
 SPEC = {"algorithm": {"name": "maml", "inner_steps": 1}, "task_family": {"name": "sine"},

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 
 from metaserve.api.app import create_app
 from metaserve.service.settings import Settings
-from metaserve.workers.storage import StorageConfig
+from metaserve.workers.object_store import StorageConfig
 from metaserve.workers.tasks.uploaded import read_canonical
 from tests import synthetic_datasets as synth
 

@@ -9,7 +9,7 @@ import time
 from sqlalchemy import event
 
 from metaserve.service.auth import KeyCache, hash_key
-from metaserve.service.models import User
+from metaserve.service.orm import User
 
 SPEC = {"algorithm": {"name": "maml"}, "task_family": {"name": "sine"}}
 

@@ -9,18 +9,18 @@ import time
 import httpx
 from fastapi.testclient import TestClient
 
-from metaserve.service import jobs, logs
-from metaserve.service.models import JobStatus
+from metaserve.service import job_logs, jobs
+from metaserve.service.orm import JobStatus
 from metaserve.service.sdk import parse_sse
 from tests.api.test_events import WORKER, claim, finish, live_url, submit  # noqa: F401
 
 
-def write(sessions, job_id: str, *messages: str, attempt: int = 1, keep: int = logs.MAX_LOG_RECORDS) -> int:  # noqa: ANN001
+def write(sessions, job_id: str, *messages: str, attempt: int = 1, keep: int = job_logs.MAX_LOG_RECORDS) -> int:  # noqa: ANN001
     with sessions() as session:
-        return logs.add_log_records(session=session, job_id=job_id, attempt=attempt, keep=keep,
-                                    records=[{"time": time.time(), "level": "INFO",
-                                              "source": "driver pid 1 metaserve.workers",
-                                              "message": message} for message in messages])
+        return job_logs.add_log_records(session=session, job_id=job_id, attempt=attempt, keep=keep,
+                                        records=[{"time": time.time(), "level": "INFO",
+                                                  "source": "driver pid 1 metaserve.workers",
+                                                  "message": message} for message in messages])
 
 
 def test_a_jobs_log_pages_in_order_and_says_when_it_is_complete(client: TestClient, sessions,

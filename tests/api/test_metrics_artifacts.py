@@ -18,10 +18,10 @@ from sqlalchemy import select
 
 from metaserve.api.schemas import MetricPointPublic, MetricsPublic, metrics_response
 from metaserve.service import artifacts, jobs
-from metaserve.service.models import Metric
+from metaserve.service.orm import Metric
 from metaserve.workers.spec import JobSpec
 from metaserve.workers.engine.trainer import CHECKPOINT_DIRECTORY
-from metaserve.workers.storage import StorageConfig, open_store
+from metaserve.workers.object_store import StorageConfig, open_store
 
 TWO_LINE_SPEC = {"algorithm": {"name": "maml"}, "task_family": {"name": "sine"}}
 
@@ -187,7 +187,7 @@ def test_metrics_of_any_job_for_an_admin_and_404_for_a_missing_one(client, sessi
 def test_a_metrics_page_leaves_its_pooled_connection_transactional(engine, sessions):
     """The page reads in autocommit; the connection it used goes back to the pool as it came,
     so the next session's writes are a transaction again (a rollback undoes them)."""
-    from metaserve.service.models import Job
+    from metaserve.service.orm import Job
     from tests.conftest import make_user
 
     user, _ = make_user(sessions, "carol")

@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 from metaserve.api.app import create_app
 from metaserve.service import jobs
 from metaserve.service.exceptions import QuotaExceeded
-from metaserve.service.models import Job, JobStatusEvent
+from metaserve.service.orm import Job, JobStatusEvent
 from metaserve.service.settings import Settings
 from metaserve.workers.spec import JobSpec
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 from sqlalchemy import func, select
 
 from metaserve.service import sweeps
-from metaserve.service.models import Job, Sweep
+from metaserve.service.orm import Job, Sweep
 from metaserve.service.settings import Settings
-from metaserve.workers.storage import ArtifactFile
+from metaserve.workers.object_store import ArtifactFile
 
 BASE = {"algorithm": {"name": "maml"}, "task_family": {"name": "sine"}, "meta_batch_size": 4,
         "iterations": 20, "evaluation": {"every": 5, "tasks": 10, "inner_steps": [1]}}

@@ -27,7 +27,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 from metaserve.api.app import create_app
 from metaserve.service import auth, jobs
 from metaserve.service.db import make_engine, session_factory
-from metaserve.service.models import Base, JobStatus
+from metaserve.service.orm import Base, JobStatus
 from metaserve.service.settings import Settings
 from metaserve.workers.spec import JobSpec
 from tests.server_process import free_port

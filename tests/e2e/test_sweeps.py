@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from metaserve.api.app import create_app
 from metaserve.service import auth
 from metaserve.service.db import make_engine, session_factory
-from metaserve.service.models import Base
+from metaserve.service.orm import Base
 from metaserve.service.settings import Settings
 
 pytestmark = pytest.mark.usefixtures("ray_session")

@@ -8,7 +8,7 @@ from sqlalchemy.exc import IntegrityError
 
 from metaserve.service import migrate
 from metaserve.service.db import make_engine
-from metaserve.service.models import Job, JobStatus, User, utcnow
+from metaserve.service.orm import Job, JobStatus, User, utcnow
 
 TABLES = {"alembic_version", "users", "jobs", "job_status_events", "metrics", "artifacts",
           "job_logs", "datasets", "sweeps"}

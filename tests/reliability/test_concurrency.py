@@ -18,7 +18,7 @@ from sqlalchemy import func, select
 
 from metaserve.service import jobs
 from metaserve.service.dispatcher import Dispatcher
-from metaserve.service.models import Artifact, Job, Metric
+from metaserve.service.orm import Artifact, Job, Metric
 from metaserve.service.settings import Settings
 from tests.reliability.conftest import TWO_LINE_SPEC, bearer
 from tests.server_process import ServerProcess

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from metaserve.service import jobs
 from metaserve.service.dispatcher import Dispatcher
-from metaserve.service.models import JobStatus
+from metaserve.service.orm import JobStatus
 from metaserve.service.settings import MAX_BODY_BYTES, Settings
 from tests.reliability.conftest import TWO_LINE_SPEC, bearer
 from tests.server_process import ServerProcess

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from metaserve.service import jobs, logs
+from metaserve.service import job_logs, jobs
 from metaserve.service.cli import metric_panel
-from metaserve.service.models import JobStatus
+from metaserve.service.orm import JobStatus
 from metaserve.service.sdk import Event, Progress, progress_line
 from tests.api.test_events import WORKER, claim, finish, live_url  # noqa: F401
 from tests.service.test_client_cli import (  # noqa: F401 - fixtures
@@ -39,7 +39,7 @@ def submitted(tmp_path: Path) -> str:
 
 def write_log(sessions, job_id: str, *messages: str) -> None:  # noqa: ANN001
     with sessions() as session:
-        logs.add_log_records(session=session, job_id=job_id, attempt=1, records=[
+        job_logs.add_log_records(session=session, job_id=job_id, attempt=1, records=[
             {"time": time.time(), "level": "INFO", "source": "driver pid 7 metaserve.workers",
              "message": message} for message in messages])
 
@@ -90,7 +90,7 @@ def test_wait_exits_0_for_a_succeeded_job_and_1_with_the_error_otherwise(
 
 
 def _owner(session, job_id: str):  # noqa: ANN001, ANN202
-    from metaserve.service.models import Job, User
+    from metaserve.service.orm import Job, User
 
     return session.get(User, session.get(Job, job_id).owner_id)
 

@@ -98,7 +98,7 @@ def test_submit_wait_of_a_job_cancelled_before_it_ran_exits_1_with_its_status(
     spec.write_text("algorithm: {name: maml}\ntask_family: {name: sine}\n")
 
     def cancel_when_submitted() -> None:
-        from metaserve.service.models import Job, User
+        from metaserve.service.orm import Job, User
 
         for _ in range(200):
             with sessions() as session:
@@ -154,7 +154,7 @@ def test_metrics_prints_the_latest_values_and_plots_the_curves_and_fetch_needs_a
 def test_fetch_downloads_a_meta_rl_jobs_meta_policy(logged_in: str, tmp_path: Path, sessions,
                                                     artifact_root: Path) -> None:  # noqa: ANN001
     from metaserve.service.settings import Settings
-    from metaserve.workers.storage import open_store
+    from metaserve.workers.object_store import open_store
 
     job_id = invoke("submit", _spec(tmp_path)).output.split()[1]
     written = tmp_path / "written"

@@ -14,7 +14,7 @@ from sqlalchemy import select
 
 from metaserve.service import artifacts, jobs
 from metaserve.service.dispatcher import Dispatcher
-from metaserve.service.models import Job, JobStatus, Metric
+from metaserve.service.orm import Job, JobStatus, Metric
 from metaserve.service.settings import Settings
 from metaserve.workers.spec import JobSpec
 
@@ -182,7 +182,7 @@ def test_a_restarted_embedded_dispatcher_takes_back_its_own_jobs_at_once(setting
 def test_errors_that_cannot_change_on_retry_fail_at_once_and_the_rest_retry():
     from metaserve.service.dispatcher import Outcome, classify_driver_death, classify_job_error
     from metaserve.workers.engine.checkpoints import CheckpointError
-    from metaserve.workers.storage import StorageError
+    from metaserve.workers.object_store import StorageError
     from metaserve.workers.tasks.fewshot import DatasetError
 
     assert classify_job_error(DatasetError("dataset path '/x' does not exist")) == (

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from metaserve.service import logs
-from metaserve.service.models import User
+from metaserve.service import job_logs
+from metaserve.service.orm import User
 from tests.service.test_dispatcher import dispatcher, settings, submit, wait_for  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -34,8 +34,8 @@ def tiny_npz(path: Path, classes: int = 40, per_class: int = 3) -> Path:
 
 def read_all(sessions, job_id: str, owner: User) -> list[dict]:  # noqa: ANN001
     with sessions() as session:
-        return logs.read_logs(session=session, job_id=job_id, owner=owner, after=0,
-                              limit=logs.MAX_LOG_PAGE).lines
+        return job_logs.read_logs(session=session, job_id=job_id, owner=owner, after=0,
+                                  limit=job_logs.MAX_LOG_PAGE).lines
 
 
 def test_a_job_that_raises_in_its_inner_loop_has_the_traceback_in_its_log_and_a_one_line_error(

@@ -13,7 +13,7 @@ from metaserve.service import sdk
 from metaserve.service.sdk import Client, Event, parse_sse
 from tests.api.test_events import live_url  # noqa: F401 - the fixture
 from metaserve.workers.engine import Trainer
-from metaserve.workers.engine.artifacts import adapt, load_meta_init
+from metaserve.workers.engine.final_artifact import adapt, load_meta_init
 
 TWO_LINE_SPEC = {"algorithm": {"name": "maml"}, "task_family": {"name": "sine"}}
 

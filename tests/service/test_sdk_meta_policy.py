@@ -13,7 +13,7 @@ import pytest
 
 from metaserve.service import sdk
 from metaserve.service.sdk import Client, MetaserveClientError
-from metaserve.workers.engine.artifacts import META_POLICY, export_artifact
+from metaserve.workers.engine.final_artifact import META_POLICY, export_artifact
 from metaserve.workers.rl.maml_rl import MAMLRL
 from metaserve.workers.spec import JobSpec
 

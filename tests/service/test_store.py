@@ -8,7 +8,7 @@ from sqlalchemy import func, select
 
 from metaserve.service import jobs
 from metaserve.service.exceptions import IdempotencyConflict, InvalidTransition, JobNotFound, LeaseLost
-from metaserve.service.models import Job, JobStatus, User, utcnow
+from metaserve.service.orm import Job, JobStatus, User, utcnow
 from metaserve.service.store import InvalidCursor
 from metaserve.workers.spec import JobSpec
 

@@ -13,7 +13,7 @@ from metaserve.service import jobs, sweeps
 from metaserve.service.cli import app
 from metaserve.service.sdk import Client
 from metaserve.service.settings import Settings
-from metaserve.workers.storage import StorageConfig, open_store
+from metaserve.workers.object_store import StorageConfig, open_store
 from tests.api.test_events import live_url  # noqa: F401 - the fixture
 from tests.service.test_client_cli import artifact_root, isolated_config, key, logged_in  # noqa: F401
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from metaserve.workers.engine import Trainer
-from metaserve.workers.engine.artifacts import MetaInitModel, load_meta_init
+from metaserve.workers.engine.final_artifact import MetaInitModel, load_meta_init
 from tests import synthetic_datasets as synth
 
 TOLERANCE = 1e-6

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from metaserve.workers.algorithms.anil import ANIL
 from metaserve.workers.algorithms.base import Algorithm
+from metaserve.workers.algorithms.finetune import Finetune
 from metaserve.workers.algorithms.maml import MAML
 from metaserve.workers.algorithms.metasgd import MetaSGD
 from metaserve.workers.algorithms.prompt import Prompt
 from metaserve.workers.algorithms.protonet import ProtoNet
 from metaserve.workers.algorithms.reptile import Reptile
-from metaserve.workers.models import FunctionalModel
+from metaserve.workers.networks import FunctionalModel
 
 ALGORITHM_CLASSES: dict[str, type[Algorithm]] = {
     "maml": MAML, "reptile": Reptile, "anil": ANIL, "metasgd": MetaSGD, "prompt": Prompt,
-    "protonet": ProtoNet,
+    "protonet": ProtoNet, "finetune": Finetune,
 }
 
 

@@ -8,7 +8,7 @@ from torch import Tensor
 from torch.func import grad
 
 from metaserve.workers.algorithms.base import Algorithm, Fast
-from metaserve.workers.models import Params
+from metaserve.workers.networks import Params
 
 
 class ANIL(Algorithm):

@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.func import grad, vmap
 
 from metaserve.workers.algorithms.batched import batched_path
-from metaserve.workers.models import FunctionalModel, Params
+from metaserve.workers.networks import FunctionalModel, Params
 
 Fast = Any  # a pytree of tensors: the per-task adapted state
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from metaserve.workers.models import HEAD_NAMES, MLP, Params
+from metaserve.workers.networks import HEAD_NAMES, MLP, Params
 
 if TYPE_CHECKING:
     from metaserve.workers.algorithms.base import Algorithm

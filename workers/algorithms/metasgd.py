@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from metaserve.workers.algorithms.base import Algorithm, Fast
-from metaserve.workers.models import Params
+from metaserve.workers.networks import Params
 
 LR_PREFIX = "inner_lr."
 

@@ -1,6 +1,6 @@
 """Prompt (context) tuning, CAVIA-style (Zintgraf et al. 2019, "Fast Context Adaptation via
 Meta-Learning"): a prompt vector of ``prompt_dim`` zeros, reset for every task, is
-concatenated to the network's input (see :mod:`metaserve.workers.models`); the inner loop adapts only
+concatenated to the network's input (see :mod:`metaserve.workers.networks`); the inner loop adapts only
 the prompt, the backbone is meta-learned through it."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from metaserve.workers.algorithms.base import Algorithm, Fast
-from metaserve.workers.models import Params
+from metaserve.workers.networks import Params
 
 
 class Prompt(Algorithm):

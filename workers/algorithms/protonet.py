@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.func import vmap
 
 from metaserve.workers.algorithms.base import _TASK_AXES, Algorithm, Fast, accuracy
-from metaserve.workers.models import Params
+from metaserve.workers.networks import Params
 
 
 class ProtoNet(Algorithm):

@@ -7,7 +7,7 @@ driver to the next point where something is due, and there logs (means over the 
 since the last log, plus the throughput of the training alone: tasks/s or env steps/s),
 evaluates on validation tasks, checkpoints and reports progress; at the end it evaluates on the
 validation and test splits and exports the job's artifact (``meta_init.*`` or
-``meta_policy.*``, :mod:`metaserve.workers.engine.artifacts`).
+``meta_policy.*``, :mod:`metaserve.workers.engine.final_artifact`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Callable, Protocol
 
 from torch import Tensor
 
-from metaserve.workers.engine.artifacts import artifact_kind, export_artifact
+from metaserve.workers.engine.final_artifact import artifact_kind, export_artifact
 from metaserve.workers.engine.checkpoints import (CHECKPOINT_DIRECTORY, Checkpoint, load_checkpoint,
                                                   save_checkpoint)
 from metaserve.workers.exceptions import JobCancelled  # noqa: F401 - raised by drivers, re-exported

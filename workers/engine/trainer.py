@@ -27,7 +27,7 @@ from metaserve.workers.engine.evaluation import summarize
 from metaserve.workers.engine.loop import RunHooks, train_loop
 from metaserve.workers.engine.optimizers import init_optimizer_state, optimizer_step
 from metaserve.workers.engine.state import ShardResult, TrainState
-from metaserve.workers.models import model_for
+from metaserve.workers.networks import model_for
 from metaserve.workers.spec import JobSpec
 from metaserve.workers.tasks import build_task_family
 

@@ -10,7 +10,7 @@
   (:mod:`.loader`).
 """
 
-from metaserve.workers.engine.artifacts import META_POLICY_JSON, META_POLICY_TENSORS
+from metaserve.workers.engine.final_artifact import META_POLICY_JSON, META_POLICY_TENSORS
 from metaserve.workers.rl.loader import MetaPolicy, TaskPolicy, load_meta_policy
 
 __all__ = ["META_POLICY_JSON", "META_POLICY_TENSORS", "MetaPolicy", "TaskPolicy", "load_meta_policy"]

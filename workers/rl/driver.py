@@ -35,7 +35,7 @@ from torch import Tensor
 from metaserve.workers.engine.checkpoints import Checkpoint
 from metaserve.workers.engine.loop import RunHooks
 from metaserve.workers.exceptions import JobCancelled, Unschedulable
-from metaserve.workers.joblog import forward_logs_to
+from metaserve.workers.log_capture import forward_logs_to
 from metaserve.workers.runner import (POLL_S, WORKER_READY_TIMEOUT_S, RunOptions, actor_resources,
                                       check_schedulable, worker_device)
 from metaserve.workers.spec import JobSpec

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 from torch.func import functional_call
 
-from metaserve.workers.engine.artifacts import META_POLICY, read_artifact
+from metaserve.workers.engine.final_artifact import META_POLICY, read_artifact
 from metaserve.workers.rl.policies import expand_params
 from metaserve.workers.rl.tasks import Task, build_rl_family, task_rng
 from metaserve.workers.rl.trials import TrialEnv

@@ -33,7 +33,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
-from metaserve.workers.storage import ArtifactStore, StorageConfig, StorageError, open_store
+from metaserve.workers.object_store import ArtifactStore, StorageConfig, StorageError, open_store
 from metaserve.workers.tasks.fewshot import DatasetError
 
 DATASET_TENSORS = "dataset.safetensors"

@@ -7,7 +7,7 @@ import torch
 
 from metaserve.workers.algorithms import build_algorithm
 from metaserve.workers.engine import Trainer
-from metaserve.workers.models import build_model
+from metaserve.workers.networks import build_model
 from metaserve.workers.spec import (ANILSpec, GlyphsSpec, MAMLSpec, MetaSGDSpec, MLPSpec, PromptSpec,
                                     ReptileSpec, SineSpec)
 from metaserve.workers.tasks import build_task_family

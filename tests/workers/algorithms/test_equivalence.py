@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from metaserve.workers.algorithms import build_algorithm
-from metaserve.workers.models import build_model
+from metaserve.workers.networks import build_model
 from metaserve.workers.spec import ANILSpec, MAMLSpec, MetaSGDSpec, MLPSpec, PromptSpec, ReptileSpec, SineSpec
 from metaserve.workers.tasks import build_task_family
 

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from metaserve.workers.algorithms import build_algorithm
 from metaserve.workers.engine import Trainer
-from metaserve.workers.models import build_model
+from metaserve.workers.networks import build_model
 from metaserve.workers.spec import Conv4Spec, JobSpec, ProtoNetSpec, ResNet12Spec
 from tests import synthetic_datasets as synth
 

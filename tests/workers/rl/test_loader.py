@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from metaserve.workers.engine.artifacts import META_INIT, META_POLICY, export_artifact
+from metaserve.workers.engine.final_artifact import META_INIT, META_POLICY, export_artifact
 from metaserve.workers.exceptions import ArtifactError
 from metaserve.workers.rl import load_meta_policy
 from metaserve.workers.rl.maml_rl import MAMLRL

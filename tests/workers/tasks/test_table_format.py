@@ -136,7 +136,8 @@ def test_features_default_to_every_other_usable_numeric_column(tmp_path):
      "(support_shots 5 + query_shots 4); the largest task has 8 rows"),
     ({"time_column": "t", "lags": 3}, "task_family.support_shots", "+ lags 3"),
     ({"task_column": "t", "time_column": "subject"}, "task_family.time_column", 'column "subject" is a category'),
-    ({"target": "subject"}, "task_family.target", "is a category column; regression needs"),
+    ({"task_column": "t", "target": "subject"}, "task_family.target",
+     "is a category column; regression needs"),
 ])
 def test_spec_the_table_cannot_serve_names_the_field(tmp_path, fields, field, message):
     with pytest.raises(TableSpecInvalid) as raised:

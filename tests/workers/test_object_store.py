@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from metaserve.workers.storage import (
+from metaserve.workers.object_store import (
     CHECKPOINT_DIRECTORY,
     MANIFEST_NAME,
     ArtifactFile,

@@ -123,7 +123,7 @@ class MetaInitModel(torch.nn.Module):
     def __init__(self, params: dict[str, Tensor], recipe: dict, spec: dict):
         super().__init__()
         from metaserve.workers.algorithms import build_algorithm
-        from metaserve.workers.models import build_model
+        from metaserve.workers.networks import build_model
         from metaserve.workers.spec import JobSpec
 
         job = JobSpec.model_validate(spec)

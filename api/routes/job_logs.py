@@ -24,8 +24,8 @@ from metaserve.api.routes.events import (
     stream_slots,
 )
 from metaserve.api.schemas import ErrorResponse
-from metaserve.service import logs
-from metaserve.service.models import User
+from metaserve.service.job_logs import MAX_LOG_PAGE, LogPage, read_logs
+from metaserve.service.orm import User
 
 router = APIRouter(prefix="/v1/jobs", tags=["logs"], responses={
     401: {"model": ErrorResponse, "description": "Missing or invalid API key"},
@@ -60,10 +60,10 @@ def format_line(line: dict) -> str:
 async def _follow(request: Request, job_id: str, user: User, after: int) -> AsyncIterator[str]:
     factory = request.app.state.session_factory
 
-    def poll(cursor: int) -> logs.LogPage:
+    def poll(cursor: int) -> LogPage:
         with factory() as session:
-            return logs.read_logs(session=session, job_id=job_id, owner=user, after=cursor,
-                                  limit=logs.MAX_LOG_PAGE)
+            return read_logs(session=session, job_id=job_id, owner=user, after=cursor,
+                             limit=MAX_LOG_PAGE)
 
     slots = stream_slots(request)
     try:
@@ -101,7 +101,7 @@ async def job_logs(
     request: Request,
     user: CurrentUser,
     after: Annotated[int, Query(ge=0, le=2**62, description="Only records after this seq.")] = 0,
-    limit: Annotated[int, Query(ge=1, le=logs.MAX_LOG_PAGE,
+    limit: Annotated[int, Query(ge=1, le=MAX_LOG_PAGE,
                                 description="Records per page.")] = 1000,
     follow: Annotated[bool, Query(description="Stream new records (SSE) until the job ends.")] = False,
     last_event_id: Annotated[str, Header(max_length=20, pattern=r"^ *[0-9]{1,18} *$")] = None,
@@ -109,10 +109,10 @@ async def job_logs(
     """The job's log records in order: each is a line or a message with its traceback."""
     factory = request.app.state.session_factory
 
-    def read(cursor: int, count: int) -> logs.LogPage:
+    def read(cursor: int, count: int) -> LogPage:
         with factory() as session:
-            return logs.read_logs(session=session, job_id=job_id, owner=user, after=cursor,
-                                  limit=count)
+            return read_logs(session=session, job_id=job_id, owner=user, after=cursor,
+                             limit=count)
 
     if last_event_id:
         after = max(after, int(last_event_id))

@@ -1,7 +1,7 @@
 """Capture a job's log records where they happen (its driver and its inner-loop workers, each
 a Ray process of its own; Ray runs without ``log_to_driver``) and hand them to a sink: the
 driver's :class:`~metaserve.workers.supervisor.JobSupervisor`, which streams them to the
-dispatcher with the job's other events, which stores them (service/logs.py).
+dispatcher with the job's other events, which stores them (service/job_logs.py).
 
 A record is plain data: ``{"time": epoch seconds, "level", "source", "message"}``; the message
 holds the formatted traceback when the record has one. Bounded on the way: at most

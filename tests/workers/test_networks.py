@@ -3,7 +3,7 @@ import torch
 from torch.func import vmap
 
 from metaserve.workers.algorithms import build_algorithm
-from metaserve.workers.models import build_model
+from metaserve.workers.networks import build_model
 from metaserve.workers.spec import ANILSpec, Conv4Spec, MAMLSpec, MLPSpec, PromptSpec
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 WRITE = """
 import sys, torch
 from pathlib import Path
-from metaserve.workers.engine.artifacts import export_artifact
+from metaserve.workers.engine.final_artifact import export_artifact
 export_artifact(Path(sys.argv[1]), kind="meta_init", tensors={"w": torch.arange(6.0).reshape(2, 3)},
                 architecture={}, recipe={}, task_family={}, evaluation={}, spec={}, iteration=1)
 """

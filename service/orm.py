@@ -204,7 +204,7 @@ class Artifact(Base):
 class JobLogLine(Base):
     """One log record of a job (a line, or a message with its traceback) from its driver or an
     inner-loop worker. ``seq`` numbers a job's records from 1 across attempts; the oldest are
-    deleted past the per-job cap (service/logs.py), so ``min(seq) - 1`` records were dropped."""
+    deleted past the per-job cap (service/job_logs.py), so ``min(seq) - 1`` records were dropped."""
 
     __tablename__ = "job_logs"
     __table_args__ = (UniqueConstraint("job_id", "seq"),)

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from metaserve.service import store
 from metaserve.service.jobs import Transaction
-from metaserve.service.models import JobLogLine, JobStatus, User
+from metaserve.service.orm import JobLogLine, JobStatus, User
 
 MAX_LOG_RECORDS = 10_000
 MAX_MESSAGE_CHARS = 16_000
