@@ -12,11 +12,12 @@ is a complete job.
 from __future__ import annotations
 
 import math
-import re
 from typing import Annotated, Literal, Union
 
-from pydantic import (BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, field_validator,
-                      model_validator)
+from pydantic import Field, StrictInt, ValidationInfo, field_validator, model_validator
+
+from metaserve.workers.plugins import discover
+from metaserve.workers.spec_base import CONTROL_CHARACTERS, StrictModel  # noqa: F401 - re-exported
 
 MAX_ITERATIONS = 10_000_000
 MAX_META_BATCH = 4096
@@ -25,24 +26,6 @@ MAX_WORKERS = 1024
 MAX_SHOTS = 1000
 MAX_WAYS = 100
 CONV4_MIN_IMAGE_SIZE = 16
-
-
-CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-"""C0, DEL and C1: NUL (PostgreSQL text cannot hold it), ESC/CSI (terminal escapes), newlines."""
-
-
-class StrictModel(BaseModel):
-    """Base of every spec model: unknown fields, non-finite floats and control characters in
-    strings are rejected."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_default=True)
-
-    @field_validator("*", mode="after")
-    @classmethod
-    def _no_control_characters(cls, value: object) -> object:
-        if isinstance(value, str) and CONTROL_CHARACTERS.search(value):
-            raise ValueError("control characters (NUL, ESC, newlines, ...) are not allowed")
-        return value
 
 
 LearningRate = Annotated[float, Field(gt=0.0, le=100.0)]
@@ -573,11 +556,6 @@ class HalfCheetahVelSpec(StrictModel):
         return self
 
 
-TaskFamilySpec = Annotated[
-    Union[SineSpec, LinearSpec, ImagesSpec, GlyphsSpec, TypefacesSpec, BanditSpec, TabularMDPSpec,
-          Nav2DSpec, HalfCheetahVelSpec, TabularSpec],
-    Field(discriminator="name"),
-]
 TASK_FAMILIES: dict[str, type[StrictModel]] = {
     "sine": SineSpec,
     "linear": LinearSpec,
@@ -638,9 +616,21 @@ class ResNet12Spec(StrictModel):
     norm: Norm = Field("batch", description=NORM_DESCRIPTION)
 
 
-ModelSpec = Annotated[Union[MLPSpec, Conv4Spec, ResNet12Spec], Field(discriminator="name")]
 MODELS: dict[str, type[StrictModel]] = {"mlp": MLPSpec, "conv4": Conv4Spec,
                                         "resnet12": ResNet12Spec}
+
+
+# --------------------------------------------------------------------------- plugins and unions
+
+# Installed plugins join the registries here, once per process, before the unions are built,
+# so a plugin's spec is validated like a built-in's (metaserve.workers.plugins).
+BUILTIN_TASK_FAMILIES = frozenset(TASK_FAMILIES)
+BUILTIN_MODELS = frozenset(MODELS)
+PLUGINS = discover(builtin_models=BUILTIN_MODELS, builtin_task_families=BUILTIN_TASK_FAMILIES)
+TASK_FAMILIES.update({name: plugin.spec for name, plugin in PLUGINS.task_families.items()})
+MODELS.update({name: plugin.spec for name, plugin in PLUGINS.models.items()})
+TaskFamilySpec = Annotated[Union[tuple(TASK_FAMILIES.values())], Field(discriminator="name")]
+ModelSpec = Annotated[Union[tuple(MODELS.values())], Field(discriminator="name")]
 
 
 # --------------------------------------------------------------------------- the rest
