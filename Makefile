@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 $(VENV)/.installed: pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install $(TORCH_PIP_ARGS) '$(TORCH_SPEC)'
-	$(VENV)/bin/pip install -e '.[dev,benchmark]'
+	$(VENV)/bin/pip install -e '.[dev,benchmark,examples]'
 	touch $@
 
 install: $(VENV)/.installed
