@@ -42,6 +42,23 @@ class TableSpecInvalid(DatasetError):
         return type(self), (self.field, self.message)
 
 
+class RowsInvalid(ValueError):
+    """Raw rows that do not fit a ``tabular`` job's recipe (a missing or unknown column, a
+    label the table never had, support rows after query rows, ...)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+    def __reduce__(self) -> tuple:  # pickled across processes with its two arguments
+        return type(self), (self.field, self.message)
+
+
+class TrialOverLimits(ValueError):
+    """A sweep's trial whose sampled spec breaks the server's per-job limits."""
+
+
 class ArtifactError(ValueError):
     """A directory that holds no readable artifact of the kind asked for."""
 
@@ -55,4 +72,5 @@ class DriverOutOfMemory(MemoryError):
 
 
 __all__ = ["ArtifactError", "CheckpointError", "DatasetError", "DriverOutOfMemory", "JobCancelled",
-           "StorageError", "TableSpecInvalid", "Unschedulable", "WorkerLost"]
+           "RowsInvalid", "StorageError", "TableSpecInvalid", "TrialOverLimits", "Unschedulable",
+           "WorkerLost"]

@@ -457,6 +457,9 @@ class TabularSpec(StrictModel):
                 raise ValueError("target: classification predicts one column")
             if self.lags > 0:
                 raise ValueError("lags: lagged targets are for regression (forecasting)")
+            if self.time_column is not None:
+                raise ValueError("time_column: time-ordered tasks forecast a number (problem: "
+                                 "regression); classification tasks draw rows by label")
         elif self.ways is not None:
             raise ValueError("ways: only for problem: classification")
         targets = self.targets

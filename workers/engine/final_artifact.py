@@ -131,6 +131,9 @@ class MetaInitModel(torch.nn.Module):
         self.functional = build_model(job.model, architecture_input, recipe["architecture"]["output_dim"],
                                       recipe["architecture"]["prompt_dim"])
         self.algorithm = build_algorithm(job.algorithm, self.functional, classification=job.is_classification)
+        self.data_recipe: dict | None = recipe.get("data")
+        """A ``tabular`` job's data recipe (features, targets, scalers, classes, time column,
+        lags), which :meth:`adapt_rows` applies; None for other families."""
         self._names = list(params)
         self.meta_params = torch.nn.ParameterList([torch.nn.Parameter(params[name]) for name in self._names])
 
@@ -160,6 +163,22 @@ class MetaInitModel(torch.nn.Module):
             return output.to(x.dtype if x.is_floating_point() else torch.float32)
 
         return predictor
+
+    def adapt_rows(self, *, support: Any = None, query: Any = None, support_x: Any = None,
+                   support_y: Any = None, query_x: Any = None, steps: int | None = None) -> dict:
+        """A ``tabular`` job's served task: a new entity's raw support rows and query rows
+        (named columns, row objects, or arrays in the recorded feature order; see
+        :mod:`metaserve.workers.tasks.tabular_rows`), scaled as in training, adapted to with the
+        recipe, and the query rows' predictions in the target's own units (classification:
+        logits and raw labels)."""
+        from metaserve.workers.tasks.tabular_rows import parse_rows, predict_rows
+
+        if self.data_recipe is None:
+            raise ArtifactError("adapt_rows is for tabular jobs; this meta-initialization's "
+                                "task family takes arrays: adapt(support_x, support_y)")
+        task = parse_rows(self.data_recipe, support=support, query=query, support_x=support_x,
+                          support_y=support_y, query_x=query_x)
+        return predict_rows(self.data_recipe, task, self.adapt(task.support_x, task.support_y, steps))
 
 
 def load_meta_init(directory: Path, device: str | torch.device = "cpu") -> tuple[MetaInitModel, dict]:

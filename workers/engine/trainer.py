@@ -51,6 +51,11 @@ class Trainer:
         self.spec = spec if isinstance(spec, JobSpec) else JobSpec.model_validate(spec)
         self.device = torch.device(device)
         self.family = build_task_family(self.spec.task_family)
+        # A family that resolves its spec against its data (tabular: ``features: null`` -> the
+        # table's columns) is trained, checkpointed and exported with the resolved spec.
+        resolved = getattr(self.family, "spec", self.spec.task_family)
+        if resolved != self.spec.task_family:
+            self.spec = self.spec.model_copy(update={"task_family": resolved})
         self.model = model_for(self.spec)
         self.algorithm = build_algorithm(self.spec.algorithm, self.model,
                                          classification=bool(self.family.is_classification),
@@ -153,8 +158,11 @@ class Trainer:
 
     def artifact(self, state: TrainState) -> tuple[dict[str, Tensor], dict]:
         """The meta-initialization's tensors, architecture and adaptation recipe."""
+        recipe = self.algorithm.recipe()
+        if hasattr(self.family, "recipe"):  # what a served task needs of the data (tabular)
+            recipe["data"] = self.family.recipe()
         return (self.algorithm.export_params(state.params),
-                {"architecture": self.model.describe(), "recipe": self.algorithm.recipe()})
+                {"architecture": self.model.describe(), "recipe": recipe})
 
     # ------------------------------------------------------------------ the in-process loop
 

@@ -18,6 +18,7 @@ TASK_FAMILY_CLASSES: dict[str, tuple[str, str]] = {
     "images": ("metaserve.workers.tasks.images", "ImagesFamily"),
     "glyphs": ("metaserve.workers.tasks.glyphs", "GlyphsFamily"),
     "typefaces": ("metaserve.workers.tasks.typefaces", "TypefacesFamily"),
+    "tabular": ("metaserve.workers.tasks.tabular", "TabularFamily"),
 }
 
 
