@@ -150,7 +150,7 @@ def _train_end_to_end(algorithm: dict) -> float:
     TRAIN_WINDOW_START and TRAIN_ITERATIONS (see the module docstring)."""
     import yaml
 
-    from metaserve.service.cli import app
+    from metaserve.cli import app
 
     with tempfile.TemporaryDirectory() as directory:
         spec_path, out = Path(directory) / "spec.yaml", Path(directory) / "out"

@@ -84,7 +84,7 @@ def run_once(workdir: Path, upload: Path) -> dict:
         sampler.start()
         started = time.perf_counter()
         sys.path.insert(0, str(ROOT))
-        from metaserve.service.sdk import Client
+        from metaserve.client import Client
 
         with Client(url=url, api_key=key) as client:
             dataset = client.upload_dataset(upload, name="memory-benchmark")

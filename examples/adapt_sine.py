@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from metaserve.service.sdk import Client, MetaserveClientError
+from metaserve.client import Client, MetaserveClientError
 
 
 def new_sine_task(seed: int, shots: int, queries: int = 100):  # noqa: ANN201

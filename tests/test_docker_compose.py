@@ -15,7 +15,7 @@ import pytest
 import typer.main
 import yaml
 
-from metaserve.service.cli import app
+from metaserve.cli import app
 
 try:  # typer >= 0.20 vendors click as typer._click
     from typer._click.exceptions import UsageError

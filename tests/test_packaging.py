@@ -85,7 +85,7 @@ def test_project_with_its_own_service_package_imports_the_sdk(installed: Path, t
     result = _python(
         "import service\n"
         "from metaserve import Client\n"
-        "import metaserve.service.sdk as sdk\n"
+        "import metaserve.client as sdk\n"
         "print(service.OWNER, Client is sdk.Client, sdk.__file__.startswith(%r))"
         % str(installed),
         site_dir=installed, cwd=project)

@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from metaserve.api.app import create_app
 from metaserve.service import events, jobs
 from metaserve.service.orm import JobStatus
-from metaserve.service.sdk import Event, parse_sse
+from metaserve.client import Event, parse_sse
 from metaserve.service.settings import Settings
 from tests.server_process import free_port
 

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from metaserve.api.app import create_app
 from metaserve.service import auth
-from metaserve.service.cli import app as cli
+from metaserve.cli import app as cli
 from metaserve.service.settings import Settings
 
 SPEC = {"algorithm": {"name": "maml"}, "task_family": {"name": "sine"}}

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 
 from metaserve.service import job_logs, jobs
 from metaserve.service.orm import JobStatus
-from metaserve.service.sdk import parse_sse
+from metaserve.client import parse_sse
 from tests.api.test_events import WORKER, claim, finish, live_url, submit  # noqa: F401
 
 

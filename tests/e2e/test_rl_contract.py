@@ -28,7 +28,7 @@ import pytest
 import torch
 from safetensors.torch import load
 
-from metaserve.service.sdk import Client, Conflict, Event
+from metaserve.client import Client, Conflict, Event
 from metaserve.workers.rl.maml_rl import MAMLRL
 from metaserve.workers.spec import JobSpec
 from tests.server_process import ServerProcess, metaserve_executable

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from metaserve.service.sdk import Client, Event
+from metaserve.client import Client, Event
 from tests.server_process import ServerProcess
 
 pytestmark = pytest.mark.slow

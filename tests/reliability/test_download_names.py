@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from metaserve.service.sdk import Client, MetaserveClientError, safe_target
+from metaserve.client import Client, MetaserveClientError, safe_target
 
 HOSTILE = ["../escape", "a/../../escape", "/etc/passwd", "..", ".", "a//b", "a\\..\\b",
            "C:evil", "link/x", "x\x00y", ""]

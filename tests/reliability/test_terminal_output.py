@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from metaserve.service import cli
+from metaserve.cli import app, user
+from metaserve.cli.common import CONTROL_CHARACTERS, printable
 
 HOSTILE = "evil\x1b[2J\x1b]0;pwned\x07\x9b31m[bold red]x[/]\r\n"
 JOB = {"id": "01JOB", "name": HOSTILE, "status": "failed", "attempt": 1, "max_attempts": 3,
@@ -37,23 +38,23 @@ class FakeClient:
 
 @pytest.fixture
 def runner(monkeypatch) -> CliRunner:  # noqa: ANN001
-    monkeypatch.setattr(cli, "_client", lambda *a, **k: FakeClient())
+    monkeypatch.setattr(user, "connect", lambda *a, **k: FakeClient())
     return CliRunner(env={"COLUMNS": "400"})
 
 
 @pytest.mark.parametrize("command", [["list"], ["status", "01JOB"], ["cancel", "01JOB"],
                                      ["metrics", "01JOB"]])
 def test_control_characters_from_the_server_are_printed_escaped(runner, command):
-    result = runner.invoke(cli.app, command)
+    result = runner.invoke(app, command)
     assert result.exit_code == 0, result.output
-    assert not cli.CONTROL_CHARACTERS.search(result.output.replace("\n", "")), repr(result.output)
+    assert not CONTROL_CHARACTERS.search(result.output.replace("\n", "")), repr(result.output)
     assert "\\x1b[2J" in result.output
 
 
 def test_rich_markup_in_a_name_is_printed_as_text(runner):
-    output = runner.invoke(cli.app, ["list"]).output
+    output = runner.invoke(app, ["list"]).output
     assert "[bold red]x[/]" in output
 
 
 def test_printable_escapes_c0_del_and_c1_and_keeps_unicode():
-    assert cli.printable("a\x00b\x1b[1m\x7f\x9b\tc – Ω 正") == "a\\x00b\\x1b[1m\\x7f\\x9b\\tc – Ω 正"
+    assert printable("a\x00b\x1b[1m\x7f\x9b\tc – Ω 正") == "a\\x00b\\x1b[1m\\x7f\\x9b\\tc – Ω 正"

@@ -6,7 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from metaserve.service import auth, store
-from metaserve.service.cli import app
+from metaserve.cli import app
 from metaserve.service.db import make_engine, session_factory
 from metaserve.service.exceptions import Unauthorized
 from metaserve.service.ids import new_id

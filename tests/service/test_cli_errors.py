@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from metaserve.service.cli import app
+from metaserve.cli import app
 from metaserve.service.settings import get_settings
 
 METASERVE = str(Path(sys.executable).with_name("metaserve"))

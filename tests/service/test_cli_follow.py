@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from metaserve.service import job_logs, jobs
-from metaserve.service.cli import metric_panel
+from metaserve.cli.metric_plots import metric_panel
 from metaserve.service.orm import JobStatus
-from metaserve.service.sdk import Event, Progress, progress_line
+from metaserve.client import Event, Progress, progress_line
 from tests.api.test_events import WORKER, claim, finish, live_url  # noqa: F401
 from tests.service.test_client_cli import (  # noqa: F401 - fixtures
     artifact_root,

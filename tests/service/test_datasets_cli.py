@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from metaserve.service.cli import app
-from metaserve.service.sdk import Client, NotFound
+from metaserve.cli import app
+from metaserve.client import Client, NotFound
 from tests import synthetic_datasets as synth
 from tests.api.test_events import live_url  # noqa: F401 - the fixture
 from tests.service.test_client_cli import isolated_config, key  # noqa: F401 - fixtures

@@ -223,7 +223,7 @@ def test_dispatcher_health_reports_a_live_claim_loop_and_goes_stale_when_it_stop
     from typer.testing import CliRunner
 
     from metaserve.service import settings as settings_module
-    from metaserve.service.cli import app
+    from metaserve.cli import app
     from metaserve.service.dispatcher import dispatcher_healthy
 
     health = settings.dispatcher_health_path

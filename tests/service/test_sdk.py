@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from metaserve.service import sdk
-from metaserve.service.sdk import Client, Event, parse_sse
+from metaserve import client as sdk
+from metaserve.client import Client, Event, parse_sse
 from tests.api.test_events import live_url  # noqa: F401 - the fixture
 from metaserve.workers.engine import Trainer
 from metaserve.workers.engine.final_artifact import adapt, load_meta_init

@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from metaserve.service import sdk
-from metaserve.service.sdk import Client, MetaserveClientError
+from metaserve import client as sdk
+from metaserve.client import Client, MetaserveClientError
 from metaserve.workers.engine.final_artifact import META_POLICY, export_artifact
 from metaserve.workers.rl.maml_rl import MAMLRL
 from metaserve.workers.spec import JobSpec

@@ -42,9 +42,9 @@ def test_readme_settings_table_lists_every_setting():
 
 
 def test_the_readme_client_table_lists_every_variable_the_sdk_reads():
-    from metaserve.service import sdk
+    from metaserve import client
 
-    source = Path(sdk.__file__).read_text()
+    source = "".join(path.read_text() for path in Path(client.__file__).parent.glob("*.py"))
     read = set(re.findall(r"os\.environ(?:\.get)?[(\[]\"METASERVE_([A-Z0-9_]+)\"", source))
     assert read == {"URL", "API_KEY", "CONFIG"}
     assert read < readme_settings_tables()[1]

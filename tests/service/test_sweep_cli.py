@@ -10,8 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from metaserve.service import jobs, sweeps
-from metaserve.service.cli import app
-from metaserve.service.sdk import Client
+from metaserve.cli import app
+from metaserve.client import Client
 from metaserve.service.settings import Settings
 from metaserve.workers.object_store import StorageConfig, open_store
 from tests.api.test_events import live_url  # noqa: F401 - the fixture
@@ -94,7 +94,7 @@ def test_sweep_submit_status_trials_fetch_and_cancel(logged_in, tmp_path, sessio
 
 
 def test_sdk_submit_sweep_and_a_422_naming_the_field(logged_in, key):  # noqa: ANN001, F811
-    from metaserve.service.sdk import InvalidRequest
+    from metaserve.client import InvalidRequest
 
     with Client(url=logged_in, api_key=key) as client:
         sweep = client.submit_sweep({"spec": {"algorithm": {"name": "maml"},

@@ -24,16 +24,31 @@ iterations within 1e-6). :func:`batched_path` says whether it applies; where it 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from metaserve.workers.networks import HEAD_NAMES, MLP, Params
+from metaserve.workers.networks import HEAD_NAMES, MLP, FunctionalModel, Params
 
-if TYPE_CHECKING:
-    from metaserve.workers.algorithms.base import Algorithm
+
+class FastPathAlgorithm(Protocol):
+    """What the fast path uses of an algorithm. :class:`~metaserve.workers.algorithms.base.Algorithm`
+    satisfies it; named here so that this module, which base.py imports, does not import it
+    back."""
+
+    name: str
+    model: FunctionalModel
+    classification: bool
+    first_order: bool
+    inner_steps: int
+
+    def model_params(self, params: Params) -> Params: ...
+
+    def initial_fast(self, params: Params) -> Any: ...
+
+    def inner_update(self, params: Params, fast: Any, grads: Any) -> Any: ...
 
 # d activation: (grad of the output, pre-activation z, output h) -> grad of z; the aten
 # functions autograd's own backward nodes call (so second order differentiates them the same)
@@ -45,7 +60,7 @@ _ACTIVATION_BACKWARD = {
 ALGORITHMS = ("maml", "metasgd", "anil", "reptile")
 
 
-def batched_path(algorithm: "Algorithm") -> "BatchedLinearPath | None":
+def batched_path(algorithm: FastPathAlgorithm) -> "BatchedLinearPath | None":
     """The fast path for ``algorithm``, or None where it does not apply."""
     model = algorithm.model
     if (algorithm.name not in ALGORITHMS or not isinstance(model, MLP) or model.prompt_dim
@@ -66,7 +81,7 @@ class BatchedLinearPath:
     """The meta-gradient (and Reptile's adaptation) of ``algorithm`` over an MLP, batched by
     hand over the tasks of a chunk (see the module docstring)."""
 
-    def __init__(self, algorithm: "Algorithm"):
+    def __init__(self, algorithm: FastPathAlgorithm):
         self.algorithm = algorithm
         model: MLP = algorithm.model
         self.layers = [(f"layers.{i}.weight", f"layers.{i}.bias") for i in range(model.num_hidden)]

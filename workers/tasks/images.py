@@ -35,8 +35,10 @@ from metaserve.workers.spec import ImagesSpec
 from metaserve.workers.tasks.base import SPLITS, TaskBatch, task_generator
 from metaserve.workers.tasks.fewshot import (DatasetError, check_split, choose_classes, episode_batch, episode_shots,
                                     split_classes)
+from metaserve.workers.tasks.uploaded import fetch_dataset, read_canonical
 
-__all__ = ["DatasetError", "ImageDataset", "ImagesFamily", "detect_layout", "load_image_dataset"]
+__all__ = ["DatasetError", "ImageDataset", "ImagesFamily", "detect_layout", "load_image_dataset",
+           "load_uploaded_dataset"]
 
 logger = logging.getLogger(__name__)
 
@@ -224,6 +226,19 @@ def _load_cached(
     return _load_folders(root, layout, image_size, channels)
 
 
+@functools.lru_cache(maxsize=DATASET_CACHE_SIZE)
+def load_uploaded_dataset(dataset_id: str, image_size: int, channels: int) -> ImageDataset:
+    """An uploaded dataset (:mod:`metaserve.workers.tasks.uploaded`) as this family reads it
+    (classes contiguous, resized to ``image_size``, converted to ``channels``), once per process."""
+    images, labels, class_names = read_canonical(fetch_dataset(dataset_id))
+    order = torch.argsort(labels, stable=True)
+    sizes = torch.bincount(labels, minlength=len(class_names))
+    images = _resize(_convert_channels(images[order], channels), image_size).contiguous()
+    return ImageDataset(images=images,
+                        class_offsets=torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)]),
+                        class_names=tuple(class_names))
+
+
 def load_image_dataset(
     path: str | os.PathLike[str], *, layout: str = "auto", image_size: int, channels: int
 ) -> ImageDataset:
@@ -252,8 +267,6 @@ class ImagesFamily:
     def __init__(self, spec: ImagesSpec):
         self.spec = spec
         if spec.dataset is not None:
-            from metaserve.workers.tasks.uploaded import load_uploaded_dataset
-
             self.dataset = load_uploaded_dataset(spec.dataset, spec.image_size, spec.channels)
         else:
             self.dataset = load_image_dataset(

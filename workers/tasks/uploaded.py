@@ -13,14 +13,13 @@ index ``class_names``. safetensors, not a pickle: nothing a user uploads is ever
 A process that reads datasets is told the store once (:func:`use_dataset_store`: the job's
 supervisor and each inner-loop worker, from :class:`metaserve.workers.runner.RunOptions`);
 :func:`fetch_dataset` then downloads a dataset into a per-host cache directory (datasets are
-immutable: an id is never reused) with the sha256 the JSON records checked, and
-:func:`load_uploaded_dataset` reads it once per process into the ``images`` family's
-:class:`~metaserve.workers.tasks.images.ImageDataset`.
+immutable: an id is never reused) with the sha256 the JSON records checked, and the ``images``
+family reads it once per process
+(:func:`metaserve.workers.tasks.images.load_uploaded_dataset`).
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -41,7 +40,6 @@ DATASET_JSON = "dataset.json"
 DATASET_FILES = (DATASET_TENSORS, DATASET_JSON)
 CANONICAL_FORMAT = 1
 CACHE_DIRECTORY = "metaserve-datasets"
-CACHED_DATASETS = 8
 
 _store: ArtifactStore | None = None
 _store_config: StorageConfig | None = None
@@ -147,21 +145,6 @@ def read_canonical(directory: Path) -> tuple[torch.Tensor, torch.Tensor, list[st
     with safe_open(str(Path(directory) / DATASET_TENSORS), framework="pt") as tensors:
         images, labels = tensors.get_tensor("images"), tensors.get_tensor("labels")
     return images, labels, list(document["class_names"])
-
-
-@functools.lru_cache(maxsize=CACHED_DATASETS)
-def load_uploaded_dataset(dataset_id: str, image_size: int, channels: int):  # noqa: ANN201
-    """The uploaded dataset as the ``images`` family reads it (classes contiguous, resized to
-    ``image_size``, converted to ``channels``), once per process."""
-    from metaserve.workers.tasks.images import ImageDataset, _convert_channels, _resize
-
-    images, labels, class_names = read_canonical(fetch_dataset(dataset_id))
-    order = torch.argsort(labels, stable=True)
-    sizes = torch.bincount(labels, minlength=len(class_names))
-    images = _resize(_convert_channels(images[order], channels), image_size).contiguous()
-    return ImageDataset(images=images,
-                        class_offsets=torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)]),
-                        class_names=tuple(class_names))
 
 
 def copy_exactly(source: BinaryIO, target: BinaryIO, size: int, chunk: int = 1 << 20) -> None:

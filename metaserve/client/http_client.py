@@ -1,50 +1,27 @@
-"""The Python client of a metaserve server: submit, watch, fetch and adapt in a few lines.
-
-```python
-from metaserve import Client
-
-client = Client()                                  # METASERVE_URL / METASERVE_API_KEY or the config file
-job = client.submit("examples/sine_maml.yaml")
-job = client.wait(job)                             # a progress bar fed by the job's event stream
-model, recipe = client.load_meta_init(job)         # downloads meta_init.safetensors + .json
-predict = client.adapt(model, support_x, support_y)  # the job's recipe (MAML: inner lr, steps)
-```
-
-A meta-RL job (RL², PEARL, MAML-RL) ends with a meta-policy instead (``meta_policy.*``; the
-job's :meth:`Client.artifact_kind` says which):
-
-```python
-policy = client.load_meta_policy(job)              # downloads meta_policy.safetensors + .json
-task = policy.sample_tasks(1, seed=7)[0]           # or a task of your own: {"goal": ...}, ...
-adapted = policy.adapt(task)                       # MAML-RL: PG steps; PEARL: posterior z; RL²: new trial
-env = policy.make_env(task)
-observation, _ = env.reset(seed=0)
-action = adapted.act(observation)
-```
-
-Connection settings come from, first to last: the arguments, ``METASERVE_URL`` and
-``METASERVE_API_KEY``, the config file :func:`config_path` (written by ``metaserve login``).
-Every error response of the API (``{"error": {"code", "message", "details"}}``) is raised as
-a :class:`ApiError` subclass carrying the server's message. ``load_meta_init``,
-``load_meta_policy`` and ``adapt`` work offline on a downloaded directory, with no server and no API key (a client without a key
-raises :class:`NotConfigured` at its first request, not before): they are
-:mod:`metaserve.workers.engine.final_artifact`' loader.
-
-torch is imported only by the methods that need it, so importing this module is light.
-"""
+"""The HTTP client of the metaserve API: jobs, their events and logs, artifacts, datasets and
+sweeps. Connection settings come from, first to last: the arguments, ``METASERVE_URL`` and
+``METASERVE_API_KEY``, the config file (:mod:`metaserve.client.config`). A client without a
+key still loads and adapts a downloaded directory; its first request raises
+:class:`~metaserve.client.errors.NotConfigured`."""
 
 from __future__ import annotations
 
-import json
 import os
 import time
-import tomllib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
+
+from metaserve.client.config import DEFAULT_URL, read_config
+from metaserve.client.errors import (ConnectionFailed, MetaserveClientError, NotConfigured,
+                                     error_from_response)
+from metaserve.client.local import (ARTIFACT_FILES, LOADERS, META_INIT_FILES, adapt, load_meta_init,
+                                    load_meta_policy)
+from metaserve.client.progress import Progress, ProgressBar
+from metaserve.client.spec_documents import load_spec_document
+from metaserve.client.sse import Event, parse_sse
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import Tensor
@@ -52,264 +29,18 @@ if TYPE_CHECKING:  # pragma: no cover
     from metaserve.workers.engine.final_artifact import MetaInitModel
     from metaserve.workers.rl.loader import MetaPolicy
 
-DEFAULT_URL = "http://127.0.0.1:8000"
 TIMEOUT_S = 30.0
 UPLOAD_CHUNK_BYTES = 1 << 20
 UPLOAD_TIMEOUT_S = 3600.0  # the server converts the upload before it answers
 RECONNECT_DELAY_S = 1.0
 MAX_RECONNECTS = 30
-META_INIT_FILES = ("meta_init.safetensors", "meta_init.json")
-META_POLICY_FILES = ("meta_policy.safetensors", "meta_policy.json")
-ARTIFACT_FILES = {"meta_init": META_INIT_FILES, "meta_policy": META_POLICY_FILES}
-LOADERS = {"meta_init": "load_meta_init", "meta_policy": "load_meta_policy"}
 CHECKPOINT_PREFIX = "checkpoint."  # checkpoint.safetensors, checkpoint.json
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
-
-# --------------------------------------------------------------------------- errors
-
-
-class MetaserveClientError(Exception):
-    """A metaserve client error."""
-
-    def __init__(self, message: str | None = None) -> None:
-        self.message = message or (self.__doc__ or type(self).__name__).strip()
-        super().__init__(self.message)
-
-
-class ConnectionFailed(MetaserveClientError):
-    """Could not reach the metaserve server."""
-
-
-class NotConfigured(MetaserveClientError):
-    """No API key: run `metaserve login`, or set METASERVE_API_KEY."""
-
-
-class ApiError(MetaserveClientError):
-    """An error response of the API; ``code``, ``message`` and ``details`` are the server's."""
-
-    def __init__(self, status_code: int, code: str, message: str,
-                 details: list[dict[str, Any]] | None = None) -> None:
-        self.status_code, self.code, self.details = status_code, code, details or []
-        super().__init__(message)
-
-    def __str__(self) -> str:
-        return f"{self.message} ({self.status_code} {self.code})"
-
-
-class BadRequest(ApiError):
-    """400: e.g. an invalid pagination cursor."""
-
-
-class Unauthorized(ApiError):
-    """401: missing or invalid API key."""
-
-
-class NotFound(ApiError):
-    """404: no such job of yours, or no such artifact."""
-
-
-class Conflict(ApiError):
-    """409: the job's state does not allow this (e.g. cancel a finished job)."""
-
-
-class PayloadTooLarge(ApiError):
-    """413: a request body or array above the server's bounds."""
-
-
-class InvalidRequest(ApiError):
-    """422: invalid input; ``details`` name each bad field."""
-
-
-class ServerError(ApiError):
-    """5xx: the server failed."""
-
-
-_ERRORS_BY_STATUS: dict[int, type[ApiError]] = {400: BadRequest, 401: Unauthorized, 403: Unauthorized,
-                                                404: NotFound, 409: Conflict, 413: PayloadTooLarge,
-                                                422: InvalidRequest}
-
-
-def error_from_response(response: httpx.Response) -> ApiError:
-    """The typed exception of an error response (any status ≥ 400)."""
-    try:
-        error = response.json()["error"]
-        code, message, details = str(error["code"]), str(error["message"]), error.get("details") or []
-    except (ValueError, KeyError, TypeError):
-        code, message, details = "http_error", response.text.strip()[:500] or response.reason_phrase, []
-    if response.status_code >= 500:
-        cls: type[ApiError] = ServerError
-    else:
-        cls = _ERRORS_BY_STATUS.get(response.status_code, ApiError)
-    return cls(response.status_code, code, message, details)
-
-
-# --------------------------------------------------------------------------- configuration
-
-
-def config_path() -> Path:
-    """``$METASERVE_CONFIG``, else ``$XDG_CONFIG_HOME/metaserve/config.toml``, else
-    ``~/.config/metaserve/config.toml``."""
-    if os.environ.get("METASERVE_CONFIG"):
-        return Path(os.environ["METASERVE_CONFIG"])
-    base = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
-    return Path(base) / "metaserve" / "config.toml"
-
-
-def read_config(path: Path | None = None) -> dict[str, str]:
-    """``{"url": ..., "api_key": ...}`` from the config file ({} when there is none)."""
-    path = path or config_path()
-    if not path.exists():
-        return {}
-    try:
-        document = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as error:
-        raise MetaserveClientError(f"{path} is not valid TOML: {error}") from None
-    return {key: str(document[key]) for key in ("url", "api_key") if key in document}
-
-
-def write_config(*, url: str, api_key: str, path: Path | None = None) -> Path:
-    """Write the config file with mode 0600 (it holds the API key)."""
-    path = path or config_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = f"url = {json.dumps(url)}\napi_key = {json.dumps(api_key)}\n"  # JSON strings are TOML strings
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "w") as file:
-        file.write(text)
-    os.chmod(path, 0o600)
-    return path
-
-
-# --------------------------------------------------------------------------- events
-
-
-@dataclass(frozen=True)
-class Event:
-    """One Server-Sent Event of ``GET /v1/jobs/{id}/events``: ``kind`` is ``status``,
-    ``metrics`` or ``progress``; ``id`` is what to pass as ``Last-Event-ID`` to resume."""
-
-    id: str
-    kind: str
-    data: dict[str, Any]
-
-
-def parse_sse(lines: Iterator[str]) -> Iterator[Event]:
-    """Events from the lines of a ``text/event-stream`` (comments and retry lines skipped)."""
-    event_id, kind, data = "", "message", []
-    for line in lines:
-        if line == "":
-            if data:
-                yield Event(event_id, kind, json.loads("\n".join(data)))
-            kind, data = "message", []
-            continue
-        if line.startswith(":"):
-            continue
-        name, _, value = line.partition(":")
-        value = value[1:] if value.startswith(" ") else value
-        if name == "id":
-            event_id = value
-        elif name == "event":
-            kind = value
-        elif name == "data":
-            data.append(value)
-
-
-# --------------------------------------------------------------------------- the client
 
 
 def job_id_of(job: str | dict[str, Any]) -> str:
     """A job id from an id or a job as returned by the API."""
     return job["id"] if isinstance(job, dict) else str(job)
-
-
-def load_spec_document(spec_or_path: str | Path | dict[str, Any],
-                       overrides: list[str] | None = None) -> dict[str, Any]:
-    """A job spec document from a dict or a YAML/JSON file, with ``key.path=value`` overrides
-    (values parsed as YAML). Validation is the server's."""
-    import yaml
-
-    from metaserve.workers.cli import apply_overrides
-
-    if isinstance(spec_or_path, dict):
-        document: Any = spec_or_path
-    else:
-        path = Path(spec_or_path)
-        try:
-            document = yaml.safe_load(path.read_text())
-        except OSError as error:
-            raise MetaserveClientError(f"cannot read {path}: {error.strerror}") from None
-        except yaml.YAMLError as error:
-            raise MetaserveClientError(f"{path} is not valid YAML: {_yaml_problem(error)}") from None
-        if not isinstance(document, dict):
-            raise MetaserveClientError(f"{path}: a job spec is a mapping")
-    try:
-        return apply_overrides(document, overrides or [])
-    except Exception as error:  # typer.BadParameter: its message says what is wrong
-        raise MetaserveClientError(str(getattr(error, "message", error))) from None
-
-
-def _yaml_problem(error: Exception) -> str:
-    """A YAML error as one line: where (line, column) and what, without the quoted source."""
-    mark = getattr(error, "problem_mark", None)
-    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-    return f"{where}{problem}"
-
-
-@dataclass
-class Progress:
-    """What the event stream said so far about a job (what a progress bar shows)."""
-
-    status: str = "queued"
-    iteration: int = 0
-    total: int | None = None
-    tasks_per_s: float | None = None
-    eta_s: float | None = None
-    loss: float | None = None
-    metrics: dict[str, float | None] = field(default_factory=dict)
-    name: str = ""
-    message: str | None = None  # why a queued job waits (the queue reason)
-    env_steps_per_s: float | None = None  # meta-RL jobs
-    latest_return: float | None = None    # meta-RL jobs
-    evaluation: tuple[str, float] | None = None  # the latest evaluation figure: (label, value)
-    reconnecting: bool = False  # the event stream dropped; resuming
-
-    def update(self, event: Event) -> None:
-        self.reconnecting = False
-        if event.kind == "status":
-            self.status = event.data["status"]
-            self.message = event.data.get("message")
-        elif event.kind == "progress":
-            self.iteration = int(event.data.get("iteration", self.iteration))
-            self.total = event.data.get("total", self.total)
-            self.tasks_per_s = event.data.get("tasks_per_s", self.tasks_per_s)
-            self.env_steps_per_s = event.data.get("env_steps_per_s", self.env_steps_per_s)
-            self.latest_return = event.data.get("latest_return", self.latest_return)
-            self.eta_s = event.data.get("eta_s")
-        elif event.kind == "metrics":
-            values = event.data["values"]
-            self.metrics.update(values)
-            loss = values.get("train/loss_after")
-            if loss is not None:
-                self.loss = loss
-            figure = evaluation_figure(values)
-            if figure is not None:
-                self.evaluation = figure
-
-
-def evaluation_figure(values: dict[str, float | None]) -> tuple[str, float] | None:
-    """The headline of an evaluation among ``values``: accuracy, else return, else loss after
-    the most adaptation steps, on the test split, else validation; ``("val acc@5", 0.71)``."""
-    import re
-
-    for split in ("test", "val"):
-        for measure, short in (("accuracy", "acc"), ("return", "return"), ("loss", "loss")):
-            found = [(int(match.group(1)), name) for name in values
-                     if (match := re.fullmatch(rf"{split}/{measure}_step(\d+)", name))
-                     and values[name] is not None]
-            if found:
-                steps, name = max(found)
-                return f"{split} {short}@{steps}", float(values[name])  # type: ignore[arg-type]
-    return None
 
 
 def safe_target(directory: Path, name: str) -> Path:
@@ -331,7 +62,7 @@ def safe_target(directory: Path, name: str) -> Path:
 
 
 class Client:
-    """An HTTP client of the metaserve API (see the module docstring)."""
+    """An HTTP client of the metaserve API (see :mod:`metaserve.client`)."""
 
     def __init__(self, url: str | None = None, api_key: str | None = None, *,
                  timeout: float = TIMEOUT_S, transport: httpx.BaseTransport | None = None) -> None:
@@ -508,7 +239,7 @@ class Client:
             found = job if isinstance(job, dict) and "name" in job else self.get(job)
             state.name, state.status = found["name"], found["status"]
             state.message = found.get("message") if found["status"] == "queued" else None
-            bar = _ProgressBar(job_id_of(job))
+            bar = ProgressBar(job_id_of(job))
             bar.show(state)
 
         def reconnecting() -> None:
@@ -727,128 +458,3 @@ def _plain(array: Any) -> Any:
 def _cache_root() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "metaserve" / "jobs"
-
-
-def load_meta_init(directory: str | Path) -> tuple["MetaInitModel", dict[str, Any]]:
-    """``(model, recipe)`` from a downloaded meta-initialization directory (offline)."""
-    from metaserve.workers.engine.final_artifact import load_meta_init as engine_load
-
-    directory = Path(directory)
-    missing = [name for name in META_INIT_FILES if not (directory / name).exists()]
-    if missing:
-        holds = all((directory / name).exists() for name in META_POLICY_FILES)
-        hint = "; it holds a meta_policy (load it with load_meta_policy)" if holds else ""
-        raise MetaserveClientError(f"{directory} has no {', '.join(missing)}{hint}")
-    return engine_load(directory)
-
-
-def load_meta_policy(directory: str | Path) -> "MetaPolicy":
-    """A meta-policy from a downloaded directory (offline): ``policy.adapt(task)`` returns a
-    policy adapted to a task (MAML-RL: the recipe's policy-gradient steps on episodes of it;
-    PEARL: z from the posterior on its exploration episodes, or ``context=`` transitions you
-    collected; RL²: a new trial, hidden state reset), whose ``act(observation)`` gives the
-    action; ``policy.act`` acts before adaptation, ``policy.make_env(task)`` is a gymnasium env
-    of the task, ``policy.sample_tasks`` draws new tasks of the job's family. See
-    :mod:`metaserve.workers.rl.loader`."""
-    from metaserve.workers.exceptions import ArtifactError
-    from metaserve.workers.rl.loader import load_meta_policy as rl_load
-
-    try:
-        return rl_load(Path(directory))
-    except ArtifactError as error:
-        raise MetaserveClientError(str(error)) from None
-
-
-def adapt(model: "MetaInitModel", support_x: "Tensor", support_y: "Tensor",
-          steps: int | None = None) -> Callable[["Tensor"], "Tensor"]:
-    """A predictor adapted to one task from ``model`` on its support set with the job's
-    recipe (MAML/Reptile/ANIL/Meta-SGD/prompt: its inner lr(s) and inner steps; ``steps``
-    overrides the step count). Regression: x ``[n, 1]``, y ``[n, 1]``; classification:
-    x ``[n, C, H, W]``, y ``[n]`` class indices."""
-    from metaserve.workers.engine.final_artifact import adapt as engine_adapt
-
-    return engine_adapt(model, support_x, support_y, steps)
-
-
-def _compact(number: float) -> str:
-    """``1234.5`` → ``1.2k``, ``15230`` → ``15.2k``, ``812.4`` → ``812``."""
-    for limit, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(number) >= limit:
-            return f"{number / limit:.1f}{suffix}"
-    return f"{number:.0f}"
-
-
-def _eta(seconds: float) -> str:
-    seconds = int(round(seconds))
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-
-
-def progress_line(state: Progress, width: int) -> str:
-    """What follows the bar: the queue reason while queued, "reconnecting" while the stream
-    is resumed, else the latest evaluation figure, loss, an RL job's return, env steps/s (or
-    tasks/s) and ETA — as many as fit in ``width`` characters, in that order of importance."""
-    if state.reconnecting:
-        head = f"{state.status}, reconnecting..."
-    elif state.status == "queued":
-        head = f"queued: {state.message}" if state.message else "queued"
-    else:
-        head = "" if state.status == "running" else state.status
-    if state.reconnecting or state.status == "queued":
-        return head if len(head) <= width else head[:max(0, width - 1)] + "…"
-    parts: list[tuple[int, str]] = []  # (importance: lower first, text), in display order
-    if head:
-        parts.append((0, head))
-    if state.loss is not None:
-        parts.append((2, f"loss {state.loss:.3g}"))
-    if state.latest_return is not None:
-        parts.append((1, f"return {state.latest_return:.3g}"))
-    if state.evaluation is not None:
-        parts.append((1, f"{state.evaluation[0]} {state.evaluation[1]:.3g}"))
-    if state.env_steps_per_s is not None:
-        parts.append((3, f"{_compact(state.env_steps_per_s)} steps/s"))
-    elif state.tasks_per_s is not None:
-        parts.append((3, f"{_compact(state.tasks_per_s)} tasks/s"))
-    if state.status == "running" and state.eta_s is not None:
-        parts.append((4, f"ETA {_eta(state.eta_s)}"))
-    kept: set[int] = set()
-    used = 0
-    for index in sorted(range(len(parts)), key=lambda i: parts[i][0]):
-        cost = len(parts[index][1]) + (2 if kept else 0)
-        if used + cost <= width:
-            kept.add(index)
-            used += cost
-    return "  ".join(text for index, (_, text) in enumerate(parts) if index in kept)
-
-
-class _ProgressBar:
-    """A rich progress line fed by :class:`Progress` updates: the job's name, a bar over its
-    meta-iterations and :func:`progress_line`, within the terminal's width (80 columns too)."""
-
-    NAME_WIDTH = 14
-    BAR_WIDTH = 10
-
-    def __init__(self, job_id: str) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
-        from rich.progress import Progress as RichProgress
-
-        self._progress = RichProgress(
-            TextColumn("{task.description}"), BarColumn(bar_width=self.BAR_WIDTH),
-            MofNCompleteColumn(), TextColumn("{task.fields[detail]}"), transient=False)
-        self._task = self._progress.add_task(job_id[-8:], total=None, detail="")
-        self._progress.start()
-
-    def show(self, state: Progress) -> None:
-        from rich.markup import escape
-
-        name = state.name or ""
-        name = name if len(name) <= self.NAME_WIDTH else name[:self.NAME_WIDTH - 1] + "…"
-        done = f"{state.iteration}/{state.total}" if state.total else "0/?"
-        width = self._progress.console.width - len(name) - self.BAR_WIDTH - len(done) - 4
-        self._progress.update(
-            self._task, total=state.total, completed=state.iteration,
-            description=escape(name), detail=escape(progress_line(state, max(10, width))))
-
-    def stop(self) -> None:
-        self._progress.stop()

@@ -1,5 +1,5 @@
 """``metaserve sweep submit|status|trials|cancel|fetch``: hyperparameter sweeps from the shell
-(docs/SWEEPS.md). Registered on ``metaserve`` by :mod:`metaserve.service.cli`."""
+(docs/SWEEPS.md), through :mod:`metaserve.client`."""
 
 from __future__ import annotations
 
@@ -9,17 +9,13 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from metaserve.cli.common import ClientErrors, connect, fail, printable
+
 sweep_app = typer.Typer(help="Hyperparameter sweeps (Ray Tune): each trial is a job.",
                         no_args_is_help=True)
 SweepArgument = Annotated[str, typer.Argument(help="Sweep id (as printed by submit).",
                                               metavar="SWEEP")]
 TERMINAL = ("succeeded", "failed", "cancelled")
-
-
-def _cli():  # noqa: ANN202 - metaserve.service.cli, imported late (it imports this module)
-    from metaserve.service import cli
-
-    return cli
 
 
 def _value(value: Any) -> str:
@@ -30,7 +26,6 @@ def trials_table(sweep: dict[str, Any], trials: list[dict[str, Any]]):  # noqa: 
     """The leaderboard as a rich table: rank, trial, job, status, iteration, metric, config."""
     from rich.table import Table
 
-    printable = _cli().printable
     metric = sweep["config"]["scheduler"]["metric"]
     table = Table(title=printable(f"{sweep['name']} ({sweep['id']}): {sweep['status']}, "
                                   f"{metric} ({sweep['config']['scheduler']['mode']})"))
@@ -66,18 +61,17 @@ def submit(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the sweep id.")] = False,
 ) -> None:
     """Queue a sweep; prints its id."""
-    cli = _cli()
-    with cli._ClientErrors(), cli._client() as client:
+    with ClientErrors(), connect() as client:
         created = client.submit_sweep(sweep, overrides=set_)
         if not quiet:
-            typer.echo(cli.printable(status_line(created)))
+            typer.echo(printable(status_line(created)))
         else:
             typer.echo(created["id"])
         if wait:
             final = _follow(client, created["id"])
             if final["status"] != "succeeded":
-                raise cli._fail(f"sweep {final['id']} {final['status']}: "
-                                f"{final.get('error') or final.get('message') or ''}")
+                raise fail(f"sweep {final['id']} {final['status']}: "
+                           f"{final.get('error') or final.get('message') or ''}")
 
 
 def _follow(client, sweep_id: str) -> dict[str, Any]:  # noqa: ANN001
@@ -98,14 +92,13 @@ def status(sweep_id: SweepArgument,
            as_json: Annotated[bool, typer.Option("--json", help="The whole sweep as JSON.")] = False
            ) -> None:
     """The sweep's status, trial counts and best trial so far."""
-    cli = _cli()
-    with cli._ClientErrors(), cli._client() as client:
+    with ClientErrors(), connect() as client:
         current = client.sweep(sweep_id)
     if as_json:
         for line in json.dumps(current, indent=2, ensure_ascii=False).splitlines():
-            typer.echo(cli.printable(line))
+            typer.echo(printable(line))
     else:
-        typer.echo(cli.printable(status_line(current)))
+        typer.echo(printable(status_line(current)))
 
 
 @sweep_app.command("trials")
@@ -115,12 +108,11 @@ def trials(sweep_id: SweepArgument,
     """The leaderboard: every started trial, best first, with its job id and config."""
     from rich.console import Console
 
-    cli = _cli()
-    with cli._ClientErrors(), cli._client() as client:
+    with ClientErrors(), connect() as client:
         current, board = client.sweep(sweep_id), client.sweep_trials(sweep_id)
     if as_json:
         for line in json.dumps(board, indent=2, ensure_ascii=False).splitlines():
-            typer.echo(cli.printable(line))
+            typer.echo(printable(line))
         return
     Console(width=200).print(trials_table(current, board))
 
@@ -128,9 +120,8 @@ def trials(sweep_id: SweepArgument,
 @sweep_app.command("cancel")
 def cancel(sweep_id: SweepArgument) -> None:
     """Stop the sweep and every running trial."""
-    cli = _cli()
-    with cli._ClientErrors(), cli._client() as client:
-        typer.echo(cli.printable(status_line(client.cancel_sweep(sweep_id))))
+    with ClientErrors(), connect() as client:
+        typer.echo(printable(status_line(client.cancel_sweep(sweep_id))))
 
 
 @sweep_app.command("fetch")
@@ -138,7 +129,6 @@ def fetch(sweep_id: SweepArgument,
           out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write to.")] = Path(".")
           ) -> None:
     """Download the best trial's meta_init.* and sweep.json (the leaderboard)."""
-    cli = _cli()
-    with cli._ClientErrors(), cli._client() as client:
+    with ClientErrors(), connect() as client:
         directory = client.download_sweep(sweep_id, out)
-    typer.echo(cli.printable(f"best trial's meta-initialization and sweep.json in {directory}"))
+    typer.echo(printable(f"best trial's meta-initialization and sweep.json in {directory}"))
