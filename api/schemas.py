@@ -167,16 +167,43 @@ class AdaptResponse(BaseModel):
 class DatasetPublic(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
-    id: str = Field(description="Name it in a spec: `task_family: {name: images, dataset: <id>}`.")
+    id: str = Field(description="Name it in a spec: `task_family: {name: images, dataset: <id>}` "
+                                "or `{name: tabular, dataset: <id>, task_column: ..., target: ...}`.")
     name: str
-    format: str = Field(description="What was uploaded: npz, imagefolder or omniglot.")
-    classes: int
-    images: int
-    shape: list[int] = Field(description="[C, H, W] of every stored image.")
+    kind: str = Field(description="images (npz, zip or tar of images) or table (CSV, Parquet).")
+    format: str = Field(description="What was uploaded: npz, imagefolder, omniglot, csv or "
+                                    "parquet.")
+    classes: int | None = Field(None, description="Images: classes; null for a table.")
+    images: int | None = Field(None, description="Images: images; null for a table.")
+    shape: list[int] | None = Field(None, description="Images: [C, H, W] of every stored image.")
+    meta: dict[str, Any] | None = Field(None, description=(
+        "What a spec is checked against at submit. Images: classes, images per class (min, max, "
+        "histogram [[images, classes], ...]). Table: rows, columns (name, type number|category, "
+        "missing, non_numeric, nonfinite, distinct, min, max, constant, categories) and groups "
+        "(per possible task column: tasks, min_rows, max_rows, rows_histogram [[rows, tasks], "
+        "...]). Null for datasets uploaded before it was recorded."))
+    split_sizes: dict[str, Any] | None = Field(None, description=(
+        "What the default split (0.7/0.15/0.15, split_seed 0) produces: classes per split, or "
+        "tasks per split for each possible task column."))
+    usable_for: list[str] | None = Field(None, description=(
+        "The jobs this dataset can serve, e.g. \"images 5-way with support_shots + query_shots "
+        "up to 20 (default split)\"; empty with unusable_reason when none can."))
+    unusable_reason: str | None = None
     bytes: int = Field(description="Size of the upload as sent.")
     sha256: str = Field(description="sha256 of the upload as sent.")
     status: str = Field(description="ready: an upload is converted before its 201.")
     created_at: datetime
+
+    @classmethod
+    def of(cls, dataset: Any) -> "DatasetPublic":
+        """The dataset row described (its default split and ``usable_for``)."""
+        from metaserve.service.dataset_checks import describe
+
+        return cls.model_validate({
+            **{name: getattr(dataset, name) for name in (
+                "id", "name", "kind", "format", "classes", "images", "shape", "meta", "bytes",
+                "sha256", "status", "created_at")},
+            **describe(dataset.kind, dataset.meta)})
 
 
 class DatasetsPublic(BaseModel):

@@ -225,22 +225,28 @@ DATASET_STATUSES = ("ready",)
 
 
 class Dataset(Base):
-    """A user's uploaded few-shot dataset; its canonical files live in the artifact store
-    under its id (:mod:`metaserve.workers.tasks.uploaded`)."""
+    """A user's uploaded dataset: few-shot images (:mod:`metaserve.workers.tasks.uploaded`) or
+    a task-grouped table (:mod:`metaserve.workers.tasks.table_format`); its canonical files
+    live in the artifact store under its id. ``meta`` is what submit checks a spec against
+    (class sizes; columns and task groups); null on rows uploaded before it was recorded,
+    whose specs are then checked when the job runs."""
 
     __tablename__ = "datasets"
     __table_args__ = (
         CheckConstraint("status IN ('ready')", name="status"),
+        CheckConstraint("kind IN ('images', 'table')", name="kind"),
         Index("ix_datasets_owner_id_id", "owner_id", "id"),
     )
 
     id: Mapped[str] = mapped_column(String(29), primary_key=True)
     owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
     name: Mapped[str] = mapped_column(String(200))
+    kind: Mapped[str] = mapped_column(String(16), default="images", server_default="images")
     format: Mapped[str] = mapped_column(String(16))
-    classes: Mapped[int] = mapped_column(Integer)
-    images: Mapped[int] = mapped_column(BigInteger)
-    shape: Mapped[list[int]] = mapped_column(JSON)
+    classes: Mapped[int | None] = mapped_column(Integer)
+    images: Mapped[int | None] = mapped_column(BigInteger)
+    shape: Mapped[list[int] | None] = mapped_column(JSON)
+    meta: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     bytes: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
     status: Mapped[str] = mapped_column(String(16), default="ready")

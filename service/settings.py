@@ -34,6 +34,10 @@ DATASET_MAX_UPLOAD_BYTES = 2 * 1024**3
 DATASET_MAX_IMAGES = 1_000_000
 DATASET_MAX_IMAGE_SIDE = 512
 DATASET_MAX_STORED_BYTES = 16 * 1024**3
+DATASET_MAX_ROWS = 10_000_000
+DATASET_MAX_COLUMNS = 1_000
+DATASET_CONVERT_MEMORY_BYTES = 4 * 1024**3
+DATASET_CONVERT_TIMEOUT_S = 600.0
 
 
 class Settings(BaseSettings):
@@ -162,6 +166,17 @@ class Settings(BaseSettings):
     dataset_max_stored_bytes: int = Field(
         DATASET_MAX_STORED_BYTES, ge=1,
         description="Largest dataset once decoded (N × C × H × W bytes); larger → 422.")
+    dataset_max_rows: int = Field(DATASET_MAX_ROWS, ge=1,
+                                  description="Most rows in one table (CSV/Parquet); more → 422.")
+    dataset_max_columns: int = Field(DATASET_MAX_COLUMNS, ge=1, le=100_000,
+                                     description="Most columns in one table; more → 422.")
+    dataset_convert_memory_bytes: int = Field(
+        DATASET_CONVERT_MEMORY_BYTES, ge=256 * 1024**2,
+        description="Address space of the process that converts an upload (RLIMIT_AS); an "
+                    "upload that needs more → 422, the API process untouched.")
+    dataset_convert_timeout_s: float = Field(
+        DATASET_CONVERT_TIMEOUT_S, gt=0, le=24 * 3600,
+        description="Seconds an upload's conversion may take; longer → 422 and it is killed.")
     data_root: str = Field(
         "", description="A directory under which any key's spec may name a dataset `path`; "
                         "empty: only admin keys may name paths.")

@@ -1,9 +1,12 @@
-"""``/v1/datasets``: a user's own few-shot datasets, uploaded once and named by id in specs.
+"""``/v1/datasets``: a user's own datasets (few-shot images, or task-grouped tables),
+uploaded once and named by id in specs.
 
 The upload is the request body itself (``Content-Type`` anything; an ``.npz``, a ``.zip`` or a
-``.tar``), streamed to a spool file on disk as it arrives, its size checked as it arrives
-(413 naming ``body`` past ``METASERVE_DATASET_MAX_UPLOAD_BYTES``), then converted in the
-threadpool (:mod:`metaserve.service.datasets`); nothing of a refused upload is kept.
+``.tar`` of images, a CSV or a Parquet table: told apart by content), streamed to a spool file
+on disk as it arrives, its size checked as it arrives (413 naming ``body`` past
+``METASERVE_DATASET_MAX_UPLOAD_BYTES``), then converted in a child process with memory and
+time limits (:mod:`metaserve.service.dataset_ingest`), waited for from the threadpool; nothing
+of a refused upload is kept.
 """
 
 from __future__ import annotations
@@ -45,7 +48,9 @@ UPLOAD_BODY = {"requestBody": {"required": True, "description": "The dataset fil
              openapi_extra=UPLOAD_BODY, responses={
     413: {"model": ErrorResponse, "description": "Upload above METASERVE_DATASET_MAX_UPLOAD_BYTES"},
     422: {"model": ErrorResponse, "description": "Not a dataset this server reads, a refused "
-          "archive member (named), or above a dataset limit (code limit_exceeded, named)"},
+          "archive member, CSV line or column (named), or above a dataset limit (code "
+          "limit_exceeded, named: rows, columns, a Parquet row group, the conversion's memory "
+          "or time)"},
 })
 async def upload_dataset(
     request: Request,
@@ -53,8 +58,10 @@ async def upload_dataset(
     name: Annotated[str | None, Query(max_length=200, pattern=NO_CONTROL_CHARACTERS,
                                       description="Default: dataset-<time>.")] = None,
 ) -> Response:
-    """Upload a dataset as the request body: an `.npz` with `images` and `labels`, or a
-    `.zip`/`.tar` of an ImageFolder (class/*.png) or Omniglot (alphabet/character/*.png) tree."""
+    """Upload a dataset as the request body: an `.npz` with `images` and `labels`, a
+    `.zip`/`.tar` of an ImageFolder (class/*.png) or Omniglot (alphabet/character/*.png) tree,
+    or a table of rows grouped by task: CSV (UTF-8, header row) or Parquet. The response
+    describes it: metadata, the default split's sizes and `usable_for`."""
     settings = request.app.state.settings
     cap = settings.dataset_max_upload_bytes
     declared = request.headers.get("content-length")
@@ -79,7 +86,7 @@ async def upload_dataset(
                     session=session, owner=user, upload=spool / "upload",
                     name=name or f"dataset-{digest.hexdigest()[:8]}", size=size,
                     sha256=digest.hexdigest(), settings=settings, store=store)
-                return DatasetPublic.model_validate(dataset)
+                return DatasetPublic.of(dataset)
 
         public = await run_in_threadpool(convert)
     finally:
@@ -98,14 +105,15 @@ def list_datasets(
     """Your datasets, newest first (an admin sees everyone's)."""
     page, next_cursor = datasets.list_datasets(session=session, owner=user, cursor=cursor,
                                                limit=limit)
-    return model_response(DatasetsPublic(data=[DatasetPublic.model_validate(d) for d in page],
+    return model_response(DatasetsPublic(data=[DatasetPublic.of(d) for d in page],
                                          next_cursor=next_cursor))
 
 
 @router.get("/{dataset_id}", response_model=DatasetPublic,
             responses={404: {"model": ErrorResponse}})
 def get_dataset(dataset_id: PathText, user: CurrentUser, session: SessionDep) -> Response:
-    return model_response(DatasetPublic.model_validate(
+    """The dataset, its metadata, the sizes of the default split and `usable_for`."""
+    return model_response(DatasetPublic.of(
         datasets.get_dataset(session=session, dataset_id=dataset_id, owner=user)))
 
 

@@ -41,7 +41,7 @@ def create_job(
     """Validate and queue a meta-training job."""
     settings = request.app.state.settings  # not SettingsDep: a sync dependency costs a thread hop
     limits.check_job_cost(spec=spec, settings=settings)
-    datasets.check_job_data(session=session, owner=user, spec=spec, settings=settings)
+    spec = datasets.check_job_data(session=session, owner=user, spec=spec, settings=settings)
     job, created = jobs.submit_job(session=session, owner=user, spec=spec,
                                    idempotency_key=idempotency_key,
                                    max_queued=settings.max_queued_jobs_per_user,

@@ -106,8 +106,8 @@ def test_another_user_gets_404_and_cannot_delete_or_name_the_dataset(
         assert response.json()["error"]["code"] == "not_found"
     assert api.get("/v1/datasets", headers=bob_auth).json()["data"] == []
     spec = {"algorithm": {"name": "maml"},
-            "task_family": {"name": "images", "dataset": dataset["id"], "ways": 3,
-                            "query_shots": 1}}
+            "task_family": {"name": "images", "dataset": dataset["id"], "ways": 2,
+                            "query_shots": 1, "split": [0.34, 0.33, 0.33]}}
     response = api.post("/v1/jobs", json=spec, headers=bob_auth)
     assert response.status_code == 422, response.text
     assert [d["field"] for d in response.json()["error"]["details"]] == ["task_family.dataset"]
@@ -141,8 +141,8 @@ def test_delete_is_refused_while_a_queued_job_uses_the_dataset(
         api, settings, alice_auth) -> None:  # noqa: ANN001
     dataset = upload(api, alice_auth, synth.npz_bytes(*synth.shapes(**SMALL))).json()
     spec = {"algorithm": {"name": "maml"},
-            "task_family": {"name": "images", "dataset": dataset["id"], "ways": 3,
-                            "query_shots": 1}}
+            "task_family": {"name": "images", "dataset": dataset["id"], "ways": 2,
+                            "query_shots": 1, "split": [0.34, 0.33, 0.33]}}
     job = api.post("/v1/jobs", json=spec, headers=alice_auth).json()
     response = api.delete(f"/v1/datasets/{dataset['id']}", headers=alice_auth)
     assert response.status_code == 409, response.text

@@ -21,7 +21,8 @@ A table dataset is a directory (in the artifact store: under the dataset's id) h
 Column names are data: they are stored and echoed, never interpreted (a column may be named
 ``'; DROP TABLE jobs;--``); tensors are keyed by index so no name reaches a key.
 ``missing`` counts empty cells and NaN (one NaN marks both in float64, so they are one
-count); ``nonfinite`` counts ±inf. ``min``/``max`` are over finite values. A category
+count), and, in a number column, text that is not a number (also counted in ``non_numeric``);
+``nonfinite`` counts ±inf. ``min``/``max`` are over finite values. A category
 column's ``categories`` are sorted (by code point) and its codes index them, so codes, and the
 order of task ids, depend only on the values, never on row order.
 
@@ -129,7 +130,9 @@ def _group_sizes(codes: np.ndarray) -> np.ndarray:
     return sizes
 
 
-def _histogram(sizes: np.ndarray) -> tuple[list[list[int]], bool]:
+def size_histogram(sizes: np.ndarray) -> tuple[list[list[int]], bool]:
+    """``([[size, count], ...], binned)``: exact for at most ``MAX_EXACT_HISTOGRAM`` distinct
+    sizes; else binned by powers of two, each bin named by its lower bound."""
     values, counts = np.unique(sizes, return_counts=True)
     if len(values) <= MAX_EXACT_HISTOGRAM:
         return [[int(v), int(c)] for v, c in zip(values, counts)], False
@@ -139,7 +142,7 @@ def _histogram(sizes: np.ndarray) -> tuple[list[list[int]], bool]:
 
 
 def _groups(sizes: np.ndarray, missing: int) -> dict[str, Any]:
-    histogram, binned = _histogram(sizes)
+    histogram, binned = size_histogram(sizes)
     group: dict[str, Any] = {
         "tasks": int(len(sizes)), "min_rows": int(sizes.min()) if len(sizes) else 0,
         "max_rows": int(sizes.max()) if len(sizes) else 0, "rows_histogram": histogram,
@@ -150,7 +153,8 @@ def _groups(sizes: np.ndarray, missing: int) -> dict[str, Any]:
 
 
 def table_metadata(columns: Mapping[str, np.ndarray | CategoryColumn], *,
-                   source_format: str) -> dict[str, Any]:
+                   source_format: str, non_numeric: Mapping[str, int] | None = None
+                   ) -> dict[str, Any]:
     """The metadata of a table (see the module docstring); ``columns`` as
     :func:`write_canonical_table` takes them, already normalized."""
     lengths = {len(c.codes) if isinstance(c, CategoryColumn) else len(c) for c in columns.values()}
@@ -166,6 +170,7 @@ def table_metadata(columns: Mapping[str, np.ndarray | CategoryColumn], *,
             codes = column.codes
         else:
             meta, distinct_values = _number_meta(name, column)
+            meta["non_numeric"] = int((non_numeric or {}).get(name, 0))
             codes = None
             if meta["nonfinite"]:
                 not_task[name] = "holds infinite values"
@@ -198,15 +203,18 @@ def _normalize(column: np.ndarray | CategoryColumn | Sequence[Any]) -> np.ndarra
 
 
 def write_canonical_table(directory: str | Path, columns: Mapping[str, Any], *,
-                          source_format: str) -> dict[str, Any]:
+                          source_format: str, non_numeric: Mapping[str, int] | None = None
+                          ) -> dict[str, Any]:
     """Write ``table.safetensors`` and ``table.json`` for ``columns`` (name → a numeric numpy
     array, NaN for missing; a :class:`CategoryColumn`; or an array of strings with ``None``
-    for missing) in ``directory``, and return the metadata (as ``table.json`` holds it)."""
+    for missing) in ``directory``, and return the metadata (as ``table.json`` holds it).
+    ``non_numeric``: per number column, the cells of the source that were text other than
+    numbers, stored as missing (so counted in ``missing`` too)."""
     from safetensors.numpy import save_file
 
     directory = Path(directory)
     normalized = {name: _normalize(column) for name, column in columns.items()}
-    meta = table_metadata(normalized, source_format=source_format)
+    meta = table_metadata(normalized, source_format=source_format, non_numeric=non_numeric)
     tensors = {column_key(i): np.ascontiguousarray(
         c.codes if isinstance(c, CategoryColumn) else c)
         for i, c in enumerate(normalized.values())}
@@ -312,8 +320,9 @@ def _check_values(column: Mapping[str, Any], field: str, skip: bool) -> None:
     bad = int(column["missing"]) + int(column["nonfinite"])
     if not bad:
         return
-    what = (f"{column['missing']:,} missing/NaN and {column['nonfinite']:,} infinite "
-            f"value(s)")
+    text = column.get("non_numeric", 0)
+    what = (f"{column['missing']:,} missing/NaN{f' (of them {text:,} not numbers)' if text else ''}"
+            f" and {column['nonfinite']:,} infinite value(s)")
     if not skip:
         raise TableSpecInvalid(field, f"column {json.dumps(column['name'])} has {what}; clean "
                                       "them, or set on_invalid: skip to drop those rows")

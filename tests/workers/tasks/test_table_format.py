@@ -36,12 +36,12 @@ def test_round_trip_keeps_values_and_describes_columns(tmp_path):
     assert meta["rows"] == 4 and meta["format"] == "csv" and meta["kind"] == "table"
     assert meta["columns"] == [
         {"name": "'; DROP TABLE jobs;--", "type": "number", "missing": 1, "nonfinite": 1,
-         "distinct": 2, "min": 1.0, "max": 4.0, "constant": False, "integer": True},
+         "distinct": 2, "min": 1.0, "max": 4.0, "constant": False, "integer": True, "non_numeric": 0},
         {"name": "<script>", "type": "category", "missing": 1, "nonfinite": 0, "distinct": 2,
          "min": None, "max": None, "constant": False, "integer": False,
          "categories": ["a", "b"]},
         {"name": "id", "type": "number", "missing": 0, "nonfinite": 0, "distinct": 2,
-         "min": 3.0, "max": 7.0, "constant": False, "integer": True}]
+         "min": 3.0, "max": 7.0, "constant": False, "integer": True, "non_numeric": 0}]
     assert meta["groups"] == {
         "<script>": {"tasks": 2, "min_rows": 1, "max_rows": 2, "rows_histogram": [[1, 1], [2, 1]],
                      "histogram_binned": False, "missing": 1, "rows_per_task": [1, 2]},

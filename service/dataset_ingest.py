@@ -1,0 +1,224 @@
+"""Conversion of an upload into its canonical layout, in a child process.
+
+The route spools the body to disk (never whole in memory); :func:`convert_in_child` then runs
+``python -m metaserve.service.dataset_ingest`` on it, with an address-space limit
+(``RLIMIT_AS`` = ``METASERVE_DATASET_CONVERT_MEMORY_BYTES``), a wall-clock timeout
+(``METASERVE_DATASET_CONVERT_TIMEOUT_S``) and a lower CPU priority, so a hostile upload can
+exhaust only that process: the API process's memory stays what it was (measured in
+``benchmarks/upload_memory.py``). A child out of memory or time is a 422 naming ``body``;
+whatever the child wrote is removed by the caller.
+
+The format is told by content, never by the name:
+
+- ``PAR1`` at both ends: a Parquet table (:mod:`metaserve.service.table_ingest`);
+- a zip: an ``.npz`` (only ``.npy`` members) with ``images`` (uint8 ``[N,H,W]`` or
+  ``[N,C,H,W]``, C = 1 or 3) and ``labels`` (``[N]`` integers or strings), read without pickle
+  and streamed member by member; else a tree of images;
+- a tar (also gzip/bzip2/xz-compressed) or a zip of an ImageFolder tree (``class/*.png``) or an
+  Omniglot tree (``alphabet/character/*.png``), below any common top folder. Members are never
+  extracted: each image is read into memory (at most :func:`member_byte_cap` bytes), decoded
+  and written into the canonical file;
+- anything else: a CSV table with a header row (:mod:`metaserve.service.table_ingest`).
+
+Refused, with the member named and nothing kept: absolute paths, ``..`` parts, links and
+device files, members that are not ``.png``/``.jpg``/``.jpeg``/``.bmp`` images (only
+directories, ``__MACOSX/`` and ``.DS_Store`` are passed over), images PIL cannot decode,
+members larger than their cap or an archive that decompresses to more than its members
+declare (bombs), images with a side above ``dataset_max_image_side``, more than
+``dataset_max_images`` images, a decoded size above ``dataset_max_stored_bytes``.
+
+Images of one dataset share one shape: gray if every image is gray, else RGB; images of a
+size other than the most common one are resized to it (Lanczos).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import logging
+import resource
+import signal
+import subprocess
+import sys
+import tarfile
+import traceback
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from metaserve.service.exceptions import DatasetLimitExceeded, InvalidDataset, MetaserveError
+
+RESULT_FILE = ".conversion.json"
+CHILD_NICENESS = 5
+STDERR_TAIL = 2000
+KILLED_BY_MEMORY = (-signal.SIGKILL, -signal.SIGABRT, -signal.SIGSEGV, -signal.SIGBUS)
+"""How a child that hit RLIMIT_AS outside Python dies (a C++ bad_alloc aborts, a failed mmap
+faults); the kernel's OOM killer sends SIGKILL."""
+logger = logging.getLogger(__name__)
+ERRORS: dict[str, type[MetaserveError]] = {"InvalidDataset": InvalidDataset,
+                                           "DatasetLimitExceeded": DatasetLimitExceeded}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The settings a conversion reads (plain data: they travel to the child as JSON)."""
+
+    dataset_max_images: int
+    dataset_max_image_side: int
+    dataset_max_stored_bytes: int
+    dataset_max_rows: int
+    dataset_max_columns: int
+    dataset_convert_memory_bytes: int
+
+    @classmethod
+    def of(cls, settings: Any) -> "Limits":
+        return cls(**{name: getattr(settings, name) for name in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class Converted:
+    """What an upload became: canonical ``files`` in the work directory, its ``kind``
+    (``images`` or ``table``), the ``format`` uploaded, and ``meta`` (what submit checks a
+    spec against: :func:`images_meta`, or a table's ``table.json``)."""
+
+    kind: str
+    format: str
+    files: list[str]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def classes(self) -> int | None:
+        return self.meta.get("classes") if self.kind == "images" else None
+
+    @property
+    def images(self) -> int | None:
+        return self.meta.get("images") if self.kind == "images" else None
+
+    @property
+    def shape(self) -> list[int] | None:
+        return self.meta.get("shape") if self.kind == "images" else None
+
+
+# --------------------------------------------------------------------------- the child process
+
+
+def convert_in_child(upload: Path, workdir: Path, settings: Any) -> Converted:
+    """Convert ``upload`` into ``workdir`` in a child process under the settings' memory and
+    time limits; raise :class:`InvalidDataset` / :class:`DatasetLimitExceeded` naming the
+    field, member, line or column."""
+    limits = Limits.of(settings)
+    command = [sys.executable, "-m", "metaserve.service.dataset_ingest", str(upload),
+               str(workdir), json.dumps(asdict(limits))]
+    # One thread each: the child must not compete with the API for every core; the system
+    # allocator returns Arrow's refusals under RLIMIT_AS as errors, not aborts.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+           "MKL_NUM_THREADS": "1", "ARROW_DEFAULT_MEMORY_POOL": "system"}
+    timeout = settings.dataset_convert_timeout_s
+    try:
+        completed = subprocess.run(command, env=env, capture_output=True, timeout=timeout,
+                                   stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:  # run() has killed and reaped the child
+        raise DatasetLimitExceeded(
+            f"body: converting the upload took longer than {timeout:g} s "
+            "(METASERVE_DATASET_CONVERT_TIMEOUT_S)", body=f"longer than {timeout:g} s") from None
+    result_path = workdir / RESULT_FILE
+    result = json.loads(result_path.read_text()) if result_path.is_file() else None
+    result_path.unlink(missing_ok=True)
+    if result is None:
+        logger.warning("dataset conversion died", extra={
+            "returncode": completed.returncode,
+            "stderr": completed.stderr[-STDERR_TAIL:].decode(errors="replace")})
+        if completed.returncode in KILLED_BY_MEMORY:
+            raise _out_of_memory(limits)
+        raise InvalidDataset(f"body: the conversion process ended with status "
+                             f"{completed.returncode} before it could say why",
+                             body="the conversion failed")
+    if "error" in result:
+        error = result["error"]
+        raise ERRORS[error["type"]](error["message"], **error["details"])
+    converted = result["converted"]
+    return Converted(converted["kind"], converted["format"], converted["files"],
+                     converted["meta"])
+
+
+def _out_of_memory(limits: Limits) -> DatasetLimitExceeded:
+    cap = limits.dataset_convert_memory_bytes
+    return DatasetLimitExceeded(
+        f"body: converting the upload needs more than {cap:,} bytes of memory "
+        "(METASERVE_DATASET_CONVERT_MEMORY_BYTES); upload a smaller dataset",
+        body=f"needs more than {cap:,} bytes of memory to convert")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The child: ``python -m metaserve.service.dataset_ingest UPLOAD WORKDIR LIMITS_JSON``.
+    Writes ``WORKDIR/.conversion.json``: ``{"converted": ...}`` or ``{"error": ...}``."""
+    upload, workdir, limits_json = (argv if argv is not None else sys.argv[1:])
+    limits = Limits(**json.loads(limits_json))
+    cap = limits.dataset_convert_memory_bytes
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    os.nice(CHILD_NICENESS)
+    target = Path(workdir) / RESULT_FILE
+    try:
+        converted = convert_upload(Path(upload), Path(workdir), limits)
+        result: dict[str, Any] = {"converted": asdict(converted)}
+    except (InvalidDataset, DatasetLimitExceeded) as error:
+        result = {"error": {"type": type(error).__name__, "message": error.message,
+                            "details": error.details}}
+    except MemoryError:
+        error = _out_of_memory(limits)
+        result = {"error": {"type": "DatasetLimitExceeded", "message": error.message,
+                            "details": error.details}}
+    except Exception as error:  # noqa: BLE001 - a reader's own error on a malformed upload
+        if "memory" in str(error).lower() and "alloc" in str(error).lower():
+            oom = _out_of_memory(limits)
+            result = {"error": {"type": "DatasetLimitExceeded", "message": oom.message,
+                                "details": oom.details}}
+        else:
+            traceback.print_exc()
+            text = f"{type(error).__name__}: {error}"[:500]
+            result = {"error": {"type": "InvalidDataset", "details": {"body": text},
+                                "message": f"body: the upload cannot be read ({text})"}}
+    target.write_text(json.dumps(result))
+    return 0
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def convert_upload(upload: Path, workdir: Path, settings: Limits) -> Converted:
+    """Convert the spooled upload into the canonical files in ``workdir`` (in this process;
+    the server calls :func:`convert_in_child`), or raise :class:`InvalidDataset` /
+    :class:`DatasetLimitExceeded` naming the field, member, line or column."""
+    from metaserve.service import image_ingest, table_ingest
+
+    with open(upload, "rb") as handle:
+        magic = handle.read(4)
+        handle.seek(max(0, upload.stat().st_size - 4))
+        tail = handle.read(4)
+    if magic == b"PAR1" and tail == b"PAR1":
+        return table_ingest.convert_parquet(upload, workdir, settings)
+    if magic[:2] == b"PK":
+        try:
+            archive = zipfile.ZipFile(upload)
+        except (zipfile.BadZipFile, OSError) as error:
+            raise InvalidDataset(f"the upload is not a readable zip archive ({error})",
+                                 body=str(error)) from None
+        with archive:
+            names = [info.filename for info in archive.infolist() if not info.is_dir()]
+            if names and all(name.endswith(".npy") for name in names):
+                return image_ingest.convert_npz(archive, workdir, settings)
+            return image_ingest.convert_tree(image_ingest.ZipMembers(archive, settings), workdir,
+                                             settings)
+    try:
+        is_tar = tarfile.is_tarfile(upload)
+    except (OSError, EOFError, tarfile.TarError):
+        is_tar = False
+    if is_tar:
+        return image_ingest.convert_tree(image_ingest.TarMembers(upload, settings), workdir,
+                                         settings)
+    return table_ingest.convert_csv(upload, workdir, settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
