@@ -1,5 +1,7 @@
-"""The algorithm and task-family catalogs, generated from the pydantic spec models
-(:data:`metaserve.workers.spec.ALGORITHMS`, :data:`metaserve.workers.spec.TASK_FAMILIES`), never written twice."""
+"""The algorithm, task-family and network catalogs, generated from the pydantic spec models
+(:data:`metaserve.workers.spec.ALGORITHMS`, :data:`~metaserve.workers.spec.TASK_FAMILIES`,
+:data:`~metaserve.workers.spec.MODELS`), never written twice; an installed plugin's entry says
+which package it came from."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from metaserve.api.schemas import CatalogEntry, ParameterPublic
+from metaserve.workers.plugins import Plugin
 
 _BOUND_KEYS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minLength",
                "maxLength", "minItems", "maxItems")
@@ -62,9 +65,16 @@ def describe_parameters(model: type[BaseModel]) -> list[ParameterPublic]:
     ]
 
 
-def catalog(models: dict[str, type[BaseModel]]) -> list[CatalogEntry]:
-    return [
-        CatalogEntry(name=name, description=inspect.cleandoc(model.__doc__ or name),
-                     parameters=describe_parameters(model))
-        for name, model in models.items()
-    ]
+def catalog(models: dict[str, type[BaseModel]],
+            plugins: dict[str, Plugin] | None = None) -> list[CatalogEntry]:
+    """One entry per spec model; those in ``plugins`` are marked with their package."""
+    entries = []
+    for name, model in models.items():
+        plugin = (plugins or {}).get(name)
+        entries.append(CatalogEntry(
+            name=name, description=inspect.cleandoc(model.__doc__ or name),
+            parameters=describe_parameters(model), json_schema=model.model_json_schema(),
+            source="plugin" if plugin else "builtin",
+            package=plugin.package if plugin else None,
+            version=plugin.version if plugin else None))
+    return entries

@@ -59,6 +59,12 @@ class CatalogEntry(BaseModel):
     name: str
     description: str
     parameters: list[ParameterPublic]
+    source: str = Field("builtin", description="builtin, or plugin (an installed package's "
+                                               "entry point; see docs/PLUGINS.md).")
+    package: str | None = Field(None, description="A plugin's distribution package.")
+    version: str | None = Field(None, description="A plugin's package version.")
+    json_schema: dict[str, Any] = Field(default_factory=dict,
+                                        description="The JSON schema of its spec object.")
 
 
 class ErrorDetail(BaseModel):

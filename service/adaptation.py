@@ -22,7 +22,7 @@ from metaserve.service.exceptions import (AdaptDiverged, AdaptInputTooLarge, Inv
                                           MetaInitNotReady, NotAdaptable)
 from metaserve.service.jobs import Transaction
 from metaserve.service.orm import Artifact, Job, JobStatus, User
-from metaserve.workers.spec import IMAGE_FAMILIES, JobSpec
+from metaserve.workers.spec import IMAGE_FAMILIES, PLUGINS, JobSpec
 from metaserve.workers.object_store import ArtifactStore, StorageConfig, StorageError
 
 CACHED_META_INITS = 4
@@ -55,6 +55,8 @@ def adaptation_shapes(spec: dict[str, Any]) -> tuple[tuple[int, ...], int | None
     if family.name in IMAGE_FAMILIES:
         channels = getattr(family, "channels", 1)
         return (channels, family.image_size, family.image_size), family.ways
+    if family.name in PLUGINS.task_families:  # a plugin's family states its input shape
+        return tuple(family.input_shape), None
     return (1,), None
 
 

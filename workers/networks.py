@@ -34,13 +34,14 @@ the MLP, and as ``P`` extra constant input channels for conv4 (channel concatena
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from metaserve.workers.spec import Conv4Spec, JobSpec, MLPSpec, ResNet12Spec
+if TYPE_CHECKING:  # not at run time: a plugin imports this module while the spec module loads it
+    from metaserve.workers.spec import Conv4Spec, JobSpec, MLPSpec, ResNet12Spec
 
 Params = dict[str, Tensor]
 
@@ -298,7 +299,13 @@ class ResNet12(FunctionalModel):
 
 def build_model(spec: MLPSpec | Conv4Spec | ResNet12Spec, input_shape: tuple[int, ...],
                 output_dim: int, prompt_dim: int = 0) -> FunctionalModel:
-    """The functional model named by ``spec``, sized for the task family."""
+    """The functional model named by ``spec``, sized for the task family: a built-in, or an
+    installed plugin's (:data:`metaserve.workers.spec.PLUGINS`)."""
+    from metaserve.workers.spec import PLUGINS
+
+    plugin = PLUGINS.models.get(spec.name)
+    if plugin is not None:
+        return plugin.implementation(spec, tuple(input_shape), output_dim, prompt_dim)
     if spec.name == "mlp":
         return MLP(spec, input_shape, output_dim, prompt_dim)
     if spec.name == "conv4":

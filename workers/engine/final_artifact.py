@@ -62,6 +62,27 @@ def _version(package: str) -> str | None:
         return None
 
 
+def _plugins_used(spec: dict) -> list:
+    from metaserve.workers.spec import PLUGINS
+
+    return PLUGINS.used_by(spec)
+
+
+def check_plugins_installed(document: dict) -> None:
+    """Raise :class:`ArtifactError` naming the package to install when the artifact used a
+    plugin that this process has not loaded (not installed, or broken here)."""
+    from metaserve.workers.spec import PLUGINS
+
+    for used in document.get("plugins", []):
+        kind = "model" if used["kind"] == "model" else "task_family"
+        if PLUGINS.source(kind, used["name"]) is None:
+            version = f"=={used['version']}" if used.get("version") else ""
+            raise ArtifactError(
+                f"this artifact uses the {kind.replace('_', ' ')} {used['name']!r} of the plugin "
+                f"package {used['package']!r} (version {used.get('version') or 'unknown'}), "
+                f"which is not installed here: pip install '{used['package']}{version}'")
+
+
 def export_artifact(directory: Path, *, kind: str, tensors: dict[str, Tensor], architecture: dict,
                     recipe: dict, task_family: dict, evaluation: dict, spec: dict,
                     iteration: int) -> list[Path]:
@@ -82,6 +103,9 @@ def export_artifact(directory: Path, *, kind: str, tensors: dict[str, Tensor], a
         "iterations": iteration,
         "spec": spec,
         "versions": {package: _version(package) for package in VERSIONED_PACKAGES[kind]},
+        # The plugins the job used (task family, model), so a client without one is told
+        # which package to install instead of failing on an unknown name.
+        "plugins": [plugin.provenance() for plugin in _plugins_used(spec)],
     }
     atomic_write_bytes(json_path, json.dumps(document, indent=2, sort_keys=True).encode())
     return [tensors_path, json_path]
@@ -184,6 +208,7 @@ class MetaInitModel(torch.nn.Module):
 def load_meta_init(directory: Path, device: str | torch.device = "cpu") -> tuple[MetaInitModel, dict]:
     """``(model, recipe)`` from ``meta_init.safetensors`` + ``meta_init.json`` in ``directory``."""
     params, document = read_artifact(directory, META_INIT, device)
+    check_plugins_installed(document)
     recipe = {**document["recipe"], "architecture": document["architecture"]}
     return MetaInitModel(params, recipe, document["spec"]), document["recipe"]
 
