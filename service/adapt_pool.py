@@ -33,7 +33,8 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from metaserve.service.adaptation import AdaptWork, MetaInitCache, compute_adaptation
-from metaserve.service.exceptions import AdaptBusy, AdaptProcessDied, AdaptTimedOut, MetaserveError
+from metaserve.service.exceptions import (AdaptBusy, AdaptFailed, AdaptProcessDied, AdaptTimedOut,
+                                          MetaserveError)
 
 logger = logging.getLogger(__name__)
 
@@ -43,10 +44,6 @@ ADAPT_NICENESS = 10
 PROCESS_START_TIMEOUT_S = 120.0
 """How long a new process may take to import torch and the engine and say it is ready."""
 PROCESS_EXIT_WAIT_S = 5.0
-
-
-class AdaptFailed(MetaserveError):
-    """The adaptation failed inside the adapt process."""
 
 
 def serve_adaptations(connection: Connection) -> None:

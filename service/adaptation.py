@@ -18,8 +18,8 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from metaserve.service import artifacts, store
-from metaserve.service.exceptions import (AdaptDiverged, AdaptInputTooLarge, InvalidAdaptInput,
-                                          MetaInitNotReady, NotAdaptable)
+from metaserve.service.exceptions import (AdaptDiverged, AdaptInputTooLarge, ArtifactNotFound,
+                                          InvalidAdaptInput, MetaInitNotReady, NotAdaptable)
 from metaserve.service.jobs import Transaction
 from metaserve.service.orm import Artifact, Job, JobStatus, User
 from metaserve.workers.spec import IMAGE_FAMILIES, PLUGINS, JobSpec
@@ -165,8 +165,8 @@ def load_meta_init_from_store(store: ArtifactStore, job_id: str, sha256: dict[st
         for name in META_INIT_FILES:
             found = store.open(job_id, name)
             if found is None:
-                raise artifacts.ArtifactNotFound("The meta-initialization files are missing.",
-                                                 job_id=job_id)
+                raise ArtifactNotFound("The meta-initialization files are missing.",
+                                       job_id=job_id)
             digest = hashlib.sha256()
             with open(Path(scratch) / name, "wb") as handle:
                 for chunk in found[1]:

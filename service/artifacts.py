@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 
-from metaserve.service.exceptions import MetaserveError
+from metaserve.service.exceptions import ArtifactNotFound, ArtifactStoreUnavailable
 from metaserve.workers.object_store import (
     CHECKPOINT_DIRECTORY,
     JOB_ID_RE,
@@ -37,20 +37,6 @@ __all__ = ["CHECKPOINT_DIRECTORY", "JOB_ID_RE", "MEDIA_TYPES", "ArtifactFile", "
 logger = logging.getLogger(__name__)
 
 STORE_CHECK_CACHE_S = 5.0  # /readyz asks the store at most this often
-
-
-class ArtifactNotFound(MetaserveError):
-    """Artifact not found."""
-
-    status_code = 404
-    code = "not_found"
-
-
-class ArtifactStoreUnavailable(MetaserveError):
-    """The artifact store is unavailable; try again later."""
-
-    status_code = 503
-    code = "storage_unavailable"
 
 
 def unavailable(error: StorageError, **details: str) -> ArtifactStoreUnavailable:

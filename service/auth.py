@@ -14,7 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from metaserve.service import store
-from metaserve.service.exceptions import MetaserveError, Unauthorized
+from metaserve.service.exceptions import AdminOnly, KeyNotFound, Unauthorized
 from metaserve.service.orm import User
 
 KEY_PREFIX = "ms_"
@@ -22,20 +22,6 @@ REVOKED_PREFIX = "revoked:"
 """A revoked key's ``key_hash``: this prefix and random hex, 64 characters like a sha256 hex
 digest, which never holds a ``:``, so no key hashes to it (no schema change: the column and
 its unique constraint stay as they are)."""
-
-
-class KeyNotFound(MetaserveError):
-    """No such API key."""
-
-    status_code = 404
-    code = "not_found"
-
-
-class AdminOnly(MetaserveError):
-    """Only an admin key may do this."""
-
-    status_code = 403
-    code = "forbidden"
 
 
 def generate_key() -> str:

@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from metaserve.service import store
-from metaserve.service.exceptions import MetaserveError
+from metaserve.service.exceptions import InvalidEventId
 from metaserve.service.jobs import Transaction
 from metaserve.service.orm import Job, JobStatus, JobStatusEvent, Metric, User
 
@@ -28,13 +28,6 @@ from metaserve.service.orm import Job, JobStatus, JobStatusEvent, Metric, User
 #   event per step with every value of that step read in the same poll.
 # * progress: the row's progress snapshot, when its iteration rises above the cursor's
 #   (0: none seen; a resumed attempt restarting below it is reported once it passes it).
-
-
-class InvalidEventId(MetaserveError):
-    """Invalid Last-Event-ID: expected the id of an event of this stream, e.g. 5-120-50."""
-
-    status_code = 422
-    code = "validation_error"
 
 
 EVENT_ID = re.compile(r"\s*([0-9]{1,18})-([0-9]{1,18})-([0-9]{1,18})\s*")

@@ -198,3 +198,71 @@ class InvalidSweep(MetaserveError):
 
     status_code = 422
     code = "validation_error"
+
+
+class InvalidCursor(MetaserveError):
+    """Invalid pagination cursor."""
+
+    status_code = 400
+    code = "invalid_cursor"
+
+
+class InvalidEventId(MetaserveError):
+    """Invalid Last-Event-ID: expected the id of an event of this stream, e.g. 5-120-50."""
+
+    status_code = 422
+    code = "validation_error"
+
+
+class TooManyStreams(MetaserveError):
+    """Too many open event streams of this user."""
+
+    status_code = 429
+    code = "too_many_requests"
+
+    def __init__(self, message: str | None = None, *, retry_after_s: int, **details: Any) -> None:
+        super().__init__(message, **details)
+        self.retry_after_s = retry_after_s
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
+
+class KeyNotFound(MetaserveError):
+    """No such API key."""
+
+    status_code = 404
+    code = "not_found"
+
+
+class AdminOnly(MetaserveError):
+    """Only an admin key may do this."""
+
+    status_code = 403
+    code = "forbidden"
+
+
+class CostLimitExceeded(MetaserveError):
+    """The job is larger than this server accepts."""
+
+    status_code = 422
+    code = "limit_exceeded"
+
+
+class AdaptFailed(MetaserveError):
+    """The adaptation failed inside the adapt process."""
+
+
+class ArtifactNotFound(MetaserveError):
+    """Artifact not found."""
+
+    status_code = 404
+    code = "not_found"
+
+
+class ArtifactStoreUnavailable(MetaserveError):
+    """The artifact store is unavailable; try again later."""
+
+    status_code = 503
+    code = "storage_unavailable"

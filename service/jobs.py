@@ -13,7 +13,7 @@ from sqlalchemy import Row, Select, bindparam, select
 from sqlalchemy.orm import Session
 
 from metaserve.service import store
-from metaserve.service.artifacts import ArtifactNotFound
+from metaserve.service.exceptions import ArtifactNotFound
 from metaserve.service.orm import Artifact, Job, JobStatus, Metric, User
 from metaserve.service.settings import QUOTA_RETRY_AFTER_S
 from metaserve.workers.spec import JobSpec
@@ -182,7 +182,7 @@ def list_job_artifacts(*, session: Session, job_id: str, owner: User) -> list[Ar
 
 def get_artifact(*, session: Session, job_id: str, owner: User, name: str) -> Artifact:
     """The artifact record ``name`` of ``owner``'s job; raises
-    :class:`~metaserve.service.artifacts.ArtifactNotFound` when the job has no artifact of that name
+    :class:`~metaserve.service.exceptions.ArtifactNotFound` when the job has no artifact of that name
     (compared in Python, so any client string is harmless) and JobNotFound for another
     user's job."""
     for artifact in list_job_artifacts(session=session, job_id=job_id, owner=owner):

@@ -6,20 +6,13 @@ from __future__ import annotations
 
 import logging
 
-from metaserve.service.exceptions import MetaserveError
+from metaserve.service.exceptions import CostLimitExceeded
 from metaserve.service.settings import Settings
 from metaserve.workers.cost import CostEstimate, estimate
 from metaserve.workers.spec import JobSpec
 
 MIB = 2**20
 logger = logging.getLogger(__name__)
-
-
-class CostLimitExceeded(MetaserveError):
-    """The job is larger than this server accepts."""
-
-    status_code = 422
-    code = "limit_exceeded"
 
 
 def _gib(size: float) -> str:

@@ -19,14 +19,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from metaserve.service.exceptions import (
-    IdempotencyConflict,
-    InvalidTransition,
-    JobNotFound,
-    LeaseLost,
-    MetaserveError,
-    QuotaExceeded,
-)
+from metaserve.service.exceptions import (IdempotencyConflict, InvalidCursor, InvalidTransition,
+                                          JobNotFound, LeaseLost, MetaserveError, QuotaExceeded)
 from metaserve.service.db import UNICODE_LOWER
 from metaserve.service.ids import new_id
 from metaserve.service.orm import Artifact, Job, JobStatus, JobStatusEvent, Metric, User, utcnow
@@ -40,13 +34,6 @@ RUNNING_CAP_SETTING = "METASERVE_MAX_RUNNING_JOBS_PER_USER"
 WAITING = "waiting: "
 # PostgreSQL advisory lock space (first key) of a user's submits: the queued-cap check.
 SUBMIT_LOCK = 0x6D73  # "ms"
-
-
-class InvalidCursor(MetaserveError):
-    """Invalid pagination cursor."""
-
-    status_code = 400
-    code = "invalid_cursor"
 
 
 def _update(job_id: str, *where: Any):  # noqa: ANN202

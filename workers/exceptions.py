@@ -71,6 +71,19 @@ class DriverOutOfMemory(MemoryError):
     """The job's driver used more memory than it asked Ray for."""
 
 
+class SweepError(ValueError):
+    """A sweep that cannot run as asked: ``field`` names the part of the request."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
+
+
+class PluginError(Exception):
+    """Why one entry point cannot be used (it becomes a
+    :class:`~metaserve.workers.plugins.BrokenPlugin`)."""
+
+
 __all__ = ["ArtifactError", "CheckpointError", "DatasetError", "DriverOutOfMemory", "JobCancelled",
-           "RowsInvalid", "StorageError", "TableSpecInvalid", "TrialOverLimits", "Unschedulable",
-           "WorkerLost"]
+           "PluginError", "RowsInvalid", "StorageError", "SweepError", "TableSpecInvalid",
+           "TrialOverLimits", "Unschedulable", "WorkerLost"]

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any, Iterable, Mapping
 
+from metaserve.workers.exceptions import PluginError
 from metaserve.workers.spec_base import StrictModel
 
 logger = logging.getLogger(__name__)
@@ -105,6 +106,12 @@ class Plugins:
         """The plugin that provides ``name`` (None: a built-in, or unknown)."""
         return self.of(kind).get(name)
 
+    def broken_for(self, field_name: str, name: object) -> BrokenPlugin | None:
+        """The broken plugin of that name for a job spec's ``task_family`` or ``model``
+        field (whatever else has the name: the caller checks the registries first)."""
+        kind = "task_family" if field_name == "task_family" else "model"
+        return next((b for b in self.broken if b.kind == kind and b.name == name), None)
+
     def used_by(self, spec: Mapping[str, Any]) -> list[Plugin]:
         """The plugins a job spec (as a dict) names: its task family and its model."""
         used = []
@@ -115,10 +122,6 @@ class Plugins:
         if model in self.models:
             used.append(self.models[model])
         return used
-
-
-class PluginError(Exception):
-    """Why one entry point cannot be used (becomes a :class:`BrokenPlugin`)."""
 
 
 def _one_line(text: str) -> str:

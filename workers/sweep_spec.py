@@ -22,6 +22,7 @@ from typing import Any, Iterator, Literal
 
 from pydantic import Field, StrictInt, model_validator
 
+from metaserve.workers.exceptions import SweepError
 from metaserve.workers.spec import JobSpec, StrictModel
 
 DOMAIN_TYPES = ("choice", "grid", "uniform", "loguniform", "randint", "qrandint")
@@ -104,14 +105,6 @@ class SweepSpec(StrictModel):
                                                "repetitions of the grid.")
     max_concurrent_trials: StrictInt | None = Field(None, ge=1, le=1024,
                                                     description="Default: as resources allow.")
-
-
-class SweepError(ValueError):
-    """A sweep that cannot run as asked: ``field`` names the part of the request."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field, self.message = field, message
 
 
 # --------------------------------------------------------------------------- paths

@@ -25,7 +25,7 @@ from metaserve.api.deps import CurrentUser, PathText, SessionDep
 from metaserve.api.job_watch import JobWatch
 from metaserve.api.schemas import ErrorResponse
 from metaserve.service import events, jobs
-from metaserve.service.exceptions import MetaserveError
+from metaserve.service.exceptions import TooManyStreams
 from metaserve.service.orm import User
 
 POLL_S = 0.25
@@ -163,7 +163,8 @@ async def job_events(
     slots = stream_slots(request)
     if not slots.acquire(user.id):
         raise TooManyStreams(f"{slots.limit} event streams of yours are open on this server; "
-                             "close one or retry later", open_streams=slots.limit)
+                             "close one or retry later", open_streams=slots.limit,
+                             retry_after_s=STREAM_RETRY_AFTER_S)
     # ``user`` is the key cache's transient copy: safe to use after this request's session
     # From here the slot is the stream's: released when it ends or its client goes away.
     return StreamingResponse(_stream(request, job_id, user, cursor),
@@ -174,11 +175,3 @@ async def job_events(
 def _check_job(session, job_id: str, user: User) -> None:  # noqa: ANN001
     jobs.get_job(session=session, job_id=job_id, owner=user)
     session.rollback()  # ends the read: the stream polls with sessions of its own
-
-
-class TooManyStreams(MetaserveError):
-    """Too many open event streams of this user."""
-
-    status_code = 429
-    code = "too_many_requests"
-    headers = {"Retry-After": str(STREAM_RETRY_AFTER_S)}

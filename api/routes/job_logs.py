@@ -20,10 +20,11 @@ from metaserve.api.routes.events import (
     KEEPALIVE_S,
     POLL_S,
     RETRY_MS,
-    TooManyStreams,
+    STREAM_RETRY_AFTER_S,
     stream_slots,
 )
 from metaserve.api.schemas import ErrorResponse
+from metaserve.service.exceptions import TooManyStreams
 from metaserve.service.job_logs import MAX_LOG_PAGE, LogPage, read_logs
 from metaserve.service.orm import User
 
@@ -124,7 +125,8 @@ async def job_logs(
     slots = stream_slots(request)
     if not slots.acquire(user.id):
         raise TooManyStreams(f"{slots.limit} event streams of yours are open on this server; "
-                             "close one or retry later", open_streams=slots.limit)
+                             "close one or retry later", open_streams=slots.limit,
+                             retry_after_s=STREAM_RETRY_AFTER_S)
     return StreamingResponse(_follow(request, job_id, user, after),
                              media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -18,6 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from metaserve.api.deps import CurrentUser
 from metaserve.api.schemas import ErrorResponse
 from metaserve.service import auth
+from metaserve.service.exceptions import AdminOnly
 from metaserve.service.orm import User
 
 router = APIRouter(prefix="/v1/keys", tags=["keys"], responses={
@@ -45,7 +46,7 @@ def key_public(user: User) -> KeyPublic:
 
 def _require_admin(user: User) -> None:
     if not user.is_admin:
-        raise auth.AdminOnly()
+        raise AdminOnly()
 
 
 @router.get("")

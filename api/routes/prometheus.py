@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from metaserve.api.deps import get_current_user
 from metaserve.api.schemas import ErrorResponse
-from metaserve.service.exceptions import MetaserveError
+from metaserve.service.exceptions import AdminOnly
 from metaserve.service.telemetry import CONTENT_TYPE, RECEIVED_AT, Telemetry
 
 router = APIRouter(tags=["operators"])
@@ -28,13 +28,6 @@ UNMATCHED = "<unmatched>"
 which would make one series per path a client invents)."""
 
 DISPATCHER_HEALTH_MAX_AGE_S = 30.0
-
-
-class AdminOnly(MetaserveError):
-    """This needs an admin API key."""
-
-    status_code = 403
-    code = "forbidden"
 
 
 class MetricsMiddleware:

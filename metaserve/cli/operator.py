@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from metaserve.cli.common import fail, printable
+from metaserve.service.exceptions import KeyNotFound
 from metaserve.service.settings import Settings, get_settings
 
 db_app = typer.Typer(help="Database schema migrations.", no_args_is_help=True)
@@ -290,7 +291,7 @@ def keys_revoke(key_id: Annotated[int, typer.Argument(metavar="ID", help="As `ke
     try:
         with factory(engine)() as session:
             user = auth.revoke_key(session=session, user_id=key_id)
-    except auth.KeyNotFound as error:
+    except KeyNotFound as error:
         raise fail(error.message) from None
     finally:
         engine.dispose()
@@ -307,7 +308,7 @@ def keys_rotate(key_id: Annotated[int, typer.Argument(metavar="ID", help="As `ke
     try:
         with factory(engine)() as session:
             _, key = auth.rotate_key(session=session, user_id=key_id)
-    except auth.KeyNotFound as error:
+    except KeyNotFound as error:
         raise fail(error.message) from None
     finally:
         engine.dispose()

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from metaserve.service.limits import CostLimitExceeded, check_job_cost
+from metaserve.service.exceptions import CostLimitExceeded
+from metaserve.service.limits import check_job_cost
 from metaserve.service.settings import Settings
 from metaserve.workers.spec import JobSpec
 

@@ -7,9 +7,9 @@ import pytest
 from sqlalchemy import func, select
 
 from metaserve.service import jobs
-from metaserve.service.exceptions import IdempotencyConflict, InvalidTransition, JobNotFound, LeaseLost
+from metaserve.service.exceptions import (IdempotencyConflict, InvalidCursor, InvalidTransition,
+                                          JobNotFound, LeaseLost)
 from metaserve.service.orm import Job, JobStatus, User, utcnow
-from metaserve.service.store import InvalidCursor
 from metaserve.workers.spec import JobSpec
 
 LEASE_S = 30.0
