@@ -92,10 +92,12 @@ def _cache_root() -> Path:
     return Path(tempfile.gettempdir()) / CACHE_DIRECTORY
 
 
-def fetch_dataset(dataset_id: str) -> Path:
-    """A local directory holding ``dataset_id``'s canonical files (downloaded once per host)."""
+def fetch_dataset(dataset_id: str, files: tuple[str, str] = DATASET_FILES) -> Path:
+    """A local directory holding ``dataset_id``'s canonical ``files`` (tensors, JSON with
+    their ``tensors_sha256``), downloaded once per host."""
+    tensors_name, json_name = files
     target = _cache_root() / dataset_id
-    if (target / DATASET_JSON).is_file() and (target / DATASET_TENSORS).is_file():
+    if (target / json_name).is_file() and (target / tensors_name).is_file():
         return target
     if _store is None:
         raise DatasetError(f"dataset {dataset_id}: uploaded datasets are read from a metaserve "
@@ -103,7 +105,7 @@ def fetch_dataset(dataset_id: str) -> Path:
     _cache_root().mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{dataset_id}-", dir=_cache_root()))
     try:
-        for name in DATASET_FILES:
+        for name in files:
             try:
                 found = _store.open(dataset_id, name)
             except StorageError as error:
@@ -113,25 +115,35 @@ def fetch_dataset(dataset_id: str) -> Path:
             with open(scratch / name, "wb") as handle:
                 for chunk in found[1]:
                     handle.write(chunk)
-        _check_tensors(dataset_id, scratch)
+        _check_tensors(dataset_id, scratch, files)
         try:
             os.replace(scratch, target)  # atomic: another process may have won the race
         except OSError:
-            if not (target / DATASET_JSON).is_file():
+            if not (target / json_name).is_file():
                 raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return target
 
 
-def _check_tensors(dataset_id: str, directory: Path) -> None:
-    recorded = json.loads((directory / DATASET_JSON).read_text())["tensors_sha256"]
+def fetch_table(dataset_id: str) -> Path:
+    """A local directory holding the uploaded table ``dataset_id`` (``table.safetensors`` +
+    ``table.json``, see :mod:`metaserve.workers.tasks.table_format`)."""
+    from metaserve.workers.tasks.table_format import TABLE_FILES
+
+    return fetch_dataset(dataset_id, TABLE_FILES)
+
+
+def _check_tensors(dataset_id: str, directory: Path,
+                   files: tuple[str, str] = DATASET_FILES) -> None:
+    tensors_name, json_name = files
+    recorded = json.loads((directory / json_name).read_text())["tensors_sha256"]
     digest = hashlib.sha256()
-    with open(directory / DATASET_TENSORS, "rb") as handle:
+    with open(directory / tensors_name, "rb") as handle:
         while chunk := handle.read(1 << 20):
             digest.update(chunk)
     if digest.hexdigest() != recorded:
-        raise DatasetError(f"dataset {dataset_id}: {DATASET_TENSORS} does not match the sha256 "
+        raise DatasetError(f"dataset {dataset_id}: {tensors_name} does not match the sha256 "
                            "recorded at upload")
 
 

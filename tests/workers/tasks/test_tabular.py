@@ -269,3 +269,82 @@ def test_served_classification_maps_raw_labels_both_ways():
         parse_rows(recipe, support={"a": [1.0], "b": [1.0], "kind": ["dog"]},
                    query={"a": [1.0], "b": [1.0]})
     assert raised.value.field == "support.kind"
+
+
+# --------------------------------------------------------------------------- engine and cost
+
+
+def held_out_rows(columns: dict[str, np.ndarray], entity: str, timed: bool
+                  ) -> tuple[dict, dict, np.ndarray]:
+    """An entity's first 10 rows in time as raw support rows, the next 20 as query rows."""
+    rows = columns["entity"] == entity
+    order = np.argsort(columns["t"][rows])
+    picked = {name: values[rows][order] for name, values in columns.items()}
+    names = ["x1", "x2", "x3"] + (["t"] if timed else [])
+    return ({name: picked[name][:10].tolist() for name in names + ["y"]},
+            {name: picked[name][10:30].tolist() for name in names}, picked["y"][10:30])
+
+
+@pytest.fixture
+def one_torch_thread():
+    """The threads ``metaserve train`` gives a one-worker job: on a shared 2-core machine
+    torch's default (every core) ran these 300 iterations 20x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("series", [{}, {"time_column": "t", "lags": 2}], ids=["rows", "series"])
+def test_maml_on_a_table_adapts_to_held_out_entities_raw_rows(tmp_path: Path, monkeypatch, series,
+                                                              one_torch_thread):
+    import metaserve.workers.tasks.uploaded as uploaded
+    from metaserve.workers.engine.final_artifact import load_meta_init
+    from metaserve.workers.engine.trainer import Trainer
+
+    columns = entity_table(entities=200, rows=40)
+    write(tmp_path / DATASET, columns)
+    monkeypatch.setattr(uploaded, "_cache_root", lambda: tmp_path)  # as if fetched before
+    job = {"algorithm": {"name": "maml", "inner_lr": 0.1, "inner_steps": 3},
+           "task_family": {"name": "tabular", "dataset": DATASET, "task_column": "entity",
+                           "target": "y", **series},  # features: every other numeric column
+           "meta_batch_size": 10, "iterations": 300, "outer_optimizer": {"lr": 0.003},
+           "evaluation": {"every": 0, "tasks": 50, "inner_steps": [3]}, "checkpoint_every": 300}
+    trainer = Trainer(job)
+    resolved = ["x1", "x2", "x3", "eid", "tcopy"] if series else ["t", "x1", "x2", "x3", "eid", "tcopy"]
+    assert trainer.spec.task_family.features == resolved  # the table's order, time excluded
+    trainer.run(tmp_path / "job")
+    model, recipe = load_meta_init(tmp_path / "job")
+    assert recipe["data"] == trainer.family.recipe()
+    features = recipe["data"]["features"]
+    adapted, unadapted = [], []
+    for entity in trainer.family.splits["test"].entity_ids:
+        support, query, truth = held_out_rows(columns, entity, bool(series))
+        rows = columns["entity"] == entity
+        for name in features:  # the copies of entity and time the table holds
+            support.setdefault(name, [float(columns[name][rows][0])] * 10)
+            query.setdefault(name, [float(columns[name][rows][0])] * 20)
+        for steps, errors in ((None, adapted), (0, unadapted)):
+            predicted = np.array(model.adapt_rows(support=support, query=query, steps=steps)["predictions"])
+            errors.append(float(np.mean((predicted[:, 0] - truth) ** 2)))
+    assert np.mean(adapted) < 0.8 * np.mean(unadapted)
+
+
+def test_a_tabular_job_is_costed_as_an_mlp_on_its_inputs_and_outputs():
+    from metaserve.workers.cost import estimate
+    from metaserve.workers.spec import JobSpec
+
+    regression = JobSpec.model_validate({
+        "algorithm": {"name": "maml"}, "task_family": {
+            "name": "tabular", "dataset": DATASET, "task_column": "entity", "target": ["y", "z"],
+            "features": ["a", "b", "c"], "time_column": "t", "lags": 2}})
+    cost = estimate(regression)
+    inputs = 3 + 2 * 2
+    assert cost.parameters == (inputs * 40 + 40) + (40 * 40 + 40) + (40 * 2 + 2)
+    assert cost.task_bytes == (10 + 10) * inputs * 4
+    classification = JobSpec.model_validate({
+        "algorithm": {"name": "maml"}, "task_family": {
+            "name": "tabular", "dataset": DATASET, "task_column": "entity", "target": "kind",
+            "features": ["a"], "problem": "classification", "ways": 3, "support_shots": 2,
+            "query_shots": 4}})
+    assert estimate(classification).task_bytes == 3 * (2 + 4) * 1 * 4
