@@ -158,11 +158,11 @@ def convert_csv(upload: Path, workdir: Path, limits: Limits) -> Converted:
     except pa.ArrowInvalid as error:
         if ragged:
             row = ragged[0]
-            line = f"row {row.number}" if row.number is not None else "a row"
+            where = f"line {row.number}" if row.number is not None else "a line"
             raise InvalidDataset(
-                f"{line}: {row.actual_columns} fields where the header has "
+                f"{where}: {row.actual_columns} fields where the header has "
                 f"{row.expected_columns} columns (a stray comma or quote?)",
-                row=row.number, fields=row.actual_columns) from None
+                line=row.number, fields=row.actual_columns) from None
         raise InvalidDataset(f"body: the CSV cannot be parsed ({error})", body=str(error)) from None
     if not rows:
         raise InvalidDataset("the CSV has a header but no rows", body="no rows")
@@ -200,7 +200,7 @@ def _text_column(name: str, values: Any) -> tuple[np.ndarray | CategoryColumn, i
     spans = pc.match_substring_regex(values, r"[\r\n]")
     if pc.any(spans).as_py():
         row = int(pc.index(spans, True).as_py()) + 1
-        raise InvalidDataset(f"row {row}, column {_quote(name)}: a value spans lines (an "
+        raise InvalidDataset(f"data row {row}, column {_quote(name)}: a value spans lines (an "
                              "unclosed quote?)", row=row, column=name)
     trimmed = pc.utf8_trim_whitespace(values)
     numeric = pc.match_substring_regex(trimmed, NUMBER_PATTERN, ignore_case=True)

@@ -8,7 +8,7 @@ from metaserve.api.deps import NO_CONTROL_CHARACTERS, CurrentUser, PathText, Ses
 from metaserve.api.schemas import ErrorResponse, JobPublic, JobsPublic, model_response
 from metaserve.service import datasets, jobs, limits
 from metaserve.service.orm import JobStatus
-from metaserve.service.store import MAX_PAGE
+from metaserve.service.job_store import MAX_PAGE
 from metaserve.workers.spec import JobSpec
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses={
@@ -40,8 +40,10 @@ def create_job(
 ) -> Response:
     """Validate and queue a meta-training job."""
     settings = request.app.state.settings  # not SettingsDep: a sync dependency costs a thread hop
-    limits.check_job_cost(spec=spec, settings=settings)
+    # The data first: a tabular spec's features are resolved against its table, and the cost
+    # model needs them (the input width).
     spec = datasets.check_job_data(session=session, owner=user, spec=spec, settings=settings)
+    limits.check_job_cost(spec=spec, settings=settings)
     job, created = jobs.submit_job(session=session, owner=user, spec=spec,
                                    idempotency_key=idempotency_key,
                                    max_queued=settings.max_queued_jobs_per_user,
