@@ -8,10 +8,12 @@ PYTEST_ARGS ?=
 
 .PHONY: run test cluster-test install clean-state
 
-$(VENV)/.installed: pyproject.toml
+# The example plugin (examples/plugins) is installed too: the plugin tests and the cluster test use it.
+$(VENV)/.installed: pyproject.toml examples/plugins/metaserve-example-plugin/pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install $(TORCH_PIP_ARGS) '$(TORCH_SPEC)'
 	$(VENV)/bin/pip install -e '.[dev,benchmark,examples]'
+	$(VENV)/bin/pip install -e examples/plugins/metaserve-example-plugin
 	touch $@
 
 install: $(VENV)/.installed

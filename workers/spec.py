@@ -694,6 +694,18 @@ class JobSpec(StrictModel):
         description="Seconds an attempt may run before the job fails with that reason "
                     "(default and cap: the server's METASERVE_MAX_RUNTIME_S).")
 
+    @field_validator("task_family", "model", mode="before")
+    @classmethod
+    def _not_a_broken_plugin(cls, value: object, info: ValidationInfo) -> object:
+        """A name only a broken plugin declares is refused saying so (not "unknown name")."""
+        name = value.get("name") if isinstance(value, dict) else None
+        known = TASK_FAMILIES if info.field_name == "task_family" else MODELS
+        broken = None if name in known else PLUGINS.broken_for(info.field_name, name)
+        if broken is not None:
+            raise ValueError(f"{name!r} comes from the plugin package {broken.package}, which is "
+                             f"installed but could not be loaded here: {broken.reason}")
+        return value
+
     @field_validator("task_family")
     @classmethod
     def _algorithm_fits_family(cls, family, info: ValidationInfo):  # noqa: ANN001, ANN206

@@ -112,6 +112,56 @@ def test_jobs_run_on_the_worker_nodes_and_artifacts_on_the_store(cluster: Cluste
     assert hashlib.sha256(cluster.artifact(sine["id"])).hexdigest() in result.stdout, result.stdout
 
 
+PLUGIN_JOB = {"name": "cluster-plugin", "algorithm": {"name": "maml", "inner_lr": 0.1},
+              "task_family": {"name": "oscillator"}, "model": {"name": "resmlp", "width": 32},
+              "iterations": 30, "meta_batch_size": 8, "checkpoint_every": 10, "log_every": 10,
+              "evaluation": {"every": 0, "tasks": 20, "inner_steps": [1]},
+              "resources": {"workers": 2, "cpus_per_worker": 0.5}, "seed": 4}
+EXAMPLE_PLUGIN = "metaserve-example-plugin"
+
+
+def test_a_plugin_job_runs_on_worker_hosts_that_import_the_plugin(cluster: Cluster):
+    """The example plugin is on the image (here: the virtualenv every host runs, which
+    `make install` gives the plugin as a deployer's image build would, docs/PLUGINS.md): the
+    API lists and validates it, and the job's driver and inner-loop workers, on the worker
+    hosts, import it to sample its tasks and build its network."""
+    families = {entry["name"]: entry for entry in cluster.http("GET", "/v1/task-families").json()}
+    networks = {entry["name"]: entry for entry in cluster.http("GET", "/v1/networks").json()}
+    assert (families["oscillator"]["package"], networks["resmlp"]["package"]) == (
+        EXAMPLE_PLUGIN, EXAMPLE_PLUGIN), "install the example plugin (make install)"
+    job = cluster.submit(PLUGIN_JOB)
+    final = cluster.wait_job(job["id"])
+    assert final["status"] == "succeeded", summary(final)
+    ips = node_ips(cluster)
+    placement = placement_of(final)
+    assert len(placement["workers"]) == 2, placement
+    worker_ips = {cluster.ip("ray-worker-1"), cluster.ip("ray-worker-2")}
+    for placed in [placement["driver"], *placement["workers"]]:
+        assert ips[placed["node"]] in worker_ips, (placed, ips)
+    document = json.loads(cluster.artifact(job["id"], "meta_init.json"))
+    assert [(used["name"], used["package"]) for used in document["plugins"]] == [
+        ("oscillator", EXAMPLE_PLUGIN), ("resmlp", EXAMPLE_PLUGIN)]
+    assert document["architecture"]["name"] == "resmlp"
+    # A Ray worker on each worker host loads the plugin itself (not only the API's process).
+    code = """
+import json, ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+ray.init(address="ray-head:6379", log_to_driver=False)
+
+@ray.remote(num_cpus=0.1)
+def loaded():
+    from metaserve.workers.spec import PLUGINS
+    return sorted(PLUGINS.task_families), sorted(PLUGINS.models)
+
+hosts = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()
+         if n["Alive"] and n["NodeManagerAddress"] in %r}
+print(json.dumps({ip: ray.get(loaded.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+    node, soft=False)).remote(), timeout=120) for node, ip in hosts.items()}))
+""" % sorted(worker_ips)
+    assert cluster.ray_python("dispatcher-1", code) == {
+        ip: [["oscillator"], ["resmlp"]] for ip in worker_ips}
+
+
 def test_a_custom_resource_stands_in_for_gpus(cluster: Cluster):
     """METASERVE_GPU_RESOURCE=gpu_slot: a job asking for one GPU per worker runs on the only
     node with a gpu_slot (ray-worker-2)."""

@@ -226,3 +226,30 @@ def test_loading_a_plugin_artifact_without_the_plugin_names_the_package_to_insta
         f"this artifact uses the task family 'oscillator' of the plugin package "
         f"'{EXAMPLE_PACKAGE}' (version {example_version()}), which is not installed here: "
         f"pip install '{EXAMPLE_PACKAGE}=={example_version()}'")
+
+
+def test_a_spec_naming_a_broken_plugin_says_it_failed_to_load_and_why(
+        tmp_path: Path):
+    """In a process where the plugin is broken (here: its import fails), the spec's error
+    names the package and the reason instead of an unknown name; a broken plugin that
+    reuses a built-in's name leaves the built-in alone."""
+    write_broken_plugins(tmp_path, ["import_error", "sine"])
+    code = """
+import json
+from pydantic import ValidationError
+from metaserve.workers.spec import JobSpec
+try:
+    JobSpec.model_validate({"algorithm": {"name": "maml"}, "task_family": {"name": "import_error"}})
+except ValidationError as error:
+    print(json.dumps([[list(e["loc"]), e["msg"]] for e in error.errors()]))
+print(JobSpec.model_validate({"algorithm": {"name": "maml"}, "task_family": {"name": "sine"}})
+      .task_family.__class__.__module__)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    errors, sine_module = result.stdout.strip().splitlines()
+    assert json.loads(errors) == [[["task_family"], (
+        f"Value error, 'import_error' comes from the plugin package {BROKEN_PACKAGE}, which is "
+        f"installed but could not be loaded here: {BROKEN_ENTRIES['import_error'][2]}")]]
+    assert sine_module == "metaserve.workers.spec"
