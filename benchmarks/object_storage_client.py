@@ -1,4 +1,4 @@
-"""Which S3 client for workers/object_store.py: boto3, fsspec+s3fs or obstore, measured against a
+"""Which S3 client for workers/object_store/s3.py: boto3, fsspec+s3fs or obstore, measured against a
 local moto server (put/get of a 1 MB and a 50 MB file; the small-object round trip = put +
 head + get of 200 bytes, as a checkpoint manifest or an availability check does).
 

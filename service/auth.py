@@ -14,7 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from metaserve.service import store
-from metaserve.service.exceptions import AdminOnly, KeyNotFound, Unauthorized
+from metaserve.service.exceptions import KeyNotFound, Unauthorized
 from metaserve.service.orm import User
 
 KEY_PREFIX = "ms_"

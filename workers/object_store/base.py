@@ -1,29 +1,7 @@
-"""The artifact store: job artifacts and checkpoints on a local directory or on S3.
-
-One client for every host: the server serves downloads and loads meta-initializations from
-it, dispatchers and Ray workers publish checkpoints and artifacts to it and resume from it.
-It takes plain data (:class:`StorageConfig`, picklable, so it travels to Ray actors) and
-imports nothing from ``metaserve.service`` or ``metaserve.api``.
-
-Layout under the root (a directory, or ``s3://bucket/prefix``), the same for both backends::
-
-    <job_id>/meta_init.safetensors                    one object per artifact, written atomically
-    <job_id>/meta_init.json
-    <job_id>/checkpoint/manifest.json                 names the current checkpoint set
-    <job_id>/checkpoint/<version>/checkpoint.safetensors
-    <job_id>/checkpoint/<version>/checkpoint.json
-
-A checkpoint set is published as a whole: its files go under a new version, then the manifest
-is replaced (one atomic write: ``os.replace`` locally, a single PUT on S3), then the previous
-versions are removed. A reader goes through the manifest, so it sees the previous complete
-set or the new one, never a mix; a crash before the manifest write leaves the previous set
-current (and an orphaned version that the next publication removes).
-
-Keys are only ever built from a validated job id (``^[0-9A-Za-z_-]{1,64}$``), a plain file
-name, and a version this module made; nothing a client sends can leave a job's prefix.
-
-The S3 client is obstore (measured against boto3 and s3fs: docs/notes/object-storage-client.md).
-"""
+"""The artifact store's layout and its one publication/reading logic, whatever the backend:
+keys, names and checkpoint manifests (see :mod:`metaserve.workers.object_store`). A backend
+(:mod:`~metaserve.workers.object_store.local`, :mod:`~metaserve.workers.object_store.s3`)
+supplies six primitives: put a file or bytes, get bytes, stream, list, delete keys."""
 
 from __future__ import annotations
 
@@ -34,13 +12,9 @@ import logging
 import os
 import re
 import secrets
-import shutil
-import stat
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -141,16 +115,7 @@ def parse_s3_url(root: str) -> tuple[str, str]:
     return bucket, "/".join(parts)
 
 
-def open_store(config: StorageConfig) -> ArtifactStore:
-    """The backend for ``config.root``: :class:`S3Store` for ``s3://``, else :class:`LocalStore`."""
-    if config.is_s3:
-        return S3Store(config)
-    if "://" in config.root:
-        raise ValueError(f"{config.root!r}: an artifact root is a directory or an s3://bucket/prefix URL")
-    return LocalStore(config)
-
-
-def _version_of(key_parts: list[str]) -> str | None:
+def version_of(key_parts: list[str]) -> str | None:
     return key_parts[2] if len(key_parts) == 4 and VERSION_RE.match(key_parts[2]) else None
 
 
@@ -279,7 +244,7 @@ class ArtifactStore:
         try:
             stale = []
             for key in self._list(f"{job_id}/{CHECKPOINT_DIRECTORY}/"):
-                old = _version_of(key.split("/"))
+                old = version_of(key.split("/"))
                 if old is not None and old != version and (
                         old < version or (previous is not None and old == previous[0])):
                     stale.append(key)
@@ -312,7 +277,7 @@ class ArtifactStore:
             return False
         _, chunks = found
         digest = _Sha256Reader()
-        with _private_file(target) as handle:
+        with private_file(target) as handle:
             for chunk in self._iterate(chunks):
                 digest.update(chunk)
                 handle.write(chunk)
@@ -367,7 +332,7 @@ class ArtifactStore:
             raise self._error(self._describe(error)) from error
 
     def _describe(self, error: BaseException) -> str:
-        return _first_line(f"{type(error).__name__}: {error}")
+        return first_line(f"{type(error).__name__}: {error}")
 
     # -- primitives ------------------------------------------------------------------------
 
@@ -390,13 +355,13 @@ class ArtifactStore:
         raise NotImplementedError
 
 
-def _first_line(text: str) -> str:
+def first_line(text: str) -> str:
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     return (lines[0] if lines else text.strip())[:500]
 
 
 @contextlib.contextmanager
-def _private_file(path: Path) -> Iterator[Any]:
+def private_file(path: Path) -> Iterator[Any]:
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(descriptor, "wb") as handle:
@@ -406,309 +371,3 @@ def _private_file(path: Path) -> Iterator[Any]:
     except BaseException:
         path.unlink(missing_ok=True)
         raise
-
-
-# -- the local backend ---------------------------------------------------------------------
-
-
-class LocalStore(ArtifactStore):
-    """A directory on this host (the embedded default, or a shared mount): files 0600,
-    directories 0700, every write a temporary file + ``os.replace``."""
-
-    def __init__(self, config: StorageConfig):
-        self.config = config
-        self.root = Path(config.root).expanduser().resolve()
-        self.url = self.location = str(self.root)
-
-    def check(self) -> None:
-        try:
-            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-            with tempfile.TemporaryFile(dir=self.root, prefix=".check-"):
-                pass
-        except OSError as error:
-            raise self._error(f"not a writable directory ({error.strerror or error})") from None
-
-    def _path(self, key: str) -> Path:
-        return self.root.joinpath(*key.split("/"))
-
-    def _put_file(self, key: str, path: Path) -> None:
-        target = self._path(key)
-        with contextlib.suppress(FileNotFoundError):
-            if os.path.samefile(path, target):
-                return  # written in place (a runner working in the store's own directory)
-        self._write(target, lambda handle: _copy_into(path, handle))
-
-    def _put_bytes(self, key: str, data: bytes) -> None:
-        self._write(self._path(key), lambda handle: handle.write(data))
-
-    def _write(self, target: Path, fill) -> None:  # noqa: ANN001
-        self._make_dirs(target.parent)
-        temporary = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
-        with _private_file(temporary) as handle:
-            fill(handle)
-        try:
-            os.replace(temporary, target)
-        except BaseException:
-            temporary.unlink(missing_ok=True)
-            raise
-
-    def _make_dirs(self, directory: Path) -> None:
-        missing = []
-        while not directory.exists() and directory != self.root.parent:
-            missing.append(directory)
-            directory = directory.parent
-        for path in reversed(missing):
-            with contextlib.suppress(FileExistsError):
-                path.mkdir(mode=0o700)
-
-    def _open_regular(self, path: Path) -> tuple[int, int] | None:
-        """``(descriptor, size)`` of a regular file that is not a link, or None."""
-        try:
-            descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-            return None
-        except OSError as error:
-            if error.errno == 40:  # ELOOP: a symbolic link is not an artifact
-                return None
-            raise
-        info = os.fstat(descriptor)
-        if not stat.S_ISREG(info.st_mode):
-            os.close(descriptor)
-            return None
-        return descriptor, info.st_size
-
-    def _get_bytes(self, key: str) -> bytes | None:
-        opened = self._open_regular(self._path(key))
-        if opened is None:
-            return None
-        with os.fdopen(opened[0], "rb") as handle:
-            return handle.read()
-
-    def _stream(self, key: str) -> tuple[int, Iterator[bytes]] | None:
-        opened = self._open_regular(self._path(key))
-        if opened is None:
-            return None
-        descriptor, size = opened
-        handle = os.fdopen(descriptor, "rb")
-
-        def chunks() -> Iterator[bytes]:
-            with handle:
-                while chunk := handle.read(CHUNK_BYTES):
-                    yield chunk
-
-        return size, chunks()
-
-    def _list(self, prefix: str) -> list[str]:
-        base = self._path(prefix.rstrip("/"))
-        if not base.is_dir():
-            return []
-        return sorted(path.relative_to(self.root).as_posix() for path in base.rglob("*")
-                      if path.is_file() and not path.is_symlink())
-
-    def _delete_keys(self, keys: list[str]) -> None:
-        for key in keys:
-            self._path(key).unlink(missing_ok=True)
-        for key in keys:  # empty version directories too
-            parent = self._path(key).parent
-            if _version_of(key.split("/")) is not None:
-                with contextlib.suppress(OSError):
-                    parent.rmdir()
-
-    def delete(self, job_id: str) -> None:
-        directory = self._path(check_job_id(job_id))
-        try:
-            shutil.rmtree(directory)
-        except FileNotFoundError:
-            pass
-        except OSError as error:
-            raise self._error(f"deleting job {job_id}: {error.strerror or error}") from None
-
-    # Checkpoints written in place by a runner, as before the store had manifests:
-    # <job_id>/checkpoint/checkpoint.safetensors + checkpoint.json, no manifest.
-
-    def _unversioned_files(self, job_id: str) -> list[Path]:
-        directory = self._path(f"{job_id}/{CHECKPOINT_DIRECTORY}")
-        try:
-            entries = sorted(directory.iterdir())
-        except (FileNotFoundError, NotADirectoryError):
-            return []
-        return [entry for entry in entries if NAME_RE.match(entry.name) and entry.name != MANIFEST_NAME
-                and entry.is_file() and not entry.is_symlink()]
-
-    def _fetch_unversioned_checkpoint(self, job_id: str, directory: Path) -> bool:
-        files = self._unversioned_files(job_id)
-        if not files:
-            return False
-        directory.mkdir(parents=True, exist_ok=True)
-        for path in files:
-            target = directory / path.name
-            with contextlib.suppress(FileNotFoundError):
-                if os.path.samefile(path, target):
-                    continue
-            temporary = directory / f".{path.name}.{secrets.token_hex(4)}.tmp"
-            with _private_file(temporary) as handle:
-                _copy_into(path, handle)
-            os.replace(temporary, target)
-        return True
-
-    def _open_unversioned_checkpoint(self, job_id: str, name: str) -> tuple[int, Iterator[bytes]] | None:
-        if name == MANIFEST_NAME:
-            return None
-        return self._stream(f"{job_id}/{CHECKPOINT_DIRECTORY}/{name}")
-
-
-def _copy_into(path: Path, handle: Any) -> None:
-    with open(path, "rb") as source:
-        shutil.copyfileobj(source, handle, CHUNK_BYTES)
-
-
-# -- the S3 backend ------------------------------------------------------------------------
-
-
-_S3_CODE_RE = re.compile(r"<Code>([^<]+)</Code>")
-_S3_MESSAGE_RE = re.compile(r"<Message>([^<]+)</Message>")
-_STATUS_RE = re.compile(r"status code: (\d{3})")
-_CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidClientTokenId",
-                     "InvalidToken", "ExpiredToken", "AuthorizationHeaderMalformed"}
-
-
-class S3Store(ArtifactStore):
-    """An S3 bucket (AWS, MinIO, Ceph, ... via ``endpoint_url``), through obstore. A single PUT
-    is atomic on S3: an artifact is replaced whole or not at all."""
-
-    def __init__(self, config: StorageConfig):
-        self.config = config
-        self.bucket, self.prefix = parse_s3_url(config.root)
-        self.endpoint = config.endpoint_url or "AWS"
-        where = self.location = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
-        self.url = where if not config.endpoint_url else f"{where} at {config.endpoint_url}"
-        self._store = self._make_store(check=False)
-        self._check_store = self._make_store(check=True)
-
-    def __getstate__(self) -> dict:
-        return {"config": self.config}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__(state["config"])
-
-    def _make_store(self, *, check: bool) -> Any:
-        from obstore.store import S3Store as ObstoreS3
-
-        options: dict[str, Any] = {}
-        if self.config.endpoint_url:
-            options["endpoint"] = self.config.endpoint_url
-        if self.config.access_key_id:
-            options["access_key_id"] = self.config.access_key_id
-            options["secret_access_key"] = self.config.secret_access_key
-        client = {"connect_timeout": f"{CONNECT_TIMEOUT_S:g}s",
-                  "timeout": f"{CHECK_TIMEOUT_S if check else REQUEST_TIMEOUT_S:g}s",
-                  "allow_http": self.config.endpoint_url.startswith("http://")}
-        retry = {"max_retries": 0 if check else TRANSFER_RETRIES,
-                 "backoff": {"init_backoff": timedelta(milliseconds=100),
-                             "max_backoff": timedelta(seconds=5), "base": 2.0},
-                 "retry_timeout": timedelta(seconds=CHECK_TIMEOUT_S if check else RETRY_TIMEOUT_S)}
-        try:
-            return ObstoreS3(self.bucket, prefix=self.prefix or None, region=self.config.region,
-                             client_options=client, retry_config=retry, **options)
-        except Exception as error:  # noqa: BLE001 - a malformed endpoint URL, say
-            raise self._error(self._describe(error)) from None
-
-    def check(self) -> None:
-        """GET of a key that need not exist: 404 NoSuchKey means reachable, authorized and
-        the bucket exists; anything else is the error."""
-        import obstore
-
-        try:
-            obstore.get(self._check_store, ".metaserve-check").bytes()
-        except FileNotFoundError as error:  # NoSuchKey: fine
-            if "NoSuchBucket" in str(error):
-                raise self._error(self._describe(error)) from None
-        except Exception as error:  # noqa: BLE001
-            raise self._error(self._describe(error)) from None
-
-    def _describe(self, error: BaseException) -> str:
-        text = str(error)
-        code = _S3_CODE_RE.search(text)
-        message = _S3_MESSAGE_RE.search(text)
-        status = _STATUS_RE.search(text)
-        if "169.254.169.254" in text:  # no keys given: the instance metadata service was asked
-            cause = f"HTTP {status.group(1)}" if status else _reqwest_cause(text)
-            return f"no credentials: none configured, and none from the instance metadata service ({cause})"
-        detail = f"{code.group(1)}: {message.group(1)}" if code and message else None
-        if code and code.group(1) == "NoSuchBucket":
-            return f"no such bucket {self.bucket!r} ({detail})"
-        if code and code.group(1) in _CREDENTIAL_CODES:
-            return f"wrong credentials ({detail})"
-        if code and code.group(1) == "AccessDenied":
-            return f"access denied ({detail})"
-        if status and status.group(1) == "403":
-            return "access denied (HTTP 403: wrong credentials?)"
-        lowered = text.lower()
-        if "error sending request" in lowered or "connect" in lowered or "dns" in lowered:
-            return f"endpoint unreachable ({_reqwest_cause(text)})"
-        if "timed out" in lowered or "timeout" in lowered:
-            return f"no answer within {CHECK_TIMEOUT_S:g}s (timed out)"
-        if detail:
-            return detail
-        return _first_line(f"{type(error).__name__}: {text}")
-
-    def _put_file(self, key: str, path: Path) -> None:
-        import obstore
-
-        obstore.put(self._store, key, Path(path), chunk_size=PART_BYTES)
-
-    def _put_bytes(self, key: str, data: bytes) -> None:
-        import obstore
-
-        obstore.put(self._store, key, data, use_multipart=False)
-
-    def _get_bytes(self, key: str) -> bytes | None:
-        import obstore
-
-        try:
-            return bytes(obstore.get(self._store, key).bytes())
-        except FileNotFoundError as error:
-            if "NoSuchBucket" in str(error):
-                raise
-            return None
-
-    def _stream(self, key: str) -> tuple[int, Iterator[bytes]] | None:
-        import obstore
-
-        try:
-            result = obstore.get(self._store, key)
-        except FileNotFoundError as error:
-            if "NoSuchBucket" in str(error):
-                raise
-            return None
-        size = int(result.meta["size"])
-
-        def chunks() -> Iterator[bytes]:
-            for chunk in result.stream(min_chunk_size=CHUNK_BYTES):
-                yield bytes(chunk)
-
-        return size, self._iterate(chunks())
-
-    def _list(self, prefix: str) -> list[str]:
-        import obstore
-
-        keys: list[str] = []
-        for batch in obstore.list(self._store, prefix=prefix):
-            keys.extend(entry["path"] for entry in batch)
-        return sorted(keys)
-
-    def _delete_keys(self, keys: list[str]) -> None:
-        import obstore
-
-        obstore.delete(self._store, keys)
-
-
-def _reqwest_cause(text: str) -> str:
-    lowered = text.lower()
-    if "connection refused" in lowered or "kind: connect" in lowered:
-        return "connection refused"
-    if "timed out" in lowered or "timeout" in lowered:
-        return "timed out"
-    if "dns" in lowered:
-        return "name not resolved"
-    return "error sending request"
