@@ -6,7 +6,19 @@ dispatcher off, local artifact store), the server's resident memory sampled ever
 Prints and writes benchmarks/results/upload_memory.json: per repeat the server's resident set
 before the upload, its peak during it (VmHWM, reset per repeat by a fresh server), the growth,
 and the upload's wall time (stream + conversion + store) and rate. The claim checked: growth
-< 64 MiB (the body is streamed to disk and converted member by member, never held whole)."""
+< 64 MiB (the body is streamed to disk and converted member by member, never held whole).
+
+    .venv/bin/python benchmarks/upload_memory.py --tables
+
+Tables and hostile inputs, one after the other to one fresh server (conversion runs in a child
+process, METASERVE_DATASET_CONVERT_MEMORY_BYTES=1 GiB here): a task-grouped CSV and the same
+table as Parquet (200 entities x 40 rows), 1e6 tasks of 1 row (CSV), a Parquet file whose
+footer declares a 10 GiB row group, a 1,000,000-label .npz, and a CSV whose conversion needs
+more than the child's memory. Per upload: HTTP status, error code, the server's RSS before and
+its sampled peak during the upload, the conversion child's sampled peak RSS, and the wall
+time; and the server's VmHWM over the whole run. Written to
+benchmarks/results/upload_memory_tables.json. The claim checked: the server's peak stays
+within 64 MiB of its RSS before the first upload."""
 
 from __future__ import annotations
 
@@ -103,12 +115,183 @@ def run_once(workdir: Path, upload: Path) -> dict:
         log.close()
 
 
+# --------------------------------------------------------------------------- tables, hostile
+
+
+def children_rss_kib(pid: int) -> int:
+    """Resident set of ``pid``'s direct children (the conversion child), 0 when none."""
+    total = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0
+    for task in tasks:
+        try:
+            children = open(f"/proc/{pid}/task/{task}/children").read().split()
+        except OSError:
+            continue
+        for child in children:
+            try:
+                total += status_kib(int(child), "VmRSS")
+            except (OSError, KeyError):
+                pass
+    return total
+
+
+def table_csv(path: Path, entities: int, rows: int) -> None:
+    rng = np.random.default_rng(0)
+    with open(path, "w") as handle:
+        handle.write("entity,t,x1,x2,x3,y\n")
+        for entity in range(entities):
+            a, b = rng.normal(size=2)
+            x = rng.normal(size=(rows, 3))
+            y = a * np.sin(x[:, 0] + b) + x[:, 1] * x[:, 2]
+            handle.writelines(f"e{entity:07d},{t},{x[t, 0]!r},{x[t, 1]!r},{x[t, 2]!r},{y[t]!r}\n"
+                              for t in range(rows))
+
+
+def table_parquet(source: Path, path: Path) -> None:
+    import pyarrow.csv as pa_csv
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa_csv.read_csv(source), path)
+
+
+def declared_10_gib_parquet(path: Path) -> None:
+    """A tiny Parquet file whose footer declares a 10 GiB row group (fastparquet re-encodes
+    the footer)."""
+    import struct
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from fastparquet import ParquetFile
+
+    pq.write_table(pa.table({"entity": ["a", "b"] * 10, "y": list(range(20))}), path)
+    data = path.read_bytes()
+    parsed = ParquetFile(str(path))
+    group = parsed.fmd.row_groups[0]
+    group.total_byte_size = 10 * 2**30
+    for chunk in group.columns:
+        chunk.meta_data.total_uncompressed_size = 10 * 2**30 // len(group.columns)
+    footer = parsed.fmd.to_bytes()
+    (length,) = struct.unpack("<I", data[-8:-4])
+    path.write_bytes(data[:-8 - length] + footer + struct.pack("<I", len(footer)) + b"PAR1")
+
+
+def million_label_npz(path: Path) -> None:
+    np.savez(path, images=np.zeros((1_000_000, 8, 8), np.uint8),
+             labels=np.arange(1_000_000, dtype=np.int64))
+
+
+def wide_csv(path: Path, rows: int, columns: int) -> None:
+    """A table that needs more than 1 GiB to convert: ``rows`` x ``columns`` text numbers."""
+    line = ",".join(["1.25"] * columns) + "\n"
+    with open(path, "w") as handle:
+        handle.write(",".join(f"c{i}" for i in range(columns)) + "\n")
+        for _ in range(rows // 1000):
+            handle.write(line * 1000)
+
+
+def run_hostile(workdir: Path, uploads: list[tuple[str, Path]]) -> dict:
+    port = free_port()
+    env = {**os.environ, "METASERVE_PORT": str(port), "METASERVE_DISPATCHER": "false",
+           "METASERVE_DATASET_CONVERT_MEMORY_BYTES": str(2**30)}
+    env.pop("METASERVE_DATABASE_URL", None)
+    executable = str(Path(sys.executable).with_name("metaserve"))
+    log = (workdir / "server.log").open("a")
+    server = subprocess.Popen([executable, "serve"], cwd=workdir, env=env, stdout=log,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(600):
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        key = (workdir / ".metaserve" / "admin.key").read_text().strip()
+        time.sleep(1.0)
+        first = status_kib(server.pid, "VmRSS")
+        runs = []
+        for name, path in uploads:
+            before = status_kib(server.pid, "VmRSS")
+            peaks = {"server": before, "child": 0}
+            done = threading.Event()
+
+            def sample() -> None:
+                while not done.is_set():
+                    peaks["server"] = max(peaks["server"], status_kib(server.pid, "VmRSS"))
+                    peaks["child"] = max(peaks["child"], children_rss_kib(server.pid))
+                    time.sleep(0.02)
+
+            sampler = threading.Thread(target=sample, daemon=True)
+            sampler.start()
+            started = time.perf_counter()
+            with open(path, "rb") as body:
+                response = httpx.post(f"{url}/v1/datasets", params={"name": name},
+                                      content=body, timeout=900,
+                                      headers={"Authorization": f"Bearer {key}"})
+            elapsed = time.perf_counter() - started
+            done.set()
+            sampler.join()
+            answer = response.json()
+            runs.append({
+                "upload": name, "bytes": path.stat().st_size, "status": response.status_code,
+                "error": (answer.get("error") or {}).get("message"),
+                "usable_for": answer.get("usable_for"),
+                "server_rss_before_mib": before / 1024,
+                "server_rss_peak_mib": peaks["server"] / 1024,
+                "child_rss_peak_mib": peaks["child"] / 1024, "seconds": elapsed})
+            print(json.dumps(runs[-1]))
+        high_water = status_kib(server.pid, "VmHWM")
+        return {"server_rss_first_mib": first / 1024, "server_vmhwm_mib": high_water / 1024,
+                "growth_mib": (high_water - first) / 1024, "uploads": runs}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+def main_tables(args: argparse.Namespace) -> None:
+    scratch = Path(tempfile.mkdtemp(prefix="upload-memory-tables-"))
+    try:
+        files = {name: scratch / name for name in (
+            "panel.csv", "panel.parquet", "one_row_tasks.csv", "declared_10gib.parquet",
+            "million_labels.npz", "needs_more_memory.csv")}
+        table_csv(files["panel.csv"], 200, 40)
+        table_parquet(files["panel.csv"], files["panel.parquet"])
+        table_csv(files["one_row_tasks.csv"], 1_000_000, 1)
+        declared_10_gib_parquet(files["declared_10gib.parquet"])
+        million_label_npz(files["million_labels.npz"])
+        wide_csv(files["needs_more_memory.csv"], 2_000_000, 40)
+        workdir = scratch / "server"
+        workdir.mkdir()
+        result = run_hostile(workdir, list(files.items()))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    result = {"command": " ".join(["benchmarks/upload_memory.py", *sys.argv[1:]]),
+              "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
+              "load_average": os.getloadavg(),
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **result,
+              "claim_server_growth_below_64_mib": result["growth_mib"] < 64}
+    out = args.out or ROOT / "benchmarks/results/upload_memory_tables.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k != "uploads"}, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--megabytes", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/upload_memory.json")
+    parser.add_argument("--tables", action="store_true",
+                        help="tables and hostile inputs to one server (see the docstring)")
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    if args.tables:
+        main_tables(args)
+        return
+    args.out = args.out or ROOT / "benchmarks/results/upload_memory.json"
     scratch = Path(tempfile.mkdtemp(prefix="upload-memory-"))
     try:
         upload = scratch / "big.npz"

@@ -268,3 +268,26 @@ def test_the_workers_read_an_uploaded_dataset_by_id(api, settings, alice_auth) -
     assert batch.support_x.shape == (2, 2, 1, 28, 28)
     assert json.loads((Path(settings.artifact_root) / dataset["id"] / "dataset.json")
                       .read_text())["class_names"] == [str(c) for c in range(6)]
+
+
+@pytest.mark.parametrize(("family", "field", "message"), [
+    ({"ways": 5}, "task_family.ways",
+     "val split has 4 classes; ways=5 needs at least 5: upload more classes or change split "
+     "(27 classes split [0.7, 0.15, 0.15] with split_seed 0)"),
+    ({"ways": 3, "support_shots": 2, "query_shots": 3}, "task_family.support_shots",
+     "train split has 0 classes with at least 5 images (support_shots 2 + query_shots 3); "
+     "ways=3 needs 3: classes have 4 to 4 images; lower the shots or upload more images per "
+     "class"),
+])
+def test_an_image_spec_the_dataset_cannot_serve_is_422_at_submit_and_no_job(
+        api, alice_auth, family, field, message) -> None:  # noqa: ANN001
+    dataset = upload(api, alice_auth, synth.npz_bytes(*synth.shapes(classes=27, per_class=4)))
+    assert dataset.json()["split_sizes"] == {"classes": {"train": 19, "val": 4, "test": 4}}
+    assert dataset.json()["usable_for"] == [
+        "images 4-way with support_shots + query_shots up to 4 (default split)"]
+    response = api.post("/v1/jobs", headers=alice_auth, json={
+        "algorithm": {"name": "maml"},
+        "task_family": {"name": "images", "dataset": dataset.json()["id"], **family}})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["details"] == [{"field": field, "message": message}]
+    assert api.get("/v1/jobs", headers=alice_auth).json()["data"] == []
