@@ -286,6 +286,10 @@ def fetch(
 
 
 def _dataset_line(dataset: dict) -> str:
+    if dataset.get("kind") == "table":
+        meta = dataset.get("meta") or {}
+        return (f"{dataset['id']}  {dataset['name']}  {dataset['format']}  {meta.get('rows', '?'):,} rows"
+                f" of {len(meta.get('columns', []))} columns  {dataset['bytes']:,} bytes")
     shape = "×".join(str(n) for n in dataset["shape"])
     return (f"{dataset['id']}  {dataset['name']}  {dataset['format']}  {dataset['classes']} classes"
             f"  {dataset['images']} images of {shape}  {dataset['bytes']:,} bytes")
@@ -293,22 +297,24 @@ def _dataset_line(dataset: dict) -> str:
 
 @datasets_app.command("upload")
 def datasets_upload(
-    path: Annotated[Path, typer.Argument(help="An .npz (images, labels) or a .zip/.tar of an "
-                                         "ImageFolder or Omniglot tree.")],
+    path: Annotated[Path, typer.Argument(help="An .npz (images, labels), a .zip/.tar of an "
+                                         "ImageFolder or Omniglot tree, or a CSV or Parquet table.")],
     name: Annotated[Optional[str], typer.Option(help="Default: the file name.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the dataset's id, for "
+                                        "DATA=$(metaserve datasets upload -q ...); no progress bar.")] = False,
 ) -> None:
     """Upload a dataset; prints its id (name it in a spec as task_family.dataset)."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
     with ClientErrors(), connect() as client:
         bar = Progress("[bold]upload", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                       disable=not progress)
+                       disable=not progress or quiet)
         with bar:
             task = bar.add_task("upload", total=path.stat().st_size)
             dataset = client.upload_dataset(
                 path, name=name, progress=lambda sent, total: bar.update(task, completed=sent))
-    typer.echo(printable(_dataset_line(dataset)))
+    typer.echo(printable(dataset["id"] if quiet else _dataset_line(dataset)))
 
 
 @datasets_app.command("list")

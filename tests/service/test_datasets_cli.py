@@ -12,10 +12,9 @@ from typer.testing import CliRunner
 from metaserve.cli import app
 from metaserve.client import Client, NotFound
 from tests import synthetic_datasets as synth
-from tests.api.test_events import live_url  # noqa: F401 - the fixture
-from tests.service.test_client_cli import isolated_config, key  # noqa: F401 - fixtures
 
 runner = CliRunner()
+pytestmark = pytest.mark.usefixtures("isolated_config")
 
 
 @pytest.fixture(autouse=True)
@@ -66,3 +65,18 @@ def test_the_sdk_streams_the_file_and_reports_progress(
         with pytest.raises(NotFound):
             client.dataset(dataset["id"])
     assert seen[-1] == (dataset_file.stat().st_size, dataset_file.stat().st_size)
+
+
+def test_the_cli_uploads_a_table_quietly_and_lists_it_by_rows_and_columns(
+        live_url: str, key: str, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001, F811
+    monkeypatch.setenv("METASERVE_URL", live_url)
+    monkeypatch.setenv("METASERVE_API_KEY", key)
+    table = tmp_path / "panel.csv"
+    table.write_text("entity,x,y\n" + "".join(f"e{i % 3},{i},{2 * i + i % 3}\n" for i in range(30)))
+    uploaded = runner.invoke(app, ["datasets", "upload", "-q", str(table)], catch_exceptions=False)
+    assert uploaded.exit_code == 0, uploaded.output
+    dataset_id = uploaded.output.removesuffix("\n")
+    assert dataset_id.startswith("ds_") and len(dataset_id) == 29, uploaded.output
+    listed = runner.invoke(app, ["datasets", "list"], catch_exceptions=False)
+    assert listed.output.strip().splitlines()[-1] == (
+        f"{dataset_id}  panel.csv  csv  30 rows of 3 columns  {table.stat().st_size:,} bytes")
