@@ -11,14 +11,15 @@ and the upload's wall time (stream + conversion + store) and rate. The claim che
     .venv/bin/python benchmarks/upload_memory.py --tables
 
 Tables and hostile inputs, one after the other to one fresh server (conversion runs in a child
-process, METASERVE_DATASET_CONVERT_MEMORY_BYTES=1 GiB here): a task-grouped CSV and the same
+process, METASERVE_DATASET_CONVERT_MEMORY_BYTES=1.5 GiB here): a task-grouped CSV and the same
 table as Parquet (200 entities x 40 rows), 1e6 tasks of 1 row (CSV), a Parquet file whose
 footer declares a 10 GiB row group, a 1,000,000-label .npz, and a CSV whose conversion needs
 more than the child's memory. Per upload: HTTP status, error code, the server's RSS before and
 its sampled peak during the upload, the conversion child's sampled peak RSS, and the wall
 time; and the server's VmHWM over the whole run. Written to
-benchmarks/results/upload_memory_tables.json. The claim checked: the server's peak stays
-within 64 MiB of its RSS before the first upload."""
+benchmarks/results/upload_memory_tables.json. The claims checked: the server's peak stays
+within 64 MiB of its RSS before the first upload, and the hostile uploads raise it by less
+than 16 MiB over its RSS after the first (warm-up) table upload."""
 
 from __future__ import annotations
 
@@ -118,6 +119,9 @@ def run_once(workdir: Path, upload: Path) -> dict:
 # --------------------------------------------------------------------------- tables, hostile
 
 
+CHILD_MEMORY_BYTES = 3 * 2**29  # 1.5 GiB: the child's imports (torch, Arrow) map ~0.6 GiB
+
+
 def children_rss_kib(pid: int) -> int:
     """Resident set of ``pid``'s direct children (the conversion child), 0 when none."""
     total = 0
@@ -184,7 +188,8 @@ def million_label_npz(path: Path) -> None:
 
 
 def wide_csv(path: Path, rows: int, columns: int) -> None:
-    """A table that needs more than 1 GiB to convert: ``rows`` x ``columns`` text numbers."""
+    """A table that needs more memory to convert than the child has: ``rows`` x ``columns``
+    text numbers."""
     line = ",".join(["1.25"] * columns) + "\n"
     with open(path, "w") as handle:
         handle.write(",".join(f"c{i}" for i in range(columns)) + "\n")
@@ -195,7 +200,7 @@ def wide_csv(path: Path, rows: int, columns: int) -> None:
 def run_hostile(workdir: Path, uploads: list[tuple[str, Path]]) -> dict:
     port = free_port()
     env = {**os.environ, "METASERVE_PORT": str(port), "METASERVE_DISPATCHER": "false",
-           "METASERVE_DATASET_CONVERT_MEMORY_BYTES": str(2**30)}
+           "METASERVE_DATASET_CONVERT_MEMORY_BYTES": str(CHILD_MEMORY_BYTES)}
     env.pop("METASERVE_DATABASE_URL", None)
     executable = str(Path(sys.executable).with_name("metaserve"))
     log = (workdir / "server.log").open("a")
@@ -244,8 +249,12 @@ def run_hostile(workdir: Path, uploads: list[tuple[str, Path]]) -> dict:
                 "child_rss_peak_mib": peaks["child"] / 1024, "seconds": elapsed})
             print(json.dumps(runs[-1]))
         high_water = status_kib(server.pid, "VmHWM")
+        warm = runs[1]["server_rss_before_mib"]  # after one table upload: first-use imports done
+        hostile_peak = max(run["server_rss_peak_mib"] for run in runs[2:])
         return {"server_rss_first_mib": first / 1024, "server_vmhwm_mib": high_water / 1024,
-                "growth_mib": (high_water - first) / 1024, "uploads": runs}
+                "growth_mib": (high_water - first) / 1024,
+                "server_rss_after_warmup_mib": warm,
+                "hostile_growth_over_warmup_mib": hostile_peak - warm, "uploads": runs}
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -263,7 +272,7 @@ def main_tables(args: argparse.Namespace) -> None:
         table_csv(files["one_row_tasks.csv"], 1_000_000, 1)
         declared_10_gib_parquet(files["declared_10gib.parquet"])
         million_label_npz(files["million_labels.npz"])
-        wide_csv(files["needs_more_memory.csv"], 2_000_000, 40)
+        wide_csv(files["needs_more_memory.csv"], 3_000_000, 40)
         workdir = scratch / "server"
         workdir.mkdir()
         result = run_hostile(workdir, list(files.items()))
@@ -273,7 +282,8 @@ def main_tables(args: argparse.Namespace) -> None:
               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
               "load_average": os.getloadavg(),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **result,
-              "claim_server_growth_below_64_mib": result["growth_mib"] < 64}
+              "claim_server_growth_below_64_mib": result["growth_mib"] < 64,
+              "claim_hostile_growth_below_16_mib": result["hostile_growth_over_warmup_mib"] < 16}
     out = args.out or ROOT / "benchmarks/results/upload_memory_tables.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

@@ -166,7 +166,9 @@ BAD_TABLES = {
 }
 
 
-@pytest.mark.parametrize("case", list(BAD_TABLES))
+@pytest.mark.parametrize("case", [
+    pytest.param(case, marks=pytest.mark.slow) if case == "1e6 tasks of 1 row" else case
+    for case in BAD_TABLES])
 def test_a_bad_table_is_refused_naming_the_problem_and_nothing_is_stored(
         api, settings, alice_auth, case) -> None:  # noqa: ANN001
     body, code, message = BAD_TABLES[case]
@@ -182,6 +184,7 @@ def test_a_bad_table_is_refused_naming_the_problem_and_nothing_is_stored(
     assert nothing_stored(api, settings, alice_auth)
 
 
+@pytest.mark.dialects  # the names travel in a JSON column: PostgreSQL's too
 def test_sql_and_html_column_names_are_data(api, settings, alice_auth) -> None:  # noqa: ANN001
     columns = panel(entities=30, rows=12)
     columns = {"entity": columns["entity"], SQL_NAME: columns["x1"], HTML_NAME: columns["y"]}

@@ -272,6 +272,14 @@ def split_positions(tasks: int, split: Sequence[float], split_seed: int) -> dict
             in split_classes(tasks, fractions, split_seed).items()}
 
 
+def split_totals(tasks: int, split: Sequence[float]) -> dict[str, int]:
+    """How many of ``tasks`` each split gets: :func:`split_positions`' cut points, without
+    drawing the permutation (which a million classes would make a large allocation)."""
+    train_end = round(float(split[0]) * tasks)
+    val_end = round((float(split[0]) + float(split[1])) * tasks)
+    return {"train": train_end, "val": val_end - train_end, "test": tasks - val_end}
+
+
 def split_task_ids(task_ids: Sequence[Any] | np.ndarray, split: Sequence[float],
                    split_seed: int) -> dict[str, np.ndarray]:
     """The distinct ``task_ids`` (any order, repeats allowed) of each split, by task id, never
@@ -287,9 +295,9 @@ def split_task_counts(group: Mapping[str, Any], split: Sequence[float], split_se
     column's ``groups`` entry. Exact where ``rows_per_task`` is listed; else the tasks
     qualifying are the split's share of those qualifying in the histogram (``exact`` False)."""
     tasks = int(group["tasks"])
-    positions = split_positions(tasks, split, split_seed)
-    totals = {name: len(p) for name, p in positions.items()}
+    totals = split_totals(tasks, split)
     if "rows_per_task" in group:
+        positions = split_positions(tasks, split, split_seed)
         rows = np.asarray(group["rows_per_task"], dtype=np.int64)
         return totals, {name: int((rows[p] >= min_rows).sum())
                         for name, p in positions.items()}, True

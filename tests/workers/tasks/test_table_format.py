@@ -13,6 +13,7 @@ from metaserve.workers.tasks.fewshot import split_classes
 from metaserve.workers.tasks.table_format import (TABLE_JSON, TABLE_TENSORS, CategoryColumn,
                                                   check_table_spec, read_canonical_table,
                                                   split_task_counts, split_task_ids,
+                                                  split_totals,
                                                   write_canonical_table)
 
 DATASET = "ds_" + "0" * 26
@@ -96,6 +97,13 @@ def test_split_task_ids_is_the_class_split_of_the_sorted_distinct_ids():
     assert sorted(np.concatenate(list(splits.values()))) == list(distinct)
     shuffled = split_task_ids(ids[::-1], (0.5, 0.25, 0.25), 3)
     assert all((shuffled[n] == splits[n]).all() for n in splits)
+
+
+@pytest.mark.parametrize("tasks", [0, 1, 7, 10, 33, 200])
+def test_split_totals_are_the_sizes_of_the_split(tasks):
+    for split in ((0.7, 0.15, 0.15), (0.5, 0.25, 0.25), (1.0, 0.0, 0.0)):
+        assert split_totals(tasks, split) == {
+            name: len(ids) for name, ids in split_classes(tasks, split, 0).items()}
 
 
 def test_split_task_counts_exact_and_estimated():
