@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sqlalchemy import create_engine, insert, text  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
-from metaserve.service import jobs, store  # noqa: E402
+from metaserve.service import jobs  # noqa: E402
 from metaserve.service.db import make_engine, session_factory  # noqa: E402
 from metaserve.service.ids import new_id  # noqa: E402
 from metaserve.service.orm import Base, Job, JobStatusEvent, User, utcnow  # noqa: E402
@@ -64,7 +64,8 @@ def fill(sessions, users: int, jobs_per_user: int) -> None:  # noqa: ANN001
 
 
 def baseline_claim(commit: str):  # noqa: ANN201
-    """``claim_next_job`` of service/store.py at ``commit``, run in a transaction."""
+    """``claim_next_job`` of service/store.py at ``commit`` (before the claim moved to
+    service/claims.py), run in a transaction."""
     source = subprocess.run(["git", "show", f"{commit}:service/store.py"], check=True,
                             capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parents[1]).stdout

@@ -160,10 +160,11 @@ def runner_wall_tasks_per_s(spec: dict) -> float:
     for segments, which no longer includes what overlaps the worker's next segment.)"""
     from metaserve.workers.engine.loop import RunHooks
     from metaserve.workers.registry import run_job
+    from metaserve.workers.spec import JobSpec
 
     marks: list[tuple[float, int]] = []
     with tempfile.TemporaryDirectory() as directory:
-        run_job(spec, Path(directory), RunHooks(progress=lambda progress: marks.append(
+        run_job(JobSpec.model_validate(spec), Path(directory), RunHooks(progress=lambda progress: marks.append(
             (time.perf_counter(), progress["iteration"]))))
     (first_time, first_iteration), (last_time, last_iteration) = marks[0], marks[-1]
     return round((last_iteration - first_iteration) * spec["meta_batch_size"]
@@ -233,6 +234,7 @@ def scaling(iterations: int) -> dict:
 
     from metaserve.workers.engine.loop import RunHooks
     from metaserve.workers.registry import run_job
+    from metaserve.workers.spec import JobSpec
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     results, loads = {}, []
@@ -242,7 +244,8 @@ def scaling(iterations: int) -> dict:
                     "resources": {"workers": workers, "cpus_per_worker": 1}}
             progress: list[dict] = []
             with tempfile.TemporaryDirectory() as directory:
-                run_job(spec, Path(directory), RunHooks(progress=progress.append))
+                run_job(JobSpec.model_validate(spec), Path(directory),
+                        RunHooks(progress=progress.append))
             rate = progress[-1]["tasks_per_s"]
             results.setdefault(workers, []).append(rate)
             loads.append(round(os.getloadavg()[0], 2))

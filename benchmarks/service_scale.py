@@ -219,7 +219,7 @@ def claims(url: str, limit: int) -> dict:
 
 def measure(server: ServerProcess, url: str, users: list[tuple[int, str]], args: argparse.Namespace,
             big_job: dict | None) -> dict:
-    from metaserve.service.store import encode_cursor
+    from metaserve.service.job_store import encode_cursor
 
     pid = server.process.pid
     submitter_key = users[0][1]

@@ -17,7 +17,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from metaserve.service import artifacts, store
+from metaserve.service import artifacts, job_store
 from metaserve.service.exceptions import (AdaptDiverged, AdaptInputTooLarge, ArtifactNotFound,
                                           InvalidAdaptInput, MetaInitNotReady, NotAdaptable)
 from metaserve.service.jobs import Transaction
@@ -110,8 +110,8 @@ def get_adaptable_job(*, session: Session, job_id: str,
     records by name (409 otherwise, and for a meta-RL job whatever its status, saying what to
     use instead; another user's job: JobNotFound)."""
     with Transaction(session):
-        job = store.get_job(session=session, job_id=job_id, owner=owner)
-        records = {a.name: a for a in store.list_artifacts(session=session, job_id=job_id)}
+        job = job_store.get_job(session=session, job_id=job_id, owner=owner)
+        records = {a.name: a for a in job_store.list_artifacts(session=session, job_id=job_id)}
     if JobSpec.model_validate(job.spec).is_rl:  # its artifact is a meta_policy
         algorithm, family = job.spec["algorithm"]["name"], job.spec["task_family"]["name"]
         raise NotAdaptable(

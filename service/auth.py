@@ -13,7 +13,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from metaserve.service import store
+from metaserve.service import job_store
 from metaserve.service.exceptions import KeyNotFound, Unauthorized
 from metaserve.service.orm import User
 
@@ -35,7 +35,7 @@ def hash_key(key: str) -> str:
 def create_key(*, session: Session, name: str, is_admin: bool = False) -> tuple[User, str]:
     """Create a user with a fresh key; returns the user and the key (shown once, never stored)."""
     key = generate_key()
-    user = store.create_user(session=session, name=name, key_hash=hash_key(key), is_admin=is_admin)
+    user = job_store.create_user(session=session, name=name, key_hash=hash_key(key), is_admin=is_admin)
     session.commit()
     return user, key
 
@@ -44,7 +44,7 @@ def is_revoked(user: User) -> bool:
     return user.key_hash.startswith(REVOKED_PREFIX)
 
 
-# Key administration. The SQL is here rather than in service/store.py: it touches only the
+# Key administration. The SQL is here rather than in service/job_store.py: it touches only the
 # users table, and only these three functions do.
 
 def list_keys(*, session: Session) -> list[User]:
@@ -83,7 +83,7 @@ def rotate_key(*, session: Session, user_id: int) -> tuple[User, str]:
 def authenticate(*, session: Session, key: str | None) -> User:
     if not key:
         raise Unauthorized()
-    user = store.get_user_by_key_hash(session=session, key_hash=hash_key(key))
+    user = job_store.get_user_by_key_hash(session=session, key_hash=hash_key(key))
     if user is None:
         raise Unauthorized()
     return user
@@ -134,7 +134,7 @@ class KeyCache:
 def ensure_admin_key(*, session: Session, path: Path) -> Path | None:
     """With no user in the database, create an admin key and write it to ``path`` (mode 0600).
     Returns the path when a key was written, None when users already existed."""
-    if store.count_users(session=session) > 0:
+    if job_store.count_users(session=session) > 0:
         return None
     _, key = create_key(session=session, name="admin", is_admin=True)
     path.parent.mkdir(parents=True, exist_ok=True)

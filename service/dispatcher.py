@@ -6,9 +6,10 @@ atomic and a job runs only where its lease is held. This is the only server-side
 that imports ``ray``.
 
 Per job: a watch thread renews the lease every ``heartbeat_s`` and looks for a cancel
-request every second, a writer thread moves metrics, progress and artifact records to the
-database in batches off the training thread, and the training thread runs
-:func:`metaserve.workers.registry.run_job`. If this process dies the lease expires and another
+request every second, a writer thread moves the events of the job (and of the jobs it starts:
+a sweep's trials) to the database in batches off the training thread, and the job's thread
+runs its :class:`~metaserve.workers.supervisor.JobSupervisor` actor, whatever the job's kind
+(:mod:`metaserve.workers.registry`). If this process dies the lease expires and another
 dispatcher resumes the job from its last checkpoint with ``attempt + 1``.
 """
 
@@ -17,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
 import socket
 import threading
 import time
@@ -25,19 +25,17 @@ import uuid
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from metaserve.service import jobs
-from metaserve.service import job_logs
-from metaserve.service import sweeps
-from metaserve.service import telemetry
+from metaserve.service import job_runs, job_store, jobs, telemetry
 from metaserve.service.exceptions import LeaseLost, MetaserveError
 from metaserve.service.orm import JobStatus
 from metaserve.service.ray_cluster import connect_ray
+from metaserve.service.run_events import RunEventWriter
 from metaserve.service.settings import Settings
-from metaserve.workers.object_store import ArtifactFile, StorageError
+from metaserve.workers.job_run import JobRun
+from metaserve.workers.object_store import StorageError
 
 logger = logging.getLogger(__name__)
 
@@ -110,111 +108,16 @@ def readable_error(error: BaseException) -> str:
 
 @dataclass
 class _Running:
-    job_id: str
+    run: JobRun
     thread: threading.Thread
-    attempt: int = 0
     stop: threading.Event = field(default_factory=threading.Event)
     lease_lost: threading.Event = field(default_factory=threading.Event)
-    sweep: dict[str, Any] | None = None  # the job drives this sweep (service.sweeps.driver_sweep)
-    cancelling_trials: frozenset[str] = frozenset()  # its trial jobs asked to stop
+    children: set[str] = field(default_factory=set)  # jobs it started (a sweep's trials)
+    cancelling_children: frozenset[str] = frozenset()  # of those, the ones asked to stop
 
-
-class _Writer:
-    """Moves metrics, progress and artifact records to the database off the training thread."""
-
-    def __init__(self, dispatcher: "Dispatcher", job_id: str):
-        self.dispatcher, self.job_id = dispatcher, job_id
-        self.attempt = 0
-        self.queue: queue.Queue = queue.Queue()
-        self.progress: dict[str, Any] = {}
-        self.placement: dict[str, Any] | None = None
-        self.written = 0  # events written to the database so far
-        self.sweep: dict[str, Any] | None = None  # a sweep's driver: its trials' events too
-        self.on_written: Callable[[int], None] = lambda count: None
-        self.thread = threading.Thread(target=self._run, name=f"writer-{job_id}", daemon=True)
-        self.failure: BaseException | None = None
-        self.thread.start()
-
-    def put(self, kind: str, payload: Any) -> None:
-        self.queue.put((kind, payload))
-
-    def log(self, level: str, message: str) -> None:
-        """A line of the dispatcher's own in the job's log (not one of the driver's events,
-        so not counted in :attr:`written`)."""
-        self.put("dispatcher_logs", [{"time": time.time(), "level": level, "source": "dispatcher",
-                           "message": message}])
-
-    def close(self) -> None:
-        """Write everything queued so far, then stop."""
-        self.queue.put(None)
-        self.thread.join()
-        if self.failure is not None:
-            raise self.failure
-
-    def _run(self) -> None:
-        while True:
-            item = self.queue.get()
-            items = [item]
-            while True:  # batch what is already there
-                try:
-                    items.append(self.queue.get_nowait())
-                except queue.Empty:
-                    break
-            done = any(entry is None for entry in items)
-            batch = [entry for entry in items if entry is not None]
-            try:
-                self._write(batch)
-                self.written += sum(kind != "dispatcher_logs" for kind, _ in batch)
-                if batch:
-                    self.on_written(self.written)
-            except BaseException as error:  # noqa: BLE001 - reported by close()
-                logger.exception("writing job records failed", extra={"job_id": self.job_id})
-                self.failure = error
-            if done:
-                return
-
-    def _write(self, items: list[tuple[str, Any]]) -> None:
-        rows: list[tuple[int, str, float]] = []
-        progress_changed = False
-        files: dict[str, ArtifactFile] = {}
-        records: list[dict[str, Any]] = []
-        trial_events: list[tuple[str, Any]] = []
-        for kind, payload in items:
-            if kind.startswith("trial_"):
-                trial_events.append((kind, payload))
-            elif kind == "metrics":
-                step, values = payload
-                rows.extend((step, name, float(value)) for name, value in values.items())
-            elif kind == "progress":
-                self.progress, progress_changed = dict(payload), True
-            elif kind == "placement":
-                self.placement, progress_changed = payload, True
-            elif kind == "files":
-                files.update({file.name: file for file in payload})
-            elif kind in ("logs", "dispatcher_logs"):
-                records.extend(payload)
-        job_id, worker_id = self.job_id, self.dispatcher.worker_id
-        with self.dispatcher.session_factory() as session:
-            if records:  # best effort: a log that cannot be written never fails the job
-                try:
-                    job_logs.add_log_records(session=session, job_id=job_id,
-                                             attempt=self.attempt, records=records)
-                except Exception:  # noqa: BLE001
-                    logger.exception("writing the job's log failed", extra={"job_id": job_id})
-            if trial_events:
-                sweeps.record_trial_events(session=session, sweep=self.sweep, events=trial_events)
-                session.commit()
-            if rows:
-                jobs.add_metrics(session=session, job_id=job_id, rows=rows)
-            for file in files.values():
-                jobs.add_artifact(session=session, job_id=job_id, name=file.name, size=file.size,
-                                  sha256=file.sha256, media_type=file.media_type)
-            if progress_changed:
-                progress = dict(self.progress)
-                if self.placement is not None:
-                    progress["placement"] = self.placement
-                jobs.update_progress(session=session, job_id=job_id, worker_id=worker_id,
-                                     progress=progress, message="")
+    @property
+    def job_id(self) -> str:
+        return self.run.job_id
 
 
 class Dispatcher:
@@ -332,14 +235,13 @@ class Dispatcher:
                                       max_running_per_user=self.settings.max_running_jobs_per_user)
             if job is None:
                 return False
-            job_id, spec, attempt = job.id, dict(job.spec), job.attempt
-            sweep = sweeps.driver_sweep(session=session, job_id=job_id, settings=self.settings)
-        logger.info("claimed job", extra={"job_id": job_id, "attempt": attempt})
-        if (job.message or "").startswith("reclaimed after"):  # store._reclaim's message
+            run = job_runs.job_run(session=session, job=job, settings=self.settings)
+        logger.info("claimed job", extra={"job_id": run.job_id, "attempt": run.attempt})
+        if (job.message or "").startswith("reclaimed after"):  # claims._reclaim's message
             telemetry.LEASE_EXPIRIES.inc()
-        running = _Running(job_id=job_id, attempt=attempt, sweep=sweep, thread=threading.Thread(
-            target=self._execute, args=(job_id, spec), name=f"job-{job_id}", daemon=True))
-        self._running[job_id] = running
+        running = _Running(run=run, thread=threading.Thread(
+            target=self._execute, args=(run.job_id,), name=f"job-{run.job_id}", daemon=True))
+        self._running[run.job_id] = running
         running.thread.start()
         return True
 
@@ -360,10 +262,9 @@ class Dispatcher:
                         telemetry.LEASE_RENEWALS.inc()
                     else:
                         status = jobs.job_status(session=session, job_id=running.job_id)
-                if running.sweep is not None:
-                    with self.session_factory() as session:
-                        running.cancelling_trials = sweeps.cancelling_trials(
-                            session=session, sweep=running.sweep)
+                    if running.children:  # jobs it started whose owner cancelled them
+                        running.cancelling_children = frozenset(job_store.cancelling_children(
+                            session=session, parent_job_id=running.job_id))
                 if status is JobStatus.CANCELLING:
                     running.stop.set()
             except LeaseLost:
@@ -376,18 +277,17 @@ class Dispatcher:
                 logger.exception("lease renewal failed", extra={"job_id": running.job_id})
                 telemetry.LEASE_RENEWAL_FAILURES.inc()
 
-    def _execute(self, job_id: str, spec: dict) -> None:
+    def _execute(self, job_id: str) -> None:
         running = self._running[job_id]
         done = threading.Event()
         watcher = threading.Thread(target=self._watch, args=(running, done),
                                    name=f"watch-{job_id}", daemon=True)
         watcher.start()
-        writer = _Writer(self, job_id)
-        writer.attempt = running.attempt
-        writer.sweep = running.sweep
-        outcome, detail = self._supervise(running, spec, writer)
+        writer = RunEventWriter(self.session_factory, self.worker_id, job_id,
+                                running.run.attempt, running.children)
+        outcome, detail = self._supervise(running, writer)
         if outcome in (Outcome.FAILED, Outcome.RETRY):
-            writer.log("ERROR", f"attempt {running.attempt} {outcome.value}: {detail}")
+            writer.log("ERROR", f"attempt {running.run.attempt} {outcome.value}: {detail}")
         try:
             writer.close()
         except Exception as error:  # noqa: BLE001
@@ -398,39 +298,28 @@ class Dispatcher:
         watcher.join()
         self._settle(running, outcome, detail)
 
-    def _supervise(self, running: _Running, spec: dict,
-                   writer: _Writer) -> tuple["Outcome", str | None]:
+    def _supervise(self, running: _Running, writer: RunEventWriter) -> tuple["Outcome", str | None]:
         """Run the job in its supervisor actor, forwarding its events to ``writer``, until it
         ends or ``running.stop`` is set (cancel, lost lease, shutdown)."""
         import ray
         from ray.exceptions import RayActorError, RayTaskError
 
-        from metaserve.workers.runner import JobCancelled, Unschedulable
+        from metaserve.workers.exceptions import JobCancelled, Unschedulable
+        from metaserve.workers.registry import job_kind
         from metaserve.workers.supervisor import start_supervisor
 
-        supervisor = None
+        run, supervisor = running.run, None
         try:
-            from metaserve.workers.cost import estimate
-
-            memory = max(self.settings.driver_memory_mb * 2**20, estimate(spec).driver_bytes)
-            if running.sweep is not None:  # the sweep's Ray Tune driver (workers/sweep.py)
-                from metaserve.workers.sweep import start_sweep_supervisor
-
-                supervisor = start_sweep_supervisor(
-                    running.sweep, self.settings.storage_config(), self._run_options(),
-                    memory_bytes=max(memory, self.settings.sweep_driver_memory_mb * 2**20),
-                    should_stop=running.stop.is_set)
-            else:
-                supervisor = start_supervisor(
-                    running.job_id, spec, self.settings.storage_config(), self._run_options(),
-                    memory_bytes=memory, should_stop=running.stop.is_set)
-            writer.log("INFO", f"attempt {running.attempt} started (dispatcher {self.worker_id})")
-            runtime_limit = spec.get("max_runtime_s") or self.settings.max_runtime_s
+            supervisor = start_supervisor(run, self.settings.storage_config(), self._run_options(),
+                                          should_stop=running.stop.is_set)
+            writer.log("INFO", f"attempt {run.attempt} started (dispatcher {self.worker_id})")
+            runtime_limit = run.spec.max_runtime_s or self.settings.max_runtime_s
+            stops_at_once = job_kind(run).stops_at_once
             started = time.monotonic()
             writer.on_written = supervisor.recorded.remote
             events = supervisor.run.remote()
             stop_requested_at: float | None = None
-            stopped_trials: frozenset[str] = frozenset()
+            stopped_children: frozenset[str] = frozenset()
             heartbeat_at = 0.0
             while True:
                 if time.monotonic() - started > runtime_limit:
@@ -439,11 +328,9 @@ class Dispatcher:
                 if time.monotonic() - heartbeat_at >= SUPERVISOR_HEARTBEAT_S:
                     supervisor.heartbeat.remote()
                     heartbeat_at = time.monotonic()
-                if running.stop.is_set() and running.sweep is not None:
-                    # A sweep stops at once: killing its driver (the finally below) ends its
-                    # trial actors too; the next attempt resumes from Tune's saved state.
-                    return Outcome.STOPPED, None
                 if running.stop.is_set():
+                    if stops_at_once:  # killed by the finally below (registry.JobKind says why)
+                        return Outcome.STOPPED, None
                     if stop_requested_at is None:
                         stop_requested_at = time.monotonic()
                         supervisor.stop.remote()
@@ -452,9 +339,9 @@ class Dispatcher:
                 if writer.failure is not None:  # the driver would wait for it forever
                     return Outcome.RETRY, ("could not record the job's events: "
                                            f"{readable_error(writer.failure)}")
-                if running.cancelling_trials - stopped_trials:  # a trial job was cancelled
-                    stopped_trials = running.cancelling_trials
-                    supervisor.stop_trials.remote(sorted(stopped_trials))
+                if running.cancelling_children - stopped_children:
+                    stopped_children = running.cancelling_children
+                    supervisor.stop_jobs.remote(sorted(stopped_children))
                 ready, _ = ray.wait([events], timeout=EVENT_POLL_S)
                 if not ready:
                     continue
@@ -462,8 +349,7 @@ class Dispatcher:
                     ref = next(events)
                 except StopIteration:
                     return Outcome.SUCCEEDED, None
-                kind, payload = ray.get(ref)
-                writer.put(kind, payload)
+                writer.put(*ray.get(ref))
         except JobCancelled:
             return Outcome.STOPPED, None
         except Unschedulable as reason:
@@ -512,9 +398,6 @@ class Dispatcher:
                 else:
                     jobs.fail_attempt(session=session, job_id=job_id, worker_id=self.worker_id,
                                       error=detail or "failed", retry=outcome is Outcome.RETRY)
-            if running.sweep is not None:  # a sweep that ended ends its unfinished trials
-                with self.session_factory() as session:
-                    sweeps.settle_trials(session=session, sweep=running.sweep)
             logger.info("job settled", extra={"job_id": job_id, "outcome": outcome.value})
         except (LeaseLost, MetaserveError):
             logger.warning("job changed hands before it settled", extra={"job_id": job_id})

@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from metaserve.service import store
+from metaserve.service import job_store
 from metaserve.service.exceptions import InvalidEventId
 from metaserve.service.jobs import Transaction
 from metaserve.service.orm import Job, JobStatus, JobStatusEvent, Metric, User
@@ -74,7 +74,7 @@ def poll_job_events(*, session: Session, job_id: str, owner: User,
     (then the list ends with its terminal status and the stream is complete). Another user's
     job raises :class:`~metaserve.service.exceptions.JobNotFound`."""
     with Transaction(session):
-        job = store.get_job(session=session, job_id=job_id, owner=owner)
+        job = job_store.get_job(session=session, job_id=job_id, owner=owner)
         progress = dict(job.progress or {})
         changes = list(session.scalars(
             select(JobStatusEvent).where(JobStatusEvent.job_id == job_id,

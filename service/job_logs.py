@@ -17,7 +17,7 @@ from typing import Any, Sequence
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from metaserve.service import store
+from metaserve.service import job_store
 from metaserve.service.jobs import Transaction
 from metaserve.service.orm import JobLogLine, JobStatus, User
 
@@ -97,7 +97,7 @@ def read_logs(*, session: Session, job_id: str, owner: User, after: int = 0,
     before it settles the job)."""
     limit = max(1, min(limit, MAX_LOG_PAGE))
     with Transaction(session):
-        job = store.get_job_row(session=session, job_id=job_id, owner=owner)
+        job = job_store.get_job_row(session=session, job_id=job_id, owner=owner)
         status = job.status
         first = session.scalar(select(func.min(JobLogLine.seq))
                                .where(JobLogLine.job_id == job_id))

@@ -1,19 +1,18 @@
 """The service layer: validates, calls the store, owns the transaction (commit on success,
-rollback on error). The API routes and the dispatcher call these, never :mod:`metaserve.service.store`
+rollback on error). The API routes and the dispatcher call these, never :mod:`metaserve.service.job_store`
 directly for writes."""
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 from typing import Any, Callable, Sequence, TypeVar
 
 from sqlalchemy import Row, Select, bindparam, select
 from sqlalchemy.orm import Session
 
-from metaserve.service import store
+from metaserve.service import claims, job_store
 from metaserve.service.exceptions import ArtifactNotFound
+from metaserve.service.job_store import spec_hash
 from metaserve.service.orm import Artifact, Job, JobStatus, Metric, User
 from metaserve.service.settings import QUOTA_RETRY_AFTER_S
 from metaserve.workers.spec import JobSpec
@@ -24,12 +23,6 @@ T = TypeVar("T")
 def canonical_spec(spec: JobSpec) -> dict[str, Any]:
     """The validated spec with every default filled in, as plain JSON data."""
     return spec.model_dump(mode="json")
-
-
-def spec_hash(spec: dict[str, Any]) -> str:
-    """sha256 of the canonical JSON (sorted keys, no whitespace) of a spec."""
-    text = json.dumps(spec, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def default_job_name(spec: JobSpec) -> str:
@@ -74,38 +67,38 @@ def submit_job(*, session: Session, owner: User, spec: JobSpec,
     and store nothing; a replay of an existing job still returns it."""
     data = canonical_spec(spec)
     with Transaction(session):
-        return store.create_job(session=session, owner=owner, name=default_job_name(spec),
+        return job_store.create_job(session=session, owner=owner, name=default_job_name(spec),
                                 spec=data, spec_hash=spec_hash(data),
                                 max_attempts=spec.max_attempts, idempotency_key=idempotency_key,
                                 max_queued=max_queued, retry_after_s=retry_after_s)
 
 
-get_job = _in_transaction(store.get_job_row)
-list_jobs = _in_transaction(store.list_jobs)
-request_cancel = _in_transaction(store.request_cancel)
+get_job = _in_transaction(job_store.get_job_row)
+list_jobs = _in_transaction(job_store.list_jobs)
+request_cancel = _in_transaction(job_store.request_cancel)
 
 
 # --------------------------------------------------------------------------- dispatcher API
 
 
-claim_next_job = _in_transaction(store.claim_next_job)
-expire_leases = _in_transaction(store.expire_leases)
+claim_next_job = _in_transaction(claims.claim_next_job)
+expire_leases = _in_transaction(job_store.expire_leases)
 
 
 def job_status(*, session: Session, job_id: str) -> JobStatus:
     with Transaction(session):
-        return JobStatus(store.job_status(session=session, job_id=job_id))
+        return JobStatus(job_store.job_status(session=session, job_id=job_id))
 
 
-renew_lease = _in_transaction(store.renew_lease)
-update_progress = _in_transaction(store.update_progress)
-release_job = _in_transaction(store.release_job)
-finish_job = _in_transaction(store.finish_job)
-fail_attempt = _in_transaction(store.fail_attempt)
-add_metrics = _in_transaction(store.add_metrics)
-get_metrics = _in_transaction(store.get_metrics)
-add_artifact = _in_transaction(store.add_artifact)
-list_artifacts = _in_transaction(store.list_artifacts)
+renew_lease = _in_transaction(job_store.renew_lease)
+update_progress = _in_transaction(job_store.update_progress)
+release_job = _in_transaction(job_store.release_job)
+finish_job = _in_transaction(job_store.finish_job)
+fail_attempt = _in_transaction(job_store.fail_attempt)
+add_metrics = _in_transaction(job_store.add_metrics)
+get_metrics = _in_transaction(job_store.get_metrics)
+add_artifact = _in_transaction(job_store.add_artifact)
+list_artifacts = _in_transaction(job_store.list_artifacts)
 
 
 # --------------------------------------------------------------------------- metrics, artifacts (API)
@@ -160,7 +153,7 @@ def get_metrics_page(*, session: Session, job_id: str, owner: User, name: str | 
         rows = session.execute(_metrics_statement(**filters, after=since_step is not None,
                                                   one_step=False), parameters).all()
         if not rows:  # none yet, or no such job of the caller's: which one
-            store.get_job_row(session=session, job_id=job_id, owner=owner)
+            job_store.get_job_row(session=session, job_id=job_id, owner=owner)
             return rows, None
         if len(rows) <= limit:
             return rows, None
@@ -176,8 +169,8 @@ def get_metrics_page(*, session: Session, job_id: str, owner: User, name: str | 
 def list_job_artifacts(*, session: Session, job_id: str, owner: User) -> list[Artifact]:
     """The artifacts of ``owner``'s job ``job_id`` by name (another user's job: JobNotFound)."""
     with Transaction(session):
-        store.get_job(session=session, job_id=job_id, owner=owner)
-        return store.list_artifacts(session=session, job_id=job_id)
+        job_store.get_job(session=session, job_id=job_id, owner=owner)
+        return job_store.list_artifacts(session=session, job_id=job_id)
 
 
 def get_artifact(*, session: Session, job_id: str, owner: User, name: str) -> Artifact:

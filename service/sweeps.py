@@ -3,10 +3,13 @@
 A sweep is a row in ``sweeps`` (the request as submitted, canonical) plus its *driver job*: a
 plain job row, claimed, leased, heartbeated, retried and cancelled by the dispatchers exactly
 like any job, whose run is the Tune driver (:mod:`metaserve.workers.sweep`) instead of the
-engine. The sweep's status, attempts, logs and artifacts (the best trial's ``meta_init.*`` and
-``sweep.json``) are the driver job's. Each Tune trial is a job row with ``sweep_id`` and
-``trial_id``, inserted ``running`` when Tune starts it and written by the dispatcher from the
-driver's events; no dispatcher ever claims one (it is never queued and holds no lease).
+engine (the ``sweep`` job kind, :mod:`metaserve.workers.registry`). The sweep's status,
+attempts, logs and artifacts (the best trial's final artifact and ``sweep.json``) are the
+driver job's. Each Tune trial is a job row with ``sweep_id`` and ``trial_id``, created through
+the store (:func:`metaserve.service.job_store.start_child_job`) when Tune starts it and written by
+the dispatcher from the driver's events like any job's; no dispatcher ever claims one (it is
+never queued and holds no lease). A driver job that ends ends its running trials in the same
+transaction (the store's terminal transitions).
 
 Validation at submit: the base spec is a valid job; every path of the space exists in it;
 every domain is well formed; every value of a discrete domain, and a continuous domain's
@@ -19,30 +22,27 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import func, insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from metaserve.service import store
-from metaserve.service.exceptions import (IdempotencyConflict, InvalidSweep, MetaserveError,
-                                          SweepNotFound)
+from metaserve.service import datasets, limits, job_store
+from metaserve.service.exceptions import InvalidSweep, MetaserveError, SweepNotFound
 from metaserve.service.ids import new_id
-from metaserve.service.jobs import Transaction, spec_hash
-from metaserve.service.orm import (TERMINAL_STATUSES, Job, JobStatus, JobStatusEvent, Metric,
-                                   Sweep, User, utcnow)
+from metaserve.service.jobs import Transaction
+from metaserve.service.orm import Job, JobStatus, Metric, Sweep, User, utcnow
 from metaserve.service.settings import Settings
+from metaserve.workers.job_run import SweepRun, Trial
 from metaserve.workers.spec import JobSpec
 from metaserve.workers.sweep_spec import (DISCRETE, FORBIDDEN_PATHS, SweepError, SweepSpec,
                                           apply_config, checked_specs, default_metric,
                                           forbidden_path, get_path, longest_iterations,
-                                          parse_domain, reported_metrics, trial_count)
+                                          metric_mode, parse_domain, reported_metrics,
+                                          trial_count)
 
 SWEEP_ID_PREFIX = "sw_"
-TERMINAL = tuple(status.value for status in TERMINAL_STATUSES)
-ACTIVE = (JobStatus.RUNNING.value, JobStatus.CANCELLING.value)
 
 
 # --------------------------------------------------------------------------- validation
@@ -54,27 +54,22 @@ def _first_error(error: ValidationError) -> str:
     return f"{where}: {first.get('msg', 'invalid')}" if where else first.get("msg", "invalid")
 
 
-def validate_sweep(request: SweepSpec, settings: Settings) -> dict[str, Any]:
-    """The canonical sweep (every default filled in, the trial count) or :class:`InvalidSweep`
-    naming the field (see the module docstring)."""
+def validate_sweep(request: SweepSpec, settings: Settings) -> tuple[dict[str, Any], JobSpec]:
+    """The canonical sweep (every default filled in, the trial count) and its typed base spec,
+    or :class:`InvalidSweep` naming the field (see the module docstring)."""
     try:
         return _validate(request, settings)
     except SweepError as error:
         raise InvalidSweep(f"invalid sweep: {error}", **{error.field: error.message}) from None
 
 
-def _validate(request: SweepSpec, settings: Settings) -> dict[str, Any]:
-    from metaserve.service import limits
-
+def _validate(request: SweepSpec, settings: Settings) -> tuple[dict[str, Any], JobSpec]:
     try:
         base_spec = JobSpec.model_validate(request.spec)
     except ValidationError as error:
         first = error.errors()[0]
         path = ".".join(str(part) for part in first.get("loc", ()))
         raise SweepError(f"spec.{path}" if path else "spec", first.get("msg", "invalid")) from None
-    if base_spec.is_rl:
-        raise SweepError("spec.task_family", "sweeps run the supervised families (sine, linear, "
-                         "images, glyphs); RL families are not swept yet")
     base = base_spec.model_dump(mode="json")
     domains: dict[str, tuple[str, Any]] = {}
     for path, domain in request.space.items():
@@ -115,7 +110,7 @@ def _validate(request: SweepSpec, settings: Settings) -> dict[str, Any]:
         raise SweepError("scheduler.metric", f"{scheduler['metric']!r} is not reported by the "
                          f"spec's evaluation; one of {', '.join(reported_metrics(base_spec))}")
     if scheduler["mode"] is None:
-        scheduler["mode"] = "max" if "accuracy" in scheduler["metric"] else "min"
+        scheduler["mode"] = metric_mode(scheduler["metric"])
     if scheduler["grace_period"] is None:
         scheduler["grace_period"] = base_spec.evaluation.every or base_spec.iterations
     if scheduler["name"] == "asha" and scheduler["grace_period"] > longest_iterations(
@@ -137,7 +132,7 @@ def _validate(request: SweepSpec, settings: Settings) -> dict[str, Any]:
         if scheduler["metric"] not in reported_metrics(trial):
             raise SweepError(field, f"with {config} the spec no longer reports "
                              f"{scheduler['metric']}")
-        key = spec_hash(document)
+        key = job_store.spec_hash(document)
         if key not in checked:
             checked.add(key)
             try:
@@ -147,7 +142,7 @@ def _validate(request: SweepSpec, settings: Settings) -> dict[str, Any]:
     return {"name": request.name or f"sweep-{base_spec.algorithm.name}-{base_spec.task_family.name}",
             "spec": base, "space": request.space, "search": request.search.model_dump(mode="json"),
             "scheduler": scheduler, "num_samples": request.num_samples,
-            "max_concurrent_trials": request.max_concurrent_trials, "trials": trials}
+            "max_concurrent_trials": request.max_concurrent_trials, "trials": trials}, base_spec
 
 
 def _require_optuna() -> None:
@@ -173,57 +168,35 @@ class SweepView:
 
 def submit_sweep(*, session: Session, owner: User, request: SweepSpec, settings: Settings,
                  idempotency_key: str | None = None) -> tuple[SweepView, bool]:
-    """Validate and store a sweep and its queued driver job; ``(view, created)``. The same
-    Idempotency-Key and body give the same sweep (``created`` False), another body a 409."""
-    from metaserve.service import datasets
-
-    config = validate_sweep(request, settings)
-    digest = spec_hash(config)
+    """Validate and store a sweep and its queued driver job; ``(view, created)``. The
+    Idempotency-Key is the driver job's (the one path of every submit,
+    :func:`metaserve.service.job_store.create_job`, compared by the sweep's canonical config): the
+    same key and body give the same sweep (``created`` False), another body a 409."""
+    config, base = validate_sweep(request, settings)
     # The data every trial reads is the base spec's (the space may not change it): one check.
     try:
-        datasets.check_job_data(session=session, owner=owner,
-                                spec=JobSpec.model_validate(config["spec"]), settings=settings)
+        checked = datasets.check_job_data(session=session, owner=owner, spec=base,
+                                          settings=settings)
     except MetaserveError as error:  # its field, as the sweep's body names it
         error.details = {f"spec.{field}": text for field, text in error.details.items()}
         raise
+    if checked.task_family.name == "tabular":  # trials run the features resolved at submit
+        config["spec"]["task_family"] = checked.task_family.model_dump(mode="json")
     with Transaction(session):
-        if idempotency_key is not None:
-            existing = _by_key(session, owner.id, idempotency_key)
-            if existing is not None:
-                return _replay(session, existing, digest), False
-        base = JobSpec.model_validate(config["spec"])
-        try:
-            with session.begin_nested():
-                driver, _ = store.create_job(
-                    session=session, owner=owner, name=f"{config['name']} (sweep driver)",
-                    spec=config["spec"], spec_hash=spec_hash(config["spec"]),
-                    max_attempts=base.max_attempts,
-                    max_queued=settings.max_queued_jobs_per_user,
-                    retry_after_s=settings.quota_retry_after_s)
-                sweep = Sweep(id=SWEEP_ID_PREFIX + new_id(), owner_id=owner.id,
-                              name=config["name"], config=config, config_hash=digest,
-                              driver_job_id=driver.id, idempotency_key=idempotency_key,
-                              created_at=utcnow())
-                session.add(sweep)
-                session.flush()
-        except IntegrityError:
-            existing = _by_key(session, owner.id, idempotency_key) if idempotency_key else None
-            if existing is None:
-                raise
-            return _replay(session, existing, digest), False
+        driver, created = job_store.create_job(
+            session=session, owner=owner, name=f"{config['name']} (sweep driver)",
+            spec=config["spec"], spec_hash=job_store.spec_hash(config), max_attempts=base.max_attempts,
+            idempotency_key=idempotency_key, max_queued=settings.max_queued_jobs_per_user,
+            retry_after_s=settings.quota_retry_after_s)
+        if not created:
+            sweep = session.scalars(select(Sweep).where(Sweep.driver_job_id == driver.id)).one()
+            return _view(session, sweep), False
+        sweep = Sweep(id=SWEEP_ID_PREFIX + new_id(), owner_id=owner.id, name=config["name"],
+                      config=config, config_hash=job_store.spec_hash(config), driver_job_id=driver.id,
+                      created_at=utcnow())
+        session.add(sweep)
+        session.flush()
         return _view(session, sweep), True
-
-
-def _by_key(session: Session, owner_id: int, key: str) -> Sweep | None:
-    return session.scalars(select(Sweep).where(Sweep.owner_id == owner_id,
-                                               Sweep.idempotency_key == key)).one_or_none()
-
-
-def _replay(session: Session, sweep: Sweep, digest: str) -> SweepView:
-    if sweep.config_hash != digest:
-        raise IdempotencyConflict("this Idempotency-Key was already used with a different sweep",
-                                  sweep_id=sweep.id)
-    return _view(session, sweep)
 
 
 def _owned(session: Session, sweep_id: str, owner: User) -> Sweep:
@@ -244,16 +217,16 @@ def get_sweep(*, session: Session, sweep_id: str, owner: User) -> SweepView:
 def list_sweeps(*, session: Session, owner: User, cursor: str | None = None,
                 limit: int = 50) -> tuple[list[SweepView], str | None]:
     """A page of sweeps newest first and the cursor of the next page (None on the last)."""
-    limit = max(1, min(limit, store.MAX_PAGE))
+    limit = max(1, min(limit, job_store.MAX_PAGE))
     with Transaction(session):
         query = select(Sweep).order_by(Sweep.id.desc()).limit(limit + 1)
         if not owner.is_admin:
             query = query.where(Sweep.owner_id == owner.id)
         if cursor is not None:
-            query = query.where(Sweep.id < SWEEP_ID_PREFIX + store.decode_cursor(cursor))
+            query = query.where(Sweep.id < SWEEP_ID_PREFIX + job_store.decode_cursor(cursor))
         rows = list(session.scalars(query))
         views = [_view(session, sweep) for sweep in rows[:limit]]
-        next_cursor = (store.encode_cursor(rows[limit - 1].id[len(SWEEP_ID_PREFIX):])
+        next_cursor = (job_store.encode_cursor(rows[limit - 1].id[len(SWEEP_ID_PREFIX):])
                        if len(rows) > limit else None)
         return views, next_cursor
 
@@ -264,17 +237,13 @@ def cancel_sweep(*, session: Session, sweep_id: str, owner: User) -> SweepView:
     a finished sweep → 409."""
     with Transaction(session):
         sweep = _owned(session, sweep_id, owner)
-        store.request_cancel(session=session, job_id=sweep.driver_job_id, owner=owner)
+        job_store.request_cancel(session=session, job_id=sweep.driver_job_id, owner=owner)
         return _view(session, sweep)
 
 
 def _view(session: Session, sweep: Sweep) -> SweepView:
     driver = session.get(Job, sweep.driver_job_id, populate_existing=True)
     assert driver is not None
-    if driver.status in TERMINAL and _active_trials(session, sweep.id):
-        # The driver ended where no dispatcher settled its trials (e.g. a cancelling lease
-        # expired): they end with it.
-        _settle(session, sweep, driver)
     counts = dict(session.execute(select(Job.status, func.count()).where(
         Job.sweep_id == sweep.id).group_by(Job.status)).all())
     board = leaderboard(session=session, sweep=sweep)
@@ -284,11 +253,6 @@ def _view(session: Session, sweep: Sweep) -> SweepView:
     best = next((row for row in valued if row["status"] == JobStatus.SUCCEEDED.value),
                 valued[0] if valued else None)
     return SweepView(sweep=sweep, driver=driver, counts=counts, best=best)
-
-
-def _active_trials(session: Session, sweep_id: str) -> int:
-    return session.scalar(select(func.count()).select_from(Job).where(
-        Job.sweep_id == sweep_id, Job.status.in_(ACTIVE))) or 0
 
 
 def leaderboard(*, session: Session, sweep: Sweep) -> list[dict[str, Any]]:
@@ -342,125 +306,22 @@ def sweep_trials(*, session: Session, sweep_id: str, owner: User) -> tuple[Sweep
 # --------------------------------------------------------------------------- dispatcher side
 
 
-def driver_sweep(*, session: Session, job_id: str, settings: Settings) -> dict[str, Any] | None:
-    """What the Tune driver of the sweep that ``job_id`` drives needs (None: a plain job):
-    the sweep, its config, and the trials recorded so far (a resumed attempt keeps their
-    job ids, and a finished one is reported, not rerun)."""
-    with Transaction(session):
-        sweep = session.scalars(select(Sweep).where(Sweep.driver_job_id == job_id)).one_or_none()
-        if sweep is None:
-            return None
-        board = {row["trial_id"]: row for row in leaderboard(session=session, sweep=sweep)}
-        trials = {trial_id: {"job_id": row["job_id"], "status": row["status"],
-                             "value": row["value"], "step": row["step"],
-                             "attempt": row["attempt"]}
-                  for trial_id, row in board.items() if trial_id is not None}
-        concurrency = sweep.config.get("max_concurrent_trials")
-        owner = session.get(User, sweep.owner_id)
-        cap = settings.max_running_jobs_per_user
-        if cap and owner is not None and not owner.is_admin:
-            # Trials count toward their owner's running jobs; the driver is one of them.
-            concurrency = max(1, min(concurrency or cap, cap - 1))
-        return {"sweep_id": sweep.id, "owner_id": sweep.owner_id, "driver_job_id": job_id,
-                "name": sweep.name, "config": sweep.config, "trials": trials,
-                "max_concurrent_trials": concurrency}
-
-
-def cancelling_trials(*, session: Session, sweep: dict[str, Any]) -> frozenset[str]:
-    """The sweep's trial jobs a user asked to stop (``POST /v1/jobs/{trial}/cancel``)."""
-    with Transaction(session):
-        return frozenset(session.scalars(select(Job.id).where(
-            Job.sweep_id == sweep["sweep_id"], Job.status == JobStatus.CANCELLING.value)))
-
-
-def record_trial_events(*, session: Session, sweep: dict[str, Any],
-                        events: Sequence[tuple[str, Any]]) -> None:
-    """Write the trial events of a sweep's driver, in order (in the caller's transaction):
-
-    - ``("trial_start", {trial_id, job_id, spec, name})``: a new trial's job row (``running``,
-      attempt 1), or the next attempt of one a previous driver started;
-    - ``("trial_metrics", (job_id, step, {name: value}))``; ``("trial_progress", (job_id, {...}))``;
-    - ``("trial_files", (job_id, [ArtifactFile, ...]))``;
-    - ``("trial_end", {job_id, status, message, error})``: succeeded, failed or cancelled
-      (stopped early by the scheduler, or the sweep cancelled).
-    """
-    for kind, payload in events:
-        if kind == "trial_start":
-            _start_trial(session, sweep, payload)
-        elif kind == "trial_metrics":
-            job_id, step, values = payload
-            store.add_metrics(session=session, job_id=job_id,
-                              rows=[(step, name, float(value)) for name, value in values.items()])
-        elif kind == "trial_progress":
-            job_id, progress = payload
-            session.execute(update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE))
-                            .values(progress=progress).execution_options(synchronize_session=False))
-        elif kind == "trial_files":
-            job_id, files = payload
-            for file in files:
-                store.add_artifact(session=session, job_id=job_id, name=file.name, size=file.size,
-                                   sha256=file.sha256, media_type=file.media_type)
-        elif kind == "trial_end":
-            _end_trial(session, payload["job_id"], payload["status"], payload.get("message"),
-                       payload.get("error"))
-
-
-def _start_trial(session: Session, sweep: dict[str, Any], payload: dict[str, Any]) -> None:
-    now = utcnow()
-    job_id = payload["job_id"]
-    existing = session.get(Job, job_id, populate_existing=True)
-    if existing is None:
-        spec = payload["spec"]
-        session.execute(insert(Job.__table__), dict(
-            id=job_id, owner_id=sweep["owner_id"], name=payload["name"], spec=spec,
-            spec_hash=spec_hash(spec), status=JobStatus.RUNNING.value, attempt=1,
-            max_attempts=int(spec.get("max_attempts", 1)), progress={}, created_at=now,
-            updated_at=now, started_at=now, sweep_id=sweep["sweep_id"],
-            trial_id=payload["trial_id"], message=f"trial {payload['trial_id']} started"))
-        session.execute(insert(JobStatusEvent.__table__), dict(
-            job_id=job_id, status=JobStatus.RUNNING.value, attempt=1, created_at=now,
-            message=f"trial {payload['trial_id']} started"))
-        return
-    if existing.status in TERMINAL:
-        return  # a terminal state is never left
-    # running stays running; cancelling stays cancelling (the dispatcher stops it again)
-    session.execute(update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE)).values(
-        attempt=Job.attempt + 1, message="trial resumed by the sweep's next attempt")
-        .execution_options(synchronize_session=False))
-    store._record_status(session, job_id)
-
-
-def _end_trial(session: Session, job_id: str, status: str, message: str | None,
-               error: str | None) -> None:
-    values: dict[str, Any] = dict(status=status, finished_at=utcnow(), message=message)
-    if error is not None:
-        values["error"] = error
-    result = session.execute(update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE))
-                             .values(**values).execution_options(synchronize_session=False))
-    if result.rowcount == 1:
-        store._record_status(session, job_id)
-
-
-def settle_trials(*, session: Session, sweep: dict[str, Any]) -> int:
-    """End every trial still running once the sweep's driver job is terminal (cancelled:
-    cancelled; failed or succeeded: its unfinished trials cancelled with the reason). Returns
-    how many were ended; none while the driver is not terminal (it resumes them)."""
-    with Transaction(session):
-        row = session.get(Sweep, sweep["sweep_id"])
-        driver = session.get(Job, sweep["driver_job_id"], populate_existing=True)
-        if row is None or driver is None or driver.status not in TERMINAL:
-            return 0
-        return _settle(session, row, driver)
-
-
-def _settle(session: Session, sweep: Sweep, driver: Job) -> int:
-    if driver.status == JobStatus.CANCELLED.value:
-        message = "cancelled with its sweep"
-    else:
-        message = f"the sweep {driver.status} before this trial finished"
-    ids = session.scalars(select(Job.id).where(Job.sweep_id == sweep.id,
-                                               Job.status.in_(ACTIVE))).all()
-    for job_id in ids:
-        _end_trial(session, job_id, JobStatus.CANCELLED.value, message, None)
-    return len(ids)
-
+def sweep_run(*, session: Session, job_id: str, settings: Settings) -> SweepRun | None:
+    """What the Tune driver of the sweep that ``job_id`` drives needs (None: ``job_id`` drives
+    no sweep): the sweep, its config, the trials recorded so far (a resumed attempt keeps
+    their job ids, and a finished one is reported, not rerun) and the per-job limits every
+    trial's spec must pass. In the caller's transaction."""
+    sweep = session.scalars(select(Sweep).where(Sweep.driver_job_id == job_id)).one_or_none()
+    if sweep is None:
+        return None
+    trials = {row["trial_id"]: Trial(job_id=row["job_id"], status=row["status"],
+                                     value=row["value"], step=row["step"])
+              for row in leaderboard(session=session, sweep=sweep) if row["trial_id"] is not None}
+    concurrency = sweep.config.get("max_concurrent_trials")
+    owner = session.get(User, sweep.owner_id)
+    cap = settings.max_running_jobs_per_user
+    if cap and owner is not None and not owner.is_admin:
+        # Trials count toward their owner's running jobs; the driver is one of them.
+        concurrency = max(1, min(concurrency or cap, cap - 1))
+    return SweepRun(sweep_id=sweep.id, name=sweep.name, config=sweep.config, trials=trials,
+                    max_concurrent_trials=concurrency, limits=limits.cost_limits(settings))

@@ -148,3 +148,59 @@ def estimate(spec: JobSpec | dict) -> CostEstimate:
                         driver_bytes=driver_bytes,
                         job_bytes=driver_bytes + resources.workers * worker_bytes,
                         meta_tasks=meta_tasks, work_flop=work)
+
+
+@dataclass(frozen=True)
+class CostLimits:
+    """A server's per-job caps (its settings of the same names, ``METASERVE_MAX_*``)."""
+
+    max_parameters: int
+    max_worker_memory_mb: int
+    max_job_memory_mb: int
+    max_meta_tasks: int
+    max_job_pflop: float
+    max_runtime_s: int
+
+
+def _gib(size: float) -> str:
+    return f"{size / 2**30:,.2f} GiB"
+
+
+def limit_problems(spec: JobSpec, cost: CostEstimate, limits: CostLimits) -> dict[str, str]:
+    """Every cap of ``limits`` that ``spec`` (estimated as ``cost``) breaks: ``{field: why}``
+    (empty: none). The API refuses such a job at submit; a sweep's trial fails before it
+    trains."""
+    problems: dict[str, str] = {}
+
+    def refuse(field: str, text: str) -> None:
+        problems[field] = f"{problems[field]}; {text}" if field in problems else text
+
+    if cost.parameters > limits.max_parameters:
+        refuse("model", f"the network has {cost.parameters:,} parameters, more than the cap of "
+                        f"{limits.max_parameters:,} (METASERVE_MAX_PARAMETERS)")
+    worker_cap = limits.max_worker_memory_mb * 2**20
+    if cost.worker_bytes > worker_cap:
+        one_task_too_big = cost.worker_bytes - (cost.tasks_at_once - 1) * cost.task_memory_bytes > worker_cap
+        refuse("task_family" if one_task_too_big else "meta_batch_size",
+               f"an inner-loop worker would need about {_gib(cost.worker_bytes)} "
+               f"({cost.tasks_at_once} task(s) at once × {_gib(cost.task_memory_bytes)}, one task's "
+               f"inputs {_gib(cost.task_bytes)}), more than the cap of {_gib(worker_cap)} "
+               "(METASERVE_MAX_WORKER_MEMORY_MB)"
+               + ("" if one_task_too_big else
+                  "; set resources.task_chunk, add workers or lower meta_batch_size"))
+    job_cap = limits.max_job_memory_mb * 2**20
+    if cost.job_bytes > job_cap:
+        refuse("resources.workers",
+               f"the job would hold about {_gib(cost.job_bytes)} ({spec.resources.workers} "
+               f"worker(s) × {_gib(cost.worker_bytes)} + the driver's {_gib(cost.driver_bytes)}), "
+               f"more than the cap of {_gib(job_cap)} (METASERVE_MAX_JOB_MEMORY_MB)")
+    if cost.meta_tasks > limits.max_meta_tasks:
+        refuse("iterations", f"iterations × meta_batch_size = {cost.meta_tasks:,} tasks, more than "
+                             f"the cap of {limits.max_meta_tasks:,} (METASERVE_MAX_META_TASKS)")
+    if cost.work_flop > limits.max_job_pflop * 1e15:
+        refuse("iterations", f"about {cost.work_flop / 1e15:,.1f} PFLOP of training, more than the "
+                             f"cap of {limits.max_job_pflop:,} PFLOP (METASERVE_MAX_JOB_PFLOP)")
+    if spec.max_runtime_s is not None and spec.max_runtime_s > limits.max_runtime_s:
+        refuse("max_runtime_s", f"{spec.max_runtime_s:,} s is more than the cap of "
+                                f"{limits.max_runtime_s:,} s (METASERVE_MAX_RUNTIME_S)")
+    return problems

@@ -97,13 +97,13 @@ def actor_resources(resources, options: RunOptions) -> dict:  # noqa: ANN001 - a
 class InnerLoopWorker:
     """A Ray actor adapting one shard of every meta-batch (see module docstring)."""
 
-    def __init__(self, spec: dict, options: RunOptions, torch_threads: int):
+    def __init__(self, spec: JobSpec, options: RunOptions, torch_threads: int):
         import os
 
         forward_logs_to(options.log_sink, f"worker pid {os.getpid()}")
         torch.set_num_threads(max(1, torch_threads))
         use_dataset_store(options.storage)
-        device = worker_device(spec["resources"]["gpus_per_worker"], options.gpu_resource,
+        device = worker_device(spec.resources.gpus_per_worker, options.gpu_resource,
                                torch.cuda.is_available())
         self.trainer = Trainer(spec, device=device)
         self.device = device
@@ -192,7 +192,7 @@ class _WorkerPool:
     def _new_actor(self):
         threads = max(1, int(self.spec.resources.cpus_per_worker))
         cls = ray.remote(InnerLoopWorker).options(**self._options())
-        return cls.remote(self.spec.model_dump(mode="json"), self.options, threads)
+        return cls.remote(self.spec, self.options, threads)  # Ray pickles the typed spec
 
     def start(self, count: int) -> None:
         self.actors = [self._new_actor() for _ in range(count)]

@@ -9,16 +9,11 @@ driver that dies takes only its own job with it.
 
 The supervisor works in a scratch directory on its node: it fetches the job's last checkpoint
 from the artifact store before it starts (a resumed job may run on another host than its
-previous attempt), publishes every checkpoint and the final artifacts to the store as they are
-written, and streams what the job reports back to the dispatcher as ``(kind, payload)`` events
-from the generator :meth:`JobSupervisor.run`:
-
-- ``("metrics", (step, {name: value}))``, ``("progress", {...})``
-- ``("files", [ArtifactFile, ...])``: published, to be registered in the database
-- ``("placement", {"driver": {...}, "workers": [{...}, ...]})``: node, pid and device of the
-  driver and of every inner-loop worker, whenever the workers change.
-- ``("logs", [record, ...])``: log records of the driver and of its inner-loop workers
-  (:mod:`metaserve.workers.log_capture`), the job's error with its traceback among them.
+previous attempt), runs the job's kind (:mod:`metaserve.workers.registry`: training, or a sweep
+whose trials are jobs of their own), publishes every checkpoint and the final artifacts to the
+store as they are written, and streams what the job and the jobs it starts report back to the
+dispatcher as ``(job_id, kind, payload)`` events (:mod:`metaserve.workers.job_run`) from the
+generator :meth:`JobSupervisor.run`.
 
 The run ends when the generator ends; its error (the job's own, :class:`JobCancelled`,
 :class:`Unschedulable`) comes out of the generator.
@@ -43,7 +38,8 @@ from metaserve.workers.engine.checkpoints import CHECKPOINT_DIRECTORY
 from metaserve.workers.engine.loop import RunHooks
 from metaserve.workers.exceptions import CheckpointError, DriverOutOfMemory, JobCancelled, Unschedulable
 from metaserve.workers.log_capture import capture_logs, release_logs
-from metaserve.workers.registry import run_job
+from metaserve.workers.job_run import SCRATCH_PREFIX, JobContext, JobRun, node_info
+from metaserve.workers.registry import job_kind
 from metaserve.workers.runner import RunOptions
 from metaserve.workers.object_store import StorageConfig, open_store
 
@@ -77,9 +73,6 @@ def resident_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-SCRATCH_PREFIX = "metaserve-job-"
-
-
 def remove_stale_scratch() -> None:
     """Remove the scratch directories of drivers on this host whose process is gone (a
     killed driver cannot clean up after itself)."""
@@ -95,24 +88,16 @@ def remove_stale_scratch() -> None:
             pass
 
 
-def node_info() -> dict[str, Any]:
-    """Where this process runs: Ray node id, host name and pid."""
-    import socket
-
-    return {"node": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(),
-            "pid": os.getpid()}
-
-
 class JobSupervisor:
-    """Runs one job's driver (see the module docstring). A threaded actor: :meth:`stop` is
-    answered while :meth:`run` works."""
+    """Runs one job (see the module docstring). A threaded actor: :meth:`stop`, the heartbeats
+    and the calls of the job's remote parts are answered while :meth:`run` works."""
 
-    def __init__(self, job_id: str, spec: dict, storage: StorageConfig, options: RunOptions,
-                 memory_bytes: int):
-        self.job_id, self.spec, self.options = job_id, spec, options
-        self.memory_bytes = memory_bytes
+    def __init__(self, run: JobRun, storage: StorageConfig, options: RunOptions):
+        self.job, self.options = run, options
+        self.job_id, self.memory_bytes = run.job_id, run.memory_bytes
         self.store = open_store(storage)
         self._stop = threading.Event()
+        self._stopped_jobs: set[str] = set()  # jobs of this run whose owner cancelled them
         self._out_of_memory: int | None = None  # the resident size that broke the limit
         self._last_heartbeat = time.monotonic()
         self._emitted = 0   # events queued for the dispatcher
@@ -120,14 +105,15 @@ class JobSupervisor:
         self._events: queue.Queue = queue.Queue()
         self._emit_lock = threading.Lock()
 
-    def _emit(self, kind: str, payload: Any) -> None:
+    def event(self, job_id: str, kind: str, payload: Any) -> None:
+        """An event of this run (:mod:`metaserve.workers.job_run`), for the dispatcher."""
         with self._emit_lock:
             self._emitted += 1
-            self._events.put((kind, payload))
+            self._events.put((job_id, kind, payload))
 
     def add_logs(self, records: list[dict[str, Any]]) -> None:
         """Log records of an inner-loop worker (:func:`metaserve.workers.log_capture.forward_logs_to`)."""
-        self._emit("logs", records)
+        self.event(self.job_id, "logs", records)
 
     def ready(self) -> dict[str, Any]:
         return node_info()
@@ -136,6 +122,15 @@ class JobSupervisor:
         """Stop the job at its next check (within a meta-iteration or a worker call)."""
         self._stop.set()
 
+    def stop_jobs(self, job_ids: list[str]) -> None:
+        """Stop these jobs of the run (a sweep's trials their owner cancelled) at their next
+        check; the run goes on."""
+        self._stopped_jobs.update(job_ids)
+
+    def should_stop(self, job_id: str) -> bool:
+        """Whether the job ``job_id`` of this run must stop."""
+        return self._stop.is_set() or job_id in self._stopped_jobs
+
     def heartbeat(self) -> None:
         """The dispatcher is alive and writing this job's events (called every second)."""
         self._last_heartbeat = time.monotonic()
@@ -143,6 +138,16 @@ class JobSupervisor:
     def recorded(self, count: int) -> None:
         """The dispatcher has written the first ``count`` events to the database."""
         self._recorded = max(self._recorded, count)
+
+    def wait_recorded(self) -> None:
+        """Return once the dispatcher has written every event emitted so far. A checkpoint is
+        published only then: a next attempt resumes from it, and must find the metrics up to
+        it recorded. An orphan (dispatcher gone) never gets there; :meth:`_watch` stops it."""
+        emitted = self._emitted
+        while self._recorded < emitted:
+            if self._stop.is_set():
+                raise JobCancelled()
+            time.sleep(EVENT_POLL_S / 4)
 
     def _watch(self, driver: threading.Thread) -> None:
         """Stop the job when this process holds more than its ``memory`` request (Ray's
@@ -162,48 +167,43 @@ class JobSupervisor:
                 os._exit(1)
             time.sleep(WATCH_S)
 
-    def run(self) -> Iterator[tuple[str, Any]]:
+    def run(self) -> Iterator[tuple[str, str, Any]]:
         """Run the job to its end, yielding its events (see the module docstring)."""
         self._last_heartbeat = time.monotonic()  # the dispatcher starts calling now
-        events, emit = self._events, self._emit
+        job_id, events = self.job_id, self._events
+        kind = job_kind(self.job)
         driver = node_info()
-        log_handler = capture_logs(lambda records: emit("logs", records),
-                                   f"driver pid {driver['pid']}")
+        log_handler = capture_logs(lambda records: self.event(job_id, "logs", records),
+                                   f"{kind.name} driver pid {driver['pid']}")
+        this_actor = ray.get_runtime_context().current_actor
         # Inner-loop workers send their records to this actor (add_logs).
-        options = replace(self.options, log_sink=ray.get_runtime_context().current_actor)
+        options = replace(self.options, log_sink=this_actor)
 
         def placement(workers: list[dict]) -> None:
-            emit("placement", {"driver": driver, "workers": workers})
+            self.event(job_id, "placement", {"driver": driver, "workers": workers})
 
         def checkpointed(paths: list[Path]) -> None:
-            # Publish a checkpoint only once the dispatcher has written every event before it:
-            # a next attempt resumes from it, and must find the metrics up to it recorded. An
-            # orphan (dispatcher gone) never gets there; _watch stops it.
-            emitted = self._emitted
-            while self._recorded < emitted:
-                if self._stop.is_set():
-                    raise JobCancelled()
-                time.sleep(EVENT_POLL_S / 4)
-            emit("files", self.store.put(self.job_id, list(paths)))
+            self.wait_recorded()
+            self.event(job_id, "files", self.store.put(job_id, list(paths)))
 
-        hooks = RunHooks(
-            report=lambda step, metrics: emit("metrics", (step, metrics)),
-            progress=lambda progress: emit("progress", progress),
-            checkpointed=checkpointed,
-            should_stop=self._stop.is_set,
-            workers_ready=placement,
-        )
+        context = JobContext(
+            hooks=RunHooks(report=lambda step, metrics: self.event(job_id, "metrics",
+                                                                   (step, metrics)),
+                           progress=lambda progress: self.event(job_id, "progress", progress),
+                           checkpointed=checkpointed, should_stop=self._stop.is_set,
+                           workers_ready=placement),
+            options=options, emit=self.event, store=self.store, supervisor=this_actor)
         remove_stale_scratch()
-        scratch = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{self.job_id}-p{os.getpid()}-"))
+        scratch = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{job_id}-p{os.getpid()}-"))
         failure: list[BaseException] = []
 
         def drive() -> None:
             try:
-                self.store.fetch_checkpoint(self.job_id, scratch / CHECKPOINT_DIRECTORY)
-                run_job(self.spec, scratch, hooks, options)
+                self.store.fetch_checkpoint(job_id, scratch / CHECKPOINT_DIRECTORY)
+                kind.run(self.job, scratch, context)
             except CheckpointError as error:  # name the checkpoint where the user finds it
                 failure.append(CheckpointError(str(error).replace(
-                    str(scratch / CHECKPOINT_DIRECTORY), self.store.checkpoint_location(self.job_id))))
+                    str(scratch / CHECKPOINT_DIRECTORY), self.store.checkpoint_location(job_id))))
             except BaseException as error:  # noqa: BLE001 - re-raised by the generator below
                 failure.append(error)
             finally:
@@ -214,10 +214,10 @@ class JobSupervisor:
                 log_handler.flush()  # before this thread ends: run() drains the queue after
 
         placement([])
-        thread = threading.Thread(target=drive, name=f"driver-{self.job_id}", daemon=True)
+        thread = threading.Thread(target=drive, name=f"driver-{job_id}", daemon=True)
         thread.start()
         threading.Thread(target=self._watch, args=(thread,), daemon=True,
-                         name=f"watch-{self.job_id}").start()
+                         name=f"watch-{job_id}").start()
         try:
             while thread.is_alive() or not events.empty():
                 try:
@@ -237,33 +237,57 @@ class JobSupervisor:
             shutil.rmtree(scratch, ignore_errors=True)
 
 
-def start_supervisor(job_id: str, spec: dict, storage: StorageConfig, options: RunOptions, *,
-                     memory_bytes: int, should_stop: Callable[[], bool] = lambda: False):
-    """Start ``job_id``'s :class:`JobSupervisor` on the cluster and wait until it runs.
+SUPERVISOR_NAMESPACE = "metaserve"
+PREVIOUS_SUPERVISOR_EXIT_S = 30.0
 
-    Raises :class:`Unschedulable` when no node can ever give it ``memory_bytes`` or it is not
-    placed within :data:`SUPERVISOR_READY_TIMEOUT_S`, and :class:`JobCancelled` when
+
+def _end_previous_supervisor(name: str) -> None:
+    """Kill the detached supervisor called ``name`` if one still runs (the previous attempt's,
+    whose dispatcher died), and wait until it is gone."""
+    deadline = time.monotonic() + PREVIOUS_SUPERVISOR_EXIT_S
+    while time.monotonic() < deadline:
+        try:
+            previous = ray.get_actor(name, namespace=SUPERVISOR_NAMESPACE)
+        except ValueError:
+            return
+        ray.kill(previous)
+        time.sleep(0.2)
+    raise RuntimeError(f"the previous supervisor {name} did not end within "
+                       f"{PREVIOUS_SUPERVISOR_EXIT_S:.0f} s")
+
+
+def start_supervisor(run: JobRun, storage: StorageConfig, options: RunOptions, *,
+                     should_stop: Callable[[], bool] = lambda: False):
+    """Start the :class:`JobSupervisor` of ``run`` on the cluster and wait until it runs.
+
+    Raises :class:`Unschedulable` when no node can ever give it ``run.memory_bytes`` or it is
+    not placed within :data:`SUPERVISOR_READY_TIMEOUT_S`, and :class:`JobCancelled` when
     ``should_stop()`` turns true meanwhile.
     """
+    memory_bytes = run.memory_bytes
     largest = max((node.get("Resources", {}).get("memory", 0.0) for node in ray.nodes()
                    if node.get("Alive")), default=0.0)
     if memory_bytes > largest:
         raise Unschedulable(
             f"waiting for resources: the job's driver asks {memory_bytes / 2**30:.2f} GiB of "
             f"memory, the largest node offers {largest / 2**30:.2f} GiB")
-    # num_cpus=0: the driver's own arithmetic is the outer step; its inner-loop workers hold
-    # the CPUs. max_concurrency=4: stop(), heartbeat(), recorded() and add_logs() are answered
-    # while run() works.
+    placement: dict[str, Any] = {}
+    if job_kind(run).detached:
+        # Tune reserves a placement group per trial from inside this actor, and a placement
+        # group made by an ordinary actor lives as long as the *dispatcher's* Ray job, so a
+        # killed sweep (cancel, dispatcher death) left its trials' CPUs reserved; a detached
+        # actor's placement groups are removed when it dies. It still dies with its
+        # dispatcher: the orphan watchdog ends a supervisor whose heartbeats stop. Named per
+        # job, so a resumed attempt first ends a previous one that may still run.
+        name = f"metaserve-job-{run.job_id}"
+        _end_previous_supervisor(name)
+        placement = dict(lifetime="detached", name=name, namespace=SUPERVISOR_NAMESPACE)
+    # num_cpus=0: the driver's own arithmetic is the outer step; its inner-loop workers (a
+    # sweep's trials) hold the CPUs. Threaded: stop(), heartbeat(), recorded(), add_logs()
+    # and the calls of a sweep's trials are answered while run() works.
     actor = ray.remote(JobSupervisor).options(
-        num_cpus=0, memory=memory_bytes, max_restarts=0, max_concurrency=4,
-    ).remote(job_id, spec, storage, options, memory_bytes)
-    return wait_until_ready(actor, memory_bytes, should_stop, "the job's driver")
-
-
-def wait_until_ready(actor, memory_bytes: int, should_stop: Callable[[], bool],  # noqa: ANN001, ANN201
-                     what: str):
-    """``actor`` once its ``ready()`` answered; it is killed and JobCancelled raised when
-    ``should_stop()``, Unschedulable past SUPERVISOR_READY_TIMEOUT_S."""
+        num_cpus=0, memory=memory_bytes, max_restarts=0, max_concurrency=32, **placement,
+    ).remote(run, storage, options)
     ready = actor.ready.remote()
     deadline = time.monotonic() + SUPERVISOR_READY_TIMEOUT_S
     try:
@@ -272,7 +296,7 @@ def wait_until_ready(actor, memory_bytes: int, should_stop: Callable[[], bool], 
                 raise JobCancelled()
             if time.monotonic() > deadline:
                 raise Unschedulable(
-                    f"waiting for resources: {what} ({memory_bytes / 2**30:.2f} GiB "
+                    f"waiting for resources: the job's driver ({memory_bytes / 2**30:.2f} GiB "
                     f"of memory) could not be placed within {SUPERVISOR_READY_TIMEOUT_S:.0f} s")
         ray.get(ready)
     except BaseException:

@@ -1,43 +1,36 @@
-"""A sweep's driver: Ray Tune in the sweep's own supervisor actor.
+"""The sweep job kind: Ray Tune in the sweep's driver job's supervisor.
 
-The dispatcher claims a sweep's driver job like any job and starts a :class:`SweepSupervisor`
-for it (:func:`start_sweep_supervisor`) instead of a :class:`JobSupervisor`: the same actor
-shape (``num_cpus=0``, a ``memory`` request, heartbeats, an orphan exits, events streamed from
-the generator :meth:`SweepSupervisor.run`), whose run is ``tune.Tuner(...).fit()`` — or, when the
-sweep's experiment state exists (a previous attempt died), ``Tuner.restore(...,
+The dispatcher claims a sweep's driver job like any job and starts its one
+:class:`~metaserve.workers.supervisor.JobSupervisor`, whose run for this kind
+(:mod:`metaserve.workers.registry`) is :func:`run_sweep`: ``tune.Tuner(...).fit()`` — or, when
+the sweep's experiment state exists (a previous attempt died), ``Tuner.restore(...,
 resume_errored=True)``: finished trials are kept, unfinished ones resume from their own
 checkpoints.
 
-Each trial is a Tune function trainable (:func:`sweep_trial`) that runs the engine's one
-schedule (:func:`~metaserve.workers.engine.loop.train_loop`) for its sampled spec, in its own
-Tune actor with the spec's CPUs/GPUs, publishes its checkpoints and ``meta_init.*`` to the
-artifact store under its own job id, and reports each evaluation window's validation metric
-to Tune under ``iteration`` (ASHA's and the median rule's time axis), so the scheduler can stop
-it. What it reports reaches the dispatcher as events of the sweep's stream, besides the job
-events of :mod:`metaserve.workers.supervisor`:
+Each trial is a job: a Tune function trainable (:func:`sweep_trial`) that builds its sampled
+spec, checks it against the server's per-job limits, and trains it with the registry's
+:func:`~metaserve.workers.registry.run_job` (so RL trials and sharded trials run as any job:
+its worker actors in the trial's placement group, :func:`~metaserve.workers.sweep_search.trial_resources`).
+It reports to the supervisor in the one event vocabulary keyed by its own job id
+(:mod:`metaserve.workers.job_run`: ``started``, ``metrics``, ``progress``, ``placement``,
+``files``, ``ended``), publishes its checkpoints and final artifact under its own job id, and
+reports each evaluation window's metric to Tune under ``iteration`` (ASHA's and the median
+rule's time axis), so the scheduler can stop it; Tune's callbacks here end it (``ended``:
+succeeded, failed, or cancelled when stopped early).
 
-- ``("trial_start", {trial_id, job_id, spec, name})``
-- ``("trial_metrics", (job_id, step, {name: value}))``, ``("trial_progress", (job_id, {...}))``,
-  ``("trial_files", (job_id, [ArtifactFile, ...]))``
-- ``("trial_end", {job_id, status, message, error})``: succeeded, failed, or cancelled (stopped
-  early by the scheduler)
-
-At the end the best finished trial's ``meta_init.*`` and a ``sweep.json`` (the leaderboard) are
+At the end the best finished trial's final artifact and a ``sweep.json`` (the leaderboard) are
 published as the driver job's artifacts. Cancelling kills the supervisor: Ray ends the trial
-actors with it (their owner) and removes the trials' placement groups (the supervisor is a
-detached actor, whose placement groups die with it), so nothing of the sweep keeps running or
-keeps CPUs reserved.
+actors with it (their owner) and removes the trials' placement groups (the supervisor of a
+sweep is detached, so its placement groups die with it), so nothing of the sweep keeps running
+or keeps CPUs reserved.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import math
 import os
-import queue
-import random
 import secrets
 import shutil
 import tempfile
@@ -45,32 +38,34 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import ray
 from ray import tune
 
+from metaserve.workers.cost import estimate, limit_problems
 from metaserve.workers.engine.checkpoints import CHECKPOINT_DIRECTORY
-from metaserve.workers.exceptions import DriverOutOfMemory, JobCancelled
-from metaserve.workers.log_capture import capture_logs, release_logs
+from metaserve.workers.engine.final_artifact import artifact_files, artifact_kind
+from metaserve.workers.engine.loop import RunHooks
+from metaserve.workers.exceptions import JobCancelled, TrialOverLimits
+from metaserve.workers.job_run import SCRATCH_PREFIX, JobContext, JobRun, SweepRun, node_info
+from metaserve.workers.object_store import StorageConfig, open_store
 from metaserve.workers.runner import RunOptions
-from metaserve.workers.object_store import StorageConfig, parse_s3_url
-from metaserve.workers.supervisor import (EVENT_POLL_S, SCRATCH_PREFIX, JobSupervisor, node_info,
-                                          remove_stale_scratch, wait_until_ready)
-from metaserve.workers.sweep_spec import apply_config, longest_iterations
+from metaserve.workers.spec import JobSpec
+from metaserve.workers.sweep_search import (experiment_location, scheduler_of, search_algorithm,
+                                            search_space, trial_resources, tune_samples)
+from metaserve.workers.sweep_spec import trial_spec
 
 logger = logging.getLogger(__name__)
 
-EXPERIMENTS_DIRECTORY = "_sweeps"
-"""Under the artifact root: Tune's experiment state of each sweep (``_sweeps/<sweep_id>``)."""
 EXPERIMENT_CHECKPOINT_S = "1"
 """How often Tune saves the experiment state (``TUNE_GLOBAL_CHECKPOINT_S``); a trial that ended
 before the last save is not rerun on resume, and one after it is answered from the database."""
-SWEEP_ARTIFACTS = ("meta_init.safetensors", "meta_init.json")
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-_SUPERVISOR: "SweepSupervisor | None" = None  # the one of this process (Tune's callbacks use it)
+_DRIVER: "_TuneDriver | None" = None  # the sweep this process drives (Tune's callbacks use it)
+Train = Callable[[JobSpec, Path, RunHooks, RunOptions], dict[str, float]]
 
 
 def new_trial_job_id() -> str:
@@ -87,114 +82,6 @@ def new_trial_job_id() -> str:
 # --------------------------------------------------------------------------- Tune's side
 
 
-def shuffled(config: dict[str, Any]) -> bool:
-    """Whether the sweep runs its grid's points in a drawn order (``search.shuffle``)."""
-    return config["search"]["name"] == "grid" and bool(config["search"].get("shuffle"))
-
-
-def grid_points(config: dict[str, Any]) -> list[dict[str, Any]]:
-    """A shuffled grid's trials, in order: every point of the grid ``num_samples`` times,
-    permuted by ``search.seed`` (a random order without one)."""
-    paths = list(config["space"])
-    values = [next(iter(config["space"][path].values())) for path in paths]
-    points = [dict(zip(paths, point)) for _ in range(config["num_samples"])
-              for point in itertools.product(*values)]
-    random.Random(config["search"]["seed"]).shuffle(points)
-    return points
-
-
-def tune_samples(config: dict[str, Any]) -> int:
-    """Tune's ``num_samples``: a shuffled grid's points are its samples, one each."""
-    return len(grid_points(config)) if shuffled(config) else config["num_samples"]
-
-
-def max_iterations(config: dict[str, Any]) -> int:
-    """ASHA's ``max_t``: the most iterations a trial can run (:func:`longest_iterations`)."""
-    return longest_iterations(config["spec"], config["space"])
-
-
-def search_space(config: dict[str, Any]) -> dict[str, Any]:
-    """The sweep's domains as Tune's (a grid search takes every domain as a grid; a shuffled
-    one as choices, every trial of it a point given to the searcher, :func:`grid_points`)."""
-    grid = config["search"]["name"] == "grid"
-    space = {}
-    for path, domain in config["space"].items():
-        (kind, args), = domain.items()
-        if shuffled(config):
-            space[path] = tune.choice(list(args))
-        elif kind == "grid" or (kind == "choice" and grid):
-            space[path] = tune.grid_search(list(args))
-        elif kind == "choice":
-            space[path] = tune.choice(list(args))
-        elif kind == "uniform":
-            space[path] = tune.uniform(*args)
-        elif kind == "loguniform":
-            space[path] = tune.loguniform(*args)
-        elif kind == "randint":
-            space[path] = tune.randint(*args)
-        else:
-            space[path] = tune.qrandint(*args)
-    return space
-
-
-def search_algorithm(config: dict[str, Any]):  # noqa: ANN201 - a Tune search algorithm
-    from ray.tune.search import BasicVariantGenerator
-
-    search = config["search"]
-    if search["name"] == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
-
-        return OptunaSearch(seed=search["seed"])
-    if shuffled(config):
-        return BasicVariantGenerator(points_to_evaluate=grid_points(config),
-                                     random_state=search["seed"])
-    return BasicVariantGenerator(random_state=search["seed"])
-
-
-def scheduler_of(config: dict[str, Any]):  # noqa: ANN201 - a Tune trial scheduler
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
-
-    scheduler = config["scheduler"]
-    if scheduler["name"] == "asha":
-        # Rungs at grace_period × η^k below max_t (Tune's _Bracket); "iteration" is the
-        # meta-iteration of the evaluation window a trial reports (sweep_trial).
-        return ASHAScheduler(time_attr="iteration", max_t=max_iterations(config),
-                             grace_period=scheduler["grace_period"],
-                             reduction_factor=scheduler["reduction_factor"])
-    if scheduler["name"] == "median":
-        return MedianStoppingRule(time_attr="iteration", grace_period=scheduler["grace_period"],
-                                  min_samples_required=scheduler["min_samples_required"])
-    return FIFOScheduler()
-
-
-def trial_resources(spec: dict[str, Any], options: RunOptions) -> dict[str, float]:
-    """A trial's Tune resources: its spec's workers × CPUs (and GPUs) per worker; the trial
-    computes them in its own process."""
-    resources = spec["resources"]
-    placed = {"cpu": resources["workers"] * resources["cpus_per_worker"]}
-    gpus = resources["workers"] * resources["gpus_per_worker"]
-    if gpus:
-        placed["gpu" if options.gpu_resource == "GPU" else options.gpu_resource] = gpus
-    return placed
-
-
-def experiment_location(storage: StorageConfig, sweep_id: str):  # noqa: ANN201
-    """``(storage_path, filesystem, experiment path)`` of the sweep's Tune state: beside the
-    artifacts, so a dispatcher on any host resumes it."""
-    if not storage.is_s3:
-        root = Path(storage.root).resolve() / EXPERIMENTS_DIRECTORY
-        root.mkdir(parents=True, exist_ok=True)
-        return str(root), None, str(root / sweep_id)
-    import pyarrow.fs
-
-    bucket, prefix = parse_s3_url(storage.root)
-    filesystem = pyarrow.fs.S3FileSystem(
-        access_key=storage.access_key_id or None, secret_key=storage.secret_access_key or None,
-        region=storage.region, endpoint_override=storage.endpoint_url or None)
-    root = "/".join(part for part in (bucket, prefix, EXPERIMENTS_DIRECTORY) if part)
-    return root, filesystem, f"{root}/{sweep_id}"
-
-
 class _Stop(tune.Stopper):
     """Tune's stopper: everything stops once the supervisor is told to (state-free, so Tune
     may pickle it with the experiment)."""
@@ -203,264 +90,207 @@ class _Stop(tune.Stopper):
         return False
 
     def stop_all(self) -> bool:
-        return _SUPERVISOR is not None and _SUPERVISOR._stop.is_set()
+        return _DRIVER is not None and _DRIVER.hooks.should_stop()
 
 
 class _TrialEvents(tune.Callback):
-    """Trial ends, as Tune sees them, to the supervisor of this process (module level, so Tune
+    """Trials as Tune sees them, to the sweep this process drives (module level, so Tune
     pickles it by reference with the experiment)."""
 
+    def on_trial_start(self, iteration, trials, trial, **info):  # noqa: ANN001
+        if _DRIVER is not None:
+            _DRIVER.trial_started(trial.trial_id)
+
     def on_trial_result(self, iteration, trials, trial, result, **info):  # noqa: ANN001
-        if _SUPERVISOR is not None:
-            _SUPERVISOR.trial_result(trial.trial_id, result)
+        if _DRIVER is not None:
+            _DRIVER.trial_result(trial.trial_id, result)
 
     def on_trial_complete(self, iteration, trials, trial, **info):  # noqa: ANN001
-        if _SUPERVISOR is not None:
-            _SUPERVISOR.trial_complete(trial.trial_id, trial.last_result or {})
+        if _DRIVER is not None:
+            _DRIVER.trial_complete(trial.trial_id, trial.last_result or {})
 
     def on_trial_error(self, iteration, trials, trial, **info):  # noqa: ANN001
-        if _SUPERVISOR is not None:
-            _SUPERVISOR.trial_failed(trial.trial_id)
+        if _DRIVER is not None:
+            try:
+                error = trial.get_pickled_error()
+            except Exception:  # noqa: BLE001 - unreadable: the trial's end says it died
+                error = None
+            _DRIVER.trial_failed(trial.trial_id, trial.last_result or {}, error)
 
 
-def sweep_trial(config: dict[str, Any], *, run: dict[str, Any], sink: Any,
-                storage: StorageConfig, options: RunOptions) -> None:
-    """One trial (a Tune function trainable): the sampled spec through the engine's schedule,
-    its events to the sweep's supervisor ``sink``, each validation window's metric to Tune."""
-    import torch
+def _first_line(error: BaseException) -> str:
+    for _ in range(8):  # Ray's wrappers: the trial's own exception
+        cause = getattr(error, "cause", None)
+        if not isinstance(cause, BaseException) or cause is error:
+            break
+        error = cause
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
-    from metaserve.workers.engine.loop import RunHooks, train_loop
-    from metaserve.workers.engine.trainer import LocalDriver, Trainer
-    from metaserve.workers.runner import worker_device
-    from metaserve.workers.spec import JobSpec
-    from metaserve.workers.object_store import open_store
-    from metaserve.workers.tasks.uploaded import use_dataset_store
 
-    metric = run["config"]["scheduler"]["metric"]
+def sweep_trial(config: dict[str, Any], *, sweep: SweepRun, supervisor: Any,
+                options: RunOptions, train: Train) -> None:
+    """One trial (a Tune function trainable): a job of the sweep, trained by ``train`` for its
+    sampled spec; its events to the sweep's ``supervisor``, each validation window's metric to
+    Tune."""
+    metric = sweep.config["scheduler"]["metric"]
     trial_id = tune.get_context().get_trial_id()
-    known = run["trials"].get(trial_id)
-    if known is not None and known["status"] in TERMINAL:
+    known = sweep.trials.get(trial_id)
+    if known is not None and known.status in TERMINAL:
         # Ended in an earlier attempt of the sweep (after Tune last saved its state): its
         # result is in the database; report it, train nothing.
-        value = known["value"]
-        tune.report({metric: math.nan if value is None else value,
-                     "iteration": known["step"] or 0, "recorded": known["status"]})
+        tune.report({metric: math.nan if known.value is None else known.value,
+                     "iteration": known.step or 0, "recorded": known.status,
+                     "job_id": known.job_id})
         return
-    document = apply_config(run["config"]["spec"], config)
-    spec = JobSpec.model_validate(document)
+    spec = trial_spec(sweep.config["spec"], config)  # Tune's sample: the edge of this spec
+    job_id = known.job_id if known is not None else new_trial_job_id()
 
-    def call(kind: str, payload: Any) -> Any:
-        # Waited for: the sweep's events stay in order (a threaded actor does not order calls).
-        return ray.get(getattr(sink, kind).remote(*payload))
+    def call(method: str, *args: Any) -> Any:
+        # Waited for: the job's events stay in order (a threaded actor does not order calls).
+        return ray.get(getattr(supervisor, method).remote(*args))
 
-    job_id = call("trial_started", (trial_id, document, f"{run['name']}/{trial_id}"))
-    torch.set_num_threads(spec.resources.torch_threads)
-    use_dataset_store(options.storage)
-    store = open_store(storage)
+    def event(kind: str, payload: Any) -> None:
+        call("event", job_id, kind, payload)
+
+    event("started", {"key": trial_id, "spec": spec, "name": f"{sweep.name}/{trial_id}"})
     scratch = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{job_id}-p{os.getpid()}-"))
-
-    def report(step: int, metrics: dict[str, float]) -> None:
-        call("trial_event", ("trial_metrics", (job_id, step, metrics)))
-        if metric in metrics and step < spec.iterations:
-            tune.report({metric: metrics[metric], "iteration": step})
-
-    hooks = RunHooks(
-        report=report,
-        progress=lambda progress: call("trial_event", ("trial_progress", (job_id, progress))),
-        checkpointed=lambda paths: (call("trial_recorded", ()), call("trial_event", (
-            "trial_files", (job_id, store.put(job_id, list(paths)))))),
-        should_stop=lambda: call("trial_should_stop", (job_id,)),
-    )
-    device = worker_device(spec.resources.gpus_per_worker, options.gpu_resource,
-                           torch.cuda.is_available())
-    driver = LocalDriver(Trainer(spec, device=device))
     try:
-        store.fetch_checkpoint(job_id, scratch / CHECKPOINT_DIRECTORY)
-        final = train_loop(driver, scratch, hooks)
+        final = _train_trial(spec, job_id, scratch, metric, sweep, options, train, call)
     except JobCancelled:  # its job was cancelled: the trial ends, the sweep goes on
-        call("trial_event", ("trial_end", {"job_id": job_id, "status": "cancelled",
-                                           "message": "cancelled"}))
+        event("ended", {"status": "cancelled", "message": "cancelled"})
         return
-    except BaseException as error:
-        text = str(error).strip().splitlines()
-        call("trial_event", ("trial_error", (trial_id, f"{type(error).__name__}: {text[0]}"
-                                             if text else type(error).__name__)))
+    except Exception as error:  # not SystemExit: Tune's early stop ends the thread with it
+        text = _first_line(error)  # the job's error (Tune's callback may not know its job id)
+        event("ended", {"status": "failed", "message": f"failed: {text}", "error": text})
         raise
     finally:
-        driver.close()
         shutil.rmtree(scratch, ignore_errors=True)
-    tune.report({metric: final[metric], "iteration": spec.iterations, "finished": True})
+    tune.report({metric: final[metric], "iteration": spec.iterations, "finished": True,
+                 "job_id": job_id})
 
 
-# --------------------------------------------------------------------------- the supervisor
+def _train_trial(spec: JobSpec, job_id: str, scratch: Path, metric: str, sweep: SweepRun,
+                 options: RunOptions, train: Train, call: Callable[..., Any]) -> dict[str, float]:
+    """Check the trial's spec against the per-job limits, then train it as its job (resumed
+    from its last checkpoint); its final evaluation."""
+    if sweep.limits is not None:
+        problems = limit_problems(spec, estimate(spec), sweep.limits)
+        if problems:
+            raise TrialOverLimits("the trial is larger than this server accepts: " + "; ".join(
+                f"{field}: {text}" for field, text in problems.items()))
+    store, driver = open_store(options.storage), node_info()
+
+    def event(kind: str, payload: Any) -> None:
+        call("event", job_id, kind, payload)
+
+    def report(step: int, metrics: dict[str, float]) -> None:
+        event("metrics", (step, metrics))
+        if metric in metrics and step < spec.iterations:
+            tune.report({metric: metrics[metric], "iteration": step, "job_id": job_id})
+
+    def checkpointed(paths: list[Path]) -> None:
+        call("wait_recorded")
+        event("files", store.put(job_id, list(paths)))
+
+    hooks = RunHooks(report=report, progress=lambda progress: event("progress", progress),
+                     checkpointed=checkpointed, should_stop=lambda: call("should_stop", job_id),
+                     workers_ready=lambda workers: event("placement", {"driver": driver,
+                                                                       "workers": workers}))
+    store.fetch_checkpoint(job_id, scratch / CHECKPOINT_DIRECTORY)
+    return train(spec, scratch, hooks, options)
 
 
-class SweepSupervisor(JobSupervisor):
-    """Runs one sweep's Tune driver (see the module docstring); a threaded actor whose
-    ``trial_started``/``trial_event`` the trials call while :meth:`run` works."""
+class _TuneDriver:
+    """One sweep's Tune run, in its supervisor's process: the trials as Tune sees them (their
+    job ids, status and last value), their ends, the sweep's progress and its artifacts."""
 
-    def __init__(self, run: dict[str, Any], storage: StorageConfig, options: RunOptions,
-                 memory_bytes: int):
-        # Tune runs each trial in a directory of its own: a relative artifact root (the
-        # embedded default's ./.metaserve/artifacts) is made absolute here, in the
-        # supervisor's working directory, before it travels to the trials.
-        storage = _absolute(storage)
-        options = replace(options, storage=_absolute(options.storage))
-        super().__init__(run["driver_job_id"], run["config"]["spec"], storage, options,
-                         memory_bytes)
-        self.run_info, self.storage = run, storage
-        config = run["config"]
-        self.metric, self.mode = config["scheduler"]["metric"], config["scheduler"]["mode"]
+    def __init__(self, run: JobRun, context: JobContext, train: Train):
+        assert run.sweep is not None
+        self.run, self.sweep, self.context, self.train = run, run.sweep, context, train
+        self.hooks = context.hooks
+        scheduler = self.sweep.config["scheduler"]
+        self.metric, self.mode = scheduler["metric"], scheduler["mode"]
         self._lock = threading.Lock()
-        # trial_id -> {"job_id", "status", "value", "step", "config"}
+        # trial_id -> {"job_id", "status", "value", "step"}
         self.trials: dict[str, dict[str, Any]] = {
-            trial_id: {**known, "config": None} for trial_id, known in run["trials"].items()}
+            trial_id: {"job_id": trial.job_id, "status": trial.status, "value": trial.value,
+                       "step": trial.step} for trial_id, trial in self.sweep.trials.items()}
         self.errors: dict[str, str] = {}
-        self.stopped_jobs: set[str] = set()  # trial jobs cancelled by their owner
 
-    # ------------------------------------------------------------------ called by trials
+    def _trial(self, trial_id: str, result: dict) -> dict[str, Any]:
+        trial = self.trials.setdefault(trial_id, {"job_id": None, "status": "running",
+                                                  "value": None, "step": None})
+        if result.get("job_id"):
+            trial["job_id"] = result["job_id"]
+        return trial
 
-    def trial_started(self, trial_id: str, spec: dict[str, Any], name: str) -> str:
-        """The trial's job id (the same one on every attempt of the sweep)."""
+    def _end(self, trial: dict[str, Any], status: str, message: str,
+             error: str | None = None) -> None:
+        trial["status"] = status
+        if trial["job_id"] is not None:
+            self.context.emit(trial["job_id"], "ended",
+                              {"status": status, "message": message, "error": error})
+        self._progress()
+
+    def trial_started(self, trial_id: str) -> None:
         with self._lock:
-            trial = self.trials.setdefault(trial_id, {"job_id": new_trial_job_id(),
-                                                      "status": "running", "value": None,
-                                                      "step": None})
-            trial.update(status="running", config={path: _get(spec, path)
-                                                   for path in self.run_info["config"]["space"]})
-            self._emit("trial_start", {"trial_id": trial_id, "job_id": trial["job_id"],
-                                       "spec": spec, "name": name})
+            trial = self._trial(trial_id, {})
+            if trial["status"] not in TERMINAL:
+                trial["status"] = "running"
             self._progress()
-            return trial["job_id"]
-
-    def stop_trials(self, job_ids: list[str]) -> None:
-        """Stop these trials (their jobs were cancelled) at their next check."""
-        self.stopped_jobs.update(job_ids)
-
-    def trial_recorded(self) -> None:
-        """Return once the dispatcher has written every event emitted so far: a trial publishes
-        a checkpoint only then, so a resumed trial finds the metrics up to it recorded (as a
-        job's driver does, :class:`JobSupervisor`)."""
-        emitted = self._emitted
-        while self._recorded < emitted:
-            if self._stop.is_set():
-                raise JobCancelled()
-            time.sleep(EVENT_POLL_S / 4)
-
-    def trial_should_stop(self, job_id: str) -> bool:
-        return job_id in self.stopped_jobs or self._stop.is_set()
-
-    def trial_event(self, kind: str, payload: Any) -> None:
-        if kind == "trial_error":
-            trial_id, text = payload
-            self.errors[trial_id] = text
-            return
-        self._emit(kind, payload)
-
-    # ------------------------------------------------------------------ called by Tune
 
     def trial_result(self, trial_id: str, result: dict) -> None:
-        trial = self.trials.get(trial_id)
-        if trial is not None and self.metric in result:
-            trial.update(value=result[self.metric], step=result.get("iteration"))
+        with self._lock:
+            trial = self._trial(trial_id, result)
+            if self.metric in result:
+                trial.update(value=result[self.metric], step=result.get("iteration"))
 
     def trial_complete(self, trial_id: str, result: dict) -> None:
         with self._lock:
-            trial = self.trials.get(trial_id)
-            if trial is None or result.get("recorded"):
-                return  # ended in an earlier attempt: recorded then
+            trial = self._trial(trial_id, result)
+            if result.get("recorded"):
+                trial["status"] = result["recorded"]  # ended in an earlier attempt: recorded then
+                return
             value, step = result.get(self.metric), result.get("iteration")
+            trial.update(value=value, step=step)
             shown = f"{self.metric} {value:.4g}" if isinstance(value, float) else self.metric
             if result.get("finished"):
-                status, message = "succeeded", f"finished: {shown}"
+                self._end(trial, "succeeded", f"finished: {shown}")
             else:
-                status = "cancelled"
-                message = (f"stopped early by {self.run_info['config']['scheduler']['name']} at "
-                           f"iteration {step} ({shown})")
-            trial.update(status=status, value=value, step=step)
-            self._emit("trial_end", {"job_id": trial["job_id"], "status": status,
-                                     "message": message})
-            self._progress()
+                self._end(trial, "cancelled", f"stopped early by "
+                          f"{self.sweep.config['scheduler']['name']} at iteration {step} ({shown})")
 
-    def trial_failed(self, trial_id: str) -> None:
+    def trial_failed(self, trial_id: str, result: dict, error: BaseException | None) -> None:
         with self._lock:
-            trial = self.trials.get(trial_id)
-            if trial is None:
-                return
-            error = self.errors.get(trial_id, "the trial's process died")
-            trial.update(status="failed")
-            self._emit("trial_end", {"job_id": trial["job_id"], "status": "failed",
-                                     "message": f"failed: {error}", "error": error})
-            self._progress()
+            trial = self._trial(trial_id, result)
+            text = _first_line(error) if error is not None else "the trial's process died"
+            self.errors[trial_id] = text
+            self._end(trial, "failed", f"failed: {text}", text)
 
     def _progress(self) -> None:
         counts: dict[str, int] = {}
         for trial in self.trials.values():
             counts[trial["status"]] = counts.get(trial["status"], 0) + 1
         ended = sum(counts.get(status, 0) for status in TERMINAL)
-        self._emit("progress", {"iteration": ended, "total": self.run_info["config"]["trials"],
-                                "trials": counts})
+        self.hooks.progress({"iteration": ended, "total": self.sweep.config["trials"],
+                             "trials": counts})
 
-    # ------------------------------------------------------------------ the run
-
-    def run(self) -> Iterator[tuple[str, Any]]:
-        """Run the sweep to its end, yielding its events (see the module docstring)."""
-        global _SUPERVISOR
-        _SUPERVISOR = self
-        self._last_heartbeat = time.monotonic()
-        events, emit = self._events, self._emit
-        driver = node_info()
-        log_handler = capture_logs(lambda records: emit("logs", records),
-                                   f"sweep driver pid {driver['pid']}")
-        remove_stale_scratch()
-        scratch = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{self.job_id}-p{os.getpid()}-"))
-        failure: list[BaseException] = []
-
-        def drive() -> None:
-            try:
-                self._tune(scratch)
-            except BaseException as error:  # noqa: BLE001 - re-raised by the generator below
-                failure.append(error)
-                if not isinstance(error, JobCancelled):
-                    logger.error("the sweep's attempt failed", exc_info=error)
-            finally:
-                log_handler.flush()
-
-        emit("placement", {"driver": driver, "workers": []})
-        thread = threading.Thread(target=drive, name=f"sweep-{self.job_id}", daemon=True)
-        thread.start()
-        threading.Thread(target=self._watch, args=(thread,), daemon=True,
-                         name=f"watch-{self.job_id}").start()
-        try:
-            while thread.is_alive() or not events.empty():
-                try:
-                    yield events.get(timeout=EVENT_POLL_S)
-                except queue.Empty:
-                    continue
-            if self._out_of_memory is not None:
-                raise DriverOutOfMemory(
-                    f"out of memory: the sweep's driver held {self._out_of_memory / 2**20:.0f} "
-                    f"MiB, more than the {self.memory_bytes / 2**20:.0f} MiB it asked for "
-                    "(METASERVE_SWEEP_DRIVER_MEMORY_MB)")
-            if failure:
-                raise failure[0]
-        finally:
-            self._stop.set()
-            thread.join()
-            release_logs(log_handler)
-            shutil.rmtree(scratch, ignore_errors=True)
-
-    def _tune(self, scratch: Path) -> None:
+    def fit(self, scratch: Path) -> None:
         os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = EXPERIMENT_CHECKPOINT_S
         os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-        config, sweep_id = self.run_info["config"], self.run_info["sweep_id"]
+        config, sweep_id = self.sweep.config, self.sweep.sweep_id
+        # Tune runs each trial in a directory of its own: a relative artifact root (the
+        # embedded default's ./.metaserve/artifacts) is made absolute here, in the
+        # supervisor's working directory, before it travels to the trials.
+        options = replace(self.context.options, storage=_absolute(self.context.options.storage))
         trainable = tune.with_resources(
-            tune.with_parameters(sweep_trial, run=self.run_info,
-                                 sink=ray.get_runtime_context().current_actor,
-                                 storage=self.storage, options=self.options),
-            trial_resources(config["spec"], self.options))
-        storage_path, filesystem, path = experiment_location(self.storage, sweep_id)
+            tune.with_parameters(sweep_trial, sweep=self.sweep,
+                                 supervisor=self.context.supervisor, options=options,
+                                 train=self.train),
+            trial_resources(self.run.spec, options))
+        storage_path, filesystem, path = experiment_location(options.storage, sweep_id)
         if tune.Tuner.can_restore(path, storage_filesystem=filesystem):
             logger.info("resuming the sweep from its Tune state", extra={"sweep_id": sweep_id})
             tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True,
@@ -471,36 +301,35 @@ class SweepSupervisor(JobSupervisor):
                 tune_config=tune.TuneConfig(
                     metric=self.metric, mode=self.mode, search_alg=search_algorithm(config),
                     scheduler=scheduler_of(config), num_samples=tune_samples(config),
-                    max_concurrent_trials=self.run_info.get("max_concurrent_trials")),
+                    max_concurrent_trials=self.sweep.max_concurrent_trials),
                 run_config=tune.RunConfig(
                     name=sweep_id, storage_path=storage_path, storage_filesystem=filesystem,
                     stop=_Stop(), callbacks=[_TrialEvents()], verbose=0,
                     failure_config=tune.FailureConfig(max_failures=0)))
         tuner.fit()
-        if self._stop.is_set():
+        if self.hooks.should_stop():
             raise JobCancelled()
         self._publish(scratch)
 
     def _publish(self, scratch: Path) -> None:
-        """The best finished trial's ``meta_init.*`` and ``sweep.json`` as the driver's
+        """The best finished trial's final artifact and ``sweep.json`` as the driver's
         artifacts; no finished trial fails the sweep."""
         sign = -1.0 if self.mode == "max" else 1.0
-        board = sorted(
-            ({"trial_id": trial_id, **trial} for trial_id, trial in self.trials.items()),
-            key=lambda row: (not isinstance(row["value"], (int, float))
-                             or not math.isfinite(row["value"]),
-                             sign * row["value"] if isinstance(row["value"], (int, float))
-                             and math.isfinite(row["value"]) else 0.0))
-        finished = [row for row in board if row["status"] == "succeeded"
-                    and isinstance(row["value"], (int, float)) and math.isfinite(row["value"])]
+
+        def finite(value: Any) -> bool:
+            return isinstance(value, (int, float)) and math.isfinite(value)
+
+        board = sorted(({"trial_id": trial_id, **trial} for trial_id, trial in self.trials.items()),
+                       key=lambda row: (not finite(row["value"]),
+                                        sign * row["value"] if finite(row["value"]) else 0.0))
+        finished = [row for row in board if row["status"] == "succeeded" and finite(row["value"])]
         if not finished:
             reasons = sorted(set(self.errors.values()))[:3]
             raise ValueError("no trial of the sweep finished" +
                              (f": {'; '.join(reasons)}" if reasons else ""))
-        best = finished[0]
-        paths = []
-        for name in SWEEP_ARTIFACTS:
-            opened = self.store.open(best["job_id"], name)
+        best, store, paths = finished[0], self.context.store, []
+        for name in artifact_files(artifact_kind(self.run.spec)):
+            opened = store.open(best["job_id"], name)
             if opened is None:
                 raise FileNotFoundError(f"the best trial {best['job_id']} has no {name}")
             _, chunks = opened
@@ -508,12 +337,22 @@ class SweepSupervisor(JobSupervisor):
                 for chunk in chunks:
                     handle.write(chunk)
             paths.append(scratch / name)
-        summary = {"sweep_id": self.run_info["sweep_id"], "metric": self.metric,
-                   "mode": self.mode, "best": best,
-                   "trials": board}
+        summary = {"sweep_id": self.sweep.sweep_id, "metric": self.metric, "mode": self.mode,
+                   "best": best, "trials": board}
         (scratch / "sweep.json").write_text(json.dumps(summary, indent=2, default=str))
         paths.append(scratch / "sweep.json")
-        self._emit("files", self.store.put(self.job_id, paths))
+        self.context.emit(self.run.job_id, "files", store.put(self.run.job_id, paths))
+
+
+def run_sweep(run: JobRun, job_dir: Path, context: JobContext, *, train: Train) -> None:
+    """Run the sweep ``run`` drives (the sweep kind's run, :mod:`metaserve.workers.registry`):
+    Tune to the end, each trial trained by ``train``; then its artifacts."""
+    global _DRIVER
+    driver = _DRIVER = _TuneDriver(run, context, train)
+    try:
+        driver.fit(job_dir)
+    finally:
+        _DRIVER = None
 
 
 def _absolute(storage: StorageConfig | None) -> StorageConfig | None:
@@ -521,48 +360,3 @@ def _absolute(storage: StorageConfig | None) -> StorageConfig | None:
         return storage
     return replace(storage, root=str(Path(storage.root).resolve()))
 
-
-def _get(document: dict[str, Any], path: str) -> Any:
-    node: Any = document
-    for key in path.split("."):
-        node = node.get(key) if isinstance(node, dict) else None
-    return node
-
-
-SUPERVISOR_NAMESPACE = "metaserve"
-PREVIOUS_SUPERVISOR_EXIT_S = 30.0
-
-
-def _end_previous_supervisor(name: str) -> None:
-    """Kill the sweep supervisor called ``name`` if one still runs, and wait until it is gone."""
-    deadline = time.monotonic() + PREVIOUS_SUPERVISOR_EXIT_S
-    while time.monotonic() < deadline:
-        try:
-            previous = ray.get_actor(name, namespace=SUPERVISOR_NAMESPACE)
-        except ValueError:
-            return
-        ray.kill(previous)
-        time.sleep(0.2)
-    raise RuntimeError(f"the previous sweep supervisor {name} did not end within "
-                       f"{PREVIOUS_SUPERVISOR_EXIT_S:.0f} s")
-
-
-def start_sweep_supervisor(run: dict[str, Any], storage: StorageConfig, options: RunOptions, *,
-                           memory_bytes: int, should_stop: Callable[[], bool] = lambda: False):
-    """Start the sweep's :class:`SweepSupervisor` and wait until it runs (as
-    :func:`metaserve.workers.supervisor.start_supervisor` does for a job)."""
-    # Detached: Tune reserves a placement group per trial from inside this actor, and a
-    # placement group made by an ordinary actor lives as long as the *dispatcher's* Ray job,
-    # so a killed sweep (cancel, dispatcher death) left its trials' CPUs reserved; a detached
-    # actor's placement groups are removed when it dies. It still dies with its dispatcher:
-    # the orphan watchdog ends a supervisor whose heartbeats stop (JobSupervisor).
-    # A detached actor outlives a dispatcher killed with its Ray driver (until its orphan
-    # watchdog ends it): named per sweep, so a resumed attempt first ends a previous one that
-    # may still drive the same Tune experiment.
-    name = f"metaserve-sweep-{run['driver_job_id']}"
-    _end_previous_supervisor(name)
-    actor = ray.remote(SweepSupervisor).options(
-        num_cpus=0, memory=memory_bytes, max_restarts=0, max_concurrency=32,
-        lifetime="detached", name=name, namespace=SUPERVISOR_NAMESPACE,
-    ).remote(run, storage, options, memory_bytes)
-    return wait_until_ready(actor, memory_bytes, should_stop, "the sweep's driver")

@@ -135,6 +135,12 @@ def apply_config(base: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]
     return document
 
 
+def trial_spec(base: dict[str, Any], config: dict[str, Any]) -> JobSpec:
+    """The job spec of a trial: ``base`` (the sweep's canonical base spec) with its sampled
+    ``config`` written in, validated (a sample is new input: this is its spec's one parse)."""
+    return JobSpec.model_validate(apply_config(base, config))
+
+
 def longest_iterations(base: dict[str, Any], space: dict[str, dict[str, Any]]) -> int:
     """The most iterations a trial can run: the base spec's or, where the space sweeps
     ``iterations``, the largest its domain gives (ASHA's ``max_t``)."""
@@ -215,17 +221,36 @@ def trial_count(sweep: SweepSpec, domains: dict[str, tuple[str, Any]]) -> int:
     return sweep.num_samples * grid
 
 
+RL_SWEEP_METRICS = {
+    "rl2": ("val/rl2_trial_return", "val/rl2_greedy_trial_return"),
+    "pearl": ("val/adapted_return",),
+}
+"""The validation returns an RL algorithm's evaluation reports (MAML-RL's: after each
+evaluation inner step, ``val/return_step{k}``)."""
+
+
 def default_metric(spec: JobSpec) -> tuple[str, str]:
     """The metric and mode a sweep of ``spec`` ranks by when it names none."""
+    if spec.is_rl:
+        return reported_metrics(spec)[0], "max"
     step = spec.evaluation.inner_steps[0]
     if spec.is_classification:
         return f"val/accuracy_step{step}", "max"
     return f"val/loss_step{step}", "min"
 
 
+def metric_mode(metric: str) -> str:
+    """Whether a sweep maximizes ``metric`` (an accuracy, a return) or minimizes it (a loss)."""
+    return "max" if "accuracy" in metric or "return" in metric else "min"
+
+
 def reported_metrics(spec: JobSpec) -> list[str]:
     """The validation metrics every evaluation window of ``spec`` reports (a sweep ranks and
     stops trials by one of them)."""
+    if spec.is_rl:
+        if spec.algorithm.name in RL_SWEEP_METRICS:
+            return list(RL_SWEEP_METRICS[spec.algorithm.name])
+        return [f"val/return_step{step}" for step in spec.evaluation.inner_steps]
     names = []
     for step in spec.evaluation.inner_steps:
         names.append(f"val/loss_step{step}")

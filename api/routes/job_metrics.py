@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, Response
 from metaserve.api.deps import NO_CONTROL_CHARACTERS, CurrentUser, PathText, SessionDep
 from metaserve.api.schemas import ErrorResponse, MetricsPublic, metrics_response
 from metaserve.service import jobs
-from metaserve.service.store import MAX_METRICS_PAGE
+from metaserve.service.job_store import MAX_METRICS_PAGE
 
 DEFAULT_METRICS_PAGE = 1000
 

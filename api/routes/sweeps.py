@@ -16,7 +16,7 @@ from metaserve.api.deps import NO_CONTROL_CHARACTERS, CurrentUser, PathText, Ses
 from metaserve.api.schemas import ErrorResponse, model_response
 from metaserve.service import sweeps
 from metaserve.service.orm import JobStatus
-from metaserve.service.store import MAX_PAGE
+from metaserve.service.job_store import MAX_PAGE
 from metaserve.workers.sweep_spec import SweepSpec
 
 router = APIRouter(prefix="/v1/sweeps", tags=["sweeps"], responses={

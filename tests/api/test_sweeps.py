@@ -3,12 +3,15 @@ cancel of a queued sweep, trials as jobs and the leaderboard."""
 
 from __future__ import annotations
 
+import pytest
 from sqlalchemy import func, select
 
 from metaserve.service import sweeps
-from metaserve.service.orm import Job, Sweep
+from metaserve.service.exceptions import LeaseLost
+from metaserve.service.orm import Job, JobStatus, JobStatusEvent, Sweep
 from metaserve.service.settings import Settings
-from metaserve.workers.object_store import ArtifactFile
+from metaserve.workers.job_run import Trial
+from metaserve.workers.spec import JobSpec
 
 BASE = {"algorithm": {"name": "maml"}, "task_family": {"name": "sine"}, "meta_batch_size": 4,
         "iterations": 20, "evaluation": {"every": 5, "tasks": 10, "inner_steps": [1]}}
@@ -110,6 +113,7 @@ def test_optuna_search_is_accepted_when_installed(client, alice_auth):  # noqa: 
     assert response.json()["config"]["trials"] == 2
 
 
+@pytest.mark.dialects
 def test_idempotency_key_replays_the_same_sweep_and_refuses_another_body(client, alice_auth,
                                                                          sessions):  # noqa: ANN001
     headers = {**alice_auth, "Idempotency-Key": "sweep-1"}
@@ -141,36 +145,48 @@ def test_cancelling_a_queued_sweep_cancels_its_driver_at_once_and_a_second_cance
 
 def test_trials_are_jobs_of_the_sweep_ranked_on_the_leaderboard_and_never_claimed(
         client, alice_auth, sessions, db_url, tmp_path):  # noqa: ANN001
-    from metaserve.service import jobs
+    from metaserve.service import jobs, job_runs, job_store
 
     sweep = client.post("/v1/sweeps", json=SWEEP, headers=alice_auth).json()
     settings = Settings(database_url=db_url, artifact_root=tmp_path / "a")
+    first, second = "0" * 25 + "1", "0" * 25 + "2"
     with sessions() as session:  # the dispatcher claims the driver, which reports two trials
         claimed = jobs.claim_next_job(session=session, worker_id="w", lease_s=30)
         assert claimed.id == sweep["driver_job_id"]
-        run = sweeps.driver_sweep(session=session, job_id=claimed.id, settings=settings)
-        assert (run["sweep_id"], run["trials"]) == (sweep["id"], {})
+        run = job_runs.job_run(session=session, job=claimed, settings=settings)
+        assert (run.job_id, run.sweep.sweep_id, run.sweep.trials) == (claimed.id, sweep["id"], {})
+        assert run.spec == JobSpec.model_validate(claimed.spec)
+        assert run.memory_bytes >= settings.sweep_driver_memory_mb * 2**20
         # Trials count toward the owner's running jobs, the driver too: cap 4 → 3 trials.
-        assert settings.max_running_jobs_per_user == 4 and run["max_concurrent_trials"] == 3
-        uncapped = sweeps.driver_sweep(session=session, job_id=claimed.id, settings=Settings(
+        assert settings.max_running_jobs_per_user == 4 and run.sweep.max_concurrent_trials == 3
+        uncapped = job_runs.job_run(session=session, job=claimed, settings=Settings(
             database_url=db_url, max_running_jobs_per_user=0))
-        assert uncapped["max_concurrent_trials"] is None
-        spec = {**claimed.spec, "algorithm": {**claimed.spec["algorithm"], "inner_lr": 0.1}}
-        events = [("trial_start", {"trial_id": f"t{i}", "job_id": job_id, "spec": spec,
-                                   "name": f"tiny/t{i}"})
-                  for i, job_id in enumerate(("0" * 25 + "1", "0" * 25 + "2"))]
-        events += [("trial_metrics", ("0" * 25 + "1", 5, {"val/loss_step1": 2.0})),
-                   ("trial_metrics", ("0" * 25 + "1", 20, {"val/loss_step1": 0.5})),
-                   ("trial_metrics", ("0" * 25 + "2", 5, {"val/loss_step1": 1.5})),
-                   ("trial_files", ("0" * 25 + "1", [ArtifactFile("meta_init.json", 2, "0" * 64,
-                                                                  "application/json")])),
-                   ("trial_end", {"job_id": "0" * 25 + "1", "status": "succeeded",
-                                  "message": "finished"}),
-                   ("trial_end", {"job_id": "0" * 25 + "2", "status": "cancelled",
-                                  "message": "stopped early by asha at iteration 5"})]
-        sweeps.record_trial_events(session=session, sweep=run, events=events)
-        session.commit()
+        assert uncapped.sweep.max_concurrent_trials is None
+        trial = run.spec.model_copy(update={"algorithm": run.spec.algorithm.model_copy(
+            update={"inner_lr": 0.1})})
+        session.commit()  # the reads' transaction
+        with session.begin():
+            for key, job_id in (("t0", first), ("t1", second)):
+                job_store.start_child_job(session=session, parent_job_id=claimed.id, worker_id="w",
+                                      job_id=job_id, key=key, name=f"tiny/{key}", spec=trial)
+            with pytest.raises(LeaseLost):  # only the holder of the driver's lease
+                job_store.start_child_job(session=session, parent_job_id=claimed.id,
+                                      worker_id="other", job_id="0" * 25 + "3", key="t2",
+                                      name="tiny/t2", spec=trial)
+            job_store.add_metrics(session=session, job_id=first, rows=[(5, "val/loss_step1", 2.0),
+                                                                    (20, "val/loss_step1", 0.5)])
+            job_store.add_metrics(session=session, job_id=second, rows=[(5, "val/loss_step1", 1.5)])
+            job_store.add_artifact(session=session, job_id=first, name="meta_init.json", size=2,
+                               sha256="0" * 64, media_type="application/json")
+            job_store.end_child_job(session=session, parent_job_id=claimed.id, worker_id="w",
+                                job_id=first, status=JobStatus.SUCCEEDED, message="finished")
+            job_store.end_child_job(session=session, parent_job_id=claimed.id, worker_id="w",
+                                job_id=second, status=JobStatus.CANCELLED,
+                                message="stopped early by asha at iteration 5")
         assert jobs.claim_next_job(session=session, worker_id="w2", lease_s=30) is None
+        resumed = job_runs.job_run(session=session, job=claimed, settings=settings)
+        assert resumed.sweep.trials == {"t0": Trial(first, "succeeded", 0.5, 20),
+                                        "t1": Trial(second, "cancelled", 1.5, 5)}
     board = client.get(f"/v1/sweeps/{sweep['id']}/trials", headers=alice_auth).json()
     assert [(t["trial_id"], t["status"], t["value"], t["step"]) for t in board["data"]] == [
         ("t0", "succeeded", 0.5, 20), ("t1", "cancelled", 1.5, 5)]
@@ -182,3 +198,29 @@ def test_trials_are_jobs_of_the_sweep_ranked_on_the_leaderboard_and_never_claime
         ("0" * 25 + "2", sweep["id"]), ("0" * 25 + "1", sweep["id"])]
     artifacts = client.get(f"/v1/jobs/{'0' * 25 + '1'}/artifacts", headers=alice_auth).json()
     assert [a["name"] for a in artifacts["data"]] == ["meta_init.json"]
+
+
+def test_a_driver_that_ends_ends_its_running_trials_with_it(client, alice_auth, sessions,
+                                                            db_url):  # noqa: ANN001
+    from metaserve.service import jobs, job_store
+
+    sweep = client.post("/v1/sweeps", json=SWEEP, headers=alice_auth).json()
+    with sessions() as session:
+        claimed = jobs.claim_next_job(session=session, worker_id="w", lease_s=30)
+        spec = job_store.job_spec(claimed)
+        session.commit()
+        with session.begin():
+            job_store.start_child_job(session=session, parent_job_id=claimed.id, worker_id="w",
+                                  job_id="0" * 25 + "1", key="t0", name="tiny/t0",
+                                  spec=spec)
+    cancelled = client.post(f"/v1/sweeps/{sweep['id']}/cancel", headers=alice_auth).json()
+    assert (cancelled["status"], cancelled["trials"]) == ("cancelling", {"running": 1})
+    with sessions() as session:
+        jobs.finish_job(session=session, job_id=claimed.id, worker_id="w",
+                        status=JobStatus.CANCELLED)
+    trial = client.get("/v1/jobs/" + "0" * 25 + "1", headers=alice_auth).json()
+    assert (trial["status"], trial["message"]) == ("cancelled", "cancelled with its sweep")
+    with sessions() as session:  # its history: each change recorded once
+        assert list(session.scalars(select(JobStatusEvent.status).where(
+            JobStatusEvent.job_id == trial["id"]).order_by(JobStatusEvent.id))) == [
+            "running", "cancelled"]

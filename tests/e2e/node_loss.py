@@ -15,7 +15,15 @@ from ray.cluster_utils import Cluster
 from safetensors.torch import load_file
 
 from metaserve.workers.engine.loop import RunHooks
-from metaserve.workers.registry import run_job
+from metaserve.workers import registry
+from metaserve.workers.spec import JobSpec
+
+
+def run_job(spec: dict, *args, **kwargs) -> dict:  # noqa: ANN002, ANN003
+    """:func:`metaserve.workers.registry.run_job` of a spec written here as a document (this
+    file's edge: parsed once, as the API and the CLI do)."""
+    return registry.run_job(JobSpec.model_validate(spec), *args, **kwargs)
+
 
 SPEC = {
     "algorithm": {"name": "maml"},

@@ -29,7 +29,8 @@ SWEEP = {"name": "tiny", "spec": TINY,
                    "outer_optimizer.lr": {"grid": [0.0001, 0.01]}},
          "search": {"name": "grid", "shuffle": True, "seed": 1},  # Tune's order: the resume test
          "scheduler": {"name": "asha", "grace_period": 3, "reduction_factor": 2}}
-SWEEP_ACTOR_CLASSES = ("SweepSupervisor", "ImplicitFunc", "sweep_trial")
+SWEEP_ACTOR_CLASSES = ("JobSupervisor", "ImplicitFunc", "sweep_trial", "InnerLoopWorker",
+                       "RLJobActor")
 
 
 @pytest.fixture

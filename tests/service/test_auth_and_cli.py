@@ -5,7 +5,7 @@ import stat
 import pytest
 from typer.testing import CliRunner
 
-from metaserve.service import auth, store
+from metaserve.service import auth, job_store
 from metaserve.cli import app
 from metaserve.service.db import make_engine, session_factory
 from metaserve.service.exceptions import Unauthorized
@@ -34,7 +34,7 @@ def test_admin_key_is_written_once_with_mode_0600(session, tmp_path):
     admin = auth.authenticate(session=session, key=path.read_text().strip())
     assert (admin.name, admin.is_admin) == ("admin", True)
     assert auth.ensure_admin_key(session=session, path=tmp_path / "other.key") is None
-    assert store.count_users(session=session) == 1
+    assert job_store.count_users(session=session) == 1
 
 
 def test_cli_db_upgrade_check_and_keys_create(db_url):

@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 
 from metaserve.service import jobs
 from metaserve.service.orm import Job, JobStatus, User
-from metaserve.service.store import waiting_message
+from metaserve.service.claims import waiting_message
 from tests.conftest import make_user
 from tests.service.test_store import LEASE_S, reread, submit
 

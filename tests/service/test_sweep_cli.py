@@ -9,15 +9,14 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from metaserve.service import jobs, sweeps
+from metaserve.service import jobs, job_store
 from metaserve.cli import app
 from metaserve.client import Client
-from metaserve.service.settings import Settings
+from metaserve.service.orm import JobStatus
 from metaserve.workers.object_store import StorageConfig, open_store
-from tests.api.test_events import live_url  # noqa: F401 - the fixture
-from tests.service.test_client_cli import artifact_root, isolated_config, key, logged_in  # noqa: F401
 
 runner = CliRunner()
+pytestmark = pytest.mark.usefixtures("isolated_config", "artifact_root")
 SWEEP_YAML = """\
 name: cli-sweep
 spec:
@@ -42,15 +41,17 @@ def run_one_trial(sessions, db_url: str, root: Path) -> str:  # noqa: ANN001
     dispatcher does from the Tune driver's events; the driver job's id."""
     with sessions() as session:
         driver = jobs.claim_next_job(session=session, worker_id="w", lease_s=30)
-        run = sweeps.driver_sweep(session=session, job_id=driver.id,
-                                  settings=Settings(database_url=db_url))
-        spec = {**driver.spec, "algorithm": {**driver.spec["algorithm"], "inner_lr": 0.1}}
-        sweeps.record_trial_events(session=session, sweep=run, events=[
-            ("trial_start", {"trial_id": "abc_00001", "job_id": TRIAL, "spec": spec,
-                             "name": "cli-sweep/abc_00001"}),
-            ("trial_metrics", (TRIAL, 20, {"val/loss_step1": 0.25})),
-            ("trial_end", {"job_id": TRIAL, "status": "succeeded", "message": "finished"})])
+        base = job_store.job_spec(driver)
         session.commit()
+        trial = base.model_copy(update={"algorithm": base.algorithm.model_copy(
+            update={"inner_lr": 0.1})})
+        with session.begin():
+            job_store.start_child_job(session=session, parent_job_id=driver.id, worker_id="w",
+                                  job_id=TRIAL, key="abc_00001", name="cli-sweep/abc_00001",
+                                  spec=trial)
+            job_store.add_metrics(session=session, job_id=TRIAL, rows=[(20, "val/loss_step1", 0.25)])
+            job_store.end_child_job(session=session, parent_job_id=driver.id, worker_id="w",
+                                job_id=TRIAL, status=JobStatus.SUCCEEDED, message="finished")
     scratch = root.parent / "scratch"
     scratch.mkdir()
     for name, text in (("meta_init.safetensors", "weights"), ("meta_init.json", "{}"),

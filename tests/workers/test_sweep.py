@@ -17,9 +17,10 @@ import pytest
 from pydantic import ValidationError
 from ray.tune.experiment import Experiment
 
-from metaserve.workers.sweep import (max_iterations, new_trial_job_id, scheduler_of,
-                                     search_algorithm, search_space, trial_resources,
-                                     tune_samples)
+from metaserve.workers.spec import JobSpec
+from metaserve.workers.sweep import new_trial_job_id
+from metaserve.workers.sweep_search import (max_iterations, scheduler_of, search_algorithm,
+                                            search_space, trial_resources, tune_samples)
 from metaserve.workers.sweep_spec import SweepSpec, apply_config, probe_values
 
 SPACE = {"algorithm.inner_lr": {"loguniform": [0.001, 0.1]},
@@ -117,11 +118,16 @@ def test_only_a_grid_is_shuffled():
             SweepSpec.model_validate({**base, "search": {"name": name, "shuffle": True}})
 
 
-def test_a_trial_asks_for_its_specs_cpus_and_gpus_or_their_stand_in():
-    spec = config()["spec"]
-    assert trial_resources(spec, RunOptions()) == {"cpu": 1.0, "gpu": 0.5}
-    assert trial_resources(spec, RunOptions(gpu_resource="gpu_slot")) == {"cpu": 1.0,
-                                                                         "gpu_slot": 0.5}
+def test_a_trial_reserves_a_bundle_per_worker_of_its_job_and_none_for_its_driver():
+    spec = JobSpec.model_validate({"algorithm": {"name": "maml"}, "task_family": {"name": "sine"},
+                                   **config()["spec"]})  # 2 workers × 0.5 CPU, 0.25 GPU
+    placed = trial_resources(spec, RunOptions())
+    assert (placed.head_bundle_is_empty, placed.bundles) == (True, [{"CPU": 0.5, "GPU": 0.25}] * 2)
+    stand_in = trial_resources(spec, RunOptions(gpu_resource="gpu_slot"))
+    assert stand_in.bundles == [{"CPU": 0.5, "gpu_slot": 0.25}] * 2
+    rl = JobSpec.model_validate({"algorithm": {"name": "rl2"}, "task_family": {"name": "bandit"},
+                                 "resources": {"cpus_per_worker": 1}})
+    assert trial_resources(rl, RunOptions()).bundles == [{"CPU": 1.0}]  # its one RL actor
 
 
 def test_trial_job_ids_have_the_job_id_shape_and_sort_by_time():

@@ -76,13 +76,12 @@ def build_rl_algorithm(spec: JobSpec):  # noqa: ANN201 - MAMLRL | RL2Trainer | P
 class RLJobActor:
     """Holds one RL job's algorithm on a Ray worker (see the module docstring)."""
 
-    def __init__(self, spec: dict, options: RunOptions, torch_threads: int):
+    def __init__(self, spec: JobSpec, options: RunOptions, torch_threads: int):
         forward_logs_to(options.log_sink, f"rl actor pid {os.getpid()}")
         torch.set_num_threads(max(1, torch_threads))
-        job = JobSpec.model_validate(spec)
         # a Ray GPU on a node without CUDA is a misconfigured node: an error, as for any worker
-        worker_device(job.resources.gpus_per_worker, options.gpu_resource, torch.cuda.is_available())
-        self.algorithm = build_rl_algorithm(job)
+        worker_device(spec.resources.gpus_per_worker, options.gpu_resource, torch.cuda.is_available())
+        self.algorithm = build_rl_algorithm(spec)
 
     def ready(self) -> dict:
         return {"pid": os.getpid(), "device": "cpu",
@@ -143,7 +142,7 @@ class RLDriver:
         resources = self.spec.resources
         actor_class = ray.remote(RLJobActor).options(max_restarts=0,
                                                      **actor_resources(resources, self.options))
-        self.actor = actor_class.remote(self.spec.model_dump(mode="json"), self.options,
+        self.actor = actor_class.remote(self.spec, self.options,
                                         max(1, int(resources.cpus_per_worker)))
         info = self._wait(self.actor.ready.remote(), timeout_s=WORKER_READY_TIMEOUT_S,
                           what=f"the RL job actor could not be placed within "

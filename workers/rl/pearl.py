@@ -44,11 +44,10 @@ from metaserve.workers.tasks.base import task_seed
 class PEARLRolloutWorker:
     """A Ray actor collecting prior and posterior episodes of its share of the tasks."""
 
-    def __init__(self, spec: dict):
+    def __init__(self, spec: JobSpec):
         torch.set_num_threads(1)
-        job = JobSpec.model_validate(spec)
-        self.nav = job.task_family
-        self.agent = PEARLAgent(job.algorithm.latent_dim, job.algorithm.hidden, self.nav.max_action)
+        self.nav = spec.task_family
+        self.agent = PEARLAgent(spec.algorithm.latent_dim, spec.algorithm.hidden, self.nav.max_action)
 
     def collect(self, weights: dict[str, Tensor], goals: Tensor, seed: int,
                 episodes: int) -> list[Nav2DEpisodes]:
@@ -93,9 +92,8 @@ class PEARL:
 
     def _workers(self) -> list:
         if not self.workers:
-            spec = self.spec.model_dump(mode="json")
             actor = ray.remote(PEARLRolloutWorker).options(num_cpus=0.5, max_restarts=0)
-            self.workers = [actor.remote(spec) for _ in range(self.config.rollout_workers)]
+            self.workers = [actor.remote(self.spec) for _ in range(self.config.rollout_workers)]
         return self.workers
 
     def _generator(self, iteration: int, stream: int) -> torch.Generator:

@@ -1,20 +1,23 @@
 """The job store: SQL and nothing else.
 
-Every transition is guarded in its ``WHERE`` clause and raises a :class:`MetaserveError`
-subclass when no row matched. Functions never commit; :mod:`metaserve.service.jobs` owns transactions.
-Claiming is atomic: PostgreSQL locks the candidate with ``FOR UPDATE SKIP LOCKED``; SQLite
-(which renders no ``FOR UPDATE``) relies on a compare-and-set ``UPDATE`` checked by rowcount.
+Job rows and their transitions, leases, metrics and artifact records (the claim, which picks
+the next job fairly, is :mod:`metaserve.service.claims`). Every transition is guarded in its
+``WHERE`` clause and raises a :class:`MetaserveError` subclass when no row matched; the
+status history is appended in the same transaction (:func:`record_status`), the one writer of
+a job's status. Functions never commit: their callers own the transaction.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import json
 import math
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any, Sequence
 
-from sqlalchemy import Row, bindparam, case, func, insert, null, or_, select, text, update
+from sqlalchemy import Row, Select, bindparam, func, insert, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -23,20 +26,36 @@ from metaserve.service.exceptions import (IdempotencyConflict, InvalidCursor, In
                                           JobNotFound, LeaseLost, MetaserveError, QuotaExceeded)
 from metaserve.service.db import UNICODE_LOWER
 from metaserve.service.ids import new_id
-from metaserve.service.orm import Artifact, Job, JobStatus, JobStatusEvent, Metric, User, utcnow
+from metaserve.service.orm import (Artifact, Job, JobStatus, JobStatusEvent, Metric, Sweep, User,
+                                   utcnow)
+from metaserve.workers.spec import JobSpec
 
 MAX_PAGE = 100
 MAX_METRICS_PAGE = 10_000
 CLAIM_RETRIES = 50
 ACTIVE = (JobStatus.RUNNING.value, JobStatus.CANCELLING.value)
+TERMINAL = tuple(status.value for status in JobStatus if status.is_terminal())
 QUEUED_CAP_SETTING = "METASERVE_MAX_QUEUED_JOBS_PER_USER"
-RUNNING_CAP_SETTING = "METASERVE_MAX_RUNNING_JOBS_PER_USER"
-WAITING = "waiting: "
 # PostgreSQL advisory lock space (first key) of a user's submits: the queued-cap check.
 SUBMIT_LOCK = 0x6D73  # "ms"
 
 
-def _update(job_id: str, *where: Any):  # noqa: ANN202
+def spec_hash(spec: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON (sorted keys, no whitespace) of a spec (or a sweep's
+    config): what an Idempotency-Key's replay is compared by."""
+    text = json.dumps(spec, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def job_spec(row: Any) -> JobSpec:
+    """The typed spec of a job's row (a :class:`Job` or a row of its columns): the one place a
+    stored spec is parsed. Stored specs were validated and canonicalized when submitted."""
+    return JobSpec.model_validate(row.spec)
+
+
+def guarded_update(job_id: str, *where: Any):  # noqa: ANN202 - an UPDATE statement
+    """``UPDATE jobs ... WHERE id = job_id AND <where>``: a transition guarded in its WHERE
+    clause (its rowcount says whether it happened)."""
     return (
         update(Job)
         .where(Job.id == job_id, *where)
@@ -51,12 +70,15 @@ def _reload(session: Session, job_id: str) -> Job:
     return job
 
 
-def _record_status(session: Session, job_id: str) -> Job:
-    """Append the job's current status to its history (same transaction as the change)."""
+def record_status(session: Session, job_id: str) -> Job:
+    """Append the job's current status to its history (same transaction as the change). A
+    job that became terminal ends the jobs it started that still run (a sweep's trials)."""
     job = _reload(session, job_id)
     session.add(JobStatusEvent(job_id=job.id, status=job.status, attempt=job.attempt,
                                message=job.message, error=job.error))
     session.flush()
+    if job.status in TERMINAL:
+        _end_children(session, job)
     return job
 
 
@@ -269,11 +291,11 @@ def request_cancel(*, session: Session, job_id: str, owner: User) -> Job:
         status = JobStatus(job.status)
         now = utcnow()
         if status is JobStatus.QUEUED:
-            result = session.execute(_update(job_id, Job.status == JobStatus.QUEUED.value).values(
+            result = session.execute(guarded_update(job_id, Job.status == JobStatus.QUEUED.value).values(
                 status=JobStatus.CANCELLED.value, finished_at=now, lease_owner=None,
                 lease_expires_at=None, message="cancelled before it started"))
         elif status is JobStatus.RUNNING:
-            result = session.execute(_update(job_id, Job.status == JobStatus.RUNNING.value).values(
+            result = session.execute(guarded_update(job_id, Job.status == JobStatus.RUNNING.value).values(
                 status=JobStatus.CANCELLING.value, message="cancel requested"))
         elif status is JobStatus.CANCELLING:
             return job
@@ -281,260 +303,11 @@ def request_cancel(*, session: Session, job_id: str, owner: User) -> Job:
             raise InvalidTransition(f"job {job_id} is {status.value}; it cannot be cancelled",
                                     job_id=job_id, status=status.value)
         if result.rowcount == 1:
-            return _record_status(session, job_id)
+            return record_status(session, job_id)
     raise InvalidTransition(f"job {job_id} kept changing state; try again", job_id=job_id)
 
 
-# --------------------------------------------------------------------------- dispatcher side
-
-
-def claim_next_job(*, session: Session, worker_id: str, lease_s: float,
-                   exclude: Sequence[str] = (), max_running_per_user: int = 0) -> Job | None:
-    """Atomically claim the next claimable job for ``worker_id``, fairly across users; or None.
-
-    First a job whose lease expired (``running``/``cancelling``, oldest first): it already
-    counts as running for its owner, so it is recovered before any queued job. A reclaimed
-    ``cancelling`` job becomes ``cancelled``; a reclaim past ``max_attempts`` becomes
-    ``failed`` ("gave up after N attempts: ..."); both are skipped and the next is tried.
-
-    Then a ``queued`` job, by :func:`_fair_order`: the user with the fewest running jobs,
-    then the one whose turn came longest ago (``users.last_claimed_at``, never first), then
-    the one with the oldest queued job; within a user, the oldest job. With
-    ``max_running_per_user`` (0: none; admins are exempt) a user running that many is
-    skipped, and their queued jobs get a ``waiting: ...`` message (written once, not on
-    every poll).
-    Jobs in ``exclude`` (e.g. ones this dispatcher could not place a moment ago) are skipped.
-
-    Exactly once, and never above the running cap, with any number of claimers:
-
-    * the job row: PostgreSQL locks the candidate ``FOR UPDATE SKIP LOCKED``; SQLite (no
-      row locks) relies on the compare-and-set ``UPDATE`` (status, attempt) checked by rowcount.
-    * the user: on PostgreSQL the claim first locks the user's row (``FOR NO KEY UPDATE``:
-      it does not block a submit's foreign-key check), so one claimer at a time claims for a
-      user; a second one passes over that user to the next in the order, and waits only if
-      there is none (see :func:`_next_queued`: never while holding another user, so no
-      deadlock). On SQLite the first write of the claim takes the database's write lock,
-      which serializes every claim.
-      Under that lock the claim writes the user's turn (``last_claimed_at``) and then the
-      job's guarded ``UPDATE``, which re-counts the user's running jobs: a new statement
-      after the lock was granted, so under READ COMMITTED it sees every claim for that user
-      committed before. (A count in the statement that waits for a lock would not do:
-      PostgreSQL evaluates its subquery with the snapshot taken before the wait.)
-    """
-    not_excluded = _not_in(Job.__table__, exclude)
-    locked_owners: set[int] = set()  # PostgreSQL: users this transaction holds
-    for _ in range(CLAIM_RETRIES):
-        now = utcnow()
-        expired = session.execute(
-            select(Job.id, Job.status, Job.attempt, Job.max_attempts, Job.error)
-            .where(Job.status.in_(ACTIVE), Job.lease_expires_at < now, Job.sweep_id.is_(None),
-                   *not_excluded)
-            .order_by(Job.id)
-            .limit(1)
-            .with_for_update(skip_locked=True)
-        ).one_or_none()
-        if expired is not None:
-            job = _reclaim(session, expired, worker_id, lease_s, now)
-            if job is not None:
-                return job
-            continue  # lost the race, or the job ended (cancelled, failed): the next one
-        candidate = _next_queued(session, exclude, max_running_per_user, locked_owners)
-        if candidate is None:
-            return None
-        owner, job_id, attempt = candidate
-        owner_id = owner.owner_id
-        session.execute(update(User.__table__).where(User.__table__.c.id == owner_id)
-                        .values(last_claimed_at=now))
-        guard = [Job.status == JobStatus.QUEUED.value, Job.attempt == attempt]
-        if max_running_per_user and not owner.is_admin:
-            guard.append(_running_count(owner_id) < max_running_per_user)
-        result = session.execute(_update(job_id, *guard).values(
-            status=JobStatus.RUNNING.value, lease_owner=worker_id,
-            lease_expires_at=now + timedelta(seconds=lease_s), attempt=Job.attempt + 1,
-            started_at=func.coalesce(Job.started_at, now),
-            message=case((Job.message.startswith(WAITING), null()), else_=Job.message)))
-        if result.rowcount == 1:
-            return _record_status(session, job_id)
-        # Another claimer won this row (SQLite compare-and-set) or the owner reached the cap
-        # meanwhile: order the users again.
-    return None
-
-
-def _reclaim(session: Session, candidate: Row, worker_id: str, lease_s: float,
-             now: datetime) -> Job | None:
-    """Take over a job whose lease expired; the job if it runs again, else None."""
-    guard = (Job.status == candidate.status, Job.attempt == candidate.attempt,
-             Job.status.in_(ACTIVE), Job.lease_expires_at < now)
-    if candidate.status == JobStatus.CANCELLING.value:
-        values: dict[str, Any] = dict(
-            status=JobStatus.CANCELLED.value, finished_at=now, lease_owner=None,
-            lease_expires_at=None, message="cancelled (its lease expired while cancelling)")
-    elif candidate.attempt >= candidate.max_attempts:
-        values = dict(
-            status=JobStatus.FAILED.value, finished_at=now, lease_owner=None,
-            lease_expires_at=None,
-            error=f"gave up after {candidate.attempt} attempts: "
-                  f"{candidate.error or 'lease expired'}")
-    else:
-        values = dict(
-            status=JobStatus.RUNNING.value, lease_owner=worker_id,
-            lease_expires_at=now + timedelta(seconds=lease_s), attempt=Job.attempt + 1,
-            message=f"reclaimed after the lease of attempt {candidate.attempt} expired")
-    if session.execute(_update(candidate.id, *guard).values(**values)).rowcount != 1:
-        return None  # another claimer won this row (SQLite compare-and-set)
-    job = _record_status(session, candidate.id)
-    return job if values["status"] == JobStatus.RUNNING.value else None
-
-
-_RUNNING = Job.__table__.alias("running_now")
-_WAITING = Job.__table__.alias("waiting")
-
-
-def _running_count(owner_id: int):  # noqa: ANN202
-    """The owner's running jobs (``running`` or ``cancelling``: both hold cluster resources),
-    as a subquery for a guard."""
-    return (select(func.count()).select_from(_RUNNING)
-            .where(_RUNNING.c.status.in_(ACTIVE), _RUNNING.c.owner_id == owner_id)
-            .scalar_subquery())
-
-
-def _fair_order(session: Session, exclude: Sequence[str]) -> list[Row]:
-    """Every user with a queued job: ``(owner_id, name, is_admin, running, head)`` in claim
-    order — fewest running jobs, then the earliest turn (``last_claimed_at``, never first),
-    then the oldest queued job (``head``; ids grow with time).
-
-    The users come from a recursive walk of the index ``ix_jobs_status_owner_id_id`` (the
-    next owner_id above the last one with a queued job: one index probe each), and each
-    user's running count and oldest queued job are index probes too, so the cost grows with
-    the number of users with queued jobs, not with the queue: an aggregate over all queued
-    jobs took 8 ms with 10,000 of them on PostgreSQL, this 2 ms (docs/RELIABILITY.md)."""
-    if exclude:
-        return list(session.execute(_FAIR_ORDER_EXCLUDING, {"exclude": list(exclude)}))
-    return list(session.execute(_FAIR_ORDER))
-
-
-def _build_fair_order(excluding: bool):  # noqa: ANN202
-    table = Job.__table__
-    first, step, queued, running = (table.alias(name) for name in (
-        "first_owner", "next_owner", "queued", "running"))
-
-    def not_excluded(alias: Any) -> tuple[Any, ...]:
-        return (alias.c.id.not_in(bindparam("exclude", expanding=True)),) if excluding else ()
-
-    owners = (select(func.min(first.c.owner_id).label("owner_id"))
-              .where(first.c.status == JobStatus.QUEUED.value, *not_excluded(first))
-              .cte("owners", recursive=True))
-    owners = owners.union_all(
-        select(select(func.min(step.c.owner_id))
-               .where(step.c.status == JobStatus.QUEUED.value,
-                      step.c.owner_id > owners.c.owner_id, *not_excluded(step))
-               .scalar_subquery())
-        .where(owners.c.owner_id.is_not(None)))
-    jobs_running = (select(func.count()).select_from(running)
-                    .where(running.c.status.in_(ACTIVE), running.c.owner_id == owners.c.owner_id)
-                    .scalar_subquery().label("running"))
-    head = (select(func.min(queued.c.id))
-            .where(queued.c.status == JobStatus.QUEUED.value,
-                   queued.c.owner_id == owners.c.owner_id, *not_excluded(queued))
-            .scalar_subquery().label("head"))
-    return (select(owners.c.owner_id, User.name, User.is_admin, jobs_running, head)
-            .join(User, User.id == owners.c.owner_id)
-            .order_by(jobs_running, User.last_claimed_at.asc().nulls_first(), head))
-
-
-# Built once, as _JOB_ROW: this statement's construction and cache key cost more than running it.
-_FAIR_ORDER = _build_fair_order(excluding=False)
-_FAIR_ORDER_EXCLUDING = _build_fair_order(excluding=True)
-
-
-def _not_in(table: Any, exclude: Sequence[str]) -> tuple[Any, ...]:
-    return (table.c.id.not_in(list(exclude)),) if exclude else ()
-
-
-def _next_queued(session: Session, exclude: Sequence[str], max_running_per_user: int,
-                 locked_owners: set[int]) -> tuple[Row, str, int] | None:
-    """``(owner row of _fair_order, job_id, attempt)`` of the queued job to claim next, its
-    owner and itself row-locked on PostgreSQL; None when there is none.
-
-    Owners are locked SKIP LOCKED (another claimer holds one: the next in the order is
-    tried). Only when every one was held, and this transaction holds no owner yet
-    (``locked_owners``, kept across the claim's retries), does it wait for the first: a
-    claimer holding one owner never waits for another, so two claimers cannot deadlock, and
-    one busy user does not make a second claimer come back empty."""
-    owners = _fair_order(session, exclude)
-    if max_running_per_user:
-        at_cap = [owner for owner in owners
-                  if owner.running >= max_running_per_user and not owner.is_admin]
-        if at_cap:
-            _mark_waiting(session, at_cap, max_running_per_user)
-        owners = [owner for owner in owners if owner not in at_cap]
-    lock_owners = session.get_bind().dialect.name == "postgresql"  # SQLite: the write lock
-    held_elsewhere: list[Row] = []
-    for owner in owners:
-        if lock_owners and owner.owner_id not in locked_owners:
-            if session.execute(_LOCK_OWNER_NOWAIT, {"owner_id": owner.owner_id}
-                               ).one_or_none() is None:
-                held_elsewhere.append(owner)
-                continue
-            locked_owners.add(owner.owner_id)
-        if (head := _head(session, owner.owner_id, exclude)) is not None:
-            return owner, head.id, head.attempt
-    if held_elsewhere and not locked_owners:
-        owner = held_elsewhere[0]
-        session.execute(_LOCK_OWNER, {"owner_id": owner.owner_id})
-        locked_owners.add(owner.owner_id)
-        if (head := _head(session, owner.owner_id, exclude)) is not None:
-            return owner, head.id, head.attempt
-    return None
-
-
-def _head(session: Session, owner_id: int, exclude: Sequence[str]) -> Row | None:
-    """The owner's oldest queued job (not one another transaction holds)."""
-    if exclude:
-        return session.execute(_HEAD_EXCLUDING, {"owner_id": owner_id, "exclude": list(exclude)}
-                               ).one_or_none()
-    return session.execute(_HEAD, {"owner_id": owner_id}).one_or_none()
-
-
-# A sweep's trial (sweep_id set) is never claimed: its sweep's driver job runs it.
-_HEAD = (select(Job.id, Job.attempt)
-         .where(Job.status == JobStatus.QUEUED.value, Job.owner_id == bindparam("owner_id"),
-                Job.sweep_id.is_(None))
-         .order_by(Job.id).limit(1).with_for_update(skip_locked=True))
-_HEAD_EXCLUDING = _HEAD.where(Job.id.not_in(bindparam("exclude", expanding=True)))
-
-
-# FOR NO KEY UPDATE: a submit's foreign-key check (FOR KEY SHARE) on the user is not blocked.
-_LOCK_OWNER = (select(User.__table__.c.id).where(User.__table__.c.id == bindparam("owner_id"))
-               .with_for_update(key_share=True))
-_LOCK_OWNER_NOWAIT = _LOCK_OWNER.with_for_update(skip_locked=True, key_share=True)
-
-
-def waiting_message(owner_name: str, max_running_per_user: int) -> str:
-    return (f"{WAITING}{owner_name} already runs {max_running_per_user} jobs "
-            f"({RUNNING_CAP_SETTING})")
-
-
-_MARK_WAITING = (
-    update(Job.__table__)
-    .where(Job.__table__.c.id.in_(
-        select(_WAITING.c.id)
-        .where(_WAITING.c.status == JobStatus.QUEUED.value,
-               _WAITING.c.owner_id == bindparam("owner"),
-               or_(_WAITING.c.message.is_(None), _WAITING.c.message != bindparam("text")))
-        .with_for_update(skip_locked=True)))
-    .values(message=bindparam("text"))
-)
-
-
-def _mark_waiting(session: Session, owners: Sequence[Row], max_running_per_user: int) -> None:
-    """Say why the queued jobs of users at the running cap wait. Only rows whose message
-    differs are written, so a job is written once while it waits, not on every poll; rows
-    another transaction holds are skipped (SKIP LOCKED: no waits, no deadlock between two
-    claimers marking the same user), the next poll writes them."""
-    session.execute(_MARK_WAITING, [
-        {"owner": owner.owner_id, "text": waiting_message(owner.name, max_running_per_user)}
-        for owner in owners])
+# --------------------------------------------------------------------------- leases
 
 
 def expire_leases(*, session: Session, worker_id: str) -> int:
@@ -549,7 +322,7 @@ def expire_leases(*, session: Session, worker_id: str) -> int:
 
 
 def _holding(job_id: str, worker_id: str, statuses: Sequence[str] = ACTIVE):  # noqa: ANN202
-    return _update(job_id, Job.lease_owner == worker_id, Job.status.in_(statuses))
+    return guarded_update(job_id, Job.lease_owner == worker_id, Job.status.in_(statuses))
 
 
 def job_status(*, session: Session, job_id: str) -> str:
@@ -585,7 +358,7 @@ def release_job(*, session: Session, job_id: str, worker_id: str, message: str) 
         lease_expires_at=None, message=message))
     if result.rowcount != 1:
         raise LeaseLost(job_id=job_id, worker_id=worker_id)
-    _record_status(session, job_id)
+    record_status(session, job_id)
 
 
 def finish_job(*, session: Session, job_id: str, worker_id: str, status: JobStatus,
@@ -600,7 +373,7 @@ def finish_job(*, session: Session, job_id: str, worker_id: str, status: JobStat
         values["error"] = error
     if session.execute(_holding(job_id, worker_id).values(**values)).rowcount != 1:
         raise LeaseLost(job_id=job_id, worker_id=worker_id)
-    _record_status(session, job_id)
+    record_status(session, job_id)
 
 
 def fail_attempt(*, session: Session, job_id: str, worker_id: str, error: str,
@@ -619,11 +392,105 @@ def fail_attempt(*, session: Session, job_id: str, worker_id: str, error: str,
          dict(status=JobStatus.CANCELLED.value, finished_at=now)),
     ):
         result = session.execute(
-            _update(job_id, Job.lease_owner == worker_id, *where).values(**cleared, **values))
+            guarded_update(job_id, Job.lease_owner == worker_id, *where).values(**cleared, **values))
         if result.rowcount == 1:
-            _record_status(session, job_id)
+            record_status(session, job_id)
             return
     raise LeaseLost(job_id=job_id, worker_id=worker_id)
+
+
+# --------------------------------------------------------------------------- jobs a job starts
+# A sweep's trials are jobs its driver job starts: never queued, never leased, written only by
+# the dispatcher holding the driver's lease (the guard of every statement below).
+
+_PARENT = Job.__table__.alias("parent")
+
+
+def _held_sweep(parent_job_id: str, worker_id: str, *columns: Any) -> Select:
+    """The sweep that ``parent_job_id`` drives, while ``worker_id`` holds its lease (no row
+    otherwise)."""
+    return (select(*(columns or (Sweep.id,))).join(_PARENT, _PARENT.c.id == Sweep.driver_job_id)
+            .where(_PARENT.c.id == parent_job_id, _PARENT.c.lease_owner == worker_id,
+                   _PARENT.c.status.in_(ACTIVE)))
+
+
+def start_child_job(*, session: Session, parent_job_id: str, worker_id: str, job_id: str,
+                    key: str, name: str, spec: JobSpec) -> None:
+    """A job that ``parent_job_id`` starts (its sweep's trial ``key``) runs: its row is
+    inserted ``running`` at attempt 1, or, started by an earlier attempt of the parent and
+    still running, its attempt counted; a terminal one stays as it is."""
+    sweep = session.execute(_held_sweep(parent_job_id, worker_id, Sweep.id, Sweep.owner_id)
+                            ).one_or_none()
+    if sweep is None:
+        raise LeaseLost(job_id=parent_job_id, worker_id=worker_id)
+    sweep_id = sweep.id
+    if session.get(Job, job_id, populate_existing=True) is None:
+        now = utcnow()
+        document = spec.model_dump(mode="json")
+        message = f"trial {key} started"
+        session.execute(insert(Job.__table__), dict(
+            id=job_id, owner_id=sweep.owner_id, name=name, spec=document,
+            spec_hash=spec_hash(document), status=JobStatus.RUNNING.value, attempt=1,
+            max_attempts=spec.max_attempts, progress={}, created_at=now, updated_at=now,
+            started_at=now, sweep_id=sweep_id, trial_id=key, message=message))
+        session.execute(insert(JobStatusEvent.__table__), dict(
+            job_id=job_id, status=JobStatus.RUNNING.value, attempt=1, created_at=now,
+            message=message))
+        return
+    # running stays running; cancelling stays cancelling (its owner asked: it stops again)
+    result = session.execute(guarded_update(job_id, Job.sweep_id == sweep_id, Job.status.in_(ACTIVE))
+                             .values(attempt=Job.attempt + 1,
+                                     message="trial resumed by the sweep's next attempt"))
+    if result.rowcount == 1:
+        record_status(session, job_id)
+
+
+def update_child_progress(*, session: Session, parent_job_id: str, worker_id: str, job_id: str,
+                          progress: dict[str, Any]) -> None:
+    """The progress of a running job ``parent_job_id`` started (none once it ended)."""
+    session.execute(guarded_update(job_id, Job.sweep_id == _held_sweep(parent_job_id, worker_id).scalar_subquery(),
+                            Job.status.in_(ACTIVE)).values(progress=progress))
+
+
+def end_child_job(*, session: Session, parent_job_id: str, worker_id: str, job_id: str,
+                  status: JobStatus, message: str, error: str | None = None) -> None:
+    """running/cancelling → a terminal ``status``, for a job ``parent_job_id`` started; a job
+    that already ended keeps its end."""
+    status = JobStatus(status)
+    if not status.is_terminal():
+        raise InvalidTransition(f"{status.value} is not a terminal status", status=status.value)
+    values: dict[str, Any] = dict(status=status.value, finished_at=utcnow(), message=message)
+    if error is not None:
+        values["error"] = error
+    result = session.execute(guarded_update(job_id, Job.sweep_id == _held_sweep(parent_job_id, worker_id).scalar_subquery(),
+                                     Job.status.in_(ACTIVE)).values(**values))
+    if result.rowcount == 1:
+        record_status(session, job_id)
+
+
+def cancelling_children(*, session: Session, parent_job_id: str) -> list[str]:
+    """The jobs ``parent_job_id`` started whose owner asked to stop them (``POST
+    /v1/jobs/{trial}/cancel``)."""
+    return list(session.scalars(select(Job.id).where(
+        Job.sweep_id == select(Sweep.id).where(Sweep.driver_job_id == parent_job_id)
+        .scalar_subquery(), Job.status == JobStatus.CANCELLING.value)))
+
+
+def _end_children(session: Session, parent: Job) -> None:
+    """End the jobs the terminal ``parent`` started that still run: with its cancel, cancelled;
+    with its end, cancelled with the reason (no later attempt resumes them)."""
+    if parent.sweep_id is not None:
+        return  # a trial starts no jobs
+    message = ("cancelled with its sweep" if parent.status == JobStatus.CANCELLED.value
+               else f"the sweep {parent.status} before this trial finished")
+    children = session.scalars(select(Job.id).where(
+        Job.sweep_id == select(Sweep.id).where(Sweep.driver_job_id == parent.id)
+        .scalar_subquery(), Job.status.in_(ACTIVE))).all()
+    for job_id in children:
+        result = session.execute(guarded_update(job_id, Job.status.in_(ACTIVE)).values(
+            status=JobStatus.CANCELLED.value, finished_at=utcnow(), message=message))
+        if result.rowcount == 1:
+            record_status(session, job_id)
 
 
 # --------------------------------------------------------------------------- metrics, artifacts
