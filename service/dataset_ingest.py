@@ -43,11 +43,12 @@ import sys
 import tarfile
 import traceback
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from metaserve.service.exceptions import DatasetLimitExceeded, InvalidDataset, MetaserveError
+from metaserve.service.upload_conversion import Converted, Limits
 
 RESULT_FILE = ".conversion.json"
 CHILD_NICENESS = 5
@@ -58,46 +59,6 @@ faults); the kernel's OOM killer sends SIGKILL."""
 logger = logging.getLogger(__name__)
 ERRORS: dict[str, type[MetaserveError]] = {"InvalidDataset": InvalidDataset,
                                            "DatasetLimitExceeded": DatasetLimitExceeded}
-
-
-@dataclass(frozen=True)
-class Limits:
-    """The settings a conversion reads (plain data: they travel to the child as JSON)."""
-
-    dataset_max_images: int
-    dataset_max_image_side: int
-    dataset_max_stored_bytes: int
-    dataset_max_rows: int
-    dataset_max_columns: int
-    dataset_convert_memory_bytes: int
-
-    @classmethod
-    def of(cls, settings: Any) -> "Limits":
-        return cls(**{name: getattr(settings, name) for name in cls.__dataclass_fields__})
-
-
-@dataclass(frozen=True)
-class Converted:
-    """What an upload became: canonical ``files`` in the work directory, its ``kind``
-    (``images`` or ``table``), the ``format`` uploaded, and ``meta`` (what submit checks a
-    spec against: :func:`images_meta`, or a table's ``table.json``)."""
-
-    kind: str
-    format: str
-    files: list[str]
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def classes(self) -> int | None:
-        return self.meta.get("classes") if self.kind == "images" else None
-
-    @property
-    def images(self) -> int | None:
-        return self.meta.get("images") if self.kind == "images" else None
-
-    @property
-    def shape(self) -> list[int] | None:
-        return self.meta.get("shape") if self.kind == "images" else None
 
 
 # --------------------------------------------------------------------------- the child process

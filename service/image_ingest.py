@@ -15,8 +15,8 @@ from typing import Any, BinaryIO, Iterator
 
 import numpy as np
 
-from metaserve.service.dataset_ingest import Converted, Limits
 from metaserve.service.exceptions import DatasetLimitExceeded, InvalidDataset
+from metaserve.service.upload_conversion import Converted, Limits
 from metaserve.workers.tasks.table_format import MAX_LISTED_TASKS, size_histogram
 from metaserve.workers.tasks.uploaded import (DATASET_JSON, DATASET_TENSORS, copy_exactly,
                                               safetensors_header, write_canonical_json)

@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from metaserve.service.dataset_ingest import Converted, Limits
 from metaserve.service.exceptions import DatasetLimitExceeded, InvalidDataset
+from metaserve.service.upload_conversion import Converted, Limits
 from metaserve.workers.tasks.table_format import (MAX_GROUP_TASKS, TABLE_FILES, CategoryColumn,
                                                   write_canonical_table)
 
