@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import math
 from datetime import datetime
-from typing import Any, Iterable
+from typing import Annotated, Any, Iterable, Union
 
 from fastapi import Response
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import to_json
 
 from metaserve.service.orm import JobStatus
@@ -142,27 +142,71 @@ MAX_ADAPT_VALUES = 250_000
 """Most numbers in one array of an adapt request (e.g. 318 glyphs of 28×28); larger → 413."""
 
 
+MAX_ADAPT_COLUMNS = 10_000
+"""Most named columns in the support or query rows of a tabular adapt request."""
+AdaptColumn = Annotated[list[Any], Field(min_length=1, max_length=MAX_ADAPT_POINTS)]
+AdaptRows = Union[
+    Annotated[dict[str, AdaptColumn], Field(min_length=1, max_length=MAX_ADAPT_COLUMNS)],
+    Annotated[list[dict[str, Any]], Field(min_length=1, max_length=MAX_ADAPT_POINTS)],
+]
+
+
 class AdaptRequest(BaseModel):
-    """A support set and query inputs of one task, as JSON arrays.
+    """A support set and query inputs of one task.
 
     Regression families: ``support_x`` ``[n, 1]``, ``support_y`` ``[n, 1]``, ``query_x``
     ``[m, 1]``. Image families: ``support_x`` and ``query_x`` ``[n, channels, size, size]``
     with values in [0, 1], ``support_y`` ``[n]`` class indices in ``[0, ways)``.
+
+    Tabular jobs take a new entity's *raw* rows, scaled by the server with the job's recipe:
+    ``support`` and ``query`` as named columns (``{"x1": [...], "y": [...]}``) or row objects
+    (``[{"x1": 0.3, "y": 2.5}, ...]``), the support rows holding the target(s) and, with a time
+    column, the time; or ``support_x`` ``[n, features]`` / ``support_y`` ``[n]`` (raw labels or
+    values) / ``query_x`` ``[m, features]`` in the job's feature order.
     """
 
     model_config = ConfigDict(extra="forbid")
 
-    support_x: list[Any] = Field(min_length=1, max_length=MAX_ADAPT_POINTS)
-    support_y: list[Any] = Field(min_length=1, max_length=MAX_ADAPT_POINTS)
-    query_x: list[Any] = Field(min_length=1, max_length=MAX_ADAPT_POINTS)
+    support_x: list[Any] | None = Field(None, min_length=1, max_length=MAX_ADAPT_POINTS)
+    support_y: list[Any] | None = Field(None, min_length=1, max_length=MAX_ADAPT_POINTS)
+    query_x: list[Any] | None = Field(None, min_length=1, max_length=MAX_ADAPT_POINTS)
+    support: AdaptRows | None = Field(None, description="Tabular jobs: the support rows, raw.")
+    query: AdaptRows | None = Field(None, description="Tabular jobs: the query rows, raw.")
     steps: int | None = Field(None, ge=0, le=100, description="Inner steps (default: the job's).")
+
+    @model_validator(mode="after")
+    def _one_form(self) -> "AdaptRequest":
+        rows = {"support": self.support, "query": self.query}
+        arrays = {"support_x": self.support_x, "support_y": self.support_y, "query_x": self.query_x}
+        if any(value is not None for value in rows.values()):
+            given = [name for name, value in arrays.items() if value is not None]
+            if given:
+                raise ValueError(f"{given[0]}: give rows (support, query) or arrays (support_x, "
+                                 "support_y, query_x), not both")
+            missing = [name for name, value in rows.items() if value is None]
+        else:
+            missing = [name for name, value in arrays.items() if value is None]
+        if missing:
+            raise ValueError(f"{missing[0]}: field required")
+        return self
+
+    def inputs(self) -> dict[str, Any]:
+        """The arrays or rows given, by field name."""
+        names = (("support", "query") if self.support is not None
+                 else ("support_x", "support_y", "query_x"))
+        return {name: getattr(self, name) for name in names}
 
 
 class AdaptResponse(BaseModel):
-    predictions: list[Any] = Field(description="Regression: ``[m, 1]`` outputs; classification: "
-                                               "``[m, ways]`` logits.")
-    labels: list[int] | None = Field(None, description="Classification: the predicted class "
-                                                       "of each query input.")
+    predictions: list[Any] = Field(description="Regression: ``[m, targets]`` outputs (tabular: in "
+                                               "the targets' units); classification: ``[m, ways]`` "
+                                               "logits.")
+    labels: list[Any] | None = Field(None, description="Classification: the predicted class of "
+                                                       "each query input (tabular: its raw label).")
+    classes: list[Any] | None = Field(None, description="Tabular classification: the raw label of "
+                                                        "each logit column.")
+    targets: list[str] | None = Field(None, description="Tabular: the target column of each "
+                                                        "prediction column.")
     steps: int = Field(description="Inner steps applied.")
     algorithm: str
 

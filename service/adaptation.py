@@ -30,12 +30,15 @@ META_INIT_FILES = ("meta_init.safetensors", "meta_init.json")
 
 
 def count_values(array: Any, limit: int) -> int:
-    """The numbers in a nested list, counting stops just above ``limit``."""
+    """The values in a nested list (or a tabular job's named columns or row objects),
+    counting stops just above ``limit``."""
     count, stack = 0, [array]
     while stack and count <= limit:
         node = stack.pop()
         if isinstance(node, list):
             stack.extend(node)
+        elif isinstance(node, dict):
+            stack.extend(node.values())
         else:
             count += 1
     return count
@@ -210,7 +213,14 @@ def compute_adaptation(work: AdaptWork, cache: MetaInitCache) -> dict[str, Any]:
     with the job's recipe (or ``work.steps`` inner steps), the query inputs predicted."""
     import torch
 
-    support_x, support_y, query_x = to_adapt_tensors(work.spec, **work.arrays)
+    tabular = work.spec["task_family"]["name"] == "tabular"
+    if not tabular:
+        if "support" in work.arrays:
+            raise InvalidAdaptInput(
+                "support: named rows (support, query) are for tabular jobs; this job takes "
+                "arrays support_x, support_y, query_x",
+                support="named rows are for tabular jobs: give support_x, support_y, query_x")
+        support_x, support_y, query_x = to_adapt_tensors(work.spec, **work.arrays)
     try:
         model = cache.get(work.job_id, work.sha256["meta_init.safetensors"],
                           lambda: load_meta_init_from_store(artifacts.get_store(work.storage),
@@ -218,6 +228,8 @@ def compute_adaptation(work: AdaptWork, cache: MetaInitCache) -> dict[str, Any]:
     except StorageError as error:
         raise artifacts.unavailable(error, job_id=work.job_id) from None
     steps = model.algorithm.inner_steps if work.steps is None else work.steps
+    if tabular:
+        return adapt_table_rows(work, model, steps)
     output = model.adapt(support_x, support_y, steps)(query_x).detach()
     if not bool(torch.isfinite(output).all()):
         raise AdaptDiverged(
@@ -227,3 +239,23 @@ def compute_adaptation(work: AdaptWork, cache: MetaInitCache) -> dict[str, Any]:
     labels = output.argmax(dim=-1).tolist() if model.algorithm.classification else None
     return {"predictions": output.tolist(), "labels": labels, "steps": steps,
             "algorithm": work.spec["algorithm"]["name"]}
+
+
+def adapt_table_rows(work: AdaptWork, model: Any, steps: int) -> dict[str, Any]:
+    """A tabular job's served task: the raw rows checked against and scaled with the recipe its
+    artifact records (422 naming the column), predictions in the target's units
+    (:meth:`~metaserve.workers.engine.final_artifact.MetaInitModel.adapt_rows`)."""
+    import numpy as np
+
+    from metaserve.workers.exceptions import RowsInvalid
+
+    try:
+        result = model.adapt_rows(**work.arrays, steps=steps)
+    except RowsInvalid as error:
+        raise InvalidAdaptInput(str(error), **{error.field: error.message}) from None
+    if not bool(np.isfinite(np.asarray(result["predictions"], dtype=np.float64)).all()):
+        raise AdaptDiverged(
+            f"the adaptation diverged: non-finite predictions after {steps} inner steps "
+            "(overflow); try fewer steps",
+            predictions=f"non-finite after {steps} inner steps (overflow)")
+    return {**result, "steps": steps, "algorithm": work.spec["algorithm"]["name"]}

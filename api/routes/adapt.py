@@ -36,15 +36,15 @@ router = APIRouter(prefix="/v1/jobs", tags=["adapt"], responses={
 async def adapt_job(job_id: PathText, body: AdaptRequest, request: Request, user: CurrentUser,
                     settings: SettingsDep) -> AdaptResponse:
     """Adapt the job's meta-initialization to `support_x`/`support_y` with its recipe (or
-    `steps` inner steps) and predict `query_x`."""
+    `steps` inner steps) and predict `query_x`; a tabular job takes a new entity's raw rows
+    (`support`, `query`) and predicts in the target's units."""
     factory = request.app.state.session_factory
 
     def prepare() -> adaptation.AdaptWork:
         with factory() as session:
             return adaptation.prepare_adaptation(
                 session=session, job_id=job_id, owner=user,
-                arrays={"support_x": body.support_x, "support_y": body.support_y,
-                        "query_x": body.query_x},
+                arrays=body.inputs(),
                 steps=body.steps, max_values=MAX_ADAPT_VALUES, storage=settings.storage_config())
 
     return AdaptResponse(**await adapt_pool(request).run(prepare))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -87,10 +88,10 @@ def test_adapt_returns_the_query_predictions_of_the_jobs_recipe_as_the_offline_l
     expected = one_thread(lambda: adapt(model, support_x, support_y)(query_x).detach())
     expected_5 = one_thread(lambda: adapt(model, support_x, support_y, 5)(query_x).detach())
     assert first.status_code == 200, first.text
-    assert first.json() == {"predictions": expected.tolist(), "labels": None, "steps": 1,
-                            "algorithm": "maml"}
-    assert again.json() == {"predictions": expected_5.tolist(), "labels": None, "steps": 5,
-                            "algorithm": "maml"}
+    assert first.json() == {"predictions": expected.tolist(), "labels": None, "classes": None,
+                            "targets": None, "steps": 1, "algorithm": "maml"}
+    assert again.json() == {"predictions": expected_5.tolist(), "labels": None, "classes": None,
+                            "targets": None, "steps": 5, "algorithm": "maml"}
     assert len(client.app.state.adapt_pool.process_ids()) == 1  # both calls, one process
 
 
@@ -196,9 +197,117 @@ def test_an_anil_glyphs_job_adapts_to_labelled_images_and_checks_their_shape_and
     model, _ = load_meta_init(glyphs_run)
     logits = one_thread(lambda: adapt(model, support_x, support_y)(query_x).detach())
     assert response.json() == {"predictions": logits.tolist(),
-                               "labels": logits.argmax(dim=-1).tolist(), "steps": 1,
-                               "algorithm": "anil"}
+                               "labels": logits.argmax(dim=-1).tolist(), "classes": None,
+                               "targets": None, "steps": 1, "algorithm": "anil"}
     assert bad_label.json()["error"]["details"] == [
         {"field": "support_y", "message": "class indices must be integers in [0, 3)"}]
     assert bad_size.json()["error"]["details"] == [
         {"field": "query_x", "message": "shape [4, 1, 28, 28], expected [m, 1, 16, 16]"}]
+
+
+TABLE_ENTITIES, TABLE_ROWS = 30, 24
+
+
+def table_csv() -> bytes:
+    """30 entities × 24 rows: ``y = a_e·x1 + sin(x2) + b_e``, times 0..23, a label column."""
+    rng = np.random.default_rng(0)
+    entity = np.repeat(np.arange(TABLE_ENTITIES), TABLE_ROWS)
+    x1, x2 = rng.normal(size=(2, len(entity)))
+    a, b = rng.normal(size=(2, TABLE_ENTITIES))
+    y = a[entity] * x1 + np.sin(x2) + b[entity]
+    kinds = np.array(["cat", "dog", "eel"])[np.tile(np.arange(3), len(entity) // 3)]
+    lines = ["entity,t,x1,x2,kind,y"] + [
+        f"e{e},{t},{u!r},{v!r},{k},{w!r}" for e, t, u, v, k, w in
+        zip(entity.tolist(), np.tile(np.arange(TABLE_ROWS), TABLE_ENTITIES).tolist(), x1.tolist(),
+            x2.tolist(), kinds.tolist(), y.tolist())]
+    return "\n".join(lines).encode()
+
+
+def tabular_spec(dataset_id: str, **family) -> dict:
+    return {"algorithm": {"name": "maml", "inner_lr": 0.1, "inner_steps": 2},
+            "model": {"name": "mlp", "hidden": [16]}, "meta_batch_size": 4, "iterations": 3,
+            "evaluation": {"every": 0, "tasks": 4, "inner_steps": [2]},
+            "task_family": {"name": "tabular", "dataset": dataset_id, "task_column": "entity",
+                            "target": "y", "features": ["x1", "x2"], "support_shots": 5,
+                            "query_shots": 5, **family}}
+
+
+@pytest.fixture
+def tabular_job(client, sessions, alice_auth, artifact_root, tmp_path):  # noqa: ANN001, ANN201
+    """A succeeded time-series tabular job (lags 1) on an uploaded table, trained for real."""
+    from metaserve.workers.tasks.uploaded import use_dataset_store
+
+    uploaded = client.post("/v1/datasets", params={"name": "panel"}, content=table_csv(),
+                           headers=alice_auth)
+    assert uploaded.status_code == 201, uploaded.text
+    spec = tabular_spec(uploaded.json()["id"], time_column="t", lags=1)
+    use_dataset_store(client.app.state.settings.storage_config())
+    one_thread(lambda: Trainer(spec).run(tmp_path / "tabular-run"))
+    job_id = succeeded_job(client, sessions, alice_auth, spec, tmp_path / "tabular-run", artifact_root)
+    return job_id, tmp_path / "tabular-run"
+
+
+SUPPORT_ROWS = {"x1": [0.1, -0.4, 1.2, 0.3], "x2": [1.0, 0.5, -0.2, 0.0],
+                "y": [2.0, 1.5, 3.1, 2.2], "t": [0, 1, 2, 3]}
+QUERY_ROWS = {"x1": [0.7, -1.0], "x2": [0.2, 0.3], "t": [5, 4]}
+
+
+def test_a_tabular_job_adapts_to_raw_rows_in_any_form_as_the_offline_loader_does(
+        client, alice_auth, tabular_job) -> None:  # noqa: ANN001
+    job_id, run = tabular_job
+    url = f"/v1/jobs/{job_id}/adapt"
+    columns = client.post(url, headers=alice_auth, json={"support": SUPPORT_ROWS, "query": QUERY_ROWS})
+    objects = client.post(url, headers=alice_auth, json={
+        "support": [dict(zip(SUPPORT_ROWS, row)) for row in zip(*SUPPORT_ROWS.values())],
+        "query": [dict(zip(QUERY_ROWS, row)) for row in zip(*QUERY_ROWS.values())]})
+    in_time_order = [1, 0]  # arrays carry no time column: rows are given in time order
+    arrays = client.post(url, headers=alice_auth, json={
+        "support_x": [list(row) for row in zip(SUPPORT_ROWS["x1"], SUPPORT_ROWS["x2"])],
+        "support_y": SUPPORT_ROWS["y"],
+        "query_x": [[QUERY_ROWS["x1"][i], QUERY_ROWS["x2"][i]] for i in in_time_order]})
+
+    model, _ = load_meta_init(run)
+    expected = one_thread(lambda: model.adapt_rows(support=SUPPORT_ROWS, query=QUERY_ROWS))
+    assert columns.status_code == 200, columns.text
+    assert columns.json() == {**expected, "steps": 2, "algorithm": "maml"}
+    assert expected["targets"] == ["y"] and len(expected["predictions"]) == 2
+    assert objects.json() == columns.json()
+    assert [arrays.json()["predictions"][i] for i in in_time_order] == columns.json()["predictions"]
+
+
+def test_raw_rows_that_do_not_fit_the_tabular_job_are_a_422_naming_the_column(
+        client, alice_auth, tabular_job) -> None:  # noqa: ANN001
+    job_id, _ = tabular_job
+    cases = [  # (support, query, the field named)
+        ({**SUPPORT_ROWS, "x3": [0.0] * 4}, QUERY_ROWS, "support.x3"),
+        ({name: v for name, v in SUPPORT_ROWS.items() if name != "y"}, QUERY_ROWS, "support.y"),
+        (SUPPORT_ROWS, {"x1": [0.7], "X2": [0.2], "t": [5]}, "query.x2"),
+        (SUPPORT_ROWS, {**QUERY_ROWS, "t": [3, 4]}, "query.t"),
+        ({**SUPPORT_ROWS, "x1": [0.1, None, 1.2, 0.3]}, QUERY_ROWS, "support.x1"),
+    ]
+    for support, query, field in cases:
+        response = client.post(f"/v1/jobs/{job_id}/adapt", headers=alice_auth,
+                               json={"support": support, "query": query})
+        assert response.status_code == 422, response.text
+        assert [d["field"] for d in response.json()["error"]["details"]] == [field]
+
+
+def test_rows_and_arrays_together_or_rows_for_a_sine_job_are_a_422(
+        client, sessions, alice_auth, sine_run, artifact_root) -> None:  # noqa: ANN001
+    job_id = succeeded_job(client, sessions, alice_auth, SINE_SPEC, sine_run, artifact_root)
+    both = client.post(f"/v1/jobs/{job_id}/adapt", headers=alice_auth, json={
+        "support": {"x": [1.0]}, "query": {"x": [1.0]}, "support_x": [[1.0]]})
+    rows = client.post(f"/v1/jobs/{job_id}/adapt", headers=alice_auth, json={
+        "support": {"x": [1.0]}, "query": {"x": [1.0]}})
+    assert both.status_code == 422 and rows.status_code == 422
+    assert rows.json()["error"]["details"][0]["field"] == "support"
+
+
+def test_named_columns_above_the_number_bound_are_a_413(client, alice_auth) -> None:  # noqa: ANN001
+    job_id = client.post("/v1/jobs", json=SINE_SPEC, headers=alice_auth).json()["id"]
+    columns = {f"c{i}": [0.0] * 1000 for i in range(MAX_ADAPT_VALUES // 1000 + 1)}
+    response = client.post(f"/v1/jobs/{job_id}/adapt", headers=alice_auth,
+                           json={"support": columns, "query": {"c0": [0.0]}})
+    assert response.status_code == 413
+    assert response.json()["error"]["details"] == [
+        {"field": "support", "message": f"at most {MAX_ADAPT_VALUES} numbers"}]
