@@ -243,6 +243,13 @@ class AdminOnly(MetaserveError):
     code = "forbidden"
 
 
+class PluginSpecRefused(MetaserveError):
+    """An installed plugin cannot build this job (its network or task family raised)."""
+
+    status_code = 422
+    code = "validation_error"
+
+
 class CostLimitExceeded(MetaserveError):
     """The job is larger than this server accepts."""
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import logging
 
-from metaserve.service.exceptions import CostLimitExceeded
+from metaserve.service.exceptions import CostLimitExceeded, PluginSpecRefused
 from metaserve.service.settings import Settings
 from metaserve.workers.cost import CostEstimate, CostLimits, estimate, limit_problems
+from metaserve.workers.exceptions import PluginSpecInvalid
 from metaserve.workers.spec import JobSpec
 
 MIB = 2**20
@@ -39,7 +40,10 @@ def cost_limits(settings: Settings) -> CostLimits:
 def check_job_cost(*, spec: JobSpec, settings: Settings) -> CostEstimate:
     """The job's cost estimate, or :class:`CostLimitExceeded` naming every cap it breaks
     (:func:`metaserve.workers.cost.limit_problems`)."""
-    cost = estimate(spec)
+    try:
+        cost = estimate(spec)
+    except PluginSpecInvalid as error:
+        raise PluginSpecRefused(str(error), **{error.field: error.message}) from None
     problems = limit_problems(spec, cost, cost_limits(settings))
     if problems:
         raise CostLimitExceeded(

@@ -35,7 +35,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from metaserve.workers.spec import JobSpec
+from metaserve.workers.exceptions import PluginSpecInvalid
+from metaserve.workers.plugins import Plugin
+from metaserve.workers.spec import PLUGINS, JobSpec
 
 RUNTIME_BYTES = 400 * 2**20
 """A Ray worker process with torch and the engine imported: 280 MiB resident measured on
@@ -84,11 +86,31 @@ class _ActivationCounter(TorchDispatchMode):
 
 
 def _example_figures(spec: JobSpec) -> tuple[int, int, int]:
-    """(parameters, forward FLOPs of one example, activation elements of one example)."""
+    """(parameters, forward FLOPs of one example, activation elements of one example).
+
+    A plugin's network is built and run here like a built-in; its code failing on this spec
+    (its constructor refusing the family's shapes, a forward pass that does not run on the
+    meta device) is :class:`PluginSpecInvalid` naming the plugin, not a server error."""
     from metaserve.workers.networks import network_of
 
-    model, input_shape, output_dim, prompt_dim = network_of(spec)
-    return _network_figures(model.model_dump_json(), input_shape, output_dim, prompt_dim)
+    try:
+        model, input_shape, output_dim, prompt_dim = network_of(spec)
+        return _network_figures(model.model_dump_json(), input_shape, output_dim, prompt_dim)
+    except Exception as error:
+        field, plugin = _plugin_of(spec)
+        if plugin is None:
+            raise
+        raise PluginSpecInvalid(field, (
+            f"the plugin {plugin.kind.replace('_', ' ')} {plugin.name!r} (package "
+            f"{plugin.package}) fails on this spec: {type(error).__name__}: {error}")) from error
+
+
+def _plugin_of(spec: JobSpec) -> tuple[str, Plugin | None]:
+    """The spec's field and plugin a network failure is blamed on: its network's plugin,
+    else its task family's (whose shapes the network was built for)."""
+    if spec.model is not None and spec.model.name in PLUGINS.models:
+        return "model", PLUGINS.models[spec.model.name]
+    return "task_family", PLUGINS.task_families.get(spec.task_family.name)
 
 
 @functools.lru_cache(maxsize=1024)

@@ -84,6 +84,19 @@ class PluginError(Exception):
     :class:`~metaserve.workers.plugins.BrokenPlugin`)."""
 
 
+class PluginSpecInvalid(ValueError):
+    """A plugin's network or task family that fails on a job's spec (its own code raised):
+    ``field`` names the part of the spec (``model`` or ``task_family``)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+    def __reduce__(self) -> tuple:  # pickled across Ray with its two arguments
+        return type(self), (self.field, self.message)
+
+
 __all__ = ["ArtifactError", "CheckpointError", "DatasetError", "DriverOutOfMemory", "JobCancelled",
-           "PluginError", "RowsInvalid", "StorageError", "SweepError", "TableSpecInvalid",
-           "TrialOverLimits", "Unschedulable", "WorkerLost"]
+           "PluginError", "PluginSpecInvalid", "RowsInvalid", "StorageError", "SweepError",
+           "TableSpecInvalid", "TrialOverLimits", "Unschedulable", "WorkerLost"]

@@ -253,3 +253,63 @@ print(JobSpec.model_validate({"algorithm": {"name": "maml"}, "task_family": {"na
         f"Value error, 'import_error' comes from the plugin package {BROKEN_PACKAGE}, which is "
         f"installed but could not be loaded here: {BROKEN_ENTRIES['import_error'][2]}")]]
     assert sine_module == "metaserve.workers.spec"
+
+
+PICKY_NETWORK = '''
+from typing import Literal
+
+import torch
+
+from metaserve.workers.networks import FunctionalModel
+from metaserve.workers.spec_base import StrictModel
+
+
+class OneFeature(FunctionalModel):
+    class Spec(StrictModel):
+        name: Literal["one_feature"] = "one_feature"
+
+    def __init__(self, spec, input_shape, output_dim, prompt_dim=0):
+        if tuple(input_shape) != (1,):
+            raise ValueError(f"one_feature takes one input feature, got input_shape {tuple(input_shape)}")
+        self.input_shape, self.output_dim, self.prompt_dim = (1,), output_dim, prompt_dim
+
+    def init_params(self, generator):
+        return {"head.weight": torch.zeros(self.output_dim, 1), "head.bias": torch.zeros(self.output_dim)}
+
+    def features(self, params, x, prompt=None, stats_rows=None):
+        return x
+
+    def describe(self):
+        return {"name": "one_feature"}
+'''
+
+
+def test_a_plugin_network_failing_on_a_spec_is_refused_at_submit_naming_the_plugin(
+        tmp_path: Path):
+    """The cost model builds the plugin's network for the job's family: its own refusal is a
+    PluginSpecInvalid naming the plugin, which the server maps to a 422 on ``model``."""
+    write_distribution(tmp_path, "picky-networks", "3.1", {"metaserve.models": {
+        "one_feature": "picky_networks:OneFeature"}}, {"picky_networks.py": PICKY_NETWORK})
+    code = """
+import json
+from metaserve.service.exceptions import PluginSpecRefused
+from metaserve.service.limits import check_job_cost
+from metaserve.service.settings import Settings
+from metaserve.workers.spec import JobSpec
+spec = {"algorithm": {"name": "maml"}, "model": {"name": "one_feature"}}
+print(check_job_cost(spec=JobSpec.model_validate({**spec, "task_family": {"name": "sine"}}),
+                     settings=Settings()).parameters)
+try:
+    check_job_cost(spec=JobSpec.model_validate({**spec, "task_family": {"name": "glyphs"}}),
+                   settings=Settings())
+except PluginSpecRefused as error:
+    print(json.dumps([error.status_code, error.message, error.details]))
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    parameters, refused = result.stdout.strip().splitlines()
+    assert parameters == "2"
+    reason = ("the plugin model 'one_feature' (package picky-networks) fails on this spec: "
+              "ValueError: one_feature takes one input feature, got input_shape (1, 28, 28)")
+    assert json.loads(refused) == [422, f"model: {reason}", {"model": reason}]
