@@ -48,7 +48,7 @@ from metaserve.client.errors import (ApiError, BadRequest, Conflict, ConnectionF
                                      ServerError, Unauthorized, error_from_response)
 from metaserve.client.http_client import Client, job_id_of, safe_target
 from metaserve.client.local import (ARTIFACT_FILES, LOADERS, META_INIT_FILES, META_POLICY_FILES, adapt,
-                                    load_meta_init, load_meta_policy)
+                                    adapt_rows, load_meta_init, load_meta_policy)
 from metaserve.client.progress import Progress, ProgressBar, evaluation_figure, progress_line
 from metaserve.client.spec_documents import load_spec_document
 from metaserve.client.sse import Event, parse_sse
@@ -57,7 +57,7 @@ __all__ = [
     "ARTIFACT_FILES", "DEFAULT_URL", "LOADERS", "META_INIT_FILES", "META_POLICY_FILES", "ApiError", "BadRequest",
     "Client", "Conflict", "ConnectionFailed", "Event", "InvalidRequest", "MetaserveClientError",
     "NotConfigured", "NotFound", "PayloadTooLarge", "Progress", "ProgressBar", "ServerError",
-    "Unauthorized", "adapt", "config_path", "error_from_response", "evaluation_figure", "job_id_of",
+    "Unauthorized", "adapt", "adapt_rows", "config_path", "error_from_response", "evaluation_figure", "job_id_of",
     "load_meta_init", "load_meta_policy", "load_spec_document", "parse_sse", "progress_line",
     "read_config", "safe_target", "write_config",
 ]

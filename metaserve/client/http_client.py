@@ -17,8 +17,8 @@ import httpx
 from metaserve.client.config import DEFAULT_URL, read_config
 from metaserve.client.errors import (ConnectionFailed, MetaserveClientError, NotConfigured,
                                      error_from_response)
-from metaserve.client.local import (ARTIFACT_FILES, LOADERS, META_INIT_FILES, adapt, load_meta_init,
-                                    load_meta_policy)
+from metaserve.client.local import (ARTIFACT_FILES, LOADERS, META_INIT_FILES, adapt, adapt_rows,
+                                    load_meta_init, load_meta_policy)
 from metaserve.client.progress import Progress, ProgressBar
 from metaserve.client.spec_documents import load_spec_document
 from metaserve.client.sse import Event, parse_sse
@@ -439,13 +439,27 @@ class Client:
         """See :func:`adapt` (offline: no request is made)."""
         return adapt(model, support_x, support_y, steps)
 
-    def adapt_remote(self, job: str | dict[str, Any], *, support_x: Any, support_y: Any, query_x: Any,
-                     steps: int | None = None) -> dict[str, Any]:
+    @staticmethod
+    def adapt_rows(model: "MetaInitModel", *, support: Any = None, query: Any = None,
+                   support_x: Any = None, support_y: Any = None, query_x: Any = None,
+                   steps: int | None = None) -> dict[str, Any]:
+        """See :func:`adapt_rows`: a tabular job's raw rows, offline (no request is made)."""
+        return adapt_rows(model, support=support, query=query, support_x=support_x,
+                          support_y=support_y, query_x=query_x, steps=steps)
+
+    def adapt_remote(self, job: str | dict[str, Any], *, support_x: Any = None,
+                     support_y: Any = None, query_x: Any = None, support: Any = None,
+                     query: Any = None, steps: int | None = None) -> dict[str, Any]:
         """Server-side adaptation (``POST /v1/jobs/{id}/adapt``): the query predictions after
         adapting the job's meta-initialization to the support set. Arrays are nested lists
-        or tensors."""
-        body: dict[str, Any] = {"support_x": _plain(support_x), "support_y": _plain(support_y),
-                                "query_x": _plain(query_x)}
+        or tensors. A tabular job also takes a new entity's raw rows as ``support``/``query``
+        (named columns ``{"x1": [...], "y": [...]}`` or a list of row objects) and answers in
+        the target's units."""
+        if support is not None or query is not None:
+            body: dict[str, Any] = {"support": _plain_rows(support), "query": _plain_rows(query)}
+        else:
+            body = {"support_x": _plain(support_x), "support_y": _plain(support_y),
+                    "query_x": _plain(query_x)}
         if steps is not None:
             body["steps"] = steps
         return self._request("POST", f"/v1/jobs/{job_id_of(job)}/adapt", json=body).json()
@@ -453,6 +467,15 @@ class Client:
 
 def _plain(array: Any) -> Any:
     return array.tolist() if hasattr(array, "tolist") else array
+
+
+def _plain_rows(rows: Any) -> Any:
+    """Named columns (a dict, or a pandas DataFrame: its columns) or row objects as JSON."""
+    if hasattr(rows, "to_dict") and hasattr(rows, "columns"):  # a DataFrame, without pandas
+        rows = {str(name): rows[name].tolist() for name in rows.columns}
+    if isinstance(rows, dict):
+        return {name: _plain(column) for name, column in rows.items()}
+    return rows
 
 
 def _cache_root() -> Path:

@@ -62,3 +62,16 @@ def adapt(model: "MetaInitModel", support_x: "Tensor", support_y: "Tensor",
     from metaserve.workers.engine.final_artifact import adapt as engine_adapt
 
     return engine_adapt(model, support_x, support_y, steps)
+
+
+def adapt_rows(model: "MetaInitModel", *, support: Any = None, query: Any = None,
+               support_x: Any = None, support_y: Any = None, query_x: Any = None,
+               steps: int | None = None) -> dict[str, Any]:
+    """A tabular job's meta-initialization adapted to a new entity's raw rows (offline):
+    ``support``/``query`` as named columns or row objects, or ``support_x``/``support_y``/
+    ``query_x`` in the job's feature order; scaled with the recipe the artifact records, and
+    the query rows' ``predictions`` returned in the target's units (classification: logits,
+    ``labels`` and ``classes`` as raw labels). See
+    :meth:`~metaserve.workers.engine.final_artifact.MetaInitModel.adapt_rows`."""
+    return model.adapt_rows(support=support, query=query, support_x=support_x,
+                            support_y=support_y, query_x=query_x, steps=steps)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from metaserve.client import Client, adapt_rows
 from metaserve.workers.tasks.table_format import split_task_ids
 from tests.server_process import ServerProcess
 
@@ -124,5 +125,14 @@ def test_upload_a_table_train_maml_by_id_and_adapt_to_held_out_entities_raw_rows
                                    json={"support": renamed, "query": query})
             assert misnamed.status_code == 422
             assert misnamed.json()["error"]["details"][0]["field"] == "support.x1"
+
+            # the SDK: the same rows, server-side and offline on the downloaded artifact
+            with Client(url=server.url, api_key=server.admin_key) as sdk:
+                remote = sdk.adapt_remote(jobs["series"]["id"], support=support, query=query)
+                model, recipe = sdk.load_meta_init(jobs["series"]["id"], cache_dir=tmp_path / "cache")
+            assert remote["predictions"] == as_columns["predictions"]
+            assert recipe["data"]["lags"] == 2 and recipe["data"]["features"] == ["x1", "x2", "x3"]
+            offline = adapt_rows(model, support=support, query=query)["predictions"]
+            assert np.allclose(offline, remote["predictions"], rtol=1e-5, atol=1e-6)
     finally:
         server.terminate()
