@@ -111,6 +111,25 @@ def _out_of_memory(limits: Limits) -> DatasetLimitExceeded:
         body=f"needs more than {cap:,} bytes of memory to convert")
 
 
+OUT_OF_MEMORY_TEXTS = ("cannot allocate memory", "failed to map segment", "bad_alloc",
+                       "out of memory", "malloc of size")
+"""How running out of address space reads when it is not a MemoryError: Arrow's allocation
+failures, and a shared library (torch, Arrow) that cannot be mapped while it is imported."""
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    if isinstance(error, MemoryError):
+        return True
+    text = str(error).lower()
+    return any(marker in text for marker in OUT_OF_MEMORY_TEXTS) or (
+        "memory" in text and "alloc" in text)
+
+
+def _error(error: MetaserveError) -> dict[str, Any]:
+    return {"error": {"type": type(error).__name__, "message": error.message,
+                      "details": error.details}}
+
+
 def main(argv: list[str] | None = None) -> int:
     """The child: ``python -m metaserve.service.dataset_ingest UPLOAD WORKDIR LIMITS_JSON``.
     Writes ``WORKDIR/.conversion.json``: ``{"converted": ...}`` or ``{"error": ...}``."""
@@ -124,22 +143,15 @@ def main(argv: list[str] | None = None) -> int:
         converted = convert_upload(Path(upload), Path(workdir), limits)
         result: dict[str, Any] = {"converted": asdict(converted)}
     except (InvalidDataset, DatasetLimitExceeded) as error:
-        result = {"error": {"type": type(error).__name__, "message": error.message,
-                            "details": error.details}}
-    except MemoryError:
-        error = _out_of_memory(limits)
-        result = {"error": {"type": "DatasetLimitExceeded", "message": error.message,
-                            "details": error.details}}
+        result = _error(error)
     except Exception as error:  # noqa: BLE001 - a reader's own error on a malformed upload
-        if "memory" in str(error).lower() and "alloc" in str(error).lower():
-            oom = _out_of_memory(limits)
-            result = {"error": {"type": "DatasetLimitExceeded", "message": oom.message,
-                                "details": oom.details}}
+        if _is_out_of_memory(error):
+            result = _error(_out_of_memory(limits))
         else:
             traceback.print_exc()
             text = f"{type(error).__name__}: {error}"[:500]
-            result = {"error": {"type": "InvalidDataset", "details": {"body": text},
-                                "message": f"body: the upload cannot be read ({text})"}}
+            result = _error(InvalidDataset(f"body: the upload cannot be read ({text})",
+                                           body=text))
     target.write_text(json.dumps(result))
     return 0
 

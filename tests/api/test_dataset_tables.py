@@ -249,3 +249,27 @@ def test_an_image_dataset_is_not_a_table_and_back(api, alice_auth) -> None:  # n
         "task_family": {"name": "images", "dataset": table.json()["id"], "ways": 2}})
     assert response.status_code == 422
     assert "is a table" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(("limit", "message"), [
+    ({"dataset_convert_memory_bytes": 256 * 2**20},
+     "body: converting the upload needs more than 268,435,456 bytes of memory "
+     "(METASERVE_DATASET_CONVERT_MEMORY_BYTES)"),
+    ({"dataset_convert_timeout_s": 0.2},
+     "body: converting the upload took longer than 0.2 s (METASERVE_DATASET_CONVERT_TIMEOUT_S)"),
+])
+def test_a_conversion_out_of_memory_or_time_is_422_and_nothing_is_stored(
+        engine, settings, alice_auth, limit, message) -> None:  # noqa: ANN001
+    """The child process fails, not the server: it answers, and keeps nothing. (At 256 MiB the
+    child cannot even map its libraries: an import failing for memory is read as memory too;
+    benchmarks/upload_memory.py --tables runs a table too large for the child's memory.)"""
+    limited = settings.model_copy(update=limit)
+    with TestClient(create_app(limited)) as api:
+        response = upload(api, alice_auth, csv_bytes(panel(entities=30, rows=12)))
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        assert (error["code"], [d["field"] for d in error["details"]]) == ("limit_exceeded",
+                                                                            ["body"])
+        assert error["message"].startswith(message), error["message"]
+        assert nothing_stored(api, limited, alice_auth)
+        assert api.get("/healthz").status_code == 200
