@@ -348,3 +348,41 @@ def test_a_tabular_job_is_costed_as_an_mlp_on_its_inputs_and_outputs():
             "features": ["a"], "problem": "classification", "ways": 3, "support_shots": 2,
             "query_shots": 4}})
     assert estimate(classification).task_bytes == 3 * (2 + 4) * 1 * 4
+
+
+def test_rows_with_missing_values_are_skipped_and_counted_when_the_spec_says_so(tmp_path: Path):
+    columns = entity_table()
+    columns["x1"][:7] = np.nan
+    columns["y"][10:12] = np.inf
+    directory = write(tmp_path / "holes", columns)
+    family = TabularFamily(spec(on_invalid="skip"), directory=directory)
+    assert family.skipped_rows == 9
+    assert sum(len(rows.x) for rows in family.splits.values()) == ENTITIES * ROWS - 9
+    batch = family.sample(seed=0, split="train", iteration=0, task_indices=range(40))
+    assert all(bool(torch.isfinite(part).all()) for part in batch)
+
+
+def test_maml_classifies_a_held_out_entitys_rows_into_its_raw_labels(tmp_path: Path, monkeypatch,
+                                                                     one_torch_thread):
+    import metaserve.workers.tasks.uploaded as uploaded
+    from metaserve.workers.engine.final_artifact import load_meta_init
+    from metaserve.workers.engine.trainer import Trainer
+
+    columns = classification_table()
+    write(tmp_path / DATASET, columns)
+    monkeypatch.setattr(uploaded, "_cache_root", lambda: tmp_path)
+    job = {"algorithm": {"name": "maml", "inner_lr": 0.5, "inner_steps": 1},
+           "task_family": {"name": "tabular", "dataset": DATASET, "task_column": "entity",
+                           "target": "kind", "features": ["x1", "label_copy"],
+                           "problem": "classification", "ways": 3, "support_shots": 2,
+                           "query_shots": 3},
+           "meta_batch_size": 4, "iterations": 5, "evaluation": {"every": 0, "tasks": 8}}
+    Trainer(job).run(tmp_path / "job")
+    model, recipe = load_meta_init(tmp_path / "job")
+    assert recipe["data"]["classes"] == ["ant", "bee", "cat", "dog", "eel"]
+    result = model.adapt_rows(
+        support={"x1": [0.0] * 6, "label_copy": [1.0, 1.0, 3.0, 3.0, 4.0, 4.0],
+                 "kind": ["bee", "bee", "dog", "dog", "eel", "eel"]},
+        query={"x1": [0.0, 0.0], "label_copy": [3.0, 1.0]})
+    assert result["classes"] == ["bee", "dog", "eel"] and len(result["predictions"][0]) == 3
+    assert set(result["labels"]) <= {"bee", "dog", "eel"} and len(result["labels"]) == 2
