@@ -1,4 +1,5 @@
-# metaserve: `make run` serves the embedded default, `make test` runs the whole suite.
+# metaserve: `make run` serves the embedded default, `make test` runs the whole suite,
+# `make test-fast` the tier without servers, Ray or PostgreSQL (minutes, for every change).
 VENV ?= .venv
 PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
@@ -6,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test cluster-test install clean-state
+.PHONY: run test test-fast cluster-test install clean-state
 
 # The example plugin (examples/plugins) is installed too: the plugin tests and the cluster test use it.
 $(VENV)/.installed: pyproject.toml examples/plugins/metaserve-example-plugin/pyproject.toml
@@ -23,6 +24,12 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(VENV)/bin/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# The fast tier: no server process, no Ray, SQLite only, on two workers (tests/conftest.py
+# says how the markers are applied). METASERVE_TEST_TIER=fast makes an unmarked server start fail.
+FAST_TIER = not (postgres or ray or server or cluster or slow)
+test-fast: $(VENV)/.installed
+	METASERVE_TEST_TIER=fast $(VENV)/bin/pytest -q -p no:cacheprovider -n 2 -m "$(FAST_TIER)" $(PYTEST_ARGS)
 
 # The compose cluster on network/PID/mount namespaces (root; part of `make test` too).
 cluster-test: $(VENV)/.installed

@@ -42,6 +42,10 @@ class ServerProcess:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> "ServerProcess":
+        # `make test-fast` sets METASERVE_TEST_TIER=fast: a test that gets here unmarked fails
+        # there, so the fast tier cannot quietly grow a server start.
+        assert os.environ.get("METASERVE_TEST_TIER") != "fast", (
+            "this test starts `metaserve serve`: mark it `server` (or give it a fixture that does)")
         log = self.log_path.open("a")
         # A process group of its own, so a SIGKILL of the group takes the server and the
         # local Ray it started, as a machine losing the process would.

@@ -9,6 +9,8 @@ from fastapi.testclient import TestClient
 from metaserve.api.app import create_app
 from metaserve.service import auth
 from metaserve.service.settings import Settings
+from metaserve.workers.engine import Trainer
+from tests.helpers import SINE_SPEC
 
 TEST_MAX_BODY_BYTES = 16 * 1024
 
@@ -31,6 +33,14 @@ def client(engine, db_url: str, artifact_root: Path,  # noqa: ANN001
                         max_body_bytes=max_body_bytes)
     with TestClient(create_app(settings)) as test_client:
         yield test_client
+
+
+@pytest.fixture(scope="session")
+def sine_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run directory of a real two-iteration sine MAML job (its meta_init.* files)."""
+    directory = tmp_path_factory.mktemp("sine-run")
+    Trainer(SINE_SPEC).run(directory)
+    return directory
 
 
 def _key(sessions, name: str, is_admin: bool = False) -> dict[str, str]:  # noqa: ANN001

@@ -3,57 +3,30 @@ for real by the engine (a few iterations) and registered as the dispatcher regis
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from fastapi.testclient import TestClient
 
 from metaserve.api.schemas import MAX_ADAPT_VALUES
-from metaserve.service import artifacts, jobs
+from metaserve.service import jobs
 from metaserve.service.orm import JobStatus
 from metaserve.workers.engine import Trainer
 from metaserve.service.settings import MAX_BODY_BYTES
 from metaserve.workers.engine.final_artifact import adapt, load_meta_init
+from tests.helpers import SINE_SPEC, WORKER, sine_task, succeeded_job
 
-SINE_SPEC = {"algorithm": {"name": "maml", "inner_steps": 1}, "task_family": {"name": "sine"},
-             "iterations": 2, "evaluation": {"every": 0, "tasks": 2, "inner_steps": [1]}}
 GLYPHS_SPEC = {"algorithm": {"name": "anil"},
                "task_family": {"name": "glyphs", "num_characters": 40, "ways": 3,
                                "support_shots": 1, "query_shots": 2, "image_size": 16},
                "model": {"name": "conv4", "filters": 8}, "meta_batch_size": 2, "iterations": 1,
                "evaluation": {"every": 0, "tasks": 2, "inner_steps": [1]}}
-WORKER = "worker-1"
 
 
 @pytest.fixture
 def max_body_bytes() -> int:
     return MAX_BODY_BYTES  # adapt requests carry arrays: the server's default limit
-
-
-@pytest.fixture(scope="module")
-def sine_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("sine-run")
-    Trainer(SINE_SPEC).run(directory)
-    return directory
-
-
-def succeeded_job(client: TestClient, sessions, auth: dict[str, str], spec: dict,  # noqa: ANN001
-                  run: Path, artifact_root: Path) -> str:
-    """A job submitted by ``auth``, run to success with ``run``'s meta-initialization."""
-    job_id = client.post("/v1/jobs", json=spec, headers=auth).json()["id"]
-    directory = artifacts.job_dir(artifact_root, job_id)
-    directory.mkdir(parents=True)
-    with sessions() as session:
-        assert jobs.claim_next_job(session=session, worker_id=WORKER, lease_s=30).id == job_id
-        for name in ("meta_init.safetensors", "meta_init.json"):
-            described = artifacts.describe(Path(shutil.copy(run / name, directory / name)))
-            jobs.add_artifact(session=session, job_id=job_id, name=name, size=described.size,
-                              sha256=described.sha256, media_type=described.media_type)
-        jobs.finish_job(session=session, job_id=job_id, worker_id=WORKER, status=JobStatus.SUCCEEDED)
-    return job_id
 
 
 def one_thread(compute):  # noqa: ANN001, ANN201
@@ -65,13 +38,6 @@ def one_thread(compute):  # noqa: ANN001, ANN201
         return compute()
     finally:
         torch.set_num_threads(threads)
-
-
-def sine_task(seed: int, shots: int = 10) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.rand(2 * shots, 1, generator=generator) * 10 - 5
-    y = 2.0 * torch.sin(x - 0.5)
-    return x[:shots], y[:shots], x[shots:]
 
 
 def test_adapt_returns_the_query_predictions_of_the_jobs_recipe_as_the_offline_loader_does(

@@ -20,7 +20,10 @@ from metaserve.api.app import create_app
 from metaserve.service.adapt_pool import AdaptProcess
 from metaserve.service.settings import MAX_BODY_BYTES, Settings
 from metaserve.workers.engine import Trainer
-from tests.api.test_adapt import SINE_SPEC, sine_run, sine_task, succeeded_job  # noqa: F401
+from tests.helpers import SINE_SPEC, sine_task, succeeded_job
+
+# Each test waits on adapt processes' start-up and timeouts by design.
+pytestmark = pytest.mark.slow
 
 TIMEOUT_S = 10.0
 # Adapting this MLP to 1,000 points for 100 steps takes about a minute on one thread: far
@@ -29,13 +32,6 @@ WIDE_SPEC = {**SINE_SPEC, "model": {"name": "mlp", "hidden": [2048, 2048]}, "met
              "iterations": 1}
 SLOW_BODY = {"support_x": [[i / 100 - 5] for i in range(1000)],
              "support_y": [[0.5] for _ in range(1000)], "query_x": [[0.0]], "steps": 100}
-
-
-@pytest.fixture
-def db_url(tmp_path: Path) -> str:
-    """SQLite only: the pool's behaviour does not depend on the database (the job lookup
-    before it runs on both in tests/api/test_adapt.py)."""
-    return f"sqlite:///{tmp_path / 'metaserve.db'}"
 
 
 @pytest.fixture

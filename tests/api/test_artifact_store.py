@@ -22,17 +22,11 @@ from metaserve.service.settings import MAX_BODY_BYTES, Settings
 from metaserve.workers.engine import Trainer
 from metaserve.workers.engine.final_artifact import adapt, load_meta_init
 from metaserve.workers.object_store import CHECKPOINT_DIRECTORY, ArtifactStore, open_store
-from tests.moto_s3 import MotoS3, free_port, moto_s3_server
+from tests.moto_s3 import MotoS3, free_port
 
 SPEC = {"algorithm": {"name": "maml", "inner_steps": 1}, "task_family": {"name": "sine"},
         "iterations": 2, "evaluation": {"every": 0, "tasks": 2, "inner_steps": [1]}}
 WORKER = "worker-1"
-
-
-@pytest.fixture(scope="module")
-def moto_s3() -> Iterator[MotoS3]:
-    with moto_s3_server() as server:
-        yield server
 
 
 def s3_settings(db_url: str, moto_s3: MotoS3, **change: str) -> Settings:

@@ -5,54 +5,16 @@ connection (uvicorn in a thread) while that happens."""
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
-from collections.abc import Iterator
 
 import httpx
-import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
-from metaserve.api.app import create_app
 from metaserve.service import events, jobs
 from metaserve.service.orm import JobStatus
 from metaserve.client import Event, parse_sse
-from metaserve.service.settings import Settings
-from tests.server_process import free_port
-
-TWO_LINE_SPEC = {"algorithm": {"name": "maml"}, "task_family": {"name": "sine"}}
-WORKER = "worker-1"
-
-
-@pytest.fixture
-def live_url(engine, db_url: str) -> Iterator[str]:  # noqa: ANN001
-    """The API served by uvicorn on a free port, in a thread of this process."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(Settings(database_url=db_url, dispatcher=False)),
-                                           host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=20)
-
-
-def submit(client: httpx.Client | TestClient, auth: dict[str, str]) -> str:
-    response = client.post("/v1/jobs", json=TWO_LINE_SPEC, headers=auth)
-    assert response.status_code == 201, response.text
-    return response.json()["id"]
-
-
-def claim(sessions) -> str:  # noqa: ANN001
-    with sessions() as session:
-        job = jobs.claim_next_job(session=session, worker_id=WORKER, lease_s=30)
-    assert job is not None
-    return job.id
+from tests.helpers import WORKER, claim, finish
+from tests.helpers import submit_over_http as submit
 
 
 def add_step(sessions, job_id: str, step: int) -> None:  # noqa: ANN001
@@ -61,11 +23,6 @@ def add_step(sessions, job_id: str, step: int) -> None:  # noqa: ANN001
                          rows=[(step, "train/loss_after", step / 10), (step, "train/loss_before", 1.0)])
         jobs.update_progress(session=session, job_id=job_id, worker_id=WORKER,
                              progress={"iteration": step, "total": 30}, message="")
-
-
-def finish(sessions, job_id: str, status: JobStatus) -> None:  # noqa: ANN001
-    with sessions() as session:
-        jobs.finish_job(session=session, job_id=job_id, worker_id=WORKER, status=status)
 
 
 def summary(events: list[Event]) -> list[tuple[str, str, object]]:

@@ -70,6 +70,7 @@ def test_body_above_limit_is_413(client, alice_auth):
     assert response.json()["error"]["code"] == "payload_too_large"
 
 
+@pytest.mark.dialects
 def test_idempotency_key_replay_is_200_and_other_body_409(client, alice_auth):
     headers = {**alice_auth, "Idempotency-Key": "abc"}
     first = client.post("/v1/jobs", json=TWO_LINE_SPEC, headers=headers)
@@ -114,6 +115,7 @@ def test_another_users_job_is_404_and_admin_sees_all(client, alice_auth, bob_aut
         bobs["id"], alices["id"]]
 
 
+@pytest.mark.dialects
 def test_list_jobs_pages_newest_first_and_filters_status(client, alice_auth):
     ids = [client.post("/v1/jobs", json=TWO_LINE_SPEC, headers=alice_auth).json()["id"]
            for _ in range(3)]

@@ -12,7 +12,8 @@ from fastapi.testclient import TestClient
 from metaserve.service import job_logs, jobs
 from metaserve.service.orm import JobStatus
 from metaserve.client import parse_sse
-from tests.api.test_events import WORKER, claim, finish, live_url, submit  # noqa: F401
+from tests.helpers import claim, finish
+from tests.helpers import submit_over_http as submit
 
 
 def write(sessions, job_id: str, *messages: str, attempt: int = 1, keep: int = job_logs.MAX_LOG_RECORDS) -> int:  # noqa: ANN001

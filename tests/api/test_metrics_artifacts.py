@@ -78,6 +78,7 @@ def test_metrics_of_a_new_job_are_empty(client, alice_auth):
     assert response.json() == {"data": [], "next_since_step": None}
 
 
+@pytest.mark.dialects
 def test_metrics_come_back_by_step_then_name_with_time(client, sessions, alice_auth):
     job_id = submit(client, alice_auth)
     write_metrics(sessions, job_id, [(2, "loss", 0.5), (1, "loss", 0.9), (1, "acc", 0.1),
@@ -100,6 +101,7 @@ def test_metrics_name_filters_one_series(client, sessions, alice_auth):
     assert points(response) == [(3, "tasks_per_s", 0.3), (4, "tasks_per_s", 0.4)]
 
 
+@pytest.mark.dialects
 def test_metrics_pages_by_since_step_keep_steps_whole(client, sessions, alice_auth):
     job_id = submit(client, alice_auth)
     rows = [(step, name, float(step)) for step in range(1, 8) for name in ("a", "b", "c")]
@@ -131,6 +133,7 @@ def test_metrics_step_with_more_values_than_limit_comes_whole(client, sessions, 
     assert points(rest) == [(1, "a", 4.0)]
 
 
+@pytest.mark.dialects
 def test_metrics_non_finite_values_are_null(client, sessions, alice_auth):
     job_id = submit(client, alice_auth)
     write_metrics(sessions, job_id, [(1, "loss", math.nan), (2, "loss", math.inf)])
@@ -184,11 +187,12 @@ def test_metrics_of_any_job_for_an_admin_and_404_for_a_missing_one(client, sessi
         assert client.get("/v1/jobs/0NOSUCHJOB/metrics", headers=auth).status_code == 404
 
 
+@pytest.mark.dialects
 def test_a_metrics_page_leaves_its_pooled_connection_transactional(engine, sessions):
     """The page reads in autocommit; the connection it used goes back to the pool as it came,
     so the next session's writes are a transaction again (a rollback undoes them)."""
     from metaserve.service.orm import Job
-    from tests.conftest import make_user
+    from tests.helpers import make_user
 
     user, _ = make_user(sessions, "carol")
     with sessions() as session:
@@ -322,6 +326,7 @@ def test_download_of_anything_but_a_listed_name_is_404(client, alice_auth, artif
     assert b"not yours" not in response.content and b"not listed" not in response.content
 
 
+@pytest.mark.dialects
 def test_a_name_with_a_nul_byte_is_422_naming_it_and_serves_nothing(client, alice_auth,
                                                                     finished_job):
     job_id, _ = finished_job

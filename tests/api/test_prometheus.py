@@ -16,7 +16,8 @@ from metaserve.api.app import create_app
 from metaserve.service import jobs, telemetry
 from metaserve.service.dispatcher import Dispatcher, _Running
 from metaserve.service.settings import Settings
-from tests.api.test_events import WORKER, claim, submit
+from tests.helpers import WORKER, claim
+from tests.helpers import submit_over_http as submit
 
 
 def scrape(client: TestClient, auth: dict[str, str]) -> dict[tuple[str, tuple], float]:
@@ -216,6 +217,7 @@ def test_event_loop_stalls_and_full_collections_are_measured(db_url: str, engine
     assert after[("metaserve_gc_frozen_objects", ())] == 0  # only metaserve serve freezes
 
 
+@pytest.mark.server
 def test_metaserve_serve_times_a_request_from_the_first_byte_it_read(tmp_path) -> None:  # noqa: ANN001
     """The head sent in two parts 0.6 s apart: the application is called only once it is
     complete, the histogram counts from the first part."""

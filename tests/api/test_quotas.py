@@ -66,6 +66,7 @@ def test_a_submit_beyond_the_queued_cap_is_429_with_retry_after_and_stores_nothi
     assert post(client, alice_auth, key="one-more", seed=99).status_code == 201
 
 
+@pytest.mark.dialects
 def test_an_idempotent_replay_at_the_queued_cap_returns_its_job_not_429(
         client, sessions, alice_auth):
     first = post(client, alice_auth, key="k1")
@@ -107,6 +108,7 @@ def test_a_job_over_the_running_cap_says_why_it_waits_in_get(client, sessions, a
         "queued", "waiting: alice already runs 1 jobs (METASERVE_MAX_RUNNING_JOBS_PER_USER)")
 
 
+@pytest.mark.dialects
 def test_concurrent_submits_of_one_user_never_pass_the_queued_cap(sessions, alice):
     cap, submitters = 5, 8
     start = threading.Barrier(submitters)

@@ -32,6 +32,8 @@ from metaserve.service.settings import Settings
 from metaserve.workers.spec import JobSpec
 from tests.server_process import free_port
 
+pytestmark = pytest.mark.server  # uvicorn on a port, driven by chromium
+
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 WORKER = "dispatcher-under-test"

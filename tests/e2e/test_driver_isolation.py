@@ -11,7 +11,7 @@ import pytest
 
 from metaserve.service.settings import Settings
 from metaserve.workers.cost import estimate
-from tests.e2e.test_serve_runs_jobs import wait_for_status
+from tests.helpers import wait_for_http_status as wait_for_status
 from tests.server_process import ServerProcess
 
 pytestmark = pytest.mark.slow

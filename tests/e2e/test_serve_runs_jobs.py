@@ -10,21 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load, load_file
 
+from tests.helpers import wait_for_http_status as wait_for_status
 from tests.server_process import ServerProcess
 from metaserve.workers.engine import Trainer
 
 TWO_LINE_SPEC = {"algorithm": {"name": "maml"}, "task_family": {"name": "sine"}}
 
 pytestmark = pytest.mark.slow
-
-
-def wait_for_status(client, job_id: str, statuses: set[str], timeout: float) -> dict:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while True:
-        job = client.get(f"/v1/jobs/{job_id}").json()
-        if job["status"] in statuses or time.monotonic() > deadline:
-            return job
-        time.sleep(0.25)
 
 
 def test_the_two_line_job_runs_to_success_and_its_meta_init_downloads(tmp_path: Path) -> None:

@@ -10,6 +10,8 @@ from metaserve.service import migrate
 from metaserve.service.db import make_engine
 from metaserve.service.orm import Job, JobStatus, User, utcnow
 
+pytestmark = pytest.mark.dialects  # each dialect's DDL, constraints included
+
 TABLES = {"alembic_version", "users", "jobs", "job_status_events", "metrics", "artifacts",
           "job_logs", "datasets", "sweeps"}
 

@@ -11,11 +11,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from metaserve.api.app import create_app
-from metaserve.service import artifacts, auth, jobs
+from metaserve.service import artifacts, jobs
 from metaserve.service.settings import Settings
+from tests.helpers import TWO_LINE_SPEC, bearer, make_user
 
 TEST_MAX_BODY_BYTES = 64 * 1024
-TWO_LINE_SPEC = {"algorithm": {"name": "maml"}, "task_family": {"name": "sine"}}
 
 
 @pytest.fixture
@@ -31,28 +31,19 @@ def client(engine, db_url: str, artifact_root: Path) -> Iterator[TestClient]:  #
         yield test_client
 
 
-def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
-
-
-def new_key(sessions, name: str, is_admin: bool = False) -> str:  # noqa: ANN001
-    with sessions() as session:
-        return auth.create_key(session=session, name=name, is_admin=is_admin)[1]
-
-
 @pytest.fixture
 def alice_key(sessions) -> str:  # noqa: ANN001
-    return new_key(sessions, "alice")
+    return make_user(sessions, "alice")[1]
 
 
 @pytest.fixture
 def bob_key(sessions) -> str:  # noqa: ANN001
-    return new_key(sessions, "bob")
+    return make_user(sessions, "bob")[1]
 
 
 @pytest.fixture
 def admin_key(sessions) -> str:  # noqa: ANN001
-    return new_key(sessions, "root", is_admin=True)
+    return make_user(sessions, "root", is_admin=True)[1]
 
 
 def register_file(sessions, job_id: str, path: Path) -> None:  # noqa: ANN001

@@ -9,10 +9,11 @@ import subprocess
 from pathlib import Path
 
 import httpx
+import pytest
 from fastapi.testclient import TestClient
 
 from metaserve.service.ids import new_id
-from tests.reliability.conftest import TWO_LINE_SPEC, bearer
+from tests.helpers import TWO_LINE_SPEC, bearer
 from tests.server_process import ServerProcess, metaserve_executable
 
 UNAUTHORIZED = {"error": {"code": "unauthorized", "message": "Missing or invalid API key.",
@@ -132,6 +133,7 @@ def test_an_admin_sees_and_reads_every_users_job(client, alice_job, bob_key, adm
     assert client.post(f"/v1/jobs/{bobs}/cancel", headers=admin).json()["status"] == "cancelled"
 
 
+@pytest.mark.server
 def test_api_keys_are_never_logged_nor_returned_nor_stored_in_clear(tmp_path: Path) -> None:
     """A live ``metaserve serve`` with its default logging: every route is called with the
     admin key, a second user's key (created by ``metaserve keys create``) and wrong keys;

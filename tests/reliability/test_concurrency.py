@@ -20,9 +20,11 @@ from metaserve.service import jobs
 from metaserve.service.dispatcher import Dispatcher
 from metaserve.service.orm import Artifact, Job, Metric
 from metaserve.service.settings import Settings
-from tests.reliability.conftest import TWO_LINE_SPEC, bearer
+from tests.helpers import TWO_LINE_SPEC, bearer
 from tests.server_process import ServerProcess
 from metaserve.workers.spec import JobSpec
+
+pytestmark = pytest.mark.dialects  # idempotent submits racing: the SQL differs
 
 CLIENTS = 50
 DISTINCT_SUBMITS = 500
@@ -51,6 +53,7 @@ def submit_idempotently(server: ServerProcess, keys: list[str]) -> list[tuple[st
 
 
 @pytest.mark.slow
+@pytest.mark.server
 def test_a_thousand_idempotent_submits_from_fifty_clients_make_exactly_500_jobs(
         db_url: str, tmp_path: Path) -> None:
     keys = [f"job-{index}" for index in range(DISTINCT_SUBMITS)] * 2
@@ -80,6 +83,7 @@ def test_a_thousand_idempotent_submits_from_fifty_clients_make_exactly_500_jobs(
 
 
 @pytest.mark.slow
+@pytest.mark.server
 def test_twenty_concurrent_writers_never_see_database_is_locked_on_sqlite(tmp_path: Path):
     """Twenty clients each submit and cancel jobs as fast as they can (every request a write
     transaction on one SQLite file), while this process also writes metrics to that file

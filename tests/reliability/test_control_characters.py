@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-from tests.reliability.conftest import TWO_LINE_SPEC, bearer
+from tests.helpers import TWO_LINE_SPEC, bearer
+
+# PostgreSQL refuses a NUL in text where SQLite stores it: both dialects.
+pytestmark = pytest.mark.dialects
 
 CONTROLS = ["\x00", "\x1b[2J", "\x07", "\n", "\x7f", "\x9b31m"]
 

@@ -136,6 +136,7 @@ def wait_until(predicate, timeout: float, what: str):  # noqa: ANN001, ANN201
         time.sleep(0.25)
 
 
+@pytest.mark.server
 def test_every_listener_of_the_server_and_its_local_ray_is_on_loopback(tmp_path: Path) -> None:
     if not Path("/proc").is_dir() or shutil.which("ss") is None:
         missing = "needs Linux /proc and iproute2's ss"

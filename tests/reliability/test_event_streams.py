@@ -8,7 +8,7 @@ import time
 import pytest
 
 from metaserve.api.routes.events import STREAM_RETRY_AFTER_S, stream_slots
-from tests.reliability.conftest import TWO_LINE_SPEC, bearer
+from tests.helpers import TWO_LINE_SPEC, bearer
 
 
 def event_ids(text: str) -> list[str]:

@@ -14,52 +14,23 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
-from pydantic import ValidationError
 
 from metaserve.service import jobs
 from metaserve.service.dispatcher import Dispatcher
 from metaserve.service.orm import JobStatus
 from metaserve.service.settings import MAX_BODY_BYTES, Settings
-from tests.reliability.conftest import TWO_LINE_SPEC, bearer
+from tests.helpers import TWO_LINE_SPEC, bearer, number_paths, valid_specs
 from tests.server_process import ServerProcess
 from metaserve.workers.engine.loop import CHECKPOINT_DIRECTORY
-from metaserve.workers.spec import ALGORITHMS, TASK_FAMILIES, JobSpec
+from metaserve.workers.spec import ALGORITHMS, JobSpec
 
 NON_FINITE = ("NaN", "Infinity", "-Infinity")  # what Python's JSON parser accepts
 
 
 # --------------------------------------------------------------------------- NaN / infinity
-
-
-def valid_specs() -> list[dict[str, Any]]:
-    """One complete spec (every default filled in) per algorithm, each with the first task
-    family it validates with."""
-    specs = []
-    for algorithm in ALGORITHMS:
-        for family in TASK_FAMILIES:
-            try:
-                spec = JobSpec.model_validate({"algorithm": {"name": algorithm},
-                                               "task_family": {"name": family}})
-            except ValidationError:
-                continue
-            specs.append(spec.model_dump(mode="json"))
-            break
-    return specs
-
-
-def number_paths(node: Any, path: tuple = ()) -> Iterator[tuple]:
-    if isinstance(node, dict):
-        for key, value in node.items():
-            yield from number_paths(value, (*path, key))
-    elif isinstance(node, list):
-        for index, value in enumerate(node):
-            yield from number_paths(value, (*path, index))
-    elif isinstance(node, (int, float)) and not isinstance(node, bool):
-        yield path
 
 
 def with_raw_number(spec: dict, path: tuple, literal: str) -> str:
@@ -95,6 +66,7 @@ def test_non_finite_number_anywhere_in_a_spec_is_422_naming_that_field(client, a
     assert client.get("/v1/jobs", headers=bearer(alice_key)).json()["data"] == []
 
 
+@pytest.mark.dialects
 def test_event_id_counters_beyond_a_database_integer_are_422(client, alice_job, alice_key):
     """Found by schemathesis: the metric id was compared in SQL and overflowed mid-stream."""
     for cursor in ("0-" + "9" * 60 + "-0", f"{10**18}-0-0", f"0-0-{10**18}"):

@@ -28,6 +28,8 @@ from metaserve.api.app import create_app
 from metaserve.service import artifacts, auth, jobs
 from metaserve.service.settings import Settings
 
+pytestmark = pytest.mark.slow  # minutes: schemathesis walks every operation
+
 DEFAULT_EXAMPLES = 12
 FUZZ_EXAMPLES = int(os.environ.get("METASERVE_FUZZ_EXAMPLES", DEFAULT_EXAMPLES))
 TWO_LINE_SPEC = {"algorithm": {"name": "maml"}, "task_family": {"name": "sine"}}

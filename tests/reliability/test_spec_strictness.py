@@ -8,8 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from metaserve.workers.spec import JobSpec
-from tests.reliability.conftest import bearer
-from tests.reliability.test_hostile_input import number_paths, valid_specs
+from tests.helpers import bearer, number_paths, valid_specs
 
 
 def with_value(spec: dict, path: tuple, value: object) -> dict:

@@ -6,9 +6,7 @@ drives them."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -18,15 +16,10 @@ from metaserve.service import job_logs, jobs
 from metaserve.cli.metric_plots import metric_panel
 from metaserve.service.orm import JobStatus
 from metaserve.client import Event, Progress, progress_line
-from tests.api.test_events import WORKER, claim, finish, live_url  # noqa: F401
-from tests.service.test_client_cli import (  # noqa: F401 - fixtures
-    artifact_root,
-    invoke,
-    isolated_config,
-    key,
-    logged_in,
-)
-from tests.server_process import metaserve_executable
+from tests.helpers import claim, finish, invoke
+from tests.helpers import cli_process as cli
+
+pytestmark = pytest.mark.usefixtures("isolated_config", "artifact_root")
 
 SPEC = "algorithm: {name: maml}\ntask_family: {name: sine}\n"
 
@@ -42,13 +35,6 @@ def write_log(sessions, job_id: str, *messages: str) -> None:  # noqa: ANN001
         job_logs.add_log_records(session=session, job_id=job_id, attempt=1, records=[
             {"time": time.time(), "level": "INFO", "source": "driver pid 7 metaserve.workers",
              "message": message} for message in messages])
-
-
-def cli(logged_in: str, *args: str) -> subprocess.Popen:  # noqa: F811
-    env = {**os.environ, "METASERVE_URL": logged_in,
-           "METASERVE_API_KEY": os.environ["METASERVE_API_KEY"], "COLUMNS": "80"}
-    return subprocess.Popen([metaserve_executable(), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
 
 
 def test_logs_prints_the_log_and_logs_f_prints_new_lines_as_they_come(

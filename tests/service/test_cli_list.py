@@ -7,15 +7,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.api.test_events import claim, live_url  # noqa: F401 - the fixture
-from tests.service.test_cli_follow import cli
-from tests.service.test_client_cli import (  # noqa: F401 - fixtures
-    artifact_root,
-    invoke,
-    isolated_config,
-    key,
-    logged_in,
-)
+import pytest
+
+from tests.helpers import claim, invoke
+from tests.helpers import cli_process as cli
+
+pytestmark = pytest.mark.usefixtures("isolated_config", "artifact_root")
 
 LONG = "sweep-sine-maml-trial-0012-lr-0.001-inner-steps-5"
 

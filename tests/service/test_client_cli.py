@@ -7,49 +7,11 @@ import stat
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 from metaserve.service import jobs
-from metaserve.service.cli import app
-from tests.api.test_events import live_url  # noqa: F401 - the fixture
+from tests.helpers import invoke
 
-runner = CliRunner()
-
-
-@pytest.fixture
-def key(sessions) -> str:  # noqa: ANN001
-    from metaserve.service import auth
-
-    with sessions() as session:
-        return auth.create_key(session=session, name="alice")[1]
-
-
-@pytest.fixture(autouse=True)
-def artifact_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The live server's artifact store (its settings come from the environment)."""
-    root = tmp_path / "artifacts"
-    monkeypatch.setenv("METASERVE_ARTIFACT_ROOT", str(root))
-    return root
-
-
-@pytest.fixture(autouse=True)
-def isolated_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    path = tmp_path / "config.toml"
-    monkeypatch.setenv("METASERVE_CONFIG", str(path))
-    monkeypatch.delenv("METASERVE_URL", raising=False)
-    monkeypatch.delenv("METASERVE_API_KEY", raising=False)
-    return path
-
-
-@pytest.fixture
-def logged_in(live_url: str, key: str, monkeypatch: pytest.MonkeyPatch) -> str:  # noqa: F811
-    monkeypatch.setenv("METASERVE_URL", live_url)
-    monkeypatch.setenv("METASERVE_API_KEY", key)
-    return live_url
-
-
-def invoke(*args: str):  # noqa: ANN201
-    return runner.invoke(app, list(args), catch_exceptions=False)
+pytestmark = pytest.mark.usefixtures("isolated_config", "artifact_root")
 
 
 def test_login_checks_the_key_and_writes_the_config_file(

@@ -6,7 +6,6 @@ import os
 import re
 import signal
 import time
-from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
@@ -14,53 +13,12 @@ from sqlalchemy import select
 
 from metaserve.service import artifacts, jobs
 from metaserve.service.dispatcher import Dispatcher
-from metaserve.service.orm import Job, JobStatus, Metric
-from metaserve.service.settings import Settings
-from metaserve.workers.spec import JobSpec
+from metaserve.service.orm import Metric
+from tests.helpers import submit_short_sine as submit
+from tests.helpers import wait_for_job as wait_for
 
-pytestmark = pytest.mark.usefixtures("ray_session")
-
-SHORT_SINE = {
-    "algorithm": {"name": "maml"},
-    "task_family": {"name": "sine"},
-    "meta_batch_size": 5,
-    "iterations": 30,
-    "log_every": 5,
-    "checkpoint_every": 10,
-    "evaluation": {"every": 0, "tasks": 20, "inner_steps": [1]},
-}
-
-
-@pytest.fixture
-def settings(tmp_path: Path, db_url: str) -> Settings:
-    return Settings(database_url=db_url, artifact_root=tmp_path / "artifacts",
-                    data_dir=tmp_path, dispatcher_concurrency=2)
-
-
-@pytest.fixture
-def dispatcher(settings: Settings, sessions):  # noqa: ANN001
-    dispatcher = Dispatcher(settings, sessions)
-    dispatcher.start()
-    yield dispatcher
-    dispatcher.stop()
-
-
-def submit(sessions, owner, **spec) -> str:  # noqa: ANN001
-    with sessions() as session:
-        job, _ = jobs.submit_job(session=session, owner=owner,
-                                 spec=JobSpec.model_validate({**SHORT_SINE, **spec}))
-        return job.id
-
-
-def wait_for(sessions, job_id: str, statuses: set[str], timeout: float = 120.0) -> Job:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while True:
-        with sessions() as session:
-            job = session.get(Job, job_id)
-            session.expunge(job)
-        if job.status in statuses or time.monotonic() > deadline:
-            return job
-        time.sleep(0.2)
+# Claims by several dispatchers: the SQL differs between the dialects.
+pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.dialects]
 
 
 def test_a_job_runs_to_success_with_metrics_progress_and_artifacts(dispatcher, sessions, alice,

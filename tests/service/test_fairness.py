@@ -11,8 +11,10 @@ from sqlalchemy import func, select
 from metaserve.service import jobs
 from metaserve.service.orm import Job, JobStatus, User
 from metaserve.service.claims import waiting_message
-from tests.conftest import make_user
-from tests.service.test_store import LEASE_S, reread, submit
+from tests.helpers import LEASE_S, make_user, reread
+from tests.helpers import submit_to_store as submit
+
+pytestmark = pytest.mark.dialects  # the fair claim is SQL that differs between the dialects
 
 CAP = 2
 WAITING_ALICE = "waiting: alice already runs 2 jobs (METASERVE_MAX_RUNNING_JOBS_PER_USER)"

@@ -11,16 +11,10 @@ import pytest
 
 from metaserve.service import job_logs
 from metaserve.service.orm import User
-from tests.service.test_dispatcher import dispatcher, settings, submit, wait_for  # noqa: F401
+from tests.helpers import submit_short_sine as submit
+from tests.helpers import wait_for_job as wait_for
 
 pytestmark = pytest.mark.usefixtures("ray_session")
-
-
-@pytest.fixture
-def db_url(tmp_path: Path) -> str:
-    """SQLite only: the log's storage is tested on both databases in tests/api/test_logs.py;
-    this module tests what reaches it from Ray."""
-    return f"sqlite:///{tmp_path / 'metaserve.db'}"
 
 
 def tiny_npz(path: Path, classes: int = 40, per_class: int = 3) -> Path:

@@ -11,19 +11,10 @@ import torch
 
 from metaserve import client as sdk
 from metaserve.client import Client, Event, parse_sse
-from tests.api.test_events import live_url  # noqa: F401 - the fixture
 from metaserve.workers.engine import Trainer
 from metaserve.workers.engine.final_artifact import adapt, load_meta_init
 
 TWO_LINE_SPEC = {"algorithm": {"name": "maml"}, "task_family": {"name": "sine"}}
-
-
-@pytest.fixture
-def key(sessions) -> str:  # noqa: ANN001
-    from metaserve.service import auth
-
-    with sessions() as session:
-        return auth.create_key(session=session, name="alice")[1]
 
 
 @pytest.fixture(autouse=True)

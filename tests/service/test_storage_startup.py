@@ -7,23 +7,18 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from metaserve.service.settings import Settings
-from tests.moto_s3 import MotoS3, free_port, moto_s3_server
+from tests.moto_s3 import MotoS3, free_port
 from tests.server_process import metaserve_executable
+
+pytestmark = pytest.mark.server  # starts `metaserve serve` / `dispatcher` processes
 
 START_LIMIT_S = 60  # a Python start with torch/ray imports on a busy 2-core machine; the
 STORE_CHECK_S = 10  # store check itself must take less than this
-
-
-@pytest.fixture(scope="module")
-def moto_s3() -> Iterator[MotoS3]:
-    with moto_s3_server() as server:
-        yield server
 
 
 def metaserve(command: str, tmp_path: Path, **env: str) -> tuple[int, str, float]:

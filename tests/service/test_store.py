@@ -7,26 +7,16 @@ import pytest
 from sqlalchemy import func, select
 
 from metaserve.service import jobs
-from metaserve.service.exceptions import (IdempotencyConflict, InvalidCursor, InvalidTransition,
-                                          JobNotFound, LeaseLost)
-from metaserve.service.orm import Job, JobStatus, User, utcnow
+from metaserve.service.exceptions import (IdempotencyConflict, InvalidCursor, InvalidTransition, JobNotFound,
+                                          LeaseLost)
+from metaserve.service.orm import Job, JobStatus, utcnow
 from metaserve.workers.spec import JobSpec
+from tests.helpers import LEASE_S, TWO_LINE_SPEC, reread
+from tests.helpers import submit_to_store as submit
 
-LEASE_S = 30.0
+pytestmark = pytest.mark.dialects  # claims, locks and transitions: the SQL differs
+
 EXPIRED = -1.0  # a lease that is already over when taken: the holder "died"
-TWO_LINE_SPEC = {"algorithm": {"name": "maml"}, "task_family": {"name": "sine"}}
-
-
-def submit(session, owner: User, key: str | None = None, **spec) -> Job:  # noqa: ANN001
-    job, _ = jobs.submit_job(session=session, owner=owner,
-                             spec=JobSpec.model_validate({**TWO_LINE_SPEC, **spec}),
-                             idempotency_key=key)
-    return job
-
-
-def reread(sessions, job_id: str) -> Job:  # noqa: ANN001
-    with sessions() as session:
-        return session.get(Job, job_id)
 
 
 def test_job_status_terminal_states_are_exactly_succeeded_failed_cancelled():

@@ -10,7 +10,6 @@ import socket
 import stat
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,15 +24,9 @@ from metaserve.workers.object_store import (
     StorageError,
     open_store,
 )
-from tests.moto_s3 import MotoS3, free_port, moto_s3_server
+from tests.moto_s3 import MotoS3, free_port
 
 JOB = "job_1"
-
-
-@pytest.fixture(scope="session")
-def moto_s3() -> Iterator[MotoS3]:
-    with moto_s3_server() as server:
-        yield server
 
 
 def s3_config(moto_s3: MotoS3, **change: str) -> StorageConfig:
