@@ -45,7 +45,7 @@ LEASE_S = 30.0
 
 
 def wait_until(condition: Callable[[], T], timeout_s: float, message: str = "",
-               interval_s: float = 0.05) -> T:
+               interval_s: float = 0.1) -> T:
     """``condition()``'s first truthy value, polled every ``interval_s``; fails the test with
     ``message`` when ``timeout_s`` passes first."""
     deadline = time.monotonic() + timeout_s

@@ -16,11 +16,11 @@ import os
 import re
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import wait_until
 from tests.server_process import ServerProcess
 
 pytestmark = pytest.mark.slow
@@ -123,17 +123,6 @@ def is_loopback(address: str) -> bool:
 def test_is_loopback_reads_ss_addresses() -> None:
     assert all(map(is_loopback, ["127.0.0.1", "::1", "::ffff:127.0.0.1", "127.0.0.53"]))
     assert not any(map(is_loopback, ["*", "0.0.0.0", "::", "192.0.2.2", "::ffff:192.0.2.2"]))
-
-
-def wait_until(predicate, timeout: float, what: str):  # noqa: ANN001, ANN201
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.25)
 
 
 @pytest.mark.server

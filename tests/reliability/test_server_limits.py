@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from metaserve.service.settings import MAX_HEADER_BYTES, MAX_URL_BYTES
+from tests.helpers import wait_until
 from tests.server_process import ServerProcess
 
 HUGE = 128 * 1024 * 1024
@@ -47,7 +48,7 @@ class HealthPoller:
 
     def __enter__(self) -> "HealthPoller":
         self._thread.start()
-        time.sleep(0.2)
+        wait_until(lambda: len(self.latencies) >= 3, 30, "the first /healthz answers")
         return self
 
     def __exit__(self, *_: object) -> None:
@@ -169,8 +170,11 @@ def test_keep_alive_requests_after_the_first_are_not_timed_out(live_server):
 def test_access_log_has_the_path_without_the_query_string(live_server):
     with httpx.Client(base_url=live_server.url, timeout=10) as client:
         assert client.get("/healthz", params={"token": "s3cr3t-in-query"}).status_code == 200
-    time.sleep(0.3)
-    log = live_server.log_path.read_text()
+    def logged() -> str:
+        text = live_server.log_path.read_text()
+        return text if "GET /healthz HTTP/1.1" in text else ""
+
+    log = wait_until(logged, 10, "the request's access log line")
     assert '"GET /healthz HTTP/1.1" 200' in log
     assert "s3cr3t-in-query" not in log and "/healthz?" not in log
 

@@ -15,6 +15,7 @@ from metaserve.service import artifacts, jobs
 from metaserve.service.dispatcher import Dispatcher
 from metaserve.service.orm import Metric
 from tests.helpers import submit_short_sine as submit
+from tests.helpers import reread, wait_until
 from tests.helpers import wait_for_job as wait_for
 
 # Claims by several dispatchers: the SQL differs between the dialects.
@@ -69,15 +70,21 @@ def test_the_driver_runs_in_its_own_ray_process_and_its_placement_is_recorded(
     assert placement["workers"][0]["device"] == "cpu"
 
 
+def running_past(sessions, job_id: str, iteration: int, placed: bool = False):  # noqa: ANN001, ANN201
+    """The job once it runs at or past ``iteration`` (and, if ``placed``, has recorded where
+    its driver and workers run); fails after 60 s."""
+    def reached():  # noqa: ANN202
+        job = reread(sessions, job_id)
+        far_enough = job.status == "running" and job.progress.get("iteration", 0) >= iteration
+        return job if far_enough and (not placed or "placement" in job.progress) else None
+
+    return wait_until(reached, 60, f"job {job_id} running at iteration {iteration}")
+
+
 def test_a_killed_driver_is_retried_and_resumes_from_its_checkpoint(dispatcher, sessions,
                                                                      alice):  # noqa: ANN001
     job_id = submit(sessions, alice, iterations=400, checkpoint_every=20)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        job = wait_for(sessions, job_id, {"running"})
-        if job.progress.get("iteration", 0) >= 40 and "placement" in job.progress:
-            break
-        time.sleep(0.2)
+    job = running_past(sessions, job_id, 40, placed=True)
     os.kill(job.progress["placement"]["driver"]["pid"], signal.SIGKILL)
     job = wait_for(sessions, job_id, {"succeeded", "failed"})
     assert (job.status, job.attempt) == ("succeeded", 2)
@@ -87,12 +94,7 @@ def test_a_killed_driver_is_retried_and_resumes_from_its_checkpoint(dispatcher, 
 def test_cancelling_a_running_job_stops_it_within_five_seconds(dispatcher, sessions, alice,
                                                                settings, tmp_path):  # noqa: ANN001
     job_id = submit(sessions, alice, iterations=1_000_000, checkpoint_every=20)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        job = wait_for(sessions, job_id, {"running"})
-        if job.progress.get("iteration", 0) >= 20:
-            break
-        time.sleep(0.2)
+    running_past(sessions, job_id, 20)
     with sessions() as session:
         jobs.request_cancel(session=session, job_id=job_id, owner=alice)
     asked = time.monotonic()
@@ -108,12 +110,11 @@ def test_cancelling_a_running_job_stops_it_within_five_seconds(dispatcher, sessi
 def test_a_job_asking_for_more_gpus_than_the_cluster_has_stays_queued_with_a_reason(
         dispatcher, sessions, alice):  # noqa: ANN001
     job_id = submit(sessions, alice, resources={"workers": 1, "gpus_per_worker": 2})
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        job = wait_for(sessions, job_id, {"queued"})
-        if job.message:
-            break
-        time.sleep(0.2)
+    def explained():  # noqa: ANN202
+        job = reread(sessions, job_id)
+        return job if job.message else None
+
+    job = wait_until(explained, 30, "a reason on the queued job")
     assert job.status == "queued"
     assert job.attempt == 0
     assert job.message == ("waiting for resources: 2 GPU(s) asked (1 workers × 2), "
@@ -193,9 +194,7 @@ def test_dispatcher_health_reports_a_live_claim_loop_and_goes_stale_when_it_stop
         live = Dispatcher(settings, sessions, health_path=health)
         live.start()
         try:
-            deadline = time.monotonic() + 60
-            while not health.exists() and time.monotonic() < deadline:
-                time.sleep(0.2)
+            wait_until(health.exists, 60, "the dispatcher's health file")
             result = CliRunner().invoke(app, ["dispatcher", "--health"])
             assert (result.exit_code, result.output.split(":")[0]) == (0, "ok")
         finally:
