@@ -23,6 +23,10 @@ SWEEP = {"name": "tiny", "spec": BASE,
          "num_samples": 2}
 
 
+RL2_BASE = {"algorithm": {"name": "rl2"}, "task_family": {"name": "bandit"}, "iterations": 20,
+            "evaluation": {"every": 5}}
+
+
 def with_(**changes) -> dict:  # noqa: ANN003
     return {**SWEEP, **changes}
 
@@ -51,6 +55,16 @@ def test_a_sweep_is_stored_with_its_queued_driver_job_and_defaults_filled_in(cli
     assert client.get(f"/v1/sweeps/{sweep['id']}", headers=alice_auth).json() == sweep
     listed = client.get("/v1/sweeps", headers=alice_auth).json()
     assert [s["id"] for s in listed["data"]] == [sweep["id"]] and listed["next_cursor"] is None
+
+
+def test_an_rl_sweep_ranks_its_trials_by_a_validation_return_maximized(client, alice_auth):  # noqa: ANN001
+    response = client.post("/v1/sweeps", headers=alice_auth, json=with_(
+        spec=RL2_BASE, space={"algorithm.lr": {"choice": [0.01, 0.03]}},
+        scheduler={"name": "asha"}))
+    assert response.status_code == 201, response.text
+    scheduler = response.json()["config"]["scheduler"]
+    assert (scheduler["metric"], scheduler["mode"], scheduler["grace_period"]) == (
+        "val/rl2_trial_return", "max", 5)
 
 
 BAD_SWEEPS = [
@@ -88,6 +102,10 @@ BAD_SWEEPS = [
     (with_(scheduler={"name": "asha", "grace_period": BASE["iterations"] + 1}),
      "scheduler.grace_period", f"longer than any trial ({BASE['iterations']} iterations)"),
     (with_(search={"name": "random", "shuffle": True}), "search", "shuffle orders a grid"),
+    (with_(spec=RL2_BASE, space={"algorithm.lr": {"choice": [0.01, 0.03]}},
+           scheduler={"name": "fifo", "metric": "val/loss_step1"}), "scheduler.metric",
+     "not reported by the spec's evaluation; one of val/rl2_trial_return, "
+     "val/rl2_greedy_trial_return"),
 ]
 
 
