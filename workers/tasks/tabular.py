@@ -99,8 +99,9 @@ def _standardizer(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 class TabularFamily:
     """Tasks from a canonical table (see the module docstring). ``directory``: a canonical
-    table directory (tests, ``metaserve train`` on an operator's copy); by default the uploaded
-    dataset ``spec.dataset`` is fetched from the artifact store."""
+    table directory (:func:`~metaserve.workers.tasks.table_format.write_canonical_table`, as
+    tests and benchmarks make one); by default the uploaded dataset ``spec.dataset`` is
+    fetched from the artifact store."""
 
     def __init__(self, spec: TabularSpec, *, directory: str | Path | None = None):
         if directory is None:
@@ -131,7 +132,7 @@ class TabularFamily:
             entity_name = lambda value: names[int(value)]  # noqa: E731
         else:
             entity_ids, present = np.asarray(task, dtype=np.float64), ~np.isnan(task)
-            entity_name = lambda value: _plain(int(value))  # noqa: E731
+            entity_name = int
         # The split is over every entity of the table, whatever rows are dropped below, so it
         # is the one the submit check counted (split_task_counts).
         splits = split_task_ids(entity_ids[present], spec.split, spec.split_seed)

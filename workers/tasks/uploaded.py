@@ -131,6 +131,11 @@ def fetch_table(dataset_id: str) -> Path:
     ``table.json``, see :mod:`metaserve.workers.tasks.table_format`)."""
     from metaserve.workers.tasks.table_format import TABLE_FILES
 
+    if _store is None and not (_cache_root() / dataset_id / TABLE_FILES[1]).is_file():
+        raise DatasetError(f"dataset {dataset_id}: uploaded tables are read from a metaserve "
+                           "server's artifact store; submit the job to a server (metaserve "
+                           "submit), or build TabularFamily(spec, directory=...) on a canonical "
+                           "table directory")
     return fetch_dataset(dataset_id, TABLE_FILES)
 
 
