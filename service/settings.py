@@ -49,7 +49,8 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535, description="Port the HTTP server listens on.")
     database_url: str = Field(
         "sqlite:///./.metaserve/metaserve.db",
-        description="SQLAlchemy URL; SQLite runs in WAL mode, PostgreSQL via psycopg.",
+        description="SQLAlchemy URL. SQLite runs in WAL mode with a busy timeout and foreign keys "
+                    "on; PostgreSQL: postgresql+psycopg://user@host/db.",
     )
     data_dir: Path = Field(Path("./.metaserve"), description="Where the embedded default keeps "
                            "its state (admin.key, the SQLite file).")
@@ -63,7 +64,8 @@ class Settings(BaseSettings):
     dispatcher: bool = Field(True, description="Run the job dispatcher inside `metaserve serve`.")
     dispatcher_concurrency: int = Field(2, ge=1, le=1024,
                                         description="Jobs one dispatcher runs at the same time.")
-    lease_s: float = Field(LEASE_S, gt=0, description="Job lease length in seconds.")
+    lease_s: float = Field(LEASE_S, gt=0, description="Job lease length in seconds; a job whose "
+                           "lease expires is reclaimed.")
     heartbeat_s: float = Field(HEARTBEAT_S, gt=0,
                                description="Seconds between lease renewals of a running job.")
 
@@ -73,20 +75,22 @@ class Settings(BaseSettings):
     # 0 turns a cap off.
     max_queued_jobs_per_user: int = Field(
         MAX_QUEUED_JOBS_PER_USER, ge=0,
-        description="Queued jobs one user may have; one more → 429 with Retry-After. 0: no cap.")
+        description="Queued jobs one user may have (admin keys are exempt); one more → 429 with "
+                    "Retry-After naming the cap (an Idempotency-Key replay still returns its job). "
+                    "0: no cap.")
     max_running_jobs_per_user: int = Field(
         MAX_RUNNING_JOBS_PER_USER, ge=0,
-        description="Running jobs one user may have across all dispatchers; more stay queued "
-                    "with a 'waiting: ...' message. 0: no cap.")
+        description="Running jobs one user may have across all dispatchers (admin keys are exempt); "
+                    "more stay queued with a 'waiting: <user> already runs N jobs' message. 0: no cap.")
     quota_retry_after_s: int = Field(
         QUOTA_RETRY_AFTER_S, ge=1, le=86400,
         description="Retry-After (seconds) of a 429 for the queued-jobs cap.")
 
     # Sweeps (service/sweeps.py): caps on one sweep, checked at submit (422 naming the field).
     sweep_max_trials: int = Field(256, ge=1, le=100_000,
-                                  description="Most trials one sweep may run.")
+                                  description="Most trials one sweep may run; more → 422 at submit.")
     sweep_max_grid: int = Field(256, ge=1, le=100_000,
-                                description="Largest grid (product of the domains) of a grid search.")
+                                description="Largest grid (product of the domains) of a grid search; larger → 422 at submit.")
     sweep_driver_memory_mb: int = Field(
         1536, ge=256, le=1024 * 1024,
         description="Ray `memory` request of a sweep's driver (the Ray Tune driver), MB.")
@@ -94,18 +98,24 @@ class Settings(BaseSettings):
     # Where a job's driver and workers are placed on Ray.
     driver_memory_mb: int = Field(
         DRIVER_MEMORY_MB, ge=64, le=1024 * 1024,
-        description="Ray `memory` request of each job's driver (its supervisor actor), MB.")
+        description="Least Ray `memory` request of each job's driver (its supervisor actor; more "
+                    "when the job's estimate says so), MB; a driver holding more than its request "
+                    "fails its job with an 'out of memory' line, without retry.")
     # Cost limits: a job estimated above one of these is refused with a 422 (service/limits.py).
     max_parameters: int = Field(20_000_000, ge=1,
-                                description="Largest network a job may train (parameters).")
+                                description="Largest network a job may train (parameters); above it a 422 naming `model`.")
     max_worker_memory_mb: int = Field(
-        16 * 1024, ge=64, description="Largest estimated memory of one inner-loop worker, MB.")
+        16 * 1024, ge=64, description="Largest estimated memory of one inner-loop worker, MB; above it a 422 "
+                                 "naming `task_family` or `meta_batch_size`.")
     max_job_memory_mb: int = Field(
-        64 * 1024, ge=64, description="Largest estimated memory of a job (driver + workers), MB.")
+        64 * 1024, ge=64, description="Largest estimated memory of a job (driver + workers), MB; above it a 422 "
+                                 "naming `resources.workers`.")
     max_meta_tasks: int = Field(100_000_000, ge=1,
-                                description="Largest iterations × meta_batch_size of a job.")
+                                description="Largest iterations × meta_batch_size of a job; above it a 422 "
+                                            "naming `iterations`.")
     max_job_pflop: float = Field(1000.0, gt=0,
-                                 description="Largest estimated training work of a job, PFLOP.")
+                                 description="Largest estimated training work of a job, PFLOP; above it a 422 "
+                                             "naming `iterations`.")
     max_runtime_s: int = Field(7 * 86400, ge=1,
                                description="Seconds an attempt of a job may run (the default "
                                            "and the cap of a spec's max_runtime_s).")
@@ -119,7 +129,9 @@ class Settings(BaseSettings):
     artifact_root: str = Field(
         ".metaserve/artifacts",
         description="Where job artifacts and checkpoints are stored: a directory, or "
-                    "s3://bucket/prefix on object storage every host reaches.")
+                    "s3://bucket/prefix on object storage every host reaches (a cluster needs the latter). "
+                    "serve/dispatcher refuse to start, and /readyz answers 503, while the store "
+                    "does not answer.")
     s3_endpoint_url: str = Field("", description="S3 endpoint of an s3:// artifact root "
                                  "(MinIO, Ceph, ...), e.g. http://artifacts:9000; empty: AWS.")
     s3_access_key_id: str = Field("", description="S3 access key id; empty: the environment's "
