@@ -252,7 +252,7 @@ print(JobSpec.model_validate({"algorithm": {"name": "maml"}, "task_family": {"na
     assert json.loads(errors) == [[["task_family"], (
         f"Value error, 'import_error' comes from the plugin package {BROKEN_PACKAGE}, which is "
         f"installed but could not be loaded here: {BROKEN_ENTRIES['import_error'][2]}")]]
-    assert sine_module == "metaserve.workers.spec"
+    assert sine_module == "metaserve.workers.spec_task_families"  # the built-in SineSpec
 
 
 PICKY_NETWORK = '''
