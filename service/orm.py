@@ -257,11 +257,11 @@ class Sweep(Base):
     """A hyperparameter sweep (service/sweeps.py): the request as submitted (base spec, space,
     search, scheduler) and its driver job, a plain job row that dispatchers claim and lease
     and whose run is the Ray Tune driver. Status, attempts, logs and the sweep's artifacts
-    are the driver job's; the trials are job rows with ``sweep_id``."""
+    are the driver job's (its Idempotency-Key too); the trials are job rows with
+    ``sweep_id``."""
 
     __tablename__ = "sweeps"
     __table_args__ = (
-        UniqueConstraint("owner_id", "idempotency_key"),
         Index("ix_sweeps_owner_id_id", "owner_id", "id"),
     )
 
@@ -273,5 +273,4 @@ class Sweep(Base):
     # No foreign key: jobs.sweep_id already points here (a cycle would need ALTERs); the
     # driver job is created with the sweep, and both go with their owner.
     driver_job_id: Mapped[str] = mapped_column(String(26), unique=True)
-    idempotency_key: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
