@@ -28,7 +28,7 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from metaserve.service import job_runs, job_store, jobs, telemetry
+from metaserve.service import child_jobs, job_runs, jobs, telemetry
 from metaserve.service.exceptions import LeaseLost, MetaserveError
 from metaserve.service.orm import JobStatus
 from metaserve.service.ray_cluster import connect_ray
@@ -263,7 +263,7 @@ class Dispatcher:
                     else:
                         status = jobs.job_status(session=session, job_id=running.job_id)
                     if running.children:  # jobs it started whose owner cancelled them
-                        running.cancelling_children = frozenset(job_store.cancelling_children(
+                        running.cancelling_children = frozenset(child_jobs.cancelling_children(
                             session=session, parent_job_id=running.job_id))
                 if status is JobStatus.CANCELLING:
                     running.stop.set()

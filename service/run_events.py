@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from metaserve.service import job_logs, job_store
+from metaserve.service import child_jobs, job_logs, job_store
 from metaserve.service.orm import JobStatus
 from metaserve.workers.object_store import ArtifactFile
 
@@ -112,7 +112,7 @@ class RunEventWriter:
                     logger.exception("writing the job's log failed", extra={"job_id": own})
             with session.begin():
                 for job_id, payload in started:
-                    job_store.start_child_job(session=session, parent_job_id=own,
+                    child_jobs.start_child_job(session=session, parent_job_id=own,
                                           worker_id=worker_id, job_id=job_id,
                                           key=payload["key"], name=payload["name"],
                                           spec=payload["spec"])
@@ -129,11 +129,11 @@ class RunEventWriter:
                         job_store.update_progress(session=session, job_id=own, worker_id=worker_id,
                                               progress=progress, message="")
                     else:
-                        job_store.update_child_progress(session=session, parent_job_id=own,
+                        child_jobs.update_child_progress(session=session, parent_job_id=own,
                                                     worker_id=worker_id, job_id=job_id,
                                                     progress=progress)
                 for job_id, payload in ended:
-                    job_store.end_child_job(session=session, parent_job_id=own, worker_id=worker_id,
+                    child_jobs.end_child_job(session=session, parent_job_id=own, worker_id=worker_id,
                                         job_id=job_id, status=JobStatus(payload["status"]),
                                         message=payload["message"], error=payload.get("error"))
 

@@ -163,7 +163,7 @@ def test_cancelling_a_queued_sweep_cancels_its_driver_at_once_and_a_second_cance
 
 def test_trials_are_jobs_of_the_sweep_ranked_on_the_leaderboard_and_never_claimed(
         client, alice_auth, sessions, db_url, tmp_path):  # noqa: ANN001
-    from metaserve.service import jobs, job_runs, job_store
+    from metaserve.service import child_jobs, job_runs, job_store, jobs
 
     sweep = client.post("/v1/sweeps", json=SWEEP, headers=alice_auth).json()
     settings = Settings(database_url=db_url, artifact_root=tmp_path / "a")
@@ -185,10 +185,10 @@ def test_trials_are_jobs_of_the_sweep_ranked_on_the_leaderboard_and_never_claime
         session.commit()  # the reads' transaction
         with session.begin():
             for key, job_id in (("t0", first), ("t1", second)):
-                job_store.start_child_job(session=session, parent_job_id=claimed.id, worker_id="w",
+                child_jobs.start_child_job(session=session, parent_job_id=claimed.id, worker_id="w",
                                       job_id=job_id, key=key, name=f"tiny/{key}", spec=trial)
             with pytest.raises(LeaseLost):  # only the holder of the driver's lease
-                job_store.start_child_job(session=session, parent_job_id=claimed.id,
+                child_jobs.start_child_job(session=session, parent_job_id=claimed.id,
                                       worker_id="other", job_id="0" * 25 + "3", key="t2",
                                       name="tiny/t2", spec=trial)
             job_store.add_metrics(session=session, job_id=first, rows=[(5, "val/loss_step1", 2.0),
@@ -196,9 +196,9 @@ def test_trials_are_jobs_of_the_sweep_ranked_on_the_leaderboard_and_never_claime
             job_store.add_metrics(session=session, job_id=second, rows=[(5, "val/loss_step1", 1.5)])
             job_store.add_artifact(session=session, job_id=first, name="meta_init.json", size=2,
                                sha256="0" * 64, media_type="application/json")
-            job_store.end_child_job(session=session, parent_job_id=claimed.id, worker_id="w",
+            child_jobs.end_child_job(session=session, parent_job_id=claimed.id, worker_id="w",
                                 job_id=first, status=JobStatus.SUCCEEDED, message="finished")
-            job_store.end_child_job(session=session, parent_job_id=claimed.id, worker_id="w",
+            child_jobs.end_child_job(session=session, parent_job_id=claimed.id, worker_id="w",
                                 job_id=second, status=JobStatus.CANCELLED,
                                 message="stopped early by asha at iteration 5")
         assert jobs.claim_next_job(session=session, worker_id="w2", lease_s=30) is None
@@ -220,7 +220,7 @@ def test_trials_are_jobs_of_the_sweep_ranked_on_the_leaderboard_and_never_claime
 
 def test_a_driver_that_ends_ends_its_running_trials_with_it(client, alice_auth, sessions,
                                                             db_url):  # noqa: ANN001
-    from metaserve.service import jobs, job_store
+    from metaserve.service import child_jobs, job_store, jobs
 
     sweep = client.post("/v1/sweeps", json=SWEEP, headers=alice_auth).json()
     with sessions() as session:
@@ -228,7 +228,7 @@ def test_a_driver_that_ends_ends_its_running_trials_with_it(client, alice_auth, 
         spec = job_store.job_spec(claimed)
         session.commit()
         with session.begin():
-            job_store.start_child_job(session=session, parent_job_id=claimed.id, worker_id="w",
+            child_jobs.start_child_job(session=session, parent_job_id=claimed.id, worker_id="w",
                                   job_id="0" * 25 + "1", key="t0", name="tiny/t0",
                                   spec=spec)
     cancelled = client.post(f"/v1/sweeps/{sweep['id']}/cancel", headers=alice_auth).json()

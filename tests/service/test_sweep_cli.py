@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from metaserve.service import jobs, job_store
+from metaserve.service import child_jobs, job_store, jobs
 from metaserve.cli import app
 from metaserve.client import Client
 from metaserve.service.orm import JobStatus
@@ -46,11 +46,11 @@ def run_one_trial(sessions, db_url: str, root: Path) -> str:  # noqa: ANN001
         trial = base.model_copy(update={"algorithm": base.algorithm.model_copy(
             update={"inner_lr": 0.1})})
         with session.begin():
-            job_store.start_child_job(session=session, parent_job_id=driver.id, worker_id="w",
+            child_jobs.start_child_job(session=session, parent_job_id=driver.id, worker_id="w",
                                   job_id=TRIAL, key="abc_00001", name="cli-sweep/abc_00001",
                                   spec=trial)
             job_store.add_metrics(session=session, job_id=TRIAL, rows=[(20, "val/loss_step1", 0.25)])
-            job_store.end_child_job(session=session, parent_job_id=driver.id, worker_id="w",
+            child_jobs.end_child_job(session=session, parent_job_id=driver.id, worker_id="w",
                                 job_id=TRIAL, status=JobStatus.SUCCEEDED, message="finished")
     scratch = root.parent / "scratch"
     scratch.mkdir()
