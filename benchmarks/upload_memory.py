@@ -150,8 +150,9 @@ def table_csv(path: Path, entities: int, rows: int) -> None:
             a, b = rng.normal(size=2)
             x = rng.normal(size=(rows, 3))
             y = a * np.sin(x[:, 0] + b) + x[:, 1] * x[:, 2]
-            handle.writelines(f"e{entity:07d},{t},{x[t, 0]!r},{x[t, 1]!r},{x[t, 2]!r},{y[t]!r}\n"
-                              for t in range(rows))
+            values = np.column_stack([x, y]).tolist()  # Python floats: repr round-trips
+            handle.writelines(f"e{entity:07d},{t},{values[t][0]!r},{values[t][1]!r},"
+                              f"{values[t][2]!r},{values[t][3]!r}\n" for t in range(rows))
 
 
 def table_parquet(source: Path, path: Path) -> None:
@@ -208,12 +209,17 @@ def run_hostile(workdir: Path, uploads: list[tuple[str, Path]]) -> dict:
                               stderr=subprocess.STDOUT, start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        for _ in range(600):
+        deadline = time.monotonic() + 300  # a loaded 2-core machine starts the server slowly
+        while time.monotonic() < deadline and server.poll() is None:
             try:
                 if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
                     break
             except httpx.TransportError:
-                time.sleep(0.1)
+                time.sleep(0.2)
+        else:
+            log.flush()
+            raise RuntimeError("the server did not start:\n"
+                               + (workdir / "server.log").read_text()[-3000:])
         key = (workdir / ".metaserve" / "admin.key").read_text().strip()
         time.sleep(1.0)
         first = status_kib(server.pid, "VmRSS")
