@@ -291,3 +291,24 @@ def test_an_image_spec_the_dataset_cannot_serve_is_422_at_submit_and_no_job(
     assert response.status_code == 422, response.text
     assert response.json()["error"]["details"] == [{"field": field, "message": message}]
     assert api.get("/v1/jobs", headers=alice_auth).json()["data"] == []
+
+
+def test_a_dataset_recorded_before_its_metadata_is_checked_when_the_job_runs(
+        api, sessions, alice_auth) -> None:  # noqa: ANN001
+    """Rows from before migration 0010 have kind images and meta null: submit cannot check
+    them, says so, and accepts the spec (the family checks it when the job starts)."""
+    from metaserve.service.orm import Dataset, User
+
+    with sessions() as session, session.begin():
+        owner = session.query(User).filter_by(name="alice").one()
+        session.add(Dataset(id="ds_" + "1" * 26, owner_id=owner.id, name="old", format="npz",
+                            classes=3, images=6, shape=[1, 28, 28], bytes=1, sha256="0" * 64,
+                            status="ready"))
+    shown = api.get("/v1/datasets/ds_" + "1" * 26, headers=alice_auth).json()
+    assert (shown["kind"], shown["meta"], shown["usable_for"], shown["unusable_reason"]) == (
+        "images", None, None, "uploaded before datasets were described; specs naming it are "
+                              "checked when the job runs")
+    response = api.post("/v1/jobs", headers=alice_auth, json={
+        "algorithm": {"name": "maml"},
+        "task_family": {"name": "images", "dataset": "ds_" + "1" * 26, "ways": 5}})
+    assert response.status_code == 201, response.text
