@@ -179,10 +179,10 @@ def convert_csv(upload: Path, workdir: Path, limits: Limits) -> Converted:
 def _too_many_rows(rows: int, columns: int, limits: Limits, more: bool = False) -> Exception:
     at_least = "more than " if more else ""
     if rows > limits.dataset_max_rows:
+        counted = f"more than {limits.dataset_max_rows:,}" if more else f"{rows:,}"
         return DatasetLimitExceeded(
-            f"rows: {at_least}{limits.dataset_max_rows:,} rows, above the cap of "
-            f"{limits.dataset_max_rows:,} (METASERVE_DATASET_MAX_ROWS)",
-            rows=f"{at_least}{limits.dataset_max_rows:,}")
+            f"rows: {counted} rows, above the cap of {limits.dataset_max_rows:,} "
+            "(METASERVE_DATASET_MAX_ROWS)", rows=f"{counted} rows")
     stored = rows * columns * BYTES_PER_CELL
     return DatasetLimitExceeded(
         f"rows: {at_least}{rows:,} rows × {columns:,} columns are {stored:,} bytes stored, "
