@@ -235,7 +235,14 @@ class Dispatcher:
                                       max_running_per_user=self.settings.max_running_jobs_per_user)
             if job is None:
                 return False
-            run = job_runs.job_run(session=session, job=job, settings=self.settings)
+            try:
+                run = job_runs.job_run(session=session, job=job, settings=self.settings)
+            except ValueError as error:  # a stored spec this engine cannot read: no retry helps
+                session.rollback()
+                jobs.fail_attempt(session=session, job_id=job.id, worker_id=self.worker_id,
+                                  error=f"the stored spec is not a valid job: "
+                                        f"{readable_error(error)}", retry=False)
+                return True
         logger.info("claimed job", extra={"job_id": run.job_id, "attempt": run.attempt})
         if (job.message or "").startswith("reclaimed after"):  # claims._reclaim's message
             telemetry.LEASE_EXPIRIES.inc()

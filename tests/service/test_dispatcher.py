@@ -9,11 +9,11 @@ import time
 
 import pytest
 from safetensors.torch import load_file
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from metaserve.service import artifacts, jobs
 from metaserve.service.dispatcher import Dispatcher
-from metaserve.service.orm import Metric
+from metaserve.service.orm import Job, Metric
 from tests.helpers import submit_short_sine as submit
 from tests.helpers import reread, wait_until
 from tests.helpers import wait_for_job as wait_for
@@ -57,6 +57,20 @@ def test_a_job_with_a_missing_dataset_fails_on_its_first_attempt_and_disturbs_no
     assert "\n" not in bad_job.error and "Traceback" not in bad_job.error
     assert bad_job.message == f"failed: {bad_job.error}"
     assert good_job.status == "succeeded"
+
+
+def test_a_stored_spec_the_engine_cannot_read_fails_at_its_claim_and_disturbs_nothing(
+        dispatcher, sessions, alice):  # noqa: ANN001
+    bad = submit(sessions, alice, max_attempts=3)
+    with sessions() as session:  # e.g. written by a server whose spec knew another algorithm
+        session.execute(update(Job).where(Job.id == bad).values(
+            spec={**reread(sessions, bad).spec, "algorithm": {"name": "no-such-algorithm"}}))
+        session.commit()
+    good = submit(sessions, alice)
+    bad_job = wait_for(sessions, bad, {"failed", "succeeded"})
+    assert (bad_job.status, bad_job.attempt) == ("failed", 1)
+    assert bad_job.error.startswith("the stored spec is not a valid job: ValidationError: ")
+    assert wait_for(sessions, good, {"failed", "succeeded"}).status == "succeeded"
 
 
 def test_the_driver_runs_in_its_own_ray_process_and_its_placement_is_recorded(
