@@ -160,7 +160,7 @@ def _describe_images(meta: Mapping[str, Any]) -> dict[str, Any]:
         shots = _largest_usable(meta["class_sizes"], ways, DEFAULT_SPLIT, DEFAULT_SPLIT_SEED)
         bound = "up to"
     else:
-        shots, bound = meta["images_per_class"]["min"], "at least"
+        shots, bound = meta["images_per_class"]["min"], "up to at least"
     if shots < 2:
         described["unusable_reason"] = (
             f"fewer than {ways} classes of some split have 2 images (one support, one query): "
@@ -178,17 +178,21 @@ def _describe_table(meta: Mapping[str, Any]) -> dict[str, Any]:
     for name, group in list(meta["groups"].items())[:MAX_DESCRIBED_TASK_COLUMNS]:
         totals, _, _ = split_task_counts(group, DEFAULT_SPLIT, DEFAULT_SPLIT_SEED, 1)
         sizes[name] = {"tasks": totals}
-        if "rows_per_task" not in group or min(totals.values()) < 1:
+        if min(totals.values()) < 1:
             continue
-        rows = _largest_usable(group["rows_per_task"], 1, DEFAULT_SPLIT, DEFAULT_SPLIT_SEED)
-        sizes[name]["max_rows_per_split"] = rows
+        if "rows_per_task" in group:
+            rows = _largest_usable(group["rows_per_task"], 1, DEFAULT_SPLIT, DEFAULT_SPLIT_SEED)
+            sizes[name]["max_rows_per_split"] = rows
+            bound = "up to"
+        else:  # too many tasks to list: every task has min_rows rows, a lower bound
+            rows, bound = group["min_rows"], "up to at least"
         if rows < 2:
             continue
         others = [c for c in columns if c["name"] != name]
         quoted = json.dumps(name)
         if any(c["type"] == "number" and not c["constant"] for c in others):
             usable.append(f"tabular regression with task_column {quoted} (support_shots + "
-                          f"query_shots up to {rows} in every split)")
+                          f"query_shots {bound} {rows} in every split)")
         if any(c["type"] == "category" and c["distinct"] >= 2 for c in others):
             usable.append(f"tabular classification with task_column {quoted}")
     reason = None

@@ -112,3 +112,14 @@ def test_long_category_lists_are_shortened_in_the_row_only(tmp_path) -> None:
     assert recorded["columns"][0]["categories"] == list(names[:1000])
     assert recorded["columns"][0]["categories_truncated"] is True
     assert "tensors_sha256" not in recorded
+
+
+def test_a_table_of_more_tasks_than_listed_is_described_by_its_smallest_task(tmp_path) -> None:
+    tasks = MAX_LISTED_TASKS + 10
+    meta = write_canonical_table(tmp_path, {"task": np.repeat(np.arange(tasks), 3),
+                                            "x": np.linspace(0, 1, 3 * tasks)},
+                                 source_format="csv")
+    assert "rows_per_task" not in meta["groups"]["task"]
+    assert describe("table", meta)["usable_for"] == [
+        'tabular regression with task_column "task" (support_shots + query_shots up to at '
+        "least 3 in every split)"]
