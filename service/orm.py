@@ -101,7 +101,7 @@ class User(Base):
     is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     # When a dispatcher last claimed a queued job of this user: the round-robin turn of the
-    # fair claim (service/store.py, claim_next_job); on PostgreSQL its row is the per-user
+    # fair claim (service/claims.py, claim_next_job); on PostgreSQL its row is the per-user
     # claim lock.
     last_claimed_at: Mapped[datetime | None]
 

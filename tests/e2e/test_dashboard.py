@@ -323,8 +323,9 @@ def test_a_sweep_page_ranks_its_trials_and_plots_the_metric_against_a_parameter(
         browser, site: dict) -> None:  # noqa: ANN001
     import httpx
 
-    from metaserve.service import sweeps
+    from metaserve.service import job_store
     from metaserve.service.ids import new_id
+    from metaserve.service.orm import Job, utcnow
 
     space = {"algorithm.inner_lr": {"grid": [0.003, 0.03, 0.3]}}
     response = httpx.post(site["url"] + "/v1/sweeps", headers={
@@ -336,16 +337,22 @@ def test_a_sweep_page_ranks_its_trials_and_plots_the_metric_against_a_parameter(
     assert response.status_code == 201, response.text
     sweep_id = response.json()["id"]
     trials = {}
+    # Three running trials as the dispatcher records them (service/child_jobs.py), written here
+    # as rows: the sweep's driver stays queued, so the page shows a sweep that has not started.
     with site["sessions"]() as session:
+        now = utcnow()
         for index, (inner_lr, loss) in enumerate(((0.003, 0.9), (0.03, 0.2), (0.3, 0.5))):
             job_id = trials[inner_lr] = new_id()
             spec = {"algorithm": {"name": "maml", "inner_lr": inner_lr},
                     "task_family": {"name": "sine"}, "iterations": 100}
-            sweeps.record_trial_events(session=session, sweep={
-                "sweep_id": sweep_id, "owner_id": site["alice"].id}, events=[
-                ("trial_start", {"trial_id": f"t{index}", "job_id": job_id, "spec": spec,
-                                 "name": f"sweep-inner-lr-t{index}"}),
-                ("trial_metrics", (job_id, 100, {"val/loss_step1": loss}))])
+            session.add(Job(id=job_id, owner_id=site["alice"].id, name=f"sweep-inner-lr-t{index}",
+                            spec=spec, spec_hash=job_store.spec_hash(spec), status="running",
+                            attempt=1, max_attempts=1, progress={}, created_at=now,
+                            updated_at=now, started_at=now, sweep_id=sweep_id,
+                            trial_id=f"t{index}", message=f"trial t{index} started"))
+            session.flush()
+            job_store.add_metrics(session=session, job_id=job_id,
+                                  rows=[(100, "val/loss_step1", loss)])
         session.commit()
     log_in(browser, site, site["alice_key"])
     wait(browser, lambda b: b.find_elements(By.CSS_SELECTOR, "#jobs tbody tr"))
