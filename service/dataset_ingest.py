@@ -41,18 +41,21 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import traceback
 import zipfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from metaserve.service.exceptions import DatasetLimitExceeded, InvalidDataset, MetaserveError
+from metaserve.service.exceptions import (ConversionsBusy, DatasetLimitExceeded,
+                                          InvalidDataset, MetaserveError)
 from metaserve.service.upload_conversion import Converted, Limits
 
 RESULT_FILE = ".conversion.json"
 CHILD_NICENESS = 5
 STDERR_TAIL = 2000
+SLOT_WAIT_S = 30.0
 KILLED_BY_MEMORY = (-signal.SIGKILL, -signal.SIGABRT, -signal.SIGSEGV, -signal.SIGBUS)
 """How a child that hit RLIMIT_AS outside Python dies (a C++ bad_alloc aborts, a failed mmap
 faults); the kernel's OOM killer sends SIGKILL."""
@@ -64,10 +67,40 @@ ERRORS: dict[str, type[MetaserveError]] = {"InvalidDataset": InvalidDataset,
 # --------------------------------------------------------------------------- the child process
 
 
+_slots: threading.BoundedSemaphore | None = None
+_slots_size = 0
+_slots_lock = threading.Lock()
+
+
+def _conversion_slots(concurrency: int) -> threading.BoundedSemaphore:
+    """The process-wide slots of ``concurrency`` conversions (one set per server process)."""
+    global _slots, _slots_size
+    with _slots_lock:
+        if _slots is None or _slots_size != concurrency:
+            _slots, _slots_size = threading.BoundedSemaphore(concurrency), concurrency
+        return _slots
+
+
 def convert_in_child(upload: Path, workdir: Path, settings: Any) -> Converted:
     """Convert ``upload`` into ``workdir`` in a child process under the settings' memory and
-    time limits; raise :class:`InvalidDataset` / :class:`DatasetLimitExceeded` naming the
-    field, member, line or column."""
+    time limits, at most ``dataset_convert_concurrency`` at once (so concurrent uploads
+    cannot multiply the memory a conversion may take); raise :class:`InvalidDataset` /
+    :class:`DatasetLimitExceeded` naming the field, member, line or column, or
+    :class:`ConversionsBusy` (503) when no slot frees within ``SLOT_WAIT_S``."""
+    slots = _conversion_slots(settings.dataset_convert_concurrency)
+    if not slots.acquire(timeout=SLOT_WAIT_S):
+        error = ConversionsBusy(
+            f"{settings.dataset_convert_concurrency} uploads are being converted "
+            "(METASERVE_DATASET_CONVERT_CONCURRENCY); retry later")
+        error.headers = {"Retry-After": str(max(1, round(SLOT_WAIT_S)))}
+        raise error
+    try:
+        return _convert_in_child(upload, workdir, settings)
+    finally:
+        slots.release()
+
+
+def _convert_in_child(upload: Path, workdir: Path, settings: Any) -> Converted:
     limits = Limits.of(settings)
     command = [sys.executable, "-m", "metaserve.service.dataset_ingest", str(upload),
                str(workdir), json.dumps(asdict(limits))]

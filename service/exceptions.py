@@ -165,6 +165,13 @@ class DatasetLimitExceeded(MetaserveError):
     code = "limit_exceeded"
 
 
+class ConversionsBusy(MetaserveError):
+    """Every upload conversion slot is taken; retry later."""
+
+    status_code = 503
+    code = "service_unavailable"
+
+
 class DatasetInUse(MetaserveError):
     """A queued or running job uses this dataset."""
 

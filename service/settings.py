@@ -38,6 +38,7 @@ DATASET_MAX_ROWS = 10_000_000
 DATASET_MAX_COLUMNS = 1_000
 DATASET_CONVERT_MEMORY_BYTES = 4 * 1024**3
 DATASET_CONVERT_TIMEOUT_S = 600.0
+DATASET_CONVERT_CONCURRENCY = 2
 
 
 class Settings(BaseSettings):
@@ -186,6 +187,11 @@ class Settings(BaseSettings):
         DATASET_CONVERT_MEMORY_BYTES, ge=256 * 1024**2,
         description="Address space of the process that converts an upload (RLIMIT_AS); an "
                     "upload that needs more → 422, the API process untouched.")
+    dataset_convert_concurrency: int = Field(
+        DATASET_CONVERT_CONCURRENCY, ge=1, le=64,
+        description="Upload conversions run at once (each a child process of up to "
+                    "METASERVE_DATASET_CONVERT_MEMORY_BYTES); an upload waits up to 30 s for "
+                    "one, then 503.")
     dataset_convert_timeout_s: float = Field(
         DATASET_CONVERT_TIMEOUT_S, gt=0, le=24 * 3600,
         description="Seconds an upload's conversion may take; longer → 422 and it is killed.")

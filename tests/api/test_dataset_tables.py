@@ -273,3 +273,23 @@ def test_a_conversion_out_of_memory_or_time_is_422_and_nothing_is_stored(
         assert error["message"].startswith(message), error["message"]
         assert nothing_stored(api, limited, alice_auth)
         assert api.get("/healthz").status_code == 200
+
+
+def test_an_upload_finding_every_conversion_slot_taken_is_503_and_nothing_is_stored(
+        engine, settings, alice_auth, monkeypatch) -> None:  # noqa: ANN001
+    from metaserve.service import dataset_ingest
+
+    monkeypatch.setattr(dataset_ingest, "SLOT_WAIT_S", 0.2)
+    limited = settings.model_copy(update={"dataset_convert_concurrency": 1})
+    slots = dataset_ingest._conversion_slots(1)
+    with TestClient(create_app(limited)) as api:
+        assert slots.acquire(timeout=5)  # another upload converting
+        try:
+            response = upload(api, alice_auth, csv_bytes(panel(entities=30, rows=12)))
+        finally:
+            slots.release()
+        assert response.status_code == 503, response.text
+        assert response.headers["retry-after"] == "1"
+        assert response.json()["error"]["message"] == (
+            "1 uploads are being converted (METASERVE_DATASET_CONVERT_CONCURRENCY); retry later")
+        assert nothing_stored(api, limited, alice_auth)
