@@ -142,9 +142,8 @@ def _examples_per_task(spec: JobSpec) -> int:
     return per_class * shots
 
 
-def estimate(spec: JobSpec | dict) -> CostEstimate:
+def estimate(spec: JobSpec) -> CostEstimate:
     """The cost of ``spec`` (see the module docstring)."""
-    spec = spec if isinstance(spec, JobSpec) else JobSpec.model_validate(spec)
     resources = spec.resources
     meta_tasks = spec.iterations * spec.meta_batch_size
     if spec.is_rl:

@@ -11,6 +11,7 @@ import pytest
 
 from metaserve.service.settings import Settings
 from metaserve.workers.cost import estimate
+from metaserve.workers.spec import JobSpec
 from tests.helpers import wait_for_http_status as wait_for_status
 from tests.server_process import ServerProcess
 
@@ -40,7 +41,7 @@ def resident_bytes(pid: int) -> int:
 
 
 def test_a_job_near_the_parameter_cap_leaves_the_server_memory_flat(tmp_path: Path) -> None:
-    parameters = estimate(BIG_MLP).parameters
+    parameters = estimate(JobSpec.model_validate(BIG_MLP)).parameters
     assert 10_000_000 < parameters <= Settings().max_parameters
     server = ServerProcess(tmp_path).start()
     try:

@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from metaserve.workers.cost import RUNTIME_BYTES, estimate
+from metaserve.workers import cost
+from metaserve.workers.cost import RUNTIME_BYTES, CostEstimate
 from metaserve.workers.engine.trainer import Trainer
 from metaserve.workers.spec import JobSpec
+
+
+def estimate(document: dict) -> CostEstimate:
+    """:func:`metaserve.workers.cost.estimate` of a spec written here as a document (parsed
+    here, at this file's edge)."""
+    return cost.estimate(JobSpec.model_validate(document))
 
 SPECS = {
     "sine_mlp": {"algorithm": {"name": "maml"}, "task_family": {"name": "sine"}},
