@@ -45,10 +45,10 @@ def main(argv: list[str] | None = None) -> None:
     with Client() as client:
         rows = [held_out_error(client, job_id) for job_id in arguments.jobs]
     print(f"held-out-entity MSE of {rows[0]['target']} (mean ± 95% CI over test tasks)")
-    print(f"{"job":<30} {'algorithm':<10} {'not adapted':>17} {'adapted':>17}  steps")
+    print(f"{'job':<30} {'algorithm':<10} {'not adapted':>17} {'adapted':>17}  steps")
     for row in rows:
         before, after = row["before"], row["after"]
-        print(f"{row["name"][:30]:<30} {row['algorithm']:<10} {before[0]:>9.2f} ± {before[1]:<5.2f} "
+        print(f"{row['name'][:30]:<30} {row['algorithm']:<10} {before[0]:>9.2f} ± {before[1]:<5.2f} "
               f"{after[0]:>9.2f} ± {after[1]:<5.2f}  {row['steps']}")
 
 
