@@ -11,11 +11,13 @@ the session's database with every table emptied. A test that asks for ``db_url``
 ``metaserve_test_<random>`` and dropped at the end; when the server is unreachable the
 PostgreSQL variants skip, except under ``CI`` where they fail.
 
-Tiers. Markers say what a test needs; those of the fixtures are applied here at collection:
-``postgres`` (the PostgreSQL variant), ``ray`` (uses ``ray_session``), ``server`` (starts a
-``metaserve serve`` process or serves the API on a port: ``live_url``), ``cluster`` (the
-namespaced compose cluster, tests/cluster) and ``slow`` (marked by hand: over ~5 s on its own).
-``make test-fast`` runs what needs none of them on two xdist workers; ``make test`` runs all.
+Tiers. Markers say what a test needs; those of the fixtures are applied here at collection
+(``TIER_OF_FIXTURE``): ``postgres`` (the PostgreSQL variant), ``ray`` (uses ``ray_session``),
+``server`` (a server process or port: ``live_url``, ``moto_s3``, a module's ``server`` or
+``live_server`` fixture; a test that starts ``ServerProcess`` itself is marked by hand, and
+fails under ``make test-fast`` when it is not), ``cluster`` (tests/cluster) and ``slow``
+(marked by hand: minutes of its own, or waits on timeouts by design). ``make test-fast`` runs
+what needs none of them on two xdist workers; ``make test`` runs everything, serially.
 """
 
 from __future__ import annotations
