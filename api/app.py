@@ -12,7 +12,11 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from metaserve.api.errors import install_error_handlers
-from metaserve.api.middleware import BodySizeLimitMiddleware, ControlCharacterMiddleware
+from metaserve.api.middleware import (
+    AuthenticateBeforeBodyMiddleware,
+    BodySizeLimitMiddleware,
+    ControlCharacterMiddleware,
+)
 from metaserve.api.routes import ROUTERS, datasets
 from metaserve.api.routes import dashboard
 from metaserve.api.routes.prometheus import MetricsMiddleware, dispatcher_connected
@@ -120,12 +124,13 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
     app.state.freeze_gc = freeze_gc
     app.state.engine = make_engine(settings.database_url)
     app.state.session_factory = session_factory(app.state.engine)
-    app.state.key_cache = KeyCache()
+    app.state.key_cache = KeyCache(ttl_s=settings.key_cache_ttl_s)
     app.state.adapt_pool = AdaptPool(concurrency=settings.adapt_concurrency,
                                      queue=settings.adapt_queue, timeout_s=settings.adapt_timeout_s)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes,
                        own_limit_paths=frozenset({"/v1/datasets"}))
+    app.add_middleware(AuthenticateBeforeBodyMiddleware)  # the key, before the body is read
     app.add_middleware(ControlCharacterMiddleware)  # before the body is read
     app.state.telemetry = Telemetry(app.state.session_factory, lambda: dispatcher_connected(app))
     app.add_middleware(MetricsMiddleware, telemetry=app.state.telemetry)  # counts every answer

@@ -56,14 +56,22 @@ async def get_current_user(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> User:
     key = credentials.credentials if credentials and credentials.scheme.lower() == "bearer" else None
+    user = await user_of_key(request.app, key)
+    request.state.key_hash = auth.hash_key(key)  # for streams that re-check it while open
+    return user
+
+
+async def user_of_key(app, key: str | None) -> User:  # noqa: ANN001
+    """The user ``key`` authenticates (:class:`~metaserve.service.auth.KeyCache` first, the
+    database on a miss); :class:`Unauthorized` if none."""
     if not key:
         raise Unauthorized()
-    cache: auth.KeyCache = request.app.state.key_cache
+    cache: auth.KeyCache = app.state.key_cache
     key_hash = auth.hash_key(key)
     user = cache.get(key_hash)
     if user is None:
         user = cache.put(key_hash, await run_in_threadpool(
-            _authenticate, request.app.state.session_factory, key))
+            _authenticate, app.state.session_factory, key))
     return user
 
 

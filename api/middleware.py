@@ -86,27 +86,103 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
+# --------------------------------------------------------------------------- key before body
+
+class AuthenticateBeforeBodyMiddleware:
+    """A request with a body to an authenticated route (every ``/v1/`` route) has its API key
+    checked before a byte of the body is read: without a valid key it is answered 401 at once
+    and its connection closed, so a client without a key cannot hold a connection by sending
+    its body slowly (FastAPI reads the body before it resolves the key dependency)."""
+
+    def __init__(self, app: ASGIApp, protected_prefix: str = "/v1/") -> None:
+        self.app = app
+        self.protected_prefix = protected_prefix
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (scope["type"] == "http" and scope.get("path", "").startswith(self.protected_prefix)
+                and _has_body(scope)):
+            from metaserve.api.deps import user_of_key
+            from metaserve.service.exceptions import Unauthorized
+
+            try:
+                await user_of_key(scope["app"], _bearer_key(scope))
+            except Unauthorized as refused:
+                body = json.dumps(error_body(refused.code, refused.message)).encode()
+                await send({"type": "http.response.start", "status": 401,
+                            "headers": [(b"content-type", b"application/json"),
+                                        (b"content-length", str(len(body)).encode()),
+                                        (b"www-authenticate", b"Bearer"),
+                                        (b"connection", b"close")]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
+def _has_body(scope: Scope) -> bool:
+    for name, value in scope.get("headers", []):
+        if name == b"transfer-encoding":
+            return True
+        if name == b"content-length":
+            return value.strip() not in (b"0", b"")
+    return False
+
+
+def _bearer_key(scope: Scope) -> str | None:
+    for name, value in scope.get("headers", []):
+        if name == b"authorization":
+            scheme, _, key = value.decode("latin-1").partition(" ")
+            return key.strip() if scheme.lower() == "bearer" else None
+    return None
+
+
 # --------------------------------------------------------------------------- request head limits
 
 def limited_http_protocol(*, max_header_bytes: int, max_url_bytes: int,
-                          header_timeout_s: float) -> type:
-    """uvicorn's httptools protocol with bounds on the request head, for ``metaserve serve``.
+                          header_timeout_s: float, body_timeout_s: float = 30.0,
+                          body_min_bytes_per_s: int = 64 * 1024,
+                          max_connections: int = 1000,
+                          max_connections_per_client: int = 64) -> type:
+    """uvicorn's httptools protocol with bounds on what one client may hold, for
+    ``metaserve serve``.
 
-    httptools sets no limit on a request line or header: uvicorn appends every fragment of the
-    URL to a bytes object, httptools every fragment of a header value, so a client streaming a
-    128 MB header held the event loop for ~22 s (quadratic copying), ``/healthz`` included.
-    Here the bytes of a request head are counted per ``data_received`` call (a chunk of at most
-    what the socket read, parsed in microseconds) and the connection is answered 431 (head) or
-    414 (URL) and closed as soon as a bound is passed; a head not complete within
-    ``header_timeout_s`` (a silent connection too) is answered 408 and closed. A body is not
-    counted (``BodySizeLimitMiddleware`` bounds it).
+    The request head. httptools sets no limit on a request line or header: uvicorn appends
+    every fragment of the URL to a bytes object, httptools every fragment of a header value,
+    so a client streaming a 128 MB header held the event loop for ~22 s (quadratic copying),
+    ``/healthz`` included. Here the bytes of a request head are counted per ``data_received``
+    call (a chunk of at most what the socket read, parsed in microseconds) and the connection
+    is answered 431 (head) or 414 (URL) and closed as soon as a bound is passed; a head not
+    complete within ``header_timeout_s`` (a silent connection too) is answered 408 and closed.
+    A URL that passes its bound in the read that also ends the head is refused there (414),
+    never served as the fragments read before it.
+
+    The body. It must be complete within ``body_timeout_s`` of its head plus the time its
+    bytes so far need at ``body_min_bytes_per_s``, else 408 and closed: a client sending a
+    byte every few seconds holds a connection for ``body_timeout_s``, not forever. (Its size
+    is bounded by ``BodySizeLimitMiddleware``; its key is checked before it is read, by
+    ``AuthenticateBeforeBodyMiddleware``.)
+
+    Connections. At most ``max_connections_per_client`` per client address (more: 503 and
+    closed at once) and ``max_connections`` in all: at that cap the connection that has
+    waited longest on its client (for a head or a body; not one whose request is being
+    answered, such as an event stream) is answered 503 and closed to make room, and only
+    when there is none is the new one refused. So slow clients cannot take every file
+    descriptor, and a new ``/healthz`` is answered while they try.
 
     Each request's scope carries when its first bytes were read
     (``scope["extensions"][RECEIVED_AT]``, ``time.perf_counter()`` of the ``data_received``
     call that began its head): the request histogram times from there, so the time a request
     waits after it was read (for the event loop to parse it and run its task, behind the
     requests read with it) is in its latency."""
+    from collections import Counter, OrderedDict
+
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    open_connections: OrderedDict[HttpToolsProtocol, None] = OrderedDict()
+    """Every connection of this server, oldest first."""
+    per_client: Counter[str] = Counter()
+
+    class _UrlTooLong(Exception):
+        """Raised from a parser callback to stop parsing a refused request."""
 
     class LimitedHttpToolsProtocol(HttpToolsProtocol):
         def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
@@ -115,24 +191,74 @@ def limited_http_protocol(*, max_header_bytes: int, max_url_bytes: int,
             self._head_bytes = 0
             self._url_bytes = 0
             self._head_timer = None
+            self._body_timer = None
+            self._body_started = 0.0
+            self._body_bytes = 0
             self._refused = False
             self._heads_completed = 0
             self._read_at = time.perf_counter()
+            self._client_host = ""
+            self._counted = False
+
+        # ---------------------------------------------------------------- connection caps
 
         def connection_made(self, transport) -> None:  # noqa: ANN001
             super().connection_made(transport)
+            self._client_host = self.client[0] if self.client else ""
+            if per_client[self._client_host] >= max_connections_per_client:
+                self._refuse(503, "too_many_connections",
+                             f"{max_connections_per_client} connections from this address are "
+                             "open; close one or retry later", retry_after_s=1)
+                return
+            if len(open_connections) >= max_connections and not self._evict_one():
+                self._refuse(503, "too_many_connections",
+                             f"the server holds {max_connections} connections; retry later",
+                             retry_after_s=1)
+                return
+            open_connections[self] = None
+            per_client[self._client_host] += 1
+            self._counted = True
             self._arm_head_timer()
 
         def connection_lost(self, exc) -> None:  # noqa: ANN001
             self._disarm_head_timer()
+            self._disarm_body_timer()
+            if self._counted:
+                self._counted = False
+                open_connections.pop(self, None)
+                per_client[self._client_host] -= 1
+                if per_client[self._client_host] <= 0:
+                    del per_client[self._client_host]
             super().connection_lost(exc)
+
+        def _waiting_on_client(self) -> bool:
+            if self._refused or self.transport is None or self.transport.is_closing():
+                return False
+            if self._body_timer is not None:
+                return True  # its body is being read
+            return self._head_open and (self.cycle is None or self.cycle.response_complete)
+
+        @staticmethod
+        def _evict_one() -> bool:
+            for connection in open_connections:
+                if connection._waiting_on_client():
+                    connection._refuse(503, "connection_evicted",
+                                       "the server is at its connection cap and this "
+                                       "connection was waiting longest on its client")
+                    open_connections.pop(connection, None)
+                    return True
+            return False
+
+        # ---------------------------------------------------------------- head and body
 
         def data_received(self, data: bytes) -> None:
             self._read_at = time.perf_counter()
             if self._refused:
                 return
-            if self._head_open and self._head_timer is None:
+            if self._head_open and self._head_timer is None and self._body_timer is None:
                 self._arm_head_timer()
+            if self._body_timer is not None:
+                self._body_bytes += len(data)
             heads_before = self._heads_completed
             super().data_received(data)
             if (not self._head_open or self._refused or self.parser is None
@@ -140,11 +266,14 @@ def limited_http_protocol(*, max_header_bytes: int, max_url_bytes: int,
                 return  # a head or message ended in this chunk: not all of it was a head
             self._head_bytes += len(data)
             if self._url_bytes > max_url_bytes:
-                self._refuse(414, "uri_too_long",
-                             f"request target is longer than the limit of {max_url_bytes} bytes")
+                self._refuse_long_url()
             elif self._head_bytes > max_header_bytes:
                 self._refuse(431, "request_header_fields_too_large",
                              f"request head is larger than the limit of {max_header_bytes} bytes")
+
+        def send_400_response(self, msg: str) -> None:
+            if not self._refused:  # a refusal from a callback was written already
+                super().send_400_response(msg)
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
@@ -153,19 +282,30 @@ def limited_http_protocol(*, max_header_bytes: int, max_url_bytes: int,
 
         def on_url(self, url: bytes) -> None:
             self._url_bytes += len(url)
-            if self._url_bytes <= max_url_bytes:  # past it, stop copying: refused after this chunk
+            if self._url_bytes <= max_url_bytes:  # past it, stop copying: refused below
                 super().on_url(url)
 
         def on_headers_complete(self) -> None:
+            if self._url_bytes > max_url_bytes:
+                # The head ended in the read that passed the bound: what was copied is only
+                # the URL's first fragments, never to be served as the request.
+                self._refuse_long_url()
+                raise _UrlTooLong
             self._heads_completed += 1
             self._head_open, self._head_bytes = False, 0
             self._disarm_head_timer()
+            self._arm_body_timer()
             super().on_headers_complete()
 
         def on_message_complete(self) -> None:
+            self._disarm_body_timer()
             super().on_message_complete()
             self._heads_completed += 1  # (counts as a boundary too, see data_received)
             self._head_open, self._head_bytes = True, 0  # the next request's head, if any
+
+        def _refuse_long_url(self) -> None:
+            self._refuse(414, "uri_too_long",
+                         f"request target is longer than the limit of {max_url_bytes} bytes")
 
         def _arm_head_timer(self) -> None:
             self._disarm_head_timer()
@@ -184,15 +324,53 @@ def limited_http_protocol(*, max_header_bytes: int, max_url_bytes: int,
                 self._refuse(408, "request_timeout",
                              f"no complete request head within {header_timeout_s:g} s")
 
-        def _refuse(self, status: int, code: str, message: str) -> None:
+        def _arm_body_timer(self) -> None:
+            self._disarm_body_timer()
+            self._body_started, self._body_bytes = time.monotonic(), 0
+            self._body_timer = self.loop.call_later(body_timeout_s, self._body_check)
+
+        def _disarm_body_timer(self) -> None:
+            if self._body_timer is not None:
+                self._body_timer.cancel()
+                self._body_timer = None
+
+        def _body_check(self) -> None:
+            """The deadline moves with the bytes received (a fast upload of any size is
+            never cut); a body behind it is refused."""
+            self._body_timer = None
+            deadline = (self._body_started + body_timeout_s
+                        + self._body_bytes / body_min_bytes_per_s)
+            left = deadline - time.monotonic()
+            if left > 0:
+                self._body_timer = self.loop.call_later(left, self._body_check)
+                return
+            if self._refused or self.transport.is_closing():
+                return
+            if self.cycle is not None and self.cycle.response_started:
+                # Answered already (a 401 before the body): nothing more to say, only close.
+                self._refused = True
+                self.transport.close()
+                return
+            self._refuse(408, "request_timeout",
+                         f"the request body was not complete within {body_timeout_s:g} s")
+
+        def _refuse(self, status: int, code: str, message: str,
+                    retry_after_s: int | None = None) -> None:
             self._refused = True
             self._disarm_head_timer()
+            self._disarm_body_timer()
+            if self.cycle is not None and not self.cycle.response_complete:
+                self.cycle.disconnected = True  # the app's receive() says so; its send is dropped
+                self.cycle.message_event.set()
             body = json.dumps(error_body(code, message)).encode()
             phrase = {408: "Request Timeout", 414: "URI Too Long",
-                      431: "Request Header Fields Too Large"}[status]
+                      431: "Request Header Fields Too Large",
+                      503: "Service Unavailable"}[status]
+            retry = b"retry-after: %d\r\n" % retry_after_s if retry_after_s is not None else b""
             self.transport.write(
                 b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-                b"connection: close\r\n\r\n%s" % (status, phrase.encode(), len(body), body))
+                b"%sconnection: close\r\n\r\n%s" % (status, phrase.encode(), len(body), retry,
+                                                     body))
             self.transport.close()
 
     return LimitedHttpToolsProtocol

@@ -26,6 +26,12 @@ QUOTA_RETRY_AFTER_S = 60
 MAX_HEADER_BYTES = 64 * 1024
 MAX_URL_BYTES = 8 * 1024
 HEADER_TIMEOUT_S = 10.0
+BODY_TIMEOUT_S = 30.0
+BODY_MIN_BYTES_PER_S = 64 * 1024
+MAX_CONNECTIONS = 1000
+MAX_CONNECTIONS_PER_CLIENT = 64
+KEY_CACHE_TTL_S = 60.0
+STREAM_KEY_CHECK_S = 2.0
 MAX_EVENT_STREAMS_PER_USER = 20
 ADAPT_CONCURRENCY = 2
 ADAPT_QUEUE = 8
@@ -151,6 +157,31 @@ class Settings(BaseSettings):
     header_timeout_s: float = Field(
         HEADER_TIMEOUT_S, gt=0, le=3600,
         description="Seconds a connection may take to send a complete request head; then 408.")
+    body_timeout_s: float = Field(
+        BODY_TIMEOUT_S, gt=0, le=3600,
+        description="Seconds a request body may take beyond what its size needs at "
+                    "METASERVE_BODY_MIN_BYTES_PER_S: a body not complete by then → 408, closed.")
+    body_min_bytes_per_s: int = Field(
+        BODY_MIN_BYTES_PER_S, ge=1,
+        description="Slowest upload rate a body is given time for (bytes/s, on top of "
+                    "METASERVE_BODY_TIMEOUT_S).")
+    max_connections: int = Field(
+        MAX_CONNECTIONS, ge=2, le=1_000_000,
+        description="Open connections of `metaserve serve` (also kept 100 below its file-"
+                    "descriptor limit); at the cap the connection longest waiting on its client "
+                    "is closed (503) to make room, or the new one is refused (503).")
+    max_connections_per_client: int = Field(
+        MAX_CONNECTIONS_PER_CLIENT, ge=1, le=1_000_000,
+        description="Open connections per client address; more → 503 with Retry-After, closed.")
+    key_cache_ttl_s: float = Field(
+        KEY_CACHE_TTL_S, ge=0, le=3600,
+        description="Seconds a server trusts an API key it looked up; a key revoked or rotated "
+                    "through another process is accepted here for at most this long (open "
+                    "event streams re-check sooner: METASERVE_STREAM_KEY_CHECK_S).")
+    stream_key_check_s: float = Field(
+        STREAM_KEY_CHECK_S, gt=0, le=60,
+        description="Seconds between an open event stream's checks of its API key in the "
+                    "database; a revoked or rotated-out key's streams end with a `closed` event.")
     max_event_streams_per_user: int = Field(
         MAX_EVENT_STREAMS_PER_USER, ge=1, le=100_000,
         description="Open SSE streams per user on one server; more → 429 with Retry-After.")

@@ -71,6 +71,22 @@ def private_state(settings: "Settings") -> None:
             path.chmod(0o600)
 
 
+FILE_DESCRIPTOR_RESERVE = 100
+"""Descriptors kept free of client connections: the database pool, Ray, log and artifact files."""
+
+
+def connection_cap(max_connections: int) -> int:
+    """``max_connections``, lowered to leave :data:`FILE_DESCRIPTOR_RESERVE` of this process's
+    file-descriptor limit free: a server out of descriptors answers nobody, ``/healthz``
+    included."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return max_connections
+    return max(2, min(max_connections, soft - FILE_DESCRIPTOR_RESERVE))
+
+
 def serve(
     host: Annotated[Optional[str], typer.Option(help="Bind address (default: METASERVE_HOST).")] = None,
     port: Annotated[Optional[int], typer.Option(help="Port (default: METASERVE_PORT).")] = None,
@@ -102,9 +118,12 @@ def serve(
         typer.echo(f"created an admin API key; it is in {written.resolve()}")
     from metaserve.api.middleware import limited_http_protocol
 
-    protocol = limited_http_protocol(max_header_bytes=settings.max_header_bytes,
-                                     max_url_bytes=settings.max_url_bytes,
-                                     header_timeout_s=settings.header_timeout_s)
+    protocol = limited_http_protocol(
+        max_header_bytes=settings.max_header_bytes, max_url_bytes=settings.max_url_bytes,
+        header_timeout_s=settings.header_timeout_s, body_timeout_s=settings.body_timeout_s,
+        body_min_bytes_per_s=settings.body_min_bytes_per_s,
+        max_connections=connection_cap(settings.max_connections),
+        max_connections_per_client=settings.max_connections_per_client)
     uvicorn.run(create_app(settings, freeze_gc=True), host=settings.host, port=settings.port,
                 http=protocol)
 
