@@ -7,8 +7,8 @@
   per table; each table is a ``<!-- table ... -->`` block of YAML saying where its rows come
   from and how each column is written (``docs/templates/README.md`` describes the block).
 
-``python docs/build.py`` writes the pages; ``python docs/build.py --check`` exits 1 and names
-each page that differs from what would be written (tests/test_generated_docs.py runs the same
+``python docs/build.py [PAGE ...]`` writes the pages (all, or those named, e.g.
+``BENCHMARKS.md``); ``--check`` exits 1 and names each page that differs from what would be written (tests/test_generated_docs.py runs the same
 comparison).
 """
 
@@ -288,34 +288,38 @@ def render_settings() -> str:
 # --------------------------------------------------------------------------- the pages
 
 
-def pages(repo: Path = REPO) -> dict[Path, str]:
-    """Every generated page and the text it should hold."""
-    out = {repo / "docs" / "SETTINGS.md": render_settings()}
+def pages(repo: Path = REPO, names: Iterable[str] = ()) -> dict[Path, str]:
+    """The generated pages (those ``names``, e.g. ``BENCHMARKS.md``; all by default) and the
+    text each should hold."""
+    wanted = set(names)
+    out = {repo / "docs" / "SETTINGS.md": render_settings()} if not wanted or "SETTINGS.md" in wanted else {}
     for template in sorted((repo / "docs" / "templates").glob("*.md")):
-        if template.name == "README.md":
+        if template.name == "README.md" or (wanted and template.name not in wanted):
             continue
         page = repo / "docs" / template.name
         out[page] = render_template(template.read_text(), repo, page)
     return out
 
 
-def stale(repo: Path = REPO) -> list[Path]:
+def stale(repo: Path = REPO, names: Iterable[str] = ()) -> list[Path]:
     """The generated pages whose file differs from what would be written."""
-    return [page for page, text in pages(repo).items()
+    return [page for page, text in pages(repo, names).items()
             if not page.is_file() or page.read_text() != text]
 
 
 def main(argv: Iterable[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("pages", nargs="*", metavar="PAGE",
+                        help="only these pages (e.g. BENCHMARKS.md); all by default")
     parser.add_argument("--check", action="store_true",
                         help="write nothing; exit 1 naming each page that is out of date")
     args = parser.parse_args(list(argv) if argv is not None else None)
     if args.check:
-        out_of_date = stale()
+        out_of_date = stale(names=args.pages)
         for page in out_of_date:
             print(f"{page.relative_to(REPO)} is out of date: run python docs/build.py", file=sys.stderr)
         return 1 if out_of_date else 0
-    for page, text in pages().items():
+    for page, text in pages(names=args.pages).items():
         page.write_text(text)
         print(f"wrote {page.relative_to(REPO)} ({len(text.encode()):,} bytes)")
     return 0
