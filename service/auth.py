@@ -89,6 +89,22 @@ def authenticate(*, session: Session, key: str | None) -> User:
     return user
 
 
+KEY_REVOKED = "api_key_revoked"
+KEY_ROTATED = "api_key_rotated"
+
+
+def key_ended(*, session: Session, key_hash: str, user_id: int) -> str | None:
+    """Why the key hashing to ``key_hash`` no longer authenticates user ``user_id``:
+    :data:`KEY_REVOKED` (revoked, or its user is gone), :data:`KEY_ROTATED` (the user has a
+    new key); None while it still does. Read from the database, never a cache."""
+    user = session.get(User, user_id, populate_existing=True)
+    if user is not None and user.key_hash == key_hash:
+        return None
+    if user is None or is_revoked(user):
+        return KEY_REVOKED
+    return KEY_ROTATED
+
+
 class KeyCache:
     """Key hash → the user it authenticates, for ``ttl_s`` seconds, at most ``size`` entries
     (least recently used evicted first): a status poll then costs no authentication query.

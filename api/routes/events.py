@@ -24,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from metaserve.api.deps import CurrentUser, PathText, SessionDep
 from metaserve.api.job_watch import JobWatch
 from metaserve.api.schemas import ErrorResponse
-from metaserve.service import events, jobs
+from metaserve.service import auth, events, jobs
 from metaserve.service.exceptions import TooManyStreams
 from metaserve.service.orm import User
 
@@ -81,6 +81,39 @@ def stream_slots(request: Request) -> StreamSlots:
     return slots
 
 
+class StreamKeyCheck:
+    """An open stream's look at its API key in the database (not the key cache) every
+    ``stream_key_check_s``: a key revoked or rotated out, by this server or any other process,
+    ends the stream within that time with a last ``closed`` event saying why (a stream may
+    otherwise stay open for the job's whole runtime, days)."""
+
+    def __init__(self, request: Request, user: User) -> None:
+        self.factory = request.app.state.session_factory
+        self.key_cache = request.app.state.key_cache
+        self.every_s = request.app.state.settings.stream_key_check_s
+        self.key_hash = request.state.key_hash
+        self.user_id = user.id
+        self.checked_at = time.monotonic()
+
+    def _ended(self) -> str | None:
+        with self.factory() as session:
+            return auth.key_ended(session=session, key_hash=self.key_hash, user_id=self.user_id)
+
+    async def closing_event(self) -> str | None:
+        """The stream's last event if its key ended (checked when one is due), else None."""
+        if time.monotonic() - self.checked_at < self.every_s:
+            return None
+        self.checked_at = time.monotonic()
+        reason = await run_in_threadpool(self._ended)
+        if reason is None:
+            return None
+        self.key_cache.forget_user(self.user_id)  # new requests with it are refused here too
+        message = {auth.KEY_REVOKED: "the API key of this stream was revoked",
+                   auth.KEY_ROTATED: "the API key of this stream was replaced by a new one"}
+        return (f"event: closed\ndata: "
+                f"{json.dumps({'reason': reason, 'message': message[reason]})}\n\n")
+
+
 def format_event(event: events.JobEvent) -> str:
     return f"id: {event.id}\nevent: {event.kind}\ndata: {json.dumps(event.data)}\n\n"
 
@@ -101,10 +134,12 @@ async def _stream(request: Request, job_id: str, user: User,
             return events.poll_job_events(session=session, job_id=job_id, owner=user, after=after)
 
     slots, watch = stream_slots(request), job_watch(request)
+    key_check = StreamKeyCheck(request, user)
     version = watch.watch(job_id)
     try:
         yield f"retry: {RETRY_MS}\n\n"
-        async for chunk in _event_loop(request, watch, job_id, version, poll, cursor):
+        async for chunk in _event_loop(request, watch, job_id, version, poll, cursor,
+                                       key_check):
             yield chunk
     finally:
         watch.unwatch(job_id)
@@ -112,10 +147,14 @@ async def _stream(request: Request, job_id: str, user: User,
 
 
 async def _event_loop(request: Request, watch: JobWatch, job_id: str, version: int,
-                      poll, cursor: events.EventCursor) -> AsyncIterator[str]:  # noqa: ANN001
+                      poll, cursor: events.EventCursor,  # noqa: ANN001
+                      key_check: StreamKeyCheck) -> AsyncIterator[str]:
     last_sent = time.monotonic()
     events_, complete = await run_in_threadpool(poll, cursor)  # all there is, at once
     while True:
+        if (closing := await key_check.closing_event()) is not None:
+            yield closing
+            return
         for event in events_:
             yield format_event(event)
             cursor = event.id
@@ -130,6 +169,9 @@ async def _event_loop(request: Request, watch: JobWatch, job_id: str, version: i
                                                                  DISCONNECT_CHECK_S)
             if await request.is_disconnected():
                 return
+            if (closing := await key_check.closing_event()) is not None:
+                yield closing
+                return
             if version > seen:
                 break
             if time.monotonic() - last_sent > KEEPALIVE_S:
@@ -141,7 +183,10 @@ async def _event_loop(request: Request, watch: JobWatch, job_id: str, version: i
 @router.get("/{job_id}/events", response_class=StreamingResponse, responses={
     200: {"description": "`text/event-stream`: events `status`, `metrics` (one per step: "
                          "`{step, values}`) and `progress` (iteration, total, tasks_per_s, "
-                         "eta_s, workers); each `id` is a resume cursor.",
+                         "eta_s, workers); each `id` is a resume cursor. A stream whose API "
+                         "key is revoked or rotated out ends within METASERVE_STREAM_KEY_CHECK_S "
+                         "with a `closed` event `{reason: api_key_revoked | api_key_rotated, "
+                         "message}`.",
           "content": {"text/event-stream": {}}},
 })
 async def job_events(

@@ -21,6 +21,7 @@ from metaserve.api.routes.events import (
     POLL_S,
     RETRY_MS,
     STREAM_RETRY_AFTER_S,
+    StreamKeyCheck,
     stream_slots,
 )
 from metaserve.api.schemas import ErrorResponse
@@ -67,10 +68,14 @@ async def _follow(request: Request, job_id: str, user: User, after: int) -> Asyn
                              limit=MAX_LOG_PAGE)
 
     slots = stream_slots(request)
+    key_check = StreamKeyCheck(request, user)
     try:
         yield f"retry: {RETRY_MS}\n\n"
         last_sent = time.monotonic()
         while True:
+            if (closing := await key_check.closing_event()) is not None:
+                yield closing
+                return
             page = await run_in_threadpool(poll, after)
             for line in page.lines:
                 yield format_line(line)
@@ -94,7 +99,8 @@ async def _follow(request: Request, job_id: str, user: User, after: int) -> Asyn
 @router.get("/{job_id}/logs", response_model=LogsPublic, responses={
     200: {"description": "The log records after `after` (JSON), or with `follow=true` a "
                          "`text/event-stream` of `log` events (id: the record's seq) ending "
-                         "with an `end` event once the job has ended.",
+                         "with an `end` event once the job has ended, or a `closed` event "
+                         "`{reason, message}` once its API key is revoked or rotated out.",
           "content": {"text/event-stream": {}}},
 })
 async def job_logs(
