@@ -170,3 +170,66 @@ def test_the_readme_runs_as_written_in_a_fresh_shell(tmp_path: Path) -> None:
     found = re.fullmatch(r"query MSE before ([0-9.]+), after ([0-9.]+)", printed.splitlines()[-1])
     assert found is not None and float(found[2]) < float(found[1]), printed  # above: wait's bar
     assert offline == "maml 1 0.01\n"
+
+
+# --------------------------------------------------------------------------- "Your own data"
+
+OWN_DATA_TIMEOUT_S = 1500  # two blocks of jobs on a busy 2-core machine (README: minutes each)
+
+
+def own_data() -> tuple[list[str], list[str], list[str]]:
+    """The walkthrough's terminal setup (activate, login), then the section's table block and
+    its image block."""
+    readme = (REPO / "README.md").read_text()
+    _, client_block = code_blocks(section(readme, "Walkthrough"), "sh")
+    table_block, images_block = code_blocks(section(readme, "Your own data"), "sh")
+    return (command_lines(client_block)[:2], command_lines(table_block),
+            command_lines(images_block))
+
+
+def test_the_own_data_section_exports_uploads_trains_both_and_compares() -> None:
+    setup, table, images = own_data()
+    assert [shlex.split(line)[:2] for line in setup] == [["source", ".venv/bin/activate"],
+                                                         ["metaserve", "login"]]
+    assert [shlex.split(line)[:2] for line in table] == [
+        ["python", "examples/export_panel_csv.py"], ["DATA=$(metaserve", "datasets"],
+        ["MAML=$(metaserve", "submit"], ["POOLED=$(metaserve", "submit"],
+        ["metaserve", "wait"], ["metaserve", "wait"], ["python", "examples/held_out_error.py"]]
+    assert [shlex.split(line)[:2] for line in images] == [
+        ["python", "examples/make_glyphs_npz.py"], ["IMAGES=$(metaserve", "datasets"],
+        ["JOB=$(metaserve", "submit"], ["metaserve", "wait"], ["metaserve", "status"]]
+
+
+@pytest.mark.timeout(OWN_DATA_TIMEOUT_S)
+def test_the_own_data_section_runs_as_written_in_a_fresh_shell(tmp_path: Path) -> None:
+    setup, table, images = own_data()
+    work = tmp_path / "clone"
+    subprocess.run(["git", "clone", "--quiet", "--depth", "1", f"file://{REPO}", str(work)],
+                   check=True, timeout=120)
+    (work / ".venv").symlink_to(Path(sys.prefix))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = fresh_environment(tmp_path / "home")
+    server = start_make_run("make run", work, port)
+    setup = [line.replace(README_URL, url) for line in setup]
+    try:
+        table_outputs, _ = run_in_one_shell(setup + table, work, env)
+        image_outputs, image_job = run_in_one_shell(setup + images, work, env)
+    finally:
+        stop(server)
+    exported, _, _, _, wait_maml, wait_pooled, compared = table_outputs[2:]
+    assert exported.startswith("wrote mathachieve.csv: 7185 rows, 160 schools"), exported
+    assert wait_maml.splitlines()[-1].endswith(" succeeded"), wait_maml
+    assert wait_pooled.splitlines()[-1].endswith(" succeeded"), wait_pooled
+    header, columns, *rows = compared.splitlines()
+    assert header.startswith("held-out-entity MSE of math_ach"), compared
+    assert [row.split()[:2] for row in rows] == [["mathachieve-maml", "maml"],
+                                                 ["mathachieve-finetune", "finetune"]], compared
+    for row in rows:  # before ± ci, after ± ci, steps: squared points of a 0-25 score
+        before, _, before_ci, after, _, after_ci, steps = row.split()[2:]
+        assert 1.0 < float(after) < 100.0 and 0.0 < float(after_ci) < float(after), row
+        assert steps == "5", row
+    made, _, _, wait_images, status = image_outputs[2:]
+    assert made.startswith("wrote glyphs.npz: 2000 images of 100 classes"), made
+    assert wait_images.splitlines()[-1] == f"{image_job} succeeded"
+    assert "status:      succeeded" in status
