@@ -28,7 +28,7 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from metaserve.service import child_jobs, job_runs, jobs, telemetry
+from metaserve.service import child_jobs, claims, job_runs, job_store, telemetry
 from metaserve.service.exceptions import LeaseLost, MetaserveError
 from metaserve.service.orm import JobStatus
 from metaserve.service.ray_cluster import connect_ray
@@ -144,8 +144,8 @@ class Dispatcher:
 
     def start(self) -> None:
         if self.stable_id:
-            with self.session_factory() as session:
-                resumed = jobs.expire_leases(session=session, worker_id=self.worker_id)
+            with self.session_factory.begin() as session:
+                resumed = job_store.expire_leases(session=session, worker_id=self.worker_id)
             if resumed:
                 logger.info("taking back jobs of a previous run", extra={"jobs": resumed})
         self._thread = threading.Thread(target=self._loop, name="dispatcher", daemon=True)
@@ -197,8 +197,8 @@ class Dispatcher:
                 if len(self._running) < self.settings.dispatcher_concurrency:
                     claimed = self._claim_one()
                 else:
-                    with self.session_factory() as session:  # the database still answers
-                        jobs.job_status(session=session, job_id=next(iter(self._running)))
+                    with self.session_factory.begin() as session:  # the database still answers
+                        job_store.job_status(session=session, job_id=next(iter(self._running)))
                 self._report_health()
             except Exception:  # noqa: BLE001 - database hiccup: try again next poll
                 logger.exception("claiming a job failed")
@@ -228,21 +228,22 @@ class Dispatcher:
         self._deferred = {job: until for job, until in self._deferred.items() if until > now}
 
     def _claim_one(self) -> bool:
-        with self.session_factory() as session:
-            job = jobs.claim_next_job(session=session, worker_id=self.worker_id,
-                                      lease_s=self.settings.lease_s,
-                                      exclude=list(self._deferred),
-                                      max_running_per_user=self.settings.max_running_jobs_per_user)
-            if job is None:
-                return False
-            try:
+        with self.session_factory.begin() as session:  # the claim commits on its own
+            job = claims.claim_next_job(
+                session=session, worker_id=self.worker_id, lease_s=self.settings.lease_s,
+                exclude=list(self._deferred),
+                max_running_per_user=self.settings.max_running_jobs_per_user)
+        if job is None:
+            return False
+        try:
+            with self.session_factory() as session:  # reads only
                 run = job_runs.job_run(session=session, job=job, settings=self.settings)
-            except ValueError as error:  # a stored spec this engine cannot read: no retry helps
-                session.rollback()
-                jobs.fail_attempt(session=session, job_id=job.id, worker_id=self.worker_id,
-                                  error=f"the stored spec is not a valid job: "
-                                        f"{readable_error(error)}", retry=False)
-                return True
+        except ValueError as error:  # a stored spec this engine cannot read: no retry helps
+            with self.session_factory.begin() as session:
+                job_store.fail_attempt(session=session, job_id=job.id, worker_id=self.worker_id,
+                                       error=f"the stored spec is not a valid job: "
+                                             f"{readable_error(error)}", retry=False)
+            return True
         logger.info("claimed job", extra={"job_id": run.job_id, "attempt": run.attempt})
         if (job.message or "").startswith("reclaimed after"):  # claims._reclaim's message
             telemetry.LEASE_EXPIRIES.inc()
@@ -260,15 +261,16 @@ class Dispatcher:
         renewed = time.monotonic()
         while not done.wait(WATCH_S):
             try:
-                with self.session_factory() as session:
+                with self.session_factory.begin() as session:
                     if time.monotonic() - renewed >= self.settings.heartbeat_s:
-                        status = JobStatus(jobs.renew_lease(
+                        status = JobStatus(job_store.renew_lease(
                             session=session, job_id=running.job_id, worker_id=self.worker_id,
                             lease_s=self.settings.lease_s).status)
                         renewed = time.monotonic()
                         telemetry.LEASE_RENEWALS.inc()
                     else:
-                        status = jobs.job_status(session=session, job_id=running.job_id)
+                        status = JobStatus(job_store.job_status(session=session,
+                                                                job_id=running.job_id))
                     if running.children:  # jobs it started whose owner cancelled them
                         running.cancelling_children = frozenset(child_jobs.cancelling_children(
                             session=session, parent_job_id=running.job_id))
@@ -389,22 +391,24 @@ class Dispatcher:
         if running.lease_lost.is_set():
             return  # someone else owns the job now
         try:
-            with self.session_factory() as session:
+            with self.session_factory.begin() as session:
                 if outcome is Outcome.SUCCEEDED:
-                    jobs.finish_job(session=session, job_id=job_id, worker_id=self.worker_id,
-                                    status=JobStatus.SUCCEEDED)
+                    job_store.finish_job(session=session, job_id=job_id,
+                                         worker_id=self.worker_id, status=JobStatus.SUCCEEDED)
                 elif outcome is Outcome.STOPPED:
                     if self._stop.is_set():
                         return  # shutting down: the lease lapses and the job resumes elsewhere
-                    jobs.finish_job(session=session, job_id=job_id, worker_id=self.worker_id,
-                                    status=JobStatus.CANCELLED)
+                    job_store.finish_job(session=session, job_id=job_id,
+                                         worker_id=self.worker_id, status=JobStatus.CANCELLED)
                 elif outcome is Outcome.UNSCHEDULABLE:
                     self._deferred[job_id] = time.monotonic() + UNSCHEDULABLE_RETRY_S
-                    jobs.release_job(session=session, job_id=job_id, worker_id=self.worker_id,
-                                     message=detail or "waiting for resources")
+                    job_store.release_job(session=session, job_id=job_id,
+                                          worker_id=self.worker_id,
+                                          message=detail or "waiting for resources")
                 else:
-                    jobs.fail_attempt(session=session, job_id=job_id, worker_id=self.worker_id,
-                                      error=detail or "failed", retry=outcome is Outcome.RETRY)
+                    job_store.fail_attempt(session=session, job_id=job_id,
+                                           worker_id=self.worker_id, error=detail or "failed",
+                                           retry=outcome is Outcome.RETRY)
             logger.info("job settled", extra={"job_id": job_id, "outcome": outcome.value})
         except (LeaseLost, MetaserveError):
             logger.warning("job changed hands before it settled", extra={"job_id": job_id})
