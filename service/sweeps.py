@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from pydantic import ValidationError
 from sqlalchemy import func, select
@@ -54,22 +54,36 @@ def _first_error(error: ValidationError) -> str:
     return f"{where}: {first.get('msg', 'invalid')}" if where else first.get("msg", "invalid")
 
 
-def validate_sweep(request: SweepSpec, settings: Settings) -> tuple[dict[str, Any], JobSpec]:
+def validate_sweep(request: SweepSpec, settings: Settings,
+                   check_data: Callable[[JobSpec], JobSpec] | None = None,
+                   ) -> tuple[dict[str, Any], JobSpec]:
     """The canonical sweep (every default filled in, the trial count) and its typed base spec,
-    or :class:`InvalidSweep` naming the field (see the module docstring)."""
+    or :class:`InvalidSweep` naming the field (see the module docstring).
+
+    ``check_data`` (at submit: :func:`metaserve.service.datasets.check_job_data`) checks the
+    base spec's data and returns the spec to store, a ``tabular`` family's features resolved;
+    it runs before anything else reads the spec, since the cost model needs the features (the
+    input width) and every trial reads the base spec's data (the space may not change it)."""
     try:
-        return _validate(request, settings)
+        return _validate(request, settings, check_data)
     except SweepError as error:
         raise InvalidSweep(f"invalid sweep: {error}", **{error.field: error.message}) from None
 
 
-def _validate(request: SweepSpec, settings: Settings) -> tuple[dict[str, Any], JobSpec]:
+def _validate(request: SweepSpec, settings: Settings,
+              check_data: Callable[[JobSpec], JobSpec] | None) -> tuple[dict[str, Any], JobSpec]:
     try:
         base_spec = JobSpec.model_validate(request.spec)
     except ValidationError as error:
         first = error.errors()[0]
         path = ".".join(str(part) for part in first.get("loc", ()))
         raise SweepError(f"spec.{path}" if path else "spec", first.get("msg", "invalid")) from None
+    if check_data is not None:
+        try:
+            base_spec = check_data(base_spec)
+        except MetaserveError as error:  # its field, as the sweep's body names it
+            error.details = {f"spec.{field}": text for field, text in error.details.items()}
+            raise
     base = base_spec.model_dump(mode="json")
     domains: dict[str, tuple[str, Any]] = {}
     for path, domain in request.space.items():
@@ -172,16 +186,9 @@ def submit_sweep(*, session: Session, owner: User, request: SweepSpec, settings:
     Idempotency-Key is the driver job's (the one path of every submit,
     :func:`metaserve.service.job_store.create_job`, compared by the sweep's canonical config): the
     same key and body give the same sweep (``created`` False), another body a 409."""
-    config, base = validate_sweep(request, settings)
-    # The data every trial reads is the base spec's (the space may not change it): one check.
-    try:
-        checked = datasets.check_job_data(session=session, owner=owner, spec=base,
-                                          settings=settings)
-    except MetaserveError as error:  # its field, as the sweep's body names it
-        error.details = {f"spec.{field}": text for field, text in error.details.items()}
-        raise
-    if checked.task_family.name == "tabular":  # trials run the features resolved at submit
-        config["spec"]["task_family"] = checked.task_family.model_dump(mode="json")
+    # The data first (trials run the features resolved here), then the space and the cost.
+    config, base = validate_sweep(request, settings, lambda spec: datasets.check_job_data(
+        session=session, owner=owner, spec=spec, settings=settings))
     with Transaction(session):
         driver, created = job_store.create_job(
             session=session, owner=owner, name=f"{config['name']} (sweep driver)",

@@ -122,6 +122,38 @@ def test_a_submitted_tabular_job_stores_the_resolved_features(api, alice_auth) -
     assert response.json()["spec"]["task_family"]["features"] == ["x1", "x2", "x3"]
 
 
+def test_a_tabular_sweep_resolves_the_features_before_its_cost_check(api, alice_auth,
+                                                                    sessions) -> None:  # noqa: ANN001
+    """``features: null`` is resolved from the table before the cost model reads the input
+    width (it was a 500); a column the table lacks is a 422 naming the field, nothing stored."""
+    from sqlalchemy import func, select
+
+    from metaserve.service.orm import Job, Sweep
+
+    dataset = upload(api, alice_auth, csv_bytes(panel())).json()
+
+    def sweep(**family):  # noqa: ANN003, ANN202
+        spec = {"algorithm": {"name": "maml"}, "model": {"name": "mlp", "hidden": [8]},
+                "iterations": 4, "task_family": {
+                    "name": "tabular", "dataset": dataset["id"], "task_column": "entity",
+                    "target": "y", "support_shots": 5, "query_shots": 5, "features": None,
+                    **family}}
+        return api.post("/v1/sweeps", headers=alice_auth, json={
+            "spec": spec, "space": {"algorithm.inner_lr": {"grid": [0.01, 0.1]}},
+            "search": {"name": "grid"}, "scheduler": {"name": "fifo"}})
+
+    response = sweep(time_column="t")
+    assert response.status_code == 201, response.text
+    assert response.json()["config"]["spec"]["task_family"]["features"] == ["x1", "x2", "x3"]
+    missing = sweep(target="no_such_column")
+    assert missing.status_code == 422, missing.text
+    assert [d["field"] for d in missing.json()["error"]["details"]] == [
+        "spec.task_family.target"], missing.text
+    with sessions() as session:
+        assert (session.scalar(select(func.count()).select_from(Sweep)),
+                session.scalar(select(func.count()).select_from(Job))) == (1, 1)
+
+
 def _declared_10_gb_parquet() -> bytes:
     """A small Parquet file whose footer declares a 10 GiB row group (re-encoded by
     fastparquet's thrift writer): what a hostile upload would send."""
