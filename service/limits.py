@@ -34,7 +34,7 @@ def cost_limits(settings: Settings) -> CostLimits:
                       max_worker_memory_mb=settings.max_worker_memory_mb,
                       max_job_memory_mb=settings.max_job_memory_mb,
                       max_meta_tasks=settings.max_meta_tasks, max_job_pflop=settings.max_job_pflop,
-                      max_runtime_s=settings.max_runtime_s)
+                      max_runtime_s=settings.max_runtime_s, max_env_steps=settings.max_env_steps)
 
 
 def check_job_cost(*, spec: JobSpec, settings: Settings) -> CostEstimate:

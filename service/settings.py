@@ -123,6 +123,10 @@ class Settings(BaseSettings):
     max_job_pflop: float = Field(1000.0, gt=0,
                                  description="Largest estimated training work of a job, PFLOP; above it a 422 "
                                              "naming `iterations`.")
+    max_env_steps: int = Field(10_000_000_000, ge=0,
+                               description="Largest estimated environment steps of a meta-RL job "
+                                           "(iterations × the steps of one iteration); above it a "
+                                           "422 naming `iterations`. 0: no cap.")
     max_runtime_s: int = Field(7 * 86400, ge=1,
                                description="Seconds an attempt of a job may run (the default "
                                            "and the cap of a spec's max_runtime_s).")

@@ -21,7 +21,12 @@ The figures are estimates of the dominant terms, not measurements:
 - ``work_flop``: meta-tasks × examples per task × forward FLOPs of one example × 3 (forward
   and backward) × (inner steps + 1).
 
-Meta-RL jobs (their networks are small policies) are estimated by their processes alone.
+Meta-RL jobs (:func:`_rl_estimate`) are estimated from their policies' sizes and the
+environment steps they collect: ``parameters`` the networks the algorithm trains (MAML-RL's
+Gaussian MLP, Finn et al. 2017; RL²'s LSTM, Duan et al. 2016; PEARL's encoder, policy and
+critics, Rakelly et al. 2019), ``env_steps`` iterations × the steps of one iteration,
+``worker_bytes`` the learner process with the batch it holds, ``work_flop`` the forward FLOPs
+of every step sampled and its backward passes.
 """
 
 from __future__ import annotations
@@ -65,6 +70,10 @@ class CostEstimate:
     job_bytes: int
     meta_tasks: int
     work_flop: float
+    env_steps: int = 0
+    """Meta-RL: environment steps the job samples (0 for supervised jobs)."""
+    parameters_field: str = "model"
+    """The spec field that sizes the network (what a refusal for its size names)."""
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -147,11 +156,9 @@ def estimate(spec: JobSpec) -> CostEstimate:
     resources = spec.resources
     meta_tasks = spec.iterations * spec.meta_batch_size
     if spec.is_rl:
-        workers = RUNTIME_BYTES * resources.workers
-        return CostEstimate(parameters=0, task_bytes=0, task_memory_bytes=0, tasks_at_once=1,
-                            worker_bytes=RUNTIME_BYTES,
-                            driver_bytes=RUNTIME_BYTES, job_bytes=RUNTIME_BYTES + workers,
-                            meta_tasks=meta_tasks, work_flop=0.0)
+        from metaserve.workers.cost_rl import rl_estimate
+
+        return rl_estimate(spec)
     parameters, flop_per_example, activations_per_example = _example_figures(spec)
     examples = _examples_per_task(spec)
     steps = spec.algorithm.inner_steps
@@ -181,6 +188,8 @@ class CostLimits:
     max_meta_tasks: int
     max_job_pflop: float
     max_runtime_s: int
+    max_env_steps: int = 0
+    """Meta-RL: environment steps a job may sample (0: no cap)."""
 
 
 def _gib(size: float) -> str:
@@ -197,27 +206,33 @@ def limit_problems(spec: JobSpec, cost: CostEstimate, limits: CostLimits) -> dic
         problems[field] = f"{problems[field]}; {text}" if field in problems else text
 
     if cost.parameters > limits.max_parameters:
-        refuse("model", f"the network has {cost.parameters:,} parameters, more than the cap of "
+        refuse(cost.parameters_field, f"the network has {cost.parameters:,} parameters, more than the cap of "
                         f"{limits.max_parameters:,} (METASERVE_MAX_PARAMETERS)")
     worker_cap = limits.max_worker_memory_mb * 2**20
     if cost.worker_bytes > worker_cap:
         one_task_too_big = cost.worker_bytes - (cost.tasks_at_once - 1) * cost.task_memory_bytes > worker_cap
         refuse("task_family" if one_task_too_big else "meta_batch_size",
-               f"an inner-loop worker would need about {_gib(cost.worker_bytes)} "
+               f"{'the learner' if spec.is_rl else 'an inner-loop worker'} would need about {_gib(cost.worker_bytes)} "
                f"({cost.tasks_at_once} task(s) at once × {_gib(cost.task_memory_bytes)}, one task's "
                f"inputs {_gib(cost.task_bytes)}), more than the cap of {_gib(worker_cap)} "
                "(METASERVE_MAX_WORKER_MEMORY_MB)"
-               + ("" if one_task_too_big else
+               + ("" if one_task_too_big else "; lower meta_batch_size" if spec.is_rl else
                   "; set resources.task_chunk, add workers or lower meta_batch_size"))
     job_cap = limits.max_job_memory_mb * 2**20
     if cost.job_bytes > job_cap:
+        held = (f"the learner's {_gib(cost.worker_bytes)} + {spec.resources.workers} helper "
+                f"process(es)" if spec.is_rl else
+                f"{spec.resources.workers} worker(s) × {_gib(cost.worker_bytes)} + the driver's "
+                f"{_gib(cost.driver_bytes)}")
         refuse("resources.workers",
-               f"the job would hold about {_gib(cost.job_bytes)} ({spec.resources.workers} "
-               f"worker(s) × {_gib(cost.worker_bytes)} + the driver's {_gib(cost.driver_bytes)}), "
+               f"the job would hold about {_gib(cost.job_bytes)} ({held}), "
                f"more than the cap of {_gib(job_cap)} (METASERVE_MAX_JOB_MEMORY_MB)")
     if cost.meta_tasks > limits.max_meta_tasks:
         refuse("iterations", f"iterations × meta_batch_size = {cost.meta_tasks:,} tasks, more than "
                              f"the cap of {limits.max_meta_tasks:,} (METASERVE_MAX_META_TASKS)")
+    if limits.max_env_steps and cost.env_steps > limits.max_env_steps:
+        refuse("iterations", f"about {cost.env_steps:,} environment steps, more than the cap of "
+                             f"{limits.max_env_steps:,} (METASERVE_MAX_ENV_STEPS)")
     if cost.work_flop > limits.max_job_pflop * 1e15:
         refuse("iterations", f"about {cost.work_flop / 1e15:,.1f} PFLOP of training, more than the "
                              f"cap of {limits.max_job_pflop:,} PFLOP (METASERVE_MAX_JOB_PFLOP)")

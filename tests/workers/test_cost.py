@@ -60,8 +60,52 @@ def test_task_bytes_are_the_sampled_inputs():
     assert cost.meta_tasks == JobSpec.model_validate(SPECS["sine_mlp"]).iterations * 25
 
 
-def test_rl_jobs_are_estimated_by_their_processes():
-    cost = estimate({"algorithm": {"name": "rl2"}, "task_family": {"name": "bandit"},
-                     "resources": {"workers": 3}})
-    assert (cost.parameters, cost.worker_bytes, cost.job_bytes) == (
-        0, RUNTIME_BYTES, 4 * RUNTIME_BYTES)
+def test_rl_parameters_are_the_policies_own():
+    """The counts match the networks metaserve.workers.rl builds for these specs."""
+    import torch
+
+    from metaserve.workers.rl.pearl_agent import PEARLAgent, mlp
+    from metaserve.workers.rl.policies import GaussianMLPPolicy, RecurrentPolicy
+
+    def count(module: torch.nn.Module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    maml = estimate({"algorithm": {"name": "maml", "policy_gradient": {"hidden": [32, 16]}},
+                     "task_family": {"name": "halfcheetah_vel"}})
+    assert maml.parameters == count(GaussianMLPPolicy(17, 6, [32, 16]))
+    rl2 = estimate({"algorithm": {"name": "rl2", "hidden_size": 24},
+                    "task_family": {"name": "bandit", "arms": 7}})
+    assert rl2.parameters == count(RecurrentPolicy(1 + 7 + 3, 7, 24, True))
+    pearl = estimate({"algorithm": {"name": "pearl", "hidden": 16, "latent_dim": 3},
+                      "task_family": {"name": "nav2d"}})
+    # the agent, and sac.py's two critics, their two targets and the reward decoder
+    critic = mlp([2 + 2 + 3, 16, 16, 1])
+    assert pearl.parameters == count(PEARLAgent(3, 16, 0.1)) + 5 * count(critic)
+
+
+def test_rl_environment_steps_per_algorithm():
+    maml = estimate({"algorithm": {"name": "maml", "inner_steps": 2,
+                                   "policy_gradient": {"episodes_per_task": 3}},
+                     "task_family": {"name": "nav2d", "horizon": 50},
+                     "iterations": 7, "meta_batch_size": 5})
+    assert maml.env_steps == 7 * 5 * 3 * 50 * (2 + 1)
+    bandit = estimate({"algorithm": {"name": "rl2"}, "task_family": {"name": "bandit", "pulls": 40},
+                       "iterations": 7, "meta_batch_size": 5})
+    assert bandit.env_steps == 7 * 5 * 40
+    mdp = estimate({"algorithm": {"name": "rl2"},
+                    "task_family": {"name": "tabular_mdp", "horizon": 6, "episodes": 4},
+                    "iterations": 7, "meta_batch_size": 5})
+    assert mdp.env_steps == 7 * 5 * 6 * 4
+    pearl = estimate({"algorithm": {"name": "pearl", "tasks_per_iteration": 3,
+                                    "adaptation_episodes": 2},
+                      "task_family": {"name": "nav2d", "horizon": 20}, "iterations": 7})
+    assert pearl.env_steps == 7 * 3 * 2 * 20
+
+
+def test_rl_learner_memory_grows_with_the_batch_it_holds():
+    small = estimate({"algorithm": {"name": "rl2"}, "task_family": {"name": "bandit"},
+                      "meta_batch_size": 8})
+    large = estimate({"algorithm": {"name": "rl2"}, "task_family": {"name": "bandit"},
+                      "meta_batch_size": 16})
+    assert large.worker_bytes - small.worker_bytes == 8 * small.task_memory_bytes > 0
+    assert small.work_flop > 0
