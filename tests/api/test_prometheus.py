@@ -13,8 +13,9 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from metaserve.api.app import create_app
-from metaserve.service import jobs, telemetry
+from metaserve.service import job_runs, job_store, telemetry
 from metaserve.service.dispatcher import Dispatcher, _Running
+from metaserve.service.orm import Job
 from metaserve.service.settings import Settings
 from tests.helpers import WORKER, claim
 from tests.helpers import submit_over_http as submit
@@ -72,11 +73,13 @@ def test_jobs_by_status_queue_depth_oldest_age_and_running_tasks_per_second(
     submit(client, alice_auth)
     assert (claim(sessions), claim(sessions)) == (running_id, rl_id)
     with sessions() as session:
-        jobs.update_progress(session=session, job_id=running_id, worker_id=WORKER,
-                             progress={"iteration": 5, "total": 30, "tasks_per_s": 123.5},
-                             message="")
-        jobs.update_progress(session=session, job_id=rl_id, worker_id=WORKER, message="",
-                             progress={"iteration": 2, "total": 9, "env_steps_per_s": 4321.0})
+        with session.begin():
+            job_store.update_progress(session=session, job_id=running_id, worker_id=WORKER,
+                                      progress={"iteration": 5, "total": 30, "tasks_per_s": 123.5},
+                                      message="")
+        with session.begin():
+            job_store.update_progress(session=session, job_id=rl_id, worker_id=WORKER, message="",
+                                      progress={"iteration": 2, "total": 9, "env_steps_per_s": 4321.0})
     time.sleep(0.05)
     metrics = scrape(client, admin_auth)
     assert {status: metrics[("metaserve_jobs", (("status", status),))]
@@ -103,8 +106,10 @@ def test_the_dispatcher_counts_lease_renewals(client: TestClient, sessions, alic
     assert claim(sessions) == job_id
     before = scrape(client, admin_auth)[("metaserve_lease_renewals_total", ())]
     done = threading.Event()
+    with sessions() as session:
+        run = job_runs.job_run(session=session, job=session.get(Job, job_id), settings=settings)
     watch = threading.Thread(target=dispatcher._watch, args=(
-        _Running(job_id=job_id, thread=threading.current_thread()), done))
+        _Running(run=run, thread=threading.current_thread()), done))
     watch.start()
     time.sleep(2.3)  # the watch wakes every WATCH_S = 1 s
     done.set()
