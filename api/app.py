@@ -16,6 +16,8 @@ from metaserve.api.middleware import (
     AuthenticateBeforeBodyMiddleware,
     BodySizeLimitMiddleware,
     ControlCharacterMiddleware,
+    OptionsMiddleware,
+    SecurityHeadersMiddleware,
 )
 from metaserve.api.routes import ROUTERS, datasets
 from metaserve.api.routes import dashboard
@@ -132,10 +134,49 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
                        own_limit_paths=frozenset({"/v1/datasets"}))
     app.add_middleware(AuthenticateBeforeBodyMiddleware)  # the key, before the body is read
     app.add_middleware(ControlCharacterMiddleware)  # before the body is read
+    app.add_middleware(OptionsMiddleware)
     app.state.telemetry = Telemetry(app.state.session_factory, lambda: dispatcher_connected(app))
+    app.add_middleware(SecurityHeadersMiddleware)  # on every answer, refusals included
     app.add_middleware(MetricsMiddleware, telemetry=app.state.telemetry)  # counts every answer
     for router in ROUTERS:
         app.include_router(router)
     app.include_router(datasets.router)
     app.mount(dashboard.STATIC_PATH, dashboard.static_files(), name="static")
+    _document_every_status(app)
     return app
+
+
+def _document_every_status(app: FastAPI) -> None:
+    """The OpenAPI document names every status an operation can answer, also those that
+    come from outside its route: 401 from the key check of every secured operation
+    (``AuthenticateBeforeBodyMiddleware`` or the ``CurrentUser`` dependency), 422 for a control
+    character in any header, query or path (``ControlCharacterMiddleware``) or malformed JSON,
+    413 for a body over its limit (``BodySizeLimitMiddleware``). A client, or a schema
+    fuzzer, can then trust the document for what it may get."""
+    from metaserve.api.schemas import ErrorResponse
+
+    def openapi() -> dict:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        document = FastAPI.openapi(app)
+        error = {"content": {"application/json": {"schema": {
+            "$ref": "#/components/schemas/ErrorResponse"}}}}
+        document.setdefault("components", {}).setdefault("schemas", {}).setdefault(
+            "ErrorResponse", ErrorResponse.model_json_schema(
+                ref_template="#/components/schemas/{model}"))
+        for operations in document.get("paths", {}).values():
+            for operation in operations.values():
+                responses = operation.setdefault("responses", {})
+                if operation.get("security"):
+                    responses.setdefault("401", {"description": "Missing or invalid API key",
+                                                 **error})
+                responses.setdefault("422", {
+                    "description": "A control character in a header, query or path value, or "
+                                   "an invalid request, naming the field", **error})
+                if "requestBody" in operation:
+                    responses.setdefault("413", {"description": "Body above its size limit",
+                                                 **error})
+        app.openapi_schema = document
+        return document
+
+    app.openapi = openapi

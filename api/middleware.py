@@ -86,6 +86,109 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
+# --------------------------------------------------------------------------- security headers
+
+HTML_CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+            "img-src 'self' data: blob:; connect-src 'self'; frame-ancestors 'none'; "
+            "base-uri 'none'; form-action 'none'; object-src 'none'")
+"""Every HTML page of this server: only this origin's scripts, styles and API (the vendored
+assets; no CDN), inline styles for uPlot's and Swagger UI's positioning, never framed."""
+NON_HTML_CSP = "default-src 'none'; frame-ancestors 'none'"
+"""A JSON or file answer opened in a browser runs nothing and is never framed."""
+
+
+class SecurityHeadersMiddleware:
+    """On every response: ``X-Content-Type-Options: nosniff`` (a JSON error or an artifact is
+    never run as a script or page) and a ``Content-Security-Policy`` where the route set none
+    — :data:`HTML_CSP` for HTML (the dashboard at ``/`` and at ``/static/index.html``, or any
+    other page), :data:`NON_HTML_CSP` otherwise — with ``X-Frame-Options: DENY`` and
+    ``Referrer-Policy: no-referrer`` for browsers that predate ``frame-ancestors``. A route
+    with inline scripts (``/docs``) sets its own policy with their hashes."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                names = {name.lower() for name, _ in headers}
+                html = any(name.lower() == b"content-type" and value.startswith(b"text/html")
+                           for name, value in headers)
+                added = [(b"x-content-type-options", b"nosniff"),
+                         (b"content-security-policy",
+                          (HTML_CSP if html else NON_HTML_CSP).encode()),
+                         (b"x-frame-options", b"DENY"),
+                         (b"referrer-policy", b"no-referrer")]
+                headers += [(name, value) for name, value in added if name not in names]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+# --------------------------------------------------------------------------- OPTIONS
+
+class OptionsMiddleware:
+    """``OPTIONS`` on a path this server routes is answered 204 with ``Allow`` naming its
+    methods (RFC 9110 §9.3.7), without a key (the methods are the public schema's); a method
+    the path does not have is 405 with ``Allow`` naming all it has; on any other path both
+    are the 404 every method gets there. (GET, HEAD and POST go straight to the routes: every
+    path that has a route has one of them, so only a 405 of those is Starlette's.)"""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] not in ("GET", "HEAD", "POST"):
+            allowed = _allowed_methods(scope)
+            if allowed and scope["method"] == "OPTIONS":
+                await send({"type": "http.response.start", "status": 204,
+                            "headers": [(b"allow", ", ".join(sorted(allowed)).encode())]})
+                await send({"type": "http.response.body", "body": b""})
+                return
+            if allowed and scope["method"] not in allowed:
+                # Starlette's own 405 names the methods of the first route that matched the
+                # path only (POST of POST /v1/jobs, not GET of GET /v1/jobs).
+                body = json.dumps(error_body("method_not_allowed", "Method Not Allowed")).encode()
+                await send({"type": "http.response.start", "status": 405, "headers": [
+                    (b"allow", ", ".join(sorted(allowed - {"OPTIONS"})).encode()),
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
+def _allowed_methods(scope: Scope) -> set[str]:
+    """Every method of every route whose path matches (with OPTIONS); empty if none does."""
+    allowed = _methods_of(getattr(scope.get("app"), "routes", []), scope)
+    return allowed | {"OPTIONS"} if allowed else set()
+
+
+def _methods_of(routes, scope: Scope) -> set[str]:  # noqa: ANN001
+    from starlette.routing import Match, Mount
+
+    allowed: set[str] = set()
+    for route in routes:
+        included = getattr(route, "original_router", None)  # FastAPI's include_router wrapper
+        if included is not None:
+            allowed |= _methods_of(included.routes, scope)
+            continue
+        match, _ = route.matches(scope)
+        if match == Match.NONE:
+            continue
+        if isinstance(route, Mount):
+            allowed |= {"GET", "HEAD"}  # static files
+        else:
+            allowed |= set(getattr(route, "methods", None) or ())
+    return allowed
+
+
 # --------------------------------------------------------------------------- key before body
 
 class AuthenticateBeforeBodyMiddleware:

@@ -151,6 +151,12 @@ AdaptRows = Union[
 ]
 
 
+def _given(*names: str) -> dict:
+    """JSON Schema: each of ``names`` is present and not null."""
+    return {"required": list(names), "properties": {name: {"not": {"type": "null"}}
+                                                    for name in names}}
+
+
 class AdaptRequest(BaseModel):
     """A support set and query inputs of one task.
 
@@ -165,7 +171,13 @@ class AdaptRequest(BaseModel):
     values) / ``query_x`` ``[m, features]`` in the job's feature order.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    # The two forms, for the schema: arrays (support_x, support_y, query_x) or rows (support,
+    # query), never parts of both (what ``_one_form`` checks; a null is an absent field).
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"oneOf": [
+        {**_given("support_x", "support_y", "query_x"),
+         "not": {"anyOf": [_given("support"), _given("query")]}},
+        {**_given("support", "query"),
+         "not": {"anyOf": [_given("support_x"), _given("support_y"), _given("query_x")]}}]})
 
     support_x: list[Any] | None = Field(None, min_length=1, max_length=MAX_ADAPT_POINTS)
     support_y: list[Any] | None = Field(None, min_length=1, max_length=MAX_ADAPT_POINTS)

@@ -90,7 +90,7 @@ def list_datasets(*, session: Session, owner: User, cursor: str | None = None,
     """``owner``'s datasets newest first (an admin's: everyone's), a page of ``limit``; the
     cursor is the last id of the previous page."""
     query = _visible(owner).order_by(Dataset.id.desc()).limit(limit + 1)
-    if cursor is not None:
+    if cursor:  # an empty cursor (`cursor=`) is the first page
         query = query.where(Dataset.id < cursor)
     with Transaction(session):
         rows = list(session.scalars(query))

@@ -270,7 +270,7 @@ def list_jobs(
         query = query.where(Job.owner_id == owner.id)
     if status is not None:
         query = query.where(Job.status == JobStatus(status).value)
-    if cursor is not None:
+    if cursor:  # an empty cursor (`cursor=`) is the first page
         query = query.where(Job.id < decode_cursor(cursor))
     if sweep_id is not None:
         query = query.where(Job.sweep_id == sweep_id)

@@ -229,7 +229,7 @@ def list_sweeps(*, session: Session, owner: User, cursor: str | None = None,
         query = select(Sweep).order_by(Sweep.id.desc()).limit(limit + 1)
         if not owner.is_admin:
             query = query.where(Sweep.owner_id == owner.id)
-        if cursor is not None:
+        if cursor:  # an empty cursor (`cursor=`) is the first page
             query = query.where(Sweep.id < SWEEP_ID_PREFIX + job_store.decode_cursor(cursor))
         rows = list(session.scalars(query))
         views = [_view(session, sweep) for sweep in rows[:limit]]
