@@ -27,6 +27,15 @@ members larger than their cap or an archive that decompresses to more than its m
 declare (bombs), images with a side above ``dataset_max_image_side``, more than
 ``dataset_max_images`` images, a decoded size above ``dataset_max_stored_bytes``.
 
+Archive metadata is bounded before it is parsed: a zip's end record (member count, central
+directory size) is read before :mod:`zipfile` builds an entry per member; a tar's GNU
+long-name and pax headers above 1 MiB, and sparse members, are refused as their header is
+read (:class:`~metaserve.service.image_ingest.BoundedTarInfo`); an npz's declared shapes are
+checked against the caps, ``labels`` above 64 MiB are refused, and a dataset may decode to at
+most ``dataset_max_expansion`` times the upload's size (above 64 MiB): a 1 MB npz of zeros
+declaring 1 GiB is refused before anything is written; an image PIL calls a decompression
+bomb is refused naming the member.
+
 Images of one dataset share one shape: gray if every image is gray, else RGB; images of a
 size other than the most common one are resized to it (Lanczos).
 """
@@ -40,11 +49,10 @@ import resource
 import signal
 import subprocess
 import sys
-import tarfile
 import threading
 import traceback
 import zipfile
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -198,6 +206,7 @@ def convert_upload(upload: Path, workdir: Path, settings: Limits) -> Converted:
     :class:`DatasetLimitExceeded` naming the field, member, line or column."""
     from metaserve.service import image_ingest, table_ingest
 
+    settings = replace(settings, upload_bytes=upload.stat().st_size)
     with open(upload, "rb") as handle:
         magic = handle.read(4)
         handle.seek(max(0, upload.stat().st_size - 4))
@@ -205,6 +214,7 @@ def convert_upload(upload: Path, workdir: Path, settings: Limits) -> Converted:
     if magic == b"PAR1" and tail == b"PAR1":
         return table_ingest.convert_parquet(upload, workdir, settings)
     if magic[:2] == b"PK":
+        image_ingest.check_zip_directory(upload, settings)
         try:
             archive = zipfile.ZipFile(upload)
         except (zipfile.BadZipFile, OSError) as error:
@@ -216,11 +226,7 @@ def convert_upload(upload: Path, workdir: Path, settings: Limits) -> Converted:
                 return image_ingest.convert_npz(archive, workdir, settings)
             return image_ingest.convert_tree(image_ingest.ZipMembers(archive, settings), workdir,
                                              settings)
-    try:
-        is_tar = tarfile.is_tarfile(upload)
-    except (OSError, EOFError, tarfile.TarError):
-        is_tar = False
-    if is_tar:
+    if image_ingest.is_tar(upload):
         return image_ingest.convert_tree(image_ingest.TarMembers(upload, settings), workdir,
                                          settings)
     return table_ingest.convert_csv(upload, workdir, settings)

@@ -13,15 +13,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session
 
 from metaserve.service import dataset_checks
 from metaserve.service.dataset_ingest import convert_in_child
 from metaserve.service.exceptions import (DatasetInUse, DatasetNotFound, DatasetPathForbidden,
-                                          DatasetReferenceInvalid)
+                                          DatasetQuotaExceeded, DatasetReferenceInvalid)
 from metaserve.service.ids import new_id
-from metaserve.service.jobs import Transaction
 from metaserve.service.orm import Dataset, Job, JobStatus, User
 from metaserve.service.settings import Settings
 from metaserve.workers.spec import JobSpec
@@ -32,6 +31,9 @@ logger = logging.getLogger(__name__)
 DATASET_ID_PREFIX = "ds_"
 ACTIVE_STATUSES = (JobStatus.QUEUED.value, JobStatus.RUNNING.value, JobStatus.CANCELLING.value)
 MAX_PAGE = 100
+UPLOAD_LOCK = 0x6473  # "ds": orders one owner's dataset recordings (PostgreSQL advisory lock)
+COUNT_QUOTA_SETTING = "METASERVE_DATASET_MAX_PER_USER"
+BYTES_QUOTA_SETTING = "METASERVE_DATASET_MAX_BYTES_PER_USER"
 
 
 def new_dataset_id() -> str:
@@ -46,20 +48,29 @@ def create_dataset(*, session: Session, owner: User, upload: Path, name: str, si
     """Convert the spooled ``upload`` (in a child process), publish its canonical files and
     record the dataset. Whatever fails, nothing is kept: the work directory goes, and stored
     objects of a dataset that was not recorded are removed."""
+    check_dataset_quota(session=session, owner=owner, settings=settings)
     settings.upload_dir.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="convert-", dir=settings.upload_dir))
     dataset_id = new_dataset_id()
     published = False
     try:
         converted = convert_in_child(upload, workdir, settings)
+        stored = sum((workdir / name).stat().st_size for name in converted.files)
+        # Checked before publishing (a refused upload costs the store nothing) and again,
+        # under the owner's lock, in the transaction that records it: concurrent uploads of
+        # one owner cannot pass the quota together.
+        check_dataset_quota(session=session, owner=owner, settings=settings, adding=stored)
         store.put(dataset_id, [workdir / name for name in converted.files])
         published = True
-        with Transaction(session):
+        with session.begin():
+            check_dataset_quota(session=session, owner=owner, settings=settings, adding=stored,
+                                lock=True)
             dataset = Dataset(id=dataset_id, owner_id=owner.id, name=name, kind=converted.kind,
                               format=converted.format, classes=converted.classes,
                               images=converted.images, shape=converted.shape, bytes=size,
                               sha256=sha256, status="ready",
-                              meta=dataset_checks.recorded_meta(converted.meta))
+                              meta={**dataset_checks.recorded_meta(converted.meta),
+                                    "stored_bytes": stored})
             session.add(dataset)
         published = False  # recorded: kept
         logger.info("dataset uploaded", extra={"dataset_id": dataset_id, "kind": converted.kind,
@@ -71,6 +82,54 @@ def create_dataset(*, session: Session, owner: User, upload: Path, name: str, si
             store.delete(dataset_id)
 
 
+def stored_bytes(dataset_bytes: int, meta: dict | None) -> int:
+    """A dataset's stored size: its canonical files (recorded since the quotas), else (a row
+    from before) the upload's size."""
+    return int((meta or {}).get("stored_bytes", dataset_bytes))
+
+
+def check_dataset_quota(*, session: Session, owner: User, settings: Settings, adding: int = 0,
+                        lock: bool = False) -> None:
+    """Refuse (:class:`DatasetQuotaExceeded`, 429 naming the setting) one more dataset of
+    ``adding`` stored bytes for ``owner`` past ``dataset_max_per_user`` datasets or
+    ``dataset_max_bytes_per_user`` stored bytes; admin keys are exempt, as from the job
+    quotas. ``lock``: inside the recording transaction, after ordering the owner's uploads."""
+    max_count, max_bytes = settings.dataset_max_per_user, settings.dataset_max_bytes_per_user
+    if owner.is_admin or not (max_count or max_bytes):
+        return
+    if lock:
+        _lock_owner_uploads(session, owner.id)
+    rows = session.execute(select(Dataset.bytes, Dataset.meta)
+                           .where(Dataset.owner_id == owner.id)).all()
+    if not lock:
+        session.rollback()  # end the read's transaction: the conversion takes minutes
+    used = sum(stored_bytes(size, meta) for size, meta in rows)
+    if max_count and len(rows) >= max_count:
+        raise DatasetQuotaExceeded(
+            f"{owner.name} has {len(rows)} datasets, the most {COUNT_QUOTA_SETTING} allows; "
+            "delete one before uploading another", limit=COUNT_QUOTA_SETTING, count=len(rows),
+            cap=max_count)
+    if max_bytes and used + adding > max_bytes:
+        wanted = f" and this one {adding:,}" if adding else ""
+        raise DatasetQuotaExceeded(
+            f"{owner.name}'s datasets store {used:,} bytes{wanted}, more than the "
+            f"{max_bytes:,} {BYTES_QUOTA_SETTING} allows; delete one before uploading another",
+            limit=BYTES_QUOTA_SETTING, stored_bytes=used, adding=adding, cap=max_bytes)
+
+
+def _lock_owner_uploads(session: Session, owner_id: int) -> None:
+    """Order this owner's dataset recordings until the transaction ends (as job submits are
+    ordered in :mod:`metaserve.service.job_store`): PostgreSQL, an advisory lock; SQLite, a
+    write that changes nothing takes the database's write lock."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:space, :owner_id)"),
+                        {"space": UPLOAD_LOCK, "owner_id": owner_id})
+    else:
+        users = User.__table__
+        session.execute(update(users).where(users.c.id == owner_id)
+                        .values(last_claimed_at=users.c.last_claimed_at))
+
+
 def _visible(owner: User):  # noqa: ANN202
     query = select(Dataset)
     return query if owner.is_admin else query.where(Dataset.owner_id == owner.id)
@@ -78,7 +137,7 @@ def _visible(owner: User):  # noqa: ANN202
 
 def get_dataset(*, session: Session, dataset_id: str, owner: User) -> Dataset:
     """``owner``'s dataset (any, for an admin); another user's is :class:`DatasetNotFound`."""
-    with Transaction(session):
+    with session.begin():
         dataset = session.scalars(_visible(owner).where(Dataset.id == dataset_id)).one_or_none()
     if dataset is None:
         raise DatasetNotFound(dataset_id=dataset_id)
@@ -92,7 +151,7 @@ def list_datasets(*, session: Session, owner: User, cursor: str | None = None,
     query = _visible(owner).order_by(Dataset.id.desc()).limit(limit + 1)
     if cursor:  # an empty cursor (`cursor=`) is the first page
         query = query.where(Dataset.id < cursor)
-    with Transaction(session):
+    with session.begin():
         rows = list(session.scalars(query))
     page = rows[:limit]
     return page, page[-1].id if len(rows) > limit else None
@@ -109,7 +168,7 @@ def delete_dataset(*, session: Session, dataset_id: str, owner: User,
                    store: ArtifactStore) -> None:
     """Delete ``owner``'s dataset, its row then its stored files; :class:`DatasetInUse`
     (409, naming the jobs) while a queued or running job uses it."""
-    with Transaction(session):
+    with session.begin():
         dataset = session.scalars(_visible(owner).where(Dataset.id == dataset_id)
                                   .with_for_update()).one_or_none()
         if dataset is None:

@@ -172,6 +172,14 @@ class ConversionsBusy(MetaserveError):
     code = "service_unavailable"
 
 
+class DatasetQuotaExceeded(MetaserveError):
+    """Your datasets reach a per-user dataset quota; delete one (DELETE /v1/datasets/{id})
+    before uploading another."""
+
+    status_code = 429
+    code = "quota_exceeded"
+
+
 class DatasetInUse(MetaserveError):
     """A queued or running job uses this dataset."""
 

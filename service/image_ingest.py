@@ -16,7 +16,7 @@ from typing import Any, BinaryIO, Iterator
 import numpy as np
 
 from metaserve.service.exceptions import DatasetLimitExceeded, InvalidDataset
-from metaserve.service.upload_conversion import Converted, Limits
+from metaserve.service.upload_conversion import Converted, Limits, expansion_cap
 from metaserve.workers.tasks.table_format import MAX_LISTED_TASKS, size_histogram
 from metaserve.workers.tasks.uploaded import (DATASET_JSON, DATASET_TENSORS, copy_exactly,
                                               safetensors_header, write_canonical_json)
@@ -27,6 +27,21 @@ GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
 PASSED_OVER = ("__MACOSX/",)
 PASSED_OVER_NAMES = frozenset({".DS_Store"})
 MAX_LABEL_ITEMSIZE = 1024
+MAX_LABEL_BYTES = 64 * 1024**2
+"""Largest ``labels`` array of an npz (N × itemsize): a million string labels of 64 bytes
+each (``<U16``) fit; a million ``<U256`` labels (1 GiB) do not."""
+MAX_TAR_HEADER_BYTES = 1024**2
+"""Largest GNU long-name/long-link or pax extended header: read whole by :mod:`tarfile`
+before any member, so a header declaring 1 GiB would be 1 GiB of memory and minutes of
+decompression. A path is at most a few KiB."""
+TAR_METADATA_TYPES = {tarfile.GNUTYPE_LONGNAME: "GNU long-name", tarfile.GNUTYPE_LONGLINK:
+                      "GNU long-link", tarfile.XHDTYPE: "pax", tarfile.XGLTYPE: "pax global",
+                      tarfile.SOLARIS_XHDTYPE: "Solaris pax"}
+ZIP_DIRECTORY_ENTRY_BYTES = 46 + 1024
+"""Average central-directory bytes per member allowed (the fixed 46 plus a name and extra
+field of 1 KiB): the directory's size then bounds how many entries :mod:`zipfile` can build,
+whatever count the end record claims."""
+MAX_ZIP_DIRECTORY_BYTES = 256 * 1024**2
 
 
 def images_meta(class_sizes: np.ndarray, shape: list[int]) -> dict[str, Any]:
@@ -98,13 +113,25 @@ def _check_side(height: int, width: int, settings: Limits, member: str | None = 
                                    **details)
 
 
-def _check_stored(count: int, shape: list[int], settings: Limits) -> None:
+def _check_stored(count: int, shape: list[int], settings: Limits,
+                  label_bytes: int | None = None) -> None:
+    """The decoded size against ``dataset_max_stored_bytes`` and against the upload's size
+    (:func:`~metaserve.service.upload_conversion.expansion_cap`), before anything is decoded."""
     stored = count * int(np.prod(shape))
     if stored > settings.dataset_max_stored_bytes:
         raise DatasetLimitExceeded(
             f"images: {count:,} images of {shape} are {stored:,} bytes decoded, more than the "
             f"cap of {settings.dataset_max_stored_bytes:,} (METASERVE_DATASET_MAX_STORED_BYTES)",
             images=f"{stored:,} bytes decoded, more than {settings.dataset_max_stored_bytes:,}")
+    total = stored + (8 * count if label_bytes is None else label_bytes)
+    cap = expansion_cap(settings)
+    if settings.upload_bytes and total > cap:
+        raise DatasetLimitExceeded(
+            f"images: {count:,} images of {shape} decode to {total:,} bytes from an upload of "
+            f"{settings.upload_bytes:,}, more than {cap:,} ({settings.dataset_max_expansion}× "
+            "the upload, METASERVE_DATASET_MAX_EXPANSION): a compression bomb?",
+            images=f"{total:,} bytes decoded from {settings.upload_bytes:,} uploaded, more than "
+                   f"{settings.dataset_max_expansion}×")
 
 
 def _class_ids(labels: np.ndarray) -> tuple[list[str], np.ndarray]:
@@ -128,7 +155,13 @@ def convert_npz(archive: zipfile.ZipFile, workdir: Path, settings: Limits) -> Co
             raise InvalidDataset(f"labels: must be integers or strings of shape [N], got {dtype} "
                                  f"of shape {list(shape)}", labels=f"{dtype} {list(shape)}")
         _check_count(shape[0], settings)
-        raw = stream.read(shape[0] * dtype.itemsize)
+        label_bytes = shape[0] * dtype.itemsize
+        if label_bytes > MAX_LABEL_BYTES:
+            raise DatasetLimitExceeded(
+                f"labels: {shape[0]:,} labels of {dtype} are {label_bytes:,} bytes, more than "
+                f"{MAX_LABEL_BYTES:,}; use integer labels or shorter strings",
+                labels=f"{label_bytes:,} bytes, more than {MAX_LABEL_BYTES:,}")
+        raw = stream.read(label_bytes)
         if len(raw) != shape[0] * dtype.itemsize:
             raise InvalidDataset("labels: the array ends early", labels="truncated")
         labels = np.frombuffer(raw, dtype=dtype)
@@ -146,7 +179,7 @@ def convert_npz(archive: zipfile.ZipFile, workdir: Path, settings: Limits) -> Co
                                  labels=f"{len(labels)} labels for {shape[0]} images")
         _check_count(shape[0], settings)
         _check_side(image_shape[1], image_shape[2], settings)
-        _check_stored(shape[0], image_shape, settings)
+        _check_stored(shape[0], image_shape, settings, label_bytes)
         if min(image_shape[1:]) < 1 or shape[0] < 1:
             raise InvalidDataset(f"images: empty array of shape {list(shape)}", images="empty")
         class_names, ids = _class_ids(labels)
@@ -180,7 +213,7 @@ class _Members:
 
     def __init__(self, settings: Limits) -> None:
         self.cap = member_byte_cap(settings)
-        self.max_members = 2 * settings.dataset_max_images + 10_000
+        self.max_members = member_cap(settings)
         self.total_cap = 2 * settings.dataset_max_stored_bytes
         self.total = 0
 
@@ -222,6 +255,65 @@ class _Members:
         raise NotImplementedError
 
 
+def member_cap(settings: Limits) -> int:
+    """Most members an archive of images may have (directories and passed-over files too)."""
+    return 2 * settings.dataset_max_images + 10_000
+
+
+def check_zip_directory(path: Path, settings: Limits) -> None:
+    """Refuse a zip whose end record declares more members than :func:`member_cap` or a
+    central directory larger than its members can need, before :mod:`zipfile` builds one
+    object per entry (3,000,000 empty entries would be 1.5 GB of them)."""
+    with open(path, "rb") as handle:
+        try:
+            end = zipfile._EndRecData(handle)  # the end record, zip64 included
+        except OSError as error:
+            raise InvalidDataset(f"the upload is not a readable zip archive ({error})",
+                                 body=str(error)) from None
+    if end is None:
+        raise InvalidDataset("the upload is not a readable zip archive (no end of central "
+                             "directory record)", body="no end of central directory record")
+    entries, directory = end[zipfile._ECD_ENTRIES_TOTAL], end[zipfile._ECD_SIZE]
+    cap = member_cap(settings)
+    if entries > cap:
+        raise DatasetLimitExceeded(
+            f"body: the zip declares {entries:,} members, more than {cap:,} (twice "
+            "METASERVE_DATASET_MAX_IMAGES plus 10,000)", body=f"{entries:,} members")
+    directory_cap = min(MAX_ZIP_DIRECTORY_BYTES, max(1, entries) * ZIP_DIRECTORY_ENTRY_BYTES)
+    if directory > directory_cap:
+        raise DatasetLimitExceeded(
+            f"body: the zip's central directory is {directory:,} bytes for {entries:,} declared "
+            f"members, more than {directory_cap:,}", body=f"a {directory:,}-byte directory")
+
+
+class BoundedTarInfo(tarfile.TarInfo):
+    """A tar header whose metadata records (GNU long names, pax headers) are refused above
+    :data:`MAX_TAR_HEADER_BYTES` *before* :mod:`tarfile` reads them whole, and whose sparse
+    members are refused (their maps are read whole too, and images are never sparse)."""
+
+    def _proc_member(self, tarfile_: tarfile.TarFile):  # noqa: ANN202 - tarfile's hook
+        kind = TAR_METADATA_TYPES.get(self.type)
+        if kind is not None and self.size > MAX_TAR_HEADER_BYTES:
+            raise InvalidDataset(
+                f"body: a {kind} header at byte {self.offset:,} of the tar declares "
+                f"{self.size:,} bytes, more than {MAX_TAR_HEADER_BYTES:,}",
+                body=f"a {self.size:,}-byte {kind} header")
+        if self.type == tarfile.GNUTYPE_SPARSE:
+            raise InvalidDataset(f"member {self.name!r} is a sparse file; sparse members are "
+                                 "refused", member=self.name)
+        return super()._proc_member(tarfile_)
+
+
+def is_tar(path: Path) -> bool:
+    """Whether ``path`` is a tar (plain or compressed), read through :class:`BoundedTarInfo`
+    (:func:`tarfile.is_tarfile` would read a first long-name header whole)."""
+    try:
+        with tarfile.open(path, mode="r:*", tarinfo=BoundedTarInfo):
+            return True
+    except (OSError, EOFError, tarfile.TarError):
+        return False
+
+
 class ZipMembers(_Members):
     def __init__(self, archive: zipfile.ZipFile, settings: Limits) -> None:
         super().__init__(settings)
@@ -260,7 +352,7 @@ class TarMembers(_Members):
     def __iter__(self) -> Iterator[tuple[str, bytes]]:
         self.total = 0
         try:
-            with tarfile.open(self.path, mode="r:*") as archive:
+            with tarfile.open(self.path, mode="r:*", tarinfo=BoundedTarInfo) as archive:
                 for index, member in enumerate(archive):
                     if index >= self.max_members:
                         raise DatasetLimitExceeded(f"images: the archive has more than "
@@ -314,6 +406,8 @@ def _open_image(name: str, data: bytes, settings: Limits):  # noqa: ANN202 - a P
 
     try:
         image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as error:
+        raise _bomb(name, error) from None
     except (UnidentifiedImageError, OSError, ValueError) as error:
         raise InvalidDataset(f"member {name!r} is not a readable image ({error})",
                              member=name) from None
@@ -323,6 +417,14 @@ def _open_image(name: str, data: bytes, settings: Limits):  # noqa: ANN202 - a P
     width, height = image.size
     _check_side(height, width, settings, name)
     return image
+
+
+def _bomb(name: str, error: Exception) -> DatasetLimitExceeded:
+    """PIL refuses images above twice ``Image.MAX_IMAGE_PIXELS`` before decoding them."""
+    return DatasetLimitExceeded(
+        f"member {name!r}: a decompression bomb ({error})", member=name,
+        shape=f"{name!r}: more pixels than PIL decodes (sides above "
+              "METASERVE_DATASET_MAX_IMAGE_SIDE)")
 
 
 def convert_tree(members: _Members, workdir: Path, settings: Limits) -> Converted:
@@ -359,7 +461,9 @@ def convert_tree(members: _Members, workdir: Path, settings: Limits) -> Converte
             try:
                 image.load()
                 image = image.convert("L" if gray else "RGB")
-            except (OSError, ValueError, Image.DecompressionBombError) as error:
+            except Image.DecompressionBombError as error:
+                raise _bomb(name, error) from None
+            except (OSError, ValueError) as error:
                 raise InvalidDataset(f"member {name!r} cannot be decoded ({error})",
                                      member=name) from None
             if image.size != (width, height):

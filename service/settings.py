@@ -45,6 +45,9 @@ DATASET_MAX_COLUMNS = 1_000
 DATASET_CONVERT_MEMORY_BYTES = 4 * 1024**3
 DATASET_CONVERT_TIMEOUT_S = 600.0
 DATASET_CONVERT_CONCURRENCY = 2
+DATASET_MAX_EXPANSION = 100
+DATASET_MAX_PER_USER = 100
+DATASET_MAX_BYTES_PER_USER = 32 * 1024**3
 
 
 class Settings(BaseSettings):
@@ -230,6 +233,20 @@ class Settings(BaseSettings):
     dataset_convert_timeout_s: float = Field(
         DATASET_CONVERT_TIMEOUT_S, gt=0, le=24 * 3600,
         description="Seconds an upload's conversion may take; longer → 422 and it is killed.")
+    dataset_max_expansion: int = Field(
+        DATASET_MAX_EXPANSION, ge=1,
+        description="Largest ratio of an image dataset's decoded size (N × C × H × W bytes plus "
+                    "labels) to the upload's size, above 64 MiB decoded: an archive or npz that "
+                    "declares more than this (a compression bomb) → 422 before it is decoded.")
+    dataset_max_per_user: int = Field(
+        DATASET_MAX_PER_USER, ge=0,
+        description="Datasets one user may keep (admin keys are exempt); one more → 429 naming "
+                    "the quota, nothing kept. 0: no cap.")
+    dataset_max_bytes_per_user: int = Field(
+        DATASET_MAX_BYTES_PER_USER, ge=0,
+        description="Stored bytes (canonical files, as decoded) of one user's datasets (admin keys "
+                    "are exempt); an upload that would pass it → 429 naming the quota, nothing "
+                    "kept. 0: no cap.")
     data_root: str = Field(
         "", description="A directory under which any key's spec may name a dataset `path`; "
                         "empty: only admin keys may name paths.")

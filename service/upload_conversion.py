@@ -19,10 +19,28 @@ class Limits:
     dataset_max_rows: int
     dataset_max_columns: int
     dataset_convert_memory_bytes: int
+    dataset_max_expansion: int = 100
+    upload_bytes: int = 0
+    """The spooled upload's size (set by the child from the file, not a setting): what
+    :func:`expansion_cap` scales."""
 
     @classmethod
     def of(cls, settings: Any) -> "Limits":
-        return cls(**{name: getattr(settings, name) for name in cls.__dataclass_fields__})
+        return cls(**{name: getattr(settings, name) for name in cls.__dataclass_fields__
+                      if hasattr(settings, name)})
+
+
+EXPANSION_FLOOR_BYTES = 64 * 1024**2
+"""Decoded sizes up to this are accepted whatever the upload's size: small synthetic datasets
+(blank or few-colour images) compress far better than photographs and are harmless."""
+
+
+def expansion_cap(limits: Limits) -> int:
+    """The most bytes an upload of ``limits.upload_bytes`` may decode to: ``dataset_max_expansion``
+    times its size, at least :data:`EXPANSION_FLOOR_BYTES`. Real images compress 2-10× (PNG,
+    ``np.savez_compressed``), so 100× refuses only what is mostly declared emptiness: a 1 MB npz
+    of zeros declaring 1 GiB, a PNG bomb."""
+    return max(EXPANSION_FLOOR_BYTES, limits.dataset_max_expansion * limits.upload_bytes)
 
 
 @dataclass(frozen=True)

@@ -49,8 +49,11 @@ UPLOAD_BODY = {"requestBody": {"required": True, "description": "The dataset fil
     413: {"model": ErrorResponse, "description": "Upload above METASERVE_DATASET_MAX_UPLOAD_BYTES"},
     422: {"model": ErrorResponse, "description": "Not a dataset this server reads, a refused "
           "archive member, CSV line or column (named), or above a dataset limit (code "
-          "limit_exceeded, named: rows, columns, a Parquet row group, the conversion's memory "
-          "or time)"},
+          "limit_exceeded, named: rows, columns, a Parquet row group, archive metadata (zip "
+          "directory, tar header), a decompression bomb, the expansion ratio, the conversion's "
+          "memory or time)"},
+    429: {"model": ErrorResponse, "description": "The key's datasets reach "
+          "METASERVE_DATASET_MAX_PER_USER or METASERVE_DATASET_MAX_BYTES_PER_USER (named)"},
 })
 async def upload_dataset(
     request: Request,
@@ -67,6 +70,12 @@ async def upload_dataset(
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > cap:
         raise _too_large(int(declared), cap)
+
+    def check_quota() -> None:  # before the body is read: a full quota costs no upload
+        with request.app.state.session_factory() as session:
+            datasets.check_dataset_quota(session=session, owner=user, settings=settings)
+
+    await run_in_threadpool(check_quota)
     settings.upload_dir.mkdir(parents=True, exist_ok=True)
     spool = Path(tempfile.mkdtemp(prefix="upload-", dir=settings.upload_dir))
     try:
