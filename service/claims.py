@@ -11,13 +11,14 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any, Sequence
 
-from sqlalchemy import Row, bindparam, case, func, null, or_, select, update
+from sqlalchemy import Integer, Row, bindparam, case, func, literal, null, or_, select, update
 from sqlalchemy.orm import Session
 
 from metaserve.service.job_store import ACTIVE, CLAIM_RETRIES, guarded_update, record_status
-from metaserve.service.orm import Job, JobStatus, User, utcnow
+from metaserve.service.orm import Job, JobStatus, Sweep, User, utcnow
 
 RUNNING_CAP_SETTING = "METASERVE_MAX_RUNNING_JOBS_PER_USER"
+UNCAPPED = 2**31 - 1
 WAITING = "waiting: "
 
 
@@ -80,7 +81,10 @@ def claim_next_job(*, session: Session, worker_id: str, lease_s: float,
                         .values(last_claimed_at=now))
         guard = [Job.status == JobStatus.QUEUED.value, Job.attempt == attempt]
         if max_running_per_user and not owner.is_admin:
-            guard.append(_running_count(owner_id) < max_running_per_user)
+            weight = session.execute(_CLAIM_WEIGHT, {"job_id": job_id, "cap": max_running_per_user}
+                                     ).scalar_one()
+            guard.append(_running_count(owner_id, max_running_per_user) + weight
+                         <= max_running_per_user)
         result = session.execute(guarded_update(job_id, *guard).values(
             status=JobStatus.RUNNING.value, lease_owner=worker_id,
             lease_expires_at=now + timedelta(seconds=lease_s), attempt=Job.attempt + 1,
@@ -88,8 +92,11 @@ def claim_next_job(*, session: Session, worker_id: str, lease_s: float,
             message=case((Job.message.startswith(WAITING), null()), else_=Job.message)))
         if result.rowcount == 1:
             return record_status(session, job_id)
-        # Another claimer won this row (SQLite compare-and-set) or the owner reached the cap
-        # meanwhile: order the users again.
+        # Another claimer won this row (SQLite compare-and-set), or the owner reached the cap
+        # meanwhile, or this job needs more of the cap than is left (a sweep's driver): order
+        # the users again without it, so it does not hold up every job behind it.
+        exclude = [*exclude, job_id]
+        not_excluded = _not_in(Job.__table__, exclude)
     return None
 
 
@@ -121,17 +128,56 @@ def _reclaim(session: Session, candidate: Row, worker_id: str, lease_s: float,
 
 _RUNNING = Job.__table__.alias("running_now")
 _WAITING = Job.__table__.alias("waiting")
+_DRIVERS = Job.__table__.alias("drivers")
 
 
-def _running_count(owner_id: int):  # noqa: ANN202
-    """The owner's running jobs (``running`` or ``cancelling``: both hold cluster resources),
-    as a subquery for a guard."""
-    return (select(func.count()).select_from(_RUNNING)
-            .where(_RUNNING.c.status.in_(ACTIVE), _RUNNING.c.owner_id == owner_id)
+def _least(first: Any, second: Any) -> Any:
+    return case((first < second, first), else_=second)
+
+
+def _sweep_slots(sweep: Any, cap: Any) -> Any:
+    """The running-cap slots a sweep's driver job holds while it runs: itself and the trials
+    it may run at once (:func:`metaserve.service.sweeps.sweep_run`: its
+    ``max_concurrent_trials``, at most the cap less the driver, at least one, at most its
+    trial count), never more than the whole cap (with a cap of 1 a sweep still runs: its
+    driver and one trial)."""
+    trials = sweep.c.config["trials"].as_integer()
+    asked = func.coalesce(sweep.c.config["max_concurrent_trials"].as_integer(), cap - 1)
+    concurrent = _least(_least(asked, cap - 1), trials)
+    return _least(1 + case((concurrent < 1, 1), else_=concurrent), cap)
+
+
+def _running_count(owner_id: int, cap: int):  # noqa: ANN202
+    """The owner's share of the running cap ``cap`` (``running`` or ``cancelling`` jobs: both
+    hold cluster resources), as an expression for a guard: one per job, and a sweep's driver
+    the slots of the trials it may run at once (:func:`_sweep_slots`), so that the trials it
+    starts later, never claimed themselves, were counted when it was claimed."""
+    return _running_jobs(_RUNNING, owner_id) + _reserved_slots(owner_id, literal(cap))
+
+
+def _running_jobs(table: Any, owner_id: Any):  # noqa: ANN202
+    return (select(func.count()).select_from(table)
+            .where(table.c.status.in_(ACTIVE), table.c.owner_id == owner_id,
+                   table.c.sweep_id.is_(None))
             .scalar_subquery())
 
 
-def _fair_order(session: Session, exclude: Sequence[str]) -> list[Row]:
+def _reserved_slots(owner_id: Any, cap: Any):  # noqa: ANN202
+    """The slots the owner's running sweep drivers hold beyond their own."""
+    sweeps = Sweep.__table__
+    return (select(func.coalesce(func.sum(_sweep_slots(sweeps, cap) - 1), 0))
+            .select_from(sweeps.join(_DRIVERS, _DRIVERS.c.id == sweeps.c.driver_job_id))
+            .where(_DRIVERS.c.status.in_(ACTIVE), _DRIVERS.c.owner_id == owner_id)
+            .scalar_subquery())
+
+
+# The slots the job ``job_id`` takes when it is claimed: a sweep's driver its sweep's, else 1.
+_CLAIM_WEIGHT = select(func.coalesce(
+    select(_sweep_slots(Sweep.__table__, bindparam("cap", type_=Integer)))
+    .where(Sweep.__table__.c.driver_job_id == bindparam("job_id")).scalar_subquery(), 1))
+
+
+def _fair_order(session: Session, exclude: Sequence[str], cap: int) -> list[Row]:
     """Every user with a queued job: ``(owner_id, name, is_admin, running, head)`` in claim
     order — fewest running jobs, then the earliest turn (``last_claimed_at``, never first),
     then the oldest queued job (``head``; ids grow with time).
@@ -141,9 +187,10 @@ def _fair_order(session: Session, exclude: Sequence[str]) -> list[Row]:
     user's running count and oldest queued job are index probes too, so the cost grows with
     the number of users with queued jobs, not with the queue: an aggregate over all queued
     jobs took 8 ms with 10,000 of them on PostgreSQL, this 2 ms (docs/RELIABILITY.md)."""
+    cap = cap or UNCAPPED  # without a cap a sweep's driver still counts its trials in the order
     if exclude:
-        return list(session.execute(_FAIR_ORDER_EXCLUDING, {"exclude": list(exclude)}))
-    return list(session.execute(_FAIR_ORDER))
+        return list(session.execute(_FAIR_ORDER_EXCLUDING, {"exclude": list(exclude), "cap": cap}))
+    return list(session.execute(_FAIR_ORDER, {"cap": cap}))
 
 
 def _build_fair_order(excluding: bool):  # noqa: ANN202
@@ -163,9 +210,8 @@ def _build_fair_order(excluding: bool):  # noqa: ANN202
                       step.c.owner_id > owners.c.owner_id, *not_excluded(step))
                .scalar_subquery())
         .where(owners.c.owner_id.is_not(None)))
-    jobs_running = (select(func.count()).select_from(running)
-                    .where(running.c.status.in_(ACTIVE), running.c.owner_id == owners.c.owner_id)
-                    .scalar_subquery().label("running"))
+    jobs_running = (_running_jobs(running, owners.c.owner_id)
+                    + _reserved_slots(owners.c.owner_id, bindparam("cap", type_=Integer))).label("running")
     head = (select(func.min(queued.c.id))
             .where(queued.c.status == JobStatus.QUEUED.value,
                    queued.c.owner_id == owners.c.owner_id, *not_excluded(queued))
@@ -194,7 +240,7 @@ def _next_queued(session: Session, exclude: Sequence[str], max_running_per_user:
     (``locked_owners``, kept across the claim's retries), does it wait for the first: a
     claimer holding one owner never waits for another, so two claimers cannot deadlock, and
     one busy user does not make a second claimer come back empty."""
-    owners = _fair_order(session, exclude)
+    owners = _fair_order(session, exclude, max_running_per_user)
     if max_running_per_user:
         at_cap = [owner for owner in owners
                   if owner.running >= max_running_per_user and not owner.is_admin]

@@ -37,7 +37,8 @@ from metaserve.service.settings import Settings
 from metaserve.workers.job_run import SweepRun, Trial
 from metaserve.workers.spec import JobSpec
 from metaserve.workers.sweep_spec import (DISCRETE, FORBIDDEN_PATHS, SweepError, SweepSpec,
-                                          apply_config, checked_specs, default_metric,
+                                          apply_config, checked_specs, costliest_configs,
+                                          default_metric,
                                           forbidden_path, get_path, longest_iterations,
                                           metric_mode, parse_domain, reported_metrics,
                                           trial_count)
@@ -152,11 +153,55 @@ def _validate(request: SweepSpec, settings: Settings,
             try:
                 limits.check_job_cost(spec=trial, settings=settings)
             except MetaserveError as error:
-                raise SweepError(field, f"{config}: {error.message}") from None
+                raise SweepError(field, f"{config} gives a trial larger than this server "
+                                 "accepts: " + "; ".join(
+                    f"{name}: {why}" for name, why in error.details.items())) from None
+    _check_costliest(base, domains, settings)
     return {"name": request.name or f"sweep-{base_spec.algorithm.name}-{base_spec.task_family.name}",
             "spec": base, "space": request.space, "search": request.search.model_dump(mode="json"),
             "scheduler": scheduler, "num_samples": request.num_samples,
             "max_concurrent_trials": request.max_concurrent_trials, "trials": trials}, base_spec
+
+def _check_costliest(base: dict[str, Any], domains: dict[str, tuple[str, Any]],
+                     settings: Settings) -> None:
+    """Every trial the space can give passes the per-job caps: its most expensive point does
+    (:func:`metaserve.workers.sweep_spec.costliest_configs`: every range at its upper bound,
+    every non-numeric choice), or :class:`InvalidSweep` naming each path it varies and the caps
+    it breaks. (Each path alone at its bounds was checked with the probes.)"""
+    for config in costliest_configs(domains):
+        shown = ", ".join(f"{path}={value!r}" for path, value in config.items())
+        try:
+            trial = JobSpec.model_validate(apply_config(base, config))
+        except ValidationError as error:
+            raise SweepError("space", f"{shown} gives an invalid spec: "
+                             f"{_first_error(error)}") from None
+        try:
+            limits.check_job_cost(spec=trial, settings=settings)
+        except MetaserveError as error:
+            text = (f"the trial at {shown} (the space's most expensive point) is larger than "
+                    f"this server accepts: "
+                    + "; ".join(f"{field}: {why}" for field, why in error.details.items()))
+            blamed = _paths_to_blame(base, config, settings)
+            raise InvalidSweep(f"invalid sweep: {text}",
+                               **{f"space.{path}": text for path in blamed}) from None
+
+
+def _paths_to_blame(base: dict[str, Any], config: dict[str, Any],
+                    settings: Settings) -> list[str]:
+    """The paths of a configuration over the caps that it needs to be over them: those at
+    whose base value the trial passes (a learning rate is not named for a meta-batch's
+    size); every varied path when none alone makes the difference."""
+    varied = [path for path in config if get_path(base, path) != config[path]] or list(config)
+    needed = []
+    for path in varied:
+        try:
+            limits.check_job_cost(spec=JobSpec.model_validate(apply_config(
+                base, {**config, path: get_path(base, path)})), settings=settings)
+        except (MetaserveError, ValidationError):
+            continue
+        needed.append(path)
+    return needed or varied
+
 
 
 def _require_optuna() -> None:

@@ -31,6 +31,9 @@ MAX_DOMAIN_VALUES = 1000
 MAX_SPACE_PATHS = 32
 MAX_CHECKED_SPECS = 2048
 """Most specs one submit builds and validates (the discrete product, then each path alone)."""
+MAX_COSTLIEST_POINTS = 2048
+"""Most candidates for a space's most expensive point one submit estimates (the product of
+the non-numeric choices, :func:`costliest_configs`); a space with more is refused."""
 
 # Paths a space may not name (nor a part of, nor a field above): what identifies or bounds
 # the run rather than trains it, and the data it reads (checked once, on the base spec).
@@ -278,3 +281,44 @@ def checked_specs(sweep: SweepSpec, base: dict[str, Any],
     axes = [probes[p] if domains[p][0] in DISCRETE else probes[p][:1] for p in paths]
     for values in itertools.islice(itertools.product(*axes), max(0, MAX_CHECKED_SPECS - seen)):
         yield dict(zip(paths, values)), "space"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def largest_values(kind: str, arguments: Any) -> list[Any]:
+    """The values of a domain that can make a trial most expensive: a range's upper bound
+    (randint's largest integer, qrandint's upper bound rounded up to a multiple of q, as
+    Tune may round it); a discrete domain of numbers its largest; any other discrete domain
+    (booleans, names, sub-specs) every distinct value."""
+    if kind == "randint":
+        return [arguments[1] - 1]
+    if kind == "qrandint":
+        return [math.ceil(arguments[1] / arguments[2]) * arguments[2]]
+    if kind not in DISCRETE:
+        return [arguments[1]]
+    if all(_is_number(value) for value in arguments):
+        return [max(arguments)]
+    distinct: dict[str, Any] = {}
+    for value in arguments:
+        distinct.setdefault(repr(value), value)
+    return list(distinct.values())
+
+
+def costliest_configs(domains: dict[str, tuple[str, Any]]) -> list[dict[str, Any]]:
+    """The configurations among which the space's most expensive trial lies, every one to be
+    checked against the per-job caps: every numeric path at its largest value (a job's cost
+    grows with every size, count and step of its spec) combined with every value of every
+    other path (which choice is dearer depends on the rest: a conv4 against an MLP, a
+    second-order MAML, a sub-spec that a later path fills in). Raises :class:`SweepError` on
+    ``space`` when those are more than :data:`MAX_COSTLIEST_POINTS`: unchecked, a trial could
+    pass the caps."""
+    axes = {path: largest_values(kind, args) for path, (kind, args) in domains.items()}
+    points = math.prod(len(values) for values in axes.values())
+    if points > MAX_COSTLIEST_POINTS:
+        raise SweepError("space", f"its non-numeric choices combine into {points:,} "
+                         f"configurations, more than the {MAX_COSTLIEST_POINTS:,} this server "
+                         "checks against its per-job caps; split the sweep")
+    paths = list(axes)
+    return [dict(zip(paths, values)) for values in itertools.product(*axes.values())]
