@@ -264,12 +264,12 @@ def limited_http_protocol(*, max_header_bytes: int, max_url_bytes: int,
     is bounded by ``BodySizeLimitMiddleware``; its key is checked before it is read, by
     ``AuthenticateBeforeBodyMiddleware``.)
 
-    Connections. At most ``max_connections_per_client`` per client address (more: 503 and
-    closed at once) and ``max_connections`` in all: at that cap the connection that has
-    waited longest on its client (for a head or a body; not one whose request is being
-    answered, such as an event stream) is answered 503 and closed to make room, and only
-    when there is none is the new one refused. So slow clients cannot take every file
-    descriptor, and a new ``/healthz`` is answered while they try.
+    Connections. At most ``max_connections_per_client`` per client address and
+    ``max_connections`` in all: at a cap the connection (of that address; of anyone) that has
+    waited longest on its client (for a head or a body, or idle between requests; not one
+    whose request is being answered, such as an event stream) is answered 503 and closed to
+    make room, and only when there is none is the new one refused (503). So slow clients
+    cannot take every file descriptor, and a new ``/healthz`` is answered while they try.
 
     Each request's scope carries when its first bytes were read
     (``scope["extensions"][RECEIVED_AT]``, ``time.perf_counter()`` of the ``data_received``
@@ -308,12 +308,13 @@ def limited_http_protocol(*, max_header_bytes: int, max_url_bytes: int,
         def connection_made(self, transport) -> None:  # noqa: ANN001
             super().connection_made(transport)
             self._client_host = self.client[0] if self.client else ""
-            if per_client[self._client_host] >= max_connections_per_client:
+            if (per_client[self._client_host] >= max_connections_per_client
+                    and not self._evict_one(self._client_host)):
                 self._refuse(503, "too_many_connections",
                              f"{max_connections_per_client} connections from this address are "
                              "open; close one or retry later", retry_after_s=1)
                 return
-            if len(open_connections) >= max_connections and not self._evict_one():
+            if len(open_connections) >= max_connections and not self._evict_one(None):
                 self._refuse(503, "too_many_connections",
                              f"the server holds {max_connections} connections; retry later",
                              retry_after_s=1)
@@ -342,9 +343,12 @@ def limited_http_protocol(*, max_header_bytes: int, max_url_bytes: int,
             return self._head_open and (self.cycle is None or self.cycle.response_complete)
 
         @staticmethod
-        def _evict_one() -> bool:
+        def _evict_one(client_host: str | None) -> bool:
+            """Close the oldest connection (of ``client_host``; of anyone: None) that waits on
+            its client; False if there is none."""
             for connection in open_connections:
-                if connection._waiting_on_client():
+                if ((client_host is None or connection._client_host == client_host)
+                        and connection._waiting_on_client()):
                     connection._refuse(503, "connection_evicted",
                                        "the server is at its connection cap and this "
                                        "connection was waiting longest on its client")

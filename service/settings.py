@@ -29,7 +29,7 @@ HEADER_TIMEOUT_S = 10.0
 BODY_TIMEOUT_S = 30.0
 BODY_MIN_BYTES_PER_S = 64 * 1024
 MAX_CONNECTIONS = 1000
-MAX_CONNECTIONS_PER_CLIENT = 64
+MAX_CONNECTIONS_PER_CLIENT = 512
 KEY_CACHE_TTL_S = 60.0
 STREAM_KEY_CHECK_S = 2.0
 MAX_EVENT_STREAMS_PER_USER = 20
@@ -179,7 +179,9 @@ class Settings(BaseSettings):
                     "is closed (503) to make room, or the new one is refused (503).")
     max_connections_per_client: int = Field(
         MAX_CONNECTIONS_PER_CLIENT, ge=1, le=1_000_000,
-        description="Open connections per client address; more → 503 with Retry-After, closed.")
+        description="Open connections per client address (behind a proxy: all its clients); at "
+                    "the cap the address's connection longest waiting on its client is closed "
+                    "(503) to make room, or the new one is refused (503 with Retry-After).")
     key_cache_ttl_s: float = Field(
         KEY_CACHE_TTL_S, ge=0, le=3600,
         description="Seconds a server trusts an API key it looked up; a key revoked or rotated "

@@ -20,7 +20,7 @@ from tests.server_process import ServerProcess
 pytestmark = pytest.mark.server
 
 BODY_TIMEOUT_S = 3.0
-MAX_CONNECTIONS_PER_CLIENT = 200
+MAX_CONNECTIONS_PER_CLIENT = 10
 SERVER_FILE_LIMIT = 1024
 """The server's descriptors, as in the report (1,100 slow connections on a 1,024-fd server
 made every request fail): its connection cap is kept 100 below, so 924 here."""
@@ -123,20 +123,46 @@ def test_a_fast_body_is_never_cut_by_the_body_timeout(live_server):
     assert status == b"HTTP/1.1 201 Created", answer
 
 
-def test_connections_past_the_per_client_cap_are_503_at_once(live_server):
+def test_at_the_per_client_cap_the_addresss_oldest_idle_connection_makes_room(live_server):
     held = [connect(live_server, "127.0.0.20") for _ in range(MAX_CONNECTIONS_PER_CLIENT)]
     try:
         time.sleep(0.3)  # every one accepted and counted
-        with connect(live_server, "127.0.0.20") as refused:
+        with connect(live_server, "127.0.0.20") as newcomer:
+            newcomer.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            status, _ = read_one_response(newcomer)
+        assert status == b"HTTP/1.1 200 OK"
+        held[0].settimeout(5)
+        evicted = read_answer(held[0])
+        assert evicted.startswith(b"HTTP/1.1 503 ")
+        assert json.loads(evicted.partition(b"\r\n\r\n")[2])["error"]["code"] == "connection_evicted"
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_past_the_per_client_cap_of_answered_connections_a_new_one_is_503(live_server):
+    """Event streams being answered are never evicted: the address's next connection is
+    refused at once (and another address is not held back by this one's cap)."""
+    with live_server.client() as admin:
+        job_id = admin.post("/v1/jobs", json={"algorithm": {"name": "maml"},
+                                              "task_family": {"name": "sine"}}).json()["id"]
+    streams = []
+    try:
+        for _ in range(MAX_CONNECTIONS_PER_CLIENT):
+            sock = connect(live_server, "127.0.0.30")
+            sock.sendall(b"GET /v1/jobs/" + job_id.encode() + b"/events HTTP/1.1\r\nHost: x\r\n"
+                         b"Authorization: Bearer " + live_server.admin_key.encode() + b"\r\n\r\n")
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200 OK")
+            streams.append(sock)
+        with connect(live_server, "127.0.0.30") as refused:
             refused.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
             answer = read_answer(refused)
         assert answer.startswith(b"HTTP/1.1 503 ")
         assert b"retry-after: 1" in answer.lower()
         assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["code"] == "too_many_connections"
-        # Another address is not held back by this one's cap.
         assert httpx.get(f"{live_server.url}/healthz", timeout=5).status_code == 200
     finally:
-        for sock in held:
+        for sock in streams:
             sock.close()
 
 
@@ -147,11 +173,11 @@ def test_1100_slow_connections_leave_healthz_answering(live_server):
     slow: list[socket.socket] = []
     latencies: list[float] = []
     try:
-        # From 11 addresses (100 each, under the per-client cap): only the total cap (924)
-        # stands between them and the server's descriptors. Half send a head slowly, half a
-        # body with a valid key.
+        # From 110 addresses (10 each, at the per-client cap): the total cap (924) stands
+        # between them and the server's descriptors. Half send a head slowly, half a body
+        # with a valid key.
         for index in range(SLOW_CONNECTIONS):
-            sock = connect(live_server, f"127.0.0.{2 + index // 100}")
+            sock = connect(live_server, f"127.0.{1 + index // 2000}.{2 + index // 10 % 200}")
             if index % 2:
                 sock.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\n")
             else:
