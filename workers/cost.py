@@ -21,7 +21,7 @@ The figures are estimates of the dominant terms, not measurements:
 - ``work_flop``: meta-tasks × examples per task × forward FLOPs of one example × 3 (forward
   and backward) × (inner steps + 1).
 
-Meta-RL jobs (:func:`_rl_estimate`) are estimated from their policies' sizes and the
+Meta-RL jobs (:func:`metaserve.workers.cost_rl.rl_figures`) are estimated from their policies' sizes and the
 environment steps they collect: ``parameters`` the networks the algorithm trains (MAML-RL's
 Gaussian MLP, Finn et al. 2017; RL²'s LSTM, Duan et al. 2016; PEARL's encoder, policy and
 critics, Rakelly et al. 2019), ``env_steps`` iterations × the steps of one iteration,
@@ -40,6 +40,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from metaserve.workers.cost_rl import rl_figures
 from metaserve.workers.exceptions import PluginSpecInvalid
 from metaserve.workers.plugins import Plugin
 from metaserve.workers.spec import PLUGINS, JobSpec
@@ -156,9 +157,7 @@ def estimate(spec: JobSpec) -> CostEstimate:
     resources = spec.resources
     meta_tasks = spec.iterations * spec.meta_batch_size
     if spec.is_rl:
-        from metaserve.workers.cost_rl import rl_estimate
-
-        return rl_estimate(spec)
+        return CostEstimate(**rl_figures(spec, RUNTIME_BYTES, FLOAT_BYTES))
     parameters, flop_per_example, activations_per_example = _example_figures(spec)
     examples = _examples_per_task(spec)
     steps = spec.algorithm.inner_steps

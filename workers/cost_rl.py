@@ -24,7 +24,8 @@ Figures, dominant terms only (as :mod:`metaserve.workers.cost`):
 
 from __future__ import annotations
 
-from metaserve.workers.cost import FLOAT_BYTES, RUNTIME_BYTES, CostEstimate
+from typing import Any
+
 from metaserve.workers.spec import JobSpec
 
 HALFCHEETAH_SIZES = (17, 6)
@@ -62,8 +63,9 @@ def _trial_steps(spec: JobSpec) -> int:
     return episodes * _episode_steps(spec)
 
 
-def rl_estimate(spec: JobSpec) -> CostEstimate:
-    """The cost of a meta-RL ``spec`` (see the module docstring)."""
+def rl_figures(spec: JobSpec, runtime_bytes: int, float_bytes: int) -> dict[str, Any]:
+    """The fields of :class:`metaserve.workers.cost.CostEstimate` for a meta-RL ``spec`` (see
+    the module docstring), given the size of a process and of a float."""
     algorithm = spec.algorithm
     observation, action, discrete = _sizes(spec)
     task_params = 0
@@ -100,7 +102,7 @@ def rl_estimate(spec: JobSpec) -> CostEstimate:
         at_once = spec.meta_batch_size
         held_params = 4 * parameters
         # The replay buffer keeps every transition collected (one buffer per training task).
-        extra_bytes = env_steps * (transition + 1) * FLOAT_BYTES
+        extra_bytes = env_steps * (transition + 1) * float_bytes
     else:  # MAML-RL
         policy = algorithm.policy_gradient
         hidden_sizes = list(policy.hidden) if policy is not None else [100, 100]
@@ -121,19 +123,19 @@ def rl_estimate(spec: JobSpec) -> CostEstimate:
         task_params = 2 * (steps + 1) * parameters
         extra_bytes = 0
         env_steps = meta_tasks * steps_per_task
-    task_bytes = steps_per_task * (observation + action + 2) * FLOAT_BYTES
-    per_task = (BATCH_COPIES * steps_per_task * floats_per_step + task_params) * FLOAT_BYTES
-    worker_bytes = (RUNTIME_BYTES + at_once * per_task + held_params * FLOAT_BYTES
+    task_bytes = steps_per_task * (observation + action + 2) * float_bytes
+    per_task = (BATCH_COPIES * steps_per_task * floats_per_step + task_params) * float_bytes
+    worker_bytes = (runtime_bytes + at_once * per_task + held_params * float_bytes
                     + extra_bytes)
-    helpers = RUNTIME_BYTES * spec.resources.workers  # rollout actors, env runners
+    helpers = runtime_bytes * spec.resources.workers  # rollout actors, env runners
     sampled_flop = 2.0 * parameters * env_steps
     if algorithm.name == "pearl":
         update_flop = (6.0 * parameters * spec.iterations * algorithm.gradient_steps
                        * spec.meta_batch_size * steps_per_task)
     else:
         update_flop = 6.0 * parameters * env_steps * update_passes
-    return CostEstimate(parameters=parameters, task_bytes=task_bytes, task_memory_bytes=per_task,
-                        tasks_at_once=at_once, worker_bytes=worker_bytes,
-                        driver_bytes=RUNTIME_BYTES, job_bytes=worker_bytes + helpers,
-                        meta_tasks=meta_tasks, work_flop=sampled_flop + update_flop,
-                        env_steps=int(env_steps), parameters_field=field)
+    return dict(parameters=parameters, task_bytes=task_bytes, task_memory_bytes=per_task,
+                tasks_at_once=at_once, worker_bytes=worker_bytes, driver_bytes=runtime_bytes,
+                job_bytes=worker_bytes + helpers, meta_tasks=meta_tasks,
+                work_flop=sampled_flop + update_flop, env_steps=int(env_steps),
+                parameters_field=field)
