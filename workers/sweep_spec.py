@@ -289,13 +289,13 @@ def _is_number(value: Any) -> bool:
 
 def largest_values(kind: str, arguments: Any) -> list[Any]:
     """The values of a domain that can make a trial most expensive: a range's upper bound
-    (randint's largest integer, qrandint's upper bound rounded up to a multiple of q, as
-    Tune may round it); a discrete domain of numbers its largest; any other discrete domain
+    (randint's largest integer, qrandint's upper bound rounded to the nearest multiple of q,
+    as Tune rounds its samples); a discrete domain of numbers its largest; any other discrete domain
     (booleans, names, sub-specs) every distinct value."""
     if kind == "randint":
         return [arguments[1] - 1]
-    if kind == "qrandint":
-        return [math.ceil(arguments[1] / arguments[2]) * arguments[2]]
+    if kind == "qrandint":  # Tune rounds a sample to the nearest multiple (numpy's round)
+        return [round(arguments[1] / arguments[2]) * arguments[2]]
     if kind not in DISCRETE:
         return [arguments[1]]
     if all(_is_number(value) for value in arguments):

@@ -223,3 +223,14 @@ def test_two_sweeps_of_one_user_never_run_above_the_running_cap(sessions, alice,
     assert statuses == [JobStatus.SUCCEEDED.value] * 2  # both sweeps ran to the end
     assert max(samples) <= CAP, samples
     assert max(samples) == CAP  # and used the cap: the drivers' trials ran
+
+
+def test_the_largest_values_are_those_tune_can_draw():
+    from metaserve.workers.sweep_spec import largest_values
+
+    assert largest_values("randint", [1, 4097]) == [4096]  # high exclusive
+    assert largest_values("qrandint", [1000, 4096, 1000]) == [4000]  # rounded as Tune does
+    assert largest_values("uniform", [0.1, 0.5]) == [0.5]
+    assert largest_values("choice", [8, 64, 16]) == [64]
+    assert largest_values("grid", [True, False, True]) == [True, False]
+    assert largest_values("choice", [[8], [64], [8]]) == [[8], [64]]
