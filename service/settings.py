@@ -99,6 +99,10 @@ class Settings(BaseSettings):
     # Sweeps (service/sweeps.py): caps on one sweep, checked at submit (422 naming the field).
     sweep_max_trials: int = Field(256, ge=1, le=100_000,
                                   description="Most trials one sweep may run; more → 422 at submit.")
+    sweep_max_pflop: float = Field(
+        10_000.0, gt=0, description="Largest estimated training work of a whole sweep, PFLOP: "
+                                    "its trials × the work of its most expensive point; more → "
+                                    "422 naming `num_samples` at submit.")
     sweep_max_grid: int = Field(256, ge=1, le=100_000,
                                 description="Largest grid (product of the domains) of a grid search; larger → 422 at submit.")
     sweep_driver_memory_mb: int = Field(

@@ -156,18 +156,20 @@ def _validate(request: SweepSpec, settings: Settings,
                 raise SweepError(field, f"{config} gives a trial larger than this server "
                                  "accepts: " + "; ".join(
                     f"{name}: {why}" for name, why in error.details.items())) from None
-    _check_costliest(base, domains, settings)
+    _check_costliest(base, domains, settings, trials)
     return {"name": request.name or f"sweep-{base_spec.algorithm.name}-{base_spec.task_family.name}",
             "spec": base, "space": request.space, "search": request.search.model_dump(mode="json"),
             "scheduler": scheduler, "num_samples": request.num_samples,
             "max_concurrent_trials": request.max_concurrent_trials, "trials": trials}, base_spec
 
 def _check_costliest(base: dict[str, Any], domains: dict[str, tuple[str, Any]],
-                     settings: Settings) -> None:
+                     settings: Settings, trials: int) -> None:
     """Every trial the space can give passes the per-job caps: its most expensive point does
     (:func:`metaserve.workers.sweep_spec.costliest_configs`: every range at its upper bound,
     every non-numeric choice), or :class:`InvalidSweep` naming each path it varies and the caps
-    it breaks. (Each path alone at its bounds was checked with the probes.)"""
+    it breaks (each path alone at its bounds was checked with the probes); and the sweep's
+    total, ``trials`` × that point's work, is within ``METASERVE_SWEEP_MAX_PFLOP``."""
+    work = 0.0
     for config in costliest_configs(domains):
         shown = ", ".join(f"{path}={value!r}" for path, value in config.items())
         try:
@@ -176,7 +178,7 @@ def _check_costliest(base: dict[str, Any], domains: dict[str, tuple[str, Any]],
             raise SweepError("space", f"{shown} gives an invalid spec: "
                              f"{_first_error(error)}") from None
         try:
-            limits.check_job_cost(spec=trial, settings=settings)
+            work = max(work, limits.check_job_cost(spec=trial, settings=settings).work_flop)
         except MetaserveError as error:
             text = (f"the trial at {shown} (the space's most expensive point) is larger than "
                     f"this server accepts: "
@@ -184,6 +186,11 @@ def _check_costliest(base: dict[str, Any], domains: dict[str, tuple[str, Any]],
             blamed = _paths_to_blame(base, config, settings)
             raise InvalidSweep(f"invalid sweep: {text}",
                                **{f"space.{path}": text for path in blamed}) from None
+    if trials * work > settings.sweep_max_pflop * 1e15:
+        raise SweepError("num_samples", f"{trials:,} trials × up to {work / 1e15:,.1f} PFLOP each "
+                         f"(the space's most expensive point) is more than the cap of "
+                         f"{settings.sweep_max_pflop:,} PFLOP for a sweep "
+                         "(METASERVE_SWEEP_MAX_PFLOP)")
 
 
 def _paths_to_blame(base: dict[str, Any], config: dict[str, Any],

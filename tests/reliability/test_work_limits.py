@@ -234,3 +234,20 @@ def test_the_largest_values_are_those_tune_can_draw():
     assert largest_values("choice", [8, 64, 16]) == [64]
     assert largest_values("grid", [True, False, True]) == [True, False]
     assert largest_values("choice", [[8], [64], [8]]) == [[8], [64]]
+
+
+def test_a_sweeps_total_work_counts_against_its_own_cap(tmp_path: Path):
+    # 8 trials, each within the per-job cap, together over the sweep's.
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'unused.db'}", dispatcher=False,
+                        max_job_pflop=1.0, sweep_max_pflop=1.5)
+    spec = {"algorithm": {"name": "maml"}, "task_family": {"name": "glyphs"}, "iterations": 3000}
+    trial_work = limits.check_job_cost(spec=JobSpec.model_validate(spec),
+                                       settings=settings).work_flop
+    assert 1.5e15 / 8 < trial_work <= 1e15
+    body = {"spec": spec, "space": {"algorithm.inner_lr": {"uniform": [0.01, 0.1]}},
+            "num_samples": 8}
+    with pytest.raises(InvalidSweep) as refused:
+        sweeps.validate_sweep(SweepSpec.model_validate(body), settings)
+    assert "METASERVE_SWEEP_MAX_PFLOP" in refused.value.details["num_samples"]
+    body["num_samples"] = 1
+    assert sweeps.validate_sweep(SweepSpec.model_validate(body), settings)[0]["trials"] == 1
