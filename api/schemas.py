@@ -271,3 +271,88 @@ class DatasetPublic(BaseModel):
 class DatasetsPublic(BaseModel):
     data: list[DatasetPublic]
     next_cursor: str | None = Field(None, description="Pass as `cursor` for the next page.")
+
+
+# --------------------------------------------------------------------------- registered models
+
+_DESCRIPTION = Field(None, max_length=5000, description="Free text.")
+
+
+class RegisteredModelCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
+                      description="Letters, digits, `.`, `_`, `-`; starts with a letter or digit "
+                                  "(at most 100): a path segment of `models:/NAME@ALIAS`.")
+    description: str | None = _DESCRIPTION
+
+
+class RegisteredModelPublic(BaseModel):
+    name: str
+    description: str | None
+    latest_version: int | None = Field(description="The highest version number; null before any.")
+    version_count: int
+    aliases: dict[str, int] = Field(description="Each alias and the version it points at.")
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def of(cls, view: Any) -> "RegisteredModelPublic":
+        """A :class:`metaserve.service.registered_models.ModelView` described."""
+        model = view.model
+        return cls(name=model.name, description=model.description,
+                   latest_version=view.latest_version, version_count=view.version_count,
+                   aliases=view.aliases, created_at=model.created_at, updated_at=model.updated_at)
+
+
+class RegisteredModelsPublic(BaseModel):
+    data: list[RegisteredModelPublic]
+
+
+class ModelVersionCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    job_id: str | None = Field(None, min_length=1, max_length=100,
+                               pattern=r"^[^\x00-\x1f\x7f-\x9f]*$",
+                               description="A succeeded job of yours.")
+    sweep_id: str | None = Field(None, min_length=1, max_length=100,
+                                 pattern=r"^[^\x00-\x1f\x7f-\x9f]*$",
+                                 description="A sweep of yours: its best succeeded trial.")
+    description: str | None = _DESCRIPTION
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelVersionCreate":
+        if (self.job_id is None) == (self.sweep_id is None):
+            raise ValueError("give exactly one of job_id and sweep_id")
+        return self
+
+
+class ModelVersionPublic(BaseModel):
+    name: str = Field(description="The registered model's name.")
+    version: int
+    job_id: str = Field(description="The job whose final artifact this version is.")
+    sweep_id: str | None = Field(description="The job's sweep, when it is a sweep's trial.")
+    artifact_kind: str = Field(description="`meta_init` or `meta_policy`.")
+    description: str | None
+    aliases: list[str]
+    uri: str = Field(description="`models:/NAME/VERSION`, for `Client.load_meta_init`.")
+    created_at: datetime
+
+    @classmethod
+    def of(cls, view: Any) -> "ModelVersionPublic":
+        """A :class:`metaserve.service.registered_models.VersionView` described."""
+        version = view.version
+        return cls(name=view.model, version=version.version, job_id=version.job_id,
+                   sweep_id=view.sweep_id, artifact_kind=version.artifact_kind,
+                   description=version.description, aliases=view.aliases,
+                   uri=f"models:/{view.model}/{version.version}", created_at=version.created_at)
+
+
+class ModelVersionsPublic(BaseModel):
+    data: list[ModelVersionPublic]
+
+
+class ModelAliasSet(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = Field(ge=1, description="The version the alias points at from now on.")

@@ -288,3 +288,52 @@ class ArtifactStoreUnavailable(MetaserveError):
 
     status_code = 503
     code = "storage_unavailable"
+
+
+class RegisteredModelNotFound(MetaserveError):
+    """Registered model not found."""
+
+    status_code = 404
+    code = "not_found"
+
+
+class RegisteredModelExists(MetaserveError):
+    """You already have a registered model of this name."""
+
+    status_code = 409
+    code = "already_exists"
+
+
+class ModelVersionNotFound(MetaserveError):
+    """Model version not found."""
+
+    status_code = 404
+    code = "not_found"
+
+
+class ModelAliasNotFound(MetaserveError):
+    """Model alias not found."""
+
+    status_code = 404
+    code = "not_found"
+
+
+class JobNotRegistrable(MetaserveError):
+    """Only a succeeded job with a final artifact can become a model version."""
+
+    status_code = 409
+    code = "not_ready"
+
+
+class InvalidVersionSource(MetaserveError):
+    """Give exactly one of job_id and sweep_id."""
+
+    status_code = 422
+    code = "validation_error"
+
+
+class ReservedAlias(MetaserveError):
+    """This alias is reserved for version numbers (latest, v<N>)."""
+
+    status_code = 422
+    code = "validation_error"

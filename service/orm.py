@@ -15,6 +15,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    ForeignKeyConstraint,
     Index,
     Integer,
     MetaData,
@@ -274,3 +275,57 @@ class Sweep(Base):
     # driver job is created with the sweep, and both go with their owner.
     driver_job_id: Mapped[str] = mapped_column(String(26), unique=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class RegisteredModel(Base):
+    """A name a user keeps results under (MLflow's registered model): numbered versions, each
+    a succeeded job's final artifact, and aliases pointing at versions
+    (service/registered_models.py). ``last_version`` is the counter versions are numbered
+    from: incremented in the statement that registers one, so two registrations at once get
+    two numbers, and a deleted version's number is never given again."""
+
+    __tablename__ = "registered_models"
+    __table_args__ = (UniqueConstraint("owner_id", "name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(100))
+    description: Mapped[str | None] = mapped_column(Text)
+    last_version: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class ModelVersion(Base):
+    """Version ``version`` of a registered model: the final artifact (``artifact_kind``) of
+    job ``job_id``, referenced, not copied. The job's foreign key has no ``ON DELETE``: a job
+    a version uses cannot be deleted (its owner's deletion takes both in one statement)."""
+
+    __tablename__ = "model_versions"
+    __table_args__ = (UniqueConstraint("model_id", "version"),
+                      Index("ix_model_versions_job_id", "job_id"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("registered_models.id", ondelete="CASCADE"))
+    version: Mapped[int] = mapped_column(Integer)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"))
+    artifact_kind: Mapped[str] = mapped_column(String(16))
+    description: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ModelAlias(Base):
+    """A name (``production``) pointing at one version of a registered model; moving it is an
+    update of ``version``. It goes with its version."""
+
+    __tablename__ = "model_aliases"
+    __table_args__ = (
+        ForeignKeyConstraint(["model_id", "version"],
+                             ["model_versions.model_id", "model_versions.version"],
+                             ondelete="CASCADE"),
+    )
+
+    model_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    alias: Mapped[str] = mapped_column(String(100), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)

@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 from metaserve.api.routes import (adapt, artifacts, catalog, dashboard, events, health, job_logs,
-                                   job_metrics, jobs, keys, prometheus, sweeps)
+                                   job_metrics, jobs, keys, prometheus, registered_models, sweeps)
 
 ROUTERS = [health.router, jobs.router, catalog.router, job_metrics.router, artifacts.router,
            events.router, adapt.router, keys.router, job_logs.router, prometheus.router,
-           dashboard.router, sweeps.router]
+           dashboard.router, sweeps.router, registered_models.router]

@@ -15,6 +15,8 @@ from fastapi.responses import StreamingResponse
 from metaserve.api.deps import CurrentUser, PathText, SessionDep, SettingsDep
 from metaserve.api.schemas import ArtifactPublic, ArtifactsPublic, ErrorResponse
 from metaserve.service import artifacts, jobs
+from metaserve.service.orm import Artifact
+from metaserve.service.settings import Settings
 
 router = APIRouter(prefix="/v1/jobs", tags=["artifacts"], responses={
     401: {"model": ErrorResponse, "description": "Missing or invalid API key"},
@@ -39,6 +41,12 @@ def download_artifact(job_id: PathText, name: PathText, user: CurrentUser, sessi
                       settings: SettingsDep) -> StreamingResponse:
     """Download one artifact listed by `GET /v1/jobs/{id}/artifacts`."""
     artifact = jobs.get_artifact(session=session, job_id=job_id, owner=user, name=name)
+    return stream_artifact(settings, job_id, artifact)
+
+
+def stream_artifact(settings: Settings, job_id: str, artifact: Artifact) -> StreamingResponse:
+    """The registered ``artifact`` of ``job_id`` streamed from the store (also a registered
+    model version's files, :mod:`metaserve.api.routes.registered_models`)."""
     store = artifacts.get_store(settings.storage_config())
     size, chunks = artifacts.open_artifact(store, job_id, artifact.name)
     return StreamingResponse(chunks, media_type=artifact.media_type, headers={

@@ -37,7 +37,8 @@ the client side of the project: it talks to a server over HTTP and never imports
 ``metaserve.api`` or ``metaserve.service`` (``tests/test_import_graph.py`` checks it). Modules:
 ``http_client`` (:class:`Client`), ``errors`` (every client error), ``config`` (the config
 file), ``sse`` (the event-stream parser), ``spec_documents`` (YAML/JSON job documents),
-``progress`` (the progress line), ``local`` (offline loading and adaptation).
+``progress`` (the progress line), ``local`` (offline loading and adaptation),
+``model_registry`` (registered models and their ``models:/NAME@ALIAS`` URIs).
 """
 
 from __future__ import annotations
@@ -49,15 +50,16 @@ from metaserve.client.errors import (ApiError, BadRequest, Conflict, ConnectionF
 from metaserve.client.http_client import Client, job_id_of, safe_target
 from metaserve.client.local import (ARTIFACT_FILES, LOADERS, META_INIT_FILES, META_POLICY_FILES, adapt,
                                     adapt_rows, load_meta_init, load_meta_policy)
+from metaserve.client.model_registry import MODEL_URI_PREFIX, parse_model_uri
 from metaserve.client.progress import Progress, ProgressBar, evaluation_figure, progress_line
 from metaserve.client.spec_documents import load_spec_document
 from metaserve.client.sse import Event, parse_sse
 
 __all__ = [
-    "ARTIFACT_FILES", "DEFAULT_URL", "LOADERS", "META_INIT_FILES", "META_POLICY_FILES", "ApiError", "BadRequest",
+    "ARTIFACT_FILES", "DEFAULT_URL", "MODEL_URI_PREFIX", "LOADERS", "META_INIT_FILES", "META_POLICY_FILES", "ApiError", "BadRequest",
     "Client", "Conflict", "ConnectionFailed", "Event", "InvalidRequest", "MetaserveClientError",
     "NotConfigured", "NotFound", "PayloadTooLarge", "Progress", "ProgressBar", "ServerError",
     "Unauthorized", "adapt", "adapt_rows", "config_path", "error_from_response", "evaluation_figure", "job_id_of",
-    "load_meta_init", "load_meta_policy", "load_spec_document", "parse_sse", "progress_line",
+    "load_meta_init", "load_meta_policy", "load_spec_document", "parse_model_uri", "parse_sse", "progress_line",
     "read_config", "safe_target", "write_config",
 ]

@@ -19,6 +19,7 @@ from metaserve.client.errors import (ConnectionFailed, MetaserveClientError, Not
                                      error_from_response)
 from metaserve.client.local import (ARTIFACT_FILES, LOADERS, META_INIT_FILES, adapt, adapt_rows,
                                     load_meta_init, load_meta_policy)
+from metaserve.client.model_registry import RegisteredModels, is_model_uri
 from metaserve.client.progress import Progress, ProgressBar
 from metaserve.client.spec_documents import load_spec_document
 from metaserve.client.sse import Event, parse_sse
@@ -61,8 +62,9 @@ def safe_target(directory: Path, name: str) -> Path:
     return directory / name
 
 
-class Client:
-    """An HTTP client of the metaserve API (see :mod:`metaserve.client`)."""
+class Client(RegisteredModels):
+    """An HTTP client of the metaserve API (see :mod:`metaserve.client`); registered models'
+    methods come from :class:`~metaserve.client.model_registry.RegisteredModels`."""
 
     def __init__(self, url: str | None = None, api_key: str | None = None, *,
                  timeout: float = TIMEOUT_S, transport: httpx.BaseTransport | None = None) -> None:
@@ -311,7 +313,12 @@ class Client:
         is a directory, else the job's files downloaded into ``cache_dir`` (default
         ``~/.cache/metaserve/jobs/<id>``); a job whose artifact is of the other kind raises
         :class:`MetaserveClientError` naming the loader to use."""
-        if not isinstance(job_or_dir, dict) and Path(job_or_dir).is_dir():
+        if is_model_uri(job_or_dir):  # models:/NAME/3, models:/NAME@ALIAS: its version's job
+            job_or_dir = self.resolve_model_uri(str(job_or_dir))["job_id"]
+            # One folder per job under cache_dir: an alias that moved must not find the
+            # previous version's files there.
+            cache_dir = Path(cache_dir) / job_or_dir if cache_dir else None
+        elif not isinstance(job_or_dir, dict) and Path(job_or_dir).is_dir():
             return Path(job_or_dir)
         job_id = job_id_of(job_or_dir if isinstance(job_or_dir, dict) else str(job_or_dir))
         directory = Path(cache_dir) if cache_dir else _cache_root() / job_id
@@ -328,8 +335,9 @@ class Client:
     def load_meta_init(self, job_or_dir: str | Path | dict[str, Any], *,
                        cache_dir: str | Path | None = None) -> tuple["MetaInitModel", dict[str, Any]]:
         """``(model, recipe)`` from a directory holding ``meta_init.safetensors`` +
-        ``meta_init.json`` (offline), or from a job, downloaded first into ``cache_dir``
-        (default ``~/.cache/metaserve/jobs/<id>``)."""
+        ``meta_init.json`` (offline), or from a job or a registered model's version
+        (``models:/NAME/3``, ``models:/NAME@production``: the job it names now), downloaded
+        first into ``cache_dir`` (default ``~/.cache/metaserve/jobs/<id>``)."""
         return load_meta_init(self._fetch_artifact(job_or_dir, "meta_init", cache_dir))
 
     def load_meta_policy(self, job_or_dir: str | Path | dict[str, Any], *,
@@ -462,6 +470,8 @@ class Client:
                     "query_x": _plain(query_x)}
         if steps is not None:
             body["steps"] = steps
+        if is_model_uri(job):
+            job = self.resolve_model_uri(str(job))["job_id"]
         return self._request("POST", f"/v1/jobs/{job_id_of(job)}/adapt", json=body).json()
 
 

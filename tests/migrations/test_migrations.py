@@ -13,7 +13,8 @@ from metaserve.service.orm import Job, JobStatus, User, utcnow
 pytestmark = pytest.mark.dialects  # each dialect's DDL, constraints included
 
 TABLES = {"alembic_version", "users", "jobs", "job_status_events", "metrics", "artifacts",
-          "job_logs", "datasets", "sweeps"}
+          "job_logs", "datasets", "sweeps", "registered_models", "model_versions",
+          "model_aliases"}
 
 
 def table_names(url: str) -> set[str]:
