@@ -1,7 +1,8 @@
 """Hostile load: ``/healthz`` latency of a real ``metaserve serve`` while clients misbehave.
 
     python benchmarks/hostile_load.py [--seconds 20] [--rate 20] [--streams 300]
-                                      [--adapt 45] [--header-mb 128]
+                                      [--adapt 45] [--header-mb 128] [--slow 1100]
+                                      [--only a_quiet f_slow ...]
                                       [--json benchmarks/results/hostile_load.json]
 
 Loopback only: the server listens on 127.0.0.1 (its default), every client connects there.
@@ -31,7 +32,13 @@ c. streams: ``--streams`` SSE streams on ``GET /v1/jobs/{id}/events`` held open 
 d. adapt: ``--adapt`` ``POST /v1/jobs/{id}/adapt`` calls in flight at once, in waves (a wave
    ends when all its calls answered), not honouring Retry-After: the pool
    (``METASERVE_ADAPT_CONCURRENCY`` 2 + ``METASERVE_ADAPT_QUEUE`` 8) answers 503 beyond;
-e. all three at once.
+e. all three at once;
+f. slow: ``--slow`` connections (from 127.0.0.2, .3, ..., 50 each) each sending ``POST
+   /v1/jobs`` with ``Content-Length: 100000`` and then a byte every 5 s, half without a key
+   (401 before the body is read), half with one (408 at ``METASERVE_BODY_TIMEOUT_S``), each
+   reopened as soon as the server closes it: more than the server's connection cap (1,000,
+   and 100 below its descriptor limit), so the cap evicts the longest-waiting one (503);
+g. all four at once.
 
 Each hostile client runs in a process of its own (``_load`` subcommand), bounded by a count
 and a deadline, and stops on a stop file. The server is stopped in a ``finally``. Target:
@@ -273,7 +280,67 @@ def load_adapt(config: dict) -> dict:
     return asyncio.run(_adapt(config))
 
 
-LOADERS = {"header": load_header, "streams": load_streams, "adapt": load_adapt}
+async def _slow(config: dict) -> dict:
+    """``slow`` connections, each ``POST /v1/jobs`` with ``Content-Length: 100000`` and then a
+    body byte every ``SLOW_BYTE_EVERY_S``; half without a key (answered 401 before the body),
+    half with a valid key (held until the body timeout: 408). Each connection the server
+    closes is opened again at once. From 127.0.0.2, .3, ... (``SLOW_PER_ADDRESS`` each): the
+    per-address cap does not stop them, only the total cap does."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, config["slow"] + 500)), hard))
+    host, port = split_url(config["url"])
+    statuses: dict[str, int] = {}
+    opened = 0
+
+    async def one(index: int) -> None:
+        nonlocal opened
+        key = config["admin_key"] if index % 2 else None
+        head = (b"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 100000\r\n"
+                + (f"Authorization: Bearer {key}\r\n".encode() if key else b"") + b"\r\n")
+        source = (f"127.0.0.{2 + index // SLOW_PER_ADDRESS}", 0)
+        while not should_stop(config):
+            try:
+                reader, writer = await asyncio.open_connection(host, port, local_addr=source)
+            except OSError as error:
+                statuses[type(error).__name__] = statuses.get(type(error).__name__, 0) + 1
+                await asyncio.sleep(1)
+                continue
+            opened += 1
+            try:
+                writer.write(head)
+                while not should_stop(config):
+                    writer.write(b"{")
+                    await writer.drain()
+                    try:
+                        line = await asyncio.wait_for(reader.readline(), SLOW_BYTE_EVERY_S)
+                    except asyncio.TimeoutError:
+                        continue
+                    status = line.split(b" ")[1].decode() if line.count(b" ") >= 2 else "closed"
+                    statuses[status] = statuses.get(status, 0) + 1
+                    break
+            except OSError as error:
+                statuses[type(error).__name__] = statuses.get(type(error).__name__, 0) + 1
+            finally:
+                writer.close()
+
+    tasks = [asyncio.create_task(one(index)) for index in range(config["slow"])]
+    await asyncio.sleep(2)  # the first connections are open
+    ready()
+    await asyncio.gather(*tasks)
+    return {"connections": config["slow"], "opened": opened, "statuses": statuses}
+
+
+def load_slow(config: dict) -> dict:
+    return asyncio.run(_slow(config))
+
+
+LOADERS = {"header": load_header, "streams": load_streams, "adapt": load_adapt,
+           "slow": load_slow}
+SLOW_BYTE_EVERY_S = 5.0
+SLOW_PER_ADDRESS = 50
 
 
 def run_loader(kind: str, config_path: str) -> None:
@@ -416,6 +483,10 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=300)
     parser.add_argument("--adapt", type=int, default=45)
     parser.add_argument("--header-mb", type=int, default=128)
+    parser.add_argument("--slow", type=int, default=1100,
+                        help="slow-body connections held at once (f, g)")
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="run only these (e.g. a_quiet f_slow)")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks/results/hostile_load.json")
     args = parser.parse_args()
     users = -(-args.streams // STREAMS_PER_USER)
@@ -426,6 +497,7 @@ def main() -> None:
                     "settings": {"seconds": args.seconds, "rate_per_s": args.rate,
                                  "streams": args.streams, "stream_users": users,
                                  "adapt_parallel": args.adapt, "header_mb": args.header_mb,
+                                 "slow_connections": args.slow,
                                  "server_env": {"METASERVE_DRIVER_MEMORY_MB": str(WAITING_DRIVER_MB)}},
                     "target_p99_ms": P99_TARGET_MS, "runs": {}}
     with tempfile.TemporaryDirectory(prefix="metaserve-hostile-") as tmp:
@@ -445,9 +517,13 @@ def main() -> None:
             report["setup_s"] = round(time.monotonic() - started, 1)
             config = {"url": server.url, "deadline": 0.0, "job_id": waiting_id, "keys": keys,
                       "streams": args.streams, "adapt": args.adapt, "header_mb": args.header_mb,
+                      "slow": args.slow,
                       "adapt_job_id": adapt_job_id, "admin_key": server.admin_key}
             runs = {"a_quiet": [], "b_header": ["header"], "c_streams": ["streams"],
-                    "d_adapt": ["adapt"], "e_all": ["header", "streams", "adapt"]}
+                    "d_adapt": ["adapt"], "e_all": ["header", "streams", "adapt"],
+                    "f_slow": ["slow"], "g_all_and_slow": ["header", "streams", "adapt", "slow"]}
+            if args.only:
+                runs = {name: kinds for name, kinds in runs.items() if name in args.only}
             for name, kinds in runs.items():
                 time.sleep(SETTLE_S)
                 config["deadline"] = time.time() + LOADER_READY_TIMEOUT_S + args.seconds + 30
