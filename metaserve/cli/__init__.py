@@ -6,6 +6,7 @@ command, in the order ``metaserve --help`` lists them.
 - :mod:`~metaserve.cli.user`: ``train`` (the engine in-process) and the commands that talk to a
   server through :mod:`metaserve.client` (``login``, ``submit``, ``list``, ... ``datasets``);
 - :mod:`~metaserve.cli.sweeps`: ``sweep``;
+- :mod:`~metaserve.cli.models`: ``models`` (registered models, versions, aliases);
 - :mod:`~metaserve.cli.common`: what they share (safe printing, one-line errors, the client).
 
 The folder ``metaserve/`` installs as the package ``metaserve`` (pyproject's package-dir); the
@@ -19,7 +20,7 @@ import sys
 
 import typer
 
-from metaserve.cli import operator, sweeps, user
+from metaserve.cli import models, operator, sweeps, user
 from metaserve.cli.common import printable
 
 
@@ -65,5 +66,6 @@ app.add_typer(operator.db_app, name="db")
 app.add_typer(operator.keys_app, name="keys")
 app.add_typer(user.datasets_app, name="datasets")
 app.add_typer(sweeps.sweep_app, name="sweep")
+app.add_typer(models.models_app, name="models")
 
 __all__ = ["app"]
