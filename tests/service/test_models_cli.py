@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shlex
 from pathlib import Path
 
 import httpx
@@ -11,6 +13,7 @@ import pytest
 
 from metaserve.service import child_jobs, claims, job_store
 from metaserve.service.orm import JobStatus
+from metaserve.workers.engine import Trainer
 from metaserve.workers.object_store import StorageConfig, open_store
 from tests.helpers import SINE_SPEC, invoke, succeeded_job
 
@@ -100,3 +103,38 @@ def test_register_a_sweeps_best_trial(logged_in, key, sessions, tmp_path, artifa
     kept = invoke("models", "register", "sine", "--sweep", sweep_id)
     assert (kept.exit_code, kept.output) == (
         0, f"models:/sine/1  job {TRIAL} (sweep {sweep_id})  meta_init\n")
+
+
+def readme_blocks() -> tuple[list[str], str]:
+    """The command lines (comments cut) and the Python snippet of the README's "Keep a
+    result" section."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    text = readme.split("\n## Keep a result\n", 1)[1].split("\n## ", 1)[0]
+    (shell,) = re.findall(r"```sh\n(.*?)```", text, re.S)
+    (python,) = re.findall(r"```python\n(.*?)```", text, re.S)
+    lines = [line.split("  #")[0].strip() for line in shell.splitlines() if line.strip()]
+    return lines, python
+
+
+def test_the_readmes_keep_a_result_section_runs_as_written(
+        logged_in, key, sessions, tmp_path, artifact_root, monkeypatch, capsys):  # noqa: ANN001
+    run = tmp_path / "sine-run"
+    Trainer(SINE_SPEC).run(run)  # real weights: the snippet loads them
+    with httpx.Client(base_url=logged_in) as http:
+        job_id = succeeded_job(http, sessions, {"Authorization": f"Bearer {key}"}, SINE_SPEC,
+                               run, artifact_root)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    lines, python = readme_blocks()
+    outputs = []
+    for line in lines:
+        program, *arguments = shlex.split(line.replace("$JOB", job_id))
+        assert program == "metaserve"
+        result = invoke(*arguments)
+        assert result.exit_code == 0, (line, result.output)
+        outputs.append(result.output)
+    assert outputs == [f"models:/sine/1  job {job_id}  meta_init  @production\n",
+                       f"sine: no description\n  models:/sine/1  job {job_id}  meta_init  "
+                       "@production\n"]
+    capsys.readouterr()
+    exec(compile(python, "README.md", "exec"), {})  # noqa: S102 - the README's own snippet
+    assert capsys.readouterr().out == "models:/sine/1 maml\n"
