@@ -204,7 +204,7 @@ def convert_upload(upload: Path, workdir: Path, settings: Limits) -> Converted:
     """Convert the spooled upload into the canonical files in ``workdir`` (in this process;
     the server calls :func:`convert_in_child`), or raise :class:`InvalidDataset` /
     :class:`DatasetLimitExceeded` naming the field, member, line or column."""
-    from metaserve.service import image_ingest, table_ingest
+    from metaserve.service import image_ingest  # table_ingest (pyarrow) only for a table
 
     settings = replace(settings, upload_bytes=upload.stat().st_size)
     with open(upload, "rb") as handle:
@@ -212,6 +212,8 @@ def convert_upload(upload: Path, workdir: Path, settings: Limits) -> Converted:
         handle.seek(max(0, upload.stat().st_size - 4))
         tail = handle.read(4)
     if magic == b"PAR1" and tail == b"PAR1":
+        from metaserve.service import table_ingest
+
         return table_ingest.convert_parquet(upload, workdir, settings)
     if magic[:2] == b"PK":
         image_ingest.check_zip_directory(upload, settings)
@@ -229,6 +231,8 @@ def convert_upload(upload: Path, workdir: Path, settings: Limits) -> Converted:
     if image_ingest.is_tar(upload):
         return image_ingest.convert_tree(image_ingest.TarMembers(upload, settings), workdir,
                                          settings)
+    from metaserve.service import table_ingest
+
     return table_ingest.convert_csv(upload, workdir, settings)
 
 

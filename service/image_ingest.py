@@ -17,9 +17,10 @@ import numpy as np
 
 from metaserve.service.exceptions import DatasetLimitExceeded, InvalidDataset
 from metaserve.service.upload_conversion import Converted, Limits, expansion_cap
-from metaserve.workers.tasks.table_format import MAX_LISTED_TASKS, size_histogram
-from metaserve.workers.tasks.uploaded import (DATASET_JSON, DATASET_TENSORS, copy_exactly,
-                                              safetensors_header, write_canonical_json)
+
+# The canonical layout's writers (metaserve.workers.tasks.uploaded, .table_format) are imported
+# where a dataset is written, not here: importing the tasks package imports torch (3 s of CPU,
+# 200 MB), and a refused upload (every check below) should cost the conversion child neither.
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp"})
 IMAGE_FORMATS = frozenset({"PNG", "JPEG", "BMP"})
@@ -48,6 +49,8 @@ def images_meta(class_sizes: np.ndarray, shape: list[int]) -> dict[str, Any]:
     """An image dataset's metadata: classes, images, shape and images per class (minimum,
     maximum, histogram ``[[images, classes], ...]``; each class's count, in class-id order, for
     at most ``MAX_LISTED_TASKS`` classes: what the submit check splits as the family does)."""
+    from metaserve.workers.tasks.table_format import MAX_LISTED_TASKS, size_histogram
+
     histogram, binned = size_histogram(class_sizes)
     meta: dict[str, Any] = {
         "kind": "images", "classes": int(len(class_sizes)), "images": int(class_sizes.sum()),
@@ -61,6 +64,8 @@ def images_meta(class_sizes: np.ndarray, shape: list[int]) -> dict[str, Any]:
 
 def _images_converted(layout: str, class_names: list[str], ids: np.ndarray,
                       shape: list[int]) -> Converted:
+    from metaserve.workers.tasks.uploaded import DATASET_JSON, DATASET_TENSORS
+
     sizes = np.bincount(ids, minlength=len(class_names))
     return Converted("images", layout, [DATASET_TENSORS, DATASET_JSON], images_meta(sizes, shape))
 
@@ -184,6 +189,9 @@ def convert_npz(archive: zipfile.ZipFile, workdir: Path, settings: Limits) -> Co
             raise InvalidDataset(f"images: empty array of shape {list(shape)}", images="empty")
         class_names, ids = _class_ids(labels)
         count = shape[0]
+        from metaserve.workers.tasks.uploaded import (DATASET_TENSORS, copy_exactly,
+                                                      write_canonical_json)
+
         with open(workdir / DATASET_TENSORS, "wb") as out:
             out.write(_header(count, image_shape, "npz"))
             try:
@@ -200,6 +208,8 @@ def convert_npz(archive: zipfile.ZipFile, workdir: Path, settings: Limits) -> Co
 
 
 def _header(count: int, shape: list[int], source: str) -> bytes:
+    from metaserve.workers.tasks.uploaded import safetensors_header
+
     return safetensors_header([("images", "U8", [count, *shape]), ("labels", "I64", [count])],
                               {"source_format": source})
 
@@ -244,12 +254,17 @@ class _Members:
         if len(data) > self.cap or len(data) != declared:
             raise InvalidDataset(f"member {name!r} decompresses to more or other than the "
                                  f"{declared:,} bytes it declares (an archive bomb?)", member=name)
-        self.total += len(data)
+        self.count_bytes(name, len(data))
+        return data
+
+    def count_bytes(self, name: str, size: int) -> None:
+        """Count a member's bytes (read, or skipped by decompressing) against twice the
+        stored cap."""
+        self.total += size
         if self.total > self.total_cap:
             raise DatasetLimitExceeded(
-                f"images: the archive's images hold more than {self.total_cap:,} bytes "
-                "(twice METASERVE_DATASET_MAX_STORED_BYTES)", images="too many bytes")
-        return data
+                f"images: the archive's members hold more than {self.total_cap:,} bytes (twice "
+                f"METASERVE_DATASET_MAX_STORED_BYTES), at {name!r}", images="too many bytes")
 
     def __iter__(self) -> Iterator[tuple[str, bytes]]:
         raise NotImplementedError
@@ -367,7 +382,8 @@ class TarMembers(_Members):
                         raise InvalidDataset(f"member {member.name!r} is not a regular file "
                                              "(device, FIFO, ...)", member=member.name)
                     name = self.check_name(member.name)
-                    if name is None:
+                    if name is None:  # passed over, but a compressed tar decompresses it
+                        self.count_bytes(member.name, member.size)
                         continue
                     self.check_size(name, member.size)
                     stream = archive.extractfile(member)
@@ -450,6 +466,8 @@ def convert_tree(members: _Members, workdir: Path, settings: Limits) -> Converte
     index = {name: i for i, name in enumerate(class_names)}
     labels = np.array([index[c] for c in classes], dtype=np.int64)
     from PIL import Image
+
+    from metaserve.workers.tasks.uploaded import DATASET_TENSORS, write_canonical_json
 
     written = 0
     with open(workdir / DATASET_TENSORS, "wb") as out:

@@ -54,6 +54,8 @@ UPLOAD_BODY = {"requestBody": {"required": True, "description": "The dataset fil
           "memory or time)"},
     429: {"model": ErrorResponse, "description": "The key's datasets reach "
           "METASERVE_DATASET_MAX_PER_USER or METASERVE_DATASET_MAX_BYTES_PER_USER (named)"},
+    503: {"model": ErrorResponse, "description": "Every conversion slot "
+          "(METASERVE_DATASET_CONVERT_CONCURRENCY) stayed busy for 30 s; Retry-After"},
 })
 async def upload_dataset(
     request: Request,
