@@ -251,3 +251,22 @@ def test_a_sweeps_total_work_counts_against_its_own_cap(tmp_path: Path):
     assert "METASERVE_SWEEP_MAX_PFLOP" in refused.value.details["num_samples"]
     body["num_samples"] = 1
     assert sweeps.validate_sweep(SweepSpec.model_validate(body), settings)[0]["trials"] == 1
+
+
+def test_a_meta_rl_trial_over_the_caps_fails_before_it_trains(tmp_path: Path,
+                                                              settings_for_limits: Settings):
+    """The driver's check of each sampled trial (the sweep was admitted under other caps, or
+    a sample the submit check could not foresee): TrialOverLimits naming the field, and the
+    trainer never called."""
+    from metaserve.workers.exceptions import TrialOverLimits
+    from metaserve.workers.job_run import SweepRun
+    from metaserve.workers.sweep import _train_trial
+
+    spec = JobSpec.model_validate(RL_REPROS["rl2"][0])
+    run = SweepRun(sweep_id="sw_x", name="x", config={}, limits=limits.cost_limits(
+        settings_for_limits))
+    trained = []
+    with pytest.raises(TrialOverLimits, match="meta_batch_size: .*METASERVE_MAX_WORKER_MEMORY_MB"):
+        _train_trial(spec, "job", tmp_path, "val/rl2_trial_return", run, None,
+                     lambda *args: trained.append(args), lambda *args: None)
+    assert trained == []
