@@ -275,7 +275,8 @@ class DatasetsPublic(BaseModel):
 
 # --------------------------------------------------------------------------- registered models
 
-_DESCRIPTION = Field(None, max_length=5000, description="Free text.")
+_DESCRIPTION = Field(None, max_length=5000, pattern=r"^[^\x00]*$",  # PostgreSQL text holds no NUL
+                     description="Free text.")
 
 
 class RegisteredModelCreate(BaseModel):
@@ -310,7 +311,10 @@ class RegisteredModelsPublic(BaseModel):
 
 
 class ModelVersionCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # For the schema: exactly one of the two sources (what ``_one_source`` checks).
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"oneOf": [
+        {**_given("job_id"), "not": _given("sweep_id")},
+        {**_given("sweep_id"), "not": _given("job_id")}]})
 
     job_id: str | None = Field(None, min_length=1, max_length=100,
                                pattern=r"^[^\x00-\x1f\x7f-\x9f]*$",
@@ -355,4 +359,5 @@ class ModelVersionsPublic(BaseModel):
 class ModelAliasSet(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    version: int = Field(ge=1, description="The version the alias points at from now on.")
+    version: int = Field(ge=1, le=2**31 - 1,
+                         description="The version the alias points at from now on.")

@@ -38,7 +38,8 @@ MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 ``/`` or ``@``."""
 ALIAS_PATTERN = r"^[A-Za-z_][A-Za-z0-9_-]{0,99}$"
 """An alias: starts with a letter or ``_``, so it never reads as a version number."""
-RESERVED_ALIASES = re.compile(r"^(latest|v\d+)$", re.IGNORECASE)
+RESERVED_ALIAS_PATTERN = r"^([Ll][Aa][Tt][Ee][Ss][Tt]|[Vv][0-9]+)$"
+RESERVED_ALIASES = re.compile(RESERVED_ALIAS_PATTERN)
 """Names MLflow reserves for versions (``latest``, ``v3``): refused as aliases."""
 
 FINAL_ARTIFACTS = {"meta_init": ("meta_init.safetensors", "meta_init.json"),

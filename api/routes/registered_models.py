@@ -15,7 +15,8 @@ from metaserve.api.schemas import (ErrorResponse, ModelAliasSet, ModelVersionCre
                                    ModelVersionPublic, ModelVersionsPublic, RegisteredModelCreate,
                                    RegisteredModelPublic, RegisteredModelsPublic)
 from metaserve.service import registered_models
-from metaserve.service.registered_models import ALIAS_PATTERN, MODEL_NAME_PATTERN
+from metaserve.service.registered_models import (ALIAS_PATTERN, MODEL_NAME_PATTERN,
+                                                   RESERVED_ALIAS_PATTERN)
 
 router = APIRouter(prefix="/v1/models", tags=["registered models"], responses={
     401: {"model": ErrorResponse, "description": "Missing or invalid API key"},
@@ -24,8 +25,10 @@ router = APIRouter(prefix="/v1/models", tags=["registered models"], responses={
 })
 
 ModelName = Annotated[str, Path(pattern=MODEL_NAME_PATTERN, max_length=100)]
-AliasName = Annotated[str, Path(pattern=ALIAS_PATTERN, max_length=100)]
-VersionNumber = Annotated[int, Path(ge=1)]
+# The reserved names (latest, v3) said in the schema too; the service refuses them (422).
+AliasName = Annotated[str, Path(pattern=ALIAS_PATTERN, max_length=100, json_schema_extra={
+    "not": {"pattern": RESERVED_ALIAS_PATTERN}})]
+VersionNumber = Annotated[int, Path(ge=1, le=2**31 - 1)]  # an INTEGER column
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, responses={

@@ -358,3 +358,17 @@ def test_sdk_register_alias_load_by_alias_and_adapt(client, sine_run, succeeded,
         with pytest.raises(InvalidRequest):
             sdk.set_model_alias("sine", "latest", 1)
     assert recipe["algorithm"] == "maml"
+
+
+@pytest.mark.parametrize(("method", "path", "body", "field"), [
+    ("GET", "/v1/models/sine/versions/2147483648", None, "version"),
+    ("PUT", "/v1/models/sine/aliases/production", {"version": 2**31}, "version"),
+    ("POST", "/v1/models", {"name": "other", "description": "a\x00b"}, "description"),
+])
+def test_values_a_column_cannot_hold_are_422_naming_the_field(client, sessions, alice_auth,
+                                                              method, path, body, field):
+    create(client, alice_auth)
+    response = client.request(method, path, json=body, headers=alice_auth)
+    assert response.status_code == 422
+    assert [detail["field"] for detail in response.json()["error"]["details"]] == [field]
+    assert stored_counts(sessions) == (1, 0, 0)
