@@ -55,7 +55,7 @@ LOOP_LAG_INTERVAL_S = 0.025
 RECEIVED_AT = "metaserve.received_at"
 """``scope["extensions"][RECEIVED_AT]``: ``time.perf_counter()`` when the server read the
 first bytes of the request's head (set by ``metaserve serve``'s HTTP protocol,
-:func:`metaserve.api.middleware.limited_http_protocol`); the request's time starts there, or
+:func:`metaserve.api.http_protocol.limited_http_protocol`); the request's time starts there, or
 where the application is called when a server does not set it."""
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

@@ -116,7 +116,7 @@ def serve(
         engine.dispose()
     if written is not None:
         typer.echo(f"created an admin API key; it is in {written.resolve()}")
-    from metaserve.api.middleware import limited_http_protocol
+    from metaserve.api.http_protocol import limited_http_protocol
 
     protocol = limited_http_protocol(
         max_header_bytes=settings.max_header_bytes, max_url_bytes=settings.max_url_bytes,
