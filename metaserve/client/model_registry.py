@@ -76,8 +76,8 @@ class RegisteredModels:
                        description: str | None = None) -> dict[str, Any]:
         """A new version of model ``name`` from a succeeded ``job`` or the best trial of a
         ``sweep`` (ids or as the API returned them); the model is created first if you have
-        none of that name, as ``mlflow.register_model`` does. Returns the version (its
-        ``version`` number and ``uri``)."""
+        none of that name, as ``mlflow.register_model`` does (and deleted again if the server
+        refuses the version). Returns the version (its ``version`` number and ``uri``)."""
         if (job is None) == (sweep is None):
             raise MetaserveClientError("register_model takes exactly one of job= and sweep=")
         body: dict[str, Any] = {"description": description}
@@ -93,9 +93,13 @@ class RegisteredModels:
                 raise  # the job or the sweep is what is missing
         try:
             self.create_model(name)
-        except Conflict:
-            pass  # made meanwhile by another call
-        return self._request("POST", path, json=body).json()
+        except Conflict:  # made meanwhile by another call: theirs, kept whatever happens
+            return self._request("POST", path, json=body).json()
+        try:
+            return self._request("POST", path, json=body).json()
+        except MetaserveClientError:
+            self.delete_model(name)  # a refused first version leaves no empty model behind
+            raise
 
     def model_versions(self, name: str) -> list[dict[str, Any]]:
         """The model's versions, newest first."""

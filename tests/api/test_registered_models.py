@@ -357,6 +357,10 @@ def test_sdk_register_alias_load_by_alias_and_adapt(client, sine_run, succeeded,
         assert [d["field"] for d in missing.value.details] == ["job_id"]
         with pytest.raises(InvalidRequest):
             sdk.set_model_alias("sine", "latest", 1)
+        queued = client.post("/v1/jobs", json=SINE_SPEC, headers=alice_auth).json()["id"]
+        with pytest.raises(Conflict):  # not succeeded: the model it made for it goes again
+            sdk.register_model("other", job=queued)
+        assert [m["name"] for m in sdk.models()] == ["sine"]
     assert recipe["algorithm"] == "maml"
 
 
