@@ -344,6 +344,9 @@ def test_sdk_register_alias_load_by_alias_and_adapt(client, sine_run, succeeded,
         torch.testing.assert_close(adapt(model, support_x, support_y)(query_x),
                                    adapt(expected_model, support_x, support_y)(query_x))
         assert (tmp_path / first / "meta_init.safetensors").exists()
+        served = sdk.adapt_remote("models:/sine@production", support_x=support_x,
+                                  support_y=support_y, query_x=query_x)
+        assert served["algorithm"] == "maml" and len(served["predictions"]) == len(query_x)
         sdk.set_model_alias("sine", "production", 2)  # the next load follows the alias
         sdk.load_meta_init("models:/sine@production", cache_dir=tmp_path)
         assert (tmp_path / second / "meta_init.safetensors").exists()
