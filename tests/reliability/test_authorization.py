@@ -35,7 +35,8 @@ def v1_requests(client: TestClient, job_id: str) -> list[tuple[str, str, dict]]:
     for template, operations in client.app.openapi()["paths"].items():
         if not template.startswith("/v1"):
             continue
-        path = (template.replace("{job_id}", job_id).replace("{name}", "meta_init.json")
+        name = "meta_init.json" if template.startswith("/v1/jobs") else "kept"
+        path = (template.replace("{job_id}", job_id).replace("{name}", name)
                 .replace("{key_id}", "1"))
         for method in sorted(operations):
             kwargs: dict = {}
@@ -74,7 +75,16 @@ def test_every_v1_route_refuses_a_missing_or_wrong_key_with_401(client, alice_jo
         ("POST", "/v1/datasets"), ("GET", "/v1/datasets"), ("GET", "/v1/datasets/{dataset_id}"),
         ("DELETE", "/v1/datasets/{dataset_id}"), ("GET", "/v1/jobs/{id}/logs"),
         ("POST", "/v1/sweeps"), ("GET", "/v1/sweeps"), ("GET", "/v1/sweeps/{sweep_id}"),
-        ("GET", "/v1/sweeps/{sweep_id}/trials"), ("POST", "/v1/sweeps/{sweep_id}/cancel")}
+        ("GET", "/v1/sweeps/{sweep_id}/trials"), ("POST", "/v1/sweeps/{sweep_id}/cancel"),
+        ("GET", "/v1/networks"), ("GET", "/v1/models"), ("POST", "/v1/models"),
+        ("GET", "/v1/models/kept"), ("DELETE", "/v1/models/kept"),
+        ("GET", "/v1/models/kept/versions"), ("POST", "/v1/models/kept/versions"),
+        ("GET", "/v1/models/kept/versions/{version}"),
+        ("DELETE", "/v1/models/kept/versions/{version}"),
+        ("GET", "/v1/models/kept/aliases/{alias}"), ("PUT", "/v1/models/kept/aliases/{alias}"),
+        ("DELETE", "/v1/models/kept/aliases/{alias}"),
+        ("GET", "/v1/models/kept/versions/{version}/artifacts/{artifact}"),
+        ("GET", "/v1/models/kept/aliases/{alias}/artifacts/{artifact}")}
     refused = {}
     for method, path, kwargs in requests:
         for headers in BAD_CREDENTIALS:
