@@ -97,11 +97,10 @@ def convert_in_child(upload: Path, workdir: Path, settings: Any) -> Converted:
     :class:`ConversionsBusy` (503) when no slot frees within ``SLOT_WAIT_S``."""
     slots = _conversion_slots(settings.dataset_convert_concurrency)
     if not slots.acquire(timeout=SLOT_WAIT_S):
-        error = ConversionsBusy(
+        raise ConversionsBusy(
             f"{settings.dataset_convert_concurrency} uploads are being converted "
-            "(METASERVE_DATASET_CONVERT_CONCURRENCY); retry later")
-        error.headers = {"Retry-After": str(max(1, round(SLOT_WAIT_S)))}
-        raise error
+            "(METASERVE_DATASET_CONVERT_CONCURRENCY); retry later",
+            retry_after_s=max(1, round(SLOT_WAIT_S)))
     try:
         return _convert_in_child(upload, workdir, settings)
     finally:

@@ -66,11 +66,8 @@ class LeaseLost(MetaserveError):
     code = "lease_lost"
 
 
-class QuotaExceeded(MetaserveError):
-    """A per-user limit is reached; retry later."""
-
-    status_code = 429
-    code = "quota_exceeded"
+class RetryLater(MetaserveError):
+    """Busy; retry later. Answered with ``Retry-After: retry_after_s``."""
 
     def __init__(self, message: str | None = None, *, retry_after_s: int, **details: Any) -> None:
         super().__init__(message, **details)
@@ -79,6 +76,13 @@ class QuotaExceeded(MetaserveError):
     @property
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after_s)}
+
+
+class QuotaExceeded(RetryLater):
+    """A per-user limit is reached; retry later."""
+
+    status_code = 429
+    code = "quota_exceeded"
 
 
 class MetaInitNotReady(MetaserveError):
@@ -165,7 +169,7 @@ class DatasetLimitExceeded(MetaserveError):
     code = "limit_exceeded"
 
 
-class ConversionsBusy(MetaserveError):
+class ConversionsBusy(RetryLater):
     """Every upload conversion slot is taken; retry later."""
 
     status_code = 503
@@ -229,19 +233,11 @@ class InvalidEventId(MetaserveError):
     code = "validation_error"
 
 
-class TooManyStreams(MetaserveError):
+class TooManyStreams(RetryLater):
     """Too many open event streams of this user."""
 
     status_code = 429
     code = "too_many_requests"
-
-    def __init__(self, message: str | None = None, *, retry_after_s: int, **details: Any) -> None:
-        super().__init__(message, **details)
-        self.retry_after_s = retry_after_s
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after_s)}
 
 
 class KeyNotFound(MetaserveError):
