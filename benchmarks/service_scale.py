@@ -184,7 +184,7 @@ def owned_job_ids(url: str, owner_id: int, limit: int) -> list[str]:
 
 def claims(url: str, limit: int) -> dict:
     """``CLAIMERS`` threads, a session each, claiming until no job is left or ``limit``."""
-    from metaserve.service import jobs
+    from metaserve.service.claims import claim_next_job
     from metaserve.service.db import make_engine, session_factory
 
     engine = make_engine(url)
@@ -198,8 +198,9 @@ def claims(url: str, limit: int) -> dict:
                 with lock:
                     if len(claimed) >= limit:
                         return
-                job = jobs.claim_next_job(session=session, worker_id=f"scale-{index}", lease_s=600,
-                                          max_running_per_user=0)
+                with session.begin():
+                    job = claim_next_job(session=session, worker_id=f"scale-{index}", lease_s=600,
+                                         max_running_per_user=0)
                 if job is None:
                     return
                 with lock:

@@ -20,7 +20,6 @@ from sqlalchemy.orm import Session
 from metaserve.service import artifacts, job_store
 from metaserve.service.exceptions import (AdaptDiverged, AdaptInputTooLarge, ArtifactNotFound,
                                           InvalidAdaptInput, MetaInitNotReady, NotAdaptable)
-from metaserve.service.jobs import Transaction
 from metaserve.service.orm import Artifact, Job, JobStatus, User
 from metaserve.workers.spec import IMAGE_FAMILIES, PLUGINS, JobSpec
 from metaserve.workers.object_store import ArtifactStore, StorageConfig, StorageError
@@ -112,7 +111,7 @@ def get_adaptable_job(*, session: Session, job_id: str,
     """``owner``'s succeeded job with a registered meta-initialization, and its artifact
     records by name (409 otherwise, and for a meta-RL job whatever its status, saying what to
     use instead; another user's job: JobNotFound)."""
-    with Transaction(session):
+    with session.begin():
         job = job_store.get_job(session=session, job_id=job_id, owner=owner)
         records = {a.name: a for a in job_store.list_artifacts(session=session, job_id=job_id)}
     if JobSpec.model_validate(job.spec).is_rl:  # its artifact is a meta_policy

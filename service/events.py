@@ -12,7 +12,6 @@ from sqlalchemy.orm import Session
 
 from metaserve.service import job_store
 from metaserve.service.exceptions import InvalidEventId
-from metaserve.service.jobs import Transaction
 from metaserve.service.orm import Job, JobStatus, JobStatusEvent, Metric, User
 
 
@@ -73,7 +72,7 @@ def poll_job_events(*, session: Session, job_id: str, owner: User,
     """The job's events after ``after`` in stream order, and whether the job is terminal
     (then the list ends with its terminal status and the stream is complete). Another user's
     job raises :class:`~metaserve.service.exceptions.JobNotFound`."""
-    with Transaction(session):
+    with session.begin():
         job = job_store.get_job(session=session, job_id=job_id, owner=owner)
         progress = dict(job.progress or {})
         changes = list(session.scalars(
@@ -118,7 +117,7 @@ def job_marks(*, session: Session, job_ids: list[str]) -> dict[str, tuple[Any, i
     """``(updated_at, last metric row id)`` of each of ``job_ids`` that exists: every event of
     a job moves one of the two (a status change or progress updates the job row; metrics add
     rows). Two queries for all the jobs, by primary key and by the metrics' (job_id, id) index."""
-    with Transaction(session):
+    with session.begin():
         updated = dict(session.execute(
             select(Job.id, Job.updated_at).where(Job.id.in_(job_ids))).all())
         last_metric = dict(session.execute(

@@ -18,7 +18,6 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from metaserve.service import job_store
-from metaserve.service.jobs import Transaction
 from metaserve.service.orm import JobLogLine, JobStatus, User
 
 MAX_LOG_RECORDS = 10_000
@@ -41,7 +40,7 @@ def add_log_records(*, session: Session, job_id: str, attempt: int,
     One writer per job (the dispatcher holding its lease)."""
     if not records:
         return 0
-    with Transaction(session):
+    with session.begin():
         last = session.scalar(select(func.max(JobLogLine.seq))
                               .where(JobLogLine.job_id == job_id)) or 0
         rows = []
@@ -96,7 +95,7 @@ def read_logs(*, session: Session, job_id: str, owner: User, after: int = 0,
     terminal, every record of the job is already committed (the dispatcher writes the log
     before it settles the job)."""
     limit = max(1, min(limit, MAX_LOG_PAGE))
-    with Transaction(session):
+    with session.begin():
         job = job_store.get_job_row(session=session, job_id=job_id, owner=owner)
         status = job.status
         first = session.scalar(select(func.min(JobLogLine.seq))

@@ -1,23 +1,24 @@
-"""The service layer: validates, calls the store, owns the transaction (commit on success,
-rollback on error). The API routes and the dispatcher call these, never :mod:`metaserve.service.job_store`
-directly for writes."""
+"""Job operations that are more than one store call: submit (the canonical spec, its hash and
+the queue cap), the metrics page and the artifact records a route reads. Each runs in the
+session's own transaction (``with session.begin():``, committed when the block ends, rolled
+back when it raises). A single store call needs no wrapper here: a caller runs
+:mod:`metaserve.service.job_store` or :mod:`metaserve.service.claims` in
+``with session.begin():`` (a route's session has not begun one: no query runs before it)."""
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any
 
 from sqlalchemy import Row, Select, bindparam, select
 from sqlalchemy.orm import Session
 
-from metaserve.service import claims, job_store
+from metaserve.service import job_store
 from metaserve.service.exceptions import ArtifactNotFound
 from metaserve.service.job_store import spec_hash
-from metaserve.service.orm import Artifact, Job, JobStatus, Metric, User
+from metaserve.service.orm import Artifact, Job, Metric, User
 from metaserve.service.settings import QUOTA_RETRY_AFTER_S
 from metaserve.workers.spec import JobSpec
-
-T = TypeVar("T")
 
 
 def canonical_spec(spec: JobSpec) -> dict[str, Any]:
@@ -29,34 +30,6 @@ def default_job_name(spec: JobSpec) -> str:
     return spec.name or f"{spec.algorithm.name}-{spec.task_family.name}"
 
 
-def _in_transaction(function: Callable[..., T]) -> Callable[..., T]:
-    """The store function ``function`` (keyword arguments, one of them ``session``) in a
-    transaction: committed when it returns, rolled back when it raises."""
-
-    @functools.wraps(function)
-    def in_transaction(**kwargs: Any) -> T:
-        with Transaction(kwargs["session"]):
-            return function(**kwargs)
-
-    return in_transaction
-
-
-class Transaction:
-    """``with Transaction(session):`` commits when the block ends, rolls back when it raises."""
-
-    def __init__(self, session: Session) -> None:
-        self.session = session
-
-    def __enter__(self) -> Session:
-        return self.session
-
-    def __exit__(self, exc_type, exc, tb) -> None:  # noqa: ANN001
-        if exc_type is None:
-            self.session.commit()
-        else:
-            self.session.rollback()
-
-
 def submit_job(*, session: Session, owner: User, spec: JobSpec,
                idempotency_key: str | None = None, max_queued: int = 0,
                retry_after_s: int = QUOTA_RETRY_AFTER_S) -> tuple[Job, bool]:
@@ -66,39 +39,11 @@ def submit_job(*, session: Session, owner: User, spec: JobSpec,
     :class:`~metaserve.service.exceptions.QuotaExceeded` (429, ``Retry-After: retry_after_s``)
     and store nothing; a replay of an existing job still returns it."""
     data = canonical_spec(spec)
-    with Transaction(session):
+    with session.begin():
         return job_store.create_job(session=session, owner=owner, name=default_job_name(spec),
                                 spec=data, spec_hash=spec_hash(data),
                                 max_attempts=spec.max_attempts, idempotency_key=idempotency_key,
                                 max_queued=max_queued, retry_after_s=retry_after_s)
-
-
-get_job = _in_transaction(job_store.get_job_row)
-list_jobs = _in_transaction(job_store.list_jobs)
-request_cancel = _in_transaction(job_store.request_cancel)
-
-
-# --------------------------------------------------------------------------- dispatcher API
-
-
-claim_next_job = _in_transaction(claims.claim_next_job)
-expire_leases = _in_transaction(job_store.expire_leases)
-
-
-def job_status(*, session: Session, job_id: str) -> JobStatus:
-    with Transaction(session):
-        return JobStatus(job_store.job_status(session=session, job_id=job_id))
-
-
-renew_lease = _in_transaction(job_store.renew_lease)
-update_progress = _in_transaction(job_store.update_progress)
-release_job = _in_transaction(job_store.release_job)
-finish_job = _in_transaction(job_store.finish_job)
-fail_attempt = _in_transaction(job_store.fail_attempt)
-add_metrics = _in_transaction(job_store.add_metrics)
-get_metrics = _in_transaction(job_store.get_metrics)
-add_artifact = _in_transaction(job_store.add_artifact)
-list_artifacts = _in_transaction(job_store.list_artifacts)
 
 
 # --------------------------------------------------------------------------- metrics, artifacts (API)
@@ -148,7 +93,7 @@ def get_metrics_page(*, session: Session, job_id: str, owner: User, name: str | 
     filters = {"by_name": name is not None, "own": not owner.is_admin}
     parameters = {"job_id": job_id, "owner_id": owner.id, "name": name,
                   "since_step": since_step, "limit": limit + 1}
-    with Transaction(session):
+    with session.begin():
         session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
         rows = session.execute(_metrics_statement(**filters, after=since_step is not None,
                                                   one_step=False), parameters).all()
@@ -168,7 +113,7 @@ def get_metrics_page(*, session: Session, job_id: str, owner: User, name: str | 
 
 def list_job_artifacts(*, session: Session, job_id: str, owner: User) -> list[Artifact]:
     """The artifacts of ``owner``'s job ``job_id`` by name (another user's job: JobNotFound)."""
-    with Transaction(session):
+    with session.begin():
         job_store.get_job(session=session, job_id=job_id, owner=owner)
         return job_store.list_artifacts(session=session, job_id=job_id)
 

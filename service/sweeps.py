@@ -31,7 +31,6 @@ from sqlalchemy.orm import Session
 from metaserve.service import datasets, limits, job_store
 from metaserve.service.exceptions import InvalidSweep, MetaserveError, SweepNotFound
 from metaserve.service.ids import new_id
-from metaserve.service.jobs import Transaction
 from metaserve.service.orm import Job, JobStatus, Metric, Sweep, User, utcnow
 from metaserve.service.settings import Settings
 from metaserve.workers.job_run import SweepRun, Trial
@@ -241,7 +240,7 @@ def submit_sweep(*, session: Session, owner: User, request: SweepSpec, settings:
     # The data first (trials run the features resolved here), then the space and the cost.
     config, base = validate_sweep(request, settings, lambda spec: datasets.check_job_data(
         session=session, owner=owner, spec=spec, settings=settings))
-    with Transaction(session):
+    with session.begin():
         driver, created = job_store.create_job(
             session=session, owner=owner, name=f"{config['name']} (sweep driver)",
             spec=config["spec"], spec_hash=job_store.spec_hash(config), max_attempts=base.max_attempts,
@@ -269,7 +268,7 @@ def _owned(session: Session, sweep_id: str, owner: User) -> Sweep:
 
 
 def get_sweep(*, session: Session, sweep_id: str, owner: User) -> SweepView:
-    with Transaction(session):
+    with session.begin():
         return _view(session, _owned(session, sweep_id, owner))
 
 
@@ -277,7 +276,7 @@ def list_sweeps(*, session: Session, owner: User, cursor: str | None = None,
                 limit: int = 50) -> tuple[list[SweepView], str | None]:
     """A page of sweeps newest first and the cursor of the next page (None on the last)."""
     limit = max(1, min(limit, job_store.MAX_PAGE))
-    with Transaction(session):
+    with session.begin():
         query = select(Sweep).order_by(Sweep.id.desc()).limit(limit + 1)
         if not owner.is_admin:
             query = query.where(Sweep.owner_id == owner.id)
@@ -294,7 +293,7 @@ def cancel_sweep(*, session: Session, sweep_id: str, owner: User) -> SweepView:
     """Cancel the driver job: queued → cancelled at once; running → cancelling (its dispatcher
     kills the Tune driver, whose trial actors die with it, and marks the trials cancelled);
     a finished sweep → 409."""
-    with Transaction(session):
+    with session.begin():
         sweep = _owned(session, sweep_id, owner)
         job_store.request_cancel(session=session, job_id=sweep.driver_job_id, owner=owner)
         return _view(session, sweep)
@@ -356,7 +355,7 @@ def leaderboard(*, session: Session, sweep: Sweep) -> list[dict[str, Any]]:
 
 
 def sweep_trials(*, session: Session, sweep_id: str, owner: User) -> tuple[SweepView, list[dict]]:
-    with Transaction(session):
+    with session.begin():
         sweep = _owned(session, sweep_id, owner)
         view = _view(session, sweep)
         return view, leaderboard(session=session, sweep=sweep)

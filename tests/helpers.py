@@ -16,7 +16,7 @@ import torch
 from pydantic import ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
-from metaserve.service import artifacts, auth, jobs
+from metaserve.service import artifacts, auth, claims, job_store, jobs
 from metaserve.service.orm import Job, JobStatus, User
 from metaserve.workers.spec import ALGORITHMS, TASK_FAMILIES, JobSpec
 from tests.server_process import metaserve_executable
@@ -98,15 +98,15 @@ def submit_short_sine(sessions: sessionmaker[Session], owner: User, **spec: Any)
 
 def claim(sessions: sessionmaker[Session]) -> str:
     """Claims the next queued job as ``WORKER`` and returns its id."""
-    with sessions() as session:
-        job = jobs.claim_next_job(session=session, worker_id=WORKER, lease_s=LEASE_S)
+    with sessions.begin() as session:
+        job = claims.claim_next_job(session=session, worker_id=WORKER, lease_s=LEASE_S)
     assert job is not None
     return job.id
 
 
 def finish(sessions: sessionmaker[Session], job_id: str, status: JobStatus) -> None:
-    with sessions() as session:
-        jobs.finish_job(session=session, job_id=job_id, worker_id=WORKER, status=status)
+    with sessions.begin() as session:
+        job_store.finish_job(session=session, job_id=job_id, worker_id=WORKER, status=status)
 
 
 def reread(sessions: sessionmaker[Session], job_id: str) -> Job:
@@ -146,12 +146,15 @@ def succeeded_job(client, sessions: sessionmaker[Session], auth_header: dict[str
     directory = artifacts.job_dir(artifact_root, job_id)
     directory.mkdir(parents=True)
     with sessions() as session:
-        assert jobs.claim_next_job(session=session, worker_id=WORKER, lease_s=LEASE_S).id == job_id
+        with session.begin():
+            assert claims.claim_next_job(session=session, worker_id=WORKER, lease_s=LEASE_S).id == job_id
         for name in ("meta_init.safetensors", "meta_init.json"):
             described = artifacts.describe(Path(shutil.copy(run / name, directory / name)))
-            jobs.add_artifact(session=session, job_id=job_id, name=name, size=described.size,
-                              sha256=described.sha256, media_type=described.media_type)
-        jobs.finish_job(session=session, job_id=job_id, worker_id=WORKER, status=JobStatus.SUCCEEDED)
+            with session.begin():
+                job_store.add_artifact(session=session, job_id=job_id, name=name, size=described.size,
+                                       sha256=described.sha256, media_type=described.media_type)
+        with session.begin():
+            job_store.finish_job(session=session, job_id=job_id, worker_id=WORKER, status=JobStatus.SUCCEEDED)
     return job_id
 
 

@@ -24,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from metaserve.api.deps import CurrentUser, PathText, SessionDep
 from metaserve.api.job_watch import JobWatch
 from metaserve.api.schemas import ErrorResponse
-from metaserve.service import auth, events, jobs
+from metaserve.service import auth, events, job_store
 from metaserve.service.exceptions import TooManyStreams
 from metaserve.service.orm import User
 
@@ -218,5 +218,5 @@ async def job_events(
 
 
 def _check_job(session, job_id: str, user: User) -> None:  # noqa: ANN001
-    jobs.get_job(session=session, job_id=job_id, owner=user)
-    session.rollback()  # ends the read: the stream polls with sessions of its own
+    with session.begin():  # ended here: the stream polls with sessions of its own
+        job_store.get_job_row(session=session, job_id=job_id, owner=user)

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Header, Query, Request, Response, status
 
 from metaserve.api.deps import NO_CONTROL_CHARACTERS, CurrentUser, PathText, SessionDep
 from metaserve.api.schemas import ErrorResponse, JobPublic, JobsPublic, model_response
-from metaserve.service import datasets, jobs, limits
+from metaserve.service import datasets, job_store, jobs, limits
 from metaserve.service.orm import JobStatus
 from metaserve.service.job_store import MAX_PAGE
 from metaserve.workers.spec import JobSpec
@@ -71,21 +71,25 @@ def list_jobs(
                                       "`name` follow each other by `cursor`.")] = None,
 ) -> Response:
     """Your jobs, newest first (an admin sees everyone's)."""
-    page, next_cursor = jobs.list_jobs(session=session, owner=user, status=status_filter,
-                                       cursor=cursor, limit=limit, sweep_id=sweep, name=name)
+    with session.begin():
+        page, next_cursor = job_store.list_jobs(session=session, owner=user, status=status_filter,
+                                                cursor=cursor, limit=limit, sweep_id=sweep,
+                                                name=name)
     return model_response(JobsPublic(data=[JobPublic.model_validate(job) for job in page],
                                      next_cursor=next_cursor))
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses={404: {"model": ErrorResponse}})
 def get_job(job_id: PathText, user: CurrentUser, session: SessionDep) -> Response:
-    return model_response(JobPublic.model_validate(
-        jobs.get_job(session=session, job_id=job_id, owner=user)))
+    with session.begin():
+        job = job_store.get_job_row(session=session, job_id=job_id, owner=user)
+    return model_response(JobPublic.model_validate(job))
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic,
              responses={404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}})
 def cancel_job(job_id: PathText, user: CurrentUser, session: SessionDep) -> Response:
     """queued → cancelled at once; running → cancelling (the dispatcher stops it); terminal → 409."""
-    return model_response(JobPublic.model_validate(
-        jobs.request_cancel(session=session, job_id=job_id, owner=user)))
+    with session.begin():
+        job = job_store.request_cancel(session=session, job_id=job_id, owner=user)
+    return model_response(JobPublic.model_validate(job))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from metaserve.api.schemas import MAX_ADAPT_VALUES
-from metaserve.service import jobs
+from metaserve.service import claims, job_store
 from metaserve.service.orm import JobStatus
 from metaserve.workers.engine import Trainer
 from metaserve.service.settings import MAX_BODY_BYTES
@@ -124,8 +124,10 @@ def test_a_meta_rl_job_is_a_409_that_says_to_load_its_meta_policy_with_the_sdk(
     job_id = client.post("/v1/jobs", json=RL2_SPEC, headers=alice_auth).json()["id"]
     queued = client.post(f"/v1/jobs/{job_id}/adapt", json=body, headers=alice_auth)
     with sessions() as session:
-        assert jobs.claim_next_job(session=session, worker_id=WORKER, lease_s=30).id == job_id
-        jobs.finish_job(session=session, job_id=job_id, worker_id=WORKER, status=JobStatus.SUCCEEDED)
+        with session.begin():
+            assert claims.claim_next_job(session=session, worker_id=WORKER, lease_s=30).id == job_id
+        with session.begin():
+            job_store.finish_job(session=session, job_id=job_id, worker_id=WORKER, status=JobStatus.SUCCEEDED)
     succeeded = client.post(f"/v1/jobs/{job_id}/adapt", json=body, headers=alice_auth)
     for response in (queued, succeeded):
         error = response.json()["error"]

@@ -16,7 +16,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from metaserve.api.app import create_app
-from metaserve.service import artifacts, jobs
+from metaserve.service import artifacts, claims, job_store
 from metaserve.service.orm import JobStatus
 from metaserve.service.settings import MAX_BODY_BYTES, Settings
 from metaserve.workers.engine import Trainer
@@ -66,14 +66,17 @@ def published_job(client: TestClient, sessions, auth: dict[str, str], store: Art
     dispatcher does."""
     job_id = client.post("/v1/jobs", json=SPEC, headers=auth).json()["id"]
     with sessions() as session:
-        assert jobs.claim_next_job(session=session, worker_id=WORKER, lease_s=30).id == job_id
+        with session.begin():
+            assert claims.claim_next_job(session=session, worker_id=WORKER, lease_s=30).id == job_id
         for described in store.put(job_id, paths):
-            jobs.add_artifact(session=session, job_id=job_id, name=described.name,
-                              size=described.size, sha256=described.sha256,
-                              media_type=described.media_type)
+            with session.begin():
+                job_store.add_artifact(session=session, job_id=job_id, name=described.name,
+                                       size=described.size, sha256=described.sha256,
+                                       media_type=described.media_type)
         if succeed:
-            jobs.finish_job(session=session, job_id=job_id, worker_id=WORKER,
-                            status=JobStatus.SUCCEEDED)
+            with session.begin():
+                job_store.finish_job(session=session, job_id=job_id, worker_id=WORKER,
+                                     status=JobStatus.SUCCEEDED)
     return job_id
 
 
@@ -179,9 +182,9 @@ def test_readyz_is_503_when_the_endpoint_is_down_and_downloads_are_503(  # noqa:
             f"storage unreachable: artifact store {settings.artifact_root} at {endpoint}: "
             "endpoint unreachable (connection refused)")
         job_id = client.post("/v1/jobs", json=SPEC, headers=alice_auth).json()["id"]
-        with sessions() as session:
-            jobs.add_artifact(session=session, job_id=job_id, name="meta_init.json", size=2,
-                              sha256="0" * 64, media_type="application/json")
+        with sessions.begin() as session:
+            job_store.add_artifact(session=session, job_id=job_id, name="meta_init.json", size=2,
+                                   sha256="0" * 64, media_type="application/json")
         download = client.get(f"/v1/jobs/{job_id}/artifacts/meta_init.json", headers=alice_auth)
         assert download.status_code == 503
         assert download.json()["error"]["code"] == "storage_unavailable"

@@ -10,7 +10,7 @@ import time
 import httpx
 from fastapi.testclient import TestClient
 
-from metaserve.service import events, jobs
+from metaserve.service import events, job_store
 from metaserve.service.orm import JobStatus
 from metaserve.client import Event, parse_sse
 from tests.helpers import WORKER, claim, finish
@@ -19,10 +19,12 @@ from tests.helpers import submit_over_http as submit
 
 def add_step(sessions, job_id: str, step: int) -> None:  # noqa: ANN001
     with sessions() as session:
-        jobs.add_metrics(session=session, job_id=job_id,
-                         rows=[(step, "train/loss_after", step / 10), (step, "train/loss_before", 1.0)])
-        jobs.update_progress(session=session, job_id=job_id, worker_id=WORKER,
-                             progress={"iteration": step, "total": 30}, message="")
+        with session.begin():
+            job_store.add_metrics(session=session, job_id=job_id,
+                                  rows=[(step, "train/loss_after", step / 10), (step, "train/loss_before", 1.0)])
+        with session.begin():
+            job_store.update_progress(session=session, job_id=job_id, worker_id=WORKER,
+                                      progress={"iteration": step, "total": 30}, message="")
 
 
 def summary(events: list[Event]) -> list[tuple[str, str, object]]:
@@ -73,8 +75,8 @@ def test_a_retried_job_streams_each_attempt_and_a_late_reader_sees_the_same_hist
             live = [next(stream)]
             claim(sessions)
             live.append(next(stream))
-            with sessions() as session:
-                jobs.fail_attempt(session=session, job_id=job_id, worker_id=WORKER, error="boom")
+            with sessions.begin() as session:
+                job_store.fail_attempt(session=session, job_id=job_id, worker_id=WORKER, error="boom")
             live.append(next(stream))
             claim(sessions)
             live.append(next(stream))
@@ -109,8 +111,8 @@ def test_the_live_stream_delivers_each_change_as_it_happens_and_resumes_from_las
             received.append(next(stream))                       # running
             add_step(sessions, job_id, 10)
             received.extend([next(stream), next(stream)])       # metrics 10, progress 10
-            with sessions() as session:
-                jobs.request_cancel(session=session, job_id=job_id, owner=_owner(session, alice_auth))
+            with sessions.begin() as session:
+                job_store.request_cancel(session=session, job_id=job_id, owner=_owner(session, alice_auth))
             received.append(next(stream))                       # cancelling
         add_step(sessions, job_id, 20)                          # while nobody listens
         finish(sessions, job_id, JobStatus.CANCELLED)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from metaserve.service import jobs
+from metaserve.service import claims
 from metaserve.workers.spec import ALGORITHMS, TASK_FAMILIES, JobSpec
 
 TWO_LINE_SPEC = {"algorithm": {"name": "maml"}, "task_family": {"name": "sine"}}
@@ -94,8 +94,8 @@ def test_cancel_queued_is_immediate_running_goes_cancelling_terminal_409(client,
     assert again.json()["error"]["code"] == "invalid_transition"
 
     running = client.post("/v1/jobs", json=TWO_LINE_SPEC, headers=alice_auth).json()
-    with sessions() as session:
-        assert jobs.claim_next_job(session=session, worker_id="w1", lease_s=30).id == running["id"]
+    with sessions.begin() as session:
+        assert claims.claim_next_job(session=session, worker_id="w1", lease_s=30).id == running["id"]
     response = client.post(f"/v1/jobs/{running['id']}/cancel", headers=alice_auth)
     assert (response.status_code, response.json()["status"]) == (200, "cancelling")
 

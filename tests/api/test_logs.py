@@ -9,7 +9,7 @@ import time
 import httpx
 from fastapi.testclient import TestClient
 
-from metaserve.service import job_logs, jobs
+from metaserve.service import job_logs, job_store
 from metaserve.service.orm import JobStatus
 from metaserve.client import parse_sse
 from tests.helpers import claim, finish
@@ -104,9 +104,9 @@ def test_follow_streams_new_records_as_they_are_written_and_ends_with_the_job(
 def test_a_job_whose_log_was_never_written_reads_empty(client: TestClient, sessions,
                                                       alice_auth) -> None:  # noqa: ANN001
     job_id = submit(client, alice_auth)
-    with sessions() as session:
-        jobs.request_cancel(session=session, job_id=job_id,
-                            owner=_owner(session, alice_auth))
+    with sessions.begin() as session:
+        job_store.request_cancel(session=session, job_id=job_id,
+                                 owner=_owner(session, alice_auth))
     body = client.get(f"/v1/jobs/{job_id}/logs", headers=alice_auth).json()
     assert body == {"data": [], "next_after": 0, "dropped": 0, "status": "cancelled",
                     "complete": True}

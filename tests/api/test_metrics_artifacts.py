@@ -17,7 +17,7 @@ from safetensors.torch import load, load_file, save_file
 from sqlalchemy import select
 
 from metaserve.api.schemas import MetricPointPublic, MetricsPublic, metrics_response
-from metaserve.service import artifacts, jobs
+from metaserve.service import artifacts, job_store, jobs
 from metaserve.service.orm import Metric
 from metaserve.workers.spec import JobSpec
 from metaserve.workers.engine.trainer import CHECKPOINT_DIRECTORY
@@ -35,10 +35,10 @@ def submit(client: TestClient, auth: dict[str, str]) -> str:
 def register(sessions, job_id: str, path: Path) -> None:  # noqa: ANN001
     """Record ``path`` (a file under the job's directory) as the dispatcher does."""
     described = artifacts.describe(path)
-    with sessions() as session:
-        jobs.add_artifact(session=session, job_id=job_id, name=described.name,
-                          size=described.size, sha256=described.sha256,
-                          media_type=described.media_type)
+    with sessions.begin() as session:
+        job_store.add_artifact(session=session, job_id=job_id, name=described.name,
+                               size=described.size, sha256=described.sha256,
+                               media_type=described.media_type)
 
 
 @pytest.fixture
@@ -63,8 +63,8 @@ def finished_job(client, sessions, alice_auth, artifact_root) -> tuple[str, dict
 
 def write_metrics(sessions, job_id: str,  # noqa: ANN001
                   rows: list[tuple[int, str, float]]) -> None:
-    with sessions() as session:
-        jobs.add_metrics(session=session, job_id=job_id, rows=rows)
+    with sessions.begin() as session:
+        job_store.add_metrics(session=session, job_id=job_id, rows=rows)
 
 
 def points(response) -> list[tuple[int, str, float | None]]:  # noqa: ANN001
@@ -379,9 +379,9 @@ def test_registered_traversal_name_never_leaves_the_job_directory(client, sessio
     """Even a bad name in the database (written by a buggy runner) reaches no other file."""
     job_id, _ = finished_job
     (artifact_root / "secret.txt").write_text("not yours")
-    with sessions() as session:
-        jobs.add_artifact(session=session, job_id=job_id, name="../secret.txt", size=9,
-                          sha256="0" * 64, media_type="text/plain")
+    with sessions.begin() as session:
+        job_store.add_artifact(session=session, job_id=job_id, name="../secret.txt", size=9,
+                               sha256="0" * 64, media_type="text/plain")
     response = client.get(f"/v1/jobs/{job_id}/artifacts/..%2Fsecret.txt", headers=alice_auth)
     assert response.status_code == 404
     assert b"not yours" not in response.content
@@ -392,9 +392,9 @@ def test_symlinked_artifact_is_404(client, sessions, alice_auth, artifact_root, 
     secret = artifact_root / "secret.txt"
     secret.write_text("not yours")
     (artifacts.job_dir(artifact_root, job_id) / "link.json").symlink_to(secret)
-    with sessions() as session:
-        jobs.add_artifact(session=session, job_id=job_id, name="link.json", size=9,
-                          sha256="0" * 64, media_type="application/json")
+    with sessions.begin() as session:
+        job_store.add_artifact(session=session, job_id=job_id, name="link.json", size=9,
+                               sha256="0" * 64, media_type="application/json")
     response = client.get(f"/v1/jobs/{job_id}/artifacts/link.json", headers=alice_auth)
     assert response.status_code == 404
     assert response.json()["error"]["message"] == "Artifact file is missing."

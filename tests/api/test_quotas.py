@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from metaserve.api.app import create_app
-from metaserve.service import jobs
+from metaserve.service import claims, jobs
 from metaserve.service.exceptions import QuotaExceeded
 from metaserve.service.orm import Job, JobStatusEvent
 from metaserve.service.settings import Settings
@@ -89,8 +89,8 @@ def test_the_queued_cap_is_per_user_and_admins_are_exempt(client, alice_auth, bo
 
 def test_running_jobs_do_not_count_toward_the_queued_cap(client, sessions, alice_auth):
     ids = [post(client, alice_auth, seed=seed).json()["id"] for seed in range(QUEUED_CAP)]
-    with sessions() as session:
-        claimed = jobs.claim_next_job(session=session, worker_id="w1", lease_s=30.0)
+    with sessions.begin() as session:
+        claimed = claims.claim_next_job(session=session, worker_id="w1", lease_s=30.0)
     assert claimed.id == ids[0]
     assert post(client, alice_auth, seed=9).status_code == 201
 
@@ -99,8 +99,9 @@ def test_a_job_over_the_running_cap_says_why_it_waits_in_get(client, sessions, a
     ids = [post(client, alice_auth, seed=seed).json()["id"] for seed in range(2)]
     with sessions() as session:
         for _ in range(2):
-            jobs.claim_next_job(session=session, worker_id="w1", lease_s=30.0,
-                                max_running_per_user=RUNNING_CAP)
+            with session.begin():
+                claims.claim_next_job(session=session, worker_id="w1", lease_s=30.0,
+                                      max_running_per_user=RUNNING_CAP)
     running, waiting = (client.get(f"/v1/jobs/{job_id}", headers=alice_auth).json()
                         for job_id in ids)
     assert (running["status"], running["message"]) == ("running", None)

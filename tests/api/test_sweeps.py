@@ -163,13 +163,14 @@ def test_cancelling_a_queued_sweep_cancels_its_driver_at_once_and_a_second_cance
 
 def test_trials_are_jobs_of_the_sweep_ranked_on_the_leaderboard_and_never_claimed(
         client, alice_auth, sessions, db_url, tmp_path):  # noqa: ANN001
-    from metaserve.service import child_jobs, job_runs, job_store, jobs
+    from metaserve.service import child_jobs, claims, job_runs, job_store
 
     sweep = client.post("/v1/sweeps", json=SWEEP, headers=alice_auth).json()
     settings = Settings(database_url=db_url, artifact_root=tmp_path / "a")
     first, second = "0" * 25 + "1", "0" * 25 + "2"
     with sessions() as session:  # the dispatcher claims the driver, which reports two trials
-        claimed = jobs.claim_next_job(session=session, worker_id="w", lease_s=30)
+        with session.begin():
+            claimed = claims.claim_next_job(session=session, worker_id="w", lease_s=30)
         assert claimed.id == sweep["driver_job_id"]
         run = job_runs.job_run(session=session, job=claimed, settings=settings)
         assert (run.job_id, run.sweep.sweep_id, run.sweep.trials) == (claimed.id, sweep["id"], {})
@@ -201,7 +202,8 @@ def test_trials_are_jobs_of_the_sweep_ranked_on_the_leaderboard_and_never_claime
             child_jobs.end_child_job(session=session, parent_job_id=claimed.id, worker_id="w",
                                 job_id=second, status=JobStatus.CANCELLED,
                                 message="stopped early by asha at iteration 5")
-        assert jobs.claim_next_job(session=session, worker_id="w2", lease_s=30) is None
+        with session.begin():
+            assert claims.claim_next_job(session=session, worker_id="w2", lease_s=30) is None
         resumed = job_runs.job_run(session=session, job=claimed, settings=settings)
         assert resumed.sweep.trials == {"t0": Trial(first, "succeeded", 0.5, 20),
                                         "t1": Trial(second, "cancelled", 1.5, 5)}
@@ -220,11 +222,12 @@ def test_trials_are_jobs_of_the_sweep_ranked_on_the_leaderboard_and_never_claime
 
 def test_a_driver_that_ends_ends_its_running_trials_with_it(client, alice_auth, sessions,
                                                             db_url):  # noqa: ANN001
-    from metaserve.service import child_jobs, job_store, jobs
+    from metaserve.service import child_jobs, claims, job_store
 
     sweep = client.post("/v1/sweeps", json=SWEEP, headers=alice_auth).json()
     with sessions() as session:
-        claimed = jobs.claim_next_job(session=session, worker_id="w", lease_s=30)
+        with session.begin():
+            claimed = claims.claim_next_job(session=session, worker_id="w", lease_s=30)
         spec = job_store.job_spec(claimed)
         session.commit()
         with session.begin():
@@ -233,9 +236,9 @@ def test_a_driver_that_ends_ends_its_running_trials_with_it(client, alice_auth, 
                                   spec=spec)
     cancelled = client.post(f"/v1/sweeps/{sweep['id']}/cancel", headers=alice_auth).json()
     assert (cancelled["status"], cancelled["trials"]) == ("cancelling", {"running": 1})
-    with sessions() as session:
-        jobs.finish_job(session=session, job_id=claimed.id, worker_id="w",
-                        status=JobStatus.CANCELLED)
+    with sessions.begin() as session:
+        job_store.finish_job(session=session, job_id=claimed.id, worker_id="w",
+                             status=JobStatus.CANCELLED)
     trial = client.get("/v1/jobs/" + "0" * 25 + "1", headers=alice_auth).json()
     assert (trial["status"], trial["message"]) == ("cancelled", "cancelled with its sweep")
     with sessions() as session:  # its history: each change recorded once

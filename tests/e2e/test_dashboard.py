@@ -25,7 +25,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 from metaserve.api.app import create_app
-from metaserve.service import auth, jobs
+from metaserve.service import auth, claims, job_store, jobs
 from metaserve.service.db import make_engine, session_factory
 from metaserve.service.orm import Base, JobStatus
 from metaserve.service.settings import Settings
@@ -100,8 +100,8 @@ def submit(site: dict, name: str, **spec) -> str:
 
 
 def claim(site: dict, job_id: str) -> None:
-    with site["sessions"]() as session:
-        claimed = jobs.claim_next_job(session=session, worker_id=WORKER, lease_s=600)
+    with site["sessions"].begin() as session:
+        claimed = claims.claim_next_job(session=session, worker_id=WORKER, lease_s=600)
     assert claimed is not None and claimed.id == job_id
 
 
@@ -111,17 +111,20 @@ def report(site: dict, job_id: str, steps: range, *, total: int = POINTS) -> Non
         (step, "train/loss_before", 2.0 / (1 + step / 400)),
         (step, "train/loss_after", 1.0 / (1 + step / 250)))]
     with site["sessions"]() as session:
-        jobs.add_metrics(session=session, job_id=job_id, rows=rows)
-        jobs.update_progress(session=session, job_id=job_id, worker_id=WORKER, message="",
-                             progress={"iteration": steps[-1], "total": total,
-                                       "tasks_per_s": 812.4, "eta_s": 30.0, "workers": 1})
+        with session.begin():
+            job_store.add_metrics(session=session, job_id=job_id, rows=rows)
+        with session.begin():
+            job_store.update_progress(session=session, job_id=job_id, worker_id=WORKER, message="",
+                                      progress={"iteration": steps[-1], "total": total,
+                                                "tasks_per_s": 812.4, "eta_s": 30.0,
+                                                "workers": 1})
 
 
 def evaluate(site: dict, job_id: str, step: int) -> None:
     rows = [(step, f"val/loss_step{k}", 0.9 / (k + 1)) for k in (1, 10)]
     rows += [(step, f"val/loss_step{k}_ci95", 0.05) for k in (1, 10)]
-    with site["sessions"]() as session:
-        jobs.add_metrics(session=session, job_id=job_id, rows=rows)
+    with site["sessions"].begin() as session:
+        job_store.add_metrics(session=session, job_id=job_id, rows=rows)
 
 
 def wait(browser, condition, timeout: float = 20.0, message: str = ""):  # noqa: ANN001, ANN201
@@ -207,9 +210,9 @@ def test_a_user_logs_in_sees_live_curves_compares_and_cancels_and_another_user_s
     # Compare the running and the finished job.
     claim(site, finished)
     report(site, finished, range(10, 201, 10), total=200)
-    with site["sessions"]() as session:
-        jobs.finish_job(session=session, job_id=finished, worker_id=WORKER,
-                        status=JobStatus.SUCCEEDED)
+    with site["sessions"].begin() as session:
+        job_store.finish_job(session=session, job_id=finished, worker_id=WORKER,
+                             status=JobStatus.SUCCEEDED)
     # The finished job's artifact downloads with the key in a header (the page hands the
     # bytes to the browser as a blob).
     from metaserve.service import artifacts
@@ -218,10 +221,10 @@ def test_a_user_logs_in_sees_live_curves_compares_and_cancels_and_another_user_s
     directory.mkdir(parents=True)
     (directory / "meta_init.json").write_text('{"kind": "meta_init"}')
     described = artifacts.describe(directory / "meta_init.json")
-    with site["sessions"]() as session:
-        jobs.add_artifact(session=session, job_id=finished, name="meta_init.json",
-                          size=described.size, sha256=described.sha256,
-                          media_type=described.media_type)
+    with site["sessions"].begin() as session:
+        job_store.add_artifact(session=session, job_id=finished, name="meta_init.json",
+                               size=described.size, sha256=described.sha256,
+                               media_type=described.media_type)
     browser.get(site["url"] + f"/#/jobs/{finished}")
     wait(browser, lambda b: b.find_elements(By.CSS_SELECTOR, "#artifacts button"),
          message="the artifact listed")
@@ -255,9 +258,11 @@ def test_a_user_logs_in_sees_live_curves_compares_and_cancels_and_another_user_s
     resubmitted = browser.current_url.split("/#/jobs/")[-1]
     wait(browser, lambda b: b.find_element(By.ID, "job-name").text == "sine-queued")
     with site["sessions"]() as session:
-        assert jobs.get_job(session=session, job_id=resubmitted, owner=site["alice"]).spec == \
-            jobs.get_job(session=session, job_id=queued, owner=site["alice"]).spec
-        jobs.request_cancel(session=session, job_id=resubmitted, owner=site["alice"])
+        with session.begin():
+            assert job_store.get_job_row(session=session, job_id=resubmitted, owner=site["alice"]).spec == \
+                job_store.get_job_row(session=session, job_id=queued, owner=site["alice"]).spec
+        with session.begin():
+            job_store.request_cancel(session=session, job_id=resubmitted, owner=site["alice"])
     browser.get(site["url"] + f"/#/jobs/{queued}")
     wait(browser, lambda b: b.execute_script(
         "const id = document.querySelector('.kv code'), cancel = document.getElementById('cancel');"
@@ -267,7 +272,7 @@ def test_a_user_logs_in_sees_live_curves_compares_and_cancels_and_another_user_s
     wait(browser, lambda b: b.find_element(By.ID, "job-status").text == "cancelled",
          message="cancelled on the page")
     with site["sessions"]() as session:
-        assert jobs.job_status(session=session, job_id=queued) is JobStatus.CANCELLED
+        assert job_store.job_status(session=session, job_id=queued) == JobStatus.CANCELLED
 
     # Bob: none of alice's jobs in his list, her job's page and its API calls say 404.
     browser.find_element(By.ID, "logout").click()

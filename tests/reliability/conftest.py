@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from metaserve.api.app import create_app
-from metaserve.service import artifacts, jobs
+from metaserve.service import artifacts, job_store
 from metaserve.service.settings import Settings
 from tests.helpers import TWO_LINE_SPEC, bearer, make_user
 
@@ -49,10 +49,10 @@ def admin_key(sessions) -> str:  # noqa: ANN001
 def register_file(sessions, job_id: str, path: Path) -> None:  # noqa: ANN001
     """Record ``path`` (under the job's directory) as an artifact, as the dispatcher does."""
     described = artifacts.describe(path)
-    with sessions() as session:
-        jobs.add_artifact(session=session, job_id=job_id, name=described.name,
-                          size=described.size, sha256=described.sha256,
-                          media_type=described.media_type)
+    with sessions.begin() as session:
+        job_store.add_artifact(session=session, job_id=job_id, name=described.name,
+                               size=described.size, sha256=described.sha256,
+                               media_type=described.media_type)
 
 
 @pytest.fixture
@@ -61,8 +61,8 @@ def alice_job(client, sessions, alice_key, artifact_root) -> str:  # noqa: ANN00
     headers = bearer(alice_key)
     job_id = client.post("/v1/jobs", json=TWO_LINE_SPEC, headers=headers).json()["id"]
     assert client.post(f"/v1/jobs/{job_id}/cancel", headers=headers).status_code == 200
-    with sessions() as session:
-        jobs.add_metrics(session=session, job_id=job_id, rows=[(1, "train/loss", 0.5)])
+    with sessions.begin() as session:
+        job_store.add_metrics(session=session, job_id=job_id, rows=[(1, "train/loss", 0.5)])
     recipe = artifacts.job_dir(artifact_root, job_id) / "meta_init.json"
     recipe.parent.mkdir(parents=True)
     recipe.write_text(json.dumps({"recipe": {"algorithm": "maml"}}))

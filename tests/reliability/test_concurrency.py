@@ -16,7 +16,7 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
-from metaserve.service import jobs
+from metaserve.service import job_store, jobs
 from metaserve.service.dispatcher import Dispatcher
 from metaserve.service.orm import Artifact, Job, Metric
 from metaserve.service.settings import Settings
@@ -104,9 +104,9 @@ def test_twenty_concurrent_writers_never_see_database_is_locked_on_sqlite(tmp_pa
         step = 0
         while not stop.is_set():
             step += 1
-            with sessions() as session:
-                jobs.add_metrics(session=session, job_id=job_id,
-                                 rows=[(step, f"m{i}", float(i)) for i in range(50)])
+            with sessions.begin() as session:
+                job_store.add_metrics(session=session, job_id=job_id,
+                                      rows=[(step, f"m{i}", float(i)) for i in range(50)])
         engine.dispose()
         return step
 

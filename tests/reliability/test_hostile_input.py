@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from metaserve.service import jobs
+from metaserve.service import job_store, jobs
 from metaserve.service.dispatcher import Dispatcher
 from metaserve.service.orm import JobStatus
 from metaserve.service.settings import MAX_BODY_BYTES, Settings
@@ -196,8 +196,8 @@ class _WritesMarkerWhenUnpickled:
 def wait_for_terminal(sessions, job_id: str, owner, timeout: float):  # noqa: ANN001, ANN201
     deadline = time.monotonic() + timeout
     while True:
-        with sessions() as session:
-            job = jobs.get_job(session=session, job_id=job_id, owner=owner)
+        with sessions.begin() as session:
+            job = job_store.get_job_row(session=session, job_id=job_id, owner=owner)
         if JobStatus(job.status).is_terminal() or time.monotonic() > deadline:
             return job
         time.sleep(0.2)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from metaserve.service import job_logs, jobs
+from metaserve.service import job_logs, job_store, jobs
 from metaserve.cli.metric_plots import metric_panel
 from metaserve.service.orm import JobStatus
 from metaserve.client import Event, Progress, progress_line
@@ -67,8 +67,8 @@ def test_wait_exits_0_for_a_succeeded_job_and_1_with_the_error_otherwise(
     good, bad = submitted(tmp_path), submitted(tmp_path)
     claim(sessions)
     finish(sessions, good, JobStatus.SUCCEEDED)
-    with sessions() as session:
-        jobs.request_cancel(session=session, job_id=bad, owner=_owner(session, bad))
+    with sessions.begin() as session:
+        job_store.request_cancel(session=session, job_id=bad, owner=_owner(session, bad))
     succeeded, cancelled = invoke("wait", "-q", good), invoke("wait", "-q", bad)
     assert (succeeded.exit_code, succeeded.output) == (0, f"{good}\n")
     assert (cancelled.exit_code, cancelled.output) == (
@@ -94,7 +94,7 @@ def test_ctrl_c_during_submit_wait_leaves_the_job_and_says_how_to_re_attach(
     assert process.returncode == 130
     assert f"Re-attach with: metaserve wait {job_id}" in err
     with sessions() as session:
-        assert jobs.job_status(session=session, job_id=job_id) is JobStatus.QUEUED
+        assert job_store.job_status(session=session, job_id=job_id) == JobStatus.QUEUED
 
 
 def test_list_and_status_print_json_and_a_422_prints_each_detail_under_the_message(

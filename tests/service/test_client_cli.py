@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from metaserve.service import jobs
+from metaserve.service import job_store
 from tests.helpers import invoke
 
 pytestmark = pytest.mark.usefixtures("isolated_config", "artifact_root")
@@ -63,11 +63,11 @@ def test_submit_wait_of_a_job_cancelled_before_it_ran_exits_1_with_its_status(
         from metaserve.service.orm import Job, User
 
         for _ in range(200):
-            with sessions() as session:
+            with sessions.begin() as session:
                 job = session.query(Job).first()
                 if job is not None:
                     owner = session.get(User, job.owner_id)
-                    jobs.request_cancel(session=session, job_id=job.id, owner=owner)
+                    job_store.request_cancel(session=session, job_id=job.id, owner=owner)
                     return
             threading.Event().wait(0.05)
 
@@ -98,8 +98,8 @@ def test_invalid_input_and_unknown_jobs_are_one_line_errors(logged_in: str, tmp_
 def test_metrics_prints_the_latest_values_and_plots_the_curves_and_fetch_needs_artifacts(
         logged_in: str, tmp_path: Path, sessions) -> None:  # noqa: ANN001
     job_id = invoke("submit", _spec(tmp_path)).output.split()[1]
-    with sessions() as session:
-        jobs.add_metrics(session=session, job_id=job_id, rows=[
+    with sessions.begin() as session:
+        job_store.add_metrics(session=session, job_id=job_id, rows=[
             (step, name, value) for step in (10, 20, 30)
             for name, value in (("train/loss_after", 3 / step), ("train/loss_before", 1.0))]
             + [(30, "val/loss_step1", 0.5), (30, "val/loss_step1_ci95", 0.1)])
@@ -128,9 +128,10 @@ def test_fetch_downloads_a_meta_rl_jobs_meta_policy(logged_in: str, tmp_path: Pa
     store = open_store(Settings().storage_config())
     with sessions() as session:
         for described in store.put(job_id, [written / name for name in files]):
-            jobs.add_artifact(session=session, job_id=job_id, name=described.name,
-                              size=described.size, sha256=described.sha256,
-                              media_type=described.media_type)
+            with session.begin():
+                job_store.add_artifact(session=session, job_id=job_id, name=described.name,
+                                       size=described.size, sha256=described.sha256,
+                                       media_type=described.media_type)
     fetched = invoke("fetch", job_id, "-o", str(tmp_path / "out"))
     assert (fetched.exit_code, fetched.output) == (
         0, f"downloaded meta_policy.json, meta_policy.safetensors to {tmp_path / 'out'}; load it "

@@ -11,7 +11,7 @@ import pytest
 from safetensors.torch import load_file
 from sqlalchemy import select, update
 
-from metaserve.service import artifacts, jobs
+from metaserve.service import artifacts, claims, job_store
 from metaserve.service.dispatcher import Dispatcher
 from metaserve.service.orm import Job, Metric
 from tests.helpers import submit_short_sine as submit
@@ -32,7 +32,7 @@ def test_a_job_runs_to_success_with_metrics_progress_and_artifacts(dispatcher, s
     with sessions() as session:
         steps = session.scalars(select(Metric.step).where(
             Metric.job_id == job_id, Metric.name == "train/loss_after").order_by(Metric.step)).all()
-        records = {a.name: a for a in jobs.list_artifacts(session=session, job_id=job_id)}
+        records = {a.name: a for a in job_store.list_artifacts(session=session, job_id=job_id)}
     assert steps == [5, 10, 15, 20, 25, 30]
     assert {"meta_init.safetensors", "meta_init.json", "checkpoint.safetensors",
             "checkpoint.json"} <= set(records)
@@ -109,8 +109,8 @@ def test_cancelling_a_running_job_stops_it_within_five_seconds(dispatcher, sessi
                                                                settings, tmp_path):  # noqa: ANN001
     job_id = submit(sessions, alice, iterations=1_000_000, checkpoint_every=20)
     running_past(sessions, job_id, 20)
-    with sessions() as session:
-        jobs.request_cancel(session=session, job_id=job_id, owner=alice)
+    with sessions.begin() as session:
+        job_store.request_cancel(session=session, job_id=job_id, owner=alice)
     asked = time.monotonic()
     job = wait_for(sessions, job_id, {"cancelled", "failed", "succeeded"}, timeout=10)
     assert job.status == "cancelled"
@@ -142,7 +142,8 @@ def test_a_restarted_embedded_dispatcher_takes_back_its_own_jobs_at_once(setting
                                                                          alice):  # noqa: ANN001
     with sessions() as session:
         job_id = submit(sessions, alice)
-        jobs.claim_next_job(session=session, worker_id="embedded:me", lease_s=3600)
+        with session.begin():
+            claims.claim_next_job(session=session, worker_id="embedded:me", lease_s=3600)
     restarted = Dispatcher(settings, sessions, worker_id="embedded:me")
     restarted.start()
     try:

@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 from sqlalchemy import func, select
 
-from metaserve.service import jobs
+from metaserve.service import claims, job_store
 from metaserve.service.orm import Job, JobStatus, User
 from metaserve.service.claims import waiting_message
 from tests.helpers import LEASE_S, make_user, reread
@@ -21,13 +21,15 @@ WAITING_ALICE = "waiting: alice already runs 2 jobs (METASERVE_MAX_RUNNING_JOBS_
 
 
 def claim(session, cap: int = 0, worker_id: str = "w1") -> Job | None:  # noqa: ANN001
-    return jobs.claim_next_job(session=session, worker_id=worker_id, lease_s=LEASE_S,
-                               max_running_per_user=cap)
+    with session.begin():
+        return claims.claim_next_job(session=session, worker_id=worker_id, lease_s=LEASE_S,
+                                     max_running_per_user=cap)
 
 
 def finish(session, job: Job, worker_id: str = "w1") -> None:  # noqa: ANN001
-    jobs.finish_job(session=session, job_id=job.id, worker_id=worker_id,
-                    status=JobStatus.SUCCEEDED)
+    with session.begin():
+        job_store.finish_job(session=session, job_id=job.id, worker_id=worker_id,
+                             status=JobStatus.SUCCEEDED)
 
 
 def claim_order_with_one_slot(session, cap: int = 0) -> list[str]:  # noqa: ANN001
@@ -68,7 +70,8 @@ def test_the_user_with_fewest_running_jobs_is_claimed_first(session, alice, bob)
 
 def test_an_expired_lease_is_recovered_before_any_queued_job(session, alice, bob):
     stalled = submit(session, alice)
-    jobs.claim_next_job(session=session, worker_id="dead", lease_s=-1.0)
+    with session.begin():
+        claims.claim_next_job(session=session, worker_id="dead", lease_s=-1.0)
     submit(session, bob)
     reclaimed = claim(session, cap=1)  # alice runs 1 = the cap: a reclaim is not a new run
     assert (reclaimed.id, reclaimed.attempt) == (stalled.id, 2)
@@ -79,7 +82,8 @@ def test_a_user_at_the_running_cap_waits_with_the_reason_until_one_of_their_jobs
     first, second, third = (submit(session, alice) for _ in range(3))
     assert [claim(session, CAP).id, claim(session, CAP).id] == [first.id, second.id]
     assert claim(session, CAP) is None
-    waiting = jobs.get_job(session=session, job_id=third.id, owner=alice)
+    with session.begin():
+        waiting = job_store.get_job_row(session=session, job_id=third.id, owner=alice)
     assert (waiting.status, waiting.message) == ("queued", WAITING_ALICE)
     assert waiting_message("alice", CAP) == WAITING_ALICE
     finish(session, reread(sessions, first.id))
@@ -112,8 +116,9 @@ def test_other_users_are_claimed_while_one_is_at_the_running_cap(session, alice,
 def test_excluded_jobs_are_passed_over_in_the_fair_order(session, alice, bob):
     alices = [submit(session, alice).id for _ in range(2)]
     submit(session, bob)
-    job = jobs.claim_next_job(session=session, worker_id="w1", lease_s=LEASE_S,
-                              exclude=[alices[0]])
+    with session.begin():
+        job = claims.claim_next_job(session=session, worker_id="w1", lease_s=LEASE_S,
+                                    exclude=[alices[0]])
     assert job.id == alices[1]
 
 

@@ -6,7 +6,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import func, select
 
-from metaserve.service import jobs
+from metaserve.service import claims, job_store, jobs
 from metaserve.service.exceptions import (IdempotencyConflict, InvalidCursor, InvalidTransition, JobNotFound,
                                           LeaseLost)
 from metaserve.service.orm import Job, JobStatus, utcnow
@@ -55,33 +55,42 @@ def test_idempotency_keys_are_per_owner(session, alice, bob):
 def test_get_job_of_another_user_is_not_found_but_admin_sees_it(session, alice, bob, admin):
     job = submit(session, alice)
     with pytest.raises(JobNotFound):
-        jobs.get_job(session=session, job_id=job.id, owner=bob)
-    assert jobs.get_job(session=session, job_id=job.id, owner=admin).id == job.id
+        with session.begin():
+            job_store.get_job_row(session=session, job_id=job.id, owner=bob)
+    with session.begin():
+        assert job_store.get_job_row(session=session, job_id=job.id, owner=admin).id == job.id
 
 
 def test_list_jobs_newest_first_paginated_and_filtered(session, alice, bob):
     ids = [submit(session, alice).id for _ in range(5)]
     submit(session, bob)
-    page, cursor = jobs.list_jobs(session=session, owner=alice, limit=2)
+    with session.begin():
+        page, cursor = job_store.list_jobs(session=session, owner=alice, limit=2)
     assert [job.id for job in page] == ids[::-1][:2]
-    page2, cursor2 = jobs.list_jobs(session=session, owner=alice, limit=2, cursor=cursor)
-    page3, cursor3 = jobs.list_jobs(session=session, owner=alice, limit=2, cursor=cursor2)
+    with session.begin():
+        page2, cursor2 = job_store.list_jobs(session=session, owner=alice, limit=2, cursor=cursor)
+    with session.begin():
+        page3, cursor3 = job_store.list_jobs(session=session, owner=alice, limit=2, cursor=cursor2)
     assert [job.id for job in page2 + page3] == ids[::-1][2:]
     assert cursor3 is None
-    jobs.request_cancel(session=session, job_id=ids[1], owner=alice)
-    cancelled, _ = jobs.list_jobs(session=session, owner=alice, status=JobStatus.CANCELLED)
+    with session.begin():
+        job_store.request_cancel(session=session, job_id=ids[1], owner=alice)
+    with session.begin():
+        cancelled, _ = job_store.list_jobs(session=session, owner=alice, status=JobStatus.CANCELLED)
     assert [job.id for job in cancelled] == [ids[1]]
 
 
 def test_list_jobs_rejects_garbage_cursor(session, alice):
     with pytest.raises(InvalidCursor):
-        jobs.list_jobs(session=session, owner=alice, cursor="not a cursor!")
+        with session.begin():
+            job_store.list_jobs(session=session, owner=alice, cursor="not a cursor!")
 
 
 def test_claim_takes_oldest_queued_job_with_a_lease(session, alice):
     first, _second = submit(session, alice), submit(session, alice)
     before = utcnow()
-    job = jobs.claim_next_job(session=session, worker_id="w1", lease_s=LEASE_S)
+    with session.begin():
+        job = claims.claim_next_job(session=session, worker_id="w1", lease_s=LEASE_S)
     assert (job.id, job.status, job.attempt, job.lease_owner) == (first.id, "running", 1, "w1")
     assert before + timedelta(seconds=LEASE_S - 1) < job.lease_expires_at
     assert job.lease_expires_at <= utcnow() + timedelta(seconds=LEASE_S)
@@ -90,25 +99,32 @@ def test_claim_takes_oldest_queued_job_with_a_lease(session, alice):
 
 def test_claim_skips_job_with_live_lease(session, alice):
     submit(session, alice)
-    assert jobs.claim_next_job(session=session, worker_id="w1", lease_s=LEASE_S) is not None
-    assert jobs.claim_next_job(session=session, worker_id="w2", lease_s=LEASE_S) is None
+    with session.begin():
+        assert claims.claim_next_job(session=session, worker_id="w1", lease_s=LEASE_S) is not None
+    with session.begin():
+        assert claims.claim_next_job(session=session, worker_id="w2", lease_s=LEASE_S) is None
 
 
 def test_expired_lease_is_reclaimed_with_attempt_2(sessions, session, alice):
     job = submit(session, alice)
-    jobs.claim_next_job(session=session, worker_id="dead", lease_s=EXPIRED)
-    reclaimed = jobs.claim_next_job(session=session, worker_id="w2", lease_s=LEASE_S)
+    with session.begin():
+        claims.claim_next_job(session=session, worker_id="dead", lease_s=EXPIRED)
+    with session.begin():
+        reclaimed = claims.claim_next_job(session=session, worker_id="w2", lease_s=LEASE_S)
     assert (reclaimed.id, reclaimed.status, reclaimed.attempt, reclaimed.lease_owner) == (
         job.id, "running", 2, "w2")
     with pytest.raises(LeaseLost):
-        jobs.renew_lease(session=session, job_id=job.id, worker_id="dead", lease_s=LEASE_S)
+        with session.begin():
+            job_store.renew_lease(session=session, job_id=job.id, worker_id="dead", lease_s=LEASE_S)
 
 
 def test_reclaim_past_max_attempts_fails_job_and_claims_the_next(sessions, session, alice):
     doomed = submit(session, alice, max_attempts=1)
     waiting = submit(session, alice)
-    jobs.claim_next_job(session=session, worker_id="dead", lease_s=EXPIRED)
-    claimed = jobs.claim_next_job(session=session, worker_id="w2", lease_s=LEASE_S)
+    with session.begin():
+        claims.claim_next_job(session=session, worker_id="dead", lease_s=EXPIRED)
+    with session.begin():
+        claimed = claims.claim_next_job(session=session, worker_id="w2", lease_s=LEASE_S)
     assert claimed.id == waiting.id
     failed = reread(sessions, doomed.id)
     assert (failed.status, failed.attempt, failed.error, failed.lease_owner) == (
@@ -118,47 +134,58 @@ def test_reclaim_past_max_attempts_fails_job_and_claims_the_next(sessions, sessi
 
 def test_reclaim_past_max_attempts_reports_the_last_error(sessions, session, alice):
     job = submit(session, alice, max_attempts=2)
-    jobs.claim_next_job(session=session, worker_id="w1", lease_s=LEASE_S)
-    jobs.fail_attempt(session=session, job_id=job.id, worker_id="w1", error="CUDA OOM")
-    jobs.claim_next_job(session=session, worker_id="dead", lease_s=EXPIRED)
-    assert jobs.claim_next_job(session=session, worker_id="w3", lease_s=LEASE_S) is None
+    with session.begin():
+        claims.claim_next_job(session=session, worker_id="w1", lease_s=LEASE_S)
+    with session.begin():
+        job_store.fail_attempt(session=session, job_id=job.id, worker_id="w1", error="CUDA OOM")
+    with session.begin():
+        claims.claim_next_job(session=session, worker_id="dead", lease_s=EXPIRED)
+    with session.begin():
+        assert claims.claim_next_job(session=session, worker_id="w3", lease_s=LEASE_S) is None
     assert reread(sessions, job.id).error == "gave up after 2 attempts: CUDA OOM"
 
 
 def test_reclaimed_cancelling_job_becomes_cancelled(sessions, session, alice):
     job = submit(session, alice)
-    jobs.claim_next_job(session=session, worker_id="dead", lease_s=EXPIRED)
-    assert jobs.request_cancel(session=session, job_id=job.id, owner=alice).status == "cancelling"
-    assert jobs.claim_next_job(session=session, worker_id="w2", lease_s=LEASE_S) is None
+    with session.begin():
+        claims.claim_next_job(session=session, worker_id="dead", lease_s=EXPIRED)
+    with session.begin():
+        assert job_store.request_cancel(session=session, job_id=job.id, owner=alice).status == "cancelling"
+    with session.begin():
+        assert claims.claim_next_job(session=session, worker_id="w2", lease_s=LEASE_S) is None
     assert reread(sessions, job.id).status == "cancelled"
 
 
 def test_two_concurrent_claimers_claim_each_of_200_jobs_exactly_once(sessions, alice):
     with sessions() as session:
         submitted = {submit(session, alice).id for _ in range(200)}
-    claims: dict[str, list[str]] = {"w1": [], "w2": []}
+    claimed_by: dict[str, list[str]] = {"w1": [], "w2": []}
     start = threading.Barrier(2)
     errors: list[BaseException] = []
 
     def claimer(worker_id: str) -> None:
         try:
             start.wait()
-            with sessions() as own_session:  # its own connection
-                while (job := jobs.claim_next_job(session=own_session, worker_id=worker_id,
-                                                  lease_s=LEASE_S)) is not None:
-                    claims[worker_id].append(job.id)
+            with sessions() as own_session:  # its own connection, a transaction per claim
+                while True:
+                    with own_session.begin():
+                        job = claims.claim_next_job(session=own_session, worker_id=worker_id,
+                                                    lease_s=LEASE_S)
+                    if job is None:
+                        break
+                    claimed_by[worker_id].append(job.id)
         except BaseException as exc:  # noqa: BLE001 - re-raised below in the test thread
             errors.append(exc)
 
-    threads = [threading.Thread(target=claimer, args=(worker,)) for worker in claims]
+    threads = [threading.Thread(target=claimer, args=(worker,)) for worker in claimed_by]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=120)
     assert errors == []
-    all_claims = claims["w1"] + claims["w2"]
+    all_claims = claimed_by["w1"] + claimed_by["w2"]
     assert sorted(all_claims) == sorted(submitted)  # each exactly once
-    assert claims["w1"] and claims["w2"]  # both really competed
+    assert claimed_by["w1"] and claimed_by["w2"]  # both really competed
     with sessions() as session:
         assert session.execute(select(Job.status, Job.attempt, func.count()).group_by(
             Job.status, Job.attempt)).all() == [("running", 1, 200)]
@@ -166,80 +193,103 @@ def test_two_concurrent_claimers_claim_each_of_200_jobs_exactly_once(sessions, a
 
 def test_renew_lease_extends_it_and_shows_a_cancel_request(session, alice):
     job = submit(session, alice)
-    first_expiry = jobs.claim_next_job(session=session, worker_id="w1",
-                                       lease_s=1.0).lease_expires_at
-    jobs.request_cancel(session=session, job_id=job.id, owner=alice)
-    renewed = jobs.renew_lease(session=session, job_id=job.id, worker_id="w1", lease_s=LEASE_S)
+    with session.begin():
+        first_expiry = claims.claim_next_job(session=session, worker_id="w1",
+                                             lease_s=1.0).lease_expires_at
+    with session.begin():
+        job_store.request_cancel(session=session, job_id=job.id, owner=alice)
+    with session.begin():
+        renewed = job_store.renew_lease(session=session, job_id=job.id, worker_id="w1", lease_s=LEASE_S)
     assert renewed.status == "cancelling"
     assert renewed.lease_expires_at > first_expiry + timedelta(seconds=LEASE_S - 2)
 
 
 def test_renew_lease_by_another_worker_raises_lease_lost(session, alice):
     job = submit(session, alice)
-    jobs.claim_next_job(session=session, worker_id="w1", lease_s=LEASE_S)
+    with session.begin():
+        claims.claim_next_job(session=session, worker_id="w1", lease_s=LEASE_S)
     with pytest.raises(LeaseLost) as info:
-        jobs.renew_lease(session=session, job_id=job.id, worker_id="w2", lease_s=LEASE_S)
+        with session.begin():
+            job_store.renew_lease(session=session, job_id=job.id, worker_id="w2", lease_s=LEASE_S)
     assert info.value.details == {"job_id": job.id, "worker_id": "w2"}
 
 
 def test_update_progress_sets_progress_and_message(sessions, session, alice):
     job = submit(session, alice)
-    jobs.claim_next_job(session=session, worker_id="w1", lease_s=LEASE_S)
+    with session.begin():
+        claims.claim_next_job(session=session, worker_id="w1", lease_s=LEASE_S)
     progress = {"iteration": 10, "total": 1000, "tasks_per_s": 250.0, "eta_s": 39.6, "workers": 2}
-    jobs.update_progress(session=session, job_id=job.id, worker_id="w1", progress=progress,
-                         message="training")
+    with session.begin():
+        job_store.update_progress(session=session, job_id=job.id, worker_id="w1", progress=progress,
+                                  message="training")
     stored = reread(sessions, job.id)
     assert (stored.progress, stored.message) == (progress, "training")
     with pytest.raises(LeaseLost):
-        jobs.update_progress(session=session, job_id=job.id, worker_id="w2", progress={})
+        with session.begin():
+            job_store.update_progress(session=session, job_id=job.id, worker_id="w2", progress={})
 
 
 def test_release_job_requeues_without_counting_the_attempt(sessions, session, alice):
     job = submit(session, alice)
-    jobs.claim_next_job(session=session, worker_id="w1", lease_s=LEASE_S)
+    with session.begin():
+        claims.claim_next_job(session=session, worker_id="w1", lease_s=LEASE_S)
     message = "waiting for resources: job asks 4 GPUs, cluster has 0"
-    jobs.release_job(session=session, job_id=job.id, worker_id="w1", message=message)
+    with session.begin():
+        job_store.release_job(session=session, job_id=job.id, worker_id="w1", message=message)
     stored = reread(sessions, job.id)
     assert (stored.status, stored.attempt, stored.lease_owner, stored.lease_expires_at,
             stored.message) == ("queued", 0, None, None, message)
-    assert jobs.claim_next_job(session=session, worker_id="w2", lease_s=LEASE_S).attempt == 1
+    with session.begin():
+        assert claims.claim_next_job(session=session, worker_id="w2", lease_s=LEASE_S).attempt == 1
 
 
 @pytest.mark.parametrize("status", [JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED])
 def test_finish_job_by_lease_owner_is_terminal_and_never_left(sessions, session, alice, status):
     job = submit(session, alice)
-    jobs.claim_next_job(session=session, worker_id="w1", lease_s=LEASE_S)
+    with session.begin():
+        claims.claim_next_job(session=session, worker_id="w1", lease_s=LEASE_S)
     with pytest.raises(LeaseLost):
-        jobs.finish_job(session=session, job_id=job.id, worker_id="w2", status=status)
-    jobs.finish_job(session=session, job_id=job.id, worker_id="w1", status=status,
-                    error="boom" if status is JobStatus.FAILED else None)
+        with session.begin():
+            job_store.finish_job(session=session, job_id=job.id, worker_id="w2", status=status)
+    with session.begin():
+        job_store.finish_job(session=session, job_id=job.id, worker_id="w1", status=status,
+                             error="boom" if status is JobStatus.FAILED else None)
     stored = reread(sessions, job.id)
     assert (stored.status, stored.lease_owner, stored.error) == (
         status.value, None, "boom" if status is JobStatus.FAILED else None)
     assert stored.finished_at is not None
     with pytest.raises(LeaseLost):
-        jobs.finish_job(session=session, job_id=job.id, worker_id="w1", status=JobStatus.SUCCEEDED)
+        with session.begin():
+            job_store.finish_job(session=session, job_id=job.id, worker_id="w1", status=JobStatus.SUCCEEDED)
     with pytest.raises(InvalidTransition):
-        jobs.request_cancel(session=session, job_id=job.id, owner=alice)
-    assert jobs.claim_next_job(session=session, worker_id="w3", lease_s=EXPIRED) is None
+        with session.begin():
+            job_store.request_cancel(session=session, job_id=job.id, owner=alice)
+    with session.begin():
+        assert claims.claim_next_job(session=session, worker_id="w3", lease_s=EXPIRED) is None
 
 
 def test_finish_job_refuses_a_non_terminal_status(session, alice):
     job = submit(session, alice)
-    jobs.claim_next_job(session=session, worker_id="w1", lease_s=LEASE_S)
+    with session.begin():
+        claims.claim_next_job(session=session, worker_id="w1", lease_s=LEASE_S)
     with pytest.raises(InvalidTransition):
-        jobs.finish_job(session=session, job_id=job.id, worker_id="w1", status=JobStatus.QUEUED)
+        with session.begin():
+            job_store.finish_job(session=session, job_id=job.id, worker_id="w1", status=JobStatus.QUEUED)
 
 
 def test_fail_attempt_requeues_until_max_attempts_then_fails(sessions, session, alice):
     job = submit(session, alice, max_attempts=2)
-    jobs.claim_next_job(session=session, worker_id="w1", lease_s=LEASE_S)
-    jobs.fail_attempt(session=session, job_id=job.id, worker_id="w1", error="actor died")
+    with session.begin():
+        claims.claim_next_job(session=session, worker_id="w1", lease_s=LEASE_S)
+    with session.begin():
+        job_store.fail_attempt(session=session, job_id=job.id, worker_id="w1", error="actor died")
     stored = reread(sessions, job.id)
     assert (stored.status, stored.attempt, stored.error, stored.lease_owner) == (
         "queued", 1, "actor died", None)
-    assert jobs.claim_next_job(session=session, worker_id="w2", lease_s=LEASE_S).attempt == 2
-    jobs.fail_attempt(session=session, job_id=job.id, worker_id="w2", error="actor died again")
+    with session.begin():
+        assert claims.claim_next_job(session=session, worker_id="w2", lease_s=LEASE_S).attempt == 2
+    with session.begin():
+        job_store.fail_attempt(session=session, job_id=job.id, worker_id="w2", error="actor died again")
     stored = reread(sessions, job.id)
     assert (stored.status, stored.attempt, stored.error) == ("failed", 2, "actor died again")
     assert stored.message == "failed: actor died again"
@@ -247,9 +297,11 @@ def test_fail_attempt_requeues_until_max_attempts_then_fails(sessions, session, 
 
 def test_fail_attempt_without_retry_fails_at_once_with_attempts_left(sessions, session, alice):
     job = submit(session, alice, max_attempts=3)
-    jobs.claim_next_job(session=session, worker_id="w1", lease_s=LEASE_S)
-    jobs.fail_attempt(session=session, job_id=job.id, worker_id="w1",
-                      error="DatasetError: dataset path '/x' does not exist", retry=False)
+    with session.begin():
+        claims.claim_next_job(session=session, worker_id="w1", lease_s=LEASE_S)
+    with session.begin():
+        job_store.fail_attempt(session=session, job_id=job.id, worker_id="w1",
+                               error="DatasetError: dataset path '/x' does not exist", retry=False)
     stored = reread(sessions, job.id)
     assert (stored.status, stored.attempt, stored.lease_owner, stored.message) == (
         "failed", 1, None, "failed: DatasetError: dataset path '/x' does not exist")
@@ -257,52 +309,70 @@ def test_fail_attempt_without_retry_fails_at_once_with_attempts_left(sessions, s
 
 def test_fail_attempt_of_a_cancelling_job_cancels_it(sessions, session, alice):
     job = submit(session, alice)
-    jobs.claim_next_job(session=session, worker_id="w1", lease_s=LEASE_S)
-    jobs.request_cancel(session=session, job_id=job.id, owner=alice)
-    jobs.fail_attempt(session=session, job_id=job.id, worker_id="w1", error="stopped")
+    with session.begin():
+        claims.claim_next_job(session=session, worker_id="w1", lease_s=LEASE_S)
+    with session.begin():
+        job_store.request_cancel(session=session, job_id=job.id, owner=alice)
+    with session.begin():
+        job_store.fail_attempt(session=session, job_id=job.id, worker_id="w1", error="stopped")
     assert reread(sessions, job.id).status == "cancelled"
 
 
 def test_cancel_queued_job_is_immediate_and_running_job_goes_cancelling(session, alice):
     queued, running = submit(session, alice), submit(session, alice)
-    jobs.request_cancel(session=session, job_id=queued.id, owner=alice)  # before the claim
-    assert jobs.claim_next_job(session=session, worker_id="w1", lease_s=LEASE_S).id == running.id
-    cancelled = jobs.get_job(session=session, job_id=queued.id, owner=alice)
+    with session.begin():
+        job_store.request_cancel(session=session, job_id=queued.id, owner=alice)  # before the claim
+    with session.begin():
+        assert claims.claim_next_job(session=session, worker_id="w1", lease_s=LEASE_S).id == running.id
+    with session.begin():
+        cancelled = job_store.get_job_row(session=session, job_id=queued.id, owner=alice)
     assert (cancelled.status, cancelled.finished_at is not None) == ("cancelled", True)
-    cancelling = jobs.request_cancel(session=session, job_id=running.id, owner=alice)
+    with session.begin():
+        cancelling = job_store.request_cancel(session=session, job_id=running.id, owner=alice)
     assert (cancelling.status, cancelling.lease_owner) == ("cancelling", "w1")
-    again = jobs.request_cancel(session=session, job_id=running.id, owner=alice)
+    with session.begin():
+        again = job_store.request_cancel(session=session, job_id=running.id, owner=alice)
     assert again.status == "cancelling"
 
 
 def test_cancel_of_another_users_job_is_not_found(session, alice, bob):
     job = submit(session, alice)
     with pytest.raises(JobNotFound):
-        jobs.request_cancel(session=session, job_id=job.id, owner=bob)
-    assert jobs.get_job(session=session, job_id=job.id, owner=alice).status == "queued"
+        with session.begin():
+            job_store.request_cancel(session=session, job_id=job.id, owner=bob)
+    with session.begin():
+        assert job_store.get_job_row(session=session, job_id=job.id, owner=alice).status == "queued"
 
 
 def test_add_metrics_ignores_rewritten_steps(session, alice):
     job = submit(session, alice)
-    assert jobs.add_metrics(session=session, job_id=job.id,
-                            rows=[(0, "loss", 1.0), (1, "loss", 0.5), (0, "acc", 0.1)]) == 3
-    assert jobs.add_metrics(session=session, job_id=job.id,
-                            rows=[(1, "loss", 99.0), (2, "loss", 0.25)]) == 1
-    rows = jobs.get_metrics(session=session, job_id=job.id)
+    with session.begin():
+        assert job_store.add_metrics(session=session, job_id=job.id,
+                                     rows=[(0, "loss", 1.0), (1, "loss", 0.5), (0, "acc", 0.1)]) == 3
+    with session.begin():
+        assert job_store.add_metrics(session=session, job_id=job.id,
+                                     rows=[(1, "loss", 99.0), (2, "loss", 0.25)]) == 1
+    with session.begin():
+        rows = job_store.get_metrics(session=session, job_id=job.id)
     assert [(m.name, m.step, m.value) for m in rows] == [
         ("acc", 0, 0.1), ("loss", 0, 1.0), ("loss", 1, 0.5), ("loss", 2, 0.25)]
-    since = jobs.get_metrics(session=session, job_id=job.id, name="loss", since_step=0)
+    with session.begin():
+        since = job_store.get_metrics(session=session, job_id=job.id, name="loss", since_step=0)
     assert [(m.step, m.value) for m in since] == [(1, 0.5), (2, 0.25)]
 
 
 def test_add_artifact_upserts_by_name(session, alice):
     job = submit(session, alice)
-    jobs.add_artifact(session=session, job_id=job.id, name="meta_init.safetensors", size=10,
-                      sha256="a" * 64, media_type="application/octet-stream")
-    jobs.add_artifact(session=session, job_id=job.id, name="meta_init.json", size=3,
-                      sha256="c" * 64, media_type="application/json")
-    jobs.add_artifact(session=session, job_id=job.id, name="meta_init.safetensors", size=20,
-                      sha256="b" * 64, media_type="application/octet-stream")
-    assert [(a.name, a.size, a.sha256) for a in jobs.list_artifacts(session=session,
-                                                                    job_id=job.id)] == [
-        ("meta_init.json", 3, "c" * 64), ("meta_init.safetensors", 20, "b" * 64)]
+    with session.begin():
+        job_store.add_artifact(session=session, job_id=job.id, name="meta_init.safetensors", size=10,
+                               sha256="a" * 64, media_type="application/octet-stream")
+    with session.begin():
+        job_store.add_artifact(session=session, job_id=job.id, name="meta_init.json", size=3,
+                               sha256="c" * 64, media_type="application/json")
+    with session.begin():
+        job_store.add_artifact(session=session, job_id=job.id, name="meta_init.safetensors", size=20,
+                               sha256="b" * 64, media_type="application/octet-stream")
+    with session.begin():
+        assert [(a.name, a.size, a.sha256) for a in job_store.list_artifacts(session=session,
+                                                                             job_id=job.id)] == [
+            ("meta_init.json", 3, "c" * 64), ("meta_init.safetensors", 20, "b" * 64)]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from metaserve.service import child_jobs, job_store, jobs
+from metaserve.service import child_jobs, claims, job_store
 from metaserve.cli import app
 from metaserve.client import Client
 from metaserve.service.orm import JobStatus
@@ -40,7 +40,8 @@ def run_one_trial(sessions, db_url: str, root: Path) -> str:  # noqa: ANN001
     """Claim the driver and record one finished trial and the sweep's artifacts, as the
     dispatcher does from the Tune driver's events; the driver job's id."""
     with sessions() as session:
-        driver = jobs.claim_next_job(session=session, worker_id="w", lease_s=30)
+        with session.begin():
+            driver = claims.claim_next_job(session=session, worker_id="w", lease_s=30)
         base = job_store.job_spec(driver)
         session.commit()
         trial = base.model_copy(update={"algorithm": base.algorithm.model_copy(
@@ -60,8 +61,9 @@ def run_one_trial(sessions, db_url: str, root: Path) -> str:  # noqa: ANN001
     files = open_store(StorageConfig(root=str(root))).put(driver.id, sorted(scratch.iterdir()))
     with sessions() as session:
         for file in files:
-            jobs.add_artifact(session=session, job_id=driver.id, name=file.name, size=file.size,
-                              sha256=file.sha256, media_type=file.media_type)
+            with session.begin():
+                job_store.add_artifact(session=session, job_id=driver.id, name=file.name, size=file.size,
+                                       sha256=file.sha256, media_type=file.media_type)
     return driver.id
 
 
