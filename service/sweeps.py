@@ -161,6 +161,7 @@ def _validate(request: SweepSpec, settings: Settings,
             "scheduler": scheduler, "num_samples": request.num_samples,
             "max_concurrent_trials": request.max_concurrent_trials, "trials": trials}, base_spec
 
+
 def _check_costliest(base: dict[str, Any], domains: dict[str, tuple[str, Any]],
                      settings: Settings, trials: int) -> None:
     """Every trial the space can give passes the per-job caps: its most expensive point does
@@ -207,7 +208,6 @@ def _paths_to_blame(base: dict[str, Any], config: dict[str, Any],
             continue
         needed.append(path)
     return needed or varied
-
 
 
 def _require_optuna() -> None:

@@ -81,6 +81,29 @@ def stream_slots(request: Request) -> StreamSlots:
     return slots
 
 
+def open_stream(request: Request, user: User, body: AsyncIterator[str]) -> StreamingResponse:
+    """The SSE response of ``body`` (a job's events or its log lines) in one of ``user``'s
+    stream slots: 429 when they are all taken. The slot is the stream's from here, released
+    when ``body`` ends or its client goes away; a client is told to reconnect after RETRY_MS."""
+    slots = stream_slots(request)
+    if not slots.acquire(user.id):
+        raise TooManyStreams(f"{slots.limit} event streams of yours are open on this server; "
+                             "close one or retry later", open_streams=slots.limit,
+                             retry_after_s=STREAM_RETRY_AFTER_S)
+
+    async def stream() -> AsyncIterator[str]:
+        try:
+            yield f"retry: {RETRY_MS}\n\n"
+            async for chunk in body:
+                yield chunk
+        finally:
+            await body.aclose()
+            slots.release(user.id)
+
+    return StreamingResponse(stream(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
 class StreamKeyCheck:
     """An open stream's look at its API key in the database (not the key cache) every
     ``stream_key_check_s``: a key revoked or rotated out, by this server or any other process,
@@ -133,17 +156,15 @@ async def _stream(request: Request, job_id: str, user: User,
         with factory() as session:
             return events.poll_job_events(session=session, job_id=job_id, owner=user, after=after)
 
-    slots, watch = stream_slots(request), job_watch(request)
+    watch = job_watch(request)
     key_check = StreamKeyCheck(request, user)
     version = watch.watch(job_id)
     try:
-        yield f"retry: {RETRY_MS}\n\n"
         async for chunk in _event_loop(request, watch, job_id, version, poll, cursor,
                                        key_check):
             yield chunk
     finally:
         watch.unwatch(job_id)
-        slots.release(user.id)
 
 
 async def _event_loop(request: Request, watch: JobWatch, job_id: str, version: int,
@@ -205,16 +226,8 @@ async def job_events(
     """Server-Sent Events of the job until it is terminal; resumes after `Last-Event-ID`."""
     cursor = events.EventCursor.parse(last_event_id or after)
     await run_in_threadpool(_check_job, session, job_id, user)  # 404 before the stream starts
-    slots = stream_slots(request)
-    if not slots.acquire(user.id):
-        raise TooManyStreams(f"{slots.limit} event streams of yours are open on this server; "
-                             "close one or retry later", open_streams=slots.limit,
-                             retry_after_s=STREAM_RETRY_AFTER_S)
     # ``user`` is the key cache's transient copy: safe to use after this request's session
-    # From here the slot is the stream's: released when it ends or its client goes away.
-    return StreamingResponse(_stream(request, job_id, user, cursor),
-                             media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return open_stream(request, user, _stream(request, job_id, user, cursor))
 
 
 def _check_job(session, job_id: str, user: User) -> None:  # noqa: ANN001

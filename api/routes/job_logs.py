@@ -11,21 +11,12 @@ from typing import Annotated
 
 import anyio
 from fastapi import APIRouter, Header, Query, Request
-from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from metaserve.api.deps import CurrentUser, PathText
-from metaserve.api.routes.events import (
-    KEEPALIVE_S,
-    POLL_S,
-    RETRY_MS,
-    STREAM_RETRY_AFTER_S,
-    StreamKeyCheck,
-    stream_slots,
-)
+from metaserve.api.routes.events import KEEPALIVE_S, POLL_S, StreamKeyCheck, open_stream
 from metaserve.api.schemas import ErrorResponse
-from metaserve.service.exceptions import TooManyStreams
 from metaserve.service.job_logs import MAX_LOG_PAGE, LogPage, read_logs
 from metaserve.service.orm import User
 
@@ -67,33 +58,28 @@ async def _follow(request: Request, job_id: str, user: User, after: int) -> Asyn
             return read_logs(session=session, job_id=job_id, owner=user, after=cursor,
                              limit=MAX_LOG_PAGE)
 
-    slots = stream_slots(request)
     key_check = StreamKeyCheck(request, user)
-    try:
-        yield f"retry: {RETRY_MS}\n\n"
-        last_sent = time.monotonic()
-        while True:
-            if (closing := await key_check.closing_event()) is not None:
-                yield closing
-                return
-            page = await run_in_threadpool(poll, after)
-            for line in page.lines:
-                yield format_line(line)
-            after = page.next_after
-            if page.ended:
-                yield f"event: end\ndata: {json.dumps({'status': page.status})}\n\n"
-                return
-            if page.lines:
-                last_sent = time.monotonic()
-            elif time.monotonic() - last_sent > KEEPALIVE_S:
-                yield ": keep-alive\n\n"
-                last_sent = time.monotonic()
-            if await request.is_disconnected():
-                return
-            if page.complete:
-                await anyio.sleep(POLL_S * 2)
-    finally:
-        slots.release(user.id)
+    last_sent = time.monotonic()
+    while True:
+        if (closing := await key_check.closing_event()) is not None:
+            yield closing
+            return
+        page = await run_in_threadpool(poll, after)
+        for line in page.lines:
+            yield format_line(line)
+        after = page.next_after
+        if page.ended:
+            yield f"event: end\ndata: {json.dumps({'status': page.status})}\n\n"
+            return
+        if page.lines:
+            last_sent = time.monotonic()
+        elif time.monotonic() - last_sent > KEEPALIVE_S:
+            yield ": keep-alive\n\n"
+            last_sent = time.monotonic()
+        if await request.is_disconnected():
+            return
+        if page.complete:
+            await anyio.sleep(POLL_S * 2)
 
 
 @router.get("/{job_id}/logs", response_model=LogsPublic, responses={
@@ -128,11 +114,4 @@ async def job_logs(
         return LogsPublic(data=page.lines, next_after=page.next_after, dropped=page.dropped,
                           status=page.status, complete=page.complete)
     await run_in_threadpool(read, after, 1)  # 404 before the stream starts
-    slots = stream_slots(request)
-    if not slots.acquire(user.id):
-        raise TooManyStreams(f"{slots.limit} event streams of yours are open on this server; "
-                             "close one or retry later", open_streams=slots.limit,
-                             retry_after_s=STREAM_RETRY_AFTER_S)
-    return StreamingResponse(_follow(request, job_id, user, after),
-                             media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return open_stream(request, user, _follow(request, job_id, user, after))
