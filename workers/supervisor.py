@@ -174,7 +174,7 @@ class JobSupervisor:
         kind = job_kind(self.job)
         driver = node_info()
         log_handler = capture_logs(lambda records: self.event(job_id, "logs", records),
-                                   f"{kind.name} driver pid {driver['pid']}")
+                                   f"driver pid {driver['pid']}")
         this_actor = ray.get_runtime_context().current_actor
         # Inner-loop workers send their records to this actor (add_logs).
         options = replace(self.options, log_sink=this_actor)
