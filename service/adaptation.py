@@ -114,7 +114,7 @@ def get_adaptable_job(*, session: Session, job_id: str,
     with session.begin():
         job = job_store.get_job(session=session, job_id=job_id, owner=owner)
         records = {a.name: a for a in job_store.list_artifacts(session=session, job_id=job_id)}
-    if JobSpec.model_validate(job.spec).is_rl:  # its artifact is a meta_policy
+    if job_store.job_spec(job).is_rl:  # its artifact is a meta_policy
         algorithm, family = job.spec["algorithm"]["name"], job.spec["task_family"]["name"]
         raise NotAdaptable(
             f"job {job_id} is a meta-RL job ({algorithm} on {family}): its artifact is a "
