@@ -27,20 +27,22 @@ SWEEP = {"name": "resumed", "spec": SPEC,
 def test_a_sigkilled_server_finishes_the_sweep_without_rerunning_finished_trials(
         tmp_path: Path) -> None:
     server = ServerProcess(tmp_path).start()
-    with server.client() as client:
-        sweep_id = client.post("/v1/sweeps", json=SWEEP).json()["id"]
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:  # one read: the sweep and its trials at one moment
-            board = client.get(f"/v1/sweeps/{sweep_id}/trials").json()
-            sweep, statuses = board["sweep"], [t["status"] for t in board["data"]]
-            if "succeeded" in statuses and "running" in statuses:
-                break
-            time.sleep(0.2)
-        before = {t["job_id"]: t for t in board["data"]}
+    try:
+        with server.client() as client:
+            sweep_id = client.post("/v1/sweeps", json=SWEEP).json()["id"]
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:  # one read: the sweep and its trials at one moment
+                board = client.get(f"/v1/sweeps/{sweep_id}/trials").json()
+                sweep, statuses = board["sweep"], [t["status"] for t in board["data"]]
+                if "succeeded" in statuses and "running" in statuses:
+                    break
+                time.sleep(0.2)
+            before = {t["job_id"]: t for t in board["data"]}
+    finally:  # the kill the test is about, and no server left behind when it fails before
+        server.kill()
     assert sweep["status"] == "running", sweep
     finished_before = {job_id: t for job_id, t in before.items() if t["status"] == "succeeded"}
     assert finished_before and any(t["status"] == "running" for t in before.values()), before
-    server.kill()
 
     restarted = ServerProcess(tmp_path, port=server.port).start()
     try:
