@@ -237,19 +237,19 @@ class Client(RegisteredModels):
         ``progress``, a rich progress bar shows iteration, loss, tasks/s and ETA."""
         state = Progress()
         bar = None
-        if progress:
-            found = job if isinstance(job, dict) and "name" in job else self.get(job)
-            state.name, state.status = found["name"], found["status"]
-            state.message = found.get("message") if found["status"] == "queued" else None
-            bar = ProgressBar(job_id_of(job))
-            bar.show(state)
 
         def reconnecting() -> None:
             state.reconnecting = True
             if bar is not None:
                 bar.show(state)
 
-        try:
+        try:  # the bar is stopped (its thread, its hold on stdout/stderr) however this ends
+            if progress:
+                found = job if isinstance(job, dict) and "name" in job else self.get(job)
+                state.name, state.status = found["name"], found["status"]
+                state.message = found.get("message") if found["status"] == "queued" else None
+                bar = ProgressBar(job_id_of(job))
+                bar.show(state)
             for event in self.events(job, on_reconnect=reconnecting):
                 state.update(event)
                 if bar is not None:
