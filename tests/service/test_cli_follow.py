@@ -86,11 +86,15 @@ def test_ctrl_c_during_submit_wait_leaves_the_job_and_says_how_to_re_attach(
     spec = tmp_path / "job.yaml"
     spec.write_text(SPEC)
     process = cli(logged_in, "submit", str(spec), "--wait")
-    first = process.stdout.readline()
-    job_id = first.split()[1]
-    time.sleep(1.0)  # following now
-    process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=20)
+    try:
+        first = process.stdout.readline()
+        job_id = first.split()[1]
+        time.sleep(1.0)  # following now
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=20)
+    finally:  # a CLI that did not stop is not left running
+        process.kill()
+        process.wait()
     assert process.returncode == 130
     assert f"Re-attach with: metaserve wait {job_id}" in err
     with sessions() as session:
