@@ -30,8 +30,9 @@ class DatasetError(ValueError):
     """A dataset that cannot be read, or that is too small for the spec."""
 
 
-class TableSpecInvalid(DatasetError):
-    """A ``tabular`` spec that its table cannot serve (a missing column, too few rows, ...)."""
+class FieldError(ValueError):
+    """An error about one part of a spec or request: ``field`` names it (``task_family.target``,
+    ``support.x1``, ``space``), ``message`` says what is wrong with it."""
 
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
@@ -42,17 +43,13 @@ class TableSpecInvalid(DatasetError):
         return type(self), (self.field, self.message)
 
 
-class RowsInvalid(ValueError):
+class TableSpecInvalid(FieldError, DatasetError):
+    """A ``tabular`` spec that its table cannot serve (a missing column, too few rows, ...)."""
+
+
+class RowsInvalid(FieldError):
     """Raw rows that do not fit a ``tabular`` job's recipe (a missing or unknown column, a
     label the table never had, support rows after query rows, ...)."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
-
-    def __reduce__(self) -> tuple:  # pickled across processes with its two arguments
-        return type(self), (self.field, self.message)
 
 
 class TrialOverLimits(ValueError):
@@ -71,12 +68,8 @@ class DriverOutOfMemory(MemoryError):
     """The job's driver used more memory than it asked Ray for."""
 
 
-class SweepError(ValueError):
+class SweepError(FieldError):
     """A sweep that cannot run as asked: ``field`` names the part of the request."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field, self.message = field, message
 
 
 class PluginError(Exception):
@@ -84,19 +77,11 @@ class PluginError(Exception):
     :class:`~metaserve.workers.plugins.BrokenPlugin`)."""
 
 
-class PluginSpecInvalid(ValueError):
+class PluginSpecInvalid(FieldError):
     """A plugin's network or task family that fails on a job's spec (its own code raised):
     ``field`` names the part of the spec (``model`` or ``task_family``)."""
 
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
 
-    def __reduce__(self) -> tuple:  # pickled across Ray with its two arguments
-        return type(self), (self.field, self.message)
-
-
-__all__ = ["ArtifactError", "CheckpointError", "DatasetError", "DriverOutOfMemory", "JobCancelled",
-           "PluginError", "PluginSpecInvalid", "RowsInvalid", "StorageError", "SweepError",
+__all__ = ["ArtifactError", "CheckpointError", "DatasetError", "DriverOutOfMemory", "FieldError",
+           "JobCancelled", "PluginError", "PluginSpecInvalid", "RowsInvalid", "StorageError", "SweepError",
            "TableSpecInvalid", "TrialOverLimits", "Unschedulable", "WorkerLost"]
