@@ -13,10 +13,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from sqlalchemy import select, text, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from metaserve.service import dataset_checks
+from metaserve.service import dataset_checks, job_store
 from metaserve.service.dataset_ingest import convert_in_child
 from metaserve.service.exceptions import (DatasetInUse, DatasetNotFound, DatasetPathForbidden,
                                           DatasetQuotaExceeded, DatasetReferenceInvalid)
@@ -98,7 +98,7 @@ def check_dataset_quota(*, session: Session, owner: User, settings: Settings, ad
     if owner.is_admin or not (max_count or max_bytes):
         return
     if lock:
-        _lock_owner_uploads(session, owner.id)
+        job_store.lock_owner(session, owner.id, UPLOAD_LOCK)
     rows = session.execute(select(Dataset.bytes, Dataset.meta)
                            .where(Dataset.owner_id == owner.id)).all()
     if not lock:
@@ -115,19 +115,6 @@ def check_dataset_quota(*, session: Session, owner: User, settings: Settings, ad
             f"{owner.name}'s datasets store {used:,} bytes{wanted}, more than the "
             f"{max_bytes:,} {BYTES_QUOTA_SETTING} allows; delete one before uploading another",
             limit=BYTES_QUOTA_SETTING, stored_bytes=used, adding=adding, cap=max_bytes)
-
-
-def _lock_owner_uploads(session: Session, owner_id: int) -> None:
-    """Order this owner's dataset recordings until the transaction ends (as job submits are
-    ordered in :mod:`metaserve.service.job_store`): PostgreSQL, an advisory lock; SQLite, a
-    write that changes nothing takes the database's write lock."""
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(text("SELECT pg_advisory_xact_lock(:space, :owner_id)"),
-                        {"space": UPLOAD_LOCK, "owner_id": owner_id})
-    else:
-        users = User.__table__
-        session.execute(update(users).where(users.c.id == owner_id)
-                        .values(last_claimed_at=users.c.last_claimed_at))
 
 
 def _visible(owner: User):  # noqa: ANN202

@@ -135,7 +135,7 @@ def create_job(
     if owner.is_admin:
         max_queued = 0  # operators' keys are exempt (settings.py says why)
     if max_queued:
-        _lock_owner_submits(session, owner.id)
+        lock_owner(session, owner.id, SUBMIT_LOCK)
     job, created = _create_job(session, owner, name, spec, spec_hash, max_attempts,
                                idempotency_key)
     if created and max_queued:
@@ -152,15 +152,16 @@ def create_job(
     return job, created
 
 
-def _lock_owner_submits(session: Session, owner_id: int) -> None:
-    """Order this owner's submits until the transaction ends. PostgreSQL: an advisory lock
+def lock_owner(session: Session, owner_id: int, space: int) -> None:
+    """Order this owner's writes of one kind (``space``: SUBMIT_LOCK for submits, the dataset
+    store's for uploads) until the transaction ends. PostgreSQL: an advisory lock
     (no row is written). SQLite: a write that changes nothing takes the database's write lock
     now, and opens the transaction, so the Idempotency-Key's SAVEPOINT nests in it (pysqlite
     starts none before a SAVEPOINT, whose RELEASE would then commit the job before the count)
     and a rejected job is rolled back."""
     if session.get_bind().dialect.name == "postgresql":
         session.execute(text("SELECT pg_advisory_xact_lock(:space, :owner_id)"),
-                        {"space": SUBMIT_LOCK, "owner_id": owner_id})
+                        {"space": space, "owner_id": owner_id})
     else:
         users = User.__table__
         session.execute(update(users).where(users.c.id == owner_id)
