@@ -22,7 +22,7 @@ from metaserve.client.local import (ARTIFACT_FILES, LOADERS, META_INIT_FILES, ad
 from metaserve.client.model_registry import RegisteredModels, is_model_uri
 from metaserve.client.progress import Progress, ProgressBar
 from metaserve.client.spec_documents import load_spec_document
-from metaserve.client.sse import Event, parse_sse
+from metaserve.client.sse import READ_TIMEOUT_S, Event, parse_sse, stream_timeout
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import Tensor
@@ -67,10 +67,14 @@ class Client(RegisteredModels):
     methods come from :class:`~metaserve.client.model_registry.RegisteredModels`."""
 
     def __init__(self, url: str | None = None, api_key: str | None = None, *,
-                 timeout: float = TIMEOUT_S, transport: httpx.BaseTransport | None = None) -> None:
+                 timeout: float = TIMEOUT_S, transport: httpx.BaseTransport | None = None,
+                 stream_read_timeout: float = READ_TIMEOUT_S) -> None:
+        """``stream_read_timeout``: the longest silence an event or log stream may keep
+        before it is dropped and resumed (see :mod:`metaserve.client.sse`)."""
         config = read_config() if url is None or api_key is None else {}
         self.url = (url or os.environ.get("METASERVE_URL") or config.get("url") or DEFAULT_URL).rstrip("/")
         self.api_key = api_key or os.environ.get("METASERVE_API_KEY") or config.get("api_key")
+        self.stream_read_timeout = stream_read_timeout
         # Without a key the client still loads and adapts a downloaded directory (offline);
         # its first request raises NotConfigured.
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
@@ -164,7 +168,8 @@ class Client(RegisteredModels):
                reconnect: bool = True,
                on_reconnect: Callable[[], None] | None = None) -> Iterator[Event]:
         """The job's events until it is terminal. A dropped connection is resumed from the
-        last event received (``Last-Event-ID``), so none is lost or repeated;
+        last event received (``Last-Event-ID``), so none is lost or repeated, and so is a
+        stream silent for longer than ``stream_read_timeout`` (a half-open connection);
         ``on_reconnect()`` is called each time it is being resumed."""
         job_id = job_id_of(job)
         failures = 0
@@ -173,7 +178,7 @@ class Client(RegisteredModels):
             terminal = False
             try:
                 with self._http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers,
-                                       timeout=httpx.Timeout(TIMEOUT_S, read=None)) as response:
+                                       timeout=stream_timeout(TIMEOUT_S, self.stream_read_timeout)) as response:
                     if response.status_code >= 400:
                         response.read()
                         raise error_from_response(response)
@@ -208,14 +213,15 @@ class Client(RegisteredModels):
 
     def follow_logs(self, job: str | dict[str, Any], *, after: int = 0) -> Iterator[dict[str, Any]]:
         """The job's log records as they are written (``?follow=true``), until the job has
-        ended and its log is read; a dropped connection is resumed after the last record."""
+        ended and its log is read; a dropped or silent (``stream_read_timeout``) connection is
+        resumed after the last record."""
         job_id = job_id_of(job)
         failures = 0
         while True:
             try:
                 with self._http.stream("GET", f"/v1/jobs/{job_id}/logs",
                                        params={"follow": "true", "after": after},
-                                       timeout=httpx.Timeout(TIMEOUT_S, read=None)) as response:
+                                       timeout=stream_timeout(TIMEOUT_S, self.stream_read_timeout)) as response:
                     if response.status_code >= 400:
                         response.read()
                         raise error_from_response(response)
