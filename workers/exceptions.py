@@ -64,6 +64,11 @@ class StorageError(Exception):
     """The artifact store failed; ``str()`` is one line naming the store and the cause."""
 
 
+class AttemptFenced(StorageError):
+    """A newer attempt of the job has published to the artifact store: this (stale) attempt's
+    checkpoint or artifact is refused, and nothing it uploaded is kept."""
+
+
 class DriverOutOfMemory(MemoryError):
     """The job's driver used more memory than it asked Ray for."""
 
