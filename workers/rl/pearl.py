@@ -5,9 +5,10 @@ the replay :mod:`~metaserve.workers.rl.replay`.
 
 - Context encoder q(z|c): an MLP maps each transition (s, a, r, s') to a Gaussian factor
   N(μ_i, σ_i²); the posterior is their product (σ² = 1/Σ σ_i⁻², μ = σ² Σ μ_i/σ_i²), trained by
-  the critic's loss plus ``kl_weight`` · Σ_tasks KL(q(z|c) ‖ N(0, I)) (summed over the
-  meta-batch's tasks as in the reference implementation; plus, if ``reward_loss_weight``,
-  a decoder's reward-prediction loss; 0 by default, as in the paper).
+  the critic's loss plus ``kl_weight`` · mean_tasks KL(q(z|c) ‖ N(0, I)) (a weight per task,
+  so its meaning does not change with ``meta_batch_size``; the reference implementation sums
+  over the meta-batch, so its λ is ``kl_weight / meta_batch_size`` here; plus, if
+  ``reward_loss_weight``, a decoder's reward-prediction loss; 0 by default, as in the paper).
 - SAC (Haarnoja et al. 2018) conditioned on z: tanh-Gaussian policy π(a|s, z) (log-likelihood
   corrected for the tanh), twin Q(s, a, z) with soft-updated targets, the temperature α tuned
   to ``target_entropy`` (or fixed), rewards scaled by ``reward_scale``; z is detached for the
@@ -148,14 +149,15 @@ class PEARL:
 
     def _latent(self, tasks: list[int], context: list[Tensor],
                 generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """z ~ q(z | context) per task (reparameterized) and KL(q(z | c_t) ‖ N(0, I)) summed over
-        the tasks t of the meta-batch, as the reference implementation sums it (rlkit's
-        ``PEARLAgent.compute_kl_div``; Rakelly et al. 2019), while the critic's loss is a mean
-        over the tasks' transitions: ``kl_weight`` weighs the whole meta-batch's KL."""
+        """z ~ q(z | context) per task (reparameterized) and KL(q(z | c_t) ‖ N(0, I)) averaged
+        over the tasks t of the meta-batch, as the critic's loss is a mean over the tasks'
+        transitions: ``kl_weight`` is a weight per task, independent of ``meta_batch_size``
+        (rlkit's ``PEARLAgent.compute_kl_div`` sums over the tasks instead, so its ``kl_lambda``
+        is ``kl_weight / meta_batch_size``; docs/notes/rl-contract.md)."""
         mean, variance = (torch.cat(parts) for parts in
                           zip(*(self.agent.posterior(c[None]) for c in context)))
         z = mean + variance.sqrt() * torch.randn(mean.shape, generator=generator)
-        kl = 0.5 * (variance + mean ** 2 - 1 - variance.log()).sum(-1).sum()
+        kl = 0.5 * (variance + mean ** 2 - 1 - variance.log()).sum(-1).mean()
         return z, kl
 
     def train_iteration(self) -> dict[str, float]:

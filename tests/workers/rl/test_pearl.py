@@ -159,19 +159,23 @@ def test_the_temperature_falls_while_the_entropy_is_above_its_target():
     assert [fixed._gradient_step(generator)["temperature"] for _ in range(2)] == pytest.approx([0.2, 0.2])
 
 
-def test_the_encoders_kl_is_summed_over_the_meta_batchs_tasks_as_in_the_reference_implementation():
-    """rlkit's PEARLAgent.compute_kl_div sums KL(q(z | c_t) ‖ N(0, I)) over the tasks t (and the
-    latent dimensions); a mean over tasks would weigh it 1/meta_batch_size of that."""
+def test_the_encoders_kl_is_the_mean_over_the_meta_batchs_tasks_so_kl_weight_is_per_task():
+    """The loss's KL term is kl_weight × mean_t KL(q(z | c_t) ‖ N(0, I)): the same contexts in a
+    meta-batch of 3 or of 6 (each twice) give the same term, so kl_weight's meaning does not
+    change with meta_batch_size (rlkit sums over tasks: its λ is kl_weight / meta_batch_size)."""
     pearl = PEARL(JobSpec.model_validate(SMALL))
     contexts = [torch.randn(5, 7, generator=torch.Generator().manual_seed(task)) for task in range(3)]
     _, kl = pearl._latent([0, 1, 2], contexts, torch.Generator().manual_seed(0))
     prior = torch.distributions.Normal(torch.zeros(5), torch.ones(5))
-    expected = 0.0
+    per_task = []
     for context in contexts:
         mean, variance = pearl.agent.posterior(context[None])
         posterior = torch.distributions.Normal(mean[0], variance[0].sqrt())
-        expected = expected + torch.distributions.kl_divergence(posterior, prior).sum()
-    assert torch.allclose(kl, expected, rtol=1e-5)
-    per_task = [pearl._latent([task], [context], torch.Generator().manual_seed(0))[1]
-                for task, context in enumerate(contexts)]
-    assert torch.allclose(kl, sum(per_task), rtol=1e-6)  # the tasks' KLs add up, not average
+        per_task.append(torch.distributions.kl_divergence(posterior, prior).sum())
+    assert len({round(float(k), 5) for k in per_task}) == 3  # a mean differs from a sum and from any one
+    assert torch.allclose(kl, sum(per_task) / 3, rtol=1e-5)
+    _, doubled = pearl._latent([0, 1, 2, 0, 1, 2], contexts * 2, torch.Generator().manual_seed(0))
+    assert torch.allclose(doubled, kl, rtol=1e-6)  # a bigger meta-batch does not weigh it more
+    single = pearl._latent([0], contexts[:1], torch.Generator().manual_seed(0))[1]
+    assert torch.allclose(single, per_task[0], rtol=1e-5)
+    assert JobSpec.model_validate(SMALL).algorithm.kl_weight == 0.1
