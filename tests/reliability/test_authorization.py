@@ -76,6 +76,7 @@ def test_every_v1_route_refuses_a_missing_or_wrong_key_with_401(client, alice_jo
         ("DELETE", "/v1/datasets/{dataset_id}"), ("GET", "/v1/jobs/{id}/logs"),
         ("POST", "/v1/sweeps"), ("GET", "/v1/sweeps"), ("GET", "/v1/sweeps/{sweep_id}"),
         ("GET", "/v1/sweeps/{sweep_id}/trials"), ("POST", "/v1/sweeps/{sweep_id}/cancel"),
+        ("GET", "/v1/sweeps/{sweep_id}/importance"),
         ("GET", "/v1/networks"), ("GET", "/v1/models"), ("POST", "/v1/models"),
         ("GET", "/v1/models/kept"), ("DELETE", "/v1/models/kept"),
         ("GET", "/v1/models/kept/versions"), ("POST", "/v1/models/kept/versions"),
