@@ -10,10 +10,10 @@ PYTEST_ARGS ?=
 .PHONY: run test test-fast cluster-test install clean-state
 
 # The example plugin (examples/plugins) is installed too: the plugin tests and the cluster test use it.
-$(VENV)/.installed: pyproject.toml examples/plugins/metaserve-example-plugin/pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt examples/plugins/metaserve-example-plugin/pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install $(TORCH_PIP_ARGS) '$(TORCH_SPEC)'
-	$(VENV)/bin/pip install -e '.[dev,benchmark,examples]'
+	$(VENV)/bin/pip install -c constraints.txt $(TORCH_PIP_ARGS) '$(TORCH_SPEC)'
+	$(VENV)/bin/pip install -c constraints.txt -e '.[dev,benchmark,examples]'
 	$(VENV)/bin/pip install -e examples/plugins/metaserve-example-plugin
 	touch $@
 
