@@ -1,12 +1,17 @@
 """docker-compose.yml describes a cluster this repository can build and run: every service
-it needs, every build context, Dockerfile, ``COPY`` source, image and ``metaserve`` command it
-names exists here, GPU workers reserve a GPU, every metaserve service stores artifacts on the
-S3 ``artifacts`` service, no secret is written in the file, long-running services restart, and
-every one has a health check. (tests/cluster runs the file's commands on namespaces.)"""
+it needs, every build context, Dockerfile, ``COPY`` source, pinned image and ``metaserve``
+command it names exists here, it runs on CPUs by default (docker-compose.gpu.yml adds GPUs),
+every service has CPU and memory limits and each Ray node is told what its limit gives it,
+each service gets only the secrets it uses, the API and the dispatcher store artifacts on the
+S3 ``artifacts`` service, no secret is written in the file, long-running services restart,
+draining services get an init and a grace period, every one has a health check, the image runs
+as an unprivileged user and installs Ray and torch through constraints.txt. (tests/cluster runs
+the file's commands on namespaces.)"""
 
 from __future__ import annotations
 
 import re
+import tomllib
 import shlex
 from pathlib import Path
 from typing import Any
@@ -24,8 +29,12 @@ except ImportError:  # pragma: no cover - older typer on the real click
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = REPO / "docker-compose.yml"
+GPU_OVERRIDE = REPO / "docker-compose.gpu.yml"
+CONSTRAINTS = REPO / "constraints.txt"
 REQUIRED_SERVICES = {"postgres", "artifacts", "ray-head", "ray-worker", "api", "dispatcher"}
-OFFICIAL_IMAGES = {"postgres", "minio/minio", "minio/mc"}
+OFFICIAL_IMAGES = {"postgres", "chrislusf/seaweedfs"}
+RAY_NODES = ("ray-head", "ray-worker")
+DRAINING = ("api", "dispatcher")
 ARTIFACT_ROOT = "s3://metaserve/artifacts"
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|ACCESS_KEY|_KEY$")
 INTERPOLATED = re.compile(r"^\$\{[A-Z_][A-Z0-9_]*(:?[?].*)?\}$")
@@ -162,10 +171,31 @@ def test_api_runs_with_its_dispatcher_off(services):
     assert "--no-dispatcher" in command_of(services["api"])
 
 
-def test_ray_worker_reserves_a_gpu(services):
-    devices = services["ray-worker"]["deploy"]["resources"]["reservations"]["devices"]
-    assert any("gpu" in device.get("capabilities", []) and device.get("count", 0) != 0
+def gpu_devices(service: dict[str, Any]) -> list[dict[str, Any]]:
+    return service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
+
+
+def test_the_cluster_runs_on_cpus_by_default(services):
+    for name, service in services.items():
+        assert not gpu_devices(service), f"{name} reserves a device; GPUs are docker-compose.gpu.yml's"
+    assert "--num-gpus=0" in command_of(services["ray-worker"])
+
+
+def test_the_gpu_override_reserves_a_gpu_per_worker_and_tells_ray(services):
+    override = yaml.safe_load(GPU_OVERRIDE.read_text())["services"]
+    assert override.keys() <= services.keys()
+    devices = gpu_devices(override["ray-worker"])
+    assert any("gpu" in device.get("capabilities", []) and device.get("count", 0) == 1
                for device in devices), devices
+    command = command_of(override["ray-worker"])
+    assert "--num-gpus=1" in command
+    # the rest of the worker's command is the CPU worker's: same CPUs, memory and head
+    cpu_command = command_of(services["ray-worker"])
+    assert [w for w in command if w != "--num-gpus=1"] == \
+        [w for w in cpu_command if w != "--num-gpus=0"]
+    assert "TORCH_INDEX" in override["ray-head"]["build"]["args"]
+    images = {override[name]["image"] for name in override if "image" in override[name]}
+    assert len(images) == 1 and images != {services["ray-head"]["image"]}, images
 
 
 def test_ray_worker_scales(services):
@@ -173,16 +203,67 @@ def test_ray_worker_scales(services):
     assert "container_name" not in worker and "ports" not in worker
 
 
-def test_every_metaserve_service_uses_the_object_store(services):
-    running_metaserve = metaserve_services(services)
-    assert {"ray-head", "ray-worker", "api", "dispatcher"} <= running_metaserve.keys()
-    for name, service in running_metaserve.items():
-        environment = service.get("environment", {})
+def test_the_api_and_the_dispatcher_use_the_object_store(services):
+    for name in ("api", "dispatcher"):
+        environment = services[name].get("environment", {})
         assert environment.get("METASERVE_ARTIFACT_ROOT") == ARTIFACT_ROOT, name
         assert environment.get("METASERVE_S3_ENDPOINT_URL") == "http://artifacts:9000", name
         for setting in ("METASERVE_S3_ACCESS_KEY_ID", "METASERVE_S3_SECRET_ACCESS_KEY"):
             assert environment.get(setting), (name, setting)
+    for name, service in services.items():
         assert not any(target == "/artifacts" for _, target in _mounts(service)), name
+
+
+# What each service may hold: the secrets (and the settings naming another service) it uses.
+NEEDS = {
+    "postgres": {"POSTGRES_PASSWORD"},
+    "artifacts": {"S3_ACCESS_KEY", "S3_SECRET_KEY"},
+    "artifacts-init": set(),
+    # Ray nodes run job drivers and inner loops; the dispatcher hands a driver its storage
+    # settings (Settings.storage_config), so a node holds no database or S3 credential.
+    "ray-head": {"RAY_AUTH_TOKEN"},
+    "ray-worker": {"RAY_AUTH_TOKEN"},
+    # the API reads the database and streams artifacts; with --no-dispatcher it never calls Ray
+    "api": {"METASERVE_DATABASE_URL", "METASERVE_S3_ACCESS_KEY_ID",
+            "METASERVE_S3_SECRET_ACCESS_KEY"},
+    "dispatcher": {"METASERVE_DATABASE_URL", "METASERVE_S3_ACCESS_KEY_ID",
+                   "METASERVE_S3_SECRET_ACCESS_KEY", "RAY_AUTH_TOKEN"},
+}
+PRIVILEGED = re.compile(SECRET_NAME.pattern + r"|DATABASE_URL")
+
+
+def test_each_service_gets_only_the_secrets_it_uses(services):
+    assert NEEDS.keys() == services.keys(), "a new service: say which secrets it needs"
+    for name, service in services.items():
+        held = {key for key in service.get("environment", {}) if PRIVILEGED.search(key)}
+        assert held == NEEDS[name], (name, sorted(held))
+    assert "METASERVE_RAY_ADDRESS" not in services["api"]["environment"]
+
+
+def test_the_api_serves_without_ray_or_its_token(engine, db_url, tmp_path):  # noqa: ANN001
+    """What lets the API go without the Ray token: with its dispatcher off it answers
+    /readyz and /v1 requests and never connects to Ray (in a fresh process, no RAY_* set)."""
+    import os
+    import subprocess
+    import sys
+
+    code = f"""
+import ray
+from fastapi.testclient import TestClient
+from metaserve.api.app import create_app
+from metaserve.service.settings import Settings
+app = create_app(Settings(dispatcher=False, database_url={db_url!r}, data_dir={str(tmp_path)!r}))
+with TestClient(app) as client:
+    assert client.get("/readyz").status_code == 200, client.get("/readyz").text
+    assert client.get("/v1/jobs").status_code == 401
+    print("ray connected:", ray.is_initialized())
+"""
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("RAY_", "METASERVE_"))}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "ray connected: False"
 
 
 def _mounts(service: dict[str, Any]) -> list[tuple[str, str]]:
@@ -205,7 +286,7 @@ def test_no_secret_is_written_in_the_file(services):
 
 def test_the_bucket_is_created_before_the_api_starts(services):
     init = services["artifacts-init"]
-    assert "mc mb --ignore-existing store/metaserve" in " ".join(command_of(init))
+    assert "s3.bucket.create -name metaserve" in " ".join(command_of(init))
     assert services["api"]["depends_on"]["artifacts-init"]["condition"] == \
         "service_completed_successfully"
 
@@ -231,8 +312,8 @@ def test_ray_head_and_dispatchers_take_no_work(services):
 
 
 def test_ray_token_auth_is_on(services):
-    for name, service in metaserve_services(services).items():
-        environment = service["environment"]
+    for name in ("ray-head", "ray-worker", "dispatcher"):
+        environment = services[name]["environment"]
         assert environment.get("RAY_AUTH_MODE") == "token", name
         assert INTERPOLATED.match(environment.get("RAY_AUTH_TOKEN", "")), name
 
@@ -257,3 +338,122 @@ def test_dependencies_name_services_of_the_file(services):
     for name, service in services.items():
         depends_on = service.get("depends_on", {})
         assert set(depends_on) <= services.keys() - {name}, name
+
+
+def _bytes(size: str | int) -> int:
+    """A compose memory size (``8g``, ``512m``, bytes) in bytes."""
+    text = str(size).strip().lower().rstrip("b")
+    units = {"k": 2**10, "m": 2**20, "g": 2**30}
+    return int(float(text[:-1]) * units[text[-1]]) if text[-1] in units else int(text)
+
+
+def _flag(command: list[str], name: str) -> str | None:
+    values = [word.split("=", 1)[1] for word in command if word.startswith(f"--{name}=")]
+    assert len(values) <= 1, (name, command)
+    return values[0] if values else None
+
+
+def test_every_service_has_cpu_and_memory_limits(services):
+    for name, service in services.items():
+        limits = service.get("deploy", {}).get("resources", {}).get("limits", {})
+        assert float(limits.get("cpus", 0)) > 0, f"{name}: no CPU limit"
+        assert _bytes(limits.get("memory", 0)) > 0, f"{name}: no memory limit"
+
+
+def test_each_ray_node_is_told_what_its_limit_gives_it(services):
+    """Ray would otherwise count the host's CPUs and memory in every replica."""
+    for name in RAY_NODES:
+        command = command_of(services[name])
+        limits = services[name]["deploy"]["resources"]["limits"]
+        cpus, memory = _flag(command, "num-cpus"), _flag(command, "memory")
+        store = _flag(command, "object-store-memory")
+        assert cpus is not None and memory is not None and store is not None, (name, command)
+        assert int(store) <= _bytes(services[name]["shm_size"]), f"{name}: store beyond /dev/shm"
+        assert int(memory) + int(store) <= _bytes(limits["memory"]), name
+        if name == "ray-head":
+            continue  # takes no work: 0 CPUs, 0 memory (test_ray_head_and_dispatchers_take_no_work)
+        assert float(cpus) == float(limits["cpus"]), name
+        # told most of its limit: what is left is for the raylet, its agents and the store
+        assert int(memory) + int(store) >= 0.85 * _bytes(limits["memory"]), name
+
+
+def test_memory_size_parser():
+    assert _bytes("8g") == 8 * 2**30 and _bytes("256m") == 256 * 2**20 and _bytes(1000) == 1000
+    assert _bytes("2gb") == 2 * 2**30
+
+
+def test_every_image_is_pinned(services):
+    override = yaml.safe_load(GPU_OVERRIDE.read_text())["services"]
+    for name, service in [*services.items(), *override.items()]:
+        image = service.get("image")
+        if image is None:
+            continue
+        last = image.split("/")[-1]
+        assert ":" in last, f"{name}: {image} has no tag"
+        tag = last.split(":", 1)[1]
+        assert tag != "latest" and any(character.isdigit() for character in tag), f"{name}: {image}"
+
+
+def test_draining_services_get_an_init_and_a_grace_period(services):
+    for name in DRAINING:
+        service = services[name]
+        assert service.get("init") is True, name
+        grace = service.get("stop_grace_period", "10s")
+        assert grace.endswith("s") and int(grace[:-1]) >= 60, (name, grace)
+
+
+def _dockerfile(services: dict[str, dict[str, Any]]) -> str:
+    (_, dockerfile), = {build_of(s) for s in services.values() if "build" in s}
+    return dockerfile.read_text().replace("\\\n", " ")
+
+
+def test_the_image_runs_as_an_unprivileged_user(services):
+    users = [line.split()[1] for line in _dockerfile(services).splitlines()
+             if line.strip().upper().startswith("USER ")]
+    assert users, "no USER: the image runs as root"
+    assert users[-1].split(":")[0] not in {"root", "0"}, users
+    for name, service in services.items():
+        assert str(service.get("user", "")).split(":")[0] not in {"root", "0"}, name
+        assert not service.get("privileged"), name
+
+
+def _pins() -> dict[str, str]:
+    pins = {}
+    for line in CONSTRAINTS.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, version = line.split("==")
+            pins[name.strip().lower()] = version.strip()
+    return pins
+
+
+def test_ray_and_torch_are_pinned_for_the_image_and_the_project(services):
+    from packaging.requirements import Requirement
+
+    pins = _pins()
+    assert {"ray", "torch"} <= pins.keys()
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    requirements = {Requirement(r).name.lower(): Requirement(r)
+                    for r in pyproject["project"]["dependencies"]}
+    for name in ("ray", "torch"):
+        assert requirements[name].specifier.contains(pins[name]), (name, pins[name])
+    installs = [line for line in _dockerfile(services).splitlines()
+                if "pip install" in line and not line.lstrip().startswith("#")]
+    assert installs and all("-c constraints.txt" in line for line in installs), installs
+    assert "constraints.txt" in dockerfile_copy_sources(build_of(services["ray-head"])[1])
+
+
+def test_the_installed_ray_is_the_pinned_one():
+    from importlib.metadata import version
+
+    assert version("ray") == _pins()["ray"]
+
+
+def test_secrets_and_local_state_stay_out_of_git_and_the_image():
+    ignored = set((REPO / ".gitignore").read_text().split())
+    assert ".env" in ignored
+    dockerignore = set((REPO / ".dockerignore").read_text().split())
+    assert {".env", ".git", ".venv/", ".metaserve/"} <= dockerignore
+    for path in ("pyproject.toml", "README.md", "constraints.txt", "api", "service", "workers",
+                 "migrations", "metaserve"):  # what the Dockerfile copies is not ignored
+        assert path not in dockerignore and f"{path}/" not in dockerignore, path
