@@ -141,8 +141,9 @@ def read_artifact(directory: Path, kind: str, device: str | torch.device = "cpu"
 
 class MetaInitModel(torch.nn.Module):
     """A loaded meta-initialization as a module: ``model(x)`` predicts with θ* for a batch of one
-    task's inputs; ``model.adapt(support_x, support_y)`` returns a predictor adapted to a task
-    with the recorded recipe (algorithm, inner lr or learned lrs, inner steps)."""
+    task's inputs (``model(x, support_x)`` for a model whose norm reads a set's statistics);
+    ``model.adapt(support_x, support_y)`` returns a predictor adapted to a task with the
+    recorded recipe (algorithm, inner lr or learned lrs, inner steps)."""
 
     def __init__(self, params: dict[str, Tensor], recipe: dict, spec: dict):
         super().__init__()
@@ -165,10 +166,24 @@ class MetaInitModel(torch.nn.Module):
     def params(self) -> dict[str, Tensor]:
         return dict(zip(self._names, self.meta_params))
 
-    def forward(self, x: Tensor) -> Tensor:
-        """θ*'s outputs, computed in float64 as :meth:`adapt`'s predictor is."""
+    def forward(self, x: Tensor, support_x: Tensor | None = None) -> Tensor:
+        """θ*'s (unadapted) outputs, computed in float64 as :meth:`adapt`'s predictor is. Each
+        row's output depends on that row alone, or, for ``batch`` and ``support`` norms, on
+        that row and ``support_x`` (the set whose statistics normalize every row, as the served
+        predictor uses the support set's); those norms without ``support_x`` are refused, since
+        the statistics of ``x`` itself would make a row's output depend on its batch."""
         params = {name: value.double() for name, value in self.params.items()}
-        output = self.algorithm.predict(params, self.algorithm.initial_fast(params), x.double())
+        fast = self.algorithm.initial_fast(params)
+        norm = getattr(self.functional, "norm_mode", "none")
+        if norm in ("batch", "support"):
+            if support_x is None:
+                raise ArtifactError(
+                    f"this meta-initialization's norm {norm!r} normalizes with a set's statistics: "
+                    f"call model(x, support_x) with the task's support images (or adapt(support_x, "
+                    f"support_y)); the statistics of x itself would depend on the batch")
+            output = self.algorithm.query_predict(params, fast, support_x.double(), x.double())
+        else:
+            output = self.algorithm.predict(params, fast, x.double())
         return output.to(x.dtype if x.is_floating_point() else torch.float32)
 
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> Callable[[Tensor], Tensor]:
