@@ -12,8 +12,10 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from metaserve.api.errors import install_error_handlers
+from metaserve.api.http_protocol import AuthFailures
 from metaserve.api.middleware import (
     AuthenticateBeforeBodyMiddleware,
+    AuthFailureMiddleware,
     BodySizeLimitMiddleware,
     ControlCharacterMiddleware,
     OptionsMiddleware,
@@ -133,6 +135,9 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes,
                        own_limit_paths=frozenset({"/v1/datasets"}))
     app.add_middleware(AuthenticateBeforeBodyMiddleware)  # the key, before the body is read
+    app.state.auth_failures = AuthFailures(limit=settings.auth_failure_limit,
+                                           window_s=settings.auth_failure_window_s)
+    app.add_middleware(AuthFailureMiddleware, failures=app.state.auth_failures)  # sees every 401
     app.add_middleware(ControlCharacterMiddleware)  # before the body is read
     app.add_middleware(OptionsMiddleware)
     app.state.telemetry = Telemetry(app.state.session_factory, lambda: dispatcher_connected(app))

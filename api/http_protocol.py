@@ -7,17 +7,69 @@ a request once it is parsed, are in :mod:`metaserve.api.middleware`."""
 from __future__ import annotations
 
 import json
+import math
 import time
 
 from metaserve.api.errors import error_body
 from metaserve.service.telemetry import RECEIVED_AT
+
+PEER = "metaserve.peer"
+"""``scope["extensions"][PEER]``: the address of the connection a request came on (the socket's
+peer, which the connection limits count, whatever a proxy header says)."""
+
+
+class AuthFailures:
+    """Failed authentications (answers 401) per connection address, in fixed windows of
+    ``window_s``: an address with ``limit`` of them in its window has its new connections
+    answered 429 until the window ends, before a byte of them is read (``limit`` 0: never).
+
+    A client without a valid key that reconnects as soon as it is answered costs the server a
+    connection, a parsed head and a 401 each time, thousands a second from a few addresses;
+    refused at the connection it costs an accept and a write. Addresses are forgotten when
+    their window ends; at most ``max_addresses`` are remembered (the oldest windows go first),
+    so the table is bounded whatever the number of addresses."""
+
+    def __init__(self, limit: int, window_s: float, max_addresses: int = 65536) -> None:
+        self.limit, self.window_s, self.max_addresses = limit, window_s, max_addresses
+        self._windows: dict[str, list[float]] = {}  # address -> [window start, failures]
+
+    def record(self, address: str, now: float | None = None) -> None:
+        if self.limit <= 0 or not address:
+            return
+        now = time.monotonic() if now is None else now
+        window = self._windows.get(address)
+        if window is None or now - window[0] >= self.window_s:
+            if window is None and len(self._windows) >= self.max_addresses:
+                self._forget(now)
+            self._windows[address] = [now, 1]
+        else:
+            window[1] += 1
+
+    def refused_for(self, address: str, now: float | None = None) -> float:
+        """Seconds the address's new connections are still refused; 0 if they are not."""
+        window = self._windows.get(address)
+        if window is None or window[1] < self.limit:
+            return 0.0
+        left = window[0] + self.window_s - (time.monotonic() if now is None else now)
+        return max(0.0, left)
+
+    def _forget(self, now: float) -> None:
+        """Drop the ended windows; if none has ended, the oldest half."""
+        ended = [address for address, (start, _) in self._windows.items()
+                 if now - start >= self.window_s]
+        if not ended:
+            ended = sorted(self._windows, key=lambda address: self._windows[address][0])
+            ended = ended[:max(1, len(ended) // 2)]
+        for address in ended:
+            del self._windows[address]
 
 
 def limited_http_protocol(*, max_header_bytes: int, max_url_bytes: int,
                           header_timeout_s: float, body_timeout_s: float = 30.0,
                           body_min_bytes_per_s: int = 64 * 1024,
                           max_connections: int = 1000,
-                          max_connections_per_client: int = 64) -> type:
+                          max_connections_per_client: int = 64,
+                          auth_failures: AuthFailures | None = None) -> type:
     """uvicorn's httptools protocol with bounds on what one client may hold, for
     ``metaserve serve``.
 
@@ -43,6 +95,11 @@ def limited_http_protocol(*, max_header_bytes: int, max_url_bytes: int,
     whose request is being answered, such as an event stream) is answered 503 and closed to
     make room, and only when there is none is the new one refused (503). So slow clients
     cannot take every file descriptor, and a new ``/healthz`` is answered while they try.
+
+    Failed authentications. An address that ``auth_failures`` (:class:`AuthFailures`, fed by
+    :class:`metaserve.api.middleware.AuthFailureMiddleware`) counts as over its limit has its
+    new connections answered 429 (``Retry-After``: the rest of its window) and closed before a
+    byte of them is read.
 
     Each request's scope carries when its first bytes were read
     (``scope["extensions"][RECEIVED_AT]``, ``time.perf_counter()`` of the ``data_received``
@@ -81,6 +138,14 @@ def limited_http_protocol(*, max_header_bytes: int, max_url_bytes: int,
         def connection_made(self, transport) -> None:  # noqa: ANN001
             super().connection_made(transport)
             self._client_host = self.client[0] if self.client else ""
+            refused_for = (auth_failures.refused_for(self._client_host)
+                           if auth_failures is not None else 0.0)
+            if refused_for > 0:
+                self._refuse(429, "too_many_failed_authentications",
+                             f"{auth_failures.limit} requests from this address were refused "
+                             f"401 within {auth_failures.window_s:g} s; retry with a valid key "
+                             "later", retry_after_s=math.ceil(refused_for))
+                return
             if (per_client[self._client_host] >= max_connections_per_client
                     and not self._evict_one(self._client_host)):
                 self._refuse(503, "too_many_connections",
@@ -158,7 +223,8 @@ def limited_http_protocol(*, max_header_bytes: int, max_url_bytes: int,
         def on_message_begin(self) -> None:
             super().on_message_begin()
             self._head_open, self._url_bytes = True, 0
-            self.scope.setdefault("extensions", {})[RECEIVED_AT] = self._read_at
+            extensions = self.scope.setdefault("extensions", {})
+            extensions[RECEIVED_AT], extensions[PEER] = self._read_at, self._client_host
 
         def on_url(self, url: bytes) -> None:
             self._url_bytes += len(url)
@@ -243,7 +309,7 @@ def limited_http_protocol(*, max_header_bytes: int, max_url_bytes: int,
                 self.cycle.disconnected = True  # the app's receive() says so; its send is dropped
                 self.cycle.message_event.set()
             body = json.dumps(error_body(code, message)).encode()
-            phrase = {408: "Request Timeout", 414: "URI Too Long",
+            phrase = {408: "Request Timeout", 414: "URI Too Long", 429: "Too Many Requests",
                       431: "Request Header Fields Too Large",
                       503: "Service Unavailable"}[status]
             retry = b"retry-after: %d\r\n" % retry_after_s if retry_after_s is not None else b""

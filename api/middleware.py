@@ -14,6 +14,7 @@ from urllib.parse import parse_qsl
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from metaserve.api.errors import error_body
+from metaserve.api.http_protocol import PEER
 
 
 class BodySizeLimitMiddleware:
@@ -188,6 +189,30 @@ def _methods_of(routes, scope: Scope) -> set[str]:  # noqa: ANN001
         else:
             allowed |= set(getattr(route, "methods", None) or ())
     return allowed
+
+
+# --------------------------------------------------------------------------- failed keys
+
+class AuthFailureMiddleware:
+    """Counts each 401 this app answers against the address of the connection it came on
+    (:data:`metaserve.api.http_protocol.PEER`, set by ``metaserve serve``'s protocol, which
+    then refuses an address over its limit at the connection: :class:`AuthFailures`)."""
+
+    def __init__(self, app: ASGIApp, failures) -> None:  # noqa: ANN001 - an AuthFailures
+        self.app, self.failures = app, failures
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        peer = scope.get("extensions", {}).get(PEER) if scope["type"] == "http" else None
+        if not peer or self.failures.limit <= 0:
+            await self.app(scope, receive, send)
+            return
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start" and message["status"] == 401:
+                self.failures.record(peer)
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
 
 
 # --------------------------------------------------------------------------- key before body

@@ -186,6 +186,15 @@ class Settings(BaseSettings):
         description="Open connections per client address (behind a proxy: all its clients); at "
                     "the cap the address's connection longest waiting on its client is closed "
                     "(503) to make room, or the new one is refused (503 with Retry-After).")
+    auth_failure_limit: int = Field(
+        20, ge=0, le=1_000_000,
+        description="Requests answered 401 per client address within "
+                    "METASERVE_AUTH_FAILURE_WINDOW_S; past it the address's new connections are "
+                    "answered 429 (Retry-After: the rest of the window) before anything is read. "
+                    "0: no limit (behind a proxy every client shares its address).")
+    auth_failure_window_s: float = Field(
+        60.0, gt=0, le=86400,
+        description="Seconds of the window METASERVE_AUTH_FAILURE_LIMIT counts in.")
     key_cache_ttl_s: float = Field(
         KEY_CACHE_TTL_S, ge=0, le=3600,
         description="Seconds a server trusts an API key it looked up; a key revoked or rotated "

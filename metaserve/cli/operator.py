@@ -118,14 +118,15 @@ def serve(
         typer.echo(f"created an admin API key; it is in {written.resolve()}")
     from metaserve.api.http_protocol import limited_http_protocol
 
+    app = create_app(settings, freeze_gc=True)
     protocol = limited_http_protocol(
         max_header_bytes=settings.max_header_bytes, max_url_bytes=settings.max_url_bytes,
         header_timeout_s=settings.header_timeout_s, body_timeout_s=settings.body_timeout_s,
         body_min_bytes_per_s=settings.body_min_bytes_per_s,
         max_connections=connection_cap(settings.max_connections),
-        max_connections_per_client=settings.max_connections_per_client)
-    uvicorn.run(create_app(settings, freeze_gc=True), host=settings.host, port=settings.port,
-                http=protocol)
+        max_connections_per_client=settings.max_connections_per_client,
+        auth_failures=app.state.auth_failures)
+    uvicorn.run(app, host=settings.host, port=settings.port, http=protocol)
 
 
 def dispatcher(
