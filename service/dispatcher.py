@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from metaserve.service import child_jobs, claims, job_runs, job_store, telemetry
 from metaserve.service.exceptions import LeaseLost, MetaserveError
 from metaserve.service.orm import JobStatus
-from metaserve.service.ray_cluster import connect_ray
+from metaserve.service.ray_cluster import connect_ray, ray_connection_alive
 from metaserve.service.run_events import RunEventWriter
 from metaserve.service.settings import Settings
 from metaserve.workers.job_run import JobRun
@@ -114,6 +114,7 @@ class _Running:
     lease_lost: threading.Event = field(default_factory=threading.Event)
     children: set[str] = field(default_factory=set)  # jobs it started (a sweep's trials)
     cancelling_children: frozenset[str] = frozenset()  # of those, the ones asked to stop
+    renewed_at: float = field(default_factory=time.time)  # the lease's last renewal (or claim)
 
     @property
     def job_id(self) -> str:
@@ -139,6 +140,9 @@ class Dispatcher:
         self.ray_ready = threading.Event()
         self.health_path = health_path
         self._health_written = 0.0
+        self._database_ok_at = 0.0  # wall-clock times of the last success, for the report
+        self._ray_ok_at = 0.0
+        self._ray_state = "not connected to Ray yet"
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -199,24 +203,35 @@ class Dispatcher:
                 else:
                     with self.session_factory.begin() as session:  # the database still answers
                         job_store.job_status(session=session, job_id=next(iter(self._running)))
-                self._report_health()
+                self._database_ok_at = time.time()
             except Exception:  # noqa: BLE001 - database hiccup: try again next poll
                 logger.exception("claiming a job failed")
+            self._report_health()
             if not claimed:
                 self._stop.wait(POLL_S)
 
     def _report_health(self) -> None:
-        """Say "connected to Ray, the database answers, leases are renewed" by touching
-        ``health_path`` (read by ``metaserve dispatcher --health``)."""
+        """Write what :func:`dispatcher_healthy` judges to ``health_path`` (read by
+        ``metaserve dispatcher --health``), every ``HEALTH_WRITE_S`` whatever failed: when
+        the claim loop last reached the database, when Ray last answered (a probe of the
+        GCS, made here), and when each running job's lease was last renewed."""
         if self.health_path is None:
             return
         now = time.time()
         if now - self._health_written < HEALTH_WRITE_S:
             return
+        ray_ok, self._ray_state = ray_connection_alive()
+        now = time.time()
+        if ray_ok:
+            self._ray_ok_at = now
         self.health_path.parent.mkdir(parents=True, exist_ok=True)
         temporary = self.health_path.with_name(f".{self.health_path.name}.tmp")
-        temporary.write_text(json.dumps({"worker_id": self.worker_id, "time": now,
-                                         "running": sorted(self._running)}))
+        temporary.write_text(json.dumps({
+            "worker_id": self.worker_id, "time": now, "running": sorted(self._running),
+            "database_ok_at": self._database_ok_at, "ray_ok_at": self._ray_ok_at,
+            "ray": self._ray_state,
+            "lease_renewed_at": {job_id: running.renewed_at
+                                 for job_id, running in list(self._running.items())}}))
         os.replace(temporary, self.health_path)
         self._health_written = now
 
@@ -267,6 +282,7 @@ class Dispatcher:
                             session=session, job_id=running.job_id, worker_id=self.worker_id,
                             lease_s=self.settings.lease_s).status)
                         renewed = time.monotonic()
+                        running.renewed_at = time.time()
                         telemetry.LEASE_RENEWALS.inc()
                     else:
                         status = JobStatus(job_store.job_status(session=session,
@@ -421,13 +437,30 @@ def embedded_worker_id(settings: Settings) -> str:
 
 
 def dispatcher_healthy(health_path: Path, max_age_s: float) -> tuple[bool, str]:
-    """Whether the dispatcher writing ``health_path`` reported within ``max_age_s`` (and
-    a line saying why not)."""
+    """Whether the dispatcher writing ``health_path`` is doing its work, judged from its
+    report (:meth:`Dispatcher._report_health`), and a line saying why not: the report is
+    fresh (its claim loop runs), its database and Ray connections answered within
+    ``max_age_s`` and every running job's lease was renewed within ``max_age_s`` (the lease
+    length: a lease older than that has lapsed and another dispatcher may take the job)."""
     try:
         report = json.loads(Path(health_path).read_text())
     except (OSError, ValueError):
         return False, f"no health report at {health_path} (not connected to Ray and the database yet)"
-    age = time.time() - float(report.get("time", 0))
+    now = time.time()
+    age = now - float(report.get("time", 0))
     if age > max_age_s:
         return False, f"last health report {age:.0f} s ago (more than {max_age_s:.0f} s)"
-    return True, f"ok: {report.get('worker_id')} running {len(report.get('running', []))} job(s)"
+    since_database = now - float(report.get("database_ok_at", 0))
+    if since_database > max_age_s:
+        return False, f"the database has not answered for {min(since_database, 1e6):.0f} s"
+    since_ray = now - float(report.get("ray_ok_at", 0))
+    if since_ray > max_age_s:
+        return False, f"Ray has not answered for {min(since_ray, 1e6):.0f} s: {report.get('ray')}"
+    renewals = report.get("lease_renewed_at") or {}
+    stale = {job_id: now - float(at) for job_id, at in renewals.items() if now - float(at) > max_age_s}
+    if stale:
+        job_id, since = max(stale.items(), key=lambda item: item[1])
+        return False, (f"the lease of job {job_id} was last renewed {since:.0f} s ago "
+                       f"({len(stale)} job(s) past {max_age_s:.0f} s)")
+    return True, (f"ok: {report.get('worker_id')} running {len(report.get('running', []))} "
+                  f"job(s), leases renewed")

@@ -88,3 +88,30 @@ def connect_ray(settings: Settings) -> None:
             join_cluster(address)
         ray.init(address=address, runtime_env=runtime_env, **kwargs)
     logger.info("connected to Ray", extra={"resources": ray.cluster_resources()})
+
+
+RAY_PROBE_TIMEOUT_S = 2.0
+
+
+def ray_connection_alive(timeout_s: float = RAY_PROBE_TIMEOUT_S) -> tuple[bool, str]:
+    """Whether this process's Ray connection works now: the GCS answers within ``timeout_s``
+    and says this process's node is alive (what the dispatcher's health check reports;
+    ``ray.is_initialized()`` stays true while the head is gone). Ray Client connections
+    (``ray://``) report whether the client is still connected."""
+    import ray
+
+    if not ray.is_initialized():
+        return False, "not connected to Ray"
+    if ray.util.client.ray.is_connected():
+        return True, "connected (Ray Client)"
+    from ray._raylet import NodeID
+
+    worker = ray._private.worker.global_worker
+    node_id = ray.get_runtime_context().get_node_id()
+    try:
+        alive = worker.gcs_client.check_alive([NodeID.from_hex(node_id)], timeout=timeout_s)
+    except Exception as error:  # noqa: BLE001 - GCS unreachable, timed out
+        return False, f"the Ray head (GCS) does not answer: {type(error).__name__}"
+    if not alive or not alive[0]:
+        return False, f"the Ray head reports this host's node {node_id[:12]} dead"
+    return True, "connected"
