@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import math
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Annotated, Any, Iterable, Union
 
 from fastapi import Response
@@ -22,26 +22,68 @@ def model_response(model: BaseModel, status_code: int = 200,
                     media_type="application/json")
 
 
+class StatusEventPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    status: JobStatus
+    attempt: int
+    message: str | None
+    error: str | None
+    time: datetime = Field(validation_alias=AliasChoices("time", "created_at"),
+                           description="When the job entered this status.")
+
+
 class JobPublic(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
     id: str
     name: str
     status: JobStatus
-    spec: dict[str, Any]
+    spec: dict[str, Any] = Field(description="The spec as stored, every default filled in; "
+                                             "`spec.name` is the job's name.")
     attempt: int
     max_attempts: int
     progress: dict[str, Any]
-    message: str | None
+    message: str | None = Field(description="What the job waits for while queued (a slot, the "
+                                             "running-jobs quota, placement, the artifact store), "
+                                             "or the last word on it.")
     error: str | None
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    duration_s: float | None = Field(None, description="Seconds from start to finish (to now "
+                                                       "while it runs); null before it starts.")
     sweep_id: str | None = Field(None, description="The sweep this job is a trial of.")
+    driver_of_sweep: str | None = Field(None, description="The sweep this job drives (its "
+                                                          "trials are folded under it).")
+    trial_count: int | None = Field(None, description="A sweep driver's trials so far.")
+    latest_metrics: dict[str, float | None] = Field(
+        default_factory=dict, description="Each metric's value at its last step (null: NaN "
+                                          "or ±inf).")
+    status_history: list[StatusEventPublic] | None = Field(
+        None, description="Every status change, oldest first (`GET /v1/jobs/{id}` only).")
+
+    @model_validator(mode="after")
+    def _derived(self) -> "JobPublic":
+        if self.spec.get("name") != self.name:
+            self.spec = {**self.spec, "name": self.name}
+        if self.duration_s is None and self.started_at is not None:
+            end = self.finished_at or datetime.now(timezone.utc)
+            self.duration_s = round(max(0.0, (end - self.started_at).total_seconds()), 3)
+        return self
+
+    @field_validator("latest_metrics", mode="before")
+    @classmethod
+    def _finite_or_null(cls, values: Any) -> Any:
+        if isinstance(values, dict):
+            return {name: (None if isinstance(value, float) and not math.isfinite(value)
+                           else value) for name, value in values.items()}
+        return values
 
 
 class JobsPublic(BaseModel):
     data: list[JobPublic]
+    total: int = Field(0, description="Jobs matching the filters, on every page.")
     next_cursor: str | None = Field(None, description="Pass as `cursor` for the next page.")
 
 

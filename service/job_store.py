@@ -24,7 +24,6 @@ from sqlalchemy.orm import Session
 
 from metaserve.service.exceptions import (IdempotencyConflict, InvalidCursor, InvalidTransition,
                                           JobNotFound, LeaseLost, MetaserveError, QuotaExceeded)
-from metaserve.service.db import UNICODE_LOWER
 from metaserve.service.ids import new_id
 from metaserve.service.orm import (Artifact, Job, JobStatus, JobStatusEvent, Metric, Sweep, User,
                                    utcnow)
@@ -250,39 +249,6 @@ def decode_cursor(cursor: str) -> str:
     if len(job_id) != 26 or not job_id.isalnum():
         raise InvalidCursor(cursor=cursor)
     return job_id
-
-
-def list_jobs(
-    *,
-    session: Session,
-    owner: User,
-    status: JobStatus | None = None,
-    cursor: str | None = None,
-    limit: int = 50,
-    sweep_id: str | None = None,
-    name: str | None = None,
-) -> tuple[list[Job], str | None]:
-    """A page of jobs newest first and the cursor of the next page (None on the last);
-    ``sweep_id``: that sweep's trials only; ``name``: jobs whose name contains it, in any
-    case (``%`` and ``_`` are literal)."""
-    limit = max(1, min(limit, MAX_PAGE))
-    query = select(Job).order_by(Job.id.desc()).limit(limit + 1)
-    if not owner.is_admin:
-        query = query.where(Job.owner_id == owner.id)
-    if status is not None:
-        query = query.where(Job.status == JobStatus(status).value)
-    if cursor:  # an empty cursor (`cursor=`) is the first page
-        query = query.where(Job.id < decode_cursor(cursor))
-    if sweep_id is not None:
-        query = query.where(Job.sweep_id == sweep_id)
-    if name is not None:
-        lower = (getattr(func, UNICODE_LOWER) if session.get_bind().dialect.name == "sqlite"
-                 else func.lower)
-        query = query.where(lower(Job.name).contains(name.lower(), autoescape=True))
-    jobs = list(session.scalars(query))
-    if len(jobs) > limit:
-        return jobs[:limit], encode_cursor(jobs[limit - 1].id)
-    return jobs, None
 
 
 def request_cancel(*, session: Session, job_id: str, owner: User) -> Job:

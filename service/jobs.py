@@ -127,3 +127,29 @@ def get_artifact(*, session: Session, job_id: str, owner: User, name: str) -> Ar
         if artifact.name == name:
             return artifact
     raise ArtifactNotFound(job_id=job_id, name=name)
+
+
+# --------------------------------------------------------------------------- why a job waits
+
+
+DISPATCHER_SETTING = "METASERVE_DISPATCHER"
+CONCURRENCY_SETTING = "METASERVE_DISPATCHER_CONCURRENCY"
+
+
+def waiting_reason(*, embedded: bool, running: int, concurrency: int, ray_ready: bool,
+                   store_error: str | None) -> str:
+    """What a queued job without a stored reason waits for, as this server sees it; computed
+    on read. The reasons a dispatcher writes itself stay on the row and are shown instead:
+    the running-jobs quota (``waiting: ... METASERVE_MAX_RUNNING_JOBS_PER_USER``) and
+    placement (a job the cluster could not place yet, released back to the queue)."""
+    if store_error is not None:
+        return f"waiting for the artifact store: {store_error}"
+    if not embedded:
+        return (f"waiting for a dispatcher: this server runs none ({DISPATCHER_SETTING}=false); "
+                "a `metaserve dispatcher` process claims it")
+    if not ray_ready:
+        return "waiting for the embedded dispatcher to connect to Ray"
+    if running >= concurrency:
+        return (f"waiting for a slot: {running} of {concurrency} running on the embedded "
+                f"dispatcher ({CONCURRENCY_SETTING})")
+    return "waiting to be claimed by the embedded dispatcher"

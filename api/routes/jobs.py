@@ -1,14 +1,17 @@
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any, Callable, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
+from fastapi.exceptions import RequestValidationError
 
 from metaserve.api.deps import NO_CONTROL_CHARACTERS, CurrentUser, PathText, SessionDep
-from metaserve.api.schemas import ErrorResponse, JobPublic, JobsPublic, model_response
-from metaserve.service import datasets, job_store, jobs, limits
+from metaserve.api.routes.health import store_health
+from metaserve.api.schemas import (ErrorResponse, JobPublic, JobsPublic, StatusEventPublic,
+                                   model_response)
+from metaserve.service import datasets, job_listing, job_store, jobs, limits
 from metaserve.service.orm import JobStatus
-from metaserve.service.job_store import MAX_PAGE
+from metaserve.service.job_listing import MAX_PAGE
 from metaserve.workers.spec import JobSpec
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses={
@@ -53,37 +56,115 @@ def create_job(
                           headers={"Location": f"/v1/jobs/{job.id}"})
 
 
+def _waiting(request: Request) -> Callable[[], str]:
+    """The reason a queued job without a stored one waits, computed once per response."""
+    reason: list[str] = []
+
+    def compute() -> str:
+        if not reason:
+            dispatcher = getattr(request.app.state, "dispatcher", None)
+            settings = request.app.state.settings
+            reason.append(jobs.waiting_reason(
+                embedded=dispatcher is not None,
+                running=len(dispatcher.running_jobs()) if dispatcher is not None else 0,
+                concurrency=settings.dispatcher_concurrency,
+                ray_ready=dispatcher is None or dispatcher.ray_ready.is_set(),
+                store_error=store_health(request).error()))
+        return reason[0]
+    return compute
+
+
+def job_public(job: Any, waiting: Callable[[], str], **extra: Any) -> JobPublic:
+    """The job's public form; a queued job without a stored message says what it waits for."""
+    public = JobPublic.model_validate(job)
+    if public.status is JobStatus.QUEUED and not public.message:
+        extra["message"] = waiting()
+    return public.model_copy(update=extra) if extra else public
+
+
+def _invalid_query(field: str, message: str) -> RequestValidationError:
+    return RequestValidationError([{"loc": ("query", field), "msg": message,
+                                    "type": "value_error"}])
+
+
 @router.get("", response_model=JobsPublic, responses={
-    400: {"model": ErrorResponse, "description": "A cursor that no page of this list returned"},
+    400: {"model": ErrorResponse, "description": "A cursor that no page of this list returned "
+                                                 "(or one of another sort or order)"},
 })
 def list_jobs(
     user: CurrentUser,
     session: SessionDep,
-    status_filter: Annotated[JobStatus | None, Query(alias="status")] = None,
-    cursor: Annotated[str | None, Query(max_length=100, pattern=NO_CONTROL_CHARACTERS)] = None,
-    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
+    request: Request,
+    sort: Annotated[str, Query(max_length=300, pattern=NO_CONTROL_CHARACTERS, description=(
+        "`created_at` (default), `name`, `status`, `updated_at`, `duration` (finished jobs; "
+        "others last), `metric:<name>` (the job's latest value of that metric), or "
+        "`param:<dotted.spec.path>` (e.g. `param:algorithm.inner_lr`). Jobs without a value "
+        "come last in either order."))] = "created_at",
+    order: Annotated[Literal["asc", "desc"], Query(description="Default desc.")] = "desc",
+    status_filter: Annotated[list[str] | None, Query(
+        alias="status", max_length=20, description="Repeat it or give a comma list: "
+        "`status=queued,running`.")] = None,
+    algorithm: Annotated[str | None, Query(min_length=1, max_length=100,
+                                           pattern=NO_CONTROL_CHARACTERS)] = None,
+    family: Annotated[str | None, Query(min_length=1, max_length=100,
+                                        pattern=NO_CONTROL_CHARACTERS,
+                                        description="The task family's name.")] = None,
+    sweep_id: Annotated[str | None, Query(max_length=100, pattern=NO_CONTROL_CHARACTERS,
+                                          description="A sweep's id: its trials only.")] = None,
     sweep: Annotated[str | None, Query(max_length=100, pattern=NO_CONTROL_CHARACTERS,
-                                       description="A sweep's id: its trials only.")] = None,
+                                       deprecated=True, description="Old name of `sweep_id`.")
+                     ] = None,
+    trials: Annotated[Literal["fold", "show", "only"] | None, Query(description=(
+        "`fold` (default): a sweep's trials are hidden, its driver job stands for them with "
+        "`trial_count`; `show`: listed too; `only`: trials alone. With `sweep_id` the default "
+        "is `show`."))] = None,
     name: Annotated[str | None, Query(min_length=1, max_length=200,
                                       pattern=NO_CONTROL_CHARACTERS,
                                       description="Only jobs whose name contains this, in any "
-                                      "case (`%` and `_` match themselves). Pages with the same "
-                                      "`name` follow each other by `cursor`.")] = None,
+                                      "case (`%` and `_` match themselves).")] = None,
+    cursor: Annotated[str | None, Query(max_length=2000, pattern=NO_CONTROL_CHARACTERS)] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
 ) -> Response:
-    """Your jobs, newest first (an admin sees everyone's)."""
-    with session.begin():
-        page, next_cursor = job_store.list_jobs(session=session, owner=user, status=status_filter,
-                                                cursor=cursor, limit=limit, sweep_id=sweep,
-                                                name=name)
-    return model_response(JobsPublic(data=[JobPublic.model_validate(job) for job in page],
-                                     next_cursor=next_cursor))
+    """Your jobs (an admin sees everyone's), sorted, filtered and paged: `total` counts every
+    match, `next_cursor` continues under the same query."""
+    if sweep is not None and sweep_id is not None and sweep != sweep_id:
+        raise _invalid_query("sweep", "give sweep_id alone (sweep is its old name)")
+    try:
+        statuses = job_listing.parse_statuses(status_filter)
+        with session.begin():
+            listing = job_listing.list_jobs(
+                session=session, owner=user, sort=sort, order=order, statuses=statuses,
+                algorithm=algorithm, family=family, sweep_id=sweep_id or sweep, name=name,
+                trials=trials, cursor=cursor, limit=limit)
+    except job_listing.ListingInvalid as exc:
+        raise _invalid_query(exc.field, exc.message) from None
+    waiting = _waiting(request)
+    data = []
+    for job in listing.jobs:
+        driven = listing.driven_sweeps.get(job.id)
+        extra: dict[str, Any] = {"latest_metrics": listing.latest_metrics.get(job.id, {})}
+        if driven is not None:
+            extra["driver_of_sweep"], extra["trial_count"] = driven
+        data.append(job_public(job, waiting, **extra))
+    return model_response(JobsPublic(data=data, total=listing.total,
+                                     next_cursor=listing.next_cursor))
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses={404: {"model": ErrorResponse}})
-def get_job(job_id: PathText, user: CurrentUser, session: SessionDep) -> Response:
+def get_job(job_id: PathText, user: CurrentUser, session: SessionDep,
+            request: Request) -> Response:
+    """The job with its status history and latest metric values."""
     with session.begin():
         job = job_store.get_job_row(session=session, job_id=job_id, owner=user)
-    return model_response(JobPublic.model_validate(job))
+        history = job_listing.status_history(session=session, job_id=job_id)
+        latest = job_listing.latest_metrics(session=session, job_ids=[job_id])[job_id]
+        driven = job_listing.driven_sweeps(session=session, job_ids=[job_id]).get(job_id)
+    extra: dict[str, Any] = {
+        "latest_metrics": latest,
+        "status_history": [StatusEventPublic.model_validate(event) for event in history]}
+    if driven is not None:
+        extra["driver_of_sweep"], extra["trial_count"] = driven
+    return model_response(job_public(job, _waiting(request), **extra))
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic,

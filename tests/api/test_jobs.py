@@ -25,15 +25,29 @@ def test_create_two_line_job_then_get_it_queued(client, alice_auth):
     assert response.status_code == 201
     job = response.json()
     assert response.headers["location"] == f"/v1/jobs/{job['id']}"
-    assert job["spec"] == JobSpec.model_validate(TWO_LINE_SPEC).model_dump(mode="json")
+    assert job["spec"] == {**JobSpec.model_validate(TWO_LINE_SPEC).model_dump(mode="json"),
+                           "name": "maml-sine"}
     fetched = client.get(f"/v1/jobs/{job['id']}", headers=alice_auth)
     assert fetched.status_code == 200
-    assert fetched.json() == job
+    detail = fetched.json()
+    [event] = detail.pop("status_history")
+    assert {key: event[key] for key in ("status", "attempt", "message", "error")} == {
+        "status": "queued", "attempt": 0, "message": None, "error": None}
+    assert event["time"] == job["created_at"]
+    # This server runs no dispatcher: the queued job says what it waits for.
+    assert detail.pop("message") == ("waiting for a dispatcher: this server runs none "
+                                     "(METASERVE_DISPATCHER=false); a `metaserve dispatcher` "
+                                     "process claims it")
+    assert detail == {key: value for key, value in job.items()
+                      if key not in ("message", "status_history")}
     assert {key: job[key] for key in ("name", "status", "attempt", "max_attempts", "progress",
-                                      "message", "error", "started_at", "finished_at")} == {
+                                      "message", "error", "started_at", "finished_at",
+                                      "duration_s", "latest_metrics", "trial_count",
+                                      "driver_of_sweep", "status_history")} == {
         "name": "maml-sine", "status": "queued", "attempt": 0, "max_attempts": 3,
         "progress": {}, "message": None, "error": None, "started_at": None,
-        "finished_at": None}
+        "finished_at": None, "duration_s": None, "latest_metrics": {}, "trial_count": None,
+        "driver_of_sweep": None, "status_history": None}
 
 
 def test_unknown_algorithm_is_422_naming_algorithm(client, alice_auth):

@@ -7,7 +7,7 @@ import pytest
 from sqlalchemy import func, select
 
 from metaserve.service import claims, job_store, jobs
-from metaserve.service.exceptions import (IdempotencyConflict, InvalidCursor, InvalidTransition, JobNotFound,
+from metaserve.service.exceptions import (IdempotencyConflict, InvalidTransition, JobNotFound,
                                           LeaseLost)
 from metaserve.service.orm import Job, JobStatus, utcnow
 from metaserve.workers.spec import JobSpec
@@ -59,31 +59,6 @@ def test_get_job_of_another_user_is_not_found_but_admin_sees_it(session, alice, 
             job_store.get_job_row(session=session, job_id=job.id, owner=bob)
     with session.begin():
         assert job_store.get_job_row(session=session, job_id=job.id, owner=admin).id == job.id
-
-
-def test_list_jobs_newest_first_paginated_and_filtered(session, alice, bob):
-    ids = [submit(session, alice).id for _ in range(5)]
-    submit(session, bob)
-    with session.begin():
-        page, cursor = job_store.list_jobs(session=session, owner=alice, limit=2)
-    assert [job.id for job in page] == ids[::-1][:2]
-    with session.begin():
-        page2, cursor2 = job_store.list_jobs(session=session, owner=alice, limit=2, cursor=cursor)
-    with session.begin():
-        page3, cursor3 = job_store.list_jobs(session=session, owner=alice, limit=2, cursor=cursor2)
-    assert [job.id for job in page2 + page3] == ids[::-1][2:]
-    assert cursor3 is None
-    with session.begin():
-        job_store.request_cancel(session=session, job_id=ids[1], owner=alice)
-    with session.begin():
-        cancelled, _ = job_store.list_jobs(session=session, owner=alice, status=JobStatus.CANCELLED)
-    assert [job.id for job in cancelled] == [ids[1]]
-
-
-def test_list_jobs_rejects_garbage_cursor(session, alice):
-    with pytest.raises(InvalidCursor):
-        with session.begin():
-            job_store.list_jobs(session=session, owner=alice, cursor="not a cursor!")
 
 
 def test_claim_takes_oldest_queued_job_with_a_lease(session, alice):
