@@ -8,13 +8,14 @@ guarded transition of :mod:`metaserve.service.job_store`. Functions never commit
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, Sequence
 
 from sqlalchemy import Integer, Row, bindparam, case, func, literal, null, or_, select, update
 from sqlalchemy.orm import Session
 
-from metaserve.service.job_store import ACTIVE, CLAIM_RETRIES, guarded_update, record_status
+from metaserve.service.job_store import (ACTIVE, CLAIM_RETRIES, db_now, guarded_update,
+                                         record_status)
 from metaserve.service.orm import Job, JobStatus, Sweep, User, utcnow
 
 RUNNING_CAP_SETTING = "METASERVE_MAX_RUNNING_JOBS_PER_USER"
@@ -27,9 +28,11 @@ def claim_next_job(*, session: Session, worker_id: str, lease_s: float,
     """Atomically claim the next claimable job for ``worker_id``, fairly across users; or None.
 
     First a job whose lease expired (``running``/``cancelling``, oldest first): it already
-    counts as running for its owner, so it is recovered before any queued job. A reclaimed
-    ``cancelling`` job becomes ``cancelled``; a reclaim past ``max_attempts`` becomes
-    ``failed`` ("gave up after N attempts: ..."); both are skipped and the next is tried.
+    counts as running for its owner, so it is recovered before any queued job. A lapsed
+    lease is no fault of the job (its dispatcher, node or database was lost): the reclaim
+    counts an interruption, not an attempt. A reclaimed ``cancelling`` job becomes
+    ``cancelled`` and is skipped, and the next is tried. Lease times are the database's
+    clock (:func:`~metaserve.service.job_store.db_now`).
 
     Then a ``queued`` job, by :func:`_fair_order`: the user with the fewest running jobs,
     then the one whose turn came longest ago (``users.last_claimed_at``, never first), then
@@ -60,8 +63,9 @@ def claim_next_job(*, session: Session, worker_id: str, lease_s: float,
     for _ in range(CLAIM_RETRIES):
         now = utcnow()
         expired = session.execute(
-            select(Job.id, Job.status, Job.attempt, Job.max_attempts, Job.error)
-            .where(Job.status.in_(ACTIVE), Job.lease_expires_at < now, Job.sweep_id.is_(None),
+            select(Job.id, Job.status, Job.attempt, Job.interruptions)
+            .where(Job.status.in_(ACTIVE), Job.lease_expires_at < db_now(session),
+                   Job.sweep_id.is_(None),
                    *not_excluded)
             .order_by(Job.id)
             .limit(1)
@@ -87,7 +91,7 @@ def claim_next_job(*, session: Session, worker_id: str, lease_s: float,
                          <= max_running_per_user)
         result = session.execute(guarded_update(job_id, *guard).values(
             status=JobStatus.RUNNING.value, lease_owner=worker_id,
-            lease_expires_at=now + timedelta(seconds=lease_s), attempt=Job.attempt + 1,
+            lease_expires_at=db_now(session, lease_s), attempt=Job.attempt + 1,
             started_at=func.coalesce(Job.started_at, now),
             message=case((Job.message.startswith(WAITING), null()), else_=Job.message)))
         if result.rowcount == 1:
@@ -102,24 +106,24 @@ def claim_next_job(*, session: Session, worker_id: str, lease_s: float,
 
 def _reclaim(session: Session, candidate: Row, worker_id: str, lease_s: float,
              now: datetime) -> Job | None:
-    """Take over a job whose lease expired; the job if it runs again, else None."""
+    """Take over a job whose lease expired; the job if it runs again, else None.
+
+    The attempt goes on (its number is kept: the job did not fail) and ``interruptions``
+    counts the handback; the stale holder's writes are fenced by ``lease_owner`` (a dispatcher
+    never reclaims a job it still supervises: it passes those in ``exclude``)."""
     guard = (Job.status == candidate.status, Job.attempt == candidate.attempt,
-             Job.status.in_(ACTIVE), Job.lease_expires_at < now)
+             Job.interruptions == candidate.interruptions,
+             Job.status.in_(ACTIVE), Job.lease_expires_at < db_now(session))
     if candidate.status == JobStatus.CANCELLING.value:
         values: dict[str, Any] = dict(
             status=JobStatus.CANCELLED.value, finished_at=now, lease_owner=None,
             lease_expires_at=None, message="cancelled (its lease expired while cancelling)")
-    elif candidate.attempt >= candidate.max_attempts:
-        values = dict(
-            status=JobStatus.FAILED.value, finished_at=now, lease_owner=None,
-            lease_expires_at=None,
-            error=f"gave up after {candidate.attempt} attempts: "
-                  f"{candidate.error or 'lease expired'}")
     else:
         values = dict(
             status=JobStatus.RUNNING.value, lease_owner=worker_id,
-            lease_expires_at=now + timedelta(seconds=lease_s), attempt=Job.attempt + 1,
-            message=f"reclaimed after the lease of attempt {candidate.attempt} expired")
+            lease_expires_at=db_now(session, lease_s), interruptions=Job.interruptions + 1,
+            message=f"reclaimed after the lease of attempt {candidate.attempt} expired "
+                    f"(interruption {candidate.interruptions + 1}, not counted as an attempt)")
     if session.execute(guarded_update(candidate.id, *guard).values(**values)).rowcount != 1:
         return None  # another claimer won this row (SQLite compare-and-set)
     job = record_status(session, candidate.id)

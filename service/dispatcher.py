@@ -10,7 +10,16 @@ request every second, a writer thread moves the events of the job (and of the jo
 a sweep's trials) to the database in batches off the training thread, and the job's thread
 runs its :class:`~metaserve.workers.supervisor.JobSupervisor` actor, whatever the job's kind
 (:mod:`metaserve.workers.registry`). If this process dies the lease expires and another
-dispatcher resumes the job from its last checkpoint with ``attempt + 1``.
+dispatcher resumes the job from its last checkpoint, counting an interruption, not an
+attempt: ``attempt`` counts the job's own failures only.
+
+Fenced: every write of an attempt (its events, lease renewals, its settling) is guarded by
+(job, lease owner, attempt, an active status) in its own statement or transaction, so an
+attempt that lost its lease writes nothing. Database errors are retried (the writer's
+batches, the settling) rather than failing the attempt. :meth:`Dispatcher.drain` (SIGTERM on
+``metaserve dispatcher`` and ``metaserve serve``) stops claiming, stops the running jobs and
+hands them back (``interruptions + 1``, attempt unchanged) within a bounded grace; they resume
+from their last checkpoint wherever they are claimed next.
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ from metaserve.service import child_jobs, claims, job_runs, job_store, telemetry
 from metaserve.service.exceptions import LeaseLost, MetaserveError
 from metaserve.service.orm import JobStatus
 from metaserve.service.ray_cluster import connect_ray, ray_connection_alive
-from metaserve.service.run_events import RunEventWriter
+from metaserve.service.run_events import RunEventWriter, backoff, transient
 from metaserve.service.settings import Settings
 from metaserve.workers.job_run import JobRun
 from metaserve.workers.object_store import StorageError
@@ -54,6 +63,7 @@ class Outcome(str, Enum):
 
     SUCCEEDED = "succeeded"
     STOPPED = "stopped"              # cancelled, or this dispatcher is shutting down
+    INTERRUPTED = "interrupted"      # handed back (drain): interruptions + 1, attempt not counted
     UNSCHEDULABLE = "unschedulable"  # back to queued with the reason, attempt not counted
                                      # (no resources, the artifact store down)
     RETRY = "retry"                  # a transient failure: the next attempt may succeed
@@ -143,6 +153,8 @@ class Dispatcher:
         self._database_ok_at = 0.0  # wall-clock times of the last success, for the report
         self._ray_ok_at = 0.0
         self._ray_state = "not connected to Ray yet"
+        self._draining = threading.Event()
+        self._settle_deadline: float | None = None  # monotonic; set by drain()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -166,7 +178,30 @@ class Dispatcher:
         for running in list(self._running.values()):
             running.thread.join(timeout)
 
-    def run_forever(self) -> None:
+    def drain(self, grace_s: float) -> list[str]:
+        """Stop claiming, stop every running job and hand it back (queued again,
+        ``interruptions + 1``, its attempt not counted) so that it resumes from its last
+        checkpoint wherever it is claimed next; return within about ``grace_s`` seconds. A
+        job not settled by then keeps its lease, which lapses (a reclaim counts an
+        interruption too). Returns the ids of the jobs that were running."""
+        deadline = time.monotonic() + grace_s
+        self._settle_deadline = deadline
+        self._draining.set()
+        self._stop.set()
+        running = list(self._running.values())
+        logger.info("draining", extra={"jobs": [item.job_id for item in running],
+                                       "grace_s": grace_s})
+        for item in running:
+            item.stop.set()
+        if self._thread is not None:
+            self._thread.join(max(0.0, deadline - time.monotonic()))
+        for item in running:
+            item.thread.join(max(0.0, deadline - time.monotonic()))
+        return [item.job_id for item in running]
+
+    def run_forever(self, grace_s: float | None = None) -> None:
+        """Run until SIGINT/KeyboardInterrupt or :meth:`drain` (e.g. from a SIGTERM handler);
+        then, unless drained, stop (leases lapse)."""
         self.start()
         try:
             while self._thread is not None and self._thread.is_alive():
@@ -174,7 +209,8 @@ class Dispatcher:
         except KeyboardInterrupt:
             pass
         finally:
-            self.stop()
+            if not self._draining.is_set():
+                self.stop()
 
     @property
     def running_jobs(self) -> list[str]:
@@ -243,12 +279,18 @@ class Dispatcher:
         self._deferred = {job: until for job, until in self._deferred.items() if until > now}
 
     def _claim_one(self) -> bool:
+        # Never a job this dispatcher still supervises, even if its lease lapsed (the
+        # database was away): its supervisor still runs it, and renews the lease once the
+        # database is back. Another dispatcher may take it over; the fence stops this one.
         with self.session_factory.begin() as session:  # the claim commits on its own
             job = claims.claim_next_job(
                 session=session, worker_id=self.worker_id, lease_s=self.settings.lease_s,
-                exclude=list(self._deferred),
+                exclude=[*self._deferred, *self._running],
                 max_running_per_user=self.settings.max_running_jobs_per_user)
         if job is None:
+            return False
+        if job.id in self._running:  # cannot happen (excluded above); never run it twice
+            logger.error("claimed a job this dispatcher runs", extra={"job_id": job.id})
             return False
         try:
             with self.session_factory() as session:  # reads only
@@ -280,7 +322,7 @@ class Dispatcher:
                     if time.monotonic() - renewed >= self.settings.heartbeat_s:
                         status = JobStatus(job_store.renew_lease(
                             session=session, job_id=running.job_id, worker_id=self.worker_id,
-                            lease_s=self.settings.lease_s).status)
+                            lease_s=self.settings.lease_s, attempt=running.run.attempt).status)
                         renewed = time.monotonic()
                         running.renewed_at = time.time()
                         telemetry.LEASE_RENEWALS.inc()
@@ -309,19 +351,36 @@ class Dispatcher:
                                    name=f"watch-{job_id}", daemon=True)
         watcher.start()
         writer = RunEventWriter(self.session_factory, self.worker_id, job_id,
-                                running.run.attempt, running.children)
+                                running.run.attempt, running.children,
+                                lease_s=self.settings.lease_s)
         outcome, detail = self._supervise(running, writer)
-        if outcome in (Outcome.FAILED, Outcome.RETRY):
-            writer.log("ERROR", f"attempt {running.run.attempt} {outcome.value}: {detail}")
+        if outcome is Outcome.STOPPED and self._draining.is_set() \
+                and not running.lease_lost.is_set():
+            outcome, detail = Outcome.INTERRUPTED, "handed back: its dispatcher is draining " \
+                                                   "(resumes from its last checkpoint)"
+        if outcome in (Outcome.FAILED, Outcome.RETRY, Outcome.INTERRUPTED):
+            writer.log("ERROR" if outcome is not Outcome.INTERRUPTED else "WARNING",
+                       f"attempt {running.run.attempt} {outcome.value}: {detail}")
         try:
-            writer.close()
+            writer.close(self._time_left())
         except Exception as error:  # noqa: BLE001
             if outcome is Outcome.SUCCEEDED:
                 outcome = Outcome.RETRY
                 detail = f"could not record the job's results: {readable_error(error)}"
+        if writer.lease_lost.is_set():
+            running.lease_lost.set()
+            logger.warning("attempt fenced: its writes were refused",
+                           extra={"job_id": job_id, "attempt": running.run.attempt,
+                                  "refused": writer.refused})
         done.set()
         watcher.join()
         self._settle(running, outcome, detail)
+
+    def _time_left(self) -> float | None:
+        """Seconds left of a drain's grace (None: not draining)."""
+        if self._settle_deadline is None:
+            return None
+        return max(0.0, self._settle_deadline - time.monotonic())
 
     def _supervise(self, running: _Running, writer: RunEventWriter) -> tuple["Outcome", str | None]:
         """Run the job in its supervisor actor, forwarding its events to ``writer``, until it
@@ -361,6 +420,9 @@ class Dispatcher:
                         supervisor.stop.remote()
                     elif time.monotonic() - stop_requested_at > STOP_GRACE_S:
                         return Outcome.STOPPED, None  # the finally below kills the driver
+                if writer.lease_lost.is_set():  # fenced: another attempt holds the job now
+                    running.lease_lost.set()
+                    return Outcome.STOPPED, None
                 if writer.failure is not None:  # the driver would wait for it forever
                     return Outcome.RETRY, ("could not record the job's events: "
                                            f"{readable_error(writer.failure)}")
@@ -403,31 +465,62 @@ class Dispatcher:
                           storage=self.settings.storage_config())
 
     def _settle(self, running: _Running, outcome: "Outcome", detail: str | None) -> None:
+        """Write how the attempt ended, fenced by its attempt; a database error is retried
+        (:func:`~metaserve.service.run_events.backoff`) for up to a lease, or a drain's
+        grace: past that the lease lapses and a reclaim resumes the job (an interruption)."""
         job_id = running.job_id
         if running.lease_lost.is_set():
             return  # someone else owns the job now
-        try:
-            with self.session_factory.begin() as session:
-                if outcome is Outcome.SUCCEEDED:
-                    job_store.finish_job(session=session, job_id=job_id,
-                                         worker_id=self.worker_id, status=JobStatus.SUCCEEDED)
-                elif outcome is Outcome.STOPPED:
-                    if self._stop.is_set():
-                        return  # shutting down: the lease lapses and the job resumes elsewhere
-                    job_store.finish_job(session=session, job_id=job_id,
-                                         worker_id=self.worker_id, status=JobStatus.CANCELLED)
-                elif outcome is Outcome.UNSCHEDULABLE:
-                    self._deferred[job_id] = time.monotonic() + UNSCHEDULABLE_RETRY_S
-                    job_store.release_job(session=session, job_id=job_id,
-                                          worker_id=self.worker_id,
-                                          message=detail or "waiting for resources")
-                else:
-                    job_store.fail_attempt(session=session, job_id=job_id,
-                                           worker_id=self.worker_id, error=detail or "failed",
-                                           retry=outcome is Outcome.RETRY)
-            logger.info("job settled", extra={"job_id": job_id, "outcome": outcome.value})
-        except (LeaseLost, MetaserveError):
-            logger.warning("job changed hands before it settled", extra={"job_id": job_id})
+        if outcome is Outcome.STOPPED and self._stop.is_set():
+            return  # shutting down (not a drain): the lease lapses, the job resumes elsewhere
+        left = self._time_left()
+        deadline = time.monotonic() + (self.settings.lease_s if left is None else left)
+        waits = backoff(self.settings.lease_s)
+        while True:
+            try:
+                with self.session_factory.begin() as session:
+                    self._settle_in(session, running, outcome, detail)
+                logger.info("job settled", extra={"job_id": job_id, "outcome": outcome.value})
+                return
+            except (LeaseLost, MetaserveError):
+                logger.warning("job changed hands before it settled", extra={"job_id": job_id})
+                return
+            except Exception as error:
+                wait = next(waits)
+                if not transient(error) or time.monotonic() + wait > deadline:
+                    logger.exception("could not settle the job; its lease will lapse",
+                                     extra={"job_id": job_id, "outcome": outcome.value})
+                    return
+                logger.warning("settling the job failed; retrying in %.2f s", wait,
+                               extra={"job_id": job_id, "error": str(error)[:200]})
+                telemetry.DATABASE_RETRIES.inc()
+                time.sleep(wait)
+
+    def _settle_in(self, session: Session, running: _Running, outcome: "Outcome",
+                   detail: str | None) -> None:
+        job_id, attempt, worker_id = running.job_id, running.run.attempt, self.worker_id
+        if outcome is Outcome.SUCCEEDED:
+            job_store.finish_job(session=session, job_id=job_id, worker_id=worker_id,
+                                 status=JobStatus.SUCCEEDED, attempt=attempt)
+        elif outcome is Outcome.STOPPED:
+            job_store.finish_job(session=session, job_id=job_id, worker_id=worker_id,
+                                 status=JobStatus.CANCELLED, attempt=attempt)
+        elif outcome is Outcome.INTERRUPTED:
+            try:
+                job_store.release_job(session=session, job_id=job_id, worker_id=worker_id,
+                                      message=detail or "handed back", attempt=attempt,
+                                      interrupted=True)
+            except LeaseLost:  # cancelled meanwhile (cancelling: not handed back): cancel it
+                job_store.finish_job(session=session, job_id=job_id, worker_id=worker_id,
+                                     status=JobStatus.CANCELLED, attempt=attempt)
+        elif outcome is Outcome.UNSCHEDULABLE:
+            self._deferred[job_id] = time.monotonic() + UNSCHEDULABLE_RETRY_S
+            job_store.release_job(session=session, job_id=job_id, worker_id=worker_id,
+                                  message=detail or "waiting for resources", attempt=attempt)
+        else:
+            job_store.fail_attempt(session=session, job_id=job_id, worker_id=worker_id,
+                                   error=detail or "failed", retry=outcome is Outcome.RETRY,
+                                   attempt=attempt)
 
 
 def embedded_worker_id(settings: Settings) -> str:

@@ -10,6 +10,7 @@ marker line before the first kept one. ``seq`` is also the follow cursor of
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Sequence
@@ -37,10 +38,11 @@ def add_log_records(*, session: Session, job_id: str, attempt: int,
                     records: Sequence[dict[str, Any]], keep: int = MAX_LOG_RECORDS) -> int:
     """Append ``records`` (``{"time": epoch seconds, "level", "source", "message"}``) to the
     job's log and delete its records older than the last ``keep``. Returns the last seq.
-    One writer per job (the dispatcher holding its lease)."""
+    One writer per job: the dispatcher holding its lease, in its fenced transaction
+    (:mod:`metaserve.service.run_events`); without a transaction open, in one of its own."""
     if not records:
         return 0
-    with session.begin():
+    with nullcontext() if session.in_transaction() else session.begin():
         last = session.scalar(select(func.max(JobLogLine.seq))
                               .where(JobLogLine.job_id == job_id)) or 0
         rows = []

@@ -14,10 +14,9 @@ import binascii
 import hashlib
 import json
 import math
-from datetime import timedelta
 from typing import Any, Sequence
 
-from sqlalchemy import Row, bindparam, func, insert, select, text, update
+from sqlalchemy import Row, bindparam, func, insert, literal, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -172,7 +171,8 @@ def _create_job(session: Session, owner: User, name: str, spec: dict[str, Any],
                 idempotency_key: str | None) -> tuple[Job, bool]:
     now = utcnow()
     values = dict(id=new_id(), owner_id=owner.id, name=name, spec=spec, spec_hash=spec_hash,
-                  status=JobStatus.QUEUED.value, attempt=0, max_attempts=max_attempts,
+                  status=JobStatus.QUEUED.value, attempt=0, interruptions=0,
+                  max_attempts=max_attempts,
                   progress={}, idempotency_key=idempotency_key, created_at=now,
                   updated_at=now)
     event = dict(job_id=values["id"], status=JobStatus.QUEUED.value, attempt=0, created_at=now)
@@ -275,6 +275,22 @@ def request_cancel(*, session: Session, job_id: str, owner: User) -> Job:
 
 
 # --------------------------------------------------------------------------- leases
+# Lease times come from the database's clock, never a dispatcher's: two dispatchers whose
+# clocks disagree still agree on when a lease lapses.
+
+
+def db_now(session: Session, seconds: float = 0.0):  # noqa: ANN201 - a SQL expression
+    """The database's current time plus ``seconds``, as a SQL expression comparable with
+    (and storable in) a :class:`~metaserve.service.orm.UTCDateTime` column. PostgreSQL:
+    ``statement_timestamp()`` (timestamptz). SQLite: ``strftime('%Y-%m-%d %H:%M:%f', 'now')``
+    (UTC, milliseconds) padded to microseconds: the very text SQLAlchemy stores a datetime as,
+    so stored and computed times compare as text correctly."""
+    if session.get_bind().dialect.name == "postgresql":
+        now = func.statement_timestamp()
+        return now + func.make_interval(0, 0, 0, 0, 0, 0, literal(float(seconds))) \
+            if seconds else now
+    modifier = f"{float(seconds):+.6f} seconds"
+    return func.strftime("%Y-%m-%d %H:%M:%f", "now", modifier).concat("000")
 
 
 def expire_leases(*, session: Session, worker_id: str) -> int:
@@ -283,13 +299,36 @@ def expire_leases(*, session: Session, worker_id: str) -> int:
     result = session.execute(
         update(Job)
         .where(Job.lease_owner == worker_id, Job.status.in_(ACTIVE))
-        .values(lease_expires_at=utcnow() - timedelta(seconds=1))
+        .values(lease_expires_at=db_now(session, -1.0))
         .execution_options(synchronize_session=False))
     return result.rowcount
 
 
-def _holding(job_id: str, worker_id: str, statuses: Sequence[str] = ACTIVE):  # noqa: ANN202
-    return guarded_update(job_id, Job.lease_owner == worker_id, Job.status.in_(statuses))
+def _holding(job_id: str, worker_id: str, statuses: Sequence[str] = ACTIVE,
+             attempt: int | None = None):  # noqa: ANN202
+    """A transition of the job only while ``worker_id`` holds its lease in one of
+    ``statuses`` and, with ``attempt``, for that attempt: the fence of a run's writes (an
+    attempt that lost its lease, even to a later attempt of the same dispatcher, writes
+    nothing)."""
+    where = [Job.lease_owner == worker_id, Job.status.in_(statuses)]
+    if attempt is not None:
+        where.append(Job.attempt == attempt)
+    return guarded_update(job_id, *where)
+
+
+def fence(*, session: Session, job_id: str, worker_id: str, attempt: int) -> None:
+    """Guard the rest of the transaction: it writes for the attempt ``attempt`` of the job
+    only while ``worker_id`` holds its lease (running or cancelling), else raises
+    :class:`LeaseLost` (the caller rolls back: nothing it wrote is kept, so nothing is served).
+
+    A guarded ``UPDATE`` that changes nothing: it row-locks the job until the transaction ends
+    (PostgreSQL; SQLite: it takes the database's write lock), so a claim that would take the
+    lease over waits for this transaction, and this one, if it waited for a claim, re-checks
+    the guard on the claimed row and matches nothing. The rows written after it (metrics,
+    artifacts, logs, a sweep's trials) are thus the lease holder's, in the same transaction."""
+    guard = _holding(job_id, worker_id, attempt=attempt).values(lease_owner=Job.lease_owner)
+    if session.execute(guard).rowcount != 1:
+        raise LeaseLost(job_id=job_id, worker_id=worker_id)
 
 
 def job_status(*, session: Session, job_id: str) -> str:
@@ -300,36 +339,46 @@ def job_status(*, session: Session, job_id: str) -> str:
     return status
 
 
-def renew_lease(*, session: Session, job_id: str, worker_id: str, lease_s: float) -> Job:
-    """Extend the lease; the returned row shows whether a cancel was requested."""
-    result = session.execute(_holding(job_id, worker_id).values(
-        lease_expires_at=utcnow() + timedelta(seconds=lease_s)))
+def renew_lease(*, session: Session, job_id: str, worker_id: str, lease_s: float,
+                attempt: int | None = None) -> Job:
+    """Extend the lease (from the database's clock); the returned row shows whether a cancel
+    was requested."""
+    result = session.execute(_holding(job_id, worker_id, attempt=attempt).values(
+        lease_expires_at=db_now(session, lease_s)))
     if result.rowcount != 1:
         raise LeaseLost(job_id=job_id, worker_id=worker_id)
     return _reload(session, job_id)
 
 
 def update_progress(*, session: Session, job_id: str, worker_id: str, progress: dict[str, Any],
-                    message: str | None = None) -> None:
+                    message: str | None = None, attempt: int | None = None) -> None:
     values: dict[str, Any] = {"progress": progress}
     if message is not None:
         values["message"] = message
-    if session.execute(_holding(job_id, worker_id).values(**values)).rowcount != 1:
+    if session.execute(_holding(job_id, worker_id, attempt=attempt).values(**values)
+                       ).rowcount != 1:
         raise LeaseLost(job_id=job_id, worker_id=worker_id)
 
 
-def release_job(*, session: Session, job_id: str, worker_id: str, message: str) -> None:
-    """running → queued without counting the attempt (e.g. the cluster cannot place it yet)."""
-    result = session.execute(_holding(job_id, worker_id, (JobStatus.RUNNING.value,)).values(
+def release_job(*, session: Session, job_id: str, worker_id: str, message: str,
+                attempt: int | None = None, interrupted: bool = False) -> None:
+    """running → queued without counting the attempt (e.g. the cluster cannot place it yet);
+    ``interrupted``: a handback that was no fault of the job (a drained dispatcher), counted
+    in ``interruptions``."""
+    values: dict[str, Any] = dict(
         status=JobStatus.QUEUED.value, attempt=Job.attempt - 1, lease_owner=None,
-        lease_expires_at=None, message=message))
+        lease_expires_at=None, message=message)
+    if interrupted:
+        values["interruptions"] = Job.interruptions + 1
+    result = session.execute(_holding(job_id, worker_id, (JobStatus.RUNNING.value,),
+                                      attempt=attempt).values(**values))
     if result.rowcount != 1:
         raise LeaseLost(job_id=job_id, worker_id=worker_id)
     record_status(session, job_id)
 
 
 def finish_job(*, session: Session, job_id: str, worker_id: str, status: JobStatus,
-               error: str | None = None) -> None:
+               error: str | None = None, attempt: int | None = None) -> None:
     """running/cancelling → a terminal status, only by the lease owner."""
     status = JobStatus(status)
     if not status.is_terminal():
@@ -338,13 +387,14 @@ def finish_job(*, session: Session, job_id: str, worker_id: str, status: JobStat
                                   lease_expires_at=None)
     if error is not None:
         values["error"] = error
-    if session.execute(_holding(job_id, worker_id).values(**values)).rowcount != 1:
+    if session.execute(_holding(job_id, worker_id, attempt=attempt).values(**values)
+                       ).rowcount != 1:
         raise LeaseLost(job_id=job_id, worker_id=worker_id)
     record_status(session, job_id)
 
 
 def fail_attempt(*, session: Session, job_id: str, worker_id: str, error: str,
-                 retry: bool = True) -> None:
+                 retry: bool = True, attempt: int | None = None) -> None:
     """This attempt failed: requeue while attempts remain and ``retry`` (the error is
     transient), else ``failed``. A job being cancelled becomes ``cancelled``."""
     now = utcnow()
@@ -358,6 +408,8 @@ def fail_attempt(*, session: Session, job_id: str, worker_id: str, error: str,
         ((Job.status == JobStatus.CANCELLING.value,),
          dict(status=JobStatus.CANCELLED.value, finished_at=now)),
     ):
+        if attempt is not None:
+            where = (*where, Job.attempt == attempt)
         result = session.execute(
             guarded_update(job_id, Job.lease_owner == worker_id, *where).values(**cleared, **values))
         if result.rowcount == 1:
@@ -390,9 +442,12 @@ def _end_children(session: Session, parent: Job) -> None:
 # --------------------------------------------------------------------------- metrics, artifacts
 
 
-def add_metrics(*, session: Session, job_id: str, rows: Sequence[tuple[int, str, float]]) -> int:
-    """Insert ``(step, name, value)`` rows; rows whose (job, name, step) exists are ignored,
-    a non-finite value (NaN, ±inf) is stored as NULL. Returns the number of rows inserted."""
+def add_metrics(*, session: Session, job_id: str, rows: Sequence[tuple[int, str, float]],
+                replace: bool = False) -> int:
+    """Insert ``(step, name, value)`` rows; rows whose (job, name, step) exists are ignored
+    (``replace``: overwritten, as a fenced run's writer does: a resumed attempt's values
+    replace those an earlier attempt wrote past its last checkpoint), a non-finite value
+    (NaN, ±inf) is stored as NULL. Returns the number of rows inserted (or replaced)."""
     if not rows:
         return 0
     now = utcnow()
@@ -401,8 +456,13 @@ def add_metrics(*, session: Session, job_id: str, rows: Sequence[tuple[int, str,
         {"job_id": job_id, "step": int(step), "name": name,
          "value": float(value) if math.isfinite(value) else None, "created_at": now}
         for step, name, value in rows
-    ]).on_conflict_do_nothing(index_elements=["job_id", "name", "step"]).returning(Metric.id)
-    return len(session.execute(statement).all())
+    ])
+    keys = ["job_id", "name", "step"]
+    statement = (statement.on_conflict_do_update(
+        index_elements=keys, set_={"value": statement.excluded.value,
+                                   "created_at": statement.excluded.created_at})
+        if replace else statement.on_conflict_do_nothing(index_elements=keys))
+    return len(session.execute(statement.returning(Metric.id)).all())
 
 
 def get_metrics(*, session: Session, job_id: str, name: str | None = None,

@@ -114,6 +114,7 @@ class Job(Base):
     __table_args__ = (
         CheckConstraint(status_check_sql(), name="status"),
         CheckConstraint("attempt >= 0", name="attempt_non_negative"),
+        CheckConstraint("interruptions >= 0", name="interruptions_non_negative"),
         UniqueConstraint("owner_id", "idempotency_key"),
         Index("ix_jobs_status_id", "status", "id"),
         Index("ix_jobs_owner_id_id", "owner_id", "id"),
@@ -130,7 +131,13 @@ class Job(Base):
     spec: Mapped[dict[str, Any]]
     spec_hash: Mapped[str] = mapped_column(String(64))
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED.value)
+    # attempt: the claims of this job, less its handbacks (below): it counts the job's own
+    # failures toward max_attempts. With interruptions it is the fencing token of a run's
+    # writes (job_store.Lease).
     attempt: Mapped[int] = mapped_column(Integer, default=0)
+    # Handbacks that were no fault of the job (a drained dispatcher, a lease that lapsed: a
+    # lost node, database or dispatcher): never counted toward max_attempts.
+    interruptions: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
     lease_owner: Mapped[str | None] = mapped_column(String(200))
     lease_expires_at: Mapped[datetime | None]

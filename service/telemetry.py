@@ -69,6 +69,12 @@ LEASE_RENEWAL_FAILURES = Counter("metaserve_lease_renewal_failures", "Lease rene
                                  registry=PROCESS_REGISTRY)
 LEASES_LOST = Counter("metaserve_leases_lost", "Leases this dispatcher found taken over by "
                       "another (its job stopped here).", registry=PROCESS_REGISTRY)
+FENCED_WRITES = Counter("metaserve_fenced_writes", "Events of a job attempt refused because "
+                        "the attempt had lost its lease (nothing of them was stored).",
+                        registry=PROCESS_REGISTRY)
+DATABASE_RETRIES = Counter("metaserve_database_retries", "Writes of a running job retried "
+                           "after a database error (the database restarting, a failover).",
+                           registry=PROCESS_REGISTRY)
 LEASE_EXPIRIES = Counter("metaserve_lease_expiries", "Jobs whose lease had expired (their "
                          "dispatcher or driver died), reclaimed by this dispatcher.",
                          registry=PROCESS_REGISTRY)

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import threading
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
 import pytest
 from sqlalchemy import func, select
@@ -80,44 +80,93 @@ def test_claim_skips_job_with_live_lease(session, alice):
         assert claims.claim_next_job(session=session, worker_id="w2", lease_s=LEASE_S) is None
 
 
-def test_expired_lease_is_reclaimed_with_attempt_2(sessions, session, alice):
+def test_expired_lease_is_reclaimed_as_an_interruption_not_an_attempt(sessions, session, alice):
     job = submit(session, alice)
     with session.begin():
         claims.claim_next_job(session=session, worker_id="dead", lease_s=EXPIRED)
     with session.begin():
         reclaimed = claims.claim_next_job(session=session, worker_id="w2", lease_s=LEASE_S)
-    assert (reclaimed.id, reclaimed.status, reclaimed.attempt, reclaimed.lease_owner) == (
-        job.id, "running", 2, "w2")
+    assert (reclaimed.id, reclaimed.status, reclaimed.attempt, reclaimed.interruptions,
+            reclaimed.lease_owner) == (job.id, "running", 1, 1, "w2")
     with pytest.raises(LeaseLost):
         with session.begin():
             job_store.renew_lease(session=session, job_id=job.id, worker_id="dead", lease_s=LEASE_S)
+    with session.begin():
+        job_store.renew_lease(session=session, job_id=job.id, worker_id="w2", lease_s=LEASE_S,
+                              attempt=1)
 
 
-def test_reclaim_past_max_attempts_fails_job_and_claims_the_next(sessions, session, alice):
-    doomed = submit(session, alice, max_attempts=1)
-    waiting = submit(session, alice)
+def test_lapsed_leases_never_fail_a_job_past_max_attempts(sessions, session, alice):
+    job = submit(session, alice, max_attempts=1)
+    for worker in ("dead1", "dead2", "dead3"):
+        with session.begin():
+            assert claims.claim_next_job(session=session, worker_id=worker,
+                                         lease_s=EXPIRED).id == job.id
     with session.begin():
-        claims.claim_next_job(session=session, worker_id="dead", lease_s=EXPIRED)
-    with session.begin():
-        claimed = claims.claim_next_job(session=session, worker_id="w2", lease_s=LEASE_S)
-    assert claimed.id == waiting.id
-    failed = reread(sessions, doomed.id)
-    assert (failed.status, failed.attempt, failed.error, failed.lease_owner) == (
-        "failed", 1, "gave up after 1 attempts: lease expired", None)
-    assert failed.finished_at is not None
+        assert claims.claim_next_job(session=session, worker_id="w", lease_s=LEASE_S).id == job.id
+    stored = reread(sessions, job.id)
+    assert (stored.status, stored.attempt, stored.interruptions, stored.lease_owner) == (
+        "running", 1, 3, "w")
 
 
-def test_reclaim_past_max_attempts_reports_the_last_error(sessions, session, alice):
-    job = submit(session, alice, max_attempts=2)
+def test_a_later_attempt_fences_every_write_of_an_earlier_one(sessions, session, alice):
+    job = submit(session, alice, max_attempts=3)
     with session.begin():
-        claims.claim_next_job(session=session, worker_id="w1", lease_s=LEASE_S)
+        claims.claim_next_job(session=session, worker_id="w", lease_s=LEASE_S)
     with session.begin():
-        job_store.fail_attempt(session=session, job_id=job.id, worker_id="w1", error="CUDA OOM")
+        job_store.fail_attempt(session=session, job_id=job.id, worker_id="w", error="boom",
+                               attempt=1)
+    with session.begin():  # the same dispatcher runs attempt 2; attempt 1 is stale
+        assert claims.claim_next_job(session=session, worker_id="w", lease_s=LEASE_S).attempt == 2
+    stale = [
+        lambda: job_store.fence(session=session, job_id=job.id, worker_id="w", attempt=1),
+        lambda: job_store.renew_lease(session=session, job_id=job.id, worker_id="w",
+                                      lease_s=LEASE_S, attempt=1),
+        lambda: job_store.update_progress(session=session, job_id=job.id, worker_id="w",
+                                          progress={"iteration": 9}, attempt=1),
+        lambda: job_store.finish_job(session=session, job_id=job.id, worker_id="w",
+                                     status=JobStatus.SUCCEEDED, attempt=1),
+        lambda: job_store.fail_attempt(session=session, job_id=job.id, worker_id="w",
+                                       error="late", attempt=1),
+        lambda: job_store.release_job(session=session, job_id=job.id, worker_id="w",
+                                      message="late", attempt=1, interrupted=True),
+    ]
+    for write in stale:
+        with pytest.raises(LeaseLost), session.begin():
+            write()
+    stored = reread(sessions, job.id)
+    assert (stored.status, stored.attempt, stored.interruptions, stored.progress) == (
+        "running", 2, 0, {})
     with session.begin():
-        claims.claim_next_job(session=session, worker_id="dead", lease_s=EXPIRED)
+        job_store.fence(session=session, job_id=job.id, worker_id="w", attempt=2)
+
+
+def test_a_handback_counts_an_interruption_and_keeps_the_attempt(sessions, session, alice):
+    job = submit(session, alice, max_attempts=1)
+    for _ in range(3):
+        with session.begin():
+            claimed = claims.claim_next_job(session=session, worker_id="w", lease_s=LEASE_S)
+        with session.begin():
+            job_store.release_job(session=session, job_id=job.id, worker_id="w",
+                                  message="draining", attempt=claimed.attempt, interrupted=True)
+    stored = reread(sessions, job.id)
+    assert (stored.status, stored.attempt, stored.interruptions) == ("queued", 0, 3)
     with session.begin():
-        assert claims.claim_next_job(session=session, worker_id="w3", lease_s=LEASE_S) is None
-    assert reread(sessions, job.id).error == "gave up after 2 attempts: CUDA OOM"
+        assert claims.claim_next_job(session=session, worker_id="w", lease_s=LEASE_S).attempt == 1
+
+
+def test_lease_times_come_from_the_database_clock(sessions, session, alice):
+    """The lease is the database's now + lease_s (stored in the column's own format on
+    SQLite, so it reads back as a UTC datetime), not the claimer's clock."""
+    job = submit(session, alice)
+    with session.begin():
+        claims.claim_next_job(session=session, worker_id="w", lease_s=100.0)
+    with session.begin():
+        database_now = session.execute(select(job_store.db_now(session))).scalar_one()
+    if isinstance(database_now, str):  # SQLite: the text SQLAlchemy stores datetimes as
+        database_now = datetime.fromisoformat(database_now).replace(tzinfo=timezone.utc)
+    left = reread(sessions, job.id).lease_expires_at - database_now
+    assert timedelta(seconds=98) < left <= timedelta(seconds=100)
 
 
 def test_reclaimed_cancelling_job_becomes_cancelled(sessions, session, alice):
