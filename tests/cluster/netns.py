@@ -1,11 +1,14 @@
 """A multi-host test bed without a container engine: each host is a Linux network namespace
 plus, for every process tree started on it (a "container"), its own PID, mount and UTS
-namespaces with private ``/tmp/ray`` and ``/dev/shm``.
+namespaces with a private ``/tmp`` and ``/dev/shm`` (tmpfs, as a container's own filesystem).
 
 A network namespace alone is not a host: Ray finds "its" raylet through the process table and
-``/tmp/ray``, which a bare ``ip netns exec`` shares with every other namespace. Here a
-container's processes see only themselves (``unshare --pid --mount-proc``) and their own temp
-directories, so a process on one host cannot use another host's Ray node.
+``/tmp/ray``, which a bare ``ip netns exec`` shares with every other namespace, and a process
+that cleans stale scratch directories under ``/tmp`` would delete other hosts' live ones. Here
+a container's processes see only themselves (``unshare --pid --mount-proc``) and their own
+``/tmp``, so a process on one host cannot use or touch another host's Ray node or scratch.
+The bed's own files (host directories, volumes, the database) live under ``BASE_ROOT``, outside
+``/tmp``, so that the private ``/tmp`` hides none of them.
 
 Network: one bridge in its own switch namespace; each host has one veth into it with an
 address in a private /24 and no other route, so nothing reaches past these namespaces (and no
@@ -38,6 +41,8 @@ SWITCH = f"{PREFIX}switch"
 SUBNET = "10.213.77"
 LOCK_FILE = Path("/run/lock/msc-cluster.lock")
 ETC_NETNS = Path("/etc/netns")
+BASE_ROOT = Path("/var/tmp")  # not /tmp: each container mounts its own /tmp over it
+PRIVATE_MOUNTS = "mount -t tmpfs -o mode=1777 tmpfs /tmp; mount -t tmpfs -o mode=1777 tmpfs /dev/shm"
 CLONE_NEWNET = 0x40000000
 T = TypeVar("T")
 
@@ -165,9 +170,7 @@ class Host:
         directories at container paths (compose volumes)."""
         topology = self.topology
         workdir = workdir or topology.host_dir(self.name)
-        lines = ["set -e", f"hostname {shlex.quote(self.name)}",
-                 "mount -t tmpfs -o mode=1777 tmpfs /tmp/ray",
-                 "mount -t tmpfs -o mode=1777 tmpfs /dev/shm"]
+        lines = ["set -e", f"hostname {shlex.quote(self.name)}", PRIVATE_MOUNTS]
         for source, target in volumes:
             topology.make_mount_point(target)
             lines.append(f"mount --bind {shlex.quote(str(source))} {shlex.quote(target)}")
@@ -198,7 +201,7 @@ class Host:
         init = container.init_pid if container is not None else None
         cwd = str(workdir or self.topology.host_dir(self.name))
         if init is None:
-            prelude = ("set -e; mount -t tmpfs tmpfs /tmp/ray; mount -t tmpfs tmpfs /dev/shm; "
+            prelude = (f"set -e; {PRIVATE_MOUNTS}; "
                        f"hostname {shlex.quote(self.name)}; cd {shlex.quote(cwd)}; exec \"$@\"")
             full = ["ip", "netns", "exec", self.netns, "unshare", "--pid", "--fork",
                     "--kill-child", "--mount-proc", "--mount", "--uts", "--propagation",
@@ -228,6 +231,13 @@ class Host:
         """Plug the host's cable into the switch or pull it out."""
         run(["ip", "-n", SWITCH, "link", "set", self.veth, "up" if up else "down"])
 
+    def drop_to(self, other: "Host", drop: bool = True) -> None:
+        """Drop (or stop dropping) every packet this host sends to ``other``: a blackhole
+        route to its address (the kernel discards them; open TCP connections stall and
+        retransmit, new ones time out), while traffic to every other host flows as before."""
+        run(["ip", "-n", self.netns, "route", "add" if drop else "del", "blackhole",
+             f"{other.ip}/32"])
+
     def tail(self, lines: int = 40) -> str:
         return "\n".join(container.tail(lines) for container in self.containers[-2:])
 
@@ -241,7 +251,7 @@ class Topology:
         self._lock = None
         self._mount_points: list[Path] = []
         self._executors: dict[str, ThreadPoolExecutor] = {}
-        self.base = Path(tempfile.mkdtemp(prefix=f"{PREFIX}run-"))
+        self.base = Path(tempfile.mkdtemp(prefix=f"{PREFIX}run-", dir=BASE_ROOT))
 
     def __getitem__(self, name: str) -> Host:
         return self.hosts[name]
@@ -274,7 +284,6 @@ class Topology:
         clean_stale()
         self.base.chmod(0o755)
         (self.base / "logs").mkdir()
-        Path("/tmp/ray").mkdir(exist_ok=True)  # the mount point of each container's tmpfs
         run(["ip", "netns", "add", SWITCH])
         run(["ip", "-n", SWITCH, "link", "set", "lo", "up"])
         run(["ip", "-n", SWITCH, "link", "add", "br0", "type", "bridge"])
@@ -345,6 +354,13 @@ class Topology:
             self._executors[host] = executor
         return executor.submit(fn).result(timeout)
 
+    def partition(self, a: str, b: str, cut: bool = True) -> None:
+        """Cut (or heal) the network between hosts ``a`` and ``b`` only, both ways: each
+        drops what it sends to the other (:meth:`Host.drop_to`); both still reach every
+        other host (:meth:`Host.link` pulls a host's cable: all of its links at once)."""
+        for one, other in ((a, b), (b, a)):
+            self.hosts[one].drop_to(self.hosts[other], cut)
+
     def tails(self, *names: str, lines: int = 40) -> str:
         return "\n".join(self.hosts[name].tail(lines) for name in (names or self.hosts))
 
@@ -395,7 +411,7 @@ def clean_stale() -> None:
     if ETC_NETNS.is_dir():
         for path in ETC_NETNS.glob(f"{PREFIX}*"):
             shutil.rmtree(path, ignore_errors=True)
-    for path in Path(tempfile.gettempdir()).glob(f"{PREFIX}run-*"):
+    for path in BASE_ROOT.glob(f"{PREFIX}run-*"):
         if _older_than(path, 60) and not os.environ.get("MSC_KEEP"):
             shutil.rmtree(path, ignore_errors=True)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +22,19 @@ def test_a_host_without_a_raylet_cannot_drive_ray(cluster: Cluster):
         env, check=False, timeout=120)
     assert result.returncode != 0
     assert "No node info found" in result.stdout + result.stderr, result.stderr[-2000:]
+
+
+def test_each_host_has_its_own_tmp(cluster: Cluster):
+    """A file one host writes in /tmp is not in another host's /tmp, nor in this machine's (a
+    supervisor's stale-scratch cleanup on one host cannot delete another host's live scratch)."""
+    probe = f"/tmp/msc-probe-{time.monotonic_ns()}"
+    env = cluster.service_env("ray-worker-1")
+    cluster["ray-worker-1"].exec(["sh", "-c", f"echo worker-1 > {probe}"], env)
+    assert cluster["ray-worker-1"].exec(["cat", probe], env).stdout == "worker-1\n"
+    for host in ("ray-worker-2", "dispatcher-1", "ray-head"):
+        result = cluster[host].exec(["test", "-e", probe], cluster.service_env(host), check=False)
+        assert result.returncode == 1, host
+    assert not Path(probe).exists()
 
 
 def test_dispatcher_nodes_take_no_work(cluster: Cluster):
@@ -104,7 +118,7 @@ def test_jobs_run_on_the_worker_nodes_and_artifacts_on_the_store(cluster: Cluste
             Bucket="metaserve", Key=store_key(job["id"], "meta_init.safetensors"))["Body"].read())
         assert served == stored and len(served) > 0
     # A second client, on its own host, fetches it with the CLI.
-    out = "/tmp/ray/fetched"  # the client container's private tmpfs
+    out = "/tmp/fetched"  # the client container's private /tmp
     result = cluster["client"].exec(
         ["sh", "-c", f"metaserve fetch {sine['id']} --out {out} && sha256sum {out}/*.safetensors"],
         env_for_client(cluster), timeout=120)
