@@ -161,6 +161,18 @@ def chart_points(browser, group: str) -> int:  # noqa: ANN001
         "const c = window.metaserveDashboard.charts; return c ? c.points(arguments[0]) : 0;", group)
 
 
+def listed_ids(browser) -> list[str]:  # noqa: ANN001
+    """The ids of the listed jobs, read in one script (the list may be re-rendered between
+    two element lookups)."""
+    return browser.execute_script(
+        "return [...document.querySelectorAll('#jobs tbody tr[data-id]')].map((r) => r.dataset.id);")
+
+
+def listed_names(browser) -> list[str]:  # noqa: ANN001
+    return browser.execute_script(
+        "return [...document.querySelectorAll('#jobs tbody tr[data-id]')].map((r) => r.dataset.name);")
+
+
 FIGURES: dict[str, float] = {}
 
 
@@ -189,8 +201,8 @@ def test_a_user_logs_in_sees_live_curves_compares_and_cancels_and_another_user_s
          message="alice's three jobs listed")
     assert site["alice_key"] not in browser.current_url
     assert browser.execute_script("return sessionStorage.getItem('metaserve.apiKey')") == site["alice_key"]
-    rows = browser.find_elements(By.CSS_SELECTOR, "#jobs tbody tr[data-id]")
-    assert [row.get_attribute("data-name") for row in rows] == ["sine-queued", "sine-reptile", "sine-live"]
+    assert listed_names(browser) == ["sine-queued", "sine-reptile", "sine-live"]
+    assert browser.find_element(By.ID, "page-info").text == "1–3 of 3"
     shot(browser, "jobs")
 
     # The running job: its curve gains points from the event stream, without a reload.
@@ -204,7 +216,7 @@ def test_a_user_logs_in_sees_live_curves_compares_and_cancels_and_another_user_s
     assert chart_points(browser, "eval_loss") == 4
     assert "300 / 10000" in browser.find_element(By.CSS_SELECTOR, ".kv").text
     history = [li.text for li in browser.find_elements(By.CSS_SELECTOR, "#history li")]
-    assert [item.split(" —")[0] for item in history] == ["queued attempt 0", "running attempt 1"]
+    assert [item.split(" · ")[0] for item in history] == ["queued attempt 0", "running attempt 1"]
     shot(browser, "job")
 
     # Compare the running and the finished job.
@@ -241,12 +253,15 @@ def test_a_user_logs_in_sees_live_curves_compares_and_cancels_and_another_user_s
     browser.find_element(By.CSS_SELECTOR, f"input[data-id='{running}']").click()
     browser.find_element(By.CSS_SELECTOR, f"input[data-id='{finished}']").click()
     browser.find_element(By.ID, "compare-selected").click()
-    wait(browser, lambda b: len(b.find_elements(By.CSS_SELECTOR, "#compare-table tbody tr")) == 2,
-         message="compare table")
-    assert browser.find_element(By.ID, "compare-metric").get_attribute("value") == "train/loss_after"
-    assert browser.execute_script("return window.metaserveDashboard.points") == 30 + 20
-    assert len(browser.find_elements(By.CSS_SELECTOR, "#compare-chart canvas")) == 1
-    shot(browser, "compare")
+    wait(browser, lambda b: b.find_elements(By.CSS_SELECTOR, "#compare-charts canvas"),
+         message="the compare charts")
+    # Every metric on a chart of its own with both jobs: 30 + 20 steps of each training loss.
+    assert [row.get_attribute("data-metric") for row in browser.find_elements(
+        By.CSS_SELECTOR, "#compare-table tbody tr")][:2] == ["train/loss_after", "train/loss_before"]
+    assert browser.execute_script("return window.metaserveDashboard.points") == 2 * (30 + 20) + 4
+    assert {node.get_attribute("data-metric") for node in browser.find_elements(
+        By.CSS_SELECTOR, "#compare-charts > [data-metric]")} == {
+        "train/loss_after", "train/loss_before", "val/loss_step1", "val/loss_step10"}
 
     # Resubmit the queued job's spec from its page (a new job, its page opens), then cancel
     # the queued job from its page.
@@ -371,7 +386,13 @@ def test_a_sweep_page_ranks_its_trials_and_plots_the_metric_against_a_parameter(
               for row in browser.find_elements(By.CSS_SELECTOR, "#leaderboard tbody tr")]
     assert ranked == [trials[0.03], trials[0.3], trials[0.003]]  # val/loss_step1, min first
     assert browser.execute_script("return window.metaserveDashboard.points") == 3
-    assert len(browser.find_elements(By.CSS_SELECTOR, "#sweep-chart canvas")) == 1
+    # Parallel coordinates: the swept path and the metric, a line per trial with a value.
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#parallel polyline")) == 3
+    assert [t.text for t in browser.find_elements(By.CSS_SELECTOR, "#parallel .axis-title")] == [
+        "algorithm.inner_lr (log)", "val/loss_step1"]
+    wait(browser, lambda b: b.find_elements(By.ID, "importance-note"), message="importance")
+    assert browser.find_element(By.ID, "importance-note").text == (
+        "0 finished trial(s) with a value of val/loss_step1; an estimate needs 4")
     assert browser.find_element(By.ID, "main").text.startswith("sweep-inner-lr\nqueued\nTrials")
     shot(browser, "sweep")
     browser.find_element(By.LINK_TEXT, "Trials as jobs").click()
@@ -385,11 +406,6 @@ def test_a_sweep_page_ranks_its_trials_and_plots_the_metric_against_a_parameter(
     assert browser.find_element(By.ID, "sweep-error").text == "No such sweep of yours."
 
 
-def listed_ids(browser) -> list[str]:  # noqa: ANN001
-    """The ids of the listed jobs, read in one script (the list may be re-rendered between
-    two element lookups)."""
-    return browser.execute_script(
-        "return [...document.querySelectorAll('#jobs tbody tr[data-id]')].map((r) => r.dataset.id);")
 
 
 def test_the_name_search_runs_on_the_server_and_finds_jobs_beyond_the_first_page(
