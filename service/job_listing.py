@@ -313,24 +313,19 @@ def status_history(*, session: Session, job_id: str) -> list[JobStatusEvent]:
 
 
 def changed_jobs(*, session: Session, owner: User, after: tuple[datetime, str] | None,
-                 trials: str = "fold", limit: int = MAX_PAGE) -> list[Job]:
+                 trials: str = "fold", limit: int = MAX_PAGE, newest: int = 0) -> list[Job]:
     """``owner``'s jobs changed after ``after`` (``(updated_at, id)`` of the last one seen),
-    oldest change first: what the list stream sends."""
+    oldest change first: what the list stream sends. ``newest``: instead, the ``newest`` most
+    recently changed (where a new stream starts)."""
     where = _filters(session, owner, statuses=(), algorithm=None, family=None, sweep_id=None,
                      name=None, trials=trials)
+    if newest:
+        return list(session.scalars(select(Job).where(*where)
+                                    .order_by(Job.updated_at.desc(), Job.id.desc())
+                                    .limit(newest)))
     if after is not None:
         at, job_id = after
         where.append(or_(Job.updated_at > at, and_(Job.updated_at == at, Job.id > job_id)))
     return list(session.scalars(select(Job).where(*where)
                                 .order_by(Job.updated_at, Job.id).limit(limit)))
-
-
-def latest_change(*, session: Session, owner: User,
-                  trials: str = "fold") -> tuple[datetime, str] | None:
-    """``(updated_at, id)`` of ``owner``'s most recently changed job: where a stream starts."""
-    where = _filters(session, owner, statuses=(), algorithm=None, family=None, sweep_id=None,
-                     name=None, trials=trials)
-    row = session.execute(select(Job.updated_at, Job.id).where(*where)
-                          .order_by(Job.updated_at.desc(), Job.id.desc()).limit(1)).first()
-    return None if row is None else (row[0], row[1])
 

@@ -1,11 +1,18 @@
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from datetime import datetime, timezone
 from typing import Annotated, Any, Callable, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from metaserve.api.deps import NO_CONTROL_CHARACTERS, CurrentUser, PathText, SessionDep
+from metaserve.api.routes.events import KEEPALIVE_S, StreamKeyCheck, open_stream
 from metaserve.api.routes.health import store_health
 from metaserve.api.schemas import (ErrorResponse, JobPublic, JobsPublic, StatusEventPublic,
                                    model_response)
@@ -148,6 +155,105 @@ def list_jobs(
         data.append(job_public(job, waiting, **extra))
     return model_response(JobsPublic(data=data, total=listing.total,
                                      next_cursor=listing.next_cursor))
+
+
+LIST_POLL_S = 1.0
+"""How often a list stream looks for changed jobs (one indexed query per stream)."""
+
+
+def _list_event_id(job: Any) -> str:
+    return f"{job.updated_at.isoformat()}~{job.id}"
+
+
+def _parse_list_event_id(value: str) -> tuple[datetime, str]:
+    at, _, job_id = value.strip().partition("~")
+    try:
+        parsed = datetime.fromisoformat(at)
+    except ValueError:
+        parsed = None
+    if parsed is None or parsed.tzinfo is None or len(job_id) != 26 or not job_id.isalnum():
+        raise RequestValidationError([{"loc": ("header", "last-event-id"), "type": "value_error",
+                                       "msg": "not an event id of this stream"}])
+    return parsed, job_id
+
+
+async def _list_changes(request: Request, user: Any, trials: str,
+                        after: tuple[datetime, str] | None) -> AsyncIterator[str]:
+    factory = request.app.state.session_factory
+    waiting = _waiting(request)
+    opened = datetime.now(timezone.utc)
+    seen: dict[str, str] = {}  # job id -> the status this stream last sent
+
+    def poll(after: tuple[datetime, str] | None) -> list[tuple[str, JobPublic, str]]:
+        with factory() as session, session.begin():
+            if after is None:  # a new stream: from now on
+                return [("start", None, _list_event_id(job)) for job in
+                        job_listing.changed_jobs(session=session, owner=user, after=None,
+                                                 trials=trials, newest=1)]
+            changed = job_listing.changed_jobs(session=session, owner=user, after=after,
+                                               trials=trials)
+            ids = [job.id for job in changed]
+            latest = job_listing.latest_metrics(session=session, job_ids=ids)
+            driven = job_listing.driven_sweeps(session=session, job_ids=ids)
+        found = []
+        for job in changed:
+            extra: dict[str, Any] = {"latest_metrics": latest.get(job.id, {})}
+            if job.id in driven:
+                extra["driver_of_sweep"], extra["trial_count"] = driven[job.id]
+            found.append((_list_event_id(job), job_public(job, waiting, **extra), job.id))
+        return found
+
+    key_check = StreamKeyCheck(request, user)
+    if after is None:
+        start = await run_in_threadpool(poll, None)
+        after = (_parse_list_event_id(start[0][2]) if start
+                 else (datetime(1970, 1, 1, tzinfo=timezone.utc), "0" * 26))
+    last_sent = time.monotonic()
+    while True:
+        if await request.is_disconnected():
+            return
+        if (closing := await key_check.closing_event()) is not None:
+            yield closing
+            return
+        for event_id, job, _ in await run_in_threadpool(poll, after):
+            if job.id not in seen and job.created_at >= opened:
+                kind = "created"
+            elif seen.get(job.id) != job.status.value:
+                kind = "status"
+            else:
+                kind = "progress"
+            seen[job.id] = job.status.value
+            yield f"id: {event_id}\nevent: {kind}\ndata: {job.model_dump_json()}\n\n"
+            after, last_sent = _parse_list_event_id(event_id), time.monotonic()
+        if time.monotonic() - last_sent > KEEPALIVE_S:
+            yield ": keep-alive\n\n"
+            last_sent = time.monotonic()
+        await asyncio.sleep(LIST_POLL_S)
+
+
+@router.get("/stream", response_class=StreamingResponse, tags=["events"], responses={
+    200: {"description": "`text/event-stream` of changes to your jobs: `created`, `status` and "
+                         "`progress` events, each a job as `GET /v1/jobs` lists it; each `id` "
+                         "resumes the stream (Last-Event-ID). Ends with a `closed` event when "
+                         "its API key is revoked or rotated out.",
+          "content": {"text/event-stream": {}}},
+    429: {"model": ErrorResponse, "description": "Too many open event streams of this user "
+                                                "(METASERVE_MAX_EVENT_STREAMS_PER_USER)"},
+})
+async def stream_jobs(
+    request: Request,
+    user: CurrentUser,
+    trials: Annotated[Literal["fold", "show", "only"], Query(
+        description="As for `GET /v1/jobs`: `fold` leaves sweep trials out.")] = "fold",
+    last_event_id: Annotated[str, Header(max_length=100)] = None,
+    after: Annotated[str, Query(max_length=100, description="Like Last-Event-ID, for clients "
+                                "that cannot set headers.")] = None,
+) -> StreamingResponse:
+    """One stream of every change to your jobs (created, status, progress), for a live list:
+    a page keeps one of these open instead of polling each row."""
+    resume = last_event_id or after
+    start = _parse_list_event_id(resume) if resume else None
+    return open_stream(request, user, _list_changes(request, user, trials, start))
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses={404: {"model": ErrorResponse}})

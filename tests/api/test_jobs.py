@@ -139,12 +139,23 @@ def test_list_jobs_pages_newest_first_and_filters_status(client, alice_auth):
                         headers=alice_auth).json()
     assert [j["id"] for j in first["data"] + second["data"]] == ids[::-1]
     assert second["next_cursor"] is None
+    assert (first["total"], second["total"]) == (3, 3)
     cancelled = client.get("/v1/jobs", params={"status": "cancelled"}, headers=alice_auth).json()
     assert [j["id"] for j in cancelled["data"]] == [ids[0]]
+    assert cancelled["total"] == 1
+    by_status = client.get("/v1/jobs", params=[("sort", "status"), ("order", "asc"),
+                                               ("status", "queued"), ("status", "cancelled")],
+                           headers=alice_auth).json()
+    assert [j["id"] for j in by_status["data"]] == [ids[0], ids[1], ids[2]]
 
 
 @pytest.mark.parametrize("params, field", [({"limit": 101}, "limit"),
-                                           ({"status": "paused"}, "status")])
+                                           ({"status": "paused"}, "status"),
+                                           ({"status": "queued,paused"}, "status"),
+                                           ({"sort": "colour"}, "sort"),
+                                           ({"sort": "param:a..b"}, "sort"),
+                                           ({"order": "up"}, "order"),
+                                           ({"trials": "hide"}, "trials")])
 def test_list_jobs_rejects_bad_query_naming_the_parameter(client, alice_auth, params, field):
     response = client.get("/v1/jobs", params=params, headers=alice_auth)
     assert response.status_code == 422

@@ -133,7 +133,8 @@ def test_bad_sort_order_status_or_cursor_is_refused_naming_it(session, alice):
 def test_changed_jobs_follow_updates_in_order(session, alice):
     first, second = submit(session, alice).id, submit(session, alice).id
     with session.begin():
-        mark = job_listing.latest_change(session=session, owner=alice)
+        [newest] = job_listing.changed_jobs(session=session, owner=alice, after=None, newest=1)
+        mark = (newest.updated_at, newest.id)
         assert [job.id for job in job_listing.changed_jobs(session=session, owner=alice,
                                                            after=None)] == [first, second]
         assert job_listing.changed_jobs(session=session, owner=alice, after=mark) == []
