@@ -11,16 +11,16 @@ displacement field plus a small affine map, scaled by ``distortion``). Within a 
 support and query images of a class come from different fonts: ``support_shots`` fonts for
 the support set, the queries from the class's other fonts.
 
-Classes are split by script, as Omniglot's background and evaluation alphabets are: letters
-by the script in their Unicode name (LATIN, GREEK, CYRILLIC, ARMENIAN, HEBREW, ...), other
-characters by their 256-code-point block; whole scripts go to train, val or test (shuffled
-with ``split_seed``, the test split filled first to 15 % of the characters, then val to 15 %).
-Near-duplicates are then removed (:func:`split_characters`): the rule, on the mean rendering
-of a character over its fonts at 28 px, is cosine similarity > :data:`DUPLICATE_COSINE` —
-within a split the higher code point goes (so two classes of one task can always be told
-apart), across splits the val or test character goes (so no test class is a training class in
-another script's clothes: Latin "A", Greek "Α", Cyrillic "А"). The counts are logged and in
-docs/DATASETS.md.
+Classes are split by script group, as Omniglot's background and evaluation alphabets are
+(:mod:`~metaserve.workers.tasks.typeface_split`): the Unicode ``Script`` property (Latin,
+Greek, Cyrillic, Braille, ...; ``Common/<Block>`` for digits, punctuation and symbols), whole
+groups to train, val or test (shuffled with ``split_seed``; a group too large for a held-out
+split stays in train, so no script has more than ~35 % of val or test). No character identity
+(NFKD without combining marks: ① is 1, ℂ is C, ≠ is =) and no visual near-duplicate (cosine
+similarity > 0.9 of the mean renderings over the fonts at 28 px: Latin "A", Greek "Α",
+Cyrillic "А") crosses splits: the val or test character goes. Within a split the higher code
+point of two near-duplicates goes, so two classes of one task can always be told apart. The
+counts are logged and in docs/DATASETS.md.
 
 The ``glyphs`` family stays as the quick demo (one font, affine jitter of one rendering).
 """
@@ -44,6 +44,7 @@ from metaserve.workers.spec import TypefacesSpec
 from metaserve.workers.tasks.base import TaskBatch, task_generator
 from metaserve.workers.tasks.fewshot import DatasetError, check_split, choose_classes, episode_shots
 from metaserve.workers.tasks.glyphs import affine_thetas, render_glyph
+from metaserve.workers.tasks.typeface_split import SplitReport, split_classes
 
 logger = logging.getLogger(__name__)
 
@@ -59,18 +60,9 @@ KEPT_CATEGORIES = frozenset("LNPS")
 FONT_SIZE = 0.75
 SELECTION_SIZE = 28
 MIN_INK_PIXELS = 12  # at 28 px: fewer is a dot or a tofu-less blank
-DUPLICATE_COSINE = 0.9
-SPLIT_FRACTIONS = {"test": 0.15, "val": 0.15}
 MAX_ELASTIC = 0.12  # displacement std of the coarse field at distortion 1 ([-1, 1] units)
 ELASTIC_GRID = 4
 AFFINE_SHARE = 0.5  # the affine part of the jitter, relative to glyphs' at the same distortion
-
-
-def script_of(character: str) -> str:
-    """A letter's script (first word of its Unicode name), else its 256-code-point block."""
-    if unicodedata.category(character)[0] == "L":
-        return unicodedata.name(character, "UNKNOWN").split()[0]
-    return f"U+{ord(character) >> 8:02X}xx"
 
 
 @functools.lru_cache(maxsize=1)
@@ -116,48 +108,16 @@ def render_all(size: int) -> tuple[tuple[str, ...], torch.Tensor, torch.Tensor]:
     return tuple(characters), torch.from_numpy(np.stack(renders)), torch.from_numpy(np.stack(masks))
 
 
-def _script_splits(characters: Sequence[str], split_seed: int) -> dict[str, list[int]]:
-    scripts: dict[str, list[int]] = {}
-    for index, character in enumerate(characters):
-        scripts.setdefault(script_of(character), []).append(index)
-    generator = torch.Generator().manual_seed(split_seed)
-    order = [sorted(scripts)[i] for i in torch.randperm(len(scripts), generator=generator).tolist()]
-    splits: dict[str, list[int]] = {"test": [], "val": [], "train": []}
-    for script in order:
-        for split in ("test", "val"):
-            if len(splits[split]) < SPLIT_FRACTIONS[split] * len(characters):
-                splits[split].extend(scripts[script])
-                break
-        else:
-            splits["train"].extend(scripts[script])
-    return {split: sorted(indices) for split, indices in splits.items()}
-
-
 @functools.lru_cache(maxsize=4)
-def split_characters(split_seed: int) -> tuple[dict[str, list[int]], dict[str, int]]:
-    """Class indices (into :func:`render_all`'s characters) per split after the
-    near-duplicate rule, and the counts the rule removed."""
+def split_characters(split_seed: int) -> SplitReport:
+    """Class indices (into :func:`render_all`'s characters at 28 px) per split, by
+    :func:`~metaserve.workers.tasks.typeface_split.split_classes` on the mean renderings."""
     characters, renders, masks = render_all(SELECTION_SIZE)
     mean = (renders.float() * masks[:, :, None, None]).sum(1) / masks.sum(1)[:, None, None]
     unit = F.normalize(mean.flatten(1), dim=1)
-    similarity = unit @ unit.T
-    splits = _script_splits(characters, split_seed)
-    removed = {"within_split": 0, "across_splits": 0}
-    kept: dict[str, list[int]] = {}
-    for split in ("train", "val", "test"):
-        keep: list[int] = []
-        for index in splits[split]:
-            if keep and bool((similarity[index, keep] > DUPLICATE_COSINE).any()):
-                removed["within_split"] += 1
-                continue
-            if split != "train" and bool((similarity[index, kept["train"]] > DUPLICATE_COSINE).any()):
-                removed["across_splits"] += 1
-                continue
-            keep.append(index)
-        kept[split] = keep
-    logger.info("typefaces splits", extra={"counts": {s: len(v) for s, v in kept.items()},
-                                           "removed": removed})
-    return kept, removed
+    report = split_classes(characters, unit @ unit.T, split_seed)
+    logger.info("typefaces splits", extra={"counts": report.counts(), "removed": report.removed})
+    return report
 
 
 class TypefacesFamily:
@@ -170,7 +130,7 @@ class TypefacesFamily:
         self.input_shape: tuple[int, int, int] = spec.input_shape
         self.output_dim: int = spec.output_dim
         self.characters, self.renders, self.masks = render_all(spec.image_size)
-        selection, _ = split_characters(spec.split_seed)
+        selection = split_characters(spec.split_seed).splits
         allowed = set(self.characters)
         names = render_all(SELECTION_SIZE)[0]
         # the same characters at every size: render_all keeps a character by its ink at that
