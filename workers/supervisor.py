@@ -184,7 +184,7 @@ class JobSupervisor:
 
         def checkpointed(paths: list[Path]) -> None:
             self.wait_recorded()
-            self.event(job_id, "files", self.store.put(job_id, list(paths)))
+            self.event(job_id, "files", self.store.put(job_id, list(paths), attempt=self.job.attempt))
 
         context = JobContext(
             hooks=RunHooks(report=lambda step, metrics: self.event(job_id, "metrics",

@@ -268,5 +268,5 @@ def test_a_meta_rl_trial_over_the_caps_fails_before_it_trains(tmp_path: Path,
     trained = []
     with pytest.raises(TrialOverLimits, match="meta_batch_size: .*METASERVE_MAX_WORKER_MEMORY_MB"):
         _train_trial(spec, "job", tmp_path, "val/rl2_trial_return", run, None,
-                     lambda *args: trained.append(args), lambda *args: None)
+                     lambda *args: trained.append(args), lambda *args: None, 1)
     assert trained == []

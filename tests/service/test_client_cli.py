@@ -127,7 +127,7 @@ def test_fetch_downloads_a_meta_rl_jobs_meta_policy(logged_in: str, tmp_path: Pa
         (written / name).write_bytes(data)
     store = open_store(Settings().storage_config())
     with sessions() as session:
-        for described in store.put(job_id, [written / name for name in files]):
+        for described in store.put(job_id, [written / name for name in files], attempt=1):
             with session.begin():
                 job_store.add_artifact(session=session, job_id=job_id, name=described.name,
                                        size=described.size, sha256=described.sha256,

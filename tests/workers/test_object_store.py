@@ -107,51 +107,55 @@ def test_put_replaces_an_artifact_whole(store, tmp_path: Path) -> None:  # noqa:
 def test_checkpoint_set_round_trip(store, tmp_path: Path) -> None:  # noqa: ANN001
     assert store.fetch_checkpoint(JOB, tmp_path / "none") is False
     files = checkpoint_files(tmp_path / "run", b"1")
-    described = store.put(JOB, files)
+    described = store.put(JOB, files, attempt=1)
     assert [d.name for d in described] == ["checkpoint.safetensors", "checkpoint.json"]
     assert fetched(store, tmp_path) == {path.name: path.read_bytes() for path in files}
     assert read(store, "checkpoint.json") == b'{"iteration": "1"}'
     assert read(store, MANIFEST_NAME) is None  # the manifest is no artifact
 
 
+def objects(store) -> list[str]:  # noqa: ANN001
+    """The job's keys but the manifest (and the local store's lock beside it)."""
+    return [key for key in store._list(f"{JOB}/") if f"/{CHECKPOINT_DIRECTORY}/" not in key
+            or key.count("/") == 3]
+
+
 def test_a_new_checkpoint_set_replaces_the_old_one_and_its_objects(store, tmp_path: Path) -> None:  # noqa: ANN001
-    store.put(JOB, checkpoint_files(tmp_path / "one", b"1"))
+    store.put(JOB, checkpoint_files(tmp_path / "one", b"1"), attempt=1)
     second = checkpoint_files(tmp_path / "two", b"2")
-    store.put(JOB, second)
+    store.put(JOB, second, attempt=1)
     assert fetched(store, tmp_path) == {path.name: path.read_bytes() for path in second}
     keys = store._list(f"{JOB}/")
-    assert len(keys) == 3, keys  # the manifest + the current set, nothing of the first
     assert f"{JOB}/{CHECKPOINT_DIRECTORY}/{MANIFEST_NAME}" in keys
+    assert len(objects(store)) == 2, keys  # the current set, nothing of the first
+    assert all(key.startswith(f"{JOB}/attempt-1/") for key in objects(store))
 
 
 def test_crash_between_upload_and_manifest_leaves_the_previous_set(store, tmp_path: Path,  # noqa: ANN001
                                                                    monkeypatch) -> None:  # noqa: ANN001
     first = checkpoint_files(tmp_path / "one", b"1")
-    store.put(JOB, first)
-    real_put_bytes = store._put_bytes
+    store.put(JOB, first, attempt=1)
 
-    def crash_on_manifest(key: str, data: bytes) -> None:
-        if key.endswith(MANIFEST_NAME):
-            raise OSError("process killed")
-        real_put_bytes(key, data)
+    def crash_on_manifest(key: str, data: bytes, tag: str | None) -> bool:
+        raise OSError("process killed")
 
-    monkeypatch.setattr(store, "_put_bytes", crash_on_manifest)
+    monkeypatch.setattr(store, "_put_if", crash_on_manifest)
     with pytest.raises(StorageError, match="process killed"):
-        store.put(JOB, checkpoint_files(tmp_path / "two", b"2"))
+        store.put(JOB, checkpoint_files(tmp_path / "two", b"2"), attempt=1)
     monkeypatch.undo()
     expected = {path.name: path.read_bytes() for path in first}
     assert fetched(store, tmp_path) == expected
     assert read(store, "checkpoint.json") == expected["checkpoint.json"]
     third = checkpoint_files(tmp_path / "three", b"3")
-    store.put(JOB, third)  # the orphaned upload goes with the next publication
-    assert len(store._list(f"{JOB}/")) == 3
+    store.put(JOB, third, attempt=1)  # the orphaned upload goes with the next publication
+    assert len(objects(store)) == 2
     assert fetched(store, tmp_path) == {path.name: path.read_bytes() for path in third}
 
 
 def test_a_reader_during_a_publication_sees_the_previous_complete_set(store, tmp_path: Path,  # noqa: ANN001
                                                                       monkeypatch) -> None:  # noqa: ANN001
     first = checkpoint_files(tmp_path / "one", b"1")
-    store.put(JOB, first)
+    store.put(JOB, first, attempt=1)
     seen = []
     real_put_file = store._put_file
 
@@ -161,14 +165,14 @@ def test_a_reader_during_a_publication_sees_the_previous_complete_set(store, tmp
 
     monkeypatch.setattr(store, "_put_file", read_between_uploads)
     second = checkpoint_files(tmp_path / "two", b"2")
-    store.put(JOB, second)
+    store.put(JOB, second, attempt=1)
     expected_first = {path.name: path.read_bytes() for path in first}
     assert seen == [expected_first, expected_first]
     assert fetched(store, tmp_path) == {path.name: path.read_bytes() for path in second}
 
 
 def test_fetch_checkpoint_refuses_a_tampered_object(store, tmp_path: Path) -> None:  # noqa: ANN001
-    store.put(JOB, checkpoint_files(tmp_path / "run", b"1"))
+    store.put(JOB, checkpoint_files(tmp_path / "run", b"1"), attempt=1)
     [key] = [key for key in store._list(f"{JOB}/") if key.endswith("checkpoint.safetensors")]
     store._put_bytes(key, b"planted")
     target = tmp_path / "resume"
@@ -182,7 +186,7 @@ def test_fetch_checkpoint_refuses_a_tampered_object(store, tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize("name", ["../x", "a/b", "/etc/passwd", "..", ".", "", ".hidden",
-                                  "checkpoint", "a\\b", "x\x00y"])
+                                  "checkpoint", "attempt-2", "a\\b", "x\x00y"])
 def test_names_that_could_leave_the_job_prefix_are_refused(store, tmp_path: Path, name: str) -> None:  # noqa: ANN001
     with pytest.raises(ValueError, match="not an artifact file name"):
         store.open(JOB, name)
@@ -204,7 +208,7 @@ def test_put_refuses_a_file_name_that_is_not_plain(store, tmp_path: Path) -> Non
 
 
 def test_delete_removes_every_object_of_the_job(store, tmp_path: Path) -> None:  # noqa: ANN001
-    store.put(JOB, [write(tmp_path / "meta_init.json", b"{}"), *checkpoint_files(tmp_path, b"1")])
+    store.put(JOB, [write(tmp_path / "meta_init.json", b"{}"), *checkpoint_files(tmp_path, b"1")], attempt=1)
     store.put("other", [write(tmp_path / "o" / "meta_init.json", b"[]")])
     store.delete(JOB)
     assert store._list(f"{JOB}/") == []
@@ -291,8 +295,9 @@ def test_local_store_keeps_artifacts_at_root_job_name_private(tmp_path: Path) ->
     root = tmp_path / "artifacts"
     store = open_store(StorageConfig(root=str(root)))
     store.put(JOB, [write(tmp_path / "out" / "meta_init.json", b"{}"),
-                    *checkpoint_files(tmp_path / "out", b"1")])
-    assert (root / JOB / "meta_init.json").read_bytes() == b"{}"
+                    *checkpoint_files(tmp_path / "out", b"1")], attempt=1)
+    [recipe] = (root / JOB / "attempt-1").glob("*/meta_init.json")
+    assert recipe.read_bytes() == b"{}"
     for path in [root / JOB, *(root / JOB).rglob("*")]:
         mode = stat.S_IMODE(path.stat().st_mode)
         assert mode == (0o700 if path.is_dir() else 0o600), (path, oct(mode))
@@ -315,7 +320,7 @@ def test_local_store_reads_a_checkpoint_written_before_manifests(tmp_path: Path)
     assert fetched(store, tmp_path) == {path.name: path.read_bytes() for path in legacy}
     assert store.fetch_checkpoint(JOB, root / JOB / CHECKPOINT_DIRECTORY) is True  # in place: a no-op
     newer = checkpoint_files(tmp_path / "run", b"1")
-    store.put(JOB, newer)  # a manifest now decides
+    store.put(JOB, newer, attempt=1)  # a manifest now decides
     assert fetched(store, tmp_path) == {path.name: path.read_bytes() for path in newer}
 
 

@@ -7,17 +7,25 @@ imports nothing from ``metaserve.service`` or ``metaserve.api``.
 
 Layout under the root (a directory, or ``s3://bucket/prefix``), the same for both backends::
 
-    <job_id>/meta_init.safetensors                    one object per artifact, written atomically
-    <job_id>/meta_init.json
-    <job_id>/checkpoint/manifest.json                 names the current checkpoint set
-    <job_id>/checkpoint/<version>/checkpoint.safetensors
-    <job_id>/checkpoint/<version>/checkpoint.json
+    <job_id>/checkpoint/manifest.json                 the job's manifest: which attempt wrote it,
+                                                      its checkpoint set and its artifacts
+    <job_id>/attempt-<n>/<version>/checkpoint.safetensors   what attempt n published, one
+    <job_id>/attempt-<n>/<version>/meta_init.json           version per publication
+    <dataset_id>/<name>                               write-once data of no attempt (datasets)
 
-A checkpoint set is published as a whole: its files go under a new version, then the manifest
-is replaced (one atomic write: ``os.replace`` locally, a single PUT on S3), then the previous
-versions are removed. A reader goes through the manifest, so it sees the previous complete
-set or the new one, never a mix; a crash before the manifest write leaves the previous set
-current (and an orphaned version that the next publication removes).
+Fencing: a job's attempt (1, 2, ...) publishes under its own prefix, then makes its files
+current with one *conditional* write of the manifest (``If-None-Match: *`` / ``If-Match:
+<etag>`` on S3; compare-and-replace under ``flock`` locally). It reads the manifest first and
+again whenever the conditional write finds it changed: when a newer attempt wrote it, the
+publication is refused (:class:`AttemptFenced`) and its uploads removed. So two attempts
+writing at once leave the newest attempt's manifest, which names only objects that exist: a
+writer only removes what the manifest it just made current does not name, of older attempts
+(or older versions of its own), never a newer attempt's. Readers (resume, downloads) go
+through the manifest, so they see the newest attempt's complete set, never a mix; a reader
+racing a publication re-reads it. A crash before the manifest write leaves the previous set
+current (and orphans that the next publication removes). A checkpoint set from before
+attempt prefixes (format 1, ``<job_id>/checkpoint/<version>/``; or, locally, files in
+``<job_id>/checkpoint/`` without a manifest) is read as attempt 0.
 
 Keys are only ever built from a validated job id (``^[0-9A-Za-z_-]{1,64}$``), a plain file
 name, and a version this module made; nothing a client sends can leave a job's prefix.
@@ -32,7 +40,7 @@ publication logic both backends share), :mod:`~metaserve.workers.object_store.lo
 from __future__ import annotations
 
 from metaserve.workers.object_store.base import (CHECKPOINT_DIRECTORY, JOB_ID_RE, MANIFEST_NAME, MEDIA_TYPES,
-                                                 ArtifactFile, ArtifactStore, StorageConfig, StorageError,
+                                                 ArtifactFile, ArtifactStore, AttemptFenced, StorageConfig, StorageError,
                                                  check_job_id, check_name, describe_file, media_type,
                                                  parse_s3_url)
 from metaserve.workers.object_store.local import LocalStore
@@ -49,5 +57,5 @@ def open_store(config: StorageConfig) -> ArtifactStore:
 
 
 __all__ = ["CHECKPOINT_DIRECTORY", "JOB_ID_RE", "MANIFEST_NAME", "MEDIA_TYPES", "ArtifactFile",
-           "ArtifactStore", "LocalStore", "S3Store", "StorageConfig", "StorageError", "check_job_id",
+           "ArtifactStore", "AttemptFenced", "LocalStore", "S3Store", "StorageConfig", "StorageError", "check_job_id",
            "check_name", "describe_file", "media_type", "open_store", "parse_s3_url"]

@@ -18,13 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from metaserve.workers.exceptions import StorageError  # noqa: F401 - raised here, imported from here
+from metaserve.workers.exceptions import AttemptFenced, StorageError  # noqa: F401 - raised here, imported from here
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_DIRECTORY = "checkpoint"  # = workers.engine.loop.CHECKPOINT_DIRECTORY
 MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2  # 1: a checkpoint set only, objects under <job>/checkpoint/<version>/ (still read)
+ATTEMPT_PREFIX = "attempt-"
+MAX_ATTEMPT = 999_999_999
+PUBLISH_TRIES = 20  # conditional manifest writes before a publication gives up
 CHUNK_BYTES = 1 << 20
 PART_BYTES = 8 << 20  # multipart part size of S3 uploads (measured: faster than the 5 MiB default)
 CHECK_TIMEOUT_S = 3.0  # one availability check: connect + answer
@@ -37,6 +40,7 @@ FETCH_ATTEMPTS = 3  # a reader racing a publication re-reads the manifest this o
 JOB_ID_RE = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
 NAME_RE = re.compile(r"^[0-9A-Za-z_][0-9A-Za-z._-]{0,254}$")
 VERSION_RE = re.compile(r"^[0-9]{20}-[0-9a-f]{8}$")
+ATTEMPT_RE = re.compile(r"^attempt-([1-9][0-9]{0,8})$")
 BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 PREFIX_PART_RE = re.compile(r"^[0-9A-Za-z._-]+$")
 
@@ -94,7 +98,8 @@ def check_job_id(job_id: str) -> str:
 
 def check_name(name: str) -> str:
     """``name`` if it is a plain file name (no separator, not ``..``, not hidden), else ValueError."""
-    if not isinstance(name, str) or not NAME_RE.match(name) or name == CHECKPOINT_DIRECTORY:
+    if (not isinstance(name, str) or not NAME_RE.match(name) or name == CHECKPOINT_DIRECTORY
+            or ATTEMPT_RE.match(name)):
         raise ValueError(f"not an artifact file name: {name!r}")
     return name
 
@@ -117,6 +122,111 @@ def parse_s3_url(root: str) -> tuple[str, str]:
 
 def version_of(key_parts: list[str]) -> str | None:
     return key_parts[2] if len(key_parts) == 4 and VERSION_RE.match(key_parts[2]) else None
+
+
+def object_place(key_parts: list[str]) -> tuple[int, str] | None:
+    """``(attempt, version)`` of an object a manifest can name (``<job>/attempt-<n>/<version>/<name>``,
+    or ``<job>/checkpoint/<version>/<name>``: attempt 0), else None."""
+    version = version_of(key_parts)
+    if version is None:
+        return None
+    if key_parts[1] == CHECKPOINT_DIRECTORY:
+        return 0, version
+    match = ATTEMPT_RE.match(key_parts[1])
+    return (int(match.group(1)), version) if match else None
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A file a manifest names: its description and where it lives (attempt, version)."""
+
+    file: ArtifactFile
+    attempt: int
+    version: str
+
+    @property
+    def name(self) -> str:
+        return self.file.name
+
+    @property
+    def size(self) -> int:
+        return self.file.size
+
+    @property
+    def sha256(self) -> str:
+        return self.file.sha256
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "size": self.size, "sha256": self.sha256,
+                "media_type": self.file.media_type, "attempt": self.attempt, "version": self.version}
+
+    @staticmethod
+    def from_json(entry: dict[str, Any], attempt: int, version: str) -> "Entry":
+        attempt, version = int(entry.get("attempt", attempt)), str(entry.get("version", version))
+        if not VERSION_RE.match(version) or not 0 <= attempt <= MAX_ATTEMPT:
+            raise ValueError(f"bad place of {entry.get('name')!r}: attempt {attempt}, version {version!r}")
+        return Entry(ArtifactFile(name=check_name(entry["name"]), size=int(entry["size"]),
+                                  sha256=str(entry["sha256"]), media_type=str(entry["media_type"])),
+                     attempt, version)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A job's manifest: the attempt that wrote it, the current checkpoint set (None: none
+    yet) and the current artifacts. Format 1 (before attempt prefixes) named a checkpoint
+    set only; it reads as attempt 0."""
+
+    format: int
+    attempt: int
+    version: str
+    checkpoint: list[Entry] | None
+    artifacts: list[Entry]
+
+    def find(self, name: str) -> Entry | None:
+        for entry in (*(self.checkpoint or []), *self.artifacts):
+            if entry.name == name:
+                return entry
+        return None
+
+    def entries(self) -> list[Entry]:
+        return [*(self.checkpoint or []), *self.artifacts]
+
+    def encode(self) -> bytes:
+        document = {"format": MANIFEST_FORMAT, "attempt": self.attempt, "version": self.version,
+                    "checkpoint": None if self.checkpoint is None else [e.to_json() for e in self.checkpoint],
+                    "artifacts": [entry.to_json() for entry in self.artifacts]}
+        return json.dumps(document, indent=2, sort_keys=True).encode()
+
+    @staticmethod
+    def decode(data: bytes) -> "Manifest":
+        document = json.loads(data)
+        version = document["version"]
+        if not isinstance(version, str) or not VERSION_RE.match(version):
+            raise ValueError(f"unknown version {version!r}")
+        if document.get("format") == 1:
+            return Manifest(1, 0, version, [Entry.from_json(e, 0, version) for e in document["files"]], [])
+        if document.get("format") != MANIFEST_FORMAT:
+            raise ValueError(f"unknown format {document.get('format')!r}")
+        attempt = int(document["attempt"])
+        checkpoint = document["checkpoint"]
+        return Manifest(MANIFEST_FORMAT, attempt, version,
+                        None if checkpoint is None else [Entry.from_json(e, attempt, version) for e in checkpoint],
+                        [Entry.from_json(e, attempt, version) for e in document["artifacts"]])
+
+
+def _next_manifest(current: Manifest | None, attempt: int, version: str,
+                   checkpoint: list[ArtifactFile], artifacts: list[ArtifactFile]) -> Manifest:
+    """The manifest after ``attempt`` published ``checkpoint`` (a new set, or none: the
+    current set stays, whichever attempt wrote it, since this one resumed from it) and
+    ``artifacts`` (added to its own attempt's; an older attempt's artifacts are dropped)."""
+    if checkpoint:
+        checkpoint_entries: list[Entry] | None = [Entry(d, attempt, version) for d in checkpoint]
+    else:
+        checkpoint_entries = current.checkpoint if current is not None else None
+    named = {e.name: e for e in current.artifacts} if current is not None and current.attempt == attempt else {}
+    named.update({d.name: Entry(d, attempt, version) for d in artifacts})
+    return Manifest(MANIFEST_FORMAT, attempt, version, checkpoint_entries,
+                    [named[name] for name in sorted(named)])
 
 
 class _Sha256Reader:
@@ -149,41 +259,56 @@ class ArtifactStore:
         """One cheap round trip to the store; StorageError when it cannot be used."""
         raise NotImplementedError
 
-    def put(self, job_id: str, paths: list[Path]) -> list[ArtifactFile]:
-        """Publish files written locally. Files in a directory named ``checkpoint`` form one
-        checkpoint set, published atomically as a set; every other file is published
-        atomically at ``<job_id>/<name>``. Returns the description of each file, in order."""
+    def put(self, job_id: str, paths: list[Path], *, attempt: int | None = None) -> list[ArtifactFile]:
+        """Publish files written locally; returns the description of each file, in order.
+
+        A job's attempt passes ``attempt`` (its number, 1, 2, ...): its files go under
+        ``<job_id>/attempt-<n>/<version>/`` and become current through one conditional write
+        of the job's manifest (see the module docstring): files in a directory named
+        ``checkpoint`` replace the checkpoint set, every other file the artifact of its name.
+        A stale attempt (the manifest names a newer one) is refused with
+        :class:`AttemptFenced` and its uploads are removed.
+
+        Without ``attempt`` (write-once data of no job attempt: an uploaded dataset), each
+        file is written atomically at ``<job_id>/<name>``; a checkpoint set needs an attempt."""
         check_job_id(job_id)
         paths = [Path(path) for path in paths]
         for path in paths:
             check_name(path.name)
-        described = {path: describe_file(path) for path in paths}
         checkpoint = [path for path in paths if path.parent.name == CHECKPOINT_DIRECTORY]
         if len({path.name for path in checkpoint}) != len(checkpoint):
             raise ValueError(f"a checkpoint set holds each name once: {[str(p) for p in checkpoint]}")
-        for path in paths:
-            if path not in checkpoint:
+        if attempt is None and checkpoint:
+            raise ValueError("a checkpoint set is published by a job's attempt: pass attempt=")
+        if attempt is not None and (isinstance(attempt, bool) or not isinstance(attempt, int)
+                                    or not 1 <= attempt <= MAX_ATTEMPT):
+            raise ValueError(f"not an attempt number: {attempt!r}")
+        described = {path: describe_file(path) for path in paths}
+        if attempt is None:
+            for path in paths:
                 self._call(self._put_file, self._key(job_id, path.name), path)
-        if checkpoint:
-            self._publish_checkpoint(job_id, [(path, described[path]) for path in checkpoint])
+        else:
+            self._publish(job_id, attempt, [(path, described[path]) for path in checkpoint],
+                          [(path, described[path]) for path in paths if path not in checkpoint])
         return [described[path] for path in paths]
 
     def fetch_checkpoint(self, job_id: str, directory: Path) -> bool:
-        """Write the last complete checkpoint set into ``directory`` (sha256 verified);
-        False when the job has none."""
+        """Write the current checkpoint set (the newest attempt's, sha256 verified) into
+        ``directory``; False when the job has none."""
         check_job_id(job_id)
         directory = Path(directory)
         for _ in range(FETCH_ATTEMPTS):
             manifest = self._read_manifest(job_id)
             if manifest is None:
                 return self._fetch_unversioned_checkpoint(job_id, directory)
-            version, files = manifest
+            if manifest.checkpoint is None:
+                return False
             directory.mkdir(parents=True, exist_ok=True)
             written: list[tuple[Path, Path]] = []
             try:
-                for entry in files:
+                for entry in manifest.checkpoint:
                     temporary = directory / f".{entry.name}.{secrets.token_hex(4)}.tmp"
-                    if not self._download_verified(job_id, version, entry, temporary):
+                    if not self._download_verified(job_id, entry, temporary):
                         break  # the set was replaced while we read it: read the manifest again
                     written.append((temporary, directory / entry.name))
                 else:
@@ -198,24 +323,36 @@ class ArtifactStore:
                           "while being read (another writer?)")
 
     def open(self, job_id: str, name: str) -> tuple[int, Iterator[bytes]] | None:
-        """Size and chunks of the artifact ``name`` of ``job_id`` (a checkpoint file resolves
-        through the manifest), or None when it is missing."""
+        """Size and chunks of the artifact ``name`` of ``job_id`` as the job's manifest names
+        it (the newest attempt's; a checkpoint file too), or None when it is missing."""
         check_job_id(job_id)
         check_name(name)
+        manifest = None
+        for _ in range(FETCH_ATTEMPTS):
+            manifest = self._read_manifest(job_id)
+            if manifest is None or manifest.format == 1:
+                break  # no attempt's manifest: a dataset, or a job of before attempt prefixes
+            entry = manifest.find(name)
+            if entry is None:
+                return None
+            found = self._call(self._stream, self._object_key(job_id, entry))
+            if found is not None:
+                return found
+        else:
+            return None  # replaced under us every time
         found = self._call(self._stream, self._key(job_id, name))
         if found is not None:
             return found
-        for _ in range(FETCH_ATTEMPTS):
-            manifest = self._read_manifest(job_id)
-            if manifest is None:
-                return self._open_unversioned_checkpoint(job_id, name)
-            version, files = manifest
-            if name not in {entry.name for entry in files}:
-                return None
-            found = self._call(self._stream, self._checkpoint_key(job_id, version, name))
-            if found is not None:
-                return found
-        return None
+        if manifest is not None:
+            entry = manifest.find(name)
+            return None if entry is None else self._call(self._stream, self._object_key(job_id, entry))
+        return self._open_unversioned_checkpoint(job_id, name)
+
+    def current_attempt(self, job_id: str) -> int | None:
+        """The attempt whose files the job's manifest names (0: written before attempts had
+        prefixes), or None when it has none."""
+        manifest = self._read_manifest(job_id)
+        return None if manifest is None else manifest.attempt
 
     def delete(self, job_id: str) -> None:
         """Remove every object of ``job_id``."""
@@ -224,55 +361,106 @@ class ArtifactStore:
         if keys:
             self._call(self._delete_keys, keys)
 
-    # -- checkpoint sets -------------------------------------------------------------------
+    # -- publication -----------------------------------------------------------------------
 
-    def _publish_checkpoint(self, job_id: str, files: list[tuple[Path, ArtifactFile]]) -> None:
-        try:
-            previous = self._read_manifest(job_id)
-        except StorageError:  # an unreadable manifest is about to be replaced
-            previous = None
+    def _publish(self, job_id: str, attempt: int, checkpoint: list[tuple[Path, ArtifactFile]],
+                 artifacts: list[tuple[Path, ArtifactFile]]) -> None:
+        current = self._read_tagged_manifest(job_id)
+        self._refuse_stale(job_id, attempt, current[0])
         version = f"{time.time_ns():020d}-{secrets.token_hex(4)}"
-        for path, described in files:
-            self._call(self._put_file, self._checkpoint_key(job_id, version, described.name), path)
-        document = {"format": MANIFEST_FORMAT, "version": version,
-                    "files": [{"name": d.name, "size": d.size, "sha256": d.sha256,
-                               "media_type": d.media_type} for _, d in files]}
-        self._call(self._put_bytes, self._manifest_key(job_id),
-                   json.dumps(document, indent=2, sort_keys=True).encode())
-        # The previous set and older versions (orphans of interrupted publications) go; a
-        # newer version than ours is left alone: only a concurrent writer can have made it.
+        uploaded: list[str] = []
+        try:
+            try:
+                for path, described in (*checkpoint, *artifacts):
+                    key = self._object_key(job_id, Entry(described, attempt, version))
+                    uploaded.append(key)
+                    self._call(self._put_file, key, path)
+            except StorageError:
+                # A newer attempt that published meanwhile removes an older one's objects,
+                # uploads under way included: say so rather than the failed upload.
+                self._refuse_stale(job_id, attempt, self._read_tagged_manifest(job_id)[0])
+                raise
+            for _ in range(PUBLISH_TRIES):
+                manifest = _next_manifest(current[0], attempt, version,
+                                          [d for _, d in checkpoint], [d for _, d in artifacts])
+                if self._call(self._put_if, self._manifest_key(job_id), manifest.encode(), current[1]):
+                    break
+                # Another write came between our read and our write: read it, and go on only
+                # if it is not a newer attempt's.
+                current = self._read_tagged_manifest(job_id)
+                self._refuse_stale(job_id, attempt, current[0])
+            else:
+                raise self._error(f"the manifest of job {job_id} kept changing under "
+                                  f"{PUBLISH_TRIES} conditional writes (another writer?)")
+        except AttemptFenced:
+            # Never referenced (our manifest write did not happen): ours to remove.
+            self._remove_quietly(job_id, uploaded)
+            raise
+        self._remove_superseded(job_id, manifest)
+
+    def _refuse_stale(self, job_id: str, attempt: int, current: Manifest | None) -> None:
+        if current is not None and current.attempt > attempt:
+            raise AttemptFenced(f"artifact store {self.url}: job {job_id} attempt {attempt} is "
+                                f"stale: attempt {current.attempt} has published since; its write "
+                                "is refused")
+
+    def _remove_superseded(self, job_id: str, manifest: Manifest) -> None:
+        """After ``manifest`` became current: remove what no manifest will name again, i.e.
+        the objects of older attempts that it does not name, and of its own attempt those of
+        older versions. A newer attempt's objects are never touched."""
+        referenced = {self._object_key(job_id, entry) for entry in manifest.entries()}
         try:
             stale = []
-            for key in self._list(f"{job_id}/{CHECKPOINT_DIRECTORY}/"):
-                old = version_of(key.split("/"))
-                if old is not None and old != version and (
-                        old < version or (previous is not None and old == previous[0])):
+            for key in self._list(f"{job_id}/"):
+                parts = key.split("/")
+                if len(parts) == 2 and parts[1] != CHECKPOINT_DIRECTORY and NAME_RE.match(parts[1]):
+                    stale.append(key)  # an artifact written before attempts had prefixes
+                    continue
+                place = object_place(parts)
+                if place is None or key in referenced:
+                    continue
+                owner, version = place
+                if owner < manifest.attempt or (owner == manifest.attempt and version < manifest.version):
                     stale.append(key)
             if stale:
                 self._delete_keys(stale)
-        except Exception:  # noqa: BLE001 - the new set is published; leftovers go next time
-            logger.warning("removing old checkpoint objects failed", exc_info=True,
+        except Exception:  # noqa: BLE001 - the new manifest is current; leftovers go next time
+            logger.warning("removing superseded objects failed", exc_info=True,
                            extra={"job_id": job_id, "store": self.url})
 
-    def _read_manifest(self, job_id: str) -> tuple[str, list[ArtifactFile]] | None:
-        data = self._call(self._get_bytes, self._manifest_key(job_id))
-        if data is None:
-            return None
+    def _remove_quietly(self, job_id: str, keys: list[str]) -> None:
+        if not keys:
+            return
         try:
-            document = json.loads(data)
-            version = document["version"]
-            if document.get("format") != MANIFEST_FORMAT or not VERSION_RE.match(version):
-                raise ValueError(f"unknown format or version {version!r}")
-            files = [ArtifactFile(name=check_name(entry["name"]), size=int(entry["size"]),
-                                  sha256=str(entry["sha256"]), media_type=str(entry["media_type"]))
-                     for entry in document["files"]]
-        except (ValueError, KeyError, TypeError) as error:
-            raise self._error(f"checkpoint manifest of job {job_id} is invalid ({error})") from None
-        return version, files
+            self._delete_keys(keys)
+        except Exception:  # noqa: BLE001 - the next publication of a newer attempt removes them
+            logger.warning("removing a stale attempt's uploads failed", exc_info=True,
+                           extra={"job_id": job_id, "store": self.url})
 
-    def _download_verified(self, job_id: str, version: str, entry: ArtifactFile,
-                           target: Path) -> bool:
-        found = self._call(self._stream, self._checkpoint_key(job_id, version, entry.name))
+    def _read_tagged_manifest(self, job_id: str) -> tuple[Manifest | None, str | None]:
+        """The job's manifest and the tag a conditional write of it must match (None: there
+        is none, create it)."""
+        found = self._call(self._get_tagged, self._manifest_key(job_id))
+        if found is None:
+            return None, None
+        data, tag = found
+        try:
+            return self._parse_manifest(job_id, data), tag
+        except StorageError:  # an unreadable manifest is replaced (conditionally)
+            return None, tag
+
+    def _read_manifest(self, job_id: str) -> Manifest | None:
+        data = self._call(self._get_bytes, self._manifest_key(job_id))
+        return None if data is None else self._parse_manifest(job_id, data)
+
+    def _parse_manifest(self, job_id: str, data: bytes) -> Manifest:
+        try:
+            return Manifest.decode(data)
+        except (ValueError, KeyError, TypeError) as error:
+            raise self._error(f"manifest of job {job_id} is invalid ({error})") from None
+
+    def _download_verified(self, job_id: str, entry: Entry, target: Path) -> bool:
+        found = self._call(self._stream, self._object_key(job_id, entry))
         if found is None:
             return False
         _, chunks = found
@@ -306,10 +494,13 @@ class ArtifactStore:
         return f"{check_job_id(job_id)}/{CHECKPOINT_DIRECTORY}/{MANIFEST_NAME}"
 
     @staticmethod
-    def _checkpoint_key(job_id: str, version: str, name: str) -> str:
-        if not VERSION_RE.match(version):
-            raise ValueError(f"not a checkpoint version: {version!r}")
-        return f"{check_job_id(job_id)}/{CHECKPOINT_DIRECTORY}/{version}/{check_name(name)}"
+    def _object_key(job_id: str, entry: Entry) -> str:
+        """Where a file a manifest names lives: ``<job>/attempt-<n>/<version>/<name>``, or,
+        for attempt 0 (a manifest of before attempts), ``<job>/checkpoint/<version>/<name>``."""
+        if not VERSION_RE.match(entry.version):
+            raise ValueError(f"not a version: {entry.version!r}")
+        folder = CHECKPOINT_DIRECTORY if entry.attempt == 0 else f"{ATTEMPT_PREFIX}{entry.attempt}"
+        return f"{check_job_id(job_id)}/{folder}/{entry.version}/{check_name(entry.name)}"
 
     def _error(self, cause: str) -> StorageError:
         return StorageError(f"artifact store {self.url}: {cause}")
@@ -352,6 +543,15 @@ class ArtifactStore:
         raise NotImplementedError
 
     def _delete_keys(self, keys: list[str]) -> None:
+        raise NotImplementedError
+
+    def _get_tagged(self, key: str) -> tuple[bytes, str] | None:
+        """The bytes at ``key`` and the tag a conditional write must match, or None."""
+        raise NotImplementedError
+
+    def _put_if(self, key: str, data: bytes, tag: str | None) -> bool:
+        """Write ``data`` at ``key`` if it still holds what ``tag`` was read from (None: if
+        there is nothing there yet); False when that changed meanwhile, and nothing written."""
         raise NotImplementedError
 
 

@@ -4,6 +4,8 @@ a shared mount)."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import os
 import secrets
 import shutil
@@ -13,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from metaserve.workers.object_store.base import (CHECKPOINT_DIRECTORY, CHUNK_BYTES, MANIFEST_NAME, NAME_RE,
+from metaserve.workers.object_store.base import (ATTEMPT_RE, CHECKPOINT_DIRECTORY, CHUNK_BYTES, MANIFEST_NAME, NAME_RE,
                                                  ArtifactStore, StorageConfig, check_job_id, private_file,
                                                  version_of)
 
@@ -115,11 +117,36 @@ class LocalStore(ArtifactStore):
     def _delete_keys(self, keys: list[str]) -> None:
         for key in keys:
             self._path(key).unlink(missing_ok=True)
-        for key in keys:  # empty version directories too
+        for key in keys:  # empty version directories too, and an attempt's when empty
             parent = self._path(key).parent
             if version_of(key.split("/")) is not None:
                 with contextlib.suppress(OSError):
                     parent.rmdir()
+                if ATTEMPT_RE.match(parent.parent.name):
+                    with contextlib.suppress(OSError):
+                        parent.parent.rmdir()
+
+    def _get_tagged(self, key: str) -> tuple[bytes, str] | None:
+        data = self._get_bytes(key)
+        return None if data is None else (data, hashlib.sha256(data).hexdigest())
+
+    def _put_if(self, key: str, data: bytes, tag: str | None) -> bool:
+        """Compare and replace under an exclusive ``flock`` of ``.<name>.lock`` beside the
+        file, which every conditional writer of this key on this host (or on a shared
+        mount whose file system honours flock) takes."""
+        target = self._path(key)
+        self._make_dirs(target.parent)
+        lock = target.parent / f".{target.name}.lock"
+        descriptor = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+            current = self._get_tagged(key)
+            if (current[1] if current is not None else None) != tag:
+                return False
+            self._write(target, lambda handle: handle.write(data))
+            return True
+        finally:
+            os.close(descriptor)  # releases the lock
 
     def delete(self, job_id: str) -> None:
         directory = self._path(check_job_id(job_id))

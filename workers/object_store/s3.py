@@ -152,6 +152,34 @@ class S3Store(ArtifactStore):
 
         obstore.delete(self._store, keys)
 
+    def _get_tagged(self, key: str) -> tuple[bytes, str] | None:
+        import obstore
+
+        try:
+            result = obstore.get(self._store, key)
+        except FileNotFoundError as error:
+            if "NoSuchBucket" in str(error):
+                raise
+            return None
+        tag = result.meta.get("e_tag")
+        if not tag:
+            raise self._error(f"{key}: the endpoint sends no ETag, so the manifest cannot be "
+                              "written conditionally")
+        return bytes(result.bytes()), tag
+
+    def _put_if(self, key: str, data: bytes, tag: str | None) -> bool:
+        """One PUT with ``If-None-Match: *`` (no tag) or ``If-Match: <tag>``: S3 (since
+        2024), MinIO, Ceph and moto refuse it with 412 when the object changed meanwhile."""
+        import obstore
+        from obstore.exceptions import AlreadyExistsError, PreconditionError
+
+        mode: Any = "create" if tag is None else {"e_tag": tag}
+        try:
+            obstore.put(self._store, key, data, mode=mode, use_multipart=False)
+        except (AlreadyExistsError, PreconditionError):
+            return False
+        return True
+
 
 def _reqwest_cause(text: str) -> str:
     lowered = text.lower()
