@@ -141,6 +141,18 @@ class Settings(BaseSettings):
         "GPU", pattern=r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$",
         description="Ray resource that `gpus_per_worker` asks for: GPU, or a custom resource "
                     "standing in for GPUs (e.g. gpu_slot).")
+    cluster_autoscaling: bool = Field(
+        False, description="The Ray cluster autoscales (KubeRay, the Ray autoscaler): a job is not "
+                           "refused against the cluster's current totals; its driver and its "
+                           "workers' placement group stay pending (the job's progress says it "
+                           "waits for placement) so the autoscaler sees the demand, for up to "
+                           "placement_pending_timeout_s. Off: a job larger than the cluster waits "
+                           "queued at once, and placement gives up after 60 s.")
+    placement_pending_timeout_s: float = Field(
+        900.0, gt=0, le=86_400,
+        description="With cluster_autoscaling: seconds a job's driver or its workers' placement "
+                    "group may stay pending (long enough for a node to boot) before the job "
+                    "fails, saying what it waited for.")
 
     # Artifact store (metaserve.workers.object_store): artifacts and checkpoints on a local directory,
     # or on S3-compatible object storage that every host reaches.
