@@ -18,6 +18,12 @@ class Unschedulable(Exception):
     """The cluster cannot provide the resources this job asks for."""
 
 
+class PlacementTimeout(ValueError):
+    """With an autoscaling cluster: the job's driver or its workers' placement group stayed
+    pending past the pending timeout (no node that fits came up). Fails the job at once: a
+    retry would wait the same way."""
+
+
 class WorkerLost(Exception):
     """An inner-loop worker died more times than the runner will replace it."""
 
