@@ -1,0 +1,160 @@
+"""Fencing: two attempts of one job write concurrently (two RunEventWriters on their own
+threads and connections, SQLite and PostgreSQL); the database ends with exactly one
+attempt's metrics, artifact rows, logs and progress, and the stale writer's refusals are
+counted. And infrastructure faults: a batch the database refuses is retried, not failed."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from sqlalchemy import select
+
+from metaserve.service import claims, job_store
+from metaserve.service.exceptions import LeaseLost
+from metaserve.service.orm import Artifact, JobLogLine, Metric
+from metaserve.service.run_events import RunEventWriter
+from metaserve.workers.object_store import ArtifactFile
+from tests.helpers import LEASE_S, reread, submit_to_store, wait_until
+
+pytestmark = pytest.mark.dialects  # row locks (PostgreSQL) and the write lock (SQLite)
+
+STEPS = 120
+
+
+def stream(writer: RunEventWriter, job_id: str, value: float, source: str,
+           stop: threading.Event, pace_s: float = 0.0) -> None:
+    """What a run's supervisor sends: per step a metric and a log line, progress now and
+    then (the fence, not progress's own guard, must refuse the batches without it), and the
+    artifact at the end (its sha256 names the writer)."""
+    for step in range(STEPS):
+        if stop.is_set():
+            break
+        writer.put(job_id, "metrics", (step, {"train/loss": value}))
+        writer.put(job_id, "logs", [{"time": time.time(), "level": "INFO", "source": source,
+                                     "message": f"{source} {step}"}])
+        if step % 40 == 39:
+            writer.put(job_id, "progress", {"iteration": step, "writer": source})
+        if pace_s:
+            time.sleep(pace_s)
+    writer.put(job_id, "files", [ArtifactFile(name="meta_init.safetensors", size=8,
+                                              sha256=source * 64, media_type="application/x")])
+
+
+def test_two_attempts_writing_at_once_leave_exactly_one_attempts_rows(sessions, session, alice):
+    job = submit_to_store(session, alice)
+    with session.begin():
+        first = claims.claim_next_job(session=session, worker_id="dispatcher-a", lease_s=LEASE_S)
+    stale = RunEventWriter(sessions, "dispatcher-a", job.id, first.attempt, set(),
+                           lease_s=LEASE_S)
+    stop_stale = threading.Event()
+    stale_thread = threading.Thread(target=stream, args=(stale, job.id, 1.0, "a", stop_stale,
+                                                         0.005))
+    stale_thread.start()
+    try:
+        wait_until(lambda: stale.written >= 20 or None, 60, "the first attempt writing")
+        # dispatcher-a is paused past its lease: dispatcher-b takes the job over (an
+        # interruption, so the same attempt number: the lease owner fences) ...
+        with session.begin():
+            job_store.expire_leases(session=session, worker_id="dispatcher-a")
+        def reclaim():  # noqa: ANN202 - PostgreSQL skips the row while a fenced batch holds it
+            with session.begin():
+                return claims.claim_next_job(session=session, worker_id="dispatcher-b",
+                                             lease_s=LEASE_S)
+
+        second = wait_until(reclaim, 30, "dispatcher-b reclaiming the job", interval_s=0.01)
+        assert (second.id, second.attempt, second.interruptions) == (job.id, 1, 1)
+        # ... and resumes from a checkpoint at step 0, writing while dispatcher-a still does.
+        current = RunEventWriter(sessions, "dispatcher-b", job.id, second.attempt, set(),
+                                 lease_s=LEASE_S)
+        stream(current, job.id, 2.0, "b", threading.Event())
+        current.close()
+    finally:
+        stale_thread.join()
+        stale.close()
+    assert current.refused == 0 and not current.lease_lost.is_set()
+    assert stale.lease_lost.is_set() and stale.refused > 0
+    with session.begin():
+        values = session.execute(select(Metric.step, Metric.value).where(
+            Metric.job_id == job.id).order_by(Metric.step)).all()
+        logs = session.execute(select(JobLogLine.seq, JobLogLine.source, JobLogLine.message)
+                               .where(JobLogLine.job_id == job.id)
+                               .order_by(JobLogLine.seq)).all()
+        artifacts = session.execute(select(Artifact.name, Artifact.sha256).where(
+            Artifact.job_id == job.id)).all()
+    assert values == [(step, 2.0) for step in range(STEPS)]
+    assert artifacts == [("meta_init.safetensors", "b" * 64)]
+    assert reread(sessions, job.id).progress == {"iteration": STEPS - 1, "writer": "b"}
+    # The stale attempt's log is the lines it wrote while it held the lease, all before the
+    # current attempt's first line: none of its later lines was stored.
+    sources = [source for _, source, _ in logs]
+    assert sources == ["a"] * sources.count("a") + ["b"] * STEPS
+    assert [message for _, source, message in logs if source == "a"] == [
+        f"a {step}" for step in range(sources.count("a"))]
+
+
+def test_a_stale_attempt_of_the_same_dispatcher_is_fenced_by_its_attempt(sessions, session,
+                                                                          alice):
+    job = submit_to_store(session, alice, max_attempts=3)
+    with session.begin():
+        claims.claim_next_job(session=session, worker_id="d", lease_s=LEASE_S)
+    with session.begin():
+        job_store.fail_attempt(session=session, job_id=job.id, worker_id="d", error="boom",
+                               attempt=1)
+    with session.begin():
+        assert claims.claim_next_job(session=session, worker_id="d", lease_s=LEASE_S).attempt == 2
+    stale = RunEventWriter(sessions, "d", job.id, 1, set(), lease_s=LEASE_S)
+    current = RunEventWriter(sessions, "d", job.id, 2, set(), lease_s=LEASE_S)
+    threads = [threading.Thread(target=stream, args=(writer, job.id, value, source,
+                                                     threading.Event()))
+               for writer, value, source in ((stale, 1.0, "a"), (current, 2.0, "b"))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    stale.close()
+    current.close()
+    assert stale.refused == STEPS * 2 + STEPS // 40 + 1 and current.refused == 0
+    with session.begin():
+        assert {value for (value,) in session.execute(
+            select(Metric.value).where(Metric.job_id == job.id))} == {2.0}
+        assert {source for (source,) in session.execute(
+            select(JobLogLine.source).where(JobLogLine.job_id == job.id))} == {"b"}
+
+
+def test_a_batch_the_database_refuses_is_retried_not_failed(sessions, session, alice,
+                                                           monkeypatch):
+    """The database away for three batches: the writer waits and writes them (no failure)."""
+    from sqlalchemy.exc import OperationalError
+
+    job = submit_to_store(session, alice)
+    with session.begin():
+        claims.claim_next_job(session=session, worker_id="d", lease_s=LEASE_S)
+    real_fence, refusals = job_store.fence, [3]
+
+    def unreachable_three_times(**kwargs):  # noqa: ANN003, ANN202
+        if refusals[0]:
+            refusals[0] -= 1
+            raise OperationalError("SELECT 1", {}, ConnectionRefusedError("connection refused"))
+        return real_fence(**kwargs)
+
+    monkeypatch.setattr(job_store, "fence", unreachable_three_times)
+    writer = RunEventWriter(sessions, "d", job.id, 1, set(), lease_s=2.0)
+    writer.put(job.id, "metrics", (1, {"train/loss": 0.5}))
+    writer.close()
+    assert (writer.retries, writer.failure, writer.refused) == (3, None, 0)
+    with session.begin():
+        assert session.execute(select(Metric.step, Metric.value).where(
+            Metric.job_id == job.id)).all() == [(1, 0.5)]
+
+
+def test_a_fenced_write_keeps_nothing_of_its_transaction(sessions, session, alice):
+    job = submit_to_store(session, alice)
+    with session.begin():
+        claims.claim_next_job(session=session, worker_id="d", lease_s=LEASE_S)
+    with pytest.raises(LeaseLost), session.begin():
+        job_store.add_metrics(session=session, job_id=job.id, rows=[(1, "x", 1.0)])
+        job_store.fence(session=session, job_id=job.id, worker_id="other", attempt=1)
+    with session.begin():
+        assert session.execute(select(Metric).where(Metric.job_id == job.id)).all() == []
