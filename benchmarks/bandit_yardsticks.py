@@ -14,6 +14,13 @@ Writes ``benchmarks/results/bandit_yardsticks.json``:
 - ``on_test_tasks``: both policies played on the same 10,000 held-out test tasks as the RL²
   run of each setting (same task seed and split; rewards drawn as ``workers/rl/baselines.py``
   draws them), mean ± 95 % CI half-width, comparable with the RL² result file's columns.
+- ``fair_baselines``: the two baselines the RL² paper's table has and a handicapped UCB1 hides:
+  the greedy Bayesian policy (the arm of largest Beta(1, 1) posterior mean, the paper's
+  "Greedy") and UCB1 as the paper's code runs it (Beta(1, 1) pseudo-counts, so no arm is
+  pulled first by force; c tuned over the paper's grid on 500 training tasks, as the RL² job
+  tunes classic UCB1), both from ``workers/rl/baselines.py``: exact under the prior at n = 10
+  (policy evaluation by dynamic programming) and on the RL² run's test tasks. Classic UCB1
+  pulls every arm once first, so at n = k = 10 it is random play.
 - ``tests``: RL² minus each baseline of the RL² result file, with a two-sided Welch z-test
   computed from the stored means and CI half-widths (n = 10,000 each). The stored results
   hold means and CIs only, not per-trial returns, so the test is unpaired; RL² and the
@@ -155,11 +162,7 @@ def index_policy_value(pulls: int, arms: int, score) -> float:  # noqa: ANN001
 
 
 def test_tasks(pulls: int, arms: int, seed: int, count: int) -> list[dict]:
-    from metaserve.workers.rl.tasks import BanditFamily
-    from metaserve.workers.spec import BanditSpec
-
-    family = BanditFamily(BanditSpec(name="bandit", arms=arms, pulls=pulls))
-    return family.sample_tasks(seed=seed, split="test", iteration=0, task_indices=range(count))
+    return test_tasks_of_split(pulls, arms, seed, "test", count)
 
 
 def play(tasks: list[dict], pulls: int, seed: int, choose) -> np.ndarray:  # noqa: ANN001
@@ -202,6 +205,39 @@ def rl2_tests(result: dict) -> dict[str, dict]:
     return tests
 
 
+def fair_baselines(entry: dict, tasks: list[dict], pulls: int, arms: int, seed: int) -> None:
+    """Greedy Bayes and UCB1 without forced pulls (module docstring) into ``entry``: exact
+    values at n ≤ 10 under ``exact``, on the test tasks under ``on_test_tasks``."""
+    from metaserve.workers.rl.baselines import PRIOR_PULLS, greedy_bayes, tune_ucb1, ucb1
+
+    training = test_tasks_of_split(pulls, arms, seed, "train", 500)
+    exploration = tune_ucb1(training, pulls, seed=seed, prior_pulls=PRIOR_PULLS)
+    entry["ucb1_prior_exploration"] = exploration
+    entry["on_test_tasks"]["greedy_bayes"] = summary(greedy_bayes(tasks, pulls, seed=seed))
+    entry["on_test_tasks"]["ucb1_prior_tuned"] = summary(
+        ucb1(tasks, pulls, seed=seed, exploration=exploration, prior_pulls=PRIOR_PULLS))
+    entry["on_test_tasks"]["ucb1_classic"] = summary(ucb1(tasks, pulls, seed=seed))
+    if pulls <= 10:
+        entry["exact"]["greedy_bayes"] = round(index_policy_value(
+            pulls, arms, lambda wins, losses, left: (wins + 1) / (wins + losses + 2)), 4)
+        entry["exact"]["ucb1_prior_tuned"] = round(index_policy_value(
+            pulls, arms, lambda wins, losses, left: ucb1_prior_index(wins, losses, pulls - left, exploration)), 4)
+
+
+def ucb1_prior_index(wins: int, losses: int, t: int, exploration: float) -> float:
+    """The index of ``workers/rl/baselines.ucb1`` with Beta(1, 1) pseudo-counts."""
+    pulled = wins + losses + 2
+    return (wins + 1) / pulled + exploration * math.sqrt(math.log(max(t, 1)) / pulled)
+
+
+def test_tasks_of_split(pulls: int, arms: int, seed: int, split: str, count: int) -> list[dict]:
+    from metaserve.workers.rl.tasks import BanditFamily
+    from metaserve.workers.spec import BanditSpec
+
+    family = BanditFamily(BanditSpec(name="bandit", arms=arms, pulls=pulls))
+    return family.sample_tasks(seed=seed, split=split, iteration=0, task_indices=range(count))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=RESULTS / "bandit_yardsticks.json")
@@ -233,6 +269,7 @@ def main() -> None:
             q, _ = bayes_optimal_q(pulls, arms)
             entry["on_test_tasks"]["bayes_optimal"] = summary(
                 play(tasks, pulls, seed, lambda counts, left: int(np.argmax(q(counts, left)))))
+        fair_baselines(entry, tasks, pulls, arms, seed)
         test = result["test"]
         rl2, rl2_ci = test["test/rl2_trial_return"], test["test/rl2_trial_return_ci95"]
         entry["rl2"] = {"mean": rl2, "ci95": rl2_ci}

@@ -38,7 +38,7 @@ from ray.rllib.evaluation.postprocessing import Postprocessing
 from ray.tune.registry import register_env
 
 from metaserve.workers.engine.checkpoints import nested_state_from, nested_state_tensors
-from metaserve.workers.rl.baselines import BANDIT_BASELINES, tune_ucb1, ucb1
+from metaserve.workers.rl.baselines import BANDIT_BASELINES, PRIOR_PULLS, tune_ucb1, ucb1
 from metaserve.workers.rl.rl2_policy import rl2_meta_policy, rl2_network, run_rl2_trials
 from metaserve.workers.rl.tasks import build_rl_family
 from metaserve.workers.rl.trials import BanditTrialVectorEnv, TrialEnv
@@ -249,6 +249,11 @@ class RL2Trainer:
             exploration = tune_ucb1(tuning_tasks, pulls, seed=self.spec.seed)
             totals["ucb1_tuned"] = ucb1(tasks, pulls, seed=self.spec.seed, exploration=exploration)
             results[f"{split}/ucb1_tuned_exploration"] = exploration
+            # as the RL² paper's code runs UCB1: Beta(1, 1) pseudo-counts, no forced pulls
+            exploration = tune_ucb1(tuning_tasks, pulls, seed=self.spec.seed, prior_pulls=PRIOR_PULLS)
+            totals["ucb1_prior_tuned"] = ucb1(tasks, pulls, seed=self.spec.seed, exploration=exploration,
+                                              prior_pulls=PRIOR_PULLS)
+            results[f"{split}/ucb1_prior_tuned_exploration"] = exploration
         for name, values in totals.items():
             results[f"{split}/{name}_trial_return"] = float(values.mean())
             results[f"{split}/{name}_trial_return_ci95"] = float(1.96 * values.std() / np.sqrt(len(values)))
