@@ -11,6 +11,7 @@ from fastapi import Response
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import to_json
 
+from metaserve.service.jobs import outcome
 from metaserve.service.orm import JobStatus
 
 
@@ -63,10 +64,19 @@ class JobPublic(BaseModel):
     status_history: list[StatusEventPublic] | None = Field(
         None, description="Every status change, oldest first (`GET /v1/jobs/{id}` only).")
 
+    outcome: str | None = Field(None, description=(
+        "How it ended: succeeded, failed, cancelled, or stopped (a sweep trial its scheduler "
+        "stopped early: a result, not a cancel; `message` says at which iteration and why). "
+        "Null until it ends."))
+
     @model_validator(mode="after")
     def _derived(self) -> "JobPublic":
         if self.spec.get("name") != self.name:
             self.spec = {**self.spec, "name": self.name}
+        self.outcome = outcome(self.status.value, self.message)
+        if self.outcome is not None and "eta_s" in self.progress:  # no ETA once it ended
+            self.progress = {key: value for key, value in self.progress.items()
+                             if key != "eta_s"}
         if self.duration_s is None and self.started_at is not None:
             end = self.finished_at or datetime.now(timezone.utc)
             self.duration_s = round(max(0.0, (end - self.started_at).total_seconds()), 3)

@@ -19,6 +19,7 @@ from metaserve.service.job_store import spec_hash
 from metaserve.service.orm import Artifact, Job, Metric, User
 from metaserve.service.settings import QUOTA_RETRY_AFTER_S
 from metaserve.workers.spec import JobSpec
+from metaserve.workers.sweep_spec import STOPPED_EARLY
 
 
 def canonical_spec(spec: JobSpec) -> dict[str, Any]:
@@ -153,3 +154,14 @@ def waiting_reason(*, embedded: bool, running: int, concurrency: int, ray_ready:
         return (f"waiting for a slot: {running} of {concurrency} running on the embedded "
                 f"dispatcher ({CONCURRENCY_SETTING})")
     return "waiting to be claimed by the embedded dispatcher"
+
+
+def outcome(status: str, message: str | None) -> str | None:
+    """How a job ended: its terminal status, or ``stopped`` for a sweep trial its scheduler
+    (ASHA) stopped early (stored as ``cancelled`` with a message saying so: it ended with a
+    result, not by a cancel). None while it has not ended."""
+    if status not in job_store.TERMINAL:
+        return None
+    if status == "cancelled" and (message or "").startswith(STOPPED_EARLY):
+        return "stopped"
+    return status

@@ -54,7 +54,7 @@ from metaserve.workers.runner import RunOptions
 from metaserve.workers.spec import JobSpec
 from metaserve.workers.sweep_search import (experiment_location, scheduler_of, search_algorithm,
                                             search_space, trial_resources, tune_samples)
-from metaserve.workers.sweep_spec import trial_spec
+from metaserve.workers.sweep_spec import STOPPED_EARLY, trial_spec
 
 logger = logging.getLogger(__name__)
 
@@ -260,7 +260,7 @@ class _TuneDriver:
             if result.get("finished"):
                 self._end(trial, "succeeded", f"finished: {shown}")
             else:
-                self._end(trial, "cancelled", f"stopped early by "
+                self._end(trial, "cancelled", f"{STOPPED_EARLY}"
                           f"{self.sweep.config['scheduler']['name']} at iteration {step} ({shown})")
 
     def trial_failed(self, trial_id: str, result: dict, error: BaseException | None) -> None:

@@ -28,6 +28,9 @@ from metaserve.workers.spec import JobSpec, StrictModel
 DOMAIN_TYPES = ("choice", "grid", "uniform", "loguniform", "randint", "qrandint")
 DISCRETE = ("choice", "grid")
 MAX_DOMAIN_VALUES = 1000
+STOPPED_EARLY = "stopped early by "
+"""How the message of a trial its scheduler (ASHA) stopped begins: the trial ended with a
+result, not by a cancel; the API shows its ``outcome`` as ``stopped``."""
 MAX_SPACE_PATHS = 32
 MAX_CHECKED_SPECS = 2048
 """Most specs one submit builds and validates (the discrete product, then each path alone)."""

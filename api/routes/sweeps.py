@@ -10,11 +10,12 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from metaserve.api.deps import NO_CONTROL_CHARACTERS, CurrentUser, PathText, SessionDep
 from metaserve.api.schemas import ErrorResponse, model_response
 from metaserve.service import sweeps
+from metaserve.service.jobs import outcome
 from metaserve.service.orm import JobStatus
 from metaserve.service.job_store import MAX_PAGE
 from metaserve.workers.sweep_spec import SweepSpec
@@ -39,6 +40,13 @@ class TrialPublic(BaseModel):
     step: int | None = Field(description="The iteration of that value.")
     iteration: int | None = Field(description="Iterations the trial ran.")
     attempt: int
+    outcome: str | None = Field(None, description="As a job's: `stopped` for a trial the "
+                                                  "scheduler stopped early.")
+
+    @model_validator(mode="after")
+    def _outcome(self) -> "TrialPublic":
+        self.outcome = outcome(self.status.value, self.message)
+        return self
 
 
 class SweepPublic(BaseModel):

@@ -213,9 +213,14 @@ def test_trials_are_jobs_of_the_sweep_ranked_on_the_leaderboard_and_never_claime
     assert board["data"][0]["config"] == {"algorithm.inner_lr": 0.1, "outer_optimizer.lr": 0.001}
     assert board["sweep"]["trials"] == {"succeeded": 1, "cancelled": 1}
     assert board["sweep"]["best"]["job_id"] == "0" * 25 + "1"
+    # A trial ASHA stopped ended with a result: its outcome says "stopped", not a cancel.
+    assert [t["outcome"] for t in board["data"]] == ["succeeded", "stopped"]
     listed = client.get(f"/v1/jobs?sweep={sweep['id']}", headers=alice_auth).json()["data"]
-    assert [(j["id"], j["sweep_id"]) for j in listed] == [
-        ("0" * 25 + "2", sweep["id"]), ("0" * 25 + "1", sweep["id"])]
+    assert [(j["id"], j["sweep_id"], j["outcome"]) for j in listed] == [
+        ("0" * 25 + "2", sweep["id"], "stopped"), ("0" * 25 + "1", sweep["id"], "succeeded")]
+    folded = client.get("/v1/jobs", headers=alice_auth).json()  # trials under their driver
+    assert [(j["id"], j["driver_of_sweep"], j["trial_count"]) for j in folded["data"]] == [
+        (sweep["driver_job_id"], sweep["id"], 2)]
     artifacts = client.get(f"/v1/jobs/{'0' * 25 + '1'}/artifacts", headers=alice_auth).json()
     assert [a["name"] for a in artifacts["data"]] == ["meta_init.json"]
 
