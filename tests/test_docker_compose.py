@@ -240,6 +240,7 @@ def test_each_service_gets_only_the_secrets_it_uses(services):
     assert "METASERVE_RAY_ADDRESS" not in services["api"]["environment"]
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch and Ray: ~10-25 s
 def test_the_api_serves_without_ray_or_its_token(engine, db_url, tmp_path):  # noqa: ANN001
     """What lets the API go without the Ray token: with its dispatcher off it answers
     /readyz and /v1 requests and never connects to Ray (in a fresh process, no RAY_* set)."""
