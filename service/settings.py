@@ -78,6 +78,20 @@ class Settings(BaseSettings):
                            "lease expires is reclaimed.")
     heartbeat_s: float = Field(HEARTBEAT_S, gt=0,
                                description="Seconds between lease renewals of a running job.")
+    drain_grace_s: float = Field(
+        30.0, gt=0, le=3600,
+        description="On SIGTERM, `metaserve dispatcher` and `metaserve serve` stop claiming, stop "
+                    "their running jobs and hand them back (queued again, resumed from their last "
+                    "checkpoint, `interruptions` + 1, the attempt not counted), exiting within "
+                    "about this many seconds; match the container's stop grace period to it.")
+    db_connect_timeout_s: int = Field(
+        10, ge=1, le=600,
+        description="PostgreSQL: seconds a new connection may take (psycopg connect_timeout); a "
+                    "database that does not answer fails the attempt to connect, which is retried.")
+    db_statement_timeout_s: float = Field(
+        60.0, ge=0, le=86400,
+        description="PostgreSQL: the longest one statement may run (statement_timeout) on the "
+                    "server's and dispatcher's connections; 0: no limit.")
 
     # Per-user quotas and the fair claim (docs/RELIABILITY.md, "Quotas and fair scheduling").
     # Admin keys are exempt: they are operators' (the embedded default's only key is one), and
