@@ -26,7 +26,7 @@ from metaserve.api.routes import dashboard
 from metaserve.api.routes.prometheus import MetricsMiddleware, dispatcher_connected
 from metaserve.service.adapt_pool import AdaptPool
 from metaserve.service.auth import KeyCache
-from metaserve.service.db import make_engine, session_factory
+from metaserve.service.db import engine_timeouts, make_engine, session_factory
 from metaserve.service.limits import warm_up_cost_model
 from metaserve.service.settings import Settings, get_settings
 from metaserve.service.telemetry import Telemetry
@@ -126,7 +126,7 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
     )
     app.state.settings = settings
     app.state.freeze_gc = freeze_gc
-    app.state.engine = make_engine(settings.database_url)
+    app.state.engine = make_engine(settings.database_url, **engine_timeouts(settings))
     app.state.session_factory = session_factory(app.state.engine)
     app.state.key_cache = KeyCache(ttl_s=settings.key_cache_ttl_s)
     app.state.adapt_pool = AdaptPool(concurrency=settings.adapt_concurrency,

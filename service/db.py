@@ -39,8 +39,24 @@ def _lower(value: object) -> object:
     return value.lower() if isinstance(value, str) else value
 
 
-def make_engine(url: str, **kwargs) -> Engine:  # noqa: ANN003
-    """An engine for ``url``; for a SQLite file, its directory is created first."""
+# PostgreSQL: a new connection waits at most this long (psycopg's connect_timeout: without it
+# an unreachable server hangs a connect for the kernel's TCP timeout, minutes). The server's
+# and dispatcher's engines also bound each statement (METASERVE_DB_STATEMENT_TIMEOUT_S, see
+# engine_timeouts); other engines (migrations, benchmarks) do not.
+CONNECT_TIMEOUT_S = 10
+STATEMENT_TIMEOUT_S = 0.0
+
+
+def engine_timeouts(settings) -> dict[str, float]:  # noqa: ANN001 - a Settings
+    """:func:`make_engine`'s timeouts from the settings (METASERVE_DB_*_TIMEOUT_S)."""
+    return {"connect_timeout_s": settings.db_connect_timeout_s,
+            "statement_timeout_s": settings.db_statement_timeout_s}
+
+
+def make_engine(url: str, *, connect_timeout_s: int = CONNECT_TIMEOUT_S,
+                statement_timeout_s: float = STATEMENT_TIMEOUT_S, **kwargs) -> Engine:  # noqa: ANN003
+    """An engine for ``url``; for a SQLite file, its directory is created first. PostgreSQL
+    connections get ``connect_timeout_s`` and ``statement_timeout_s`` (0: no limit)."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
@@ -50,6 +66,13 @@ def make_engine(url: str, **kwargs) -> Engine:  # noqa: ANN003
         engine = create_engine(url, **kwargs)
         event.listen(engine, "connect", _configure_sqlite)
         return engine
+    connect_args = dict(kwargs.pop("connect_args", {}))
+    if parsed.get_backend_name() == "postgresql":
+        connect_args.setdefault("connect_timeout", int(connect_timeout_s))
+        if statement_timeout_s:
+            connect_args.setdefault(
+                "options", f"-c statement_timeout={int(statement_timeout_s * 1000)}")
+    kwargs["connect_args"] = connect_args
     kwargs.setdefault("pool_pre_ping", True)
     kwargs.setdefault("pool_size", POOL_SIZE)
     kwargs.setdefault("max_overflow", 10)
