@@ -298,6 +298,23 @@ def test_every_metaserve_command_exists_in_the_cli(objects):
     assert "--no-dispatcher" in api["spec"]["template"]["spec"]["containers"][0]["command"]
 
 
+def test_draining_processes_finish_before_the_kubelet_kills_them(objects):
+    for name in ("metaserve-api", "metaserve-dispatcher"):
+        deployment = by_kind(objects, "Deployment")[name]
+        spec = deployment["spec"]["template"]["spec"]
+        drain = float(environment(spec["containers"][0])["METASERVE_DRAIN_GRACE_S"]["value"])
+        assert spec["terminationGracePeriodSeconds"] >= drain + 10, name
+
+
+def test_the_autoscaling_setting_matches_the_ray_cluster(objects):
+    from metaserve.service.settings import Settings
+
+    cluster, = by_kind(objects, "RayCluster").values()
+    config = by_kind(objects, "ConfigMap")["metaserve"]["data"]
+    assert cluster["spec"]["enableInTreeAutoscaling"] is True
+    assert Settings(cluster_autoscaling=config["METASERVE_CLUSTER_AUTOSCALING"]).cluster_autoscaling
+
+
 def test_the_dispatcher_reaches_the_kuberay_head_service(objects):
     dispatcher = by_kind(objects, "Deployment")["metaserve-dispatcher"]
     env = environment(dispatcher["spec"]["template"]["spec"]["containers"][0])
