@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -36,7 +37,7 @@ from ray.exceptions import RayActorError
 from metaserve.workers.engine.state import ShardResult, TrainState
 from metaserve.workers.engine.loop import RunHooks, next_stop
 from metaserve.workers.engine.trainer import MetaLearningDriver, Trainer
-from metaserve.workers.exceptions import JobCancelled, Unschedulable, WorkerLost
+from metaserve.workers.exceptions import JobCancelled, PlacementTimeout, Unschedulable, WorkerLost
 from metaserve.workers.log_capture import forward_logs_to
 from metaserve.workers.spec import JobSpec
 from metaserve.workers.object_store import StorageConfig
@@ -45,6 +46,7 @@ from metaserve.workers.tasks.uploaded import use_dataset_store
 logger = logging.getLogger(__name__)
 
 WORKER_READY_TIMEOUT_S = 60.0
+PENDING_REPORT_S = 2.0  # placement pending this long is reported in the job's progress
 POLL_S = 0.25
 MAX_WORKER_REPLACEMENTS = 20
 # Inner-loop workers keep Ray's worker niceness (15): where the API server shares a host with
@@ -67,6 +69,18 @@ class RunOptions:
     """The job's supervisor actor, which inner-loop workers send their log records to
     (:func:`metaserve.workers.log_capture.forward_logs_to`); None: they keep them."""
 
+    autoscaling: bool = False
+    """The cluster autoscales: no veto against its current totals; a driver or a placement
+    group stays pending (the autoscaler sees the demand) for up to :attr:`pending_timeout_s`."""
+
+    pending_timeout_s: float = 900.0
+    """With :attr:`autoscaling`: how long placement may stay pending before the job fails
+    (:class:`PlacementTimeout`)."""
+
+    def placement_timeout_s(self) -> float:
+        """How long a driver or a job's workers may wait to be placed."""
+        return self.pending_timeout_s if self.autoscaling else WORKER_READY_TIMEOUT_S
+
 
 def worker_device(gpus_per_worker: float, gpu_resource: str, cuda_available: bool) -> str:
     """The torch device of an inner-loop worker, decided on the worker's own node.
@@ -82,6 +96,14 @@ def worker_device(gpus_per_worker: float, gpu_resource: str, cuda_available: boo
     if gpu_resource == "GPU":
         raise RuntimeError("worker was given a GPU but torch sees no CUDA device")
     return "cpu"
+
+
+def worker_bundle(resources, options: RunOptions) -> dict[str, float]:  # noqa: ANN001 - a ResourcesSpec
+    """The placement-group bundle of one inner-loop worker: what :func:`actor_resources` asks."""
+    bundle = {"CPU": float(resources.cpus_per_worker)}
+    if resources.gpus_per_worker > 0:
+        bundle[options.gpu_resource] = float(resources.gpus_per_worker)
+    return {name: amount for name, amount in bundle.items() if amount > 0}
 
 
 def actor_resources(resources, options: RunOptions) -> dict:  # noqa: ANN001 - a ResourcesSpec
@@ -156,8 +178,12 @@ def shard_ranges(meta_batch_size: int, workers: int) -> list[list[int]]:
 
 
 def check_schedulable(spec: JobSpec, options: RunOptions | None = None) -> None:
-    """Raise :class:`Unschedulable` when the cluster as a whole can never fit the job."""
-    gpu_resource = (options or RunOptions()).gpu_resource
+    """Raise :class:`Unschedulable` when the cluster as a whole can never fit the job; on an
+    autoscaling cluster nothing is vetoed (a node that fits may yet come up)."""
+    options = options or RunOptions()
+    if options.autoscaling:
+        return
+    gpu_resource = options.gpu_resource
     resources = spec.resources
     total = ray.cluster_resources()
     need_cpu = resources.workers * resources.cpus_per_worker
@@ -178,31 +204,79 @@ def check_schedulable(spec: JobSpec, options: RunOptions | None = None) -> None:
 
 @dataclass
 class _WorkerPool:
+    """A job's inner-loop workers, placed as one gang: a placement group of one bundle per
+    worker (PACK: on as few nodes as fit), so the job gets all its workers or waits holding
+    nothing; two multi-worker jobs never each hold half of what they need. A replaced worker
+    goes into its predecessor's bundle (Ray re-places the bundles of a lost node)."""
+
     spec: JobSpec
     hooks: RunHooks
     options: RunOptions = field(default_factory=RunOptions)
     actors: list = field(default_factory=list)
     info: list = field(default_factory=list)
     replacements: int = 0
+    group: Any = None
 
-    def _options(self):
-        return dict(max_restarts=0, max_concurrency=1,
-                    **actor_resources(self.spec.resources, self.options))
+    def _options(self, index: int):
+        options = dict(max_restarts=0, max_concurrency=1,
+                       **actor_resources(self.spec.resources, self.options))
+        if self.group is not None:
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    def _new_actor(self):
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                placement_group=self.group, placement_group_bundle_index=index)
+        return options
+
+    def _new_actor(self, index: int):
         threads = max(1, int(self.spec.resources.cpus_per_worker))
-        cls = ray.remote(InnerLoopWorker).options(**self._options())
+        cls = ray.remote(InnerLoopWorker).options(**self._options(index))
         return cls.remote(self.spec, self.options, threads)  # Ray pickles the typed spec
 
-    def start(self, count: int) -> None:
-        self.actors = [self._new_actor() for _ in range(count)]
+    def start(self, count: int, iteration: int = 0) -> None:
+        self._reserve(count, iteration)
+        self.actors = [self._new_actor(index) for index in range(count)]
         self.info = [{} for _ in range(count)]
         self._wait_ready(list(range(count)))
+
+    def _reserve(self, count: int, iteration: int) -> None:
+        """Reserve the workers' placement group and wait until all of it is placed (the job
+        is at ``iteration``, for its progress while it waits)."""
+        from ray.util.placement_group import get_current_placement_group, placement_group
+
+        bundle = worker_bundle(self.spec.resources, self.options)
+        if not bundle or get_current_placement_group() is not None:
+            # Nothing to reserve, or already inside a gang: a sweep's trial, whose placement
+            # group (a bundle per worker) Tune reserved; its workers go into it.
+            return
+        self.group = placement_group([dict(bundle) for _ in range(count)], strategy="PACK",
+                                     name=f"metaserve-workers-{uuid.uuid4().hex[:8]}")
+        ready = self.group.ready()
+        timeout = self.options.placement_timeout_s()
+        started = time.monotonic()
+        waiting = f"{count} worker(s) × " + ", ".join(f"{amount:g} {name}" for name, amount in bundle.items())
+        reported = False
+        while not ray.wait([ready], timeout=POLL_S)[0]:
+            if self.hooks.should_stop():
+                raise JobCancelled()
+            waited = time.monotonic() - started
+            if not reported and waited > PENDING_REPORT_S:
+                reported = True  # said once: the job's progress shows it until it trains
+                self.hooks.progress({"iteration": iteration, "total": self.spec.iterations,
+                                     "waiting": f"waiting for placement: {waiting}"})
+            if waited > timeout:
+                if self.options.autoscaling:
+                    raise PlacementTimeout(
+                        f"no placement for the job's workers ({waiting}) within the pending "
+                        f"timeout of {timeout:.0f} s (placement_pending_timeout_s): the cluster "
+                        "did not scale up to fit them")
+                raise Unschedulable(
+                    "waiting for resources: inner-loop workers could not be placed within "
+                    f"{timeout:.0f} s (cluster busy or short of {waiting})")
 
     def _wait_ready(self, indices: list[int]) -> None:
         should_stop = self.hooks.should_stop
         pending = {self.actors[i].ready.remote(): i for i in indices}
-        deadline = time.monotonic() + WORKER_READY_TIMEOUT_S
+        deadline = time.monotonic() + self.options.placement_timeout_s()
         while pending:
             done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=POLL_S)
             for ref in done:
@@ -218,7 +292,7 @@ class _WorkerPool:
             if pending and time.monotonic() > deadline:
                 raise Unschedulable(
                     "waiting for resources: inner-loop workers could not be placed within "
-                    f"{WORKER_READY_TIMEOUT_S:.0f} s (cluster busy or short of "
+                    f"{self.options.placement_timeout_s():.0f} s (cluster busy or short of "
                     f"{self.spec.resources.cpus_per_worker:g} CPU / "
                     f"{self.spec.resources.gpus_per_worker:g} GPU per worker)")
         self.hooks.workers_ready([dict(info) for info in self.info])
@@ -232,7 +306,7 @@ class _WorkerPool:
             ray.kill(self.actors[index])
         except Exception:  # already gone
             pass
-        self.actors[index] = self._new_actor()
+        self.actors[index] = self._new_actor(index)
 
     def restart(self, index: int) -> None:
         """Replace the dead worker ``index`` and wait until its successor is ready."""
@@ -280,6 +354,14 @@ class _WorkerPool:
             except Exception:
                 pass
         self.actors = []
+        if self.group is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            try:
+                remove_placement_group(self.group)
+            except Exception:  # noqa: BLE001 - already removed (its job's Ray driver ended)
+                pass
+            self.group = None
 
 
 class MetaLearningRayDriver(MetaLearningDriver):
@@ -302,7 +384,7 @@ class MetaLearningRayDriver(MetaLearningDriver):
     def restore(self, checkpoint) -> int:  # noqa: ANN001 - a Checkpoint or None
         iteration = super().restore(checkpoint)
         self.ahead = None
-        self.pool.start(len(self.shards))
+        self.pool.start(len(self.shards), iteration)
         return iteration
 
     def _advance(self, state: TrainState, iterations: int) -> tuple[TrainState, list[dict]]:

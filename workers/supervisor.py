@@ -36,11 +36,12 @@ import ray
 
 from metaserve.workers.engine.checkpoints import CHECKPOINT_DIRECTORY
 from metaserve.workers.engine.loop import RunHooks
-from metaserve.workers.exceptions import CheckpointError, DriverOutOfMemory, JobCancelled, Unschedulable
+from metaserve.workers.exceptions import (CheckpointError, DriverOutOfMemory, JobCancelled, PlacementTimeout,
+                                         Unschedulable)
 from metaserve.workers.log_capture import capture_logs, release_logs
 from metaserve.workers.job_run import SCRATCH_PREFIX, JobContext, JobRun, node_info
 from metaserve.workers.registry import job_kind
-from metaserve.workers.runner import RunOptions
+from metaserve.workers.runner import PENDING_REPORT_S, RunOptions
 from metaserve.workers.object_store import StorageConfig, open_store
 
 logger = logging.getLogger(__name__)
@@ -241,6 +242,11 @@ SUPERVISOR_NAMESPACE = "metaserve"
 PREVIOUS_SUPERVISOR_EXIT_S = 30.0
 
 
+def supervisor_name(job_id: str) -> str:
+    """The Ray actor name (in :data:`SUPERVISOR_NAMESPACE`) of the supervisor of ``job_id``."""
+    return f"metaserve-job-{job_id}"
+
+
 def _end_previous_supervisor(name: str) -> None:
     """Kill the detached supervisor called ``name`` if one still runs (the previous attempt's,
     whose dispatcher died), and wait until it is gone."""
@@ -257,31 +263,38 @@ def _end_previous_supervisor(name: str) -> None:
 
 
 def start_supervisor(run: JobRun, storage: StorageConfig, options: RunOptions, *,
-                     should_stop: Callable[[], bool] = lambda: False):
+                     should_stop: Callable[[], bool] = lambda: False,
+                     waiting: Callable[[str], None] = lambda reason: None):
     """Start the :class:`JobSupervisor` of ``run`` on the cluster and wait until it runs.
 
     Raises :class:`Unschedulable` when no node can ever give it ``run.memory_bytes`` or it is
     not placed within :data:`SUPERVISOR_READY_TIMEOUT_S`, and :class:`JobCancelled` when
-    ``should_stop()`` turns true meanwhile.
+    ``should_stop()`` turns true meanwhile. On an autoscaling cluster
+    (``options.autoscaling``) nothing is vetoed against the current nodes: the driver's
+    request stays pending (``waiting(reason)`` is told once, for the job's progress) until a
+    node fits it or ``options.pending_timeout_s`` passes (:class:`PlacementTimeout`).
     """
     memory_bytes = run.memory_bytes
-    largest = max((node.get("Resources", {}).get("memory", 0.0) for node in ray.nodes()
-                   if node.get("Alive")), default=0.0)
-    if memory_bytes > largest:
-        raise Unschedulable(
-            f"waiting for resources: the job's driver asks {memory_bytes / 2**30:.2f} GiB of "
-            f"memory, the largest node offers {largest / 2**30:.2f} GiB")
-    placement: dict[str, Any] = {}
+    if not options.autoscaling:
+        largest = max((node.get("Resources", {}).get("memory", 0.0) for node in ray.nodes()
+                       if node.get("Alive")), default=0.0)
+        if memory_bytes > largest:
+            raise Unschedulable(
+                f"waiting for resources: the job's driver asks {memory_bytes / 2**30:.2f} GiB of "
+                f"memory, the largest node offers {largest / 2**30:.2f} GiB")
+    # One supervisor per job: named for the job, so a new attempt first ends a previous one
+    # that may still run (its dispatcher lost the lease but not its Ray connection: paused,
+    # partitioned from the database) before it starts; two supervisors never run one job.
+    name = supervisor_name(run.job_id)
+    _end_previous_supervisor(name)
+    placement: dict[str, Any] = dict(name=name, namespace=SUPERVISOR_NAMESPACE)
     if job_kind(run).detached:
         # Tune reserves a placement group per trial from inside this actor, and a placement
         # group made by an ordinary actor lives as long as the *dispatcher's* Ray job, so a
         # killed sweep (cancel, dispatcher death) left its trials' CPUs reserved; a detached
         # actor's placement groups are removed when it dies. It still dies with its
-        # dispatcher: the orphan watchdog ends a supervisor whose heartbeats stop. Named per
-        # job, so a resumed attempt first ends a previous one that may still run.
-        name = f"metaserve-job-{run.job_id}"
-        _end_previous_supervisor(name)
-        placement = dict(lifetime="detached", name=name, namespace=SUPERVISOR_NAMESPACE)
+        # dispatcher: the orphan watchdog ends a supervisor whose heartbeats stop.
+        placement["lifetime"] = "detached"
     # num_cpus=0: the driver's own arithmetic is the outer step; its inner-loop workers (a
     # sweep's trials) hold the CPUs. Threaded: stop(), heartbeat(), recorded(), add_logs()
     # and the calls of a sweep's trials are answered while run() works.
@@ -289,15 +302,26 @@ def start_supervisor(run: JobRun, storage: StorageConfig, options: RunOptions, *
         num_cpus=0, memory=memory_bytes, max_restarts=0, max_concurrency=32, **placement,
     ).remote(run, storage, options)
     ready = actor.ready.remote()
-    deadline = time.monotonic() + SUPERVISOR_READY_TIMEOUT_S
+    timeout = options.pending_timeout_s if options.autoscaling else SUPERVISOR_READY_TIMEOUT_S
+    started, reported = time.monotonic(), False
     try:
         while not ray.wait([ready], timeout=EVENT_POLL_S)[0]:
             if should_stop():
                 raise JobCancelled()
-            if time.monotonic() > deadline:
+            waited = time.monotonic() - started
+            if not reported and waited > PENDING_REPORT_S:
+                reported = True
+                waiting(f"waiting for placement: the job's driver "
+                        f"({memory_bytes / 2**30:.2f} GiB of memory)")
+            if waited > timeout:
+                if options.autoscaling:
+                    raise PlacementTimeout(
+                        f"no placement for the job's driver ({memory_bytes / 2**30:.2f} GiB of "
+                        f"memory) within the pending timeout of {timeout:.0f} s "
+                        "(placement_pending_timeout_s): the cluster did not scale up to fit it")
                 raise Unschedulable(
                     f"waiting for resources: the job's driver ({memory_bytes / 2**30:.2f} GiB "
-                    f"of memory) could not be placed within {SUPERVISOR_READY_TIMEOUT_S:.0f} s")
+                    f"of memory) could not be placed within {timeout:.0f} s")
         ray.get(ready)
     except BaseException:
         ray.kill(actor)
