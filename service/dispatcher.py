@@ -394,8 +394,9 @@ class Dispatcher:
 
         run, supervisor = running.run, None
         try:
-            supervisor = start_supervisor(run, self.settings.storage_config(), self._run_options(),
-                                          should_stop=running.stop.is_set)
+            supervisor = start_supervisor(
+                run, self.settings.storage_config(), self._run_options(), should_stop=running.stop.is_set,
+                waiting=lambda reason: writer.put(run.job_id, "progress", {"waiting": reason}))
             writer.log("INFO", f"attempt {run.attempt} started (dispatcher {self.worker_id})")
             runtime_limit = run.spec.max_runtime_s or self.settings.max_runtime_s
             stops_at_once = job_kind(run).stops_at_once
@@ -462,7 +463,9 @@ class Dispatcher:
         from metaserve.workers.runner import RunOptions
 
         return RunOptions(gpu_resource=self.settings.gpu_resource,
-                          storage=self.settings.storage_config())
+                          storage=self.settings.storage_config(),
+                          autoscaling=self.settings.cluster_autoscaling,
+                          pending_timeout_s=self.settings.placement_pending_timeout_s)
 
     def _settle(self, running: _Running, outcome: "Outcome", detail: str | None) -> None:
         """Write how the attempt ended, fenced by its attempt; a database error is retried
