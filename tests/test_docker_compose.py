@@ -32,7 +32,7 @@ COMPOSE_FILE = REPO / "docker-compose.yml"
 GPU_OVERRIDE = REPO / "docker-compose.gpu.yml"
 CONSTRAINTS = REPO / "constraints.txt"
 REQUIRED_SERVICES = {"postgres", "artifacts", "ray-head", "ray-worker", "api", "dispatcher"}
-OFFICIAL_IMAGES = {"postgres", "chrislusf/seaweedfs"}
+OFFICIAL_IMAGES = {"postgres", "chrislusf/seaweedfs", "redis"}
 RAY_NODES = ("ray-head", "ray-worker")
 DRAINING = ("api", "dispatcher")
 ARTIFACT_ROOT = "s3://metaserve/artifacts"
@@ -215,6 +215,8 @@ def test_the_api_and_the_dispatcher_use_the_object_store(services):
 
 
 # What each service may hold: the secrets (and the settings naming another service) it uses.
+# A new service (e.g. a Redis for the head's GCS fault tolerance) names its own here, and the
+# head's entry gains the Redis password if the head is given one.
 NEEDS = {
     "postgres": {"POSTGRES_PASSWORD"},
     "artifacts": {"S3_ACCESS_KEY", "S3_SECRET_KEY"},
