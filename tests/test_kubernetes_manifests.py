@@ -225,6 +225,7 @@ def test_the_ray_cluster_head_takes_no_work_and_the_autoscaler_is_on(objects):
     assert spec["rayVersion"] == next(line.split("==")[1] for line in
                                       CONSTRAINTS.read_text().splitlines()
                                       if line.startswith("ray=="))
+    assert spec["upgradeStrategy"]["type"] == "Recreate"  # one metaserve version per cluster
     assert spec["authOptions"]["mode"] == "token"
     token = by_kind(objects, "Secret")[spec["authOptions"]["secretName"]]
     assert "auth_token" in token["stringData"]
