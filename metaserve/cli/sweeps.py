@@ -1,4 +1,4 @@
-"""``metaserve sweep submit|status|trials|cancel|fetch``: hyperparameter sweeps from the shell
+"""``metaserve sweep submit|list|status|trials|cancel|fetch``: hyperparameter sweeps from the shell
 (docs/SWEEPS.md), through :mod:`metaserve.client`."""
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def trials_table(sweep: dict[str, Any], trials: list[dict[str, Any]]):  # noqa: 
     for rank, trial in enumerate(trials, 1):
         iteration = trial.get("iteration") or trial.get("step")
         table.add_row(str(rank), printable(trial["trial_id"] or ""), trial["job_id"],
-                      trial["status"], _value(iteration), _value(trial["value"]),
+                      trial.get("outcome") or trial["status"], _value(iteration), _value(trial["value"]),
                       *(printable(_value(trial["config"].get(path)))
                         for path in sweep["config"]["space"]))
     return table
@@ -85,6 +85,25 @@ def _follow(client, sweep_id: str) -> dict[str, Any]:  # noqa: ANN001
             return client.wait_sweep(sweep_id, on_update=update)
         except KeyboardInterrupt:
             raise typer.Exit(130) from None
+
+
+@sweep_app.command("list")
+def list_sweeps(
+    limit: Annotated[int, typer.Option(help="At most this many sweeps.", min=1, max=100)] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="The sweeps as JSON.")] = False,
+) -> None:
+    """Your sweeps, newest first, one line each as `sweep status` prints it: status, trials
+    by status, the best so far."""
+    with ClientErrors(), connect() as client:
+        found = client.sweeps(limit=limit)
+    if as_json:
+        for line in json.dumps(found, indent=2, ensure_ascii=False).splitlines():
+            typer.echo(printable(line))
+        return
+    for sweep in found:
+        typer.echo(printable(status_line(sweep)))
+    if not found:
+        typer.echo("no sweeps yet: metaserve sweep submit SWEEP.yaml", err=True)
 
 
 @sweep_app.command("status")

@@ -74,7 +74,8 @@ def submit(
     idempotency_key: Annotated[Optional[str], typer.Option(help="Makes a retried submit safe.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the job id, for "
                                         "JOB=$(metaserve submit -q ...); with --wait, once the "
-                                        "job succeeded and without a progress bar.")] = False,
+                                        "job succeeded (the progress bar goes to stderr when "
+                                        "that is a terminal).")] = False,
 ) -> None:
     """Submit a job; prints its id (and, with --wait, follows it to the end)."""
     with ClientErrors(), connect() as client:
@@ -88,8 +89,12 @@ def submit(
 
 
 def _follow(client, job: dict, *, quiet: bool = False) -> None:  # noqa: ANN001
+    """Follow ``job`` to its end with a progress bar on stderr (quiet: only when stderr is a
+    terminal, so a script's log gets no bar frames); exit 1 unless it succeeded."""
+    import sys
+
     try:
-        final = client.wait(job, progress=not quiet)
+        final = client.wait(job, progress=not quiet or sys.stderr.isatty())
     except KeyboardInterrupt:
         job_id = printable(job["id"])
         typer.echo(f"\nstopped following {job_id}; the job goes on. Re-attach with: "
@@ -103,22 +108,37 @@ def _follow(client, job: dict, *, quiet: bool = False) -> None:  # noqa: ANN001
 
 
 def list_command(
-    status: Annotated[Optional[str], typer.Option(help="Only jobs in this status.")] = None,
+    status: Annotated[Optional[str], typer.Option(
+        help="Only jobs in this status (or a comma list: queued,running).")] = None,
     name: Annotated[Optional[str], typer.Option(
         help="Only jobs whose name contains this, in any case.")] = None,
+    sort: Annotated[str, typer.Option(
+        help="created_at, name, status, updated_at, duration, metric:NAME (its latest value) "
+             "or param:SPEC.PATH (e.g. param:algorithm.inner_lr).")] = "created_at",
+    order: Annotated[str, typer.Option(help="asc or desc.")] = "desc",
+    all_trials: Annotated[bool, typer.Option(
+        "--all-trials", help="List sweep trials too (by default a sweep's trials are folded "
+                             "under its driver job; see metaserve sweep trials).")] = False,
     limit: Annotated[int, typer.Option(help="At most this many jobs.", min=1)] = 20,
     output: OutputOption = OutputFormat.table,
 ) -> None:
-    """Your jobs, newest first, as a table (or --output json)."""
+    """Your jobs, newest first (or --sort), as a table (or --output json); says how many
+    more there are."""
     from rich.console import Console
 
     with ClientErrors(), connect() as client:
-        found = client.list(status=status, limit=limit, name=name)
+        page = client.list_page(status=status, limit=limit, name=name, sort=sort, order=order,
+                                trials="show" if all_trials else None)
+    found = page["data"]
     if output is OutputFormat.json:
         print_json(found)
-        return
-    console = Console()
-    console.print(jobs_table(found, console.width))
+    else:
+        console = Console()
+        console.print(jobs_table(found, console.width))
+    more = page["total"] - len(found)
+    if more > 0:  # on stderr: stdout stays the table (or the JSON) alone
+        typer.echo(f"{len(found)} of {page['total']} jobs shown; {more} more: "
+                   f"--limit {page['total']} lists them all", err=True)
 
 
 def jobs_table(found: list[dict], width: int):  # noqa: ANN201 - a rich Table
@@ -136,8 +156,10 @@ def jobs_table(found: list[dict], width: int):  # noqa: ANN201 - a rich Table
     for job in found:
         progress = job.get("progress") or {}
         done = f"{progress['iteration']}/{progress['total']}" if "iteration" in progress else "-"
+        if job.get("trial_count") is not None:  # a sweep's driver: its trials folded under it
+            done = f"{job['trial_count']} trials"
         rows.append([printable(cell) for cell in (
-            job["name"], job["status"], done, job["attempt"], _age(job["created_at"], now),
+            job["name"], job.get("outcome") or job["status"], done, job["attempt"], _age(job["created_at"], now),
             job["id"])])
     columns = (("status", "left"), ("progress", "right"), ("try", "right"), ("age", "right"),
                ("id", "left"))
@@ -174,7 +196,8 @@ def _age(created_at: str, now) -> str:  # noqa: ANN001
 
 
 def status(job: JobArgument, output: OutputOption = OutputFormat.table) -> None:
-    """One job: status, attempt, progress, message and error (or --output json)."""
+    """One job: status, attempt, progress, message and error, its timestamps, duration and
+    status history (or --output json)."""
     with ClientErrors(), connect() as client:
         found = client.get(job)
     if output is OutputFormat.json:
@@ -183,13 +206,49 @@ def status(job: JobArgument, output: OutputOption = OutputFormat.table) -> None:
     progress = found.get("progress") or {}
     lines = [("id", found["id"]), ("name", found["name"]), ("status", found["status"]),
              ("attempt", f"{found['attempt']} of {found['max_attempts']}")]
-    if "iteration" in progress:
+    if "iteration" in progress and found["status"] in ("queued", "running", "cancelling"):
         lines.append(("progress", f"{progress['iteration']}/{progress.get('total')} iterations, "
                                   f"{progress.get('tasks_per_s')} tasks/s"))
-    lines += [(key, found[key]) for key in ("message", "error", "created_at", "started_at",
-                                            "finished_at") if found.get(key)]
+    elif "iteration" in progress:  # ended: no rate or ETA that no longer moves
+        lines.append(("progress", f"{progress['iteration']}/{progress.get('total')} iterations"))
+    lines += [(key, found[key]) for key in ("message", "error") if found.get(key)]
+    lines += [(key, _when(found[key])) for key in ("created_at", "started_at", "finished_at")
+              if found.get(key)]
+    if found.get("duration_s") is not None:
+        running = "" if found.get("finished_at") else " so far"
+        lines.append(("duration", f"{format_duration(found['duration_s'])}{running}"))
+    if found.get("trial_count") is not None:
+        lines.append(("trials", f"{found['trial_count']} (metaserve sweep trials "
+                                f"{found['driver_of_sweep']})"))
     for key, value in lines:
         typer.echo(f"{key + ':':<13}{printable(value)}")
+    history = found.get("status_history") or []
+    if history:
+        typer.echo("history:")
+        for event in history:
+            said = event.get("error") or event.get("message")
+            typer.echo(printable(f"  {_when(event['time'])}  {event['status']:<10} "
+                                 f"attempt {event['attempt']}" + (f": {said}" if said else "")))
+
+
+def _when(stamp: str) -> str:
+    """An API timestamp as ``2026-12-06 04:17:14 UTC`` (seconds, no fraction)."""
+    return str(stamp).replace("T", " ")[:19] + " UTC"
+
+
+def format_duration(seconds: float) -> str:
+    """``42s``, ``3m 07s``, ``2h 05m``, ``3d 04h``."""
+    whole = int(round(seconds))
+    if whole < 60:
+        return f"{seconds:.1f}s" if seconds < 10 else f"{whole}s"
+    minutes, secs = divmod(whole, 60)
+    if minutes < 60:
+        return f"{minutes}m {secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours}h {minutes:02d}m"
+    days, hours = divmod(hours, 24)
+    return f"{days}d {hours:02d}h"
 
 
 def metrics(
@@ -222,8 +281,9 @@ def metrics(
 
 def wait(
     job: JobArgument,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar; print only "
-                                        "the id once the job succeeded.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the id once the "
+                                        "job succeeded (the progress bar only when stderr is a "
+                                        "terminal).")] = False,
 ) -> None:
     """Follow a job (again) with a progress bar until it ends; exit 0 if it succeeded, else
     1 with its error. Ctrl-C stops following, not the job."""

@@ -119,25 +119,34 @@ class Client(RegisteredModels):
         return self._request("GET", f"/v1/jobs/{job_id_of(job)}").json()
 
     def list(self, *, status: str | None = None, limit: int | None = 50,
-             name: str | None = None) -> list[dict[str, Any]]:
-        """Your jobs, newest first: up to ``limit`` (None: all), following the pages;
-        ``name``: only those whose name contains it, in any case."""
+             name: str | None = None, sort: str | None = None, order: str | None = None,
+             trials: str | None = None, **filters: str) -> list[dict[str, Any]]:
+        """Your jobs, newest first (or by ``sort``: ``name``, ``status``, ``updated_at``,
+        ``duration``, ``metric:<name>``, ``param:<spec.path>``; ``order`` asc or desc): up to
+        ``limit`` (None: all), following the pages; ``name``: only those whose name contains
+        it, in any case; ``trials``: ``fold`` (a sweep's trials hidden under their driver job,
+        the default), ``show`` or ``only``; ``filters``: ``algorithm``, ``family``,
+        ``sweep_id`` (see ``GET /v1/jobs``)."""
+        return self.list_page(status=status, limit=limit, name=name, sort=sort, order=order,
+                              trials=trials, **filters)["data"]
+
+    def list_page(self, *, limit: int | None = 50, **query: Any) -> dict[str, Any]:
+        """Like :meth:`list` (the same arguments), with how many jobs match in all:
+        ``{"data": [...], "total": N, "next_cursor": ...}``."""
         found: list[dict[str, Any]] = []
         cursor: str | None = None
-        while limit is None or len(found) < limit:
-            params: dict[str, Any] = {"limit": 100 if limit is None else min(100, limit - len(found))}
-            if status:
-                params["status"] = status
-            if name is not None:
-                params["name"] = name
+        query = {key: value for key, value in query.items() if value is not None}
+        while True:
+            params: dict[str, Any] = {
+                **query, "limit": 100 if limit is None else min(100, limit - len(found))}
             if cursor:
                 params["cursor"] = cursor
             page = self._request("GET", "/v1/jobs", params=params).json()
             found.extend(page["data"])
             cursor = page["next_cursor"]
-            if not cursor:
-                break
-        return found
+            if not cursor or (limit is not None and len(found) >= limit):
+                return {"data": found, "total": page.get("total", len(found)),
+                        "next_cursor": cursor}
 
     def cancel(self, job: str | dict[str, Any]) -> dict[str, Any]:
         """queued → cancelled; running → cancelling (the dispatcher stops it)."""

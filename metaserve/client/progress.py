@@ -119,8 +119,9 @@ def progress_line(state: Progress, width: int) -> str:
 
 
 class ProgressBar:
-    """A rich progress line fed by :class:`Progress` updates: the job's name, a bar over its
-    meta-iterations and :func:`progress_line`, within the terminal's width (80 columns too)."""
+    """A rich progress line on stderr fed by :class:`Progress` updates: the job's name, a bar
+    over its meta-iterations and :func:`progress_line`, within the terminal's width (80
+    columns too)."""
 
     NAME_WIDTH = 14
     BAR_WIDTH = 10
@@ -129,9 +130,13 @@ class ProgressBar:
         from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
         from rich.progress import Progress as RichProgress
 
+        from rich.console import Console
+
+        # On stderr: stdout keeps what a script reads (the id of `submit -q --wait`).
         self._progress = RichProgress(
             TextColumn("{task.description}"), BarColumn(bar_width=self.BAR_WIDTH),
-            MofNCompleteColumn(), TextColumn("{task.fields[detail]}"), transient=False)
+            MofNCompleteColumn(), TextColumn("{task.fields[detail]}"), transient=False,
+            console=Console(stderr=True))
         self._task = self._progress.add_task(job_id[-8:], total=None, detail="")
         self._progress.start()
 

@@ -157,3 +157,63 @@ def test_metrics_plot_panels_never_mix_loss_accuracy_and_returns_nor_plot_counte
         "train/tasks": None, "train/env_steps": None, "train/tasks_per_second": None,
         "train/env_steps_per_second": None, "train/line_search_steps": None,
         "train/kl": "train_other"}
+
+
+def test_status_shows_timestamps_duration_and_the_status_history(
+        logged_in: str, tmp_path: Path, sessions) -> None:  # noqa: ANN001, F811
+    job_id = submitted(tmp_path)
+    queued = invoke("status", job_id).output
+    assert "message:     waiting for a dispatcher: this server runs none" in queued
+    claim(sessions)
+    finish(sessions, job_id, JobStatus.SUCCEEDED)
+    lines = invoke("status", job_id).output.splitlines()
+    fields = {line.split(":", 1)[0]: line.split(":", 1)[1].strip() for line in lines
+              if not line.startswith(" ") and line != "history:"}
+    assert {"created_at", "started_at", "finished_at", "duration"} <= set(fields)
+    assert fields["finished_at"].endswith(" UTC") and not fields["duration"].endswith("so far")
+    history = lines[lines.index("history:") + 1:]
+    assert [line.split()[2:4] for line in history] == [
+        ["UTC", "queued"], ["UTC", "running"], ["UTC", "succeeded"]]
+
+
+def test_submit_quiet_wait_shows_progress_on_a_terminal_stderr_and_prints_only_the_id(
+        logged_in: str, tmp_path: Path, sessions) -> None:  # noqa: ANN001, F811
+    import os
+    import pty
+    import select
+    import subprocess
+
+    from tests.helpers import WORKER
+    from tests.server_process import metaserve_executable
+
+    spec = tmp_path / "job.yaml"
+    spec.write_text(SPEC)
+    terminal, stderr = pty.openpty()
+    env = {**os.environ, "METASERVE_URL": logged_in, "COLUMNS": "100"}
+    process = subprocess.Popen([metaserve_executable(), "submit", "-q", "--wait", str(spec)],
+                               stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
+    os.close(stderr)
+    seen = b""
+
+    def read_until(text: bytes) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + 30
+        while text not in seen:
+            assert time.monotonic() < deadline, seen.decode(errors="replace")
+            if select.select([terminal], [], [], 0.5)[0]:
+                seen += os.read(terminal, 4096)
+
+    try:
+        read_until(b"0/?")  # the bar is up while the job waits
+        job_id = claim(sessions)
+        with sessions.begin() as session:
+            job_store.update_progress(session=session, job_id=job_id, worker_id=WORKER,
+                                      progress={"iteration": 7, "total": 30})
+        read_until(b"7/30")
+        finish(sessions, job_id, JobStatus.SUCCEEDED)
+        out, _ = process.communicate(timeout=30)
+    finally:
+        process.kill()
+        process.wait()
+        os.close(terminal)
+    assert (process.returncode, out) == (0, f"{job_id}\n")

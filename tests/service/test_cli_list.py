@@ -59,3 +59,16 @@ def test_list_name_filters_on_the_server_through_every_page(logged_in: str,  # n
     found = json.loads(invoke("list", "--name", "SINE", "--output", "json").output)
     assert [job["id"] for job in found] == wanted[::-1]
     assert json.loads(invoke("list", "--name", "nothing", "-o", "json").output) == []
+
+
+def test_list_sorts_and_says_on_stderr_how_many_more_there_are(logged_in: str,  # noqa: F811
+                                                               tmp_path: Path) -> None:
+    ids = [submit(tmp_path, f"job-{i}") for i in range(3)]
+    process = cli(logged_in, "list", "--limit", "2", "--sort", "name", "--order", "asc")
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    assert [line.split()[-1] for line in out.splitlines()[2:]] == ids[:2]
+    assert err == "2 of 3 jobs shown; 1 more: --limit 3 lists them all\n"
+    refused = invoke("list", "--sort", "colour")
+    assert refused.exit_code == 1
+    assert refused.output.splitlines()[0] == "error: invalid request: sort (422 validation_error)"

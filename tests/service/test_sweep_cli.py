@@ -83,6 +83,13 @@ def test_sweep_submit_status_trials_fetch_and_cancel(logged_in, tmp_path, sessio
                              f"val/loss_step1 0.25 (job {TRIAL})\n")
     table = invoke("sweep", "trials", sweep_id)
     assert "abc_00001" in table.output and TRIAL in table.output and "0.25" in table.output
+    listed = invoke("sweep", "list")
+    assert listed.exit_code == 0, listed.output
+    assert listed.output == status.output  # one sweep: its status line
+    jobs = json.loads(invoke("list", "--output", "json").output)  # the trial under its driver
+    assert [(job["name"], job["trial_count"]) for job in jobs] == [("cli-sweep (sweep driver)", 1)]
+    every = json.loads(invoke("list", "--all-trials", "--output", "json").output)
+    assert TRIAL in [job["id"] for job in every] and len(every) == 2
     board = json.loads(invoke("sweep", "trials", sweep_id, "--json").output)
     assert [(t["job_id"], t["config"], t["value"]) for t in board] == [
         (TRIAL, {"algorithm.inner_lr": 0.1}, 0.25)]
