@@ -420,9 +420,10 @@
 
   /* The charts of one job, grouped by chartOf; fed by add(step, values[, time]). */
   class Charts {
-    constructor(container, spec) {
+    constructor(container, spec, startedAt) {
       this.container = container;
       this.spec = spec;
+      this.started = startedAt ? Date.parse(startedAt) : null;
       this.charts = new Map();
       this.dirty = new Set();
       this.scheduled = false;
@@ -450,7 +451,8 @@
     }
     add(step, values, time) {
       if (!this.times.has(step)) this.times.set(step, time ? Date.parse(time) : Date.now());
-      if (this.t0 === null || this.times.get(step) < this.t0) this.t0 = this.times.get(step);
+      if (this.started !== null) this.t0 = this.started;
+      else if (this.t0 === null || this.times.get(step) < this.t0) this.t0 = this.times.get(step);
       for (const [name, value] of Object.entries(values)) {
         const band = name.endsWith("_ci95");
         const group = band ? chartOf(name.slice(0, -5)) : chartOf(name);
@@ -717,7 +719,7 @@
     // in its row; a new job (or one that now matches) re-reads the page, at most twice a second.
     let reload = null;
     const relist = () => { if (!reload) reload = setTimeout(async () => { reload = null; await load(); }, 500); };
-    follow("/v1/jobs/stream", {
+    follow(`/v1/jobs/stream?trials=${encodeURIComponent(filters.trials || (filters.sweep ? "show" : "fold"))}`, {
       signal,
       isLast: () => false,
       onState: (state) => { live.className = `live ${state}`; live.textContent = state === "on" ? "live" : state === "done" ? "" : "reconnecting…"; },
@@ -771,7 +773,7 @@
       } catch (error) { notice.replaceChildren(el("div", { class: "notice bad", text: errorText(error) })); }
     } }, "Resubmit");
     const compareWith = el("a", { href: `#/compare?ids=${encodeURIComponent(jobId)}` }, "Compare…");
-    const charts = new Charts(chartsNode, job.spec);
+    const charts = new Charts(chartsNode, job.spec, job.started_at);
     window.metaserveDashboard.charts = charts;
 
     main.replaceChildren(
@@ -956,7 +958,7 @@
     for (const run of runs) {
       const times = new Map();
       for (const p of run.points) if (!times.has(p.step)) times.set(p.step, Date.parse(p.time));
-      const t0 = Math.min(...times.values());
+      const t0 = run.job.started_at ? Date.parse(run.job.started_at) : Math.min(...times.values());
       clocks.set(label(run), (step) => (times.has(step) ? (times.get(step) - t0) / 1000 : null));
     }
     const chartFor = (title, rate) => {
@@ -1003,7 +1005,7 @@
     const render = () => {
       for (const chart of charts.values()) chart.render();
       bench.points = [...charts.values()].reduce((sum, c) => sum + c.points(), 0);
-      bench.charts = charts.size;
+      bench.compareCharts = charts;
     };
     render();
     chartListeners.add(render);
@@ -1262,7 +1264,7 @@
     try {
       const jobs = (await api("/v1/jobs?status=succeeded&trials=show&limit=100")).data;
       jobSelect.replaceChildren(el("option", { value: "" }, jobs.length ? "Pick a succeeded job" : "No succeeded jobs"),
-        jobs.map((job) => el("option", { value: job.id }, `${job.name} (${shortId(job.id)})${headlineMetrics(job.latest_metrics) ? " · " + headlineMetrics(job.latest_metrics) : ""}`)));
+        ...jobs.map((job) => el("option", { value: job.id }, `${job.name} (${shortId(job.id)})${headlineMetrics(job.latest_metrics) ? " · " + headlineMetrics(job.latest_metrics) : ""}`)));
     } catch (e) { jobSelect.replaceChildren(el("option", { value: "" }, errorText(e))); }
   }
 

@@ -213,7 +213,7 @@ def test_a_user_logs_in_sees_live_curves_compares_and_cancels_and_another_user_s
     evaluate(site, running, 300)
     wait(browser, lambda b: chart_points(b, "train_loss") == 60, message="40 more points, live")
     assert browser.execute_script("return window.__sameDocument === true")
-    assert chart_points(browser, "eval_loss") == 4
+    wait(browser, lambda b: chart_points(b, "eval_loss") == 4, message="the evaluation, live")
     assert "300 / 10000" in browser.find_element(By.CSS_SELECTOR, ".kv").text
     history = [li.text for li in browser.find_elements(By.CSS_SELECTOR, "#history li")]
     assert [item.split(" · ")[0] for item in history] == ["queued attempt 0", "running attempt 1"]
@@ -353,7 +353,7 @@ def test_a_sweep_page_ranks_its_trials_and_plots_the_metric_against_a_parameter(
         "name": "sweep-inner-lr", "spec": {"algorithm": {"name": "maml"},
                                            "task_family": {"name": "sine"}, "iterations": 100},
         "space": space, "search": {"name": "grid"},
-        "scheduler": {"name": "fifo", "metric": "val/loss_step1", "mode": "min"}})
+        "scheduler": {"name": "fifo", "metric": "val/loss_step1", "mode": "min"}}, timeout=60)
     assert response.status_code == 201, response.text
     sweep_id = response.json()["id"]
     trials = {}
@@ -432,3 +432,238 @@ def test_the_name_search_runs_on_the_server_and_finds_jobs_beyond_the_first_page
     search.send_keys("no such job\n")  # Enter: at once
     wait(browser, lambda b: b.find_elements(By.ID, "no-jobs"), message="no match")
     assert browser.find_element(By.ID, "no-jobs").text == "No jobs whose name contains “no such job”."
+
+
+def finished_run(site: dict, name: str, inner_lr: float, final_loss: float,
+                 meta_batch_size: int = 4) -> str:
+    """A succeeded job as the dispatcher leaves one: training losses and throughput every 10
+    steps stored 5 s apart (the wall-clock axis and the rate read those times), a final
+    validation loss, and a meta-init artifact (what a model version needs)."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from metaserve.service import artifacts
+    from metaserve.service.orm import Job, Metric, utcnow
+
+    job_id = submit(site, name, iterations=50, meta_batch_size=meta_batch_size,
+                    algorithm={"name": "maml", "inner_lr": inner_lr})
+    start = utcnow() - timedelta(minutes=5)
+    with site["sessions"].begin() as session:
+        rows = [row for step in range(10, 51, 10) for row in (
+            (step, "train/loss_after", final_loss * (2 - step / 50)),
+            (step, "train/tasks_per_second", 99999.0))]  # the reported rate: not what is drawn
+        rows.append((50, "val/loss_step1", final_loss))
+        job_store.add_metrics(session=session, job_id=job_id, rows=rows)
+        for step in range(10, 51, 10):
+            session.execute(update(Metric).where(Metric.job_id == job_id, Metric.step == step)
+                            .values(created_at=start + timedelta(seconds=step / 2)))
+        session.execute(update(Job).where(Job.id == job_id).values(
+            status="succeeded", attempt=1, started_at=start, finished_at=start + timedelta(seconds=30),
+            progress={"iteration": 50, "total": 50}))
+    directory = artifacts.job_dir(site["artifact_root"], job_id)
+    directory.mkdir(parents=True)
+    for file in ("meta_init.json", "meta_init.safetensors"):
+        (directory / file).write_text("{}")
+        described = artifacts.describe(directory / file)
+        with site["sessions"].begin() as session:
+            job_store.add_artifact(session=session, job_id=job_id, name=file, size=described.size,
+                                   sha256=described.sha256, media_type=described.media_type)
+    return job_id
+
+
+def column_texts(browser, key: str) -> list[str]:  # noqa: ANN001
+    return browser.execute_script(
+        "return [...document.querySelectorAll(`#jobs tbody td[data-column='${arguments[0]}']`)]"
+        ".map((c) => c.textContent);", key)
+
+
+def test_a_user_sorts_by_a_metric_adds_a_parameter_column_compares_three_runs_keeps_a_model_and_sees_new_jobs_live(
+        browser, site: dict) -> None:  # noqa: ANN001
+    from selenium.webdriver.support.ui import Select
+
+    slow = finished_run(site, "cmp-slow", 0.01, 0.3)
+    best = finished_run(site, "cmp-best", 0.1, 0.1, meta_batch_size=8)
+    mid = finished_run(site, "cmp-mid", 0.5, 0.2)
+    log_in(browser, site, site["alice_key"])
+    wait(browser, lambda b: listed_ids(b), message="the list")
+    browser.execute_script("localStorage.clear(); location.hash = '#/?q=cmp-';")
+    wait(browser, lambda b: listed_names(b) == ["cmp-mid", "cmp-best", "cmp-slow"],
+         message="the three runs, newest first")
+
+    # Add the metric as a column and sort by it on the server (ascending on the second click).
+    Select(browser.find_element(By.ID, "add-column")).select_by_value("metric:val/loss_step1")
+    wait(browser, lambda b: column_texts(b, "metric:val/loss_step1") == ["0.2", "0.1", "0.3"],
+         message="the metric column")
+    browser.find_element(By.CSS_SELECTOR, "th[data-sort='metric:val/loss_step1'] button.sort").click()
+    wait(browser, lambda b: "order=desc" in b.current_url and listed_names(b) == [
+        "cmp-slow", "cmp-mid", "cmp-best"], message="sorted by the metric, descending")
+    browser.find_element(By.CSS_SELECTOR, "th[data-sort='metric:val/loss_step1'] button.sort").click()
+    wait(browser, lambda b: "order=asc" in b.current_url and listed_names(b) == [
+        "cmp-best", "cmp-mid", "cmp-slow"], message="sorted by the metric, ascending")
+    assert "sort=metric%3Aval%2Floss_step1" in browser.current_url
+
+    # A parameter column, remembered by the browser across a reload.
+    Select(browser.find_element(By.ID, "add-column")).select_by_value("param:algorithm.inner_lr")
+    wait(browser, lambda b: column_texts(b, "param:algorithm.inner_lr") == ["0.1", "0.5", "0.01"],
+         message="the parameter column")
+    browser.refresh()
+    wait(browser, lambda b: column_texts(b, "param:algorithm.inner_lr") == ["0.1", "0.5", "0.01"],
+         message="the columns kept across a reload")
+    shot(browser, "jobs-columns")
+
+    # Compare the three: the diff table lists what differs; every metric has its chart.
+    for job_id in (slow, best, mid):
+        browser.find_element(By.CSS_SELECTOR, f"input[data-id='{job_id}']").click()
+    browser.find_element(By.ID, "compare-selected").click()
+    wait(browser, lambda b: b.find_elements(By.CSS_SELECTOR, "#diff-table tbody tr"),
+         message="the diff table")
+    diff = browser.execute_script(
+        "return [...document.querySelectorAll('#diff-table tbody tr')].map((r) =>"
+        " [r.dataset.path, ...[...r.querySelectorAll('td')].map((c) => c.textContent)]);")
+    assert diff == [["algorithm.inner_lr", "0.01", "0.1", "0.5"],  # in the order selected
+                    ["meta_batch_size", "4", "8", "4"],
+                    ["name", "cmp-slow", "cmp-best", "cmp-mid"]], diff
+    browser.find_element(By.ID, "diff-all").click()
+    wait(browser, lambda b: len(b.find_elements(By.CSS_SELECTOR, "#diff-table tbody tr")) > 10,
+         message="every field")
+    assert "3 of" in browser.find_element(By.ID, "diff-count").text
+    charts = {node.get_attribute("data-metric") for node in browser.find_elements(
+        By.CSS_SELECTOR, "#compare-charts > [data-metric]")}
+    assert charts == {"train/loss_after", "val/loss_step1",
+                      "throughput: tasks / s (wall clock)"}, charts
+    # The throughput is the work per second of wall clock: 10 steps x the meta-batch per 5 s.
+    rates = browser.execute_script(
+        "const c = window.metaserveDashboard.compareCharts.get('throughput: tasks / s (wall clock)');"
+        "return [...c.series.keys()].sort().map((n) => [n.split(' ')[0], c.line(n).map((p) => p[1])]);")
+    assert rates == [["cmp-best", [16.0] * 4], ["cmp-mid", [8.0] * 4], ["cmp-slow", [8.0] * 4]]
+    # Smoothing, log scale and the wall-clock axis redraw every chart.
+    browser.find_element(By.ID, "chart-log").click()
+    Select(browser.find_element(By.ID, "chart-x")).select_by_value("time")
+    browser.execute_script("const s = document.getElementById('chart-smoothing'); s.value = '0.6';"
+                           "s.dispatchEvent(new Event('input'));")
+    xs = browser.execute_script(
+        "const c = window.metaserveDashboard.compareCharts.get('train/loss_after');"
+        "return Array.from(c.plot.data[0].slice(0, 3)).concat([c.plot.scales.y.distr]);")
+    assert xs == [5, 10, 15, 3]  # seconds since the start; a log y-scale
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#compare-charts canvas")) == 3
+    shot(browser, "compare")
+    browser.execute_script(
+        "localStorage.removeItem('metaserve.chartOptions'); localStorage.removeItem('metaserve.columns');")
+
+    # A sweep's parallel coordinates and parameter importance: six finished trials whose loss
+    # follows inner_lr.
+    import httpx
+
+    from metaserve.service.ids import new_id
+    from metaserve.service.orm import Job, utcnow
+
+    response = httpx.post(site["url"] + "/v1/sweeps", headers={
+        "Authorization": f"Bearer {site['alice_key']}"}, json={
+        "name": "sweep-pc", "spec": {"algorithm": {"name": "maml"}, "task_family": {"name": "sine"},
+                                     "iterations": 100},
+        "space": {"algorithm.inner_lr": {"grid": [0.001, 0.01, 0.1]},
+                  "meta_batch_size": {"grid": [4, 8]}},
+        "search": {"name": "grid"},
+        "scheduler": {"name": "fifo", "metric": "val/loss_step1", "mode": "min"}}, timeout=60)
+    assert response.status_code == 201, response.text
+    sweep_id = response.json()["id"]
+    with site["sessions"]() as session:
+        now = utcnow()
+        for index, (inner_lr, batch) in enumerate((a, b) for a in (0.001, 0.01, 0.1) for b in (4, 8)):
+            job_id = new_id()
+            spec = {"algorithm": {"name": "maml", "inner_lr": inner_lr}, "meta_batch_size": batch,
+                    "task_family": {"name": "sine"}, "iterations": 100}
+            session.add(Job(id=job_id, owner_id=site["alice"].id, name=f"sweep-pc/t{index}", spec=spec,
+                            spec_hash=job_store.spec_hash(spec), status="succeeded", attempt=1,
+                            max_attempts=1, progress={}, created_at=now, updated_at=now,
+                            started_at=now, finished_at=now, sweep_id=sweep_id, trial_id=f"pc{index}"))
+            session.flush()
+            job_store.add_metrics(session=session, job_id=job_id, rows=[
+                (100, "val/loss_step1", 1.0 / (1 + 100 * inner_lr) + 0.001 * batch)])
+        session.commit()
+    browser.get(site["url"] + f"/#/sweeps/{sweep_id}")
+    wait(browser, lambda b: len(b.find_elements(By.CSS_SELECTOR, "#parallel polyline")) == 6,
+         message="a line per trial")
+    assert [t.text for t in browser.find_elements(By.CSS_SELECTOR, "#parallel .axis-title")] == [
+        "algorithm.inner_lr (log)", "meta_batch_size", "val/loss_step1"]
+    wait(browser, lambda b: b.find_elements(By.CSS_SELECTOR, "#importance tr"), message="importance")
+    ranked = [row.get_attribute("data-path")
+              for row in browser.find_elements(By.CSS_SELECTOR, "#importance tr")]
+    assert ranked == ["algorithm.inner_lr", "meta_batch_size"]
+    shot(browser, "sweep")
+    # The list folds the trials under their sweep's driver; expanding shows them.
+    browser.get(site["url"] + "/#/?q=sweep-pc")
+    wait(browser, lambda b: b.find_elements(By.CSS_SELECTOR, f"button.expand[data-sweep='{sweep_id}']"),
+         message="the driver with its trials folded")
+    assert listed_names(browser) == ["sweep-pc (sweep driver)"]  # its trials folded under it
+    browser.find_element(By.CSS_SELECTOR, f"button.expand[data-sweep='{sweep_id}']").click()
+    wait(browser, lambda b: len(b.find_elements(By.CSS_SELECTOR, "#jobs tbody tr.trial")) == 6,
+         message="the trials under their sweep")
+
+    # Keep a result: a model, two versions, the alias moved from the first to the second.
+    browser.get(site["url"] + "/#/models")
+    wait(browser, lambda b: b.find_elements(By.ID, "new-model-name"), message="the models page")
+    browser.find_element(By.ID, "new-model-name").send_keys("sine")
+    browser.find_element(By.ID, "create-model").click()
+    wait(browser, lambda b: b.find_elements(By.ID, "model-name") and
+         b.find_element(By.ID, "model-name").text == "sine", message="the model's page")
+    for job_id in (best, mid):
+        wait(browser, lambda b: b.find_elements(By.CSS_SELECTOR, f"#register-job option[value='{job_id}']"),
+             message="the succeeded jobs offered: " + browser.find_element(By.ID, "register-job").text)
+        Select(browser.find_element(By.ID, "register-job")).select_by_value(job_id)
+        browser.find_element(By.ID, "register-version").click()
+        wait(browser, lambda b, job_id=job_id: b.find_elements(
+            By.CSS_SELECTOR, f"#versions tr[data-version] a[href='#/jobs/{job_id}']"),
+             message="the version listed")
+    for version in ("1", "2"):
+        wait(browser, lambda b, version=version: b.find_elements(
+            By.CSS_SELECTOR, f"#alias-version option[value='{version}']"), message="the versions offered")
+        Select(browser.find_element(By.ID, "alias-version")).select_by_value(version)
+        browser.find_element(By.ID, "set-alias").click()
+        wait(browser, lambda b, version=version: [e.text for e in b.find_elements(
+            By.CSS_SELECTOR, f"#versions tr[data-version='{version}'] .aliases .badge")] == ["production"],
+             message=f"production on v{version}")
+    assert browser.find_elements(By.CSS_SELECTOR, "#versions tr[data-version='1'] .aliases .badge") == []
+    alias = httpx.get(site["url"] + "/v1/models/sine/aliases/production",
+                      headers={"Authorization": f"Bearer {site['alice_key']}"}, timeout=60).json()
+    assert (alias["version"], alias["job_id"]) == (2, mid)
+    wait(browser, lambda b: "val/loss_step1 0.1" in b.find_element(
+        By.CSS_SELECTOR, "#versions tr[data-version='1']").text, message="the source job's metrics")
+    shot(browser, "model")
+    browser.get(site["url"] + "/#/models")
+    wait(browser, lambda b: b.find_elements(By.CSS_SELECTOR, "#models tr[data-name='sine']"))
+    assert "production → v2" in browser.find_element(By.CSS_SELECTOR, "#models tr[data-name='sine']").text
+
+    # A job submitted elsewhere appears in the open list without a reload.
+    browser.get(site["url"] + "/#/?q=cmp-")
+    wait(browser, lambda b: len(listed_ids(b)) == 3 and b.find_element(By.ID, "jobs-live").text == "live",
+         message="the list, live")
+    browser.execute_script("window.__sameDocument = true;")
+    fresh = submit(site, "cmp-new")
+    wait(browser, lambda b: listed_ids(b)[:1] == [fresh], message="the new job listed live")
+    assert browser.execute_script("return window.__sameDocument === true")
+    assert browser.find_element(By.ID, "page-info").text == "1–4 of 4"
+
+
+def test_the_datasets_page_lists_kind_size_splits_and_what_each_is_usable_for(
+        browser, site: dict) -> None:  # noqa: ANN001
+    import httpx
+
+    from tests.synthetic_datasets import npz_bytes, shapes
+
+    uploaded = httpx.post(site["url"] + "/v1/datasets", params={"name": "shapes"},
+                          content=npz_bytes(*shapes()), timeout=120,
+                          headers={"Authorization": f"Bearer {site['alice_key']}"})
+    assert uploaded.status_code == 201, uploaded.text
+    dataset = uploaded.json()
+    log_in(browser, site, site["alice_key"])
+    wait(browser, lambda b: b.find_elements(By.ID, "nav-datasets"))
+    browser.find_element(By.ID, "nav-datasets").click()
+    wait(browser, lambda b: b.find_elements(By.CSS_SELECTOR, f"#datasets tr[data-id='{dataset['id']}']"),
+         message="the dataset listed")
+    row = browser.find_element(By.CSS_SELECTOR, f"#datasets tr[data-id='{dataset['id']}']").text
+    assert "images (npz)" in row and "30 classes, 600 images" in row
+    for usable in dataset["usable_for"]:
+        assert usable in row
+    shot(browser, "datasets")
