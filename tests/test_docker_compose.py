@@ -478,3 +478,34 @@ def test_secrets_and_local_state_stay_out_of_git_and_the_image():
     for path in ("pyproject.toml", "README.md", "constraints.txt", "api", "service", "workers",
                  "migrations", "metaserve"):  # what the Dockerfile copies is not ignored
         assert path not in dockerignore and f"{path}/" not in dockerignore, path
+
+
+COMPOSE_SCHEMA = REPO / "docker" / "schemas" / "compose-spec.json"
+
+
+def compose_problems(document: dict[str, Any]) -> list[str]:
+    """Violations of the Compose Specification's schema (what ``docker compose config``
+    refuses: an unknown key, a wrong type), one line each."""
+    import json
+
+    import jsonschema
+
+    validator = jsonschema.Draft7Validator(json.loads(COMPOSE_SCHEMA.read_text()))
+    return [f"{'.'.join(map(str, error.absolute_path))}: {error.message}"
+            for error in validator.iter_errors(document)]
+
+
+def test_the_compose_files_follow_the_compose_specification(compose):
+    assert compose_problems(compose) == []
+    assert compose_problems(yaml.safe_load(GPU_OVERRIDE.read_text())) == []
+
+
+def test_a_misspelt_compose_key_is_refused(compose):
+    import copy
+
+    broken = copy.deepcopy(compose)
+    broken["services"]["dispatcher"]["stop_grace_periode"] = "60s"
+    assert any("stop_grace_periode" in line for line in compose_problems(broken))
+    broken = copy.deepcopy(compose)
+    broken["services"]["ray-worker"]["deploy"]["resources"]["limits"]["cpu"] = "4"
+    assert any("cpu" in line for line in compose_problems(broken))
