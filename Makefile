@@ -1,4 +1,5 @@
-# metaserve: `make run` serves the embedded default, `make test` runs the whole suite,
+# metaserve: `make run` serves the embedded default (serving dependencies only), `make test`
+# runs the whole suite (installing the test and benchmark extras),
 # `make test-fast` the tier without servers, Ray or PostgreSQL (minutes, for every change).
 VENV ?= .venv
 PYTHON ?= python3
@@ -9,17 +10,27 @@ PYTEST_ARGS ?=
 
 .PHONY: run test test-fast cluster-test install clean-state
 
-# The example plugin (examples/plugins) is installed too: the plugin tests and the cluster test use it.
+# Two stamps in the one venv. `make run` installs what serving needs and nothing else (the
+# package's own dependencies: no pytest, schemathesis, moto, selenium, hypothesis, pandas...);
+# `make test`, `make test-fast` and .ci/run install the dev, benchmark and examples extras too,
+# and the example plugin (examples/plugins), which the plugin tests and the cluster test use.
+$(VENV)/.serve-installed: pyproject.toml constraints.txt
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -c constraints.txt $(TORCH_PIP_ARGS) '$(TORCH_SPEC)'
+	$(VENV)/bin/pip install -c constraints.txt -e .
+	touch $@
+
 $(VENV)/.installed: pyproject.toml constraints.txt examples/plugins/metaserve-example-plugin/pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -c constraints.txt $(TORCH_PIP_ARGS) '$(TORCH_SPEC)'
 	$(VENV)/bin/pip install -c constraints.txt -e '.[dev,benchmark,examples]'
 	$(VENV)/bin/pip install -e examples/plugins/metaserve-example-plugin
-	touch $@
+	touch $@ $(VENV)/.serve-installed
 
 install: $(VENV)/.installed
 
-run: $(VENV)/.installed
+# Serving only: a venv that `make test` made already serves as it is.
+run: $(VENV)/.serve-installed
 	$(VENV)/bin/metaserve serve
 
 test: $(VENV)/.installed

@@ -80,7 +80,7 @@ def start_make_run(line: str, work: Path, port: int) -> subprocess.Popen:
     venv = work.parent / "server-venv"
     (venv / "bin").mkdir(parents=True)
     (venv / "bin" / "metaserve").symlink_to(Path(sys.executable).with_name("metaserve"))
-    (venv / ".installed").touch()
+    (venv / ".serve-installed").touch()  # the stamp `make run` checks
     command = shlex.split(line) + [f"VENV={venv}"]
     env = {**fresh_environment(work.parent / "server-home"), "METASERVE_PORT": str(port)}
     log = (work.parent / "server.log").open("w")
