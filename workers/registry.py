@@ -10,7 +10,8 @@ job of its own trained by :func:`run_job`.
 kind            algorithms                               driver              artifact
 ==============  =======================================  ==================  =====================
 meta_learning   maml, reptile, anil, metasgd, prompt,    MetaLearningRay…    ``meta_init.*``
-                protonet, finetune
+                protonet, finetune, mamlpp,
+                metacurvature
 meta_rl         rl2, pearl, maml on an RL task family    RLDriver            ``meta_policy.*``
 sweep           any of the above, as its trials          Ray Tune            the best trial's
 ==============  =======================================  ==================  =====================

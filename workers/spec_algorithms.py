@@ -8,7 +8,8 @@ from typing import Annotated, Literal, Union
 
 from pydantic import Field, StrictInt
 
-from metaserve.workers.spec_base import MAX_META_BATCH, MAX_WORKERS, InnerSteps, LearningRate, StrictModel
+from metaserve.workers.spec_base import (MAX_INNER_STEPS, MAX_META_BATCH, MAX_WORKERS, InnerSteps, LearningRate,
+                                         StrictModel)
 
 
 class PolicyGradientSpec(StrictModel):
@@ -88,6 +89,36 @@ class MetaSGDSpec(StrictModel):
 
     name: Literal["metasgd"] = "metasgd"
     inner_lr: LearningRate = Field(0.01, description="Initial value of every learned inner lr.")
+    inner_steps: InnerSteps = Field(1, description="Inner-loop steps during meta-training.")
+    first_order: bool = Field(False, description="Drop second-order terms.")
+
+
+class MAMLPlusPlusSpec(StrictModel):
+    """MAML++ (Antoniou et al. 2019): learned per-layer, per-step inner learning rates (LSLR),
+    the multi-step loss annealed toward the last step, and optionally first-order inner
+    gradients for the first iterations (derivative-order annealing)."""
+
+    name: Literal["mamlpp"] = "mamlpp"
+    inner_lr: LearningRate = Field(0.01, description="Initial value of every learned per-layer, "
+                                                     "per-step inner lr.")
+    inner_steps: Annotated[StrictInt, Field(ge=1, le=MAX_INNER_STEPS)] = Field(
+        5, description="Inner-loop steps during meta-training (one learned lr per layer per step).")
+    first_order: bool = Field(False, description="Drop second-order terms throughout.")
+    multi_step_loss_iterations: StrictInt = Field(
+        1000, ge=0, le=10**7, description="Meta-iterations over which the multi-step loss (query losses "
+        "after every inner step, weights annealed toward the last) is used; 0: the last step's loss only.")
+    first_order_iterations: StrictInt = Field(
+        0, ge=0, le=10**7, description="Derivative-order annealing: first-order inner gradients for "
+        "this many meta-iterations, then second order.")
+
+
+class MetaCurvatureSpec(StrictModel):
+    """Meta-Curvature (Park & Oliva 2019): the inner gradient of each parameter transformed by a
+    learned Kronecker-factored matrix (M_out · G · M_in, and M_f over a kernel), from identity."""
+
+    name: Literal["metacurvature"] = "metacurvature"
+    inner_lr: LearningRate = Field(0.01, description="Inner-loop step size α (applied after the "
+                                                     "transform).")
     inner_steps: InnerSteps = Field(1, description="Inner-loop steps during meta-training.")
     first_order: bool = Field(False, description="Drop second-order terms.")
 
@@ -214,8 +245,8 @@ class PEARLSpec(StrictModel):
 
 
 AlgorithmSpec = Annotated[
-    Union[MAMLSpec, ReptileSpec, ANILSpec, MetaSGDSpec, PromptSpec, ProtoNetSpec, FinetuneSpec,
-          RL2Spec, PEARLSpec],
+    Union[MAMLSpec, ReptileSpec, ANILSpec, MetaSGDSpec, MAMLPlusPlusSpec, MetaCurvatureSpec,
+          PromptSpec, ProtoNetSpec, FinetuneSpec, RL2Spec, PEARLSpec],
     Field(discriminator="name"),
 ]
 ALGORITHMS: dict[str, type[StrictModel]] = {
@@ -223,6 +254,8 @@ ALGORITHMS: dict[str, type[StrictModel]] = {
     "reptile": ReptileSpec,
     "anil": ANILSpec,
     "metasgd": MetaSGDSpec,
+    "mamlpp": MAMLPlusPlusSpec,
+    "metacurvature": MetaCurvatureSpec,
     "prompt": PromptSpec,
     "protonet": ProtoNetSpec,
     "finetune": FinetuneSpec,

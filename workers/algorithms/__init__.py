@@ -6,6 +6,8 @@ from metaserve.workers.algorithms.anil import ANIL
 from metaserve.workers.algorithms.base import Algorithm
 from metaserve.workers.algorithms.finetune import Finetune
 from metaserve.workers.algorithms.maml import MAML
+from metaserve.workers.algorithms.mamlpp import MAMLPlusPlus
+from metaserve.workers.algorithms.metacurvature import MetaCurvature
 from metaserve.workers.algorithms.metasgd import MetaSGD
 from metaserve.workers.algorithms.prompt import Prompt
 from metaserve.workers.algorithms.protonet import ProtoNet
@@ -14,7 +16,7 @@ from metaserve.workers.networks import FunctionalModel
 
 ALGORITHM_CLASSES: dict[str, type[Algorithm]] = {
     "maml": MAML, "reptile": Reptile, "anil": ANIL, "metasgd": MetaSGD, "prompt": Prompt,
-    "protonet": ProtoNet, "finetune": Finetune,
+    "protonet": ProtoNet, "finetune": Finetune, "mamlpp": MAMLPlusPlus, "metacurvature": MetaCurvature,
 }
 
 
