@@ -79,6 +79,9 @@ class Trainer:
         """Sum of the per-task meta-gradients of tasks ``task_indices`` of ``iteration`` and their
         per-task metrics; tasks are sampled here and adapted ``vmap``-ped, ``task_chunk`` at a time."""
         params = self._on_device(params)
+        begin_iteration = getattr(self.algorithm, "begin_iteration", None)  # MAML++'s schedules
+        if begin_iteration is not None:
+            begin_iteration(iteration)
         grad_sum: dict[str, Tensor] | None = None
         metric_parts: dict[str, list[Tensor]] = {}
         chunks = _chunks(task_indices, self.spec.resources.task_chunk)
