@@ -1099,7 +1099,9 @@
     }
     axes.forEach((axis, i) => {
       root.append(svg("line", { x1: x(i), x2: x(i), y1: y(1), y2: y(0), stroke: "#687083", "stroke-width": "1" }));
-      root.append(svg("text", { x: x(i), y: 16, "text-anchor": "middle", class: "axis-title", text: axis.title + (axis.log ? " (log)" : "") }));
+      const anchor = i === 0 ? "start" : i === axes.length - 1 ? "end" : "middle";
+      const at = i === 0 ? x(i) - 12 : i === axes.length - 1 ? x(i) + 40 : x(i);
+      root.append(svg("text", { x: at, y: 16, "text-anchor": anchor, class: "axis-title", text: axis.title + (axis.log ? " (log)" : "") }));
       const ticks = axis.ticks.length > 6 ? [axis.ticks[0], axis.ticks[axis.ticks.length - 1]] : axis.ticks;
       for (const tick of ticks) {
         const p = axis.position(tick);
@@ -1159,7 +1161,7 @@
           el("td", { class: "muted", text: p.spearman === null ? "" : `ρ ${p.spearman >= 0 ? "+" : ""}${p.spearman.toFixed(2)}` }));
       })));
       importance.replaceChildren(el("h2", {}, "Parameter importance"),
-        estimate.note ? el("p", { class: "notice", id: "importance-note", text: estimate.note }) : null, list,
+        estimate.note ? el("p", { class: "notice", id: "importance-note", text: estimate.note }) : "", list,
         el("p", { class: "muted small", text: `Share of the variance of ${metric}'s ranks each path explains alone, from ${estimate.trials_used} finished trials; ρ: rank correlation with ${metric}.` }));
     } catch (error) {
       importance.replaceChildren(el("h2", {}, "Parameter importance"), el("p", { class: "error", text: errorText(error) }));
@@ -1236,7 +1238,7 @@
     } }, "Point alias");
     main.replaceChildren(
       el("div", { class: "toolbar" }, el("h1", { id: "model-name", text: model.name }), el("span", { class: "grow" }), el("a", { href: "#/models" }, "All models")),
-      model.description ? el("p", { class: "muted", text: model.description }) : null,
+      model.description ? el("p", { class: "muted", text: model.description }) : "",
       el("div", { class: "grid" },
         el("div", { class: "card" }, el("h2", {}, "Register a version"),
           el("p", { class: "muted", text: "From a succeeded job of yours (its final meta-init or meta-policy)." }),
@@ -1273,7 +1275,9 @@
   function splitText(dataset) {
     const splits = dataset.split_sizes;
     if (!splits) return "";
-    const line = (value) => (value && typeof value === "object" ? Object.entries(value).map(([k, v]) => `${k} ${typeof v === "object" ? JSON.stringify(v) : v}`).join(" / ") : String(value));
+    const line = (value) => (value && typeof value === "object"
+      ? Object.entries(value).map(([k, v]) => (v && typeof v === "object" ? `${k}: ${line(v)}` : `${k} ${v}`)).join(" / ")
+      : String(value));
     if (dataset.kind === "table") return Object.entries(splits).map(([column, sizes]) => `${column}: ${line(sizes)}`).join("; ");
     return line(splits);
   }

@@ -547,6 +547,7 @@ def test_a_user_sorts_by_a_metric_adds_a_parameter_column_compares_three_runs_ke
         "return Array.from(c.plot.data[0].slice(0, 3)).concat([c.plot.scales.y.distr]);")
     assert xs == [5, 10, 15, 3]  # seconds since the start; a log y-scale
     assert len(browser.find_elements(By.CSS_SELECTOR, "#compare-charts canvas")) == 3
+    browser.execute_script("document.getElementById('chart-controls').scrollIntoView();")
     shot(browser, "compare")
     browser.execute_script(
         "localStorage.removeItem('metaserve.chartOptions'); localStorage.removeItem('metaserve.columns');")
