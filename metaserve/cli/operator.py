@@ -87,6 +87,34 @@ def connection_cap(max_connections: int) -> int:
     return max(2, min(max_connections, soft - FILE_DESCRIPTOR_RESERVE))
 
 
+def _require_free_port(host: str, port: int) -> None:
+    """Exit 2 with one line naming the setting to change when ``host:port`` cannot be bound
+    (uvicorn would print a multi-line traceback and exit 3)."""
+    import errno
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as error:
+        typer.echo(f"error: cannot serve on host {printable(host)!r}: {error.strerror}; set "
+                   "METASERVE_HOST (or --host) to an address of this machine", err=True)
+        raise typer.Exit(2) from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                said = (f"port {port} on {host} is taken (another metaserve serve?); set "
+                        "METASERVE_PORT (or --port) to a free port")
+            else:
+                said = (f"cannot listen on {host}:{port}: {error.strerror}; set METASERVE_HOST "
+                        "and METASERVE_PORT (or --host, --port) to an address this user may bind")
+            typer.echo(f"error: {printable(said)}", err=True)
+            raise typer.Exit(2) from None
+
+
 def serve(
     host: Annotated[Optional[str], typer.Option(help="Bind address (default: METASERVE_HOST).")] = None,
     port: Annotated[Optional[int], typer.Option(help="Port (default: METASERVE_PORT).")] = None,
@@ -105,6 +133,7 @@ def serve(
                {"host": host, "port": port, "dispatcher": False if no_dispatcher else None}.items()
                if value is not None}
     settings = settings.model_copy(update=updates)
+    _require_free_port(settings.host, settings.port)  # before migrating: fail at once
     private_state(settings)
     with _database_errors(settings.database_url):  # unreachable: one line naming it
         migrate.upgrade(settings.database_url)
