@@ -812,10 +812,10 @@
       notice.replaceChildren(...items);
     }
 
-    function addHistory(event) {
-      history.append(el("li", {}, badge(event.status), ` attempt ${event.attempt}`,
+    function historyItem(event) {
+      return el("li", {}, badge(event.status), ` attempt ${event.attempt}`,
         event.time ? el("span", { class: "muted", text: ` · ${whenExact(event.time)}` }) : null,
-        event.message ? el("span", { class: "muted", text: ` — ${event.message}` }) : null));
+        event.message ? el("span", { class: "muted", text: ` — ${event.message}` }) : null);
     }
 
     let shownArtifacts = null;
@@ -865,8 +865,10 @@
         if (kind === "metrics") charts.add(data.step, data.values, data.time);
         else if (kind === "progress") { job.progress = data; showJob(); }
         else if (kind === "status") {
-          addHistory(data);
+          // The job's own history has each change's time; the event is the fallback.
           try { job = await api(`/v1/jobs/${encodeURIComponent(jobId)}`); } catch (_) { job.status = data.status; }
+          if (Array.isArray(job.status_history) && job.status_history.length) history.replaceChildren(...job.status_history.map(historyItem));
+          else history.append(historyItem(data));
           showJob();
           if (TERMINAL.has(data.status)) showArtifacts();
         }
