@@ -116,3 +116,9 @@ def test_wheel_ships_every_dashboard_and_docs_asset(wheel: Path):
             "metaserve/api/static/vendor/uplot/LICENSE",
             "metaserve/api/static/vendor/swagger-ui/swagger-ui-bundle.js"} <= expected
     assert expected - names == set()
+
+
+def test_wheel_ships_the_unicode_tables_of_the_typefaces_split(wheel: Path):
+    """workers/tasks/typeface_split.py reads the Unicode Script and Block tables from the package."""
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"metaserve/workers/tasks/unicode/scripts.txt", "metaserve/workers/tasks/unicode/blocks.txt"} <= names
