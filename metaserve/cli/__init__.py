@@ -19,6 +19,7 @@ from __future__ import annotations
 import sys
 
 import typer
+import typer.core
 
 from metaserve.cli import models, operator, sweeps, user
 from metaserve.cli.common import printable
@@ -46,6 +47,15 @@ class _OneLineErrors(typer.Typer):
             sys.exit(1)
         sys.exit(code if isinstance(code, int) else 0)
 
+
+def _flag_type(self, ctx):  # noqa: ANN001, ANN202 - typer's TyperOption.display_type_rich
+    """No type tag for a flag (``--wait <bool>`` read as if it took a value); options that take
+    one keep theirs (``--out <path>``)."""
+    return None if self.is_flag else _option_type(self, ctx)
+
+
+_option_type = typer.core.TyperOption.display_type_rich
+typer.core.TyperOption.display_type_rich = _flag_type
 
 app = _OneLineErrors(help="metaserve: meta-learning jobs over REST, run on Ray.",
                      no_args_is_help=True, add_completion=False)

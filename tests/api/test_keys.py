@@ -65,12 +65,12 @@ def test_another_server_refuses_a_revoked_key_once_its_cache_entry_expires(
 def test_cli_lists_revokes_and_rotates_keys(client, db_url, sessions, admin_auth, alice_auth):  # noqa: ANN001
     runner = CliRunner()
     alice_id = key_id(sessions, alice_auth)
-    listed = runner.invoke(cli, ["keys", "list", "--url", db_url])
+    listed = runner.invoke(cli, ["keys", "list", "--database-url", db_url])
     assert listed.exit_code == 0, listed.output
     assert [line.split()[:4] for line in listed.output.splitlines()[1:]] == [
         ["1", "root", "yes", "no"], [str(alice_id), "alice", "no", "no"]]
 
-    rotated = runner.invoke(cli, ["keys", "rotate", str(alice_id), "--url", db_url])
+    rotated = runner.invoke(cli, ["keys", "rotate", str(alice_id), "--database-url", db_url])
     assert rotated.exit_code == 0, rotated.output
     new_key = rotated.output.strip()
     assert new_key.startswith("ms_") and new_key not in alice_auth["Authorization"]
@@ -79,10 +79,10 @@ def test_cli_lists_revokes_and_rotates_keys(client, db_url, sessions, admin_auth
         assert fresh.get("/v1/jobs", headers=alice_auth).status_code == 401
         assert fresh.get("/v1/jobs", headers={"Authorization": f"Bearer {new_key}"}).status_code == 200
 
-        revoked = runner.invoke(cli, ["keys", "revoke", str(alice_id), "--url", db_url])
+        revoked = runner.invoke(cli, ["keys", "revoke", str(alice_id), "--database-url", db_url])
         assert (revoked.exit_code, revoked.output) == (0, f"revoked key {alice_id} (alice)\n")
         other.state.key_cache = auth.KeyCache()
         assert fresh.get("/v1/jobs", headers={"Authorization": f"Bearer {new_key}"}).status_code == 401
-    assert runner.invoke(cli, ["keys", "list", "--url", db_url]).output.splitlines()[2].split()[3] == "yes"
-    missing = runner.invoke(cli, ["keys", "revoke", "999", "--url", db_url])
+    assert runner.invoke(cli, ["keys", "list", "--database-url", db_url]).output.splitlines()[2].split()[3] == "yes"
+    missing = runner.invoke(cli, ["keys", "revoke", "999", "--database-url", db_url])
     assert (missing.exit_code, missing.output) == (1, "error: no API key with id 999\n")

@@ -39,10 +39,10 @@ def test_admin_key_is_written_once_with_mode_0600(session, tmp_path):
 
 def test_cli_db_upgrade_check_and_keys_create(db_url):
     runner = CliRunner()
-    for command in (["db", "upgrade", "--url", db_url], ["db", "check", "--url", db_url]):
+    for command in (["db", "upgrade", "--database-url", db_url], ["db", "check", "--database-url", db_url]):
         result = runner.invoke(app, command)
         assert result.exit_code == 0, result.output
-    result = runner.invoke(app, ["keys", "create", "carol", "--admin", "--url", db_url])
+    result = runner.invoke(app, ["keys", "create", "carol", "--admin", "--database-url", db_url])
     assert result.exit_code == 0, result.output
     key = result.stdout.strip().splitlines()[-1]
     engine = make_engine(db_url)
@@ -52,4 +52,4 @@ def test_cli_db_upgrade_check_and_keys_create(db_url):
             assert (user.name, user.is_admin) == ("carol", True)
     finally:
         engine.dispose()
-    assert runner.invoke(app, ["db", "downgrade", "--url", db_url]).exit_code == 0
+    assert runner.invoke(app, ["db", "downgrade", "--database-url", db_url]).exit_code == 0

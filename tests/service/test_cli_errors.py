@@ -46,24 +46,24 @@ def test_keys_create_in_an_empty_directory_names_the_database_it_looked_for(
     assert done.stderr == (
         "error: no metaserve database at sqlite:///./.metaserve/metaserve.db "
         f"({empty_directory / '.metaserve' / 'metaserve.db'} does not exist): run this in the "
-        "directory where `metaserve serve` runs, or set METASERVE_DATABASE_URL or --url\n")
+        "directory where `metaserve serve` runs, or set METASERVE_DATABASE_URL or --database-url\n")
     assert list(empty_directory.iterdir()) == []  # no empty database created on the way
 
 
 def test_keys_create_against_a_database_that_is_not_metaserves_says_so(
         empty_directory: Path, capsys: pytest.CaptureFixture) -> None:
     (empty_directory / "other.db").touch()
-    code, out, err = run_metaserve(["keys", "create", "x", "--url", "sqlite:///other.db"], capsys)
+    code, out, err = run_metaserve(["keys", "create", "x", "--database-url", "sqlite:///other.db"], capsys)
     assert (code, out) == (1, "")
     assert err == ("error: sqlite:///other.db is not a metaserve database (it has no users "
                    "table): run this in the directory where `metaserve serve` runs, or set "
-                   "METASERVE_DATABASE_URL or --url\n")
+                   "METASERVE_DATABASE_URL or --database-url\n")
 
 
 def test_an_unreachable_database_is_one_line_naming_it_without_its_password(
         empty_directory: Path, capsys: pytest.CaptureFixture) -> None:
     code, out, err = run_metaserve(
-        ["keys", "list", "--url", "postgresql+psycopg://postgres:secret@127.0.0.1:1/x"], capsys)
+        ["keys", "list", "--database-url", "postgresql+psycopg://postgres:secret@127.0.0.1:1/x"], capsys)
     assert (code, out) == (1, "")
     assert err.startswith("error: database postgresql+psycopg://postgres:***@127.0.0.1:1/x: ")
     assert err.count("\n") == 1 and "secret" not in err
@@ -117,3 +117,13 @@ def test_serve_with_an_unreachable_database_is_one_line_naming_it(
     assert (code, out) == (1, "")
     assert err.startswith("error: database postgresql+psycopg://postgres:***@127.0.0.1:1/x: ")
     assert err.count("\n") == 1
+
+
+def test_the_old_url_option_of_keys_still_works_and_says_it_is_now_database_url(
+        empty_directory: Path) -> None:
+    (empty_directory / "other.db").touch()
+    done = subprocess.run([METASERVE, "keys", "list", "--url", "sqlite:///other.db"],
+                          cwd=empty_directory, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.splitlines()[0] == "note: --url is deprecated here; it is --database-url"
+    assert done.stderr.splitlines()[1].startswith("error: sqlite:///other.db is not a metaserve")
