@@ -258,6 +258,16 @@
     throughput: "Throughput (per second of wall clock)",
   };
   const CHART_ORDER = Object.keys(CHART_TITLES);
+  const RATE_WINDOW_S = 1.0;
+
+  /* An axis tick: short enough for the axis (1.2k, 3.4M), never cut. */
+  function tick(value) {
+    const magnitude = Math.abs(value);
+    if (magnitude >= 1e9) return `${Number((value / 1e9).toPrecision(3))}G`;
+    if (magnitude >= 1e6) return `${Number((value / 1e6).toPrecision(3))}M`;
+    if (magnitude >= 1e4) return `${Number((value / 1e3).toPrecision(3))}k`;
+    return fmt(value);
+  }
 
   /* The work done by ``step`` for a throughput series ``name`` (train/<unit>_per_second): the
    * counter train/<unit> logged with it, or for tasks the iterations × meta-batch size. The
@@ -343,15 +353,17 @@
       let points;
       if (this.rate) {
         points = [];
+        // Steps are stored in batches (several at one instant): a rate is taken between
+        // points at least RATE_WINDOW_S apart, over all the work done in between.
         let previous = null;
         for (const step of steps) {
           const t = this.clock(name, step);
-          if (t === null || t === undefined) continue;
-          const current = [step, t, values.get(step)];
-          if (previous && current[1] > previous[1] && current[2] !== null && previous[2] !== null) {
-            points.push([chartOptions.x === "time" ? t : step, (current[2] - previous[2]) / (current[1] - previous[1]), step]);
+          const work = values.get(step);
+          if (t === null || t === undefined || work === null) continue;
+          if (previous && t - previous[1] >= RATE_WINDOW_S) {
+            points.push([chartOptions.x === "time" ? t : step, (work - previous[2]) / (t - previous[1]), step]);
           }
-          previous = current;
+          if (!previous || t - previous[1] >= RATE_WINDOW_S) previous = [step, t, work];
         }
       } else if (chartOptions.x === "time") {
         points = steps.map((s) => [this.clock(name, s), values.get(s), s]).filter((p) => p[0] !== null && p[0] !== undefined);
@@ -401,7 +413,7 @@
           width, height: 240, series, bands,
           scales: { x: { time: false }, y: chartOptions.log ? { distr: 3, log: 10 } : {} },
           axes: [{ label: chartOptions.x === "time" ? "seconds since start" : "step" },
-                 { size: 70, values: (plot, ticks) => ticks.map((v) => fmt(v)) }],
+                 { size: 64, values: (plot, ticks) => ticks.map((v) => (v === null ? "" : tick(v))) }],
           legend: { live: true },
           hooks: { init: [(plot) => {
             const rows = plot.root.querySelectorAll(".u-legend .u-series");
@@ -645,8 +657,8 @@
       return el("tr", { "data-id": job.id, "data-name": job.name, class: trial ? "trial" : null },
         el("td", {}, box),
         el("td", { class: "name" }, el("a", { href: `#/jobs/${encodeURIComponent(job.id)}`, text: job.name, title: job.name }),
-          el("div", { class: "muted" }, shortId(job.id), sweepId ? " · " : "", toggle,
-            sweepId ? el("a", { href: `#/sweeps/${encodeURIComponent(sweepId)}`, class: "sweep-link" }, " sweep") : null)),
+          el("div", { class: "muted" }, shortId(job.id), sweepId ? " · " : "", toggle, sweepId ? " · " : "",
+            sweepId ? el("a", { href: `#/sweeps/${encodeURIComponent(sweepId)}`, class: "sweep-link" }, "sweep") : null)),
         el("td", { text: job.spec.algorithm && job.spec.algorithm.name }),
         el("td", { text: job.spec.task_family && job.spec.task_family.name }),
         el("td", { class: "status" }, badge(job.status), job.status === "queued" && job.message ? el("div", { class: "muted", text: job.message }) : null),
@@ -999,9 +1011,9 @@
       el("div", { class: "card table-wrap" }, el("div", { class: "toolbar" }, el("h2", {}, "Parameters"), diffCount, el("span", { class: "grow" }),
         el("label", {}, showAll, " show all fields")),
         el("table", { id: "diff-table", class: "compare" }, el("thead", {}, runHeads()), diffBody)),
+      chartControls(), chartsNode,
       el("div", { class: "card table-wrap" }, el("h2", {}, "Latest metric values"),
-        el("table", { id: "compare-table", class: "compare" }, el("thead", {}, runHeads()), metricsBody)),
-      chartControls(), chartsNode);
+        el("table", { id: "compare-table", class: "compare" }, el("thead", {}, runHeads()), metricsBody)));
     for (const swatch of main.querySelectorAll(".swatch")) swatch.style.background = swatch.dataset.color;
     drawDiff();
     const render = () => {
@@ -1080,9 +1092,9 @@
     const y = (p) => top + (1 - p) * (height - top - bottom);
     const root = svg("svg", { id: "parallel", width, height, viewBox: `0 0 ${width} ${height}`, role: "img",
                               "aria-label": `parallel coordinates of ${paths.join(", ")} and ${metric}` });
-    const values = trials.map((t) => t.value);
-    const lo = Math.min(...values), hi = Math.max(...values);
-    const goodness = (v) => (hi === lo ? 1 : maximize ? (v - lo) / (hi - lo) : (hi - v) / (hi - lo));
+    // Coloured by rank, so that one diverging trial does not paint all others alike.
+    const ranked = trials.map((t) => t.value).sort((a, b) => (maximize ? a - b : b - a));
+    const goodness = (v) => (ranked.length < 2 ? 1 : ranked.indexOf(v) / (ranked.length - 1));
     const mix = (g) => { // light orange (worst) to dark blue (best)
       const a = [240, 170, 90], b = [35, 70, 170];
       return `rgb(${a.map((c, i) => Math.round(c + (b[i] - c) * g)).join(",")})`;
@@ -1148,7 +1160,7 @@
     else if (!board.data.some((t) => t.value !== null)) area.append(el("p", { class: "muted", id: "no-values", text: `No trial has a value of ${metric} yet.` }));
     else {
       const drawn = parallelCoordinates(board.data, paths, metric, maximize, Math.max(420, area.clientWidth - 32));
-      area.append(drawn.node, el("p", { class: "muted legend", text: `One line per trial with a value; dark: best ${metric}, light: worst.` }));
+      area.append(drawn.node, el("p", { class: "muted legend", text: `One line per trial with a value, coloured by rank: dark blue is the best ${metric}, light orange the worst.` }));
       bench.points = drawn.lines;
     }
     try {
