@@ -335,8 +335,13 @@ def fetch(
     with ClientErrors(), connect() as client:
         names = None if all_ else tuple(client.final_artifacts(job))
         if names == ():
-            status = printable(client.get(job)["status"])
-            raise fail(f"job {printable(job)} has no final artifacts yet (status: {status})")
+            found = client.get(job)
+            status = printable(found.get("outcome") or found["status"])
+            if found.get("outcome") is None:  # still queued or running: they may come
+                raise fail(f"job {printable(job)} has no final artifacts yet (status: {status})")
+            said = found.get("error") or found.get("message")
+            raise fail(f"job {printable(job)} {status} without final artifacts"
+                       + (f": {printable(said)}" if said else ""))
         directory = client.download(job, out, names=names)
     listed = set(names) if names is not None else {path.name for path in Path(out).iterdir()}
     kinds = [kind for kind, files in ARTIFACT_FILES.items() if set(files) <= listed]

@@ -111,6 +111,12 @@ def test_metrics_prints_the_latest_values_and_plots_the_curves_and_fetch_needs_a
     assert (tmp_path / "plots" / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert (fetched.exit_code, fetched.output) == (
         1, f"error: job {job_id} has no final artifacts yet (status: queued)\n")
+    cancelled = invoke("cancel", job_id)
+    assert cancelled.exit_code == 0, cancelled.output
+    fetched = invoke("fetch", job_id, "-o", str(tmp_path / "out"))  # ended: none will come
+    assert (fetched.exit_code, fetched.output) == (
+        1, f"error: job {job_id} cancelled without final artifacts: cancelled before it "
+           "started\n")
 
 
 def test_fetch_downloads_a_meta_rl_jobs_meta_policy(logged_in: str, tmp_path: Path, sessions,
