@@ -119,7 +119,8 @@ def list_jobs(
     sweep_id: Annotated[str | None, Query(max_length=100, pattern=NO_CONTROL_CHARACTERS,
                                           description="A sweep's id: its trials only.")] = None,
     sweep: Annotated[str | None, Query(max_length=100, pattern=NO_CONTROL_CHARACTERS,
-                                       deprecated=True, description="Old name of `sweep_id`.")
+                                       deprecated=True, description="Old name of `sweep_id` "
+                                       "(which wins when both are given).")
                      ] = None,
     trials: Annotated[Literal["fold", "show", "only"] | None, Query(description=(
         "`fold` (default): a sweep's trials are hidden, its driver job stands for them with "
@@ -134,8 +135,6 @@ def list_jobs(
 ) -> Response:
     """Your jobs (an admin sees everyone's), sorted, filtered and paged: `total` counts every
     match, `next_cursor` continues under the same query."""
-    if sweep is not None and sweep_id is not None and sweep != sweep_id:
-        raise _invalid_query("sweep", "give sweep_id alone (sweep is its old name)")
     try:
         statuses = job_listing.parse_statuses(status_filter)
         with session.begin():

@@ -49,9 +49,11 @@ SEMANTIC_REFUSALS = [
     # A dataset upload's bytes must be an archive this server reads: 422 (or 413 past a cap).
     {"include-name": "POST /v1/datasets",
      "checks": {"positive_data_acceptance": {"expected-statuses": [*DEFAULT_ACCEPTED, "413", "422"]}}},
-    # A cursor is opaque: only one returned by a previous page is valid: 400.
+    # A cursor is opaque: only one returned by a previous page is valid: 400. A status list
+    # names job statuses, a sort key a column, a metric or a spec path: 422 naming the field.
     {"include-name": "GET /v1/jobs",
-     "checks": {"positive_data_acceptance": {"expected-statuses": [*DEFAULT_ACCEPTED, "400"]}}},
+     "checks": {"positive_data_acceptance": {"expected-statuses": [*DEFAULT_ACCEPTED, "400",
+                                                                   "422"]}}},
     {"include-name": "GET /v1/sweeps",
      "checks": {"positive_data_acceptance": {"expected-statuses": [*DEFAULT_ACCEPTED, "400"]}}},
 ]
@@ -119,6 +121,9 @@ def test_every_operation_passes_all_schemathesis_checks(fuzz_target) -> None:  #
         "GET /v1/algorithms", "GET /v1/task-families", "GET /healthz", "GET /readyz"}
     failures: dict[str, str] = {}
     cases = 0
+    # The list stream never ends by design (a page keeps it open; tests/api/
+    # test_job_list_stream.py reads it over HTTP): the in-process client would wait forever.
+    operations = [op for op in operations if op.label != "GET /v1/jobs/stream"]
     for operation in operations:
         try:
             cases += run_operation(operation, headers, job_id)
