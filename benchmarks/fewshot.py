@@ -62,8 +62,8 @@ def job_spec(method: str, setting: str, backbone: str, seed: int, args: argparse
              query_shots: int = QUERY_SHOTS) -> dict:
     ways, shots = SETTINGS[setting]
     algorithm, steps = algorithm_spec(method, ways)
-    model = ({"name": "conv4", "filters": 64, "norm": "batch"} if backbone == "conv4" else
-             {"name": "resnet12", "widths": args.resnet_widths, "norm": "batch"})
+    model = ({"name": "conv4", "filters": 64, "norm": args.norm} if backbone == "conv4" else
+             {"name": "resnet12", "widths": args.resnet_widths, "norm": args.norm})
     return {"name": f"fewshot-{setting}-{method}-{backbone}-seed{seed}", "algorithm": algorithm,
             "task_family": {"name": "typefaces", "ways": ways, "support_shots": shots,
                             "query_shots": query_shots},
@@ -221,6 +221,8 @@ def main() -> None:
     parser.add_argument("--backbones", nargs="+", default=["conv4"], choices=["conv4", "resnet12"])
     parser.add_argument("--resnet-widths", nargs=4, type=int, default=[64, 160, 320, 640])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--norm", default="batch", choices=["batch", "support", "instance", "layer", "none"],
+                        help="The backbone's norm (batch: transductive in training, as MAML's paper).")
     parser.add_argument("--iterations", type=int, default=20_000)
     parser.add_argument("--meta-batch-size", type=int, default=32)
     parser.add_argument("--task-chunk", type=int, default=0)
