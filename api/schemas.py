@@ -42,8 +42,13 @@ class JobPublic(BaseModel):
     status: JobStatus
     spec: dict[str, Any] = Field(description="The spec as stored, every default filled in; "
                                              "`spec.name` is the job's name.")
-    attempt: int
+    attempt: int = Field(description="Attempts so far: the job's own failures count, "
+                                     "interruptions do not (`max_attempts` bounds it).")
     max_attempts: int
+    interruptions: int = Field(0, description="Times the job was handed back through no fault "
+                               "of its own (a drained dispatcher, a lost node, database or "
+                               "dispatcher) and resumed from its last checkpoint; never "
+                               "counted toward `max_attempts`.")
     progress: dict[str, Any]
     message: str | None = Field(description="What the job waits for while queued (a slot, the "
                                              "running-jobs quota, placement, the artifact store), "

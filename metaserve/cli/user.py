@@ -206,6 +206,8 @@ def status(job: JobArgument, output: OutputOption = OutputFormat.table) -> None:
     progress = found.get("progress") or {}
     lines = [("id", found["id"]), ("name", found["name"]), ("status", found["status"]),
              ("attempt", f"{found['attempt']} of {found['max_attempts']}")]
+    if found.get("interruptions"):  # handbacks that were no fault of the job's (not attempts)
+        lines.append(("interruptions", found["interruptions"]))
     if "iteration" in progress and found["status"] in ("queued", "running", "cancelling"):
         lines.append(("progress", f"{progress['iteration']}/{progress.get('total')} iterations, "
                                   f"{progress.get('tasks_per_s')} tasks/s"))
