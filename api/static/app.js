@@ -323,8 +323,9 @@
    * step was stored (the wall-clock axis and rates need it; null: unknown). A rate chart holds
    * work done per step and plots its change per second. */
   class Chart {
-    constructor(title, { clock, rate = false, id } = {}) {
+    constructor(title, { clock, rate = false, id, colors } = {}) {
       this.title = title;
+      this.colors = colors || new Map();  // a series' colour where the page fixes it (compare)
       this.series = new Map();
       this.bands = new Map();
       this.clock = clock || (() => null);
@@ -385,7 +386,7 @@
       const hidden = [];  // the CI bounds: drawn as a band, not listed in the legend
       const positive = (v) => (chartOptions.log && v !== null && v <= 0 ? null : v);
       names.forEach((name, index) => {
-        const color = COLORS[index % COLORS.length];
+        const color = this.colors.get(name) || COLORS[index % COLORS.length];
         const byX = new Map(lines.get(name).map((p) => [p[0], p]));
         const column = Array.from(xs, (x) => (byX.has(x) ? positive(byX.get(x)[1]) : null));
         data.push(column);
@@ -977,7 +978,7 @@
     }
     const chartFor = (title, rate) => {
       if (!charts.has(title)) {
-        const chart = new Chart(title, { rate, clock: (name, step) => clocks.get(name)(step) });
+        const chart = new Chart(title, { rate, colors, clock: (name, step) => clocks.get(name)(step) });
         chart.node.dataset.metric = title;
         charts.set(title, chart);
       }
