@@ -13,6 +13,7 @@ compares achieved FLOP/s). Also the final evaluation of 600 tasks beside the tim
 training tasks (600 / meta-batch steps at the measured step time).
 
     .venv/bin/python benchmarks/fewshot_speed.py --out benchmarks/results/fewshot_speed_before.json
+    .venv/bin/python benchmarks/fewshot_speed.py --before benchmarks/results/fewshot_speed_before.json
     .venv/bin/python benchmarks/fewshot_speed.py --backbones conv4 --rounds 2 --steps 2  # quick
 """
 
@@ -117,10 +118,45 @@ def supervised_step(backbone: str, args: argparse.Namespace, images: torch.Tenso
     return step
 
 
+def plain_trainer(spec: dict):
+    """A trainer on the plain path the fast paths replaced (same bits:
+    tests/workers/engine/test_fewshot_step.py): tasks sampled inline, ProtoNets and ANIL by the
+    generic objective (features of the support set computed apart, a forward of their own for
+    the metrics before adaptation), evaluation chunks of DEFAULT_EVALUATION_CHUNK tasks."""
+    from torch.func import vmap
+
+    from metaserve.workers.algorithms.base import _TASK_AXES, Algorithm
+    from metaserve.workers.engine.trainer import DEFAULT_EVALUATION_CHUNK, Trainer, TaskPrefetcher
+
+    class PlainTrainer(Trainer):
+        evaluation_chunk = DEFAULT_EVALUATION_CHUNK
+
+    trainer = PlainTrainer(spec)
+    trainer.prefetcher = TaskPrefetcher(trainer._sample, background=False)
+    algorithm = trainer.algorithm
+    if algorithm.name in ("protonet", "anil"):
+        algorithm.task_objective = lambda *tensors: Algorithm.task_objective(algorithm, *tensors)
+        algorithm._batched_objective = vmap(algorithm.task_objective, in_dims=_TASK_AXES)
+    if algorithm.name == "anil":
+        algorithm._curve = lambda steps, transductive: Algorithm._curve(algorithm, steps, transductive)
+    if algorithm.name == "protonet":
+        def curve(steps, transductive):  # noqa: ANN001, ANN202 - ProtoNets' evaluation before
+            def task_curve(params, support_x, support_y, query_x, query_y):  # noqa: ANN001, ANN202
+                prototypes = algorithm.adapt(params, support_x, support_y, 0)
+                output = algorithm.query_predict(params, prototypes, support_x, query_x, transductive)
+                loss, hits = algorithm.loss_fn(output, query_y), (output.argmax(-1) == query_y).float().mean()
+                return loss.expand(len(steps)), hits.expand(len(steps))
+            return vmap(task_curve, in_dims=_TASK_AXES)
+        algorithm._curve = curve
+    return trainer
+
+
 def meta_step(method: str, backbone: str, args: argparse.Namespace):
     from metaserve.workers.engine import Trainer
 
-    trainer = Trainer(job_spec(method, backbone, args))
+    plain = method.endswith("@plain")
+    spec = job_spec(method.removesuffix("@plain"), backbone, args)
+    trainer = plain_trainer(spec) if plain else Trainer(spec)
     holder = {"state": trainer.init_state()}
 
     def step() -> None:
@@ -155,7 +191,8 @@ def run_backbone(backbone: str, args: argparse.Namespace) -> dict:
     steps = {"supervised": supervised_step(backbone, args, images, labels)}
     trainers = {}
     for method in args.methods:
-        steps[method], trainers[method], _ = meta_step(method, backbone, args)
+        for variant in ([method, f"{method}@plain"] if args.plain else [method]):
+            steps[variant], trainers[variant], _ = meta_step(variant, backbone, args)
     flops = {name: flops_of(step) for name, step in steps.items()}
     for step in steps.values():  # warm-up
         step()
@@ -174,7 +211,7 @@ def run_backbone(backbone: str, args: argparse.Namespace) -> dict:
                       "flops_per_step": flops[name], "flops_per_image": flops[name] / IMAGES,
                       "flop_normalized_ratio": normalized / base_rate}
     evaluation = {}
-    for method in args.eval_methods:
+    for method in [m for name in args.eval_methods for m in (name, f"{name}@plain")]:
         if method not in trainers:
             continue
         trainer = trainers[method]
@@ -199,10 +236,14 @@ def main() -> None:
     parser.add_argument("--eval-methods", nargs="*", default=["protonet", "maml1"])
     parser.add_argument("--resnet-widths", type=int, nargs=4, default=[16, 32, 64, 128])
     parser.add_argument("--norm", default="batch")
+    parser.add_argument("--plain", action="store_true",
+                        help="also each method on the plain path the fast paths replaced (METHOD@plain)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=2, help="steps per timed round")
     parser.add_argument("--eval-tasks", type=int, default=600)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--before", type=Path, default=None,
+                        help="a raw JSON of this benchmark on the code before a change, embedded as `before`")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/fewshot_speed.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -212,7 +253,7 @@ def main() -> None:
     for backbone, result in results.items():
         print(f"\n{backbone}: images/s (ratio to supervised; FLOP-normalized ratio)")
         for name, row in result["methods"].items():
-            print(f"  {name:10s} {row['images_per_s']:7.1f}  {row['ratio']:.2f}  "
+            print(f"  {name:16s} {row['images_per_s']:7.1f}  {row['ratio']:.2f}  "
                   f"{row['flop_normalized_ratio']:.2f}  ({row['flops_per_image'] / 1e6:.1f} MFLOP/image)")
         for name, row in result["evaluation"].items():
             print(f"  eval {name}: {row['eval_seconds']:.1f} s / 600 tasks vs training {row['train_seconds_same_tasks']:.1f} s"
@@ -228,6 +269,11 @@ def main() -> None:
                     "rounds": args.rounds, "steps_per_round": args.steps, "statistic": "best of rounds"},
         "results": results,
     }
+    if args.before is not None:
+        before = json.loads(args.before.read_text())
+        document["before"] = {"file": str(args.before), "command": before["command"],
+                              "load_average_before": before["load_average_before"],
+                              "results": before["results"]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(document, indent=2) + "\n")
     print(f"wrote {args.out}")

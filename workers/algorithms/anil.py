@@ -4,10 +4,11 @@ but shared across tasks, so a task's features are computed once, not once per in
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
-from torch.func import grad
+from torch.func import grad, vmap
 
-from metaserve.workers.algorithms.base import Algorithm, Fast
+from metaserve.workers.algorithms.base import _TASK_AXES, Algorithm, Fast, accuracy
 from metaserve.workers.networks import Params
 
 
@@ -26,7 +27,11 @@ class ANIL(Algorithm):
 
     def adapt(self, params: Params, support_x: Tensor, support_y: Tensor, steps: int,
               first_order: bool = False) -> Fast:
-        features = self.model.features(params, support_x)
+        return self.adapt_head(params, self.model.features(params, support_x), support_y, steps, first_order)
+
+    def adapt_head(self, params: Params, features: Tensor, support_y: Tensor, steps: int,
+                   first_order: bool = False) -> Fast:
+        """``steps`` inner steps of the head on the support set's ``features``."""
         fast = self.initial_fast(params)
         for _ in range(steps):
             grads = self._head_grad(fast, features, support_y)
@@ -38,6 +43,42 @@ class ANIL(Algorithm):
     def _head_loss(self, fast: Fast, features: Tensor, y: Tensor) -> Tensor:
         return self.loss_fn(self.model.head(fast, features), y)
 
+    def task_objective(self, params: Params, support_x: Tensor, support_y: Tensor,
+                       query_x: Tensor, query_y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """As :meth:`Algorithm.task_objective`, with the body's features of support and query
+        computed once (:meth:`task_features`) and reused by the "before" metrics."""
+        support_features, query_features = self.task_features(params, support_x, query_x,
+                                                               self.trains_transductive)
+        fast = self.adapt_head(params, support_features, support_y, self.inner_steps, self.first_order)
+        output = self.model.head(fast, query_features)
+        loss = self.loss_fn(output, query_y)
+        metrics = {"loss_after": loss.detach()}
+        before = self.model.head({name: value.detach() for name, value in self.initial_fast(params).items()},
+                                 query_features.detach())
+        metrics["loss_before"] = self.loss_fn(before, query_y)
+        if self.classification:
+            metrics["accuracy_after"] = accuracy(output.detach(), query_y)
+            metrics["accuracy_before"] = accuracy(before, query_y)
+        return loss, metrics
+
+    def _curve(self, steps: tuple[int, ...], transductive: bool):  # noqa: ANN202
+        """The evaluation curve with the body's features computed once per task."""
+
+        def task_curve(params: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor,
+                       query_y: Tensor) -> tuple[Tensor, Tensor]:
+            support_features, query_features = self.task_features(params, support_x, query_x, transductive)
+            fast = self.initial_fast(params)
+            losses, accuracies = [], []
+            for step in range(max(steps) + 1):
+                if step in steps:
+                    output = self.model.head(fast, query_features)
+                    losses.append(self.loss_fn(output, query_y))
+                    accuracies.append(accuracy(output, query_y) if self.classification else losses[-1])
+                if step < max(steps):
+                    fast = self.inner_update(params, fast, self._head_grad(fast, support_features, support_y))
+            return torch.stack(losses), torch.stack(accuracies)
+
+        return vmap(task_curve, in_dims=_TASK_AXES)
 
     def recipe(self) -> dict:
         return {**super().recipe(), "adapts": "head", "head": list(self.model.head_names),

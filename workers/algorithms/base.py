@@ -106,6 +106,18 @@ class Algorithm:
         rows = support_x.shape[0]
         return self.predict(params, fast, torch.cat([support_x, x]), stats_rows=rows)[rows:]
 
+    def task_features(self, params: Params, support_x: Tensor, query_x: Tensor,
+                      transductive: bool = False) -> tuple[Tensor, Tensor]:
+        """The model's features of a task's support and query examples, as :meth:`adapt` and
+        :meth:`query_predict` see them, by one forward over both where the norm allows (every
+        norm but ``batch`` with ``transductive``: the query set then has statistics of its own)."""
+        if transductive and self.model.norm_mode == "batch":
+            return self.model.features(params, support_x), self.model.features(params, query_x)
+        rows = support_x.shape[0]
+        stats_rows = rows if self.model.norm_mode in ("batch", "support") else None
+        features = self.model.features(params, torch.cat([support_x, query_x]), stats_rows=stats_rows)
+        return features[:rows], features[rows:]
+
     @property
     def trains_transductive(self) -> bool:
         """Batch norm trains on the query batch's own statistics (MAML's reference code)."""
@@ -159,8 +171,9 @@ class Algorithm:
             grads = torch.autograd.grad(losses.sum(), list(leaves.values()), allow_unused=True)
         grads = {name: torch.zeros_like(leaves[name]) if g is None else g
                  for name, g in zip(leaves, grads)}
-        with torch.no_grad():
-            metrics.update(self._batched_query_metrics(params, support_x, support_y, query_x, query_y))
+        if "loss_before" not in metrics:  # ProtoNets and ANIL compute them in the objective
+            with torch.no_grad():
+                metrics.update(self._batched_query_metrics(params, support_x, support_y, query_x, query_y))
         return grads, metrics
 
     # ----------------------------------------------------------------- evaluation

@@ -33,26 +33,50 @@ class ProtoNet(Algorithm):
         return torch.zeros(self.ways, self.model.feature_dim, dtype=reference.dtype,
                            device=reference.device)
 
-    def adapt(self, params: Params, support_x: Tensor, support_y: Tensor, steps: int,
-              first_order: bool = False) -> Fast:
-        """The class prototypes: mean support embedding per class (a class without support
-        images keeps its prototype at the origin)."""
-        features = self.model.features(params, support_x)
+    def prototypes(self, features: Tensor, support_y: Tensor) -> Fast:
+        """Mean support embedding per class (a class without support images keeps its
+        prototype at the origin)."""
         one_hot = F.one_hot(support_y, self.ways).to(features.dtype)  # [S, ways]
         counts = one_hot.sum(0).clamp(min=1.0)
         return (one_hot.T @ features) / counts[:, None]
 
+    def adapt(self, params: Params, support_x: Tensor, support_y: Tensor, steps: int,
+              first_order: bool = False) -> Fast:
+        """The class prototypes of the support set."""
+        return self.prototypes(self.model.features(params, support_x), support_y)
+
+    @staticmethod
+    def logits(features: Tensor, prototypes: Tensor) -> Tensor:
+        return -((features[:, None, :] - prototypes[None, :, :]) ** 2).sum(-1)
+
     def predict(self, params: Params, fast: Fast, x: Tensor, stats_rows: int | None = None) -> Tensor:
-        features = self.model.features(params, x, stats_rows=stats_rows)
-        return -((features[:, None, :] - fast[None, :, :]) ** 2).sum(-1)
+        return self.logits(self.model.features(params, x, stats_rows=stats_rows), fast)
+
+    def _task_logits(self, params: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor,
+                     transductive: bool) -> Tensor:
+        """Query logits of one task: support and query features by one forward where the norm
+        allows (:meth:`task_features`), the same values as :meth:`adapt` then
+        :meth:`query_predict`."""
+        support_features, query_features = self.task_features(params, support_x, query_x, transductive)
+        return self.logits(query_features, self.prototypes(support_features, support_y))
+
+    def task_objective(self, params: Params, support_x: Tensor, support_y: Tensor,
+                       query_x: Tensor, query_y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Query loss and metrics of one task; the metrics "before" adaptation (every prototype
+        at the origin: equal logits) in closed form, without another forward."""
+        output = self._task_logits(params, support_x, support_y, query_x, self.trains_transductive)
+        loss = self.loss_fn(output, query_y)
+        uniform = torch.zeros_like(output.detach())  # equal logits: the "before" prediction
+        return loss, {"loss_after": loss.detach(), "accuracy_after": accuracy(output.detach(), query_y),
+                      "loss_before": self.loss_fn(uniform, query_y),
+                      "accuracy_before": accuracy(uniform, query_y)}
 
     def _curve(self, steps: tuple[int, ...], transductive: bool):  # noqa: ANN202
         """No inner steps: every step count of the curve is the nearest-prototype result."""
 
         def task_curve(params: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor,
                        query_y: Tensor) -> tuple[Tensor, Tensor]:
-            prototypes = self.adapt(params, support_x, support_y, 0)
-            output = self.query_predict(params, prototypes, support_x, query_x, transductive)
+            output = self._task_logits(params, support_x, support_y, query_x, transductive)
             loss, hits = self.loss_fn(output, query_y), accuracy(output, query_y)
             return loss.expand(len(steps)), hits.expand(len(steps))
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -30,11 +31,63 @@ from metaserve.workers.engine.state import ShardResult, TrainState
 from metaserve.workers.networks import model_for
 from metaserve.workers.spec import JobSpec
 from metaserve.workers.tasks import build_task_family
+from metaserve.workers.tasks.base import TaskBatch
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_EVALUATION_CHUNK = 500  # tasks vectorized at once during evaluation when task_chunk is unset
 Reporter = Callable[[int, dict[str, float]], None]
+
+
+class TaskPrefetcher:
+    """Samples tasks in one background thread ahead of their use, for families whose sampling
+    costs (images: rendering, distortion); inline otherwise.
+
+    A batch is keyed by what it is a pure function of — ``(split, iteration, task indices,
+    support shots)``, the counter-based seed — so a prefetched batch has the bits an inline
+    sample would, and a batch lost with the process (SIGKILL) is sampled again on resume.
+    :meth:`batches` yields a list of keys' batches in order, the sampler running
+    :data:`LOOKAHEAD` batches ahead, and then starts the ``then`` keys (the next iteration's);
+    a started batch of the same split that is not asked for next is dropped (an evaluation in
+    between keeps the next training batch)."""
+
+    LOOKAHEAD = 2
+
+    def __init__(self, sample: Callable[[tuple], TaskBatch], background: bool):
+        self._sample = sample
+        self._background = background
+        self._pool: ThreadPoolExecutor | None = None
+        self._started: dict[tuple, Future] = {}
+
+    def _start(self, key: tuple) -> Future:
+        if key not in self._started:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="task-prefetch")
+            self._started[key] = self._pool.submit(self._sample, key)
+        return self._started[key]
+
+    def batches(self, keys: list[tuple], then: Sequence[tuple] = ()) -> Iterator[TaskBatch]:
+        if not self._background:
+            for key in keys:
+                yield self._sample(key)
+            return
+        for key in [key for key in self._started if key[0] == keys[0][0] and key not in keys]:
+            self._started.pop(key).cancel()  # a guess of this split's next keys that missed
+        for index, key in enumerate(keys):
+            for ahead in keys[index:index + self.LOOKAHEAD]:
+                self._start(ahead)
+            if index == len(keys) - 1:
+                for ahead in then:
+                    self._start(ahead)
+            yield self._started.pop(key).result()
+
+    def close(self) -> None:
+        for future in self._started.values():
+            future.cancel()
+        self._started.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
 
 def _chunks(indices: Sequence[int], size: int | None) -> list[list[int]]:
@@ -60,6 +113,9 @@ class Trainer:
         self.algorithm = build_algorithm(self.spec.algorithm, self.model,
                                          classification=bool(self.family.is_classification),
                                          fast_path=self.spec.resources.fast_path)
+        # image tasks are sampled one batch ahead in a thread (their sampling renders and
+        # distorts); a regression task costs less to sample than to hand over
+        self.prefetcher = TaskPrefetcher(self._sample, background=len(self.family.input_shape) > 1)
 
     # ------------------------------------------------------------------ state
 
@@ -69,6 +125,23 @@ class Trainer:
         params = {name: value.to(self.device) for name, value in self.algorithm.init_params(generator).items()}
         opt_state = init_optimizer_state(self.spec.outer_optimizer, params)
         return TrainState(params=params, opt_state=opt_state, iteration=0)
+
+    def _sample(self, key: tuple) -> TaskBatch:
+        split, iteration, task_indices, support_shots = key
+        return self.family.sample(seed=self.spec.seed, split=split, iteration=iteration,
+                                  task_indices=list(task_indices), support_shots=support_shots)
+
+    @property
+    def evaluation_chunk(self) -> int:
+        """Tasks vectorized at once in evaluation: ``task_chunk``, else the meta-batch size for
+        image tasks (a chunk as large as a training step's), else :data:`DEFAULT_EVALUATION_CHUNK`."""
+        if self.spec.resources.task_chunk:
+            return self.spec.resources.task_chunk
+        return self.spec.meta_batch_size if len(self.family.input_shape) > 1 else DEFAULT_EVALUATION_CHUNK
+
+    def close(self) -> None:
+        """Stop the background sampler (the trainer stays usable: it restarts on demand)."""
+        self.prefetcher.close()
 
     def _on_device(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
         return {name: value.to(self.device) for name, value in tensors.items()}
@@ -85,9 +158,10 @@ class Trainer:
         grad_sum: dict[str, Tensor] | None = None
         metric_parts: dict[str, list[Tensor]] = {}
         chunks = _chunks(task_indices, self.spec.resources.task_chunk)
-        for chunk in chunks:
-            batch = self.family.sample(seed=self.spec.seed, split="train", iteration=iteration,
-                                       task_indices=chunk).to(self.device)
+        keys = [("train", iteration, tuple(chunk), None) for chunk in chunks]
+        following = [("train", iteration + 1, tuple(chunk), None) for chunk in chunks]  # the next iteration's
+        for batch in self.prefetcher.batches(keys, then=following):
+            batch = batch.to(self.device)
             grads, metrics = self.algorithm.meta_gradient(params, *batch)
             grad_sum = grads if grad_sum is None else {name: grad_sum[name] + grads[name] for name in grad_sum}
             for name, values in metrics.items():
@@ -129,9 +203,9 @@ class Trainer:
         params = self._on_device(params)
         losses, accuracies = [], []
         transductive: list[tuple[Tensor, Tensor]] = []
-        for chunk in _chunks(range(count), self.spec.resources.task_chunk or DEFAULT_EVALUATION_CHUNK):
-            batch = self.family.sample(seed=self.spec.seed, split=split, iteration=0, task_indices=chunk,
-                                       support_shots=shots).to(self.device)
+        keys = [(split, 0, tuple(chunk), shots) for chunk in _chunks(range(count), self.evaluation_chunk)]
+        for batch in self.prefetcher.batches(keys):
+            batch = batch.to(self.device)
             loss, acc = self.algorithm.evaluation_curves(params, *batch, steps=tuple(steps))
             losses.append(loss.detach().cpu())
             accuracies.append(acc.detach().cpu())
@@ -249,6 +323,7 @@ class LocalDriver(MetaLearningDriver):
         return self.trainer.evaluate(self.state.params, split=split)
 
     def close(self) -> None:
+        self.trainer.close()
         if self.bar is not None:
             self.bar.close()
 

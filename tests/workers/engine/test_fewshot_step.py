@@ -1,0 +1,146 @@
+"""The few-shot meta-step's fast paths (issue #29) give the bits of the plain path.
+
+- ProtoNets and ANIL compute support and query features once per task, and their "before"
+  metrics without another forward; the plain path is :meth:`Algorithm.task_objective` with the
+  algorithm's own ``adapt``/``query_predict`` (what they ran before) and the "before" metrics
+  by a forward of their own.
+- Image tasks are sampled ahead in a background thread (:class:`TaskPrefetcher`); the plain
+  path samples each iteration inline.
+After 100 iterations the parameters are the same bits; a run SIGKILLed mid-way with the
+prefetching on resumes to the bits of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from metaserve.workers.algorithms.base import Algorithm
+from metaserve.workers.engine import Trainer
+from metaserve.workers.engine.checkpoints import load_checkpoint
+from metaserve.workers.engine.state import ShardResult
+from tests.helpers import wait_until
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def few_shot_spec(algorithm: dict, norm: str, iterations: int = 100, **changes) -> dict:
+    return {"name": "fewshot-step", "algorithm": algorithm,
+            "task_family": {"name": "typefaces", "ways": 3, "support_shots": 1, "query_shots": 2},
+            "model": {"name": "conv4", "filters": 4, "norm": norm}, "meta_batch_size": 2,
+            "iterations": iterations, "outer_optimizer": {"name": "adam", "lr": 0.003},
+            "evaluation": {"every": 0, "tasks": 6, "inner_steps": [1]},
+            "checkpoint_every": iterations, "log_every": iterations, "seed": 5, **changes}
+
+
+def plain_path(spec: dict, iterations: int) -> dict[str, torch.Tensor]:
+    """The meta-step as it was: tasks sampled inline, the generic objective and a separate
+    forward for the metrics before adaptation."""
+    trainer = Trainer(spec)
+    algorithm = trainer.algorithm
+    state = trainer.init_state()
+    for iteration in range(iterations):
+        batch = trainer.family.sample(seed=trainer.spec.seed, split="train", iteration=iteration,
+                                      task_indices=range(trainer.spec.meta_batch_size))
+        leaves = {name: value.detach().requires_grad_(True) for name, value in state.params.items()}
+        with torch.enable_grad():
+            losses, metrics = torch.func.vmap(
+                lambda *args: Algorithm.task_objective(algorithm, *args), in_dims=(None, 0, 0, 0, 0))(
+                leaves, *batch)
+            grads = torch.autograd.grad(losses.sum(), list(leaves.values()), allow_unused=True)
+        assert "loss_before" not in metrics
+        grads = {name: torch.zeros_like(leaves[name]) if g is None else g for name, g in zip(leaves, grads)}
+        state = trainer.apply(state, [ShardResult(grad_sum=grads, metrics={})])
+    return state.params
+
+
+@pytest.mark.parametrize("norm", ["batch", "support", "instance"])
+@pytest.mark.parametrize("algorithm", [{"name": "protonet"}, {"name": "anil", "inner_lr": 0.4, "inner_steps": 2}])
+def test_fused_features_and_prefetching_give_the_plain_paths_bits_after_100_iterations(algorithm, norm):
+    spec = few_shot_spec(algorithm, norm)
+    trainer = Trainer(spec)
+    assert trainer.prefetcher._background  # image tasks: sampled ahead
+    state = trainer.init_state()
+    try:
+        for _ in range(100):
+            state, metrics = trainer.step(state)
+    finally:
+        trainer.close()
+    expected = plain_path(spec, 100)
+    for name, value in expected.items():
+        assert torch.equal(state.params[name], value), name
+    assert {"train/loss_before", "train/accuracy_before", "train/loss_after"} <= metrics.keys()
+
+
+@pytest.mark.parametrize("algorithm", [{"name": "protonet"}, {"name": "anil", "inner_lr": 0.4, "inner_steps": 2}])
+def test_metrics_before_adaptation_equal_the_plain_forward(algorithm):
+    trainer = Trainer(few_shot_spec(algorithm, "batch"))
+    state = trainer.init_state()
+    batch = trainer.family.sample(seed=5, split="train", iteration=0, task_indices=range(3))
+    _, metrics = trainer.algorithm.meta_gradient(state.params, *batch)
+    with torch.no_grad():
+        plain = trainer.algorithm._batched_query_metrics(state.params, *batch)
+    for name, value in plain.items():
+        torch.testing.assert_close(metrics[name], value, atol=1e-6, rtol=0)
+
+
+def test_evaluation_chunks_image_tasks_like_a_training_step_and_samples_them_ahead():
+    trainer = Trainer(few_shot_spec({"name": "protonet"}, "batch", meta_batch_size=4))
+    assert trainer.evaluation_chunk == 4
+    state = trainer.init_state()
+    chunked = trainer.evaluate(state.params, tasks=10)
+    whole = Trainer(few_shot_spec({"name": "protonet"}, "batch", resources={"task_chunk": 10}))
+    assert whole.evaluation_chunk == 10
+    expected = whole.evaluate(state.params, tasks=10)
+    assert chunked.keys() == expected.keys()
+    for name, value in expected.items():
+        assert chunked[name] == pytest.approx(value, abs=1e-6), name
+    trainer.close()
+
+
+RUN = """
+import json, sys, torch
+torch.set_num_threads(1)
+from metaserve.workers.engine import Trainer
+state = Trainer(json.loads(sys.argv[1])).run(sys.argv[2])
+torch.save(state.params, sys.argv[2] + "/final.pt")
+"""
+
+
+def run_process(spec: dict, out: Path) -> subprocess.Popen:
+    out.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen([sys.executable, "-c", RUN, json.dumps(spec), str(out)], cwd=ROOT,
+                            start_new_session=True)
+
+
+def test_a_run_sigkilled_with_prefetching_on_resumes_to_the_uninterrupted_bits(tmp_path):
+    spec = few_shot_spec({"name": "protonet"}, "batch", iterations=200, checkpoint_every=5)
+    killed = run_process(spec, tmp_path / "killed")
+
+    def checkpointed_iteration() -> int:
+        checkpoint = load_checkpoint(tmp_path / "killed" / "checkpoint")
+        return 0 if checkpoint is None else checkpoint.iteration
+
+    try:
+        wait_until(lambda: checkpointed_iteration() >= 10, timeout_s=300, message="a checkpoint at iteration 10")
+        os.killpg(killed.pid, signal.SIGKILL)  # mid-run: a prefetched batch dies with it
+        assert killed.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if killed.poll() is None:
+            os.killpg(killed.pid, signal.SIGKILL)
+            killed.wait()
+    assert checkpointed_iteration() < 200
+    for out in (tmp_path / "killed", tmp_path / "whole"):
+        process = run_process(spec, out)
+        assert process.wait(timeout=600) == 0
+    resumed = torch.load(tmp_path / "killed" / "final.pt")
+    whole = torch.load(tmp_path / "whole" / "final.pt")
+    for name, value in whole.items():
+        assert torch.equal(resumed[name], value), name
