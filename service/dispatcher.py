@@ -5,8 +5,10 @@ It runs inside ``metaserve serve`` on the embedded default and standalone as
 atomic and a job runs only where its lease is held. This is the only server-side module
 that imports ``ray``.
 
-Per job: a watch thread renews the lease every ``heartbeat_s`` and looks for a cancel
-request every second, a writer thread moves the events of the job (and of the jobs it starts:
+Per dispatcher, one keeper thread holds the leases of all its jobs: every ``heartbeat_s``
+one statement renews them all, and every other second one read looks for cancel requests
+and lost leases of them all (docs/RELIABILITY.md, "Control plane": statements per running
+job fall with the jobs per dispatcher). Per job: a writer thread moves the events of the job (and of the jobs it starts:
 a sweep's trials) to the database in batches off the training thread, and the job's thread
 runs its :class:`~metaserve.workers.supervisor.JobSupervisor` actor, whatever the job's kind
 (:mod:`metaserve.workers.registry`). If this process dies the lease expires and another
@@ -27,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -122,6 +125,7 @@ class _Running:
     thread: threading.Thread
     stop: threading.Event = field(default_factory=threading.Event)
     lease_lost: threading.Event = field(default_factory=threading.Event)
+    settling: threading.Event = field(default_factory=threading.Event)  # its end is written
     children: set[str] = field(default_factory=set)  # jobs it started (a sweep's trials)
     cancelling_children: frozenset[str] = frozenset()  # of those, the ones asked to stop
     renewed_at: float = field(default_factory=time.time)  # the lease's last renewal (or claim)
@@ -155,6 +159,7 @@ class Dispatcher:
         self._ray_state = "not connected to Ray yet"
         self._draining = threading.Event()
         self._settle_deadline: float | None = None  # monotonic; set by drain()
+        self._keeper: threading.Thread | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -166,17 +171,14 @@ class Dispatcher:
                 logger.info("taking back jobs of a previous run", extra={"jobs": resumed})
         self._thread = threading.Thread(target=self._loop, name="dispatcher", daemon=True)
         self._thread.start()
+        self._keeper = threading.Thread(target=self._keep_leases, name="leases", daemon=True)
+        self._keeper.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop claiming, stop the running jobs (their leases lapse: another dispatcher or
-        the next start resumes them from their checkpoints) and wait for the threads."""
-        self._stop.set()
-        for running in list(self._running.values()):
-            running.stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-        for running in list(self._running.values()):
-            running.thread.join(timeout)
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop: :meth:`drain` within ``timeout`` (default METASERVE_DRAIN_GRACE_S): the
+        running jobs are handed back and resume from their checkpoints wherever they are
+        claimed next (a job not handed back in time keeps its lease until it lapses)."""
+        self.drain(self.settings.drain_grace_s if timeout is None else timeout)
 
     def drain(self, grace_s: float) -> list[str]:
         """Stop claiming, stop every running job and hand it back (queued again,
@@ -184,6 +186,9 @@ class Dispatcher:
         checkpoint wherever it is claimed next; return within about ``grace_s`` seconds. A
         job not settled by then keeps its lease, which lapses (a reclaim counts an
         interruption too). Returns the ids of the jobs that were running."""
+        # Ray's core worker (absl's failure signal handler) answers SIGTERM by dumping a
+        # stack and arming alarm(3): SIGALRM would kill the process 3 s into the drain.
+        signal.alarm(0)
         deadline = time.monotonic() + grace_s
         self._settle_deadline = deadline
         self._draining.set()
@@ -199,20 +204,23 @@ class Dispatcher:
             item.thread.join(max(0.0, deadline - time.monotonic()))
         return [item.job_id for item in running]
 
-    def run_forever(self, grace_s: float | None = None) -> None:
-        """Run until SIGINT/KeyboardInterrupt or :meth:`drain` (e.g. from a SIGTERM handler);
-        then, unless drained, stop (leases lapse)."""
+    def run_forever(self) -> None:
+        """Run until SIGTERM or SIGINT, then :meth:`drain` (METASERVE_DRAIN_GRACE_S)."""
+        previous = signal.signal(signal.SIGTERM, _interrupt)
         self.start()
         try:
             while self._thread is not None and self._thread.is_alive():
                 self._thread.join(1.0)
         except KeyboardInterrupt:
-            pass
+            logger.info("signalled: draining", extra={"grace_s": self.settings.drain_grace_s})
         finally:
-            if not self._draining.is_set():
-                self.stop()
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM: the drain goes on
+            try:
+                if not self._draining.is_set():
+                    self.stop()
+            finally:
+                signal.signal(signal.SIGTERM, previous)
 
-    @property
     def running_jobs(self) -> list[str]:
         return list(self._running)
 
@@ -236,10 +244,8 @@ class Dispatcher:
             try:
                 if len(self._running) < self.settings.dispatcher_concurrency:
                     claimed = self._claim_one()
-                else:
-                    with self.session_factory.begin() as session:  # the database still answers
-                        job_store.job_status(session=session, job_id=next(iter(self._running)))
-                self._database_ok_at = time.time()
+                    self._database_ok_at = time.time()
+                # at capacity the lease keeper's statements say the database answers
             except Exception:  # noqa: BLE001 - database hiccup: try again next poll
                 logger.exception("claiming a job failed")
             self._report_health()
@@ -312,44 +318,60 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ one job
 
-    def _watch(self, running: _Running, done: threading.Event) -> None:
-        """Renew the lease every ``heartbeat_s``; look for a cancel request every second
-        (a plain read); flag a cancel request or a lost lease."""
+    def _keep_leases(self) -> None:
+        """The leases of every job this dispatcher runs, held in batches until it stops and
+        its jobs are settled: every ``heartbeat_s`` one ``UPDATE`` renews them all
+        (:func:`~metaserve.service.job_store.renew_leases`); in the seconds between, one read
+        (:func:`~metaserve.service.job_store.held_statuses`) finds cancel requests and lost
+        leases. A job missing from either lost its lease: it is stopped (its writes are
+        fenced anyway). A database error is logged and retried a second later: the lease
+        has slack."""
         renewed = time.monotonic()
-        while not done.wait(WATCH_S):
+        while not (self._stop.is_set() and not self._running):
+            time.sleep(WATCH_S)
+            running = {job_id: item for job_id, item in list(self._running.items())
+                       if not item.lease_lost.is_set()}
+            if not running:
+                continue
+            attempts = {job_id: item.run.attempt for job_id, item in running.items()}
             try:
                 with self.session_factory.begin() as session:
-                    if time.monotonic() - renewed >= self.settings.heartbeat_s:
-                        status = JobStatus(job_store.renew_lease(
-                            session=session, job_id=running.job_id, worker_id=self.worker_id,
-                            lease_s=self.settings.lease_s, attempt=running.run.attempt).status)
-                        renewed = time.monotonic()
-                        running.renewed_at = time.time()
-                        telemetry.LEASE_RENEWALS.inc()
+                    renewing = time.monotonic() - renewed >= self.settings.heartbeat_s
+                    if renewing:
+                        held = job_store.renew_leases(
+                            session=session, worker_id=self.worker_id, attempts=attempts,
+                            lease_s=self.settings.lease_s)
                     else:
-                        status = JobStatus(job_store.job_status(session=session,
-                                                                job_id=running.job_id))
-                    if running.children:  # jobs it started whose owner cancelled them
-                        running.cancelling_children = frozenset(child_jobs.cancelling_children(
-                            session=session, parent_job_id=running.job_id))
-                if status is JobStatus.CANCELLING:
-                    running.stop.set()
-            except LeaseLost:
-                logger.warning("lease lost", extra={"job_id": running.job_id})
-                telemetry.LEASES_LOST.inc()
-                running.lease_lost.set()
-                running.stop.set()
-                return
+                        held = job_store.held_statuses(session=session, worker_id=self.worker_id,
+                                                       attempts=attempts)
+                    for item in running.values():  # jobs they started whose owner cancelled them
+                        if item.children and item.job_id in held:
+                            item.cancelling_children = frozenset(child_jobs.cancelling_children(
+                                session=session, parent_job_id=item.job_id))
             except Exception:  # noqa: BLE001 - database hiccup: the lease has slack
-                logger.exception("lease renewal failed", extra={"job_id": running.job_id})
+                logger.exception("lease renewal failed", extra={"jobs": sorted(attempts)})
                 telemetry.LEASE_RENEWAL_FAILURES.inc()
+                continue
+            self._database_ok_at = time.time()
+            if renewing:
+                renewed = time.monotonic()
+                telemetry.LEASE_RENEWALS.inc(len(held))
+            for job_id, item in running.items():
+                status = held.get(job_id)
+                if status is None:
+                    if self._running.get(job_id) is item and not item.settling.is_set():
+                        logger.warning("lease lost", extra={"job_id": job_id})
+                        telemetry.LEASES_LOST.inc()
+                        item.lease_lost.set()
+                        item.stop.set()
+                    continue
+                if renewing:
+                    item.renewed_at = time.time()
+                if status == JobStatus.CANCELLING.value:
+                    item.stop.set()
 
     def _execute(self, job_id: str) -> None:
         running = self._running[job_id]
-        done = threading.Event()
-        watcher = threading.Thread(target=self._watch, args=(running, done),
-                                   name=f"watch-{job_id}", daemon=True)
-        watcher.start()
         writer = RunEventWriter(self.session_factory, self.worker_id, job_id,
                                 running.run.attempt, running.children,
                                 lease_s=self.settings.lease_s)
@@ -372,8 +394,7 @@ class Dispatcher:
             logger.warning("attempt fenced: its writes were refused",
                            extra={"job_id": job_id, "attempt": running.run.attempt,
                                   "refused": writer.refused})
-        done.set()
-        watcher.join()
+        running.settling.set()  # the keeper no longer takes a missing lease for a lost one
         self._settle(running, outcome, detail)
 
     def _time_left(self) -> float | None:
@@ -524,6 +545,10 @@ class Dispatcher:
             job_store.fail_attempt(session=session, job_id=job_id, worker_id=worker_id,
                                    error=detail or "failed", retry=outcome is Outcome.RETRY,
                                    attempt=attempt)
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def embedded_worker_id(settings: Settings) -> str:

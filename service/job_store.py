@@ -16,7 +16,7 @@ import json
 import math
 from typing import Any, Sequence
 
-from sqlalchemy import Row, bindparam, func, insert, literal, select, text, update
+from sqlalchemy import Row, bindparam, func, insert, literal, select, text, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -348,6 +348,36 @@ def renew_lease(*, session: Session, job_id: str, worker_id: str, lease_s: float
     if result.rowcount != 1:
         raise LeaseLost(job_id=job_id, worker_id=worker_id)
     return _reload(session, job_id)
+
+
+def renew_leases(*, session: Session, worker_id: str, attempts: dict[str, int],
+                 lease_s: float) -> dict[str, str]:
+    """Extend the leases of every job ``worker_id`` runs (``attempts``: job id → the attempt
+    it runs) in ONE statement, from the database's clock; returns job id → status of those
+    still held (one missing lost its lease; ``cancelling``: a cancel was requested)."""
+    if not attempts:
+        return {}
+    jobs = Job.__table__
+    statement = (update(jobs)
+                 .where(jobs.c.lease_owner == worker_id, jobs.c.status.in_(ACTIVE),
+                        tuple_(jobs.c.id, jobs.c.attempt).in_(list(attempts.items())))
+                 .values(lease_expires_at=db_now(session, lease_s))
+                 .returning(jobs.c.id, jobs.c.status))
+    return {job_id: status for job_id, status in session.execute(statement)}
+
+
+def held_statuses(*, session: Session, worker_id: str, attempts: dict[str, int]
+                  ) -> dict[str, str]:
+    """One read for every job ``worker_id`` runs (the dispatcher's status and cancel poll):
+    job id → status of those whose lease it still holds for that attempt (a missing one
+    lost it; ``cancelling``: a cancel was requested)."""
+    if not attempts:
+        return {}
+    jobs = Job.__table__
+    return {job_id: status for job_id, status in session.execute(
+        select(jobs.c.id, jobs.c.status)
+        .where(jobs.c.lease_owner == worker_id, jobs.c.status.in_(ACTIVE),
+               tuple_(jobs.c.id, jobs.c.attempt).in_(list(attempts.items()))))}
 
 
 def update_progress(*, session: Session, job_id: str, worker_id: str, progress: dict[str, Any],

@@ -182,7 +182,9 @@ def dispatcher(
         "for container health checks.")] = False,
 ) -> None:
     """Run a standalone dispatcher: claim queued jobs and run them on the Ray cluster at
-    METASERVE_RAY_ADDRESS. Any number may run against one database."""
+    METASERVE_RAY_ADDRESS. Any number may run against one database. SIGTERM drains it: no
+    more claims, its running jobs are handed back (resumed elsewhere from their last
+    checkpoint, the attempt not counted) and it exits within METASERVE_DRAIN_GRACE_S."""
     import logging
 
     from metaserve.service.dispatcher import Dispatcher, dispatcher_healthy
@@ -195,7 +197,7 @@ def dispatcher(
         raise typer.Exit(0 if healthy else 1)
 
     from metaserve.service import migrate
-    from metaserve.service.db import make_engine, session_factory
+    from metaserve.service.db import engine_timeouts, make_engine, session_factory
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = _settings_with_working_store()
@@ -203,7 +205,7 @@ def dispatcher(
         settings = settings.model_copy(update={"dispatcher_concurrency": concurrency})
     with _database_errors(settings.database_url):  # unreachable: one line naming it
         migrate.upgrade(settings.database_url)
-    engine = make_engine(settings.database_url)
+    engine = make_engine(settings.database_url, **engine_timeouts(settings))
     try:
         Dispatcher(settings, session_factory(engine),
                    health_path=settings.dispatcher_health_path).run_forever()

@@ -68,7 +68,7 @@ def test_a_sigkilled_server_resumes_its_job_from_the_checkpoint_with_identical_b
     try:
         with restarted.client() as client:
             job = wait_for_status(client, job_id, {"succeeded", "failed"}, timeout=300)
-            assert (job["status"], job["attempt"]) == ("succeeded", 2), job
+            assert (job["status"], job["attempt"]) == ("succeeded", 1), job  # an interruption
             steps = [m["step"] for m in client.get(
                 f"/v1/jobs/{job_id}/metrics", params={"name": "train/loss_after"}).json()["data"]]
             assert steps == list(range(10, 241, 10))

@@ -158,3 +158,28 @@ def test_a_fenced_write_keeps_nothing_of_its_transaction(sessions, session, alic
         job_store.fence(session=session, job_id=job.id, worker_id="other", attempt=1)
     with session.begin():
         assert session.execute(select(Metric).where(Metric.job_id == job.id)).all() == []
+
+
+def test_one_statement_renews_every_lease_a_dispatcher_holds_and_names_the_lost(
+        sessions, session, alice):
+    ids = [submit_to_store(session, alice).id for _ in range(3)]
+    with session.begin():
+        for _ in ids:
+            claims.claim_next_job(session=session, worker_id="d", lease_s=LEASE_S)
+    with session.begin():  # the first one's lease lapsed and another dispatcher took it
+        session.execute(job_store.guarded_update(ids[0]).values(lease_owner="other"))
+        job_store.request_cancel(session=session, job_id=ids[1], owner=alice)
+    attempts = {job_id: 1 for job_id in ids}
+    with session.begin():
+        assert job_store.held_statuses(session=session, worker_id="d", attempts=attempts) == {
+            ids[1]: "cancelling", ids[2]: "running"}
+    before = reread(sessions, ids[2]).lease_expires_at
+    with session.begin():
+        assert job_store.renew_leases(session=session, worker_id="d", attempts=attempts,
+                                      lease_s=LEASE_S * 2) == {
+            ids[1]: "cancelling", ids[2]: "running"}
+        # a stale attempt number renews nothing
+        assert job_store.renew_leases(session=session, worker_id="d", attempts={ids[2]: 2},
+                                      lease_s=LEASE_S) == {}
+    assert reread(sessions, ids[2]).lease_expires_at > before
+    assert reread(sessions, ids[0]).lease_owner == "other"

@@ -152,7 +152,7 @@ def test_a_restarted_embedded_dispatcher_takes_back_its_own_jobs_at_once(setting
         job = wait_for(sessions, job_id, {"succeeded", "failed"})
     finally:
         restarted.stop()
-    assert (job.status, job.attempt) == ("succeeded", 2)
+    assert (job.status, job.attempt, job.interruptions) == ("succeeded", 1, 1)
 
 
 def test_errors_that_cannot_change_on_retry_fail_at_once_and_the_rest_retry():
