@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from functools import lru_cache
 from pathlib import Path
@@ -242,11 +243,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=RESULTS / "bandit_yardsticks.json")
     parser.add_argument("--test-trials", type=int, default=10_000)
+    parser.add_argument("--pulls", type=int, nargs="+", default=None,
+                        help="Only the settings with these n (default: every setting).")
     args = parser.parse_args()
     output: dict = {"prior": "each arm's mean i.i.d. U[0, 1] (BanditFamily.sample_task)",
-                    "command": "python benchmarks/bandit_yardsticks.py", "settings": []}
+                    "command": "python benchmarks/bandit_yardsticks.py " + " ".join(sys.argv[1:]),
+                    "load_average_1min_before": os.getloadavg()[0], "settings": []}
     indices: dict[int, np.ndarray] = {}
     for pulls, arms, name in RL2_RESULTS:
+        if args.pulls and pulls not in args.pulls:
+            continue
         result = json.loads((RESULTS / name).read_text())
         seed = int(result["spec"]["seed"])
         if pulls not in indices:
@@ -282,6 +288,7 @@ def main() -> None:
         output["settings"].append(entry)
         print(json.dumps({k: entry[k] for k in ("pulls", "arms", "seed", "exact", "on_test_tasks")}),
               flush=True)
+    output["load_average_1min_after"] = os.getloadavg()[0]
     args.out.write_text(json.dumps(output, indent=2) + "\n")
     print(f"wrote {args.out}", file=sys.stderr)
 
