@@ -221,6 +221,7 @@ NEEDS = {
     "postgres": {"POSTGRES_PASSWORD"},
     "artifacts": {"S3_ACCESS_KEY", "S3_SECRET_KEY"},
     "artifacts-init": set(),
+    "redis": {"REDIS_PASSWORD"},  # the Ray head's GCS store (its health check logs in)
     # Ray nodes run job drivers and inner loops; the dispatcher hands a driver its storage
     # settings (Settings.storage_config), so a node holds no database or S3 credential.
     "ray-head": {"RAY_AUTH_TOKEN"},

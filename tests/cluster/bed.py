@@ -5,6 +5,8 @@ docker-compose.yml gives its service, with these substitutions and test-only add
 - ``postgres`` runs this machine's PostgreSQL 15 binaries as a new private instance (initdb
   into a temporary directory, run as the ``postgres`` OS user), not the ``postgres:15`` image;
   its user, password and database are the ones the compose file gives the image.
+- ``redis`` (the Ray head's external GCS store) runs this machine's Debian ``redis-server``
+  with the compose service's command, not the ``redis`` image.
 - ``artifacts`` runs moto's standalone S3 server instead of the MinIO image, and the
   ``artifacts-init`` one-shot (``mc mb``) is replaced by a boto3 ``create_bucket``. moto keeps
   objects in memory; its request recorder, written to the ``objects`` volume and replayed
@@ -38,12 +40,14 @@ from tests.cluster.netns import Container, Topology, run, wait_for
 
 VENV_BIN = Path(sys.executable).parent
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
-HOSTS = {"postgres": 10, "artifacts": 11, "ray-head": 20, "ray-worker-1": 21,
+HOSTS = {"postgres": 10, "artifacts": 11, "redis": 12, "ray-head": 20, "ray-worker-1": 21,
          "ray-worker-2": 22, "api": 30, "dispatcher-1": 41, "dispatcher-2": 42, "client": 50}
 ALIASES = {"ray-worker": "ray-worker-1", "dispatcher": "dispatcher-1"}
 SERVICE_OF = {"ray-worker-1": "ray-worker", "ray-worker-2": "ray-worker",
               "dispatcher-1": "dispatcher", "dispatcher-2": "dispatcher"}
-RAY_TEST_ENV = {"RAY_memory_monitor_refresh_ms": "0"}
+# The raylet waits for its node agent (Python) to start; on a loaded 2-core machine a restarted
+# head's agent can take longer than Ray's default.
+RAY_TEST_ENV = {"RAY_memory_monitor_refresh_ms": "0", "RAY_agent_register_timeout_ms": "180000"}
 DISPATCHER_TEST_ENV = {"METASERVE_LEASE_S": "10", "METASERVE_HEARTBEAT_S": "2"}
 WORKER_EXTRA_ARGS = {"ray-worker-1": ["--num-cpus=1"],
                      "ray-worker-2": ["--num-cpus=1", '--resources={"gpu_slot": 1}']}
@@ -82,6 +86,7 @@ class Cluster:
             "METASERVE_S3_ACCESS_KEY_ID": "msc" + secrets.token_hex(8),
             "METASERVE_S3_SECRET_ACCESS_KEY": secrets.token_urlsafe(24),
             "METASERVE_GPU_RESOURCE": "gpu_slot",
+            "RAY_REDIS_PASSWORD": secrets.token_urlsafe(16),
         }
         self.compose = compose.load(self.dotenv)
         self.admin_key = ""
@@ -144,6 +149,15 @@ class Cluster:
             return fn(client)
 
         return self.topology.in_netns("client", call, timeout=60)
+
+    def healthcheck(self, host: str) -> tuple[int, str]:
+        """The compose health check of ``host``'s service, run as docker runs it (inside the
+        host's container): its exit status and output."""
+        check = self.compose["services"][SERVICE_OF.get(host, host)]["healthcheck"]["test"]
+        assert check[0] in ("CMD", "CMD-SHELL"), check
+        argv = check[1:] if check[0] == "CMD" else ["sh", "-c", check[1]]
+        result = self.topology[host].exec(argv, self.service_env(host), check=False, timeout=60)
+        return result.returncode, (result.stdout + result.stderr).strip()
 
     def ray_status(self) -> str:
         return self.topology["ray-head"].exec(["ray", "status", "--address=127.0.0.1:6379"],
@@ -217,12 +231,28 @@ class Cluster:
         else:  # the artifacts-init service's `mc mb --ignore-existing store/metaserve`
             self.s3(lambda s3: s3.create_bucket(Bucket=BUCKET))
 
-    def start_ray_head(self) -> None:
-        self.start_service("ray-head")
-        wait_for("the Ray head", lambda: "Active:" in self.ray_status(),
-                 timeout=STARTUP_TIMEOUT_S, interval=2,
-                 on_timeout=lambda: self.topology.tails("ray-head"),
-                 alive=self.topology["ray-head"].container_alive)
+    def start_redis(self) -> None:
+        self.start_service("redis")
+        wait_for("redis", lambda: self.healthcheck("redis")[0] == 0, timeout=60,
+                 on_timeout=lambda: self.topology.tails("redis"),
+                 alive=self.topology["redis"].container_alive)
+
+    def start_ray_head(self, tries: int = 3) -> None:
+        """Start the head and wait until it answers; a head that exits while it starts is
+        started again, as ``restart: unless-stopped`` does (at most ``tries`` times)."""
+        for attempt in range(1, tries + 1):
+            container = self.start_service("ray-head")
+            try:  # `ray start` says so once its own node is up (its GCS answers before that)
+                wait_for("the Ray head", lambda: "Ray runtime started" in container.log.read_text(
+                    errors="replace") and "Active:" in self.ray_status(),
+                    timeout=STARTUP_TIMEOUT_S, interval=2,
+                    on_timeout=lambda: self.topology.tails("ray-head"), alive=container.alive)
+                return
+            except RuntimeError:  # it exited while starting
+                if attempt == tries:
+                    raise
+                print(f"\nthe Ray head exited while starting (try {attempt}); restarting it:\n"
+                      + self.topology.tails("ray-head", lines=5))
 
     def start_ray_worker(self, host: str) -> Container:
         return self.start_service(host, WORKER_EXTRA_ARGS[host])
@@ -249,7 +279,7 @@ class Cluster:
         self.topology.open()
         with ThreadPoolExecutor(max_workers=3) as pool:
             steps = [pool.submit(self.start_postgres), pool.submit(self.start_artifacts),
-                     pool.submit(self.start_ray_head)]
+                     pool.submit(lambda: (self.start_redis(), self.start_ray_head()))]
             for step in steps:
                 step.result()
         self.timings["postgres+artifacts+head"] = time.monotonic() - started
@@ -291,12 +321,15 @@ class Cluster:
                         + self.topology.tails("dispatcher-1", "dispatcher-2", "ray-worker-1",
                                               "ray-worker-2", lines=30))
 
-    def lease_owner(self, job_id: str) -> str:
-        """The dispatcher holding the job's lease (its worker id starts with its host name)."""
+    def job_column(self, job_id: str, expression: str) -> str:
+        """``expression`` over the job's row, read from the database (as text)."""
         assert re.fullmatch(r"[0-9A-Za-z_-]+", job_id)
         database = compose.environment_of(self.compose, "postgres")["POSTGRES_DB"]
-        return self.psql(f"select coalesce(lease_owner, '') from jobs where id = '{job_id}'",
-                         database).strip()
+        return self.psql(f"select {expression} from jobs where id = '{job_id}'", database).strip()
+
+    def lease_owner(self, job_id: str) -> str:
+        """The dispatcher holding the job's lease (its worker id starts with its host name)."""
+        return self.job_column(job_id, "coalesce(lease_owner, '')")
 
     def wait_progress(self, job_id: str, iteration: int, timeout: float = 180) -> dict:
         """Wait until the running job is at ``iteration`` or later (and not finished)."""

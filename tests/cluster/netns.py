@@ -330,7 +330,10 @@ class Topology:
             missing.append(path)
             path = path.parent
         for directory in reversed(missing):
-            directory.mkdir()
+            try:
+                directory.mkdir()
+            except FileExistsError:  # another host's container, started at the same time
+                continue
             self._mount_points.append(directory)
 
     def in_netns(self, host: str, fn: Callable[[], T], timeout: float = 300) -> T:
