@@ -4,8 +4,8 @@ estimated from its finished trials (docs/DASHBOARD.md, "Parameter importance").
 The estimate is a first-order variance decomposition (the main-effect part of fANOVA): for each
 swept path, the share of the variance of the metric's *ranks* that the path's value explains on
 its own. The trials are grouped by the path's value (a numeric path with more distinct values
-than ``sqrt(n)`` is cut into that many equal-count bins, on a log scale when it spans 100x or
-more), and the share is the adjusted correlation ratio (epsilon squared)
+than ``max(sqrt(n), n / 2)`` is cut into ``sqrt(n)`` equal-count bins, on a log scale when it
+spans 100x or more), and the share is the adjusted correlation ratio (epsilon squared)
 
     (SS_between - (k - 1) * SS_within / (n - k)) / SS_total,
 
@@ -39,7 +39,8 @@ MIN_TRIALS = 4  # fewer finished trials say nothing about a parameter
 # Finished: succeeded, or stopped early by the scheduler (recorded as cancelled or stopped).
 FINISHED = {status for status in JobStatus if status.value in ("succeeded", "cancelled", "stopped")}
 METHOD = ("first-order variance share of the metric's ranks (adjusted correlation ratio, "
-          "epsilon squared), numeric paths in sqrt(n) equal-count bins")
+          "epsilon squared); a numeric path with more than max(sqrt(n), n/2) values in sqrt(n) "
+          "equal-count bins")
 
 
 class ParameterImportance(BaseModel):
@@ -84,7 +85,7 @@ def _groups(column: list[Any], n: int) -> tuple[np.ndarray, bool]:
     values = np.asarray(column, dtype=float)
     distinct = np.unique(values)
     bins = max(2, int(math.floor(math.sqrt(n))))
-    if len(distinct) <= bins:
+    if len(distinct) <= max(bins, n // 2):  # a grid: each value has trials enough of its own
         return np.searchsorted(distinct, values), True
     if distinct[0] > 0 and distinct[-1] / distinct[0] >= 100:
         values = np.log(values)

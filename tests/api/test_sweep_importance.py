@@ -105,3 +105,12 @@ def test_the_route_ranks_the_swept_paths_of_finished_trials_and_is_owner_scoped(
     assert body["parameters"][0]["importance"] > 0.7
     assert sorted(p["path"] for p in body["parameters"]) == sorted(SPACE)
     assert client.get(f"/v1/sweeps/{sweep_id}/importance", headers=bob_auth).status_code == 404
+
+
+def test_a_grid_path_is_grouped_by_its_values():
+    """Six trials of a 3 x 2 grid: inner_lr's three values are three groups (not two bins)."""
+    configs = [{"lr": lr, "batch": batch} for lr in (0.001, 0.01, 0.1) for batch in (4, 8)]
+    values = [1.0 / (1 + 100 * c["lr"]) + 0.001 * c["batch"] for c in configs]
+    result = {r["path"]: r for r in first_order_importance(configs, values, ["lr", "batch"])}
+    assert result["lr"]["groups"] == 3 and result["lr"]["importance"] > 0.8  # (16 - 1) / 17.5
+    assert result["batch"]["groups"] == 2 and result["batch"]["importance"] == 0.0
