@@ -142,15 +142,16 @@ class TypefacesSpec(_FewShotImages):
     """The hard built-in few-shot family (no download): a class is a character, its images are
     its renderings by the different fonts matplotlib ships (up to 21 "drawers"), with stroke
     and elastic jitter; support and query images come from different fonts; characters are
-    split by script and near-duplicates across splits removed. 1 to 5 support shots."""
+    split by Unicode script group, with no character identity (NFKD) or near-duplicate in two
+    splits (docs/DATASETS.md). 1 to 5 support shots."""
 
     name: Literal["typefaces"] = "typefaces"
     distortion: float = Field(1.0, ge=0.0, le=3.0, description="Strength of the elastic and "
                               "affine jitter.")
     stroke_jitter: float = Field(0.5, ge=0.0, le=1.0, description="Probability that an image's "
                                  "strokes are thinned or thickened by a pixel.")
-    split_seed: StrictInt = Field(0, ge=0, le=2**31 - 1, description="Shuffles the scripts "
-                                  "before they are assigned to train/val/test.")
+    split_seed: StrictInt = Field(0, ge=0, le=2**31 - 1, description="Shuffles the script "
+                                  "groups before they are assigned to train/val/test.")
 
 
 ColumnName = Annotated[str, Field(min_length=1, max_length=200)]
