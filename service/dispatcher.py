@@ -327,9 +327,13 @@ class Dispatcher:
         fenced anyway). A database error is logged and retried a second later: the lease
         has slack."""
         renewed = time.monotonic()
-        while not (self._stop.is_set() and not self._running):
+        while True:
             time.sleep(WATCH_S)
-            running = {job_id: item for job_id, item in list(self._running.items())
+            alive = {job_id: item for job_id, item in list(self._running.items())
+                     if item.thread.is_alive()}
+            if self._stop.is_set() and not alive:
+                return  # stopped, and every job settled (or handed back)
+            running = {job_id: item for job_id, item in alive.items()
                        if not item.lease_lost.is_set()}
             if not running:
                 continue
