@@ -226,6 +226,17 @@ class InvalidCursor(MetaserveError):
     code = "invalid_cursor"
 
 
+class InvalidListQuery(MetaserveError):
+    """A query parameter of a list that cannot be served (its one detail names it)."""
+
+    status_code = 422
+    code = "validation_error"
+
+    @property
+    def field(self) -> str:
+        return next(iter(self.details))
+
+
 class InvalidEventId(MetaserveError):
     """Invalid Last-Event-ID: expected the id of an event of this stream, e.g. 5-120-50."""
 

@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session
 
 from metaserve.service import job_store
 from metaserve.service.db import UNICODE_LOWER
-from metaserve.service.exceptions import InvalidCursor
+from metaserve.service.exceptions import InvalidCursor, InvalidListQuery
 from metaserve.service.orm import Job, JobStatus, JobStatusEvent, Metric, Sweep, User
 
 MAX_PAGE = job_store.MAX_PAGE
@@ -42,13 +42,8 @@ _PATH_SEGMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,99}$")
 MAX_PATH_DEPTH = 8
 
 
-class ListingInvalid(ValueError):
-    """A query parameter of the job list that cannot be served: ``field`` names it."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
-        self.message = message
+def _invalid(field: str, message: str) -> InvalidListQuery:
+    return InvalidListQuery(message, **{field: message})
 
 
 @dataclass(frozen=True)
@@ -59,22 +54,22 @@ class Sort:
 
 
 def parse_sort(sort: str) -> Sort:
-    """The sort key ``sort`` names, or :class:`ListingInvalid` naming ``sort``."""
+    """The sort key ``sort`` names, or :class:`InvalidListQuery` naming ``sort``."""
     if sort in SORTS:
         return Sort(key=sort, kind=sort)
     if sort.startswith("metric:"):
         name = sort[len("metric:"):]
         if not name or len(name) > 200:
-            raise ListingInvalid("sort", "metric:<name> needs a metric name (at most 200 "
+            raise _invalid("sort", "metric:<name> needs a metric name (at most 200 "
                                          "characters), e.g. metric:val/loss_step1")
         return Sort(key=sort, kind="metric", argument=name)
     if sort.startswith("param:"):
         path = tuple(sort[len("param:"):].split("."))
         if len(path) > MAX_PATH_DEPTH or not all(_PATH_SEGMENT.match(part) for part in path):
-            raise ListingInvalid("sort", "param:<path> needs a dotted spec path of names, "
+            raise _invalid("sort", "param:<path> needs a dotted spec path of names, "
                                          "e.g. param:algorithm.inner_lr")
         return Sort(key=sort, kind="param", argument=path)
-    raise ListingInvalid("sort", f"unknown sort {sort!r}: one of {', '.join(SORTS)}, "
+    raise _invalid("sort", f"unknown sort {sort!r}: one of {', '.join(SORTS)}, "
                                  "metric:<name>, param:<dotted.spec.path>")
 
 
@@ -89,7 +84,7 @@ def parse_statuses(values: Sequence[str] | None) -> list[str]:
             try:
                 statuses.append(JobStatus(part).value)
             except ValueError:
-                raise ListingInvalid("status", f"unknown status {part!r}: one of "
+                raise _invalid("status", f"unknown status {part!r}: one of "
                                      f"{', '.join(s.value for s in JobStatus)}") from None
     return list(dict.fromkeys(statuses))
 
@@ -209,14 +204,14 @@ def list_jobs(*, session: Session, owner: User, sort: str = "created_at", order:
 
     ``trials``: ``fold`` hides sweep trials (their sweep's driver job stands for them, with a
     trial count), ``show`` lists them too, ``only`` lists trials alone; default ``fold``, or
-    ``show`` when ``sweep_id`` asks for one sweep's trials. Raises :class:`ListingInvalid`
+    ``show`` when ``sweep_id`` asks for one sweep's trials. Raises :class:`InvalidListQuery`
     naming a bad parameter and :class:`InvalidCursor` for a cursor of no page of this list."""
     parsed = parse_sort(sort)
     if order not in ORDERS:
-        raise ListingInvalid("order", f"unknown order {order!r}: asc or desc")
+        raise _invalid("order", f"unknown order {order!r}: asc or desc")
     trials = trials or ("show" if sweep_id is not None else "fold")
     if trials not in TRIALS:
-        raise ListingInvalid("trials", f"unknown trials {trials!r}: one of {', '.join(TRIALS)}")
+        raise _invalid("trials", f"unknown trials {trials!r}: one of {', '.join(TRIALS)}")
     limit = max(1, min(limit, MAX_PAGE))
     where = _filters(session, owner, statuses=statuses, algorithm=algorithm, family=family,
                      sweep_id=sweep_id, name=name, trials=trials)

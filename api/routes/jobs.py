@@ -17,6 +17,7 @@ from metaserve.api.routes.health import store_health
 from metaserve.api.schemas import (ErrorResponse, JobPublic, JobsPublic, StatusEventPublic,
                                    model_response)
 from metaserve.service import datasets, job_listing, job_store, jobs, limits
+from metaserve.service.exceptions import InvalidListQuery
 from metaserve.service.orm import JobStatus
 from metaserve.service.job_listing import MAX_PAGE
 from metaserve.workers.spec import JobSpec
@@ -142,7 +143,7 @@ def list_jobs(
                 session=session, owner=user, sort=sort, order=order, statuses=statuses,
                 algorithm=algorithm, family=family, sweep_id=sweep_id or sweep, name=name,
                 trials=trials, cursor=cursor, limit=limit)
-    except job_listing.ListingInvalid as exc:
+    except InvalidListQuery as exc:
         raise _invalid_query(exc.field, exc.message) from None
     waiting = _waiting(request)
     data = []

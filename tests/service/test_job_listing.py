@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import update
 
 from metaserve.service import job_listing, job_store
-from metaserve.service.exceptions import InvalidCursor
+from metaserve.service.exceptions import InvalidCursor, InvalidListQuery
 from metaserve.service.orm import Job, JobStatus, Sweep, utcnow
 from tests.helpers import submit_to_store as submit
 
@@ -112,10 +112,10 @@ def test_bad_sort_order_status_or_cursor_is_refused_naming_it(session, alice):
     for query, field in (({"sort": "colour"}, "sort"), ({"sort": "param:a..b"}, "sort"),
                          ({"sort": "metric:"}, "sort"), ({"order": "up"}, "order"),
                          ({"trials": "hide"}, "trials")):
-        with pytest.raises(job_listing.ListingInvalid) as raised, session.begin():
+        with pytest.raises(InvalidListQuery) as raised, session.begin():
             job_listing.list_jobs(session=session, owner=alice, **query)
         assert raised.value.field == field
-    with pytest.raises(job_listing.ListingInvalid) as raised:
+    with pytest.raises(InvalidListQuery) as raised:
         job_listing.parse_statuses(["queued,paused"])
     assert raised.value.field == "status"
     with session.begin():
