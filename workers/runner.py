@@ -46,7 +46,7 @@ from metaserve.workers.tasks.uploaded import use_dataset_store
 logger = logging.getLogger(__name__)
 
 WORKER_READY_TIMEOUT_S = 60.0
-PENDING_REPORT_S = 2.0  # placement pending this long is reported in the job's progress
+PENDING_REPORT_S = 5.0  # placement pending this long is reported in the job's progress
 POLL_S = 0.25
 MAX_WORKER_REPLACEMENTS = 20
 # Inner-loop workers keep Ray's worker niceness (15): where the API server shares a host with

@@ -309,7 +309,9 @@ def start_supervisor(run: JobRun, storage: StorageConfig, options: RunOptions, *
             if should_stop():
                 raise JobCancelled()
             waited = time.monotonic() - started
-            if not reported and waited > PENDING_REPORT_S:
+            if options.autoscaling and not reported and waited > PENDING_REPORT_S:
+                # Only here: elsewhere a driver not yet ready is mostly a process starting
+                # on a busy host, and it is refused (or given up on) anyway.
                 reported = True
                 waiting(f"waiting for placement: the job's driver "
                         f"({memory_bytes / 2**30:.2f} GiB of memory)")
