@@ -1,7 +1,9 @@
 """Screenshots of the dashboard over real runs (docs/dashboard/*.png, shown in
 docs/DASHBOARD.md): a real ``metaserve serve`` (embedded default: SQLite, local Ray,
-dispatcher on) in a fresh directory runs two short sine jobs (MAML, Reptile) and one that
-fails in its inner loop; headless chromium (Debian's, through selenium) takes the pictures.
+dispatcher on) in a fresh directory runs two short sine jobs (MAML, Reptile), one that
+fails in its inner loop and a six-trial sweep; the MAML job becomes version 1 of a registered
+model with the alias ``production``, and a small image dataset is uploaded; headless chromium
+(Debian's, through selenium) takes the pictures.
 
     python benchmarks/dashboard_screenshots.py [--out docs/dashboard]
 """
@@ -14,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -73,7 +76,9 @@ def main() -> None:
         server = ServerProcess(directory, METASERVE_RAY_NUM_CPUS="2").start()
         driver = browser()
         try:
-            client = server.client()
+            # A long timeout: the first submit warms the cost model, slow on a loaded machine.
+            client = httpx.Client(base_url=server.url, timeout=300,
+                                  headers={"Authorization": f"Bearer {server.admin_key}"})
             maml = client.post("/v1/jobs", json={"name": "sine-maml", "algorithm": {"name": "maml"},
                                                  **SINE}).json()["id"]
             reptile = client.post("/v1/jobs", json={"name": "sine-reptile",
@@ -84,6 +89,19 @@ def main() -> None:
                                 "ways": 2, "support_shots": 1, "query_shots": 1},
                 "model": {"name": "mlp", "hidden": [8]}, "iterations": 20,
                 "evaluation": {"every": 0, "tasks": 4, "inner_steps": [1], "support_shots": 5}}).json()["id"]
+            sweep = client.post("/v1/sweeps", json={
+                "name": "sweep-sine-inner-lr",
+                "spec": {"algorithm": {"name": "maml"}, **SINE, "iterations": 100,
+                         "evaluation": {"every": 50, "tasks": 50, "inner_steps": [1]}},
+                "space": {"algorithm.inner_lr": {"loguniform": [0.001, 1.0]},
+                          "outer_optimizer.lr": {"loguniform": [0.0003, 0.01]}},
+                "search": {"name": "random", "seed": 0}, "num_samples": 6,
+                "scheduler": {"name": "fifo", "metric": "val/loss_step1", "mode": "min"}})
+            assert sweep.status_code == 201, sweep.text
+            sweep = sweep.json()
+            uploaded = client.post("/v1/datasets", params={"name": "tiny-images"},
+                                   content=dataset.read_bytes(), timeout=120)
+            assert uploaded.status_code == 201, uploaded.text
             driver.get(server.url + "/")
             WebDriverWait(driver, 30).until(lambda d: d.find_elements(By.ID, "key"))
             driver.find_element(By.ID, "key").send_keys(server.admin_key)
@@ -102,12 +120,31 @@ def main() -> None:
             driver.get(server.url + f"/#/jobs/{maml}")
             time.sleep(4)
             driver.save_screenshot(str(out / "real-job.png"))
-            driver.get(server.url + "/#/")
+            wait_status(client, sweep["driver_job_id"], {"succeeded", "failed", "cancelled"},
+                        timeout=1200)
+            # The run table with a metric and a parameter column (as a user adds them).
+            driver.execute_script("localStorage.setItem('metaserve.columns', JSON.stringify("
+                                  "['metric:val/loss_step5', 'param:algorithm.inner_lr']));")
+            driver.get(server.url + "/#/?sort=metric%3Aval%2Floss_step5&order=asc")
             time.sleep(3)
             driver.save_screenshot(str(out / "real-jobs.png"))
-            driver.get(server.url + f"/#/compare?ids={maml},{reptile}&metric=val/loss_step5")
+            driver.get(server.url + f"/#/compare?ids={maml},{reptile}")
             time.sleep(4)
             driver.save_screenshot(str(out / "real-compare.png"))
+            driver.get(server.url + f"/#/sweeps/{sweep['id']}")
+            time.sleep(4)
+            driver.save_screenshot(str(out / "real-sweep.png"))
+            client.post("/v1/models", json={"name": "sine"})
+            client.post("/v1/models/sine/versions", json={"job_id": maml})
+            client.post("/v1/models/sine/versions", json={"sweep_id": sweep["id"]})
+            client.put("/v1/models/sine/aliases/production", json={"version": 1})
+            client.put("/v1/models/sine/aliases/staging", json={"version": 2})
+            driver.get(server.url + "/#/models/sine")
+            time.sleep(3)
+            driver.save_screenshot(str(out / "real-model.png"))
+            driver.get(server.url + "/#/datasets")
+            time.sleep(3)
+            driver.save_screenshot(str(out / "real-datasets.png"))
             driver.get(server.url + f"/#/jobs/{failing}")
             time.sleep(4)
             log = driver.find_element(By.ID, "logs")

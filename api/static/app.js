@@ -1218,7 +1218,7 @@
 
   /* The job metrics worth showing next to a version: test, then validation, values. */
   function headlineMetrics(latest) {
-    const names = Object.keys(latest || {}).filter((n) => !n.endsWith("_ci95") && /^(test|val)\//.test(n)).sort((a, b) =>
+    const names = Object.keys(latest || {}).filter((n) => chartOf(n) && /^(test|val)\//.test(n)).sort((a, b) =>
       (a.startsWith("test/") ? 0 : 1) - (b.startsWith("test/") ? 0 : 1) || a.localeCompare(b));
     return names.slice(0, 3).map((n) => `${n} ${fmt(latest[n])}`).join(" · ");
   }
