@@ -45,9 +45,7 @@ HOSTS = {"postgres": 10, "artifacts": 11, "redis": 12, "ray-head": 20, "ray-work
 ALIASES = {"ray-worker": "ray-worker-1", "dispatcher": "dispatcher-1"}
 SERVICE_OF = {"ray-worker-1": "ray-worker", "ray-worker-2": "ray-worker",
               "dispatcher-1": "dispatcher", "dispatcher-2": "dispatcher"}
-# The raylet waits for its node agent (Python) to start; on a loaded 2-core machine a restarted
-# head's agent can take longer than Ray's default.
-RAY_TEST_ENV = {"RAY_memory_monitor_refresh_ms": "0", "RAY_agent_register_timeout_ms": "180000"}
+RAY_TEST_ENV = {"RAY_memory_monitor_refresh_ms": "0"}
 DISPATCHER_TEST_ENV = {"METASERVE_LEASE_S": "10", "METASERVE_HEARTBEAT_S": "2"}
 WORKER_EXTRA_ARGS = {"ray-worker-1": ["--num-cpus=1"],
                      "ray-worker-2": ["--num-cpus=1", '--resources={"gpu_slot": 1}']}
