@@ -23,4 +23,5 @@ def job_run(*, session: Session, job: Job, settings: Settings) -> JobRun:
     sweep = sweeps.sweep_run(session=session, job_id=job.id, settings=settings)
     memory = max(settings.driver_memory_mb * MIB, estimate(spec).driver_bytes,
                  settings.sweep_driver_memory_mb * MIB if sweep is not None else 0)
-    return JobRun(job_id=job.id, spec=spec, attempt=job.attempt, memory_bytes=memory, sweep=sweep)
+    return JobRun(job_id=job.id, spec=spec, attempt=job.attempt, memory_bytes=memory, sweep=sweep,
+                  claims=job.attempt + job.interruptions)

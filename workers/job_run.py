@@ -80,6 +80,15 @@ class JobRun:
     memory_bytes: int
     """The driver's ``memory`` request (Ray places the supervisor by it; it stops past it)."""
     sweep: SweepRun | None = None
+    claims: int = 0
+    """How often the job has been claimed, this claim included (``attempt`` + the handbacks
+    that did not count as attempts): grows with every run of the job, so it is the fencing
+    token of the run's artifact-store writes (:attr:`fence`). 0: not given (``attempt``)."""
+
+    @property
+    def fence(self) -> int:
+        """The run's token in the artifact store: a newer run always has a larger one."""
+        return max(self.claims, self.attempt)
 
 
 @dataclass

@@ -185,7 +185,7 @@ class JobSupervisor:
 
         def checkpointed(paths: list[Path]) -> None:
             self.wait_recorded()
-            self.event(job_id, "files", self.store.put(job_id, list(paths), attempt=self.job.attempt))
+            self.event(job_id, "files", self.store.put(job_id, list(paths), attempt=self.job.fence))
 
         context = JobContext(
             hooks=RunHooks(report=lambda step, metrics: self.event(job_id, "metrics",

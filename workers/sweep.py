@@ -290,7 +290,7 @@ class _TuneDriver:
         trainable = tune.with_resources(
             tune.with_parameters(sweep_trial, sweep=self.sweep,
                                  supervisor=self.context.supervisor, options=options,
-                                 train=self.train, attempt=self.run.attempt),
+                                 train=self.train, attempt=self.run.fence),
             trial_resources(self.run.spec, options))
         storage_path, filesystem, path = experiment_location(options.storage, sweep_id)
         if tune.Tuner.can_restore(path, storage_filesystem=filesystem):
@@ -344,7 +344,7 @@ class _TuneDriver:
         (scratch / "sweep.json").write_text(json.dumps(summary, indent=2, default=str))
         paths.append(scratch / "sweep.json")
         self.context.emit(self.run.job_id, "files", store.put(self.run.job_id, paths,
-                                                              attempt=self.run.attempt))
+                                                              attempt=self.run.fence))
 
 
 def run_sweep(run: JobRun, job_dir: Path, context: JobContext, *, train: Train) -> None:
