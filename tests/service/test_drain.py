@@ -16,7 +16,7 @@ from sqlalchemy import select
 from metaserve.service.db import make_engine, session_factory
 from metaserve.service.orm import Job, JobLogLine
 from metaserve.workers.engine import Trainer
-from tests.helpers import TWO_LINE_SPEC
+from tests.helpers import TWO_LINE_SPEC, wait_until
 from tests.helpers import wait_for_http_status as wait_for_status
 from tests.server_process import ServerProcess
 
@@ -32,6 +32,8 @@ def test_a_sigtermed_server_hands_its_job_back_and_the_restart_finishes_it_on_at
     server = ServerProcess(tmp_path, METASERVE_DRAIN_GRACE_S=str(GRACE_S)).start()
     try:
         with server.client() as client:
+            wait_until(lambda: client.get("/readyz").json().get("dispatcher") == "ready", 300,
+                       "the embedded dispatcher connected to its Ray")
             job_id = client.post("/v1/jobs", json=spec).json()["id"]
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
