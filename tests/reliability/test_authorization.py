@@ -66,7 +66,8 @@ def job_requests(job_id: str) -> list[tuple[str, str, dict]]:
 def test_every_v1_route_refuses_a_missing_or_wrong_key_with_401(client, alice_job):
     requests = v1_requests(client, alice_job)
     assert {(method, path.replace(alice_job, "{id}")) for method, path, _ in requests} == {
-        ("POST", "/v1/jobs"), ("GET", "/v1/jobs"), ("GET", "/v1/jobs/{id}"),
+        ("POST", "/v1/jobs"), ("GET", "/v1/jobs"), ("GET", "/v1/jobs/stream"),
+        ("GET", "/v1/jobs/{id}"),
         ("POST", "/v1/jobs/{id}/cancel"), ("GET", "/v1/algorithms"),
         ("GET", "/v1/task-families"), ("GET", "/v1/jobs/{id}/metrics"),
         ("GET", "/v1/jobs/{id}/artifacts"), ("GET", "/v1/jobs/{id}/artifacts/meta_init.json"),
@@ -122,7 +123,7 @@ def test_another_users_job_is_left_untouched_by_their_cancel(client, sessions, a
     job_id = client.post("/v1/jobs", json=TWO_LINE_SPEC, headers=bearer(alice_key)).json()["id"]
     assert client.post(f"/v1/jobs/{job_id}/cancel", headers=bearer(bob_key)).status_code == 404
     assert client.get(f"/v1/jobs/{job_id}", headers=bearer(alice_key)).json()["status"] == "queued"
-    assert client.get("/v1/jobs", headers=bearer(bob_key)).json() == {"data": [],
+    assert client.get("/v1/jobs", headers=bearer(bob_key)).json() == {"data": [], "total": 0,
                                                                       "next_cursor": None}
 
 
