@@ -193,9 +193,7 @@ def run_backbone(backbone: str, args: argparse.Namespace) -> dict:
     for method in args.methods:
         for variant in ([method, f"{method}@plain"] if args.plain else [method]):
             steps[variant], trainers[variant], _ = meta_step(variant, backbone, args)
-    flops = {name: flops_of(step) for name, step in steps.items()}
-    for step in steps.values():  # warm-up
-        step()
+    flops = {name: flops_of(step) for name, step in steps.items()}  # also the warm-up step
     best = {name: float("inf") for name in steps}
     for round_ in range(args.rounds):
         for name, step in steps.items():
@@ -256,7 +254,7 @@ def main() -> None:
             print(f"  {name:16s} {row['images_per_s']:7.1f}  {row['ratio']:.2f}  "
                   f"{row['flop_normalized_ratio']:.2f}  ({row['flops_per_image'] / 1e6:.1f} MFLOP/image)")
         for name, row in result["evaluation"].items():
-            print(f"  eval {name}: {row['eval_seconds']:.1f} s / 600 tasks vs training {row['train_seconds_same_tasks']:.1f} s"
+            print(f"  eval {name}: {row['eval_seconds']:.1f} s / {args.eval_tasks} tasks vs training {row['train_seconds_same_tasks']:.1f} s"
                   f" ({row['ratio']:.2f})")
     document = {
         "command": " ".join([".venv/bin/python", *sys.argv]),
