@@ -28,7 +28,10 @@ def test_known_key_is_checked_once_then_served_from_the_cache(client, alice_auth
     for _ in range(3):
         assert client.get(f"/v1/jobs/{job_id}", headers=alice_auth).status_code == 200
     assert not [s for s in seen if "FROM users" in s]
-    assert len([s for s in seen if "FROM jobs" in s]) == 3
+    # Each poll: the job's row, its status history, its latest metric values, its sweep (a
+    # driver's trial count) — four indexed reads, none of them of the key.
+    assert len(seen) == 3 * 4
+    assert len([s for s in seen if "FROM job_status_events" in s]) == 3
 
 
 def test_wrong_key_is_never_cached(client, alice_auth) -> None:  # noqa: ANN001
