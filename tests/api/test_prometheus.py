@@ -98,8 +98,8 @@ def test_jobs_by_status_queue_depth_oldest_age_and_running_tasks_per_second(
 
 def test_the_dispatcher_counts_lease_renewals(client: TestClient, sessions, alice_auth,
                                               admin_auth, db_url: str) -> None:  # noqa: ANN001
-    """The watch thread of a running job renews its lease every heartbeat_s; each renewal is
-    counted (no Ray needed: only the watch runs)."""
+    """The lease keeper renews the leases of the running jobs every heartbeat_s; each
+    renewal is counted (no Ray needed: only the keeper runs, the job's thread idles)."""
     job_id = submit(client, alice_auth)
     settings = Settings(database_url=db_url, heartbeat_s=0.01, dispatcher=False)
     dispatcher = Dispatcher(settings, sessions, worker_id=WORKER)
@@ -108,12 +108,15 @@ def test_the_dispatcher_counts_lease_renewals(client: TestClient, sessions, alic
     done = threading.Event()
     with sessions() as session:
         run = job_runs.job_run(session=session, job=session.get(Job, job_id), settings=settings)
-    watch = threading.Thread(target=dispatcher._watch, args=(
-        _Running(run=run, thread=threading.current_thread()), done))
-    watch.start()
-    time.sleep(2.3)  # the watch wakes every WATCH_S = 1 s
+    job_thread = threading.Thread(target=done.wait)
+    job_thread.start()
+    dispatcher._running[job_id] = _Running(run=run, thread=job_thread)
+    keeper = threading.Thread(target=dispatcher._keep_leases)
+    keeper.start()
+    time.sleep(2.3)  # the keeper wakes every WATCH_S = 1 s
+    dispatcher._stop.set()
     done.set()
-    watch.join()
+    keeper.join()
     after = scrape(client, admin_auth)[("metaserve_lease_renewals_total", ())]
     assert after - before == pytest.approx(2, abs=1)
 
