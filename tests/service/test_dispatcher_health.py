@@ -32,15 +32,21 @@ def test_a_fresh_report_with_everything_answering_is_healthy(tmp_path: Path):
         True, "ok: d1 running 1 job(s), leases renewed")
 
 
-@pytest.mark.parametrize(("fields", "reason"), [
-    ({"time": 0.0}, "last health report"),  # the claim loop is stuck
-    ({"database_ok_at": 0.0}, "the database has not answered for"),
-    ({"ray_ok_at": time.time() - 60, "ray": "the Ray head (GCS) does not answer: RpcError"},
+@pytest.mark.parametrize(("ages", "fields", "reason"), [
+    ({"time": 1e9}, {}, "last health report"),  # the claim loop is stuck
+    ({"database_ok_at": 1e9}, {}, "the database has not answered for"),
+    ({"ray_ok_at": 60}, {"ray": "the Ray head (GCS) does not answer: RpcError"},
      "Ray has not answered for 60 s: the Ray head (GCS) does not answer"),
-    ({"running": ["j1", "j2"], "lease_renewed_at": {"j1": time.time(), "j2": time.time() - 30}},
+    ({}, {"running": ["j1", "j2"], "lease_renewed_at": {"j1": 0, "j2": 30}},
      "the lease of job j2 was last renewed 30 s ago (1 job(s) past 10 s)"),
 ])
-def test_a_report_fails_naming_what_stopped_answering(tmp_path: Path, fields: dict, reason: str):
+def test_a_report_fails_naming_what_stopped_answering(tmp_path: Path, ages: dict, fields: dict,
+                                                      reason: str):
+    """``ages``: seconds before now of the report's times (lease renewals: in ``fields``)."""
+    now = time.time()
+    fields = {**fields, **{key: now - age for key, age in ages.items()}}
+    if "lease_renewed_at" in fields:
+        fields["lease_renewed_at"] = {job: now - age for job, age in fields["lease_renewed_at"].items()}
     healthy, why = dispatcher_healthy(write_report(tmp_path / "h.json", **fields), max_age_s=10)
     assert not healthy
     assert why.startswith(reason), why
