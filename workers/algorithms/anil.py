@@ -47,14 +47,14 @@ class ANIL(Algorithm):
                        query_x: Tensor, query_y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """As :meth:`Algorithm.task_objective`, with the body's features of support and query
         computed once (:meth:`task_features`) and reused by the "before" metrics."""
-        support_features, query_features = self.task_features(params, support_x, query_x,
-                                                               self.trains_transductive)
+        support_features, query_features, offset = self.task_features(params, support_x, query_x,
+                                                                       self.trains_transductive)
         fast = self.adapt_head(params, support_features, support_y, self.inner_steps, self.first_order)
-        output = self.model.head(fast, query_features)
+        output = self.model.head(fast, query_features)[offset:]
         loss = self.loss_fn(output, query_y)
         metrics = {"loss_after": loss.detach()}
         before = self.model.head({name: value.detach() for name, value in self.initial_fast(params).items()},
-                                 query_features.detach())
+                                 query_features.detach())[offset:]
         metrics["loss_before"] = self.loss_fn(before, query_y)
         if self.classification:
             metrics["accuracy_after"] = accuracy(output.detach(), query_y)
@@ -66,12 +66,13 @@ class ANIL(Algorithm):
 
         def task_curve(params: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor,
                        query_y: Tensor) -> tuple[Tensor, Tensor]:
-            support_features, query_features = self.task_features(params, support_x, query_x, transductive)
+            support_features, query_features, offset = self.task_features(params, support_x, query_x,
+                                                                           transductive)
             fast = self.initial_fast(params)
             losses, accuracies = [], []
             for step in range(max(steps) + 1):
                 if step in steps:
-                    output = self.model.head(fast, query_features)
+                    output = self.model.head(fast, query_features)[offset:]
                     losses.append(self.loss_fn(output, query_y))
                     accuracies.append(accuracy(output, query_y) if self.classification else losses[-1])
                 if step < max(steps):

@@ -107,16 +107,19 @@ class Algorithm:
         return self.predict(params, fast, torch.cat([support_x, x]), stats_rows=rows)[rows:]
 
     def task_features(self, params: Params, support_x: Tensor, query_x: Tensor,
-                      transductive: bool = False) -> tuple[Tensor, Tensor]:
-        """The model's features of a task's support and query examples, as :meth:`adapt` and
-        :meth:`query_predict` see them, by one forward over both where the norm allows (every
-        norm but ``batch`` with ``transductive``: the query set then has statistics of its own)."""
-        if transductive and self.model.norm_mode == "batch":
-            return self.model.features(params, support_x), self.model.features(params, query_x)
+                      transductive: bool = False) -> tuple[Tensor, Tensor, int]:
+        """``(support features, query-side features, offset)`` computed as :meth:`adapt` and
+        :meth:`query_predict` compute them: the support set's alone; the query's alone, or —
+        where the norm reads the support set's statistics — of support and query together, the
+        query's output being rows ``offset:`` of the head's output. Keeping the same op graph
+        keeps the bits (one forward over both, or slicing the features before the head, gives
+        the same values only up to float rounding, which 100 Adam steps amplified to 4e-2)."""
+        support = self.model.features(params, support_x)
+        if self.model.norm_mode not in ("batch", "support") or (
+                transductive and self.model.norm_mode == "batch"):
+            return support, self.model.features(params, query_x), 0
         rows = support_x.shape[0]
-        stats_rows = rows if self.model.norm_mode in ("batch", "support") else None
-        features = self.model.features(params, torch.cat([support_x, query_x]), stats_rows=stats_rows)
-        return features[:rows], features[rows:]
+        return support, self.model.features(params, torch.cat([support_x, query_x]), stats_rows=rows), rows
 
     @property
     def trains_transductive(self) -> bool:

@@ -54,11 +54,9 @@ class ProtoNet(Algorithm):
 
     def _task_logits(self, params: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor,
                      transductive: bool) -> Tensor:
-        """Query logits of one task: support and query features by one forward where the norm
-        allows (:meth:`task_features`), the same values as :meth:`adapt` then
-        :meth:`query_predict`."""
-        support_features, query_features = self.task_features(params, support_x, query_x, transductive)
-        return self.logits(query_features, self.prototypes(support_features, support_y))
+        """Query logits of one task: :meth:`adapt` then :meth:`query_predict`."""
+        prototypes = self.adapt(params, support_x, support_y, 0)
+        return self.query_predict(params, prototypes, support_x, query_x, transductive)
 
     def task_objective(self, params: Params, support_x: Tensor, support_y: Tensor,
                        query_x: Tensor, query_y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
