@@ -20,7 +20,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -73,13 +72,15 @@ def summary(runs: list[dict]) -> dict:
         mine = [r for r in runs if r["algorithm"] == algorithm]
         row = {"seeds": [r["seed"] for r in mine]}
         for step in STEPS:
-            values = [r[f"mse_step{step}"] for r in mine]
-            mean = statistics.fmean(values)
-            half = (T_95.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
-                    if len(values) > 1 else None)
+            values = [float(r[f"mse_step{step}"]) for r in mine]
+            mean = sum(values) / len(values)
+            half = None
+            if len(values) > 1 and all(math.isfinite(v) for v in values):
+                spread = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+                half = T_95.get(len(values) - 1, 1.96) * spread / math.sqrt(len(values))
             row[f"mse_step{step}"] = {"mean": round(mean, 4), "ci95": None if half is None else round(half, 4),
                                       "per_seed": [round(v, 4) for v in values]}
-        row["train_seconds_mean"] = round(statistics.fmean(r["train_seconds"] for r in mine), 1)
+        row["train_seconds_mean"] = round(sum(r["train_seconds"] for r in mine) / len(mine), 1)
         out[algorithm] = row
     return out
 
@@ -95,8 +96,11 @@ def main() -> None:
     load_before = os.getloadavg()
     started = time.perf_counter()
     jobs = [(a, s, args.iterations) for s in args.seeds for a in args.algorithms]
+    runs = []
     with ProcessPoolExecutor(args.processes) as pool:
-        runs = list(pool.map(run, *zip(*jobs)))
+        for result in pool.map(run, *zip(*jobs)):
+            runs.append(result)
+            print(json.dumps(result), flush=True)  # each run as it ends, before any summary
     document = {
         "benchmark": "learned_inner_optimizers",
         "command": "python benchmarks/learned_inner_optimizers.py " + " ".join(
