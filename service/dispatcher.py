@@ -47,7 +47,7 @@ from metaserve.service.ray_cluster import connect_ray, ray_connection_alive
 from metaserve.service.run_events import RunEventWriter, backoff, transient
 from metaserve.service.settings import Settings
 from metaserve.workers.job_run import JobRun
-from metaserve.workers.object_store import StorageError
+from metaserve.workers.object_store import AttemptFenced, StorageError
 
 logger = logging.getLogger(__name__)
 
@@ -472,6 +472,13 @@ class Dispatcher:
                 return Outcome.STOPPED, None
             return classify_driver_death(error)
         except RayTaskError as error:  # the job's own error, raised in its driver
+            if isinstance(_cause(error), AttemptFenced):
+                # The artifact store holds a newer attempt's manifest: this attempt lost the
+                # job (its lease lapsed and another took it). Nothing to settle or release.
+                logger.warning("attempt fenced by the artifact store",
+                               extra={"job_id": running.job_id})
+                running.lease_lost.set()
+                return Outcome.STOPPED, None
             logger.warning("job attempt failed", extra={"job_id": running.job_id})
             return classify_job_error(_cause(error))
         except Exception as error:  # noqa: BLE001 - e.g. the driver could not be started
