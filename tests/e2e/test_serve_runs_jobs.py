@@ -53,16 +53,18 @@ def test_a_sigkilled_server_resumes_its_job_from_the_checkpoint_with_identical_b
     spec = {**TWO_LINE_SPEC, "iterations": 240, "checkpoint_every": 50, "log_every": 10,
             "evaluation": {"every": 100, "tasks": 50, "inner_steps": [1]}}
     server = ServerProcess(tmp_path).start()
-    with server.client() as client:
-        job_id = client.post("/v1/jobs", json=spec).json()["id"]
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            job = client.get(f"/v1/jobs/{job_id}").json()
-            if (job["progress"] or {}).get("iteration", 0) >= 70:
-                break
-            time.sleep(0.1)
-    assert job["status"] == "running" and job["progress"]["iteration"] < 240, job
-    server.kill()
+    try:  # killed in every case: a failed wait below left the server running (an orphan)
+        with server.client() as client:
+            job_id = client.post("/v1/jobs", json=spec).json()["id"]
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                job = client.get(f"/v1/jobs/{job_id}").json()
+                if (job["progress"] or {}).get("iteration", 0) >= 70:
+                    break
+                time.sleep(0.1)
+        assert job["status"] == "running" and job["progress"]["iteration"] < 240, job
+    finally:
+        server.kill()
 
     restarted = ServerProcess(tmp_path, port=server.port).start()
     try:
