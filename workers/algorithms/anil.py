@@ -53,11 +53,12 @@ class ANIL(Algorithm):
         output = self.model.head(fast, query_features)[offset:]
         loss = self.loss_fn(output, query_y)
         metrics = {"loss_after": loss.detach()}
+        if self.classification:  # the order of the plain path's metrics (Algorithm.meta_gradient)
+            metrics["accuracy_after"] = accuracy(output.detach(), query_y)
         before = self.model.head({name: value.detach() for name, value in self.initial_fast(params).items()},
                                  query_features.detach())[offset:]
         metrics["loss_before"] = self.loss_fn(before, query_y)
         if self.classification:
-            metrics["accuracy_after"] = accuracy(output.detach(), query_y)
             metrics["accuracy_before"] = accuracy(before, query_y)
         return loss, metrics
 
