@@ -26,6 +26,9 @@ class FakeClient:
     def list(self, **_: object) -> list[dict]:
         return [JOB]
 
+    def list_page(self, **_: object) -> dict:
+        return {"data": [JOB], "total": 1, "next_cursor": None}
+
     def get(self, _job: str) -> dict:
         return JOB
 
