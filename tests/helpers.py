@@ -34,6 +34,44 @@ SHORT_SINE = {
     "checkpoint_every": 10,
     "evaluation": {"every": 0, "tasks": 20, "inner_steps": [1]},
 }
+
+
+# A sine job of 240 iterations checkpointed every 50: long enough to be interrupted mid-run
+# (SIGKILL, SIGTERM) and resumed, then compared bit for bit with an undisturbed run.
+RESUMABLE_SINE = {**TWO_LINE_SPEC, "iterations": 240, "checkpoint_every": 50, "log_every": 10,
+                  "evaluation": {"every": 100, "tasks": 50, "inner_steps": [1]}}
+
+
+def wait_for_iteration(client, job_id: str, iteration: int, timeout_s: float = 120) -> dict:  # noqa: ANN001
+    """The job as read once its progress reached ``iteration`` (or when time ran out)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if (job["progress"] or {}).get("iteration", 0) >= iteration or time.monotonic() > deadline:
+            return job
+        time.sleep(0.1)
+
+
+def assert_same_bits_as_undisturbed(spec: dict, served: dict[str, torch.Tensor],
+                                    directory: Path) -> None:
+    """``served`` (a job's meta-initialization) equals, tensor for tensor, what an undisturbed
+    ``Trainer.run`` of ``spec`` writes. The job's worker runs torch on cpus_per_worker (1)
+    threads; on some CPUs (seen on an Intel Xeon, not on AMD EPYC) torch's kernels round
+    differently on 1 and 2 threads, so the reference runs on one too."""
+    from safetensors.torch import load_file
+
+    from metaserve.workers.engine import Trainer
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        Trainer(spec).run(directory)
+    finally:
+        torch.set_num_threads(threads)
+    undisturbed = load_file(directory / "meta_init.safetensors")
+    assert sorted(served) == sorted(undisturbed)
+    for name in served:
+        assert torch.equal(served[name], undisturbed[name]), name
 # Two iterations of sine MAML: a real meta-initialization for the adapt tests.
 SINE_SPEC = {"algorithm": {"name": "maml", "inner_steps": 1}, "task_family": {"name": "sine"},
              "iterations": 2, "evaluation": {"every": 0, "tasks": 2, "inner_steps": [1]}}

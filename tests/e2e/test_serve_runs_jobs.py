@@ -7,12 +7,11 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load, load_file
 
+from tests.helpers import RESUMABLE_SINE, assert_same_bits_as_undisturbed, wait_for_iteration
 from tests.helpers import wait_for_http_status as wait_for_status
 from tests.server_process import ServerProcess
-from metaserve.workers.engine import Trainer
 
 TWO_LINE_SPEC = {"algorithm": {"name": "maml"}, "task_family": {"name": "sine"}}
 
@@ -50,18 +49,12 @@ def test_the_two_line_job_runs_to_success_and_its_meta_init_downloads(tmp_path: 
 
 def test_a_sigkilled_server_resumes_its_job_from_the_checkpoint_with_identical_bits(
         tmp_path: Path) -> None:
-    spec = {**TWO_LINE_SPEC, "iterations": 240, "checkpoint_every": 50, "log_every": 10,
-            "evaluation": {"every": 100, "tasks": 50, "inner_steps": [1]}}
+    spec = RESUMABLE_SINE
     server = ServerProcess(tmp_path).start()
     try:  # killed in every case: a failed wait below left the server running (an orphan)
         with server.client() as client:
             job_id = client.post("/v1/jobs", json=spec).json()["id"]
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                job = client.get(f"/v1/jobs/{job_id}").json()
-                if (job["progress"] or {}).get("iteration", 0) >= 70:
-                    break
-                time.sleep(0.1)
+            job = wait_for_iteration(client, job_id, 70)
         assert job["status"] == "running" and job["progress"]["iteration"] < 240, job
     finally:
         server.kill()
@@ -81,15 +74,4 @@ def test_a_sigkilled_server_resumes_its_job_from_the_checkpoint_with_identical_b
                 f"/v1/jobs/{job_id}/artifacts/meta_init.safetensors").content)
     finally:
         restarted.terminate()
-    # the job's worker runs torch on cpus_per_worker (1) threads; on some CPUs (seen on an
-    # Intel Xeon, not on AMD EPYC) torch's kernels round differently on 1 and 2 threads
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        Trainer(spec).run(tmp_path / "undisturbed")
-    finally:
-        torch.set_num_threads(threads)
-    undisturbed = load_file(tmp_path / "undisturbed" / "meta_init.safetensors")
-    assert sorted(served) == sorted(undisturbed)
-    for name in served:
-        assert torch.equal(served[name], undisturbed[name]), name
+    assert_same_bits_as_undisturbed(spec, served, tmp_path / "undisturbed")

@@ -9,14 +9,13 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load, load_file
+from safetensors.torch import load
 from sqlalchemy import select
 
 from metaserve.service.db import make_engine, session_factory
 from metaserve.service.orm import Job, JobLogLine
-from metaserve.workers.engine import Trainer
-from tests.helpers import TWO_LINE_SPEC, wait_until
+from tests.helpers import (RESUMABLE_SINE, assert_same_bits_as_undisturbed, wait_for_iteration,
+                           wait_until)
 from tests.helpers import wait_for_http_status as wait_for_status
 from tests.server_process import ServerProcess
 
@@ -27,20 +26,14 @@ GRACE_S = 20
 
 def test_a_sigtermed_server_hands_its_job_back_and_the_restart_finishes_it_on_attempt_1(
         tmp_path: Path) -> None:
-    spec = {**TWO_LINE_SPEC, "iterations": 240, "checkpoint_every": 50, "log_every": 10,
-            "evaluation": {"every": 100, "tasks": 50, "inner_steps": [1]}}
+    spec = RESUMABLE_SINE
     server = ServerProcess(tmp_path, METASERVE_DRAIN_GRACE_S=str(GRACE_S)).start()
     try:
         with server.client() as client:
             wait_until(lambda: client.get("/readyz").json().get("dispatcher") == "ready", 300,
                        "the embedded dispatcher connected to its Ray")
             job_id = client.post("/v1/jobs", json=spec).json()["id"]
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                job = client.get(f"/v1/jobs/{job_id}").json()
-                if (job["progress"] or {}).get("iteration", 0) >= 70:
-                    break
-                time.sleep(0.1)
+            job = wait_for_iteration(client, job_id, 70)
         assert job["status"] == "running" and job["progress"]["iteration"] < 240, job
         signalled = time.monotonic()
         server.terminate(timeout=GRACE_S + 30)
@@ -76,14 +69,4 @@ def test_a_sigtermed_server_hands_its_job_back_and_the_restart_finishes_it_on_at
                 f"/v1/jobs/{job_id}/artifacts/meta_init.safetensors").content)
     finally:
         restarted.terminate()
-    # as tests/e2e/test_serve_runs_jobs.py: the job's worker runs torch on one thread
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        Trainer(spec).run(tmp_path / "undisturbed")
-    finally:
-        torch.set_num_threads(threads)
-    undisturbed = load_file(tmp_path / "undisturbed" / "meta_init.safetensors")
-    assert sorted(served) == sorted(undisturbed)
-    for name in served:
-        assert torch.equal(served[name], undisturbed[name]), name
+    assert_same_bits_as_undisturbed(spec, served, tmp_path / "undisturbed")
