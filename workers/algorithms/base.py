@@ -181,6 +181,12 @@ class Algorithm:
 
     # ----------------------------------------------------------------- evaluation
 
+    def _evaluation_step(self, params: Params, fast: Params, support_x: Tensor, support_y: Tensor,
+                         step: int) -> Params:
+        """Inner step ``step`` (from 0) of the evaluation curve; an algorithm whose inner
+        update depends on the step (MAML++'s per-step rates) overrides it."""
+        return self.inner_update(params, fast, self._support_grad(fast, params, support_x, support_y))
+
     def _curve(self, steps: tuple[int, ...], transductive: bool) -> Callable:
         def task_curve(params: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor,
                        query_y: Tensor) -> tuple[Tensor, Tensor]:
@@ -192,7 +198,7 @@ class Algorithm:
                     losses.append(self.loss_fn(output, query_y))
                     accuracies.append(accuracy(output, query_y) if self.classification else losses[-1])
                 if step < max(steps):
-                    fast = self.inner_update(params, fast, self._support_grad(fast, params, support_x, support_y))
+                    fast = self._evaluation_step(params, fast, support_x, support_y, step)
             return torch.stack(losses), torch.stack(accuracies)
 
         return vmap(task_curve, in_dims=_TASK_AXES)

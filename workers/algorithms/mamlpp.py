@@ -139,19 +139,9 @@ class MAMLPlusPlus(Algorithm):
 
     # ----------------------------------------------------------------- evaluation
 
-    def _curve(self, steps: tuple[int, ...], transductive: bool):  # noqa: ANN202
-        def task_curve(params: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor,
-                       query_y: Tensor) -> tuple[Tensor, Tensor]:
-            fast = self.initial_fast(params)
-            losses, accuracies = [], []
-            for step in range(max(steps) + 1):
-                if step in steps:
-                    output = self.query_predict(params, fast, support_x, query_x, transductive)
-                    losses.append(self.loss_fn(output, query_y))
-                    accuracies.append(accuracy(output, query_y) if self.classification else losses[-1])
-                if step < max(steps):
-                    fast = self._step(params, fast, support_x, support_y, step, first_order=False)
-            return torch.stack(losses), torch.stack(accuracies)
+    def _evaluation_step(self, params: Params, fast: Params, support_x: Tensor, support_y: Tensor,
+                         step: int) -> Params:
+        return self._step(params, fast, support_x, support_y, step, first_order=False)
 
         return vmap(task_curve, in_dims=_TASK_AXES)
 
