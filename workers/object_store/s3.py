@@ -112,24 +112,24 @@ class S3Store(ArtifactStore):
 
         obstore.put(self._store, key, data, use_multipart=False)
 
-    def _get_bytes(self, key: str) -> bytes | None:
+    def _get(self, key: str):  # noqa: ANN202 - obstore's GetResult, or None
+        """The object at ``key``, or None when there is none (a missing bucket is an error)."""
         import obstore
 
         try:
-            return bytes(obstore.get(self._store, key).bytes())
+            return obstore.get(self._store, key)
         except FileNotFoundError as error:
             if "NoSuchBucket" in str(error):
                 raise
             return None
 
-    def _stream(self, key: str) -> tuple[int, Iterator[bytes]] | None:
-        import obstore
+    def _get_bytes(self, key: str) -> bytes | None:
+        result = self._get(key)
+        return None if result is None else bytes(result.bytes())
 
-        try:
-            result = obstore.get(self._store, key)
-        except FileNotFoundError as error:
-            if "NoSuchBucket" in str(error):
-                raise
+    def _stream(self, key: str) -> tuple[int, Iterator[bytes]] | None:
+        result = self._get(key)
+        if result is None:
             return None
         size = int(result.meta["size"])
 
@@ -153,13 +153,8 @@ class S3Store(ArtifactStore):
         obstore.delete(self._store, keys)
 
     def _get_tagged(self, key: str) -> tuple[bytes, str] | None:
-        import obstore
-
-        try:
-            result = obstore.get(self._store, key)
-        except FileNotFoundError as error:
-            if "NoSuchBucket" in str(error):
-                raise
+        result = self._get(key)
+        if result is None:
             return None
         tag = result.meta.get("e_tag")
         if not tag:
