@@ -146,7 +146,9 @@ def test_adapt_refuses_a_meta_init_that_does_not_match_its_record(client, sessio
     job_id = published_job(client, sessions, alice_auth, store,
                            [sine_run / "meta_init.safetensors", sine_run / "meta_init.json"],
                            succeed=True)
-    store.put(job_id, [write(tmp_path / "meta_init.safetensors", b"replaced behind our back")])
+    # Republished by the same attempt: the store's current meta-init is no longer the recorded one.
+    store.put(job_id, [write(tmp_path / "meta_init.safetensors", b"replaced behind our back")],
+              attempt=1)
     body = {"support_x": [[0.0]], "support_y": [[0.0]], "query_x": [[0.0]]}
     response = client.post(f"/v1/jobs/{job_id}/adapt", json=body, headers=alice_auth)
     assert response.status_code == 503
