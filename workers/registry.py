@@ -86,7 +86,7 @@ def _sweep(run: JobRun, job_dir: Path, context: JobContext) -> None:
 JOB_KINDS: dict[str, JobKind] = {
     # Detached: its inner-loop workers' placement group (one per job, made in the supervisor)
     # is removed when a killed or cancelled supervisor dies, not when the dispatcher does.
-    "meta_learning": JobKind("meta_learning", _train, detached=True),
+    "meta_learning": JobKind("meta_learning", _train),
     "meta_rl": JobKind("meta_rl", _train),
     "sweep": JobKind("sweep", _sweep, detached=True, stops_at_once=True),
 }
