@@ -490,6 +490,14 @@ class Dispatcher:
                     ray.kill(supervisor)
                 except Exception:  # noqa: BLE001 - already gone
                     pass
+                try:  # the workers' placement group outlives a killed supervisor
+                    from metaserve.workers.runner import remove_job_placement_groups
+                    from metaserve.workers.supervisor import supervisor_name
+
+                    remove_job_placement_groups(supervisor_name(running.job_id))
+                except Exception:  # noqa: BLE001 - Ray gone: its groups went with it
+                    logger.exception("could not remove the job's placement groups",
+                                     extra={"job_id": running.job_id})
 
     def _run_options(self):  # noqa: ANN202 - a workers.runner.RunOptions
         from metaserve.workers.runner import RunOptions

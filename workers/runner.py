@@ -54,6 +54,22 @@ MAX_WORKER_REPLACEMENTS = 20
 # (docs/RELIABILITY.md). A job's training competes with other jobs' at the same niceness.
 
 
+def remove_job_placement_groups(supervisor_name: str) -> int:
+    """Remove the workers' placement groups that the supervisor called ``supervisor_name`` made
+    and that are still reserved (it was killed before it released them); how many."""
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    prefix, removed = f"metaserve-workers-{supervisor_name}-", 0
+    for group_id, info in ray.util.placement_group_table().items():
+        if info.get("name", "").startswith(prefix) and info.get("state") != "REMOVED":
+            try:
+                remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(group_id)))
+                removed += 1
+            except Exception:  # noqa: BLE001 - removed meanwhile
+                pass
+    return removed
+
+
 @dataclass(frozen=True)
 class RunOptions:
     """How the cluster is set up, from the server's settings (plain data for Ray actors)."""
@@ -248,8 +264,12 @@ class _WorkerPool:
             # Nothing to reserve, or already inside a gang: a sweep's trial, whose placement
             # group (a bundle per worker) Tune reserved; its workers go into it.
             return
+        # Named after the supervisor running it (metaserve-job-<id>): a placement group made in
+        # an ordinary actor lives as long as the dispatcher's Ray job, so a supervisor killed
+        # before its shutdown() would leave it reserved; remove_job_placement_groups ends it.
+        owner = ray.get_runtime_context().get_actor_name() or "driver"
         self.group = placement_group([dict(bundle) for _ in range(count)], strategy="PACK",
-                                     name=f"metaserve-workers-{uuid.uuid4().hex[:8]}")
+                                     name=f"metaserve-workers-{owner}-{uuid.uuid4().hex[:8]}")
         ready = self.group.ready()
         timeout = self.options.placement_timeout_s()
         started = time.monotonic()
