@@ -24,9 +24,11 @@ JOB = {
     "algorithm": {"name": "maml"},
     "task_family": {"name": "sine"},
     "meta_batch_size": 4,
-    "iterations": 40,
-    "log_every": 5,
-    "checkpoint_every": 20,
+    # Long enough that the job behind it waits past PENDING_REPORT_S (5 s) on an idle machine
+    # (40 iterations ended in under 5 s there: the second job never said it waited).
+    "iterations": 600,
+    "log_every": 50,
+    "checkpoint_every": 300,
     "evaluation": {"every": 0, "tasks": 4, "inner_steps": [1]},
     "resources": {"workers": 2, "cpus_per_worker": 1, "gpus_per_worker": 1},
 }
