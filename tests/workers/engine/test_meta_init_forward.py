@@ -4,24 +4,14 @@ set's statistics (``model(x, support_x)``) and are refused without them."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from metaserve.workers.exceptions import ArtifactError
-from tests import synthetic_datasets as synth
-from tests.workers.test_served_predictions import MODELS, TOLERANCE, served_model, spec
+from tests.workers.test_served_predictions import (  # noqa: F401 - dataset: the fixture
+    MODELS, TOLERANCE, dataset, served_model, spec)
 
 NORMS = ("batch", "support", "instance", "layer", "none")
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:  # noqa: ANN001
-    path = tmp_path_factory.mktemp("data") / "shapes.npz"
-    images, labels = synth.shapes(classes=20, per_class=10)
-    path.write_bytes(synth.npz_bytes(images, labels))
-    return path
 
 
 @pytest.mark.parametrize("model", sorted(MODELS))
