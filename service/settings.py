@@ -93,6 +93,19 @@ class Settings(BaseSettings):
         description="PostgreSQL: the longest one statement may run (statement_timeout) on the "
                     "server's and dispatcher's connections; 0: no limit.")
 
+    # Metrics retention (service/metrics_retention.py): a finished job's series downsampled.
+    metrics_max_points_per_series: int = Field(
+        10_000, ge=0, le=100_000_000,
+        description="Most points a finished job keeps of each metric series (about: up to 3 "
+                    "more); past it the dispatcher's retention pass keeps evenly spaced steps, "
+                    "the last step and the series' lowest and highest values (the best, whichever "
+                    "direction is better), deleting the rest. Running jobs are never touched. "
+                    "0: keep every point.")
+    metrics_retention_interval_s: float = Field(
+        300.0, gt=0, le=86400,
+        description="Seconds between a dispatcher's metrics retention passes (each downsamples "
+                    "the finished jobs not yet downsampled to the current budget).")
+
     # Per-user quotas and the fair claim (docs/RELIABILITY.md, "Quotas and fair scheduling").
     # Admin keys are exempt: they are operators' (the embedded default's only key is one), and
     # automation that should be bounded gets a user key. The fair claim order covers admins too.
