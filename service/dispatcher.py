@@ -395,7 +395,7 @@ class Dispatcher:
                 detail = f"could not record the job's results: {readable_error(error)}"
         if writer.lease_lost.is_set():
             running.lease_lost.set()
-            logger.warning("attempt fenced: its writes were refused",
+            logger.warning("attempt fenced: %d of its writes were refused", writer.refused,
                            extra={"job_id": job_id, "attempt": running.run.attempt,
                                   "refused": writer.refused})
         running.settling.set()  # the keeper no longer takes a missing lease for a lost one
