@@ -152,6 +152,9 @@ class Job(Base):
     # A sweep's trial (service/sweeps.py): never claimed, its sweep's driver job runs it.
     sweep_id: Mapped[str | None] = mapped_column(ForeignKey("sweeps.id", ondelete="CASCADE"))
     trial_id: Mapped[str | None] = mapped_column(String(64))
+    # A finished job's metrics were downsampled to at most this many points per series
+    # (service/metrics_retention.py); NULL: not yet.
+    metrics_kept_per_series: Mapped[int | None] = mapped_column(Integer)
 
     @property
     def job_status(self) -> JobStatus:
