@@ -40,7 +40,8 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from metaserve.service import child_jobs, claims, job_runs, job_store, telemetry
+from metaserve.service import (child_jobs, claims, job_runs, job_store, metrics_retention,
+                               telemetry)
 from metaserve.service.exceptions import LeaseLost, MetaserveError
 from metaserve.service.orm import JobStatus
 from metaserve.service.ray_cluster import connect_ray, ray_connection_alive
@@ -173,6 +174,8 @@ class Dispatcher:
         self._thread.start()
         self._keeper = threading.Thread(target=self._keep_leases, name="leases", daemon=True)
         self._keeper.start()
+        threading.Thread(target=self._retain_metrics, name="metrics-retention",
+                         daemon=True).start()
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop: :meth:`drain` within ``timeout`` (default METASERVE_DRAIN_GRACE_S): the
@@ -373,6 +376,11 @@ class Dispatcher:
                     item.renewed_at = time.time()
                 if status == JobStatus.CANCELLING.value:
                     item.stop.set()
+
+    def _retain_metrics(self) -> None:
+        """Downsample finished jobs' metrics every METASERVE_METRICS_RETENTION_INTERVAL_S
+        until stopped (:func:`~metaserve.service.metrics_retention.keep_downsampling`)."""
+        metrics_retention.keep_downsampling(self.session_factory, self.settings, self._stop)
 
     def _execute(self, job_id: str) -> None:
         running = self._running[job_id]
