@@ -9,12 +9,17 @@ nothing, not even log lines; its events are counted in :attr:`RunEventWriter.ref
 ``metaserve_fenced_writes``. A batch that fails on the database's side (an
 ``OperationalError``: the database restarting, a failover, a connection cut) is retried with
 backoff, each wait at most a quarter of the lease (the batch lands soon after the database
-is back), until it is written or refused: the database being away is no fault of the job."""
+is back), until it is written or refused: the database being away is no fault of the job.
+A statement the database answered and refused (:func:`refused`: a statement or lock
+timeout, a deadlock; SQLite busy past its timeout) is retried for at most a lease after the
+first refusal, then the batch fails (the attempt is retried): the lease keeper renews the
+lease meanwhile, so the fence would never end those retries."""
 
 from __future__ import annotations
 
 import logging
 import queue
+import sqlite3
 import threading
 import time
 from typing import Any, Callable
@@ -37,6 +42,24 @@ def transient(error: BaseException) -> bool:
     over, a connection cut, SQLite busy."""
     return isinstance(error, OperationalError) or (
         isinstance(error, DBAPIError) and error.connection_invalidated)
+
+
+# PostgreSQL SQLSTATEs of a statement the server refused while it answers: query_canceled
+# (statement_timeout), lock_not_available (lock_timeout), serialization_failure,
+# deadlock_detected.
+REFUSED_SQLSTATES = frozenset({"57014", "55P03", "40001", "40P01"})
+
+
+def refused(error: BaseException) -> bool:
+    """A transient error of a database that answered and refused the statement (PostgreSQL's
+    statement or lock timeout, a serialization failure or deadlock; SQLite locked past its
+    busy timeout), not one that is away: a retry may outlive it, but the same statement may
+    as well time out again, so its retries are bounded (by a lease)."""
+    orig = getattr(error, "orig", None)
+    if getattr(orig, "sqlstate", None) in REFUSED_SQLSTATES:
+        return True
+    return isinstance(orig, sqlite3.OperationalError) and (
+        "locked" in str(orig) or "busy" in str(orig))
 
 
 def backoff(lease_s: float):  # noqa: ANN201 - an iterator of waits
@@ -130,8 +153,10 @@ class RunEventWriter:
 
     def _write_retrying(self, batch: list[tuple[str, str, Any]]) -> None:
         """:meth:`_write`, again after each transient database error (:func:`backoff`) until
-        it lands, the fence refuses it, or :meth:`close`'s timeout abandons it."""
-        waits = backoff(self.lease_s)
+        it lands, the fence refuses it, or :meth:`close`'s timeout abandons it; a statement
+        the database refused (:func:`refused`) is retried for at most ``lease_s`` after the
+        first refusal, then raised."""
+        waits, refused_since = backoff(self.lease_s), None
         while True:
             try:
                 self._write(batch)
@@ -139,6 +164,14 @@ class RunEventWriter:
             except Exception as error:
                 if not transient(error) or self._abandon.is_set():
                     raise
+                if refused(error):
+                    now = time.monotonic()
+                    refused_since = now if refused_since is None else refused_since
+                    if now - refused_since >= self.lease_s:
+                        logger.error("writing job records: the database refused the batch "
+                                     "for a lease; giving up", extra={
+                                         "job_id": self.job_id, "error": str(error)[:200]})
+                        raise
                 wait = next(waits)
                 logger.warning("writing job records failed; retrying in %.2f s", wait,
                                extra={"job_id": self.job_id, "error": str(error)[:200]})
