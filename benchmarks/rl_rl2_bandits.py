@@ -14,19 +14,110 @@ and entropy schedules run over ``--anneal-steps`` (default ``--steps``). ``--sav
 writes the learner state (``PREFIX.safetensors`` + ``PREFIX.json``) every ``--save-minutes``
 and at the end; ``--resume PREFIX`` continues from it (the env-step count, and so the
 schedules, carry on; ``--minutes`` counts this run only).
+
+The result file stores every policy's return on every test task (``per_task_returns``, task i
+the same task for every policy) and paired tests of RL² against each baseline
+(``paired_tests``: the mean per-task difference, its 95 % CI and a two-sided z-test, n = the
+test tasks). ``--summarize FILE...`` writes the across-seed summary of such files (``--out``):
+per seed the RL² mean and its paired test against the strongest baseline on the same tasks,
+and over seeds the mean ± 95 % t-interval of each policy and of the difference, with a paired
+t-test over seeds. Five seeds at n = 10, k = 5 (``docs/notes/rl2-bandits.md``)::
+
+    for seed in 0 1 2 3 4; do nice -n 10 .venv/bin/python benchmarks/rl_rl2_bandits.py \
+        --steps 1600000 --anneal-steps 1400000 --minutes 12 --eval-trials 10000 --seed $seed \
+        --out benchmarks/results/rl_rl2_seeds/n10_k5_seed$seed.json; done
+    .venv/bin/python benchmarks/rl_rl2_bandits.py --summarize \
+        benchmarks/results/rl_rl2_seeds/n10_k5_seed?.json --out benchmarks/results/rl_rl2_seeds/n10_k5.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import time
 from pathlib import Path
+
+import numpy as np
 
 import ray
 from safetensors.torch import load_file, save_file
 
 PAPER = {(10, 5): 6.7, (10, 10): 6.7, (100, 5): 78.7}
+
+
+RL2_POLICIES = ("rl2", "rl2_greedy")
+
+
+def paired_test(differences: np.ndarray) -> dict:
+    """Mean of per-task differences, its 95 % CI half-width and a two-sided z-test (normal:
+    thousands of tasks)."""
+    mean = float(differences.mean())
+    se = float(differences.std(ddof=1) / math.sqrt(len(differences)))
+    z = mean / se if se > 0 else math.inf * np.sign(mean)
+    return {"difference": mean, "ci95": 1.96 * se, "z": z, "p_two_sided": math.erfc(abs(z) / math.sqrt(2)),
+            "tasks": len(differences)}
+
+
+def paired_tests(totals: dict[str, np.ndarray]) -> dict:
+    """RL² minus every baseline, paired by task."""
+    return {f"rl2 - {name}": paired_test(totals["rl2"] - values)
+            for name, values in totals.items() if name not in RL2_POLICIES}
+
+
+def summarize(files: list[Path], out: Path) -> None:
+    """Across seeds: each seed's RL² and strongest baseline (largest mean on that seed's tasks)
+    with the paired test; over seeds, mean ± 95 % t-interval and a paired t-test."""
+    from scipy import stats
+
+    runs = [json.loads(path.read_text()) for path in files]
+    policies = list(runs[0]["per_task_returns"])
+    seeds, means = [], {name: [] for name in policies}
+    for path, run in zip(files, runs):
+        totals = {name: np.asarray(values, dtype=float) for name, values in run["per_task_returns"].items()}
+        for name in policies:
+            means[name].append(float(totals[name].mean()))
+        baselines = {name: values.mean() for name, values in totals.items() if name not in RL2_POLICIES}
+        strongest = max(baselines, key=baselines.get)
+        seeds.append({"seed": int(run["args"]["seed"]), "file": path.name, "env_steps": run["env_steps"],
+                      "train_seconds": run["train_seconds"], "load_average": run.get("load_average"),
+                      "rl2": run["test"]["test/rl2_trial_return"],
+                      "rl2_ci95": run["test"]["test/rl2_trial_return_ci95"],
+                      "strongest_baseline": strongest,
+                      "strongest_baseline_return": float(baselines[strongest]),
+                      "vs_strongest": run["paired_tests"][f"rl2 - {strongest}"]})
+
+    def interval(values: list[float]) -> dict:
+        values = np.asarray(values)
+        half = float(stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values)))
+        return {"mean": float(values.mean()), "ci95": half, "per_seed": values.tolist()}
+
+    over_seeds = {name: interval(values) for name, values in means.items()}
+    comparisons = {}
+    for name in policies:
+        if name in RL2_POLICIES:
+            continue
+        differences = np.asarray(means["rl2"]) - np.asarray(means[name])
+        comparisons[f"rl2 - {name}"] = {**interval(differences.tolist()),
+                                        "p_two_sided": float(stats.ttest_1samp(differences, 0.0).pvalue)}
+    strongest = max((name for name in policies if name not in RL2_POLICIES),
+                    key=lambda name: over_seeds[name]["mean"])
+    run = runs[0]
+    summary = {"pulls": run["pulls"], "arms": run["arms"], "paper_rl2": run["paper_rl2"],
+               "seeds": len(runs), "test_tasks_per_seed": len(run["per_task_returns"]["rl2"]),
+               "strongest_baseline": strongest, "rl2": over_seeds["rl2"],
+               "baseline": over_seeds[strongest], "vs_strongest": comparisons[f"rl2 - {strongest}"],
+               "over_seeds": over_seeds, "tests_over_seeds": comparisons,
+               "train_seconds": interval([r["train_seconds"] for r in runs]),
+               "env_steps": interval([r["env_steps"] for r in runs]),
+               "per_seed": seeds, "files": [str(path) for path in files],
+               "note": "over seeds: mean of the per-seed means ± 95 % t-interval (df = seeds − 1); "
+                       "each seed has its own training and test tasks; tests over seeds are "
+                       "one-sample t-tests of the per-seed mean differences"}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2))
+    print(json.dumps({k: summary[k] for k in ("rl2", "strongest_baseline", "baseline", "vs_strongest")}))
 
 
 def save_state(trainer, curve: list[dict], prefix: Path, train_seconds: float) -> None:  # noqa: ANN001
@@ -70,9 +161,15 @@ def main() -> None:
     parser.add_argument("--save", type=Path, default=None, help="state file prefix")
     parser.add_argument("--save-minutes", type=float, default=5.0)
     parser.add_argument("--resume", type=Path, default=None, help="state file prefix")
+    parser.add_argument("--summarize", type=Path, nargs="+", default=None,
+                        help="result files of several seeds: write their summary to --out")
     args = parser.parse_args()
+    if args.summarize:
+        summarize(args.summarize, args.out or Path("benchmarks/results/rl_rl2_seeds/summary.json"))
+        return
+    load_before = os.getloadavg()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    from metaserve.workers.rl.rl2 import RL2Trainer
+    from metaserve.workers.rl.rl2 import RL2Trainer, summarize_trial_returns
     from metaserve.workers.spec import JobSpec
 
     trial_steps = args.pulls
@@ -115,17 +212,21 @@ def main() -> None:
     if args.save:
         save_state(trainer, curve, args.save, seconds)
     evaluation_started = time.monotonic()
-    evaluation = trainer.evaluate("test")
+    totals, evaluation = trainer.trial_returns("test")
+    evaluation.update(summarize_trial_returns("test", totals))
     result = {"pulls": args.pulls, "arms": args.arms, "paper_rl2": PAPER.get((args.pulls, args.arms)),
               "iterations": trainer.iteration, "env_steps": trainer.env_steps,
               "train_seconds": round(seconds, 1), "env_steps_per_s": round(trainer.env_steps / seconds),
               "evaluation_seconds": round(time.monotonic() - evaluation_started, 1),
-              "test": evaluation, "args": {k: str(v) for k, v in vars(args).items()},
+              "load_average": {"before": load_before[0], "after": os.getloadavg()[0]},
+              "test": evaluation, "paired_tests": paired_tests(totals),
+              "per_task_returns": {name: [int(v) if float(v).is_integer() else round(float(v), 3) for v in values] for name, values in totals.items()},
+              "args": {k: str(v) for k, v in vars(args).items()},
               "spec": spec.model_dump(mode="json"), "curve": curve}
     out = args.out or Path(f"benchmarks/results/rl_rl2_bandit_n{args.pulls}_k{args.arms}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    print(json.dumps({k: v for k, v in result.items() if k not in ("curve", "spec", "args")}))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("curve", "spec", "args", "per_task_returns")}))
     trainer.close()
     ray.shutdown()
 

@@ -34,12 +34,14 @@ from torch import Tensor, nn
 from metaserve.workers.engine.checkpoints import load_optimizer_tensors, optimizer_tensors
 from metaserve.workers.rl.nav2d import Nav2DEpisodes
 from metaserve.workers.rl.pearl_agent import (ACTION_SIZE, OBSERVATION_SIZE, TRANSITION_SIZE, PEARLAgent,
-                                              play_episodes)
+                                              play_episodes, probe_r2)
 from metaserve.workers.rl.replay import ReplayBuffer, Transitions
 from metaserve.workers.rl.sac import SAC
 from metaserve.workers.rl.tasks import Nav2DFamily, build_rl_family
 from metaserve.workers.spec import JobSpec
 from metaserve.workers.tasks.base import task_seed
+
+PROBE_FOLDS = 5  # cross-fitting folds of the encoder probe
 
 
 class PEARLRolloutWorker:
@@ -170,15 +172,31 @@ class PEARL:
         return metrics
 
     def evaluate(self, split: str, *, tasks: int | None = None) -> dict[str, float]:
-        """Returns of the adaptation episodes on held-out tasks (the last: adapted return)."""
+        """Returns of the adaptation episodes on held-out tasks (the last: adapted return), each
+        with its 95 % CI half-width over the tasks, and the encoder probe after k ≥ 1
+        exploration episodes: the cross-fitted R² of a linear map from the posterior mean to
+        the goal (``probe_r2``; about 0 when the posterior carries no goal information)."""
+        returns, results = self.adaptation_returns(split, tasks=tasks)
+        return results
+
+    def adaptation_returns(self, split: str, *, tasks: int | None = None) -> tuple[np.ndarray, dict[str, float]]:
+        """Per-task returns [episodes, tasks] of :meth:`evaluate` and its summary."""
         count = tasks or self.config.evaluation_tasks
         held_out = self.family.sample_tasks(seed=self.spec.seed, split=split, iteration=0,
                                             task_indices=range(count))
-        returns = self.agent.evaluate_tasks(self.family, held_out, seed=self.spec.seed,
-                                            episodes=self.config.adaptation_episodes)
-        results = {f"{split}/return_episode{i}": value for i, value in enumerate(returns)}
-        results[f"{split}/adapted_return"] = returns[-1]
-        return results
+        returns, means = self.agent.adaptation(self.family, held_out, seed=self.spec.seed,
+                                               episodes=self.config.adaptation_episodes)
+        returns = returns.numpy()
+        goals = np.stack([t["goal"] for t in held_out])
+        results = {}
+        for i, values in enumerate(returns):
+            results[f"{split}/return_episode{i}"] = float(values.mean())
+            results[f"{split}/return_episode{i}_ci95"] = float(1.96 * values.std(ddof=1) / np.sqrt(len(values)))
+        if count >= PROBE_FOLDS * (self.config.latent_dim + 2):  # enough goals to fit every fold
+            for k, mean in enumerate(means, start=1):
+                results[f"{split}/probe_r2_episode{k}"] = probe_r2(mean.numpy(), goals, folds=PROBE_FOLDS)
+        results[f"{split}/adapted_return"] = results[f"{split}/return_episode{len(returns) - 1}"]
+        return returns, results
 
     # ------------------------------------------------------------------ state
 

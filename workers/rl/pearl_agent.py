@@ -81,7 +81,17 @@ class PEARLAgent(nn.Module):
     @torch.no_grad()
     def evaluate_tasks(self, family: Nav2DFamily, tasks: list[Task], *, seed: int,
                        episodes: int | None = None) -> list[float]:
-        """Mean adapted return over ``tasks`` after 0, 1, …, ``episodes`` − 1 exploration episodes.
+        """Mean adapted return over ``tasks`` after 0, 1, …, ``episodes`` − 1 exploration
+        episodes (:meth:`adaptation`)."""
+        returns, _ = self.adaptation(family, tasks, seed=seed, episodes=episodes)
+        return returns.mean(1).tolist()
+
+    @torch.no_grad()
+    def adaptation(self, family: Nav2DFamily, tasks: list[Task], *, seed: int,
+                   episodes: int | None = None) -> tuple[Tensor, list[Tensor]]:
+        """Per-task adapted returns [episodes, tasks] after 0, 1, …, ``episodes`` − 1
+        exploration episodes, and the posterior mean [tasks, latent] after each of 1, …,
+        ``episodes`` − 1 of them (what an encoder probe reads).
 
         Exploration episode i runs the policy's sampled actions with z from the posterior on
         episodes 0..i−1 (the prior for i = 0), as in training; the return after i of them is
@@ -90,15 +100,31 @@ class PEARLAgent(nn.Module):
         goals = torch.from_numpy(np.stack([t["goal"] for t in tasks])).float()
         generator = torch.Generator().manual_seed(seed)
         count = episodes or getattr(self, "adaptation_episodes", 2)
-        returns, context = [], None
+        returns, means, context = [], [], None
         for index in range(count):
             z = self.sample_z(context, len(tasks), generator)
             evaluation = play_episodes(self, family.spec, goals, z, generator, deterministic=True)
-            returns.append(float(evaluation.rewards.sum(1).mean()))
+            returns.append(evaluation.rewards.sum(1))
             if index < count - 1:
                 explored = play_episodes(self, family.spec, goals, z, generator).transitions()
                 context = explored if context is None else torch.cat([context, explored], 1)
-        return returns
+                means.append(self.posterior(context)[0])
+        return torch.stack(returns), means
+
+
+def probe_r2(features: np.ndarray, targets: np.ndarray, folds: int = 5) -> float:
+    """Cross-fitted R² of a linear probe (least squares with an intercept) from ``features``
+    [N, d] to ``targets`` [N, m]: each of ``folds`` interleaved folds is predicted by the fit on
+    the others; 1 − Σ squared error / Σ squared deviation from the targets' mean, over all
+    outputs. 0: no better than the mean; 1: the targets are a linear function of the features."""
+    features = np.concatenate([np.asarray(features, dtype=np.float64), np.ones((len(features), 1))], 1)
+    targets = np.asarray(targets, dtype=np.float64)
+    predictions = np.empty_like(targets)
+    for fold in range(folds):
+        held = np.arange(len(targets)) % folds == fold
+        weights, *_ = np.linalg.lstsq(features[~held], targets[~held], rcond=None)
+        predictions[held] = features[held] @ weights
+    return float(1 - ((predictions - targets) ** 2).sum() / ((targets - targets.mean(0)) ** 2).sum())
 
 
 def play_episodes(agent: PEARLAgent, nav: Nav2DSpec, goals: Tensor, z: Tensor,

@@ -52,6 +52,15 @@ TRIAL_ENV_NAME = "metaserve_rl2_trial"
 _env_counter = itertools.count()
 
 
+def summarize_trial_returns(split: str, totals: dict[str, np.ndarray]) -> dict[str, float]:
+    """Each policy's mean total reward per trial and its 95 % CI half-width (normal)."""
+    results = {}
+    for name, values in totals.items():
+        results[f"{split}/{name}_trial_return"] = float(values.mean())
+        results[f"{split}/{name}_trial_return_ci95"] = float(1.96 * values.std() / np.sqrt(len(values)))
+    return results
+
+
 def make_trial_env(config: Any) -> TrialEnv | BanditTrialVectorEnv:
     """RLlib env creator: a :class:`TrialEnv` with its own counter-based task stream or, when
     RLlib asks for ``num_envs`` (``vector_entry_point`` mode, bandits), a
@@ -231,7 +240,15 @@ class RL2Trainer:
         return module.network
 
     def evaluate(self, split: str) -> dict[str, float]:
-        """Total reward per trial on held-out tasks; for bandits, the baselines on the same tasks."""
+        """Total reward per trial on held-out tasks; for bandits, the baselines on the same tasks:
+        each policy's mean and 95 % CI half-width."""
+        totals, results = self.trial_returns(split)
+        return {**results, **summarize_trial_returns(split, totals)}
+
+    def trial_returns(self, split: str) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        """The total reward of one trial per held-out task for RL² and, for bandits, each
+        baseline, all on the same tasks (task i of every array is the same task, so policies
+        can be compared paired by task), and the tuned baselines' exploration coefficients."""
         count = self.params.evaluation_trials
         tasks = self.family.sample_tasks(seed=self.spec.seed, split=split, iteration=0,
                                          task_indices=range(count))
@@ -254,10 +271,7 @@ class RL2Trainer:
             totals["ucb1_prior_tuned"] = ucb1(tasks, pulls, seed=self.spec.seed, exploration=exploration,
                                               prior_pulls=PRIOR_PULLS)
             results[f"{split}/ucb1_prior_tuned_exploration"] = exploration
-        for name, values in totals.items():
-            results[f"{split}/{name}_trial_return"] = float(values.mean())
-            results[f"{split}/{name}_trial_return_ci95"] = float(1.96 * values.std() / np.sqrt(len(values)))
-        return results
+        return totals, results
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
         tensors: dict[str, torch.Tensor] = {}

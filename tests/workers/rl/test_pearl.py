@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from metaserve.workers.rl.pearl import PEARL
-from metaserve.workers.rl.pearl_agent import PEARLAgent, play_episodes
+from metaserve.workers.rl.pearl_agent import PEARLAgent, play_episodes, probe_r2
 from metaserve.workers.rl.nav2d import Nav2DEnv
 from metaserve.workers.spec import JobSpec, Nav2DSpec
 
@@ -129,8 +129,9 @@ def test_state_round_trip_restores_networks_optimizers_and_replay(ray_session):
         assert all(torch.equal(again[k], tensors[k]) for k in tensors)
         assert (restored.iteration, restored.env_steps) == (1, pearl.env_steps)
         results = restored.evaluate("val")
-        assert sorted(results) == ["val/adapted_return", "val/return_episode0", "val/return_episode1"]
-        assert all(-15 * 1.5 <= v <= 0 for v in results.values())
+        assert sorted(results) == ["val/adapted_return", "val/return_episode0", "val/return_episode0_ci95",
+                                   "val/return_episode1", "val/return_episode1_ci95"]  # too few goals to probe
+        assert all(-15 * 1.5 <= v <= 0 for k, v in results.items() if not k.endswith("_ci95"))
     finally:
         pearl.close()
 
@@ -179,3 +180,27 @@ def test_the_encoders_kl_is_the_mean_over_the_meta_batchs_tasks_so_kl_weight_is_
     single = pearl._latent([0], contexts[:1], torch.Generator().manual_seed(0))[1]
     assert torch.allclose(single, per_task[0], rtol=1e-5)
     assert JobSpec.model_validate(SMALL).algorithm.kl_weight == 0.1
+
+
+def test_the_encoder_probe_scores_a_linear_code_near_1_and_noise_at_or_below_0():
+    rng = np.random.default_rng(0)
+    goals = rng.uniform(-0.5, 0.5, (200, 2))
+    code = np.concatenate([goals @ rng.normal(size=(2, 3)), rng.normal(size=(200, 2))], 1)
+    assert probe_r2(code + 0.01 * rng.normal(size=code.shape), goals) > 0.98
+    assert probe_r2(rng.normal(size=(200, 5)), goals) < 0.05
+    # half the goal (x only) is half the variance
+    assert probe_r2(goals[:, :1], goals) == pytest.approx(0.5, abs=0.1)
+
+
+def test_adaptation_gives_the_per_goal_returns_that_evaluate_tasks_averages():
+    torch.set_num_threads(1)
+    spec = JobSpec.model_validate(SMALL)
+    from metaserve.workers.rl.tasks import build_rl_family
+
+    torch.manual_seed(0)
+    family = build_rl_family(spec.task_family)
+    agent = PEARLAgent(latent_dim=spec.algorithm.latent_dim, hidden=16, max_action=family.max_action)
+    tasks = family.sample_tasks(seed=0, split="val", iteration=0, task_indices=range(6))
+    returns, means = agent.adaptation(family, tasks, seed=1, episodes=3)
+    assert returns.shape == (3, 6) and [m.shape for m in means] == [(6, spec.algorithm.latent_dim)] * 2
+    assert agent.evaluate_tasks(family, tasks, seed=1, episodes=3) == pytest.approx(returns.mean(1).tolist())

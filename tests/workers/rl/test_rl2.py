@@ -4,6 +4,7 @@ connector piece that standardizes advantages over real (unpadded) steps."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from ray.rllib.core.columns import Columns
 from ray.rllib.evaluation.postprocessing import Postprocessing
@@ -97,3 +98,34 @@ def test_the_learner_state_survives_json_and_a_resumed_trainer_keeps_its_adam_mo
     finally:
         first.close()
         resumed.close()
+
+
+def test_trial_returns_are_per_task_on_the_same_tasks_and_evaluate_summarizes_them(ray_session):
+    """Paired tests need every policy's return on the same task i: the baselines' arrays are
+    those of the baseline functions on the evaluation tasks, in order, and ``evaluate`` is
+    their mean and 95 % CI half-width."""
+    from metaserve.workers.rl.baselines import greedy_bayes, thompson
+    from metaserve.workers.rl.rl2 import RL2Trainer, summarize_trial_returns
+    from metaserve.workers.spec import JobSpec
+
+    spec = JobSpec.model_validate({
+        "algorithm": {"name": "rl2", "hidden_size": 8, "envs_per_runner": 4, "num_epochs": 1,
+                      "minibatch_trials": 4, "evaluation_trials": 40},
+        "task_family": {"name": "bandit", "arms": 3, "pulls": 6}, "meta_batch_size": 4,
+        "iterations": 1, "seed": 3})
+    trainer = RL2Trainer(spec)
+    try:
+        totals, extras = trainer.trial_returns("test")
+        tasks = trainer.family.sample_tasks(seed=3, split="test", iteration=0, task_indices=range(40))
+        assert {len(v) for v in totals.values()} == {40}
+        assert {"rl2", "rl2_greedy", "greedy_bayes", "ucb1_prior_tuned", "thompson"} <= set(totals)
+        np.testing.assert_array_equal(totals["greedy_bayes"], greedy_bayes(tasks, 6, seed=3))
+        np.testing.assert_array_equal(totals["thompson"], thompson(tasks, 6, seed=3))
+        summary = summarize_trial_returns("test", totals)
+        assert summary["test/thompson_trial_return"] == totals["thompson"].mean()
+        assert summary["test/thompson_trial_return_ci95"] == pytest.approx(
+            1.96 * totals["thompson"].std() / np.sqrt(40))
+        evaluation = trainer.evaluate("test")
+        assert evaluation == {**extras, **summary}
+    finally:
+        trainer.close()
