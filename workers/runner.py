@@ -54,14 +54,23 @@ MAX_WORKER_REPLACEMENTS = 20
 # (docs/RELIABILITY.md). A job's training competes with other jobs' at the same niceness.
 
 
+DRIVER_GROUP_PREFIX = "metaserve-driver-"
+"""On an autoscaling cluster a job's driver is placed in a placement group of its own, named
+this + its supervisor's name (:func:`~metaserve.workers.supervisor.start_supervisor`)."""
+
+
 def remove_job_placement_groups(supervisor_name: str) -> int:
-    """Remove the workers' placement groups that the supervisor called ``supervisor_name`` made
-    and that are still reserved (it was killed before it released them); how many."""
+    """Remove the placement groups of the job whose supervisor is called ``supervisor_name``
+    that are still reserved: its workers' (the supervisor was killed before it released them)
+    and, on an autoscaling cluster, its driver's own (:func:`~metaserve.workers.supervisor.
+    start_supervisor`); how many."""
     from ray.util.placement_group import PlacementGroup, remove_placement_group
 
-    prefix, removed = f"metaserve-workers-{supervisor_name}-", 0
+    workers, driver, removed = f"metaserve-workers-{supervisor_name}-", \
+        f"{DRIVER_GROUP_PREFIX}{supervisor_name}", 0
     for group_id, info in ray.util.placement_group_table().items():
-        if info.get("name", "").startswith(prefix) and info.get("state") != "REMOVED":
+        name = info.get("name", "")
+        if (name.startswith(workers) or name == driver) and info.get("state") != "REMOVED":
             try:
                 remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(group_id)))
                 removed += 1

@@ -41,7 +41,7 @@ from metaserve.workers.exceptions import (CheckpointError, DriverOutOfMemory, Jo
 from metaserve.workers.log_capture import capture_logs, release_logs
 from metaserve.workers.job_run import SCRATCH_PREFIX, JobContext, JobRun, node_info
 from metaserve.workers.registry import job_kind
-from metaserve.workers.runner import PENDING_REPORT_S, RunOptions
+from metaserve.workers.runner import DRIVER_GROUP_PREFIX, PENDING_REPORT_S, RunOptions
 from metaserve.workers.object_store import StorageConfig, open_store
 
 logger = logging.getLogger(__name__)
@@ -298,6 +298,20 @@ def start_supervisor(run: JobRun, storage: StorageConfig, options: RunOptions, *
     # num_cpus=0: the driver's own arithmetic is the outer step; its inner-loop workers (a
     # sweep's trials) hold the CPUs. Threaded: stop(), heartbeat(), recorded(), add_logs()
     # and the calls of a sweep's trials are answered while run() works.
+    group = None
+    if options.autoscaling:
+        # Ray schedules an actor's own `memory` request without checking it against the
+        # nodes (Ray 2.60: a 1 PiB driver starts at once on a 15 GiB node), and the
+        # autoscaler sees no demand from it; a placement group's bundle is both checked and
+        # reported as demand. Named after the supervisor, so that the dispatcher removes it
+        # with the workers' groups (runner.remove_job_placement_groups) when it ends the job.
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        group = placement_group([{"memory": float(memory_bytes)}],
+                                name=f"{DRIVER_GROUP_PREFIX}{name}")
+        placement["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+            placement_group=group, placement_group_bundle_index=0)
     actor = ray.remote(JobSupervisor).options(
         num_cpus=0, memory=memory_bytes, max_restarts=0, max_concurrency=32, **placement,
     ).remote(run, storage, options)
@@ -327,5 +341,9 @@ def start_supervisor(run: JobRun, storage: StorageConfig, options: RunOptions, *
         ray.get(ready)
     except BaseException:
         ray.kill(actor)
+        if group is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(group)
         raise
     return actor

@@ -20,7 +20,8 @@ from metaserve.workers.engine.loop import RunHooks
 from metaserve.workers.exceptions import PlacementTimeout, Unschedulable
 from metaserve.workers.job_run import JobRun
 from metaserve.workers.object_store import StorageConfig
-from metaserve.workers.runner import RunOptions, check_schedulable
+from metaserve.workers.runner import (DRIVER_GROUP_PREFIX, RunOptions, check_schedulable,
+                                     remove_job_placement_groups)
 from metaserve.workers.spec import JobSpec
 from metaserve.workers.supervisor import SUPERVISOR_NAMESPACE, start_supervisor, supervisor_name
 from tests.helpers import SHORT_SINE
@@ -106,6 +107,21 @@ def test_a_driver_larger_than_every_node_is_refused_at_once_or_waits_when_autosc
     assert told == ["waiting for placement: the job's driver (1048576.00 GiB of memory)"]
     with pytest.raises(ValueError):  # the pending actor went with the failure
         ray.get_actor(supervisor_name("job_huge"), namespace=SUPERVISOR_NAMESPACE)
+    assert not _reserved(DRIVER_GROUP_PREFIX)  # and its placement group (the autoscaler's demand)
+    # A driver that fits starts in its own group, which the dispatcher's cleanup removes.
+    small = start_supervisor(_run("job_small", 200 << 20), storage,
+                             RunOptions(autoscaling=True, pending_timeout_s=60.0))
+    try:
+        assert _reserved(DRIVER_GROUP_PREFIX) == [f"{DRIVER_GROUP_PREFIX}{supervisor_name('job_small')}"]
+    finally:
+        ray.kill(small)
+    assert remove_job_placement_groups(supervisor_name("job_small")) == 1
+    assert not _reserved(DRIVER_GROUP_PREFIX)
+
+
+def _reserved(prefix: str) -> list[str]:
+    return [group["name"] for group in ray.util.placement_group_table().values()
+            if group["name"].startswith(prefix) and group["state"] != "REMOVED"]
 
 
 @pytest.mark.usefixtures("ray_session")
