@@ -99,28 +99,39 @@ def pixel_floor(setting: str, seed: int, tasks: int) -> dict:
     return {"accuracy": accuracy, "ci95": ci, "transductive_accuracy": None, "train_seconds": 0.0}
 
 
-def test_evaluation(trainer, params: dict, steps: list[int], transductive: bool) -> dict:
-    """What :meth:`Trainer.evaluate` computes on the test split (the engine's sampling, chunks,
-    ``evaluation_curves`` and ``summarize``), at the inner-step counts ``steps`` only (no step 0
-    unless asked), and the transductive pass only when ``transductive``."""
-    from metaserve.workers.engine.evaluation import summarize
+def task_curves(trainer, params: dict, steps: list[int], transductive: bool, split: str = "test",
+                tasks: int | None = None) -> dict[bool, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-task query loss and accuracy ``[T, len(steps)]`` on tasks ``0..tasks-1`` of ``split``
+    (default ``spec.evaluation.tasks``), keyed by ``transductive`` (False: served, each query
+    alone with the support statistics; True also when ``transductive``): the engine's sampling,
+    chunks and ``evaluation_curves``, each chunk sampled once for both passes."""
     from metaserve.workers.engine.trainer import DEFAULT_EVALUATION_CHUNK, _chunks
 
     spec = trainer.spec
     steps = sorted(set(steps))
     modes = (False, True) if transductive else (False,)
     curves: dict[bool, list[tuple[torch.Tensor, torch.Tensor]]] = {mode: [] for mode in modes}
-    for chunk in _chunks(range(spec.evaluation.tasks), spec.resources.task_chunk or DEFAULT_EVALUATION_CHUNK):
-        batch = trainer.family.sample(seed=spec.seed, split="test", iteration=0, task_indices=chunk,
+    for chunk in _chunks(range(tasks or spec.evaluation.tasks), spec.resources.task_chunk or DEFAULT_EVALUATION_CHUNK):
+        batch = trainer.family.sample(seed=spec.seed, split=split, iteration=0, task_indices=chunk,
                                       support_shots=spec.evaluation.support_shots).to(trainer.device)
         for mode in modes:
             loss, acc = trainer.algorithm.evaluation_curves(trainer._on_device(params), *batch,
                                                             steps=tuple(steps), transductive=mode)
             curves[mode].append((loss.detach().cpu(), acc.detach().cpu()))
+    return {mode: (torch.cat([loss for loss, _ in parts]), torch.cat([acc for _, acc in parts]))
+            for mode, parts in curves.items()}
+
+
+def test_evaluation(trainer, params: dict, steps: list[int], transductive: bool) -> dict:
+    """What :meth:`Trainer.evaluate` computes on the test split (the engine's sampling, chunks,
+    ``evaluation_curves`` and ``summarize``), at the inner-step counts ``steps`` only (no step 0
+    unless asked), and the transductive pass only when ``transductive``."""
+    from metaserve.workers.engine.evaluation import summarize
+
+    steps = sorted(set(steps))
     result = {}
-    for mode in modes:
-        both = summarize("test", steps, torch.cat([loss for loss, _ in curves[mode]]),
-                         torch.cat([acc for _, acc in curves[mode]]))
+    for mode, (loss, acc) in task_curves(trainer, params, steps, transductive).items():
+        both = summarize("test", steps, loss, acc)
         result.update({(name.replace("/", "/transductive_", 1) if mode else name): value
                        for name, value in both.items() if not (mode and name.endswith("/tasks"))})
     return result

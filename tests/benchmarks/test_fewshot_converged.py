@@ -1,0 +1,62 @@
+"""benchmarks/fewshot_converged.py: the plateau rule, and one seed end to end on a tiny budget
+(train with val evaluations, stop, test served and transductive beside the pixel floor, JSON)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import fewshot_converged as converged  # noqa: E402
+
+
+def test_moving_average_starts_once_the_window_is_full() -> None:
+    assert converged.moving_averages([0.1, 0.2, 0.3, 0.6], 3) == pytest.approx([0.2, 11 / 30])
+
+
+def test_a_rising_curve_has_not_plateaued_and_a_flat_one_has() -> None:
+    rising = [0.30 + 0.01 * i for i in range(10)]  # +1 point per evaluation
+    assert not converged.plateaued(rising, window=3, patience=4, min_delta=0.005)
+    flat = [0.30, 0.40, 0.50, 0.55, 0.56, 0.555, 0.56, 0.558, 0.556, 0.557]
+    assert converged.plateaued(flat, window=3, patience=4, min_delta=0.005)
+    # the same flat tail, but too short to hold `patience` moving averages after the best one
+    assert not converged.plateaued(flat[:6], window=3, patience=4, min_delta=0.005)
+    # a late rise of more than min_delta restarts the count
+    assert not converged.plateaued(flat + [0.60], window=3, patience=4, min_delta=0.005)
+
+
+def test_one_seed_end_to_end_on_a_tiny_budget(tmp_path: Path) -> None:
+    out = tmp_path / "converged.json"
+    # an earlier invocation's entries: seed 1 is kept, seed 0 is replaced by this run
+    earlier = {"setting": "5w1s", "method": "protonet", "norm": "batch"}
+    out.write_text(json.dumps({"runs": [{**earlier, "seed": 1, "earlier": True},
+                                        {**earlier, "seed": 0, "earlier": True}]}))
+    converged.main(["--method", "protonet", "--setting", "5w1s", "--seeds", "0", "--meta-batch-size", "2",
+                    "--eval-every", "2", "--val-tasks", "4", "--window", "2", "--patience", "1",
+                    "--max-iterations", "4", "--tasks", "6", "--out", str(out)])
+    runs = {r["seed"]: r for r in json.loads(out.read_text())["runs"]}
+    assert sorted(runs) == [0, 1] and runs[1]["earlier"] and "earlier" not in runs[0]
+    run = runs[0]
+    assert run["stop_reason"] in ("plateau", "max_iterations")
+    assert [p["iteration"] for p in run["curve"]] == list(range(0, run["iterations"] + 1, 2))
+    assert run["tested_iteration"] in [p["iteration"] for p in run["curve"]]
+    assert len(run["per_task"]["served"]) == len(run["per_task"]["pixel_floor"]) == 6
+    # batch norm trains transductively: both numbers, on the same test tasks
+    assert len(run["per_task"]["transductive"]) == 6
+    served = sum(run["per_task"]["served"]) / 6
+    assert run["served"]["accuracy"] == pytest.approx(served, abs=1e-4)
+    assert run["served_minus_floor"]["accuracy"] == pytest.approx(
+        served - sum(run["per_task"]["pixel_floor"]) / 6, abs=1e-4)
+    assert run["engine"]["commit"]
+    # the floor is benchmarks/fewshot.py's on the same test tasks (it averages in float32)
+    import fewshot
+    assert run["pixel_floor"]["accuracy"] == pytest.approx(fewshot.pixel_floor("5w1s", 0, 6)["accuracy"], abs=1e-6)
+
+
+def test_a_budget_below_one_is_refused_naming_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        converged.main(["--eval-every", "0"])
+    assert "--eval-every" in capsys.readouterr().err
