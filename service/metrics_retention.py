@@ -21,13 +21,17 @@ count as neither), since the store does not know whether a series is a loss or a
 keeping both keeps its best, and a chart's y-range, whichever it is.
 
 Only terminal jobs (succeeded, failed, cancelled) are downsampled: nothing writes to them any
-more (every run write is fenced by an active lease), so the pass never races a writer and
-costs the hot path nothing. Each job is one transaction: it marks the job
-(``jobs.metrics_kept_per_series``, migration 0014, so that the next pass skips it; the
-job's ``updated_at`` is left as it was) and deletes its surplus points in one statement.
-Two dispatchers' passes may meet on a job: on PostgreSQL the mark's row lock makes the
-second find it done; on SQLite the writes are serialized anyway. Lowering the budget
-downsamples the marked jobs again; raising it brings nothing back.
+more (every run write is fenced by an active lease), so the pass never races a writer. Per
+job: one read names its series past the budget, each is downsampled by one DELETE in its own
+transaction (on SQLite the write lock is held one series at a time: ~0.2 s for 10,000
+points, not the whole job), then the job is marked (``jobs.metrics_kept_per_series``,
+migration 0014; its ``updated_at`` left as it was) so that the next pass skips it. A pass
+cut short (a restart, the database away) leaves a job unmarked and the next pass does it
+again, deleting only what is left. Two dispatchers' passes may meet on a job: they delete
+the same rows, and the mark counts it once. A job whose DELETE the database refuses (one
+series taking longer than METASERVE_DB_STATEMENT_TIMEOUT_S) is skipped, left unmarked for
+the next pass, and the pass goes on with the other jobs. Lowering
+the budget downsamples the marked jobs again; raising it brings nothing back.
 
 One way of running it: each dispatcher's retention thread (:func:`keep_downsampling`) runs
 a pass every ``METASERVE_METRICS_RETENTION_INTERVAL_S``. Deleted rows are reused by later
@@ -43,11 +47,13 @@ import threading
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import Delete, Integer, Select, bindparam, delete, func, or_, select, update
+from sqlalchemy import Delete, Integer, bindparam, case, delete, func, or_, select, update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from metaserve.service.orm import Job, Metric
 from metaserve.service.job_store import TERMINAL
+from metaserve.service.orm import Job, Metric
+from metaserve.service.run_events import refused
 
 logger = logging.getLogger(__name__)
 
@@ -61,70 +67,94 @@ class RetentionPass:
 
     jobs: int = 0       # finished jobs downsampled (and marked)
     deleted: int = 0    # metric rows deleted
+    skipped: int = 0    # jobs whose DELETE the database refused (left for the next pass)
     seconds: float = 0.0
 
 
 def _surplus() -> Delete:
-    """The DELETE of one job's points past the budget (parameters ``job_id``, ``budget``):
-    window functions over the job's rows, one partition per series, in both dialects."""
+    """The DELETE of one series' points past the budget (parameters ``job_id``, ``name``,
+    ``budget``): window functions over the series' rows, in both dialects. Every window is
+    over the series in step order, the order of the (job_id, name, step) index: one pass
+    over its rows, no sort by value (the lowest and highest value are window aggregates,
+    then the first step holding each)."""
     m = Metric.__table__.c
     series = m.name
     ranked = select(
-        m.id,
+        m.id, m.step, m.name,
         (func.row_number().over(partition_by=series, order_by=m.step) - 1).label("rank"),
         func.count().over(partition_by=series).label("points"),
-        func.row_number().over(partition_by=series,
-                               order_by=(m.value.is_(None), m.value, m.step)).label("low"),
-        func.row_number().over(partition_by=series,
-                               order_by=(m.value.is_(None), m.value.desc(), m.step)).label("high"),
-    ).where(m.job_id == bindparam("job_id")).subquery()
+        func.min(m.value).over(partition_by=series).label("lowest"),
+        func.max(m.value).over(partition_by=series).label("highest"),
+        m.value,
+    ).where(m.job_id == bindparam("job_id"), m.name == bindparam("name")).subquery()
+    r = ranked.c
+    firsts = select(
+        r.id, r.step, r.rank, r.points,
+        func.min(case((r.value == r.lowest, r.step))).over(partition_by=r.name).label("low"),
+        func.min(case((r.value == r.highest, r.step))).over(partition_by=r.name).label("high"),
+    ).subquery()
+    f = firsts.c
     budget = bindparam("budget", type_=Integer)
-    stride = (ranked.c.points + budget - 1) // budget  # integer division: ceil(points / budget)
-    doomed = select(ranked.c.id).where(
-        ranked.c.points > budget + EXTRA_POINTS,
-        ranked.c.rank % stride != 0,
-        ranked.c.rank != ranked.c.points - 1,
-        ranked.c.low != 1,
-        ranked.c.high != 1)
+    stride = (f.points + budget - 1) // budget  # integer division: ceil(points / budget)
+    doomed = select(f.id).where(
+        f.points > budget + EXTRA_POINTS,
+        f.rank % stride != 0,
+        f.rank != f.points - 1,
+        or_(f.low.is_(None), f.step != f.low),
+        or_(f.high.is_(None), f.step != f.high))
     return delete(Metric).where(Metric.id.in_(doomed))
 
 
-def _candidates() -> Select:
-    """Finished jobs not downsampled to ``budget`` yet, after ``after`` in id order."""
-    return (select(Job.id)
-            .where(Job.status.in_(TERMINAL), Job.id > bindparam("after"),
-                   or_(Job.metrics_kept_per_series.is_(None),
-                       Job.metrics_kept_per_series > bindparam("budget", type_=Integer)))
-            .order_by(Job.id).limit(CANDIDATES_PER_READ))
+def _unmarked():  # noqa: ANN202 - a WHERE clause
+    """A finished job not downsampled to ``budget`` (or less) yet."""
+    return (Job.status.in_(TERMINAL),
+            or_(Job.metrics_kept_per_series.is_(None),
+                Job.metrics_kept_per_series > bindparam("budget", type_=Integer)))
 
 
 SURPLUS = _surplus()
-CANDIDATES = _candidates()
+# The series of a job past the budget, if the job is finished and not marked: an index-only
+# count over (job_id, name, step).
+OVER_BUDGET = (select(Metric.name).join(Job, Job.id == Metric.job_id)
+               .where(Metric.job_id == bindparam("job_id"), *_unmarked())
+               .group_by(Metric.name)
+               .having(func.count() > bindparam("budget", type_=Integer) + EXTRA_POINTS))
+MARK = (update(Job).where(Job.id == bindparam("job_id"), *_unmarked())
+        .values(metrics_kept_per_series=bindparam("budget", type_=Integer),
+                updated_at=Job.updated_at)
+        .execution_options(synchronize_session=False))
+# Finished jobs not downsampled to ``budget`` yet, after ``after`` in id order.
+CANDIDATES = (select(Job.id).where(Job.id > bindparam("after"), *_unmarked())
+              .order_by(Job.id).limit(CANDIDATES_PER_READ))
 
 
-def downsample_job(*, session: Session, job_id: str, budget: int) -> int | None:
-    """Mark the finished job ``job_id`` downsampled to ``budget`` and delete its surplus
-    points (see the module docstring), in ``session``'s transaction. Returns the number of
-    rows deleted; None, deleting nothing, when the job is not finished or already
-    downsampled to ``budget`` or less (another pass did it)."""
+def downsample_job(session_factory: sessionmaker[Session], job_id: str,
+                   budget: int) -> int | None:
+    """Downsample the finished job ``job_id``'s series to ``budget`` points (see the module
+    docstring), one transaction per series, then mark it. Returns the number of rows
+    deleted; None when the job is not finished, or was already downsampled to ``budget``
+    or less (by another pass, say) before its mark here."""
     if budget < 1:
         raise ValueError(f"budget must be at least 1, not {budget}")
-    marked = session.execute(
-        update(Job).where(Job.id == job_id, Job.status.in_(TERMINAL),
-                          or_(Job.metrics_kept_per_series.is_(None),
-                              Job.metrics_kept_per_series > budget))
-        .values(metrics_kept_per_series=budget, updated_at=Job.updated_at)
-        .execution_options(synchronize_session=False))
-    if marked.rowcount != 1:
-        return None
-    return session.execute(SURPLUS, {"job_id": job_id, "budget": budget},
-                           execution_options={"synchronize_session": False}).rowcount
+    values = {"job_id": job_id, "budget": budget}
+    with session_factory() as session:
+        names = list(session.scalars(OVER_BUDGET, values))
+    deleted = 0
+    for name in names:
+        with session_factory.begin() as session:
+            deleted += session.execute(SURPLUS, {**values, "name": name}, execution_options={
+                "synchronize_session": False}).rowcount
+    with session_factory.begin() as session:
+        marked = session.execute(MARK, values).rowcount == 1
+    return deleted if marked else None
 
 
 def retention_pass(session_factory: sessionmaker[Session], budget: int, *,
                    stop: threading.Event | None = None) -> RetentionPass:
-    """Downsample every finished job not downsampled to ``budget`` yet, one transaction
-    each, until none is left or ``stop`` is set. ``budget`` 0: nothing to do."""
+    """Downsample every finished job not downsampled to ``budget`` yet, until none is left
+    or ``stop`` is set. ``budget`` 0: nothing to do. A job whose DELETE the database refuses
+    (:func:`~metaserve.service.run_events.refused`: a statement timeout) is skipped, left
+    for the next pass; any other database error ends the pass."""
     result, started = RetentionPass(), time.monotonic()
     after = ""
     while budget and not (stop is not None and stop.is_set()):
@@ -133,8 +163,15 @@ def retention_pass(session_factory: sessionmaker[Session], budget: int, *,
         for job_id in found:
             if stop is not None and stop.is_set():
                 break
-            with session_factory.begin() as session:
-                deleted = downsample_job(session=session, job_id=job_id, budget=budget)
+            try:
+                deleted = downsample_job(session_factory, job_id, budget)
+            except OperationalError as error:
+                if not refused(error):
+                    raise
+                logger.warning("metrics retention: the database refused a job's DELETE; "
+                               "skipped", extra={"job_id": job_id, "error": str(error)[:200]})
+                result.skipped += 1
+                continue
             if deleted is not None:
                 result.jobs += 1
                 result.deleted += deleted

@@ -102,9 +102,7 @@ def test_a_second_pass_deletes_nothing_a_lower_budget_downsamples_again(sessions
     first = steps(sessions, job_id, "loss")
     again = retention_pass(sessions, 100)
     assert (again.jobs, again.deleted) == (0, 0)
-    with sessions.begin() as session:  # forced: the job's own rows at the same budget
-        job_store_rows = downsample_job(session=session, job_id=job_id, budget=100)
-    assert job_store_rows is None  # marked: nothing to do
+    assert downsample_job(sessions, job_id, 100) is None  # marked: nothing to do
     with sessions.begin() as session:
         session.get(Job, job_id).metrics_kept_per_series = None
     assert retention_pass(sessions, 100).deleted == 0  # 103 ≤ 100 + 3: left as it is
@@ -125,8 +123,33 @@ def test_budget_zero_keeps_every_point_and_a_series_at_the_budget_is_whole(sessi
     done = retention_pass(sessions, 100)
     assert (done.jobs, done.deleted) == (1, 0)  # 103 points: within the slack
     assert len(steps(sessions, job_id, "loss")) == 103
-    with pytest.raises(ValueError, match="budget"), sessions.begin() as session:
-        downsample_job(session=session, job_id=job_id, budget=0)
+    with pytest.raises(ValueError, match="budget"):
+        downsample_job(sessions, job_id, 0)
+
+
+def test_a_job_whose_delete_the_database_refuses_is_skipped_and_left_for_the_next_pass(
+        sessions, alice, monkeypatch):  # noqa: ANN001
+    import psycopg.errors
+    from sqlalchemy.exc import OperationalError
+    from sqlalchemy.orm import Session
+
+    slow, fine = (job_with_metrics(sessions, alice, JobStatus.SUCCEEDED) for _ in range(2))
+    execute = Session.execute
+
+    def statement_timeout_on_slow(self, statement, params=None, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        if statement is metrics_retention.SURPLUS and params["job_id"] == slow:
+            raise OperationalError("DELETE", {}, psycopg.errors.QueryCanceled(
+                "canceling statement due to statement timeout"))
+        return execute(self, statement, params, **kwargs)
+
+    monkeypatch.setattr(Session, "execute", statement_timeout_on_slow)
+    done = retention_pass(sessions, 100)
+    assert (done.jobs, done.skipped) == (1, 1)
+    assert reread(sessions, slow).metrics_kept_per_series is None
+    assert len(steps(sessions, fine, "loss")) == 103
+    monkeypatch.setattr(Session, "execute", execute)
+    assert retention_pass(sessions, 100).jobs == 1  # the next pass does it
+    assert len(steps(sessions, slow, "loss")) == 103
 
 
 def test_a_pass_walks_every_finished_job_past_one_read(sessions, alice, monkeypatch):  # noqa: ANN001
