@@ -110,6 +110,8 @@ def summarize(files: list[Path], out: Path) -> None:
                "baseline": over_seeds[strongest], "vs_strongest": comparisons[f"rl2 - {strongest}"],
                "over_seeds": over_seeds, "tests_over_seeds": comparisons,
                "train_seconds": interval([r["train_seconds"] for r in runs]),
+               "load_average": {"min": min(min(r["load_average"].values()) for r in runs),
+                                "max": max(max(r["load_average"].values()) for r in runs)},
                "env_steps": interval([r["env_steps"] for r in runs]),
                "per_seed": seeds, "files": [str(path) for path in files],
                "note": "over seeds: mean of the per-seed means ± 95 % t-interval (df = seeds − 1); "

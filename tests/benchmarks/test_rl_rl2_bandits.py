@@ -44,7 +44,7 @@ def test_the_summary_over_seeds_picks_the_strongest_baseline_and_a_t_interval(be
         totals = {"rl2": rng.integers(4, 9, 200), "rl2_greedy": rng.integers(4, 9, 200),
                   "random": rng.integers(2, 7, 200), "greedy_bayes": rng.integers(5, 10, 200)}
         run = {"pulls": 10, "arms": 5, "paper_rl2": 6.7, "env_steps": 1000 + seed, "train_seconds": 60.0,
-               "args": {"seed": str(seed)},
+               "args": {"seed": str(seed)}, "load_average": {"before": 1.0 + seed, "after": 2.0},
                "test": {"test/rl2_trial_return": float(totals["rl2"].mean()), "test/rl2_trial_return_ci95": 0.1},
                "paired_tests": bench.paired_tests({k: v.astype(float) for k, v in totals.items()}),
                "per_task_returns": {k: v.tolist() for k, v in totals.items()}}
@@ -60,3 +60,4 @@ def test_the_summary_over_seeds_picks_the_strongest_baseline_and_a_t_interval(be
     assert summary["vs_strongest"]["mean"] == pytest.approx(np.mean(gaps))
     assert summary["vs_strongest"]["p_two_sided"] == pytest.approx(stats.ttest_1samp(gaps, 0).pvalue)
     assert all(s["strongest_baseline"] == "greedy_bayes" for s in summary["per_seed"])
+    assert summary["load_average"] == {"min": 1.0, "max": 5.0}
