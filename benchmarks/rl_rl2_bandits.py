@@ -122,6 +122,16 @@ def summarize(files: list[Path], out: Path) -> None:
     print(json.dumps({k: summary[k] for k in ("rl2", "strongest_baseline", "baseline", "vs_strongest")}))
 
 
+def dumps(result: dict) -> str:
+    """The result as indented JSON, each policy's per-task returns on one line."""
+    result = dict(result)
+    per_task = result.pop("per_task_returns")
+    text = json.dumps(result, indent=2)
+    lines = ",\n".join(f"    {json.dumps(name)}: {json.dumps(values, separators=(',', ':'))}"
+                        for name, values in per_task.items())
+    return text[:-2] + ',\n  "per_task_returns": {\n' + lines + "\n  }\n}\n"
+
+
 def save_state(trainer, curve: list[dict], prefix: Path, train_seconds: float) -> None:  # noqa: ANN001
     """The learner state and the curve so far, written atomically (a kill mid-write keeps the
     previous save)."""
@@ -227,7 +237,7 @@ def main() -> None:
               "spec": spec.model_dump(mode="json"), "curve": curve}
     out = args.out or Path(f"benchmarks/results/rl_rl2_bandit_n{args.pulls}_k{args.arms}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    out.write_text(dumps(result))
     print(json.dumps({k: v for k, v in result.items() if k not in ("curve", "spec", "args", "per_task_returns")}))
     trainer.close()
     ray.shutdown()
