@@ -24,7 +24,7 @@ and over seeds the mean ± 95 % t-interval of each policy and of the difference,
 t-test over seeds. Five seeds at n = 10, k = 5 (``docs/notes/rl2-bandits.md``)::
 
     for seed in 0 1 2 3 4; do nice -n 10 .venv/bin/python benchmarks/rl_rl2_bandits.py \
-        --steps 800000 --anneal-steps 700000 --minutes 14 --eval-trials 10000 --seed $seed \
+        --steps 400000 --anneal-steps 350000 --minutes 13 --eval-trials 10000 --seed $seed \
         --out benchmarks/results/rl_rl2_seeds/n10_k5_seed$seed.json; done
     .venv/bin/python benchmarks/rl_rl2_bandits.py --summarize \
         benchmarks/results/rl_rl2_seeds/n10_k5_seed?.json --out benchmarks/results/rl_rl2_seeds/n10_k5.json
