@@ -498,14 +498,23 @@ class Dispatcher:
                     ray.kill(supervisor)
                 except Exception:  # noqa: BLE001 - already gone
                     pass
-                try:  # the workers' placement group outlives a killed supervisor
-                    from metaserve.workers.runner import remove_job_placement_groups
-                    from metaserve.workers.supervisor import supervisor_name
+                # The workers' placement group outlives a killed supervisor until this
+                # process's Ray job ends; a stopping dispatcher's ends with it. So stopping,
+                # the GCS call is skipped: after a SIGTERM it blocked a drain's handback past
+                # the grace (20 s in CI, the job left to its lapsing lease).
+                if not self._stop.is_set():
+                    self._remove_placement_groups(running.job_id)
 
-                    remove_job_placement_groups(supervisor_name(running.job_id))
-                except Exception:  # noqa: BLE001 - Ray gone: its groups went with it
-                    logger.exception("could not remove the job's placement groups",
-                                     extra={"job_id": running.job_id})
+    @staticmethod
+    def _remove_placement_groups(job_id: str) -> None:
+        try:
+            from metaserve.workers.runner import remove_job_placement_groups
+            from metaserve.workers.supervisor import supervisor_name
+
+            remove_job_placement_groups(supervisor_name(job_id))
+        except Exception:  # noqa: BLE001 - Ray gone: its groups went with it
+            logger.exception("could not remove the job's placement groups",
+                             extra={"job_id": job_id})
 
     def _run_options(self):  # noqa: ANN202 - a workers.runner.RunOptions
         from metaserve.workers.runner import RunOptions

@@ -137,6 +137,8 @@ def serve(
                                                 help="Serve the API only; run no jobs.")] = False,
 ) -> None:
     """Migrate the database, create the first admin key if there is none, and serve the API."""
+    import logging
+
     import uvicorn
 
     from metaserve.api.app import create_app
@@ -162,6 +164,9 @@ def serve(
         typer.echo(f"created an admin API key; it is in {written.resolve()}")
     from metaserve.api.http_protocol import limited_http_protocol
 
+    # The server's own records (the embedded dispatcher's claims, drains, handbacks) beside
+    # uvicorn's, as `metaserve dispatcher` writes them.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     app = create_app(settings, freeze_gc=True)
     protocol = limited_http_protocol(
         max_header_bytes=settings.max_header_bytes, max_url_bytes=settings.max_url_bytes,
