@@ -175,7 +175,10 @@ class PEARL:
         """Returns of the adaptation episodes on held-out tasks (the last: adapted return), each
         with its 95 % CI half-width over the tasks, and the encoder probe after k ≥ 1
         exploration episodes: the cross-fitted R² of a linear map from the posterior mean to
-        the goal (``probe_r2``; about 0 when the posterior carries no goal information)."""
+        the goal (``probe_r2``; about 0 when the posterior carries no goal information); and
+        the control ``return_episode{k}_other_task``: z from the posterior of another task's k
+        episodes (equal to ``return_episode{k}`` when the posterior carries no goal information
+        the policy uses)."""
         returns, results = self.adaptation_returns(split, tasks=tasks)
         return results
 
@@ -184,14 +187,17 @@ class PEARL:
         count = tasks or self.config.evaluation_tasks
         held_out = self.family.sample_tasks(seed=self.spec.seed, split=split, iteration=0,
                                             task_indices=range(count))
+        controls: list[Tensor] = []
         returns, means = self.agent.adaptation(self.family, held_out, seed=self.spec.seed,
-                                               episodes=self.config.adaptation_episodes)
+                                               episodes=self.config.adaptation_episodes, controls=controls)
         returns = returns.numpy()
         goals = np.stack([t["goal"] for t in held_out])
         results = {}
         for i, values in enumerate(returns):
             results[f"{split}/return_episode{i}"] = float(values.mean())
             results[f"{split}/return_episode{i}_ci95"] = float(1.96 * values.std(ddof=1) / np.sqrt(len(values)))
+        for k, control in enumerate(controls, start=1):  # z from another task's posterior
+            results[f"{split}/return_episode{k}_other_task"] = float(control.mean())
         if count >= PROBE_FOLDS * (self.config.latent_dim + 2):  # enough goals to fit every fold
             for k, mean in enumerate(means, start=1):
                 results[f"{split}/probe_r2_episode{k}"] = probe_r2(mean.numpy(), goals, folds=PROBE_FOLDS)

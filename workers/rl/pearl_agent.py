@@ -88,10 +88,15 @@ class PEARLAgent(nn.Module):
 
     @torch.no_grad()
     def adaptation(self, family: Nav2DFamily, tasks: list[Task], *, seed: int,
-                   episodes: int | None = None) -> tuple[Tensor, list[Tensor]]:
+                   episodes: int | None = None, controls: list[Tensor] | None = None
+                   ) -> tuple[Tensor, list[Tensor]]:
         """Per-task adapted returns [episodes, tasks] after 0, 1, …, ``episodes`` − 1
         exploration episodes, and the posterior mean [tasks, latent] after each of 1, …,
-        ``episodes`` − 1 of them (what an encoder probe reads).
+        ``episodes`` − 1 of them (what an encoder probe reads). ``controls``, when a list, gets
+        after each of 1, …, ``episodes`` − 1 episodes the per-task return [tasks] with z drawn
+        from the posterior of the *next* task's context (task i + 1, cyclically): what the
+        posterior's spread alone is worth, without this task's information (its own
+        generator, so the other returns do not change).
 
         Exploration episode i runs the policy's sampled actions with z from the posterior on
         episodes 0..i−1 (the prior for i = 0), as in training; the return after i of them is
@@ -109,6 +114,11 @@ class PEARLAgent(nn.Module):
                 explored = play_episodes(self, family.spec, goals, z, generator).transitions()
                 context = explored if context is None else torch.cat([context, explored], 1)
                 means.append(self.posterior(context)[0])
+                if controls is not None:
+                    control = torch.Generator().manual_seed(seed + 1 + index)
+                    z_other = self.sample_z(context.roll(-1, 0), len(tasks), control)
+                    controls.append(play_episodes(self, family.spec, goals, z_other, control,
+                                                  deterministic=True).rewards.sum(1))
         return torch.stack(returns), means
 
 

@@ -130,7 +130,8 @@ def test_state_round_trip_restores_networks_optimizers_and_replay(ray_session):
         assert (restored.iteration, restored.env_steps) == (1, pearl.env_steps)
         results = restored.evaluate("val")
         assert sorted(results) == ["val/adapted_return", "val/return_episode0", "val/return_episode0_ci95",
-                                   "val/return_episode1", "val/return_episode1_ci95"]  # too few goals to probe
+                                   "val/return_episode1", "val/return_episode1_ci95",
+                                   "val/return_episode1_other_task"]  # too few goals to probe
         assert all(-15 * 1.5 <= v <= 0 for k, v in results.items() if not k.endswith("_ci95"))
     finally:
         pearl.close()
@@ -201,6 +202,9 @@ def test_adaptation_gives_the_per_goal_returns_that_evaluate_tasks_averages():
     family = build_rl_family(spec.task_family)
     agent = PEARLAgent(latent_dim=spec.algorithm.latent_dim, hidden=16, max_action=family.max_action)
     tasks = family.sample_tasks(seed=0, split="val", iteration=0, task_indices=range(6))
-    returns, means = agent.adaptation(family, tasks, seed=1, episodes=3)
+    controls = []
+    returns, means = agent.adaptation(family, tasks, seed=1, episodes=3, controls=controls)
     assert returns.shape == (3, 6) and [m.shape for m in means] == [(6, spec.algorithm.latent_dim)] * 2
+    assert [c.shape for c in controls] == [(6,)] * 2
+    # the control draws from its own generator: the returns are those without it
     assert agent.evaluate_tasks(family, tasks, seed=1, episodes=3) == pytest.approx(returns.mean(1).tolist())
