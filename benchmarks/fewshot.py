@@ -104,14 +104,16 @@ def task_curves(trainer, params: dict, steps: list[int], transductive: bool, spl
     """Per-task query loss and accuracy ``[T, len(steps)]`` on tasks ``0..tasks-1`` of ``split``
     (default ``spec.evaluation.tasks``), keyed by ``transductive`` (False: served, each query
     alone with the support statistics; True also when ``transductive``): the engine's sampling,
-    chunks and ``evaluation_curves``, each chunk sampled once for both passes."""
-    from metaserve.workers.engine.trainer import DEFAULT_EVALUATION_CHUNK, _chunks
+    chunks (``Trainer.evaluation_chunk``: ``task_chunk``, else the meta-batch size for images;
+    500 image tasks at once took 21 GB) and ``evaluation_curves``, each chunk sampled once for
+    both passes."""
+    from metaserve.workers.engine.trainer import _chunks
 
     spec = trainer.spec
     steps = sorted(set(steps))
     modes = (False, True) if transductive else (False,)
     curves: dict[bool, list[tuple[torch.Tensor, torch.Tensor]]] = {mode: [] for mode in modes}
-    for chunk in _chunks(range(tasks or spec.evaluation.tasks), spec.resources.task_chunk or DEFAULT_EVALUATION_CHUNK):
+    for chunk in _chunks(range(tasks or spec.evaluation.tasks), trainer.evaluation_chunk):
         batch = trainer.family.sample(seed=spec.seed, split=split, iteration=0, task_indices=chunk,
                                       support_shots=spec.evaluation.support_shots).to(trainer.device)
         for mode in modes:

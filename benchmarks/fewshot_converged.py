@@ -155,6 +155,9 @@ def run_seed(args: argparse.Namespace, seed: int, log) -> dict:
             log(f"seed {seed} it {state.iteration}: val {100 * point['val_accuracy']:.1f} "
                 f"± {100 * point['val_ci95']:.1f} MA {point['val_moving_average']} "
                 f"wall {point['wall_seconds']:.0f}s load {point['load_average_1min']:.1f}")
+            partial = args.out.with_suffix(".partial.json")  # the curve so far, should the run die
+            partial.write_text(json.dumps({"setting": args.setting, "method": args.method, "norm": args.norm,
+                                           "seed": seed, "spec": spec, "curve": curve}, indent=1) + "\n")
             if plateaued(accuracies, args.window, args.patience, args.min_delta):
                 stop_reason = "plateau"
             elif state.iteration >= args.max_iterations:
@@ -205,6 +208,43 @@ def run_seed(args: argparse.Namespace, seed: int, log) -> dict:
     return result
 
 
+def table(document: dict) -> str:
+    """Markdown: one row per (setting, method, norm) over its seeds (mean of the seeds' means,
+    mean of their CIs over test tasks, min-max of the seeds' means), then each seed's curve."""
+    rows = ["| setting | method | norm | seeds | stop (per seed) | meta-iterations × tasks | train wall s "
+            "| served accuracy | pixel floor | served − floor | transductive | served − transductive |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    curves = []
+    groups: dict[tuple, list[dict]] = {}
+    for run in document["runs"]:
+        groups.setdefault((run["setting"], run["method"], run["norm"]), []).append(run)
+
+    def cell(runs: list[dict], key: str) -> str:
+        if any(r[key] is None for r in runs):
+            return "–"
+        means = [100 * r[key]["accuracy"] for r in runs]
+        ci = sum(100 * r[key]["ci95"] for r in runs) / len(runs)
+        spread = f" ({min(means):.1f}…{max(means):.1f})" if len(runs) > 1 else ""
+        mean = f"{sum(means) / len(means):+.1f}" if "minus" in key else f"{sum(means) / len(means):.1f}"
+        return f"{mean} ± {ci:.1f}{spread}"
+
+    for (setting, method, norm), runs in groups.items():
+        runs = sorted(runs, key=lambda r: r["seed"])
+        walls = ", ".join(str(round(r["train_wall_seconds"])) for r in runs)
+        rows.append(
+            f"| {setting} | {method} | {norm} | {', '.join(str(r['seed']) for r in runs)} | "
+            f"{', '.join(r['stop_reason'] for r in runs)} | "
+            f"{', '.join(str(r['iterations']) for r in runs)} × {runs[0]['spec']['meta_batch_size']} | "
+            f"{walls} | {cell(runs, 'served')} | "
+            f"{cell(runs, 'pixel_floor')} | {cell(runs, 'served_minus_floor')} | "
+            f"{cell(runs, 'transductive')} | {cell(runs, 'served_minus_transductive')} |")
+        for r in runs:
+            points = ", ".join(f"{p['iteration']}: {100 * p['val_accuracy']:.1f}" for p in r["curve"])
+            curves.append(f"- {setting} {method} {norm} seed {r['seed']} (val %, served, by meta-iteration; "
+                          f"tested at {r['tested_iteration']}): {points}")
+    return "\n".join(rows + [""] + curves)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--method", default="protonet", choices=["protonet", "anil", "maml", "fomaml"])
@@ -226,7 +266,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/fewshot_converged.json")
+    parser.add_argument("--table", action="store_true", help="Print the Markdown table of --out and exit.")
     args = parser.parse_args(argv)
+    if args.table:
+        document = json.loads(args.out.read_text())
+        print(table(document))
+        return document
     for name in ("eval_every", "val_tasks", "window", "patience", "tasks", "meta_batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -234,6 +279,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--val-tasks and --tasks must be at least 2 (a CI needs two tasks)")
     args.iterations = args.max_iterations  # job_spec's fields
     torch.set_num_threads(args.threads)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     command = "benchmarks/fewshot_converged.py " + " ".join(sys.argv[1:] if argv is None else argv)
     engine = fewshot.engine_source()
 

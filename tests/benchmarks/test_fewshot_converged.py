@@ -51,6 +51,9 @@ def test_one_seed_end_to_end_on_a_tiny_budget(tmp_path: Path) -> None:
     assert run["served_minus_floor"]["accuracy"] == pytest.approx(
         served - sum(run["per_task"]["pixel_floor"]) / 6, abs=1e-4)
     assert run["engine"]["commit"]
+    markdown = converged.table({"runs": [run]})
+    assert f"| {100 * run['served']['accuracy']:.1f} ± {100 * run['served']['ci95']:.1f} |" in markdown
+    assert "seed 0 (val %" in markdown
     # the floor is benchmarks/fewshot.py's on the same test tasks (it averages in float32)
     import fewshot
     assert run["pixel_floor"]["accuracy"] == pytest.approx(fewshot.pixel_floor("5w1s", 0, 6)["accuracy"], abs=1e-6)
