@@ -23,8 +23,9 @@ keeping both keeps its best, and a chart's y-range, whichever it is.
 Only terminal jobs (succeeded, failed, cancelled) are downsampled: nothing writes to them any
 more (every run write is fenced by an active lease), so the pass never races a writer. Per
 job: one read names its series past the budget, each is downsampled by one DELETE in its own
-transaction (on SQLite the write lock is held one series at a time: ~0.2 s for 10,000
-points, not the whole job), then the job is marked (``jobs.metrics_kept_per_series``,
+transaction (on SQLite by a read of the ids to delete, which takes no lock in WAL mode,
+then DELETEs of 1,000 ids each, so the file's write lock is held milliseconds at a time
+while running jobs write), then the job is marked (``jobs.metrics_kept_per_series``,
 migration 0014; its ``updated_at`` left as it was) so that the next pass skips it. A pass
 cut short (a restart, the database away) leaves a job unmarked and the next pass does it
 again, deleting only what is left. Two dispatchers' passes may meet on a job: they delete
@@ -47,7 +48,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import Delete, Integer, bindparam, case, delete, func, or_, select, update
+from sqlalchemy import Integer, Select, bindparam, case, delete, func, or_, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -71,8 +72,8 @@ class RetentionPass:
     seconds: float = 0.0
 
 
-def _surplus() -> Delete:
-    """The DELETE of one series' points past the budget (parameters ``job_id``, ``name``,
+def _surplus() -> Select:
+    """The ids of one series' points past the budget (parameters ``job_id``, ``name``,
     ``budget``): window functions over the series' rows, in both dialects. Every window is
     over the series in step order, the order of the (job_id, name, step) index: one pass
     over its rows, no sort by value (the lowest and highest value are window aggregates,
@@ -102,7 +103,7 @@ def _surplus() -> Delete:
         f.rank != f.points - 1,
         or_(f.low.is_(None), f.step != f.low),
         or_(f.high.is_(None), f.step != f.high))
-    return delete(Metric).where(Metric.id.in_(doomed))
+    return doomed
 
 
 def _unmarked():  # noqa: ANN202 - a WHERE clause
@@ -113,6 +114,11 @@ def _unmarked():  # noqa: ANN202 - a WHERE clause
 
 
 SURPLUS = _surplus()
+DELETE_SURPLUS = delete(Metric).where(Metric.id.in_(SURPLUS))
+# SQLite: ids deleted per transaction, so that the file's write lock is held for a few
+# milliseconds at a time (the surplus is found by a read first, which takes no lock in WAL).
+SQLITE_DELETE_CHUNK = 1000
+DELETE_IDS = delete(Metric).where(Metric.id.in_(bindparam("ids", expanding=True)))
 # The series of a job past the budget, if the job is finished and not marked: an index-only
 # count over (job_id, name, step).
 OVER_BUDGET = (select(Metric.name).join(Job, Job.id == Metric.job_id)
@@ -139,14 +145,30 @@ def downsample_job(session_factory: sessionmaker[Session], job_id: str,
     values = {"job_id": job_id, "budget": budget}
     with session_factory() as session:
         names = list(session.scalars(OVER_BUDGET, values))
+        sqlite = session.get_bind().dialect.name == "sqlite"
     deleted = 0
     for name in names:
-        with session_factory.begin() as session:
-            deleted += session.execute(SURPLUS, {**values, "name": name}, execution_options={
-                "synchronize_session": False}).rowcount
+        deleted += _delete_surplus(session_factory, {**values, "name": name}, sqlite)
     with session_factory.begin() as session:
         marked = session.execute(MARK, values).rowcount == 1
     return deleted if marked else None
+
+
+def _delete_surplus(session_factory: sessionmaker[Session], values: dict, sqlite: bool) -> int:
+    """Delete one series' surplus: one DELETE on PostgreSQL (no lock but the rows'); on
+    SQLite, read the ids, then delete them :data:`SQLITE_DELETE_CHUNK` a transaction."""
+    plain = {"synchronize_session": False}
+    if not sqlite:
+        with session_factory.begin() as session:
+            return session.execute(DELETE_SURPLUS, values, execution_options=plain).rowcount
+    with session_factory() as session:
+        ids = list(session.scalars(SURPLUS, values))
+    deleted = 0
+    for start in range(0, len(ids), SQLITE_DELETE_CHUNK):
+        with session_factory.begin() as session:
+            deleted += session.execute(DELETE_IDS, {"ids": ids[start:start + SQLITE_DELETE_CHUNK]},
+                                       execution_options=plain).rowcount
+    return deleted
 
 
 def retention_pass(session_factory: sessionmaker[Session], budget: int, *,

@@ -131,25 +131,33 @@ def test_a_job_whose_delete_the_database_refuses_is_skipped_and_left_for_the_nex
         sessions, alice, monkeypatch):  # noqa: ANN001
     import psycopg.errors
     from sqlalchemy.exc import OperationalError
-    from sqlalchemy.orm import Session
 
     slow, fine = (job_with_metrics(sessions, alice, JobStatus.SUCCEEDED) for _ in range(2))
-    execute = Session.execute
+    delete_surplus = metrics_retention._delete_surplus
 
-    def statement_timeout_on_slow(self, statement, params=None, **kwargs):  # noqa: ANN001, ANN003, ANN202
-        if statement is metrics_retention.SURPLUS and params["job_id"] == slow:
+    def statement_timeout_on_slow(session_factory, values, sqlite):  # noqa: ANN001, ANN202
+        if values["job_id"] == slow:
             raise OperationalError("DELETE", {}, psycopg.errors.QueryCanceled(
                 "canceling statement due to statement timeout"))
-        return execute(self, statement, params, **kwargs)
+        return delete_surplus(session_factory, values, sqlite)
 
-    monkeypatch.setattr(Session, "execute", statement_timeout_on_slow)
+    monkeypatch.setattr(metrics_retention, "_delete_surplus", statement_timeout_on_slow)
     done = retention_pass(sessions, 100)
     assert (done.jobs, done.skipped) == (1, 1)
     assert reread(sessions, slow).metrics_kept_per_series is None
     assert len(steps(sessions, fine, "loss")) == 103
-    monkeypatch.setattr(Session, "execute", execute)
+    monkeypatch.setattr(metrics_retention, "_delete_surplus", delete_surplus)
     assert retention_pass(sessions, 100).jobs == 1  # the next pass does it
     assert len(steps(sessions, slow, "loss")) == 103
+
+
+def test_sqlite_deletes_a_series_a_chunk_of_ids_a_transaction(sessions, alice, monkeypatch):  # noqa: ANN001
+    """On SQLite the write lock is taken per chunk (here 100 ids): the same points kept."""
+    monkeypatch.setattr(metrics_retention, "SQLITE_DELETE_CHUNK", 100)
+    job_id = job_with_metrics(sessions, alice, JobStatus.SUCCEEDED)
+    assert retention_pass(sessions, 100).deleted == POINTS - 103
+    assert len(steps(sessions, job_id, "loss")) == 103
+    assert steps(sessions, job_id, "loss")[-1] == 10 * (POINTS - 1)
 
 
 def test_a_pass_walks_every_finished_job_past_one_read(sessions, alice, monkeypatch):  # noqa: ANN001
