@@ -505,8 +505,16 @@ class Dispatcher:
                 if not self._stop.is_set():
                     self._remove_placement_groups(running.job_id)
 
-    @staticmethod
-    def _remove_placement_groups(job_id: str) -> None:
+    def _remove_placement_groups(self, job_id: str) -> None:
+        running = self._running.get(job_id)
+        if running is None or running.lease_lost.is_set() \
+                or time.time() - running.renewed_at > self.settings.lease_s / 2:
+            # The job may be another attempt's by now (this one was paused or cut off past its
+            # lease): the groups named after its supervisor may be the new attempt's workers'.
+            # The next attempt removes this one's before it starts (start_supervisor).
+            logger.warning("lease lost or not renewed lately: the job's placement groups are "
+                           "left to its next attempt", extra={"job_id": job_id})
+            return
         try:
             from metaserve.workers.runner import remove_job_placement_groups
             from metaserve.workers.supervisor import supervisor_name

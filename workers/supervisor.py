@@ -41,7 +41,8 @@ from metaserve.workers.exceptions import (CheckpointError, DriverOutOfMemory, Jo
 from metaserve.workers.log_capture import capture_logs, release_logs
 from metaserve.workers.job_run import SCRATCH_PREFIX, JobContext, JobRun, node_info
 from metaserve.workers.registry import job_kind
-from metaserve.workers.runner import DRIVER_GROUP_PREFIX, PENDING_REPORT_S, RunOptions
+from metaserve.workers.runner import (DRIVER_GROUP_PREFIX, PENDING_REPORT_S, RunOptions,
+                                     remove_job_placement_groups)
 from metaserve.workers.object_store import StorageConfig, open_store
 
 logger = logging.getLogger(__name__)
@@ -287,6 +288,9 @@ def start_supervisor(run: JobRun, storage: StorageConfig, options: RunOptions, *
     # partitioned from the database) before it starts; two supervisors never run one job.
     name = supervisor_name(run.job_id)
     _end_previous_supervisor(name)
+    # and its placement groups (named after it), which outlive it; its dispatcher leaves them
+    # when it lost the lease, since by then they may be this attempt's.
+    remove_job_placement_groups(name)
     placement: dict[str, Any] = dict(name=name, namespace=SUPERVISOR_NAMESPACE)
     if job_kind(run).detached:
         # Tune reserves a placement group per trial from inside this actor, and a placement
