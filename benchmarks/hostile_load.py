@@ -4,6 +4,18 @@
                                       [--adapt 45] [--header-mb 128] [--slow 1100]
                                       [--only a_quiet f_slow ...]
                                       [--json benchmarks/results/hostile_load.json]
+                                      [--repeat N] [--variants NAME[:ENV=VALUE,...] ...]
+                                      [--server-env ENV=VALUE ...] [--trace-gc] [--py-spy DIR]
+
+``--variants`` serves the same directory once per variant, back to back (``--repeat`` times in
+turn), each with its environment added: an A/B on one noisy machine within minutes (e.g.
+``base:PYTHONPATH=/tmp/base`` for a copy of the code before a change). Every run records,
+beside ``/healthz`` as the probe saw it: CPU and run-queue wait (time runnable while every
+CPU was taken, ``/proc/*/task/*/schedstat``) of the server's event-loop thread, its other
+threads, its child processes by kind and the probe itself (``scheduling``); the server's own
+event-loop lag and GC pause histograms from ``GET /metrics`` (``server_metrics``); with
+``--trace-gc``, each collection of generations 1 and 2 in the server (wall and CPU ms, objects
+walked); with ``--py-spy``, a py-spy record of who held the GIL.
 
 Loopback only: the server listens on 127.0.0.1 (its default), every client connects there.
 
@@ -42,7 +54,9 @@ g. all four at once.
 
 Each hostile client runs in a process of its own (``_load`` subcommand), bounded by a count
 and a deadline, and stops on a stop file. The server is stopped in a ``finally``. Target:
-``/healthz`` p99 < 50 ms.
+``/healthz`` p99 < 50 ms. Before the runs the adapt processes are started by two adapt calls
+(each imports torch: not what a run measures). Where the tail came from:
+docs/notes/hostile-load-tail.md.
 """
 
 from __future__ import annotations
@@ -429,6 +443,104 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _schedstat(path: Path) -> tuple[float, float]:
+    """(seconds on a CPU, seconds runnable but waiting for one) of a thread."""
+    try:
+        run_ns, wait_ns, _ = Path(path, "schedstat").read_text().split()
+        return int(run_ns) / 1e9, int(wait_ns) / 1e9
+    except (OSError, ValueError):
+        return 0.0, 0.0
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return found
+
+
+def scheduling(server_pid: int) -> dict:
+    """CPU and run-queue wait (seconds, cumulative) of: the server's event-loop thread (its
+    main thread), its other threads, each group of its descendant processes by name (the
+    adapt processes, Ray's), and this process's main thread (the probe). Diffed per run by
+    :func:`scheduling_delta`: a thread's run-queue wait is time it was ready but every CPU was
+    taken, which no change inside the server's own code can shorten."""
+    out: dict[str, list[float]] = {}
+
+    def add(name: str, cpu_wait: tuple[float, float]) -> None:
+        total = out.setdefault(name, [0.0, 0.0])
+        total[0] += cpu_wait[0]
+        total[1] += cpu_wait[1]
+
+    for task in Path(f"/proc/{server_pid}/task").glob("*"):
+        add("server_loop_thread" if task.name == str(server_pid) else "server_other_threads",
+            _schedstat(task))
+    seen, stack = set(), _children(server_pid)
+    while stack:
+        pid = stack.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            continue
+        name = ("adapt_processes" if "multiprocessing" in cmdline else
+                "dataset_conversion" if "dataset_ingest" in cmdline else f"child:{comm}")
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            add(name, _schedstat(task))
+        stack += _children(pid)
+    add("probe_thread", _schedstat(Path(f"/proc/self/task/{os.getpid()}")))
+    return out
+
+
+def scheduling_delta(before: dict, after: dict, seconds: float) -> dict:
+    """Per group: CPU cores used and run-queue wait per second of the run."""
+    return {name: {"cpu_cores": round((cpu - before.get(name, [0, 0])[0]) / seconds, 3),
+                   "runqueue_wait_per_s": round((wait - before.get(name, [0, 0])[1]) / seconds, 3)}
+            for name, (cpu, wait) in sorted(after.items())}
+
+
+def scrape(client: httpx.Client) -> dict[str, float]:
+    """The server's own histograms from ``GET /metrics``: event-loop lag, GC pauses, and
+    ``/healthz`` as the server timed it (from its first byte read)."""
+    wanted = ("metaserve_event_loop_lag_seconds", "metaserve_gc_pause_seconds",
+              'metaserve_http_request_duration_seconds_bucket{method="GET",route="/healthz"')
+    values: dict[str, float] = {}
+    try:
+        text = client.get("/metrics").text
+    except httpx.HTTPError:
+        return values
+    for line in text.splitlines():
+        if line.startswith(wanted):
+            name, _, value = line.rpartition(" ")
+            try:
+                values[name] = float(value)
+            except ValueError:
+                pass
+    return values
+
+
+def scrape_delta(before: dict[str, float], after: dict[str, float]) -> dict:
+    """Counts per histogram bucket over the run, as ``{"le": count}`` per series."""
+    series: dict[str, dict[str, float]] = {}
+    for name, value in after.items():
+        delta = value - before.get(name, 0.0)
+        base, _, labels = name.partition("{")
+        le = ""
+        if 'le="' in labels:
+            le = labels.split('le="', 1)[1].split('"', 1)[0]
+        generation = labels.split('generation="', 1)[1].split('"', 1)[0] if "generation" in labels else ""
+        suffix = base.rsplit("_", 1)[1]
+        key = base.removesuffix(f"_{suffix}") + (f"[gen{generation}]" if generation else "")
+        series.setdefault(key, {})[le if suffix == "bucket" else suffix] = round(delta, 4)
+    return series
+
+
 def wait_for(predicate, timeout: float, what: str):  # noqa: ANN001, ANN201
     deadline = time.monotonic() + timeout
     while True:
@@ -476,6 +588,172 @@ def prepare(directory: Path, users: int) -> tuple[str, list[str]]:
     return job_id, keys
 
 
+def py_spy(pid: int, directory: Path | None, name: str, seconds: float):  # noqa: ANN201
+    """``py-spy record`` of the server for ``seconds`` (None when not asked for)."""
+    if directory is None:
+        return None
+    directory.mkdir(parents=True, exist_ok=True)
+    executable = Path(sys.executable).with_name("py-spy")
+    return subprocess.Popen([str(executable), "record", "-p", str(pid), "-d", str(int(seconds)),
+                             "-r", "200", "--threads", "--gil", "-f", "raw", "--nonblocking",
+                             "-o", str(directory / f"{name}.txt")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+GC_TRACE = """
+import sys
+if sys.argv[1:2] == ["serve"] and sys.argv[0].endswith("metaserve"):
+    import gc, json, os, threading, time
+    _path = os.environ["HOSTILE_GC_TRACE"]
+    _start = {}
+
+    def _trace(phase, info):
+        generation = info.get("generation")
+        if generation < 1:
+            return
+        if phase == "start":
+            _start.update(objects=len(gc.get_objects(generation)) if generation == 2 else None,
+                          wall=time.perf_counter(), cpu=time.thread_time())
+            return
+        record = {"t": time.time(), "generation": generation, "objects": _start["objects"],
+                  "wall_ms": round((time.perf_counter() - _start["wall"]) * 1000, 2),
+                  "cpu_ms": round((time.thread_time() - _start["cpu"]) * 1000, 2),
+                  "collected": info.get("collected"),
+                  "thread": threading.current_thread().name}
+        with open(_path, "a") as out:
+            out.write(json.dumps(record) + "\\n")
+
+    gc.callbacks.append(_trace)
+"""
+"""``--trace-gc``: a ``sitecustomize`` for the measured server only: each collection of
+generation 1 or 2 (wall and CPU ms of the thread that ran it, objects in generation 2)."""
+
+
+def gc_trace_env(directory: Path, env: dict[str, str]) -> dict[str, str]:
+    """``env`` with the GC trace's ``sitecustomize`` first on PYTHONPATH."""
+    trace = directory / "gc-trace"
+    trace.mkdir(exist_ok=True)
+    (trace / "sitecustomize.py").write_text(GC_TRACE)
+    path = os.pathsep.join(p for p in (str(trace), env.get("PYTHONPATH", "")) if p)
+    return {**env, "PYTHONPATH": path, "HOSTILE_GC_TRACE": str(directory / "gc-trace.jsonl")}
+
+
+def gc_records(path: Path, since: float, until: float) -> dict:
+    """The traced collections of generation 1 and 2 between ``since`` and ``until``."""
+    records = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            if since <= record["t"] <= until:
+                records.append(record)
+    out = {}
+    for generation in (1, 2):
+        mine = [r for r in records if r["generation"] == generation]
+        out[f"gen{generation}"] = {
+            "count": len(mine),
+            "cpu_ms": sorted(r["cpu_ms"] for r in mine)[-10:],
+            "wall_ms": sorted(r["wall_ms"] for r in mine)[-10:],
+            "objects": [r["objects"] for r in mine][:10] if generation == 2 else None}
+    return out
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, str]]:
+    """``NAME`` or ``NAME:ENV=VALUE,ENV=VALUE``."""
+    name, _, rest = text.partition(":")
+    return name, dict(item.split("=", 1) for item in rest.split(",") if item)
+
+
+def summary(runs: dict) -> dict:
+    """p99 per scenario (and variant): every value in run order and their median."""
+    grouped: dict[str, list[float]] = {}
+    for key, run in runs.items():
+        grouped.setdefault(key.split("#", 1)[0], []).append(run["healthz"]["p99_ms"] or 1e9)
+    out = {}
+    for key, values in grouped.items():
+        ordered = sorted(values)
+        middle = len(ordered) // 2
+        median = (ordered[middle] if len(ordered) % 2
+                  else (ordered[middle - 1] + ordered[middle]) / 2)
+        out[key] = {"p99_ms": [round(v, 1) for v in values], "median_p99_ms": round(median, 1)}
+    return out
+
+
+def warm_adapt_processes(server: ServerProcess, job_id: str, slots: int = 2) -> None:
+    """``slots`` (``METASERVE_ADAPT_CONCURRENCY``'s default) adapt calls at once before any
+    run, so that no run measures the adapt processes' start (each imports torch)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    body = {"support_x": [[0.0]], "support_y": [[0.0]], "query_x": [[0.0]]}
+
+    def call(_: int) -> int:
+        with server.client() as client:
+            client.timeout = httpx.Timeout(300)
+            return client.post(f"/v1/jobs/{job_id}/adapt", json=body).status_code
+
+    with ThreadPoolExecutor(slots) as pool:
+        statuses = list(pool.map(call, range(slots)))
+    if statuses != [200] * slots:
+        raise RuntimeError(f"warming the adapt processes answered {statuses}")
+
+
+def measure_server(directory: Path, env: dict[str, str], runs: dict[str, list[str]],
+                   suffix: str, args: argparse.Namespace, report: dict, state: dict,
+                   adapt_job_id: str, keys: list[str]) -> None:
+    """Serve ``directory`` with ``env`` (and the waiting driver), make sure the streams' job
+    waits for resources, and measure each of ``runs``."""
+    if args.trace_gc:
+        env = gc_trace_env(directory, env)
+    server = ServerProcess(directory, METASERVE_DRIVER_MEMORY_MB=str(WAITING_DRIVER_MB), **env)
+    try:
+        server.start()
+        with server.client() as client:
+            wait_ready(client)
+            if state["waiting_id"] is None:
+                state["waiting_id"] = client.post("/v1/jobs", json=TINY_JOB).json()["id"]
+            waiting_id = state["waiting_id"]
+            waiting = wait_for(lambda: (lambda j: j if (j.get("message") or "").startswith(
+                "waiting") else None)(client.get(f"/v1/jobs/{waiting_id}").json()),
+                60, "the stream job to wait for resources")
+        report["stream_job"] = {"status": waiting["status"], "message": waiting["message"]}
+        warm_adapt_processes(server, adapt_job_id)
+        config = {"url": server.url, "deadline": 0.0, "job_id": waiting_id, "keys": keys,
+                  "streams": args.streams, "adapt": args.adapt, "header_mb": args.header_mb,
+                  "slow": args.slow,
+                  "adapt_job_id": adapt_job_id, "admin_key": server.admin_key}
+        for name, kinds in runs.items():
+            time.sleep(SETTLE_S)
+            config["deadline"] = time.time() + LOADER_READY_TIMEOUT_S + args.seconds + 30
+            load_before = os.getloadavg()
+            with Loaders(directory, kinds, config) as loaders, server.client() as client:
+                spy = py_spy(server.process.pid, args.py_spy, name + suffix, args.seconds)
+                metrics_before = scrape(client)
+                sched_before = scheduling(server.process.pid)
+                cpu_before, wall_before = cpu_seconds(server.process.pid), time.monotonic()
+                since = time.time()
+                healthz = probe_healthz(server.url, args.seconds, args.rate)
+                until = time.time()
+                wall = time.monotonic() - wall_before
+                server_cpu = (cpu_seconds(server.process.pid) - cpu_before) / wall
+                sched = scheduling_delta(sched_before, scheduling(server.process.pid), wall)
+                metrics = scrape_delta(metrics_before, scrape(client))
+                clients = loaders.results()
+                if spy is not None:
+                    spy.wait(timeout=60)
+            healthz["server_cpu_cores"] = round(server_cpu, 2)  # while probing
+            with server.client() as client:
+                still = client.get(f"/v1/jobs/{waiting_id}").json()["status"]
+            report["runs"][name + suffix] = {
+                "healthz": healthz, "clients": clients, "load_average_before": load_before,
+                "scheduling": sched, "server_metrics": metrics, "server_env": env,
+                **({"gc": gc_records(directory / "gc-trace.jsonl", since, until)}
+                   if args.trace_gc else {}),
+                "stream_job_status_after": still}
+            print(name + suffix, json.dumps(healthz), json.dumps(clients), flush=True)
+    finally:
+        if server.process is not None:
+            server.terminate()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=20.0)
@@ -487,6 +765,19 @@ def main() -> None:
                         help="slow-body connections held at once (f, g)")
     parser.add_argument("--only", nargs="*", default=None,
                         help="run only these (e.g. a_quiet f_slow)")
+    parser.add_argument("--py-spy", type=Path, default=None, metavar="DIR",
+                        help="record the server with py-spy (--threads --gil, raw: who holds the GIL) "
+                             "during each run into DIR/<run>.txt")
+    parser.add_argument("--server-env", nargs="*", default=[], metavar="NAME=VALUE",
+                        help="more environment for the measured server (A/B of a setting)")
+    parser.add_argument("--trace-gc", action="store_true",
+                        help="trace the server's collections of generations 1 and 2 (wall and "
+                             "CPU ms each) during each run")
+    parser.add_argument("--variants", nargs="*", default=[], metavar="NAME[:ENV=VALUE,...]",
+                        help="serve once per variant (its environment added), back to back, "
+                             "and measure each run under each; runs are named RUN@NAME")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="measure every variant this many times, in turn (RUN#N)")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks/results/hostile_load.json")
     args = parser.parse_args()
     users = -(-args.streams // STREAMS_PER_USER)
@@ -500,50 +791,30 @@ def main() -> None:
                                  "slow_connections": args.slow,
                                  "server_env": {"METASERVE_DRIVER_MEMORY_MB": str(WAITING_DRIVER_MB)}},
                     "target_p99_ms": P99_TARGET_MS, "runs": {}}
+    variants = [parse_variant(text) for text in args.variants] or [("", {})]
+    extra_env = dict(item.split("=", 1) for item in args.server_env)
+    report["settings"]["server_env"].update(extra_env)
+    if args.variants:
+        report["variants"] = {name: env for name, env in variants}
+    report["repeat"] = args.repeat
+    runs = {"a_quiet": [], "b_header": ["header"], "c_streams": ["streams"],
+            "d_adapt": ["adapt"], "e_all": ["header", "streams", "adapt"],
+            "f_slow": ["slow"], "g_all_and_slow": ["header", "streams", "adapt", "slow"]}
+    if args.only:
+        runs = {name: kinds for name, kinds in runs.items() if name in args.only}
     with tempfile.TemporaryDirectory(prefix="metaserve-hostile-") as tmp:
         directory = Path(tmp)
         started = time.monotonic()
         adapt_job_id, keys = prepare(directory, users)
-        server = ServerProcess(directory, METASERVE_DRIVER_MEMORY_MB=str(WAITING_DRIVER_MB))
-        try:
-            server.start()
-            with server.client() as client:
-                wait_ready(client)
-                waiting_id = client.post("/v1/jobs", json=TINY_JOB).json()["id"]
-                waiting = wait_for(lambda: (lambda j: j if (j.get("message") or "").startswith(
-                    "waiting") else None)(client.get(f"/v1/jobs/{waiting_id}").json()),
-                    60, "the stream job to wait for resources")
-            report["stream_job"] = {"status": waiting["status"], "message": waiting["message"]}
-            report["setup_s"] = round(time.monotonic() - started, 1)
-            config = {"url": server.url, "deadline": 0.0, "job_id": waiting_id, "keys": keys,
-                      "streams": args.streams, "adapt": args.adapt, "header_mb": args.header_mb,
-                      "slow": args.slow,
-                      "adapt_job_id": adapt_job_id, "admin_key": server.admin_key}
-            runs = {"a_quiet": [], "b_header": ["header"], "c_streams": ["streams"],
-                    "d_adapt": ["adapt"], "e_all": ["header", "streams", "adapt"],
-                    "f_slow": ["slow"], "g_all_and_slow": ["header", "streams", "adapt", "slow"]}
-            if args.only:
-                runs = {name: kinds for name, kinds in runs.items() if name in args.only}
-            for name, kinds in runs.items():
-                time.sleep(SETTLE_S)
-                config["deadline"] = time.time() + LOADER_READY_TIMEOUT_S + args.seconds + 30
-                load_before = os.getloadavg()
-                with Loaders(directory, kinds, config) as loaders:
-                    cpu_before, wall_before = cpu_seconds(server.process.pid), time.monotonic()
-                    healthz = probe_healthz(server.url, args.seconds, args.rate)
-                    server_cpu = ((cpu_seconds(server.process.pid) - cpu_before)
-                                  / (time.monotonic() - wall_before))
-                    clients = loaders.results()
-                healthz["server_cpu_cores"] = round(server_cpu, 2)  # while probing
-                with server.client() as client:
-                    still = client.get(f"/v1/jobs/{waiting_id}").json()["status"]
-                report["runs"][name] = {"healthz": healthz, "clients": clients,
-                                        "load_average_before": load_before,
-                                        "stream_job_status_after": still}
-                print(name, json.dumps(healthz), json.dumps(clients), flush=True)
-        finally:
-            if server.process is not None:
-                server.terminate()
+        state: dict = {"waiting_id": None}
+        for rep in range(1, args.repeat + 1):
+            for variant, env in variants:
+                suffix = (f"@{variant}" if args.variants else "") + (
+                    f"#{rep}" if args.repeat > 1 else "")
+                measure_server(directory, {**extra_env, **env}, runs, suffix, args, report,
+                               state, adapt_job_id, keys)
+                report.setdefault("setup_s", round(time.monotonic() - started, 1))
+    report["summary"] = summary(report["runs"])
     report["load_average_after"] = os.getloadavg()
     report["met_target"] = {name: (run["healthz"]["p99_ms"] or 1e9) < P99_TARGET_MS
                             for name, run in report["runs"].items()}
