@@ -4,7 +4,8 @@ Adapting runs torch (tensors from the request's lists, the inner steps, predicti
 lists). In threads of the API process it held the GIL for stretches the event loop then
 waited behind (``/healthz`` p99 64 ms with 45 parallel adapt calls, docs/RELIABILITY.md). Here
 each of ``concurrency`` slots is an adapt process (spawned on first use, kept, niced below the
-API, one torch thread), fed over a pipe by a thread of the pool that only waits on it:
+API, every thread of it: :mod:`metaserve.service.background`; one torch thread), fed over a
+pipe by a thread of the pool that only waits on it:
 
 * at most ``concurrency`` compute at once and ``queue`` more wait; one more is refused at once
   (:class:`AdaptBusy`, 503 + ``Retry-After``);
@@ -23,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
-import os
 import signal
 import threading
 import time
@@ -33,6 +33,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from metaserve.service.adaptation import AdaptWork, MetaInitCache, compute_adaptation
+from metaserve.service.background import run_in_background
 from metaserve.service.exceptions import (AdaptBusy, AdaptFailed, AdaptProcessDied, AdaptTimedOut,
                                           MetaserveError)
 
@@ -40,7 +41,8 @@ logger = logging.getLogger(__name__)
 
 ADAPT_RETRY_AFTER_S = 2
 ADAPT_NICENESS = 10
-"""Added to an adapt process's nice value: the API process's requests win the CPU."""
+"""Added to an adapt process's nice value: the API process's requests win the CPU, and an
+adaptation wins it from a training job's Ray workers (15)."""
 PROCESS_START_TIMEOUT_S = 120.0
 """How long a new process may take to import torch and the engine and say it is ready."""
 PROCESS_EXIT_WAIT_S = 5.0
@@ -50,10 +52,7 @@ def serve_adaptations(connection: Connection) -> None:
     """An adapt process's loop: one :class:`AdaptWork` in, ``(True, result)`` or ``(False,
     error)`` out, until the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's; it stops us
-    try:
-        os.nice(ADAPT_NICENESS)
-    except OSError:
-        pass
+    run_in_background(ADAPT_NICENESS)  # before torch starts threads: they inherit it
     import torch
 
     import metaserve.workers.engine.final_artifact  # noqa: F401 - what loading needs, before "ready"

@@ -56,6 +56,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from metaserve.service.background import run_in_background
 from metaserve.service.exceptions import (ConversionsBusy, DatasetLimitExceeded,
                                           InvalidDataset, MetaserveError)
 from metaserve.service.upload_conversion import Converted, Limits
@@ -177,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     limits = Limits(**json.loads(limits_json))
     cap = limits.dataset_convert_memory_bytes
     resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-    os.nice(CHILD_NICENESS)
+    run_in_background(CHILD_NICENESS)
     target = Path(workdir) / RESULT_FILE
     try:
         converted = convert_upload(Path(upload), Path(workdir), limits)
