@@ -16,10 +16,11 @@ Every evaluation also reports each return's 95 % CI over the goals and the encod
 (``probe_r2_episode{k}``: cross-fitted R² of a linear map from the posterior mean after k
 exploration episodes to the goal). The result stores the final model's per-goal test returns
 (``per_task_returns``, [episode][goal]) and the load average. ``--seed`` overrides the spec's
-seed (training and held-out goals, initialization). Several seeds (docs/notes/pearl-nav2d.md)::
+seed (training and held-out goals, initialization). The seeds of docs/BENCHMARKS.md
+(docs/notes/pearl-nav2d.md)::
 
-    for seed in 0 1 2 3 4; do nice -n 10 .venv/bin/python benchmarks/rl_pearl_nav2d.py \
-        --iterations 50 --minutes 8 --seed $seed --out benchmarks/results/rl_pearl_seeds/seed$seed.json; done
+    for seed in 0 1; do nice -n 10 .venv/bin/python benchmarks/rl_pearl_nav2d.py --iterations 60 \
+        --minutes 11 --eval-tasks 100 --seed $seed --out benchmarks/results/rl_pearl_seeds/seed$seed.json; done
 """
 
 from __future__ import annotations
