@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.cluster.bed import VENV_BIN, Cluster, env_for_client
+from tests.cluster.netns import wait_for
 
 
 def test_a_host_without_a_raylet_cannot_drive_ray(cluster: Cluster):
@@ -217,8 +221,8 @@ KILL_AT = 40  # iterations done (past a checkpoint) when the fault is injected
 
 
 @pytest.fixture(scope="module")
-def reference(cluster: Cluster) -> bytes:
-    """meta_init.safetensors of an undisturbed run of FAULT."""
+def reference_run(cluster: Cluster) -> tuple[str, bytes]:
+    """The id and meta_init.safetensors of an undisturbed run of FAULT."""
     started = time.monotonic()
     job = cluster.submit(FAULT)
     final = cluster.wait_job(job["id"], timeout=300)
@@ -226,7 +230,13 @@ def reference(cluster: Cluster) -> bytes:
     print(f"\nundisturbed FAULT run: {time.monotonic() - started:.1f} s")
     served = cluster.artifact(job["id"])
     assert served == stored_object(cluster, job["id"])
-    return served
+    return job["id"], served
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run: tuple[str, bytes]) -> bytes:
+    """meta_init.safetensors of an undisturbed run of FAULT."""
+    return reference_run[1]
 
 
 def test_killing_a_worker_host_mid_job_gives_the_same_bits(cluster: Cluster, reference: bytes):
@@ -288,6 +298,206 @@ def test_an_object_store_restart_mid_job_never_corrupts_the_artifact(cluster: Cl
     assert final["status"] == "succeeded", summary(final)
     assert cluster.artifact(job["id"]) == reference
     assert stored_object(cluster, job["id"]) == reference
+
+
+OTHER = {"dispatcher-1": "dispatcher-2", "dispatcher-2": "dispatcher-1"}
+TIMED = re.compile(r"per_second|seconds|_s$")
+# (e)'s pause: past the 10 s lease, short of Ray's death sentence for a silent node (the GCS
+# health check: 5 failures of a 10 s probe every 3 s, about a minute): a paused process, not
+# a lost node. (A node the GCS declared dead is another fault: its raylet exits.)
+PAUSE_MAX_S = 40
+REFUSED = re.compile(r"attempt fenced: (\d+) of its writes were refused")
+
+
+def test_sigterm_to_the_dispatcher_holding_a_job_hands_it_back(cluster: Cluster,
+                                                                reference_run: tuple[str, bytes]):
+    """(a) ``docker compose stop dispatcher``: SIGTERM to the container's main process. It
+    drains (stops claiming, stops its running job and hands it back) and exits within its
+    grace; the other dispatcher resumes the job from its last checkpoint: one interruption,
+    attempt 1, the undisturbed run's bits and metrics."""
+    job = cluster.submit(FAULT)
+    cluster.wait_progress(job["id"], KILL_AT)
+    holder = holder_of(cluster, job["id"])
+    container = cluster[holder].container
+    assert container is not None and container.init_pid is not None
+    # docker compose stop waits stop_grace_period, then SIGKILLs
+    grace = float(cluster.compose["services"]["dispatcher"]["stop_grace_period"].rstrip("s"))
+    signalled = time.monotonic()
+    os.kill(container.init_pid, signal.SIGTERM)
+    try:
+        wait_for(f"{holder} to drain and exit", lambda: not container.alive(),
+                 timeout=grace, interval=0.5, on_timeout=lambda: cluster.topology.tails(holder))
+        drained_in = time.monotonic() - signalled
+        assert "draining" in container.log.read_text(errors="replace"), container.tail()
+        assert_mid_job(cluster, job["id"])
+        final = cluster.wait_job(job["id"], timeout=300)
+        assert final["status"] == "succeeded" and final["attempt"] == 1, summary(final)
+        assert cluster.job_column(job["id"], "interruptions") == "1"
+        handed_back = query(cluster, f"select count(*) from job_logs where job_id = "
+                                     f"'{job['id']}' and message like '%handed back%'")
+        assert handed_back == "1", handed_back  # a drain, not a lapsed lease
+        starts = query(cluster, f"select string_agg(message, '|' order by seq) from job_logs "
+                                f"where job_id = '{job['id']}' and message like 'attempt 1 started%'")
+        assert f"(dispatcher {OTHER[holder]}:" in starts.split("|")[-1], starts  # resumed elsewhere
+        assert_served_as_undisturbed(cluster, job["id"], reference_run)
+    finally:
+        cluster.start_service(holder)  # restart: unless-stopped
+    print(f"\nSIGTERM to {holder}: drained and exited in {drained_in:.1f} s (compose waits "
+          f"{grace:.0f} s)")
+    cluster.wait_nodes(5, "the restarted dispatcher back", holder)
+
+
+def test_a_dispatcher_paused_past_its_lease_writes_nothing_that_is_served(
+        cluster: Cluster, reference_run: tuple[str, bytes]):
+    """(e) Every process of the host of the dispatcher holding a job is paused (SIGSTOP) until
+    the other dispatcher has taken the job over (the lease lapsed) and run it on past where the
+    paused one left it (at most PAUSE_MAX_S), then resumed (SIGCONT): the paused attempt's writes are refused
+    (counted in its log), and the job ends on attempt 1 (one interruption) with the
+    undisturbed run's bits and metrics, served and stored."""
+    job = cluster.submit(FAULT)
+    cluster.wait_progress(job["id"], KILL_AT)
+    holder = holder_of(cluster, job["id"])
+    other = OTHER[holder]
+    container = cluster[holder].container
+    assert container is not None
+    paused = time.monotonic()
+    cluster[holder].signal(signal.SIGSTOP)
+    try:
+        taken = wait_for(f"{other} to take the job over", lambda: cluster.lease_owner(
+            job["id"]).startswith(f"{other}:") and time.monotonic() - paused,
+            timeout=PAUSE_MAX_S, interval=1,
+            on_timeout=lambda: json.dumps(cluster.job(job["id"]))[:2000])
+        at = (cluster.job(job["id"]).get("progress") or {}).get("iteration", 0)
+        try:  # and, if it gets there in time, runs the job on (its workers placed)
+            wait_for("the new attempt to run on", lambda: (cluster.job(job["id"]).get(
+                "progress") or {}).get("iteration", 0) > at,
+                timeout=max(1.0, PAUSE_MAX_S - (time.monotonic() - paused)), interval=1)
+        except TimeoutError:
+            pass
+    finally:
+        cluster[holder].signal(signal.SIGCONT)
+    paused_for = time.monotonic() - paused
+    final = cluster.wait_job(job["id"], timeout=300)
+    assert final["status"] == "succeeded" and final["attempt"] == 1, summary(final)
+    assert cluster.job_column(job["id"], "interruptions") == "1"
+    assert_served_as_undisturbed(cluster, job["id"], reference_run)
+    refused = wait_for(f"{holder}'s stale attempt to find its writes refused", lambda: sum(
+        int(count) for count in REFUSED.findall(container.log.read_text(errors="replace"))),
+        timeout=60, interval=1, on_timeout=lambda: container.tail(60))
+    print(f"\n{holder} paused {paused_for:.1f} s ({other} took the job over after "
+          f"{taken:.1f} s, at iteration {at}): {refused} writes of the stale attempt refused")
+    assert container.alive(), container.tail(60)  # resumed, it goes on (its job handed over)
+    cluster.wait_nodes(5, "every dispatcher still there", holder, other)
+    wait_for(f"{holder}'s health check to pass", lambda: cluster.healthcheck(holder)[0] == 0,
+             timeout=60, interval=2, on_timeout=lambda: str(cluster.healthcheck(holder)))
+
+
+def test_a_partition_between_the_dispatcher_and_the_head_costs_nothing(
+        cluster: Cluster, reference_run: tuple[str, bytes]):
+    """(d) The network between the dispatcher holding a job and the Ray head is cut (both
+    ways; the dispatcher still reaches the database and the worker hosts) until its health
+    check says Ray stopped answering, then healed: the job finishes on its first attempt with
+    the undisturbed run's bits, and the dispatcher's health check passes again."""
+    job = cluster.submit(FAULT)
+    cluster.wait_progress(job["id"], KILL_AT)
+    holder = holder_of(cluster, job["id"])
+    cut = time.monotonic()
+    cluster.topology.partition(holder, "ray-head")
+    try:
+        assert_mid_job(cluster, job["id"])
+        status, said = wait_for(  # the health check tells the truth: Ray does not answer
+            f"{holder}'s health check to fail", lambda: (lambda r: r if r[0] else None)(
+                cluster.healthcheck(holder)), timeout=60, interval=2)
+        assert "Ray has not answered" in said, said
+        during = (cluster.job(job["id"]).get("progress") or {}).get("iteration")
+        cut_for = time.monotonic() - cut
+    finally:
+        cluster.topology.partition(holder, "ray-head", cut=False)
+    print(f"\npartition {holder} <-> ray-head: {cut_for:.1f} s (job at iteration {during}); "
+          f"{holder}: {said}")
+    final = cluster.wait_job(job["id"], timeout=300)
+    assert final["status"] == "succeeded" and final["attempt"] == 1, summary(final)
+    assert cluster.job_column(job["id"], "interruptions") == "0"
+    assert_served_as_undisturbed(cluster, job["id"], reference_run)
+    assert cluster[holder].container_alive(), cluster.topology.tails(holder)
+    wait_for(f"{holder}'s health check to pass again",
+             lambda: cluster.healthcheck(holder)[0] == 0, timeout=60, interval=2,
+             on_timeout=lambda: str(cluster.healthcheck(holder)))
+
+
+def test_killing_the_ray_head_mid_job_costs_nothing(cluster: Cluster,
+                                                    reference_run: tuple[str, bytes]):
+    """(c) GCS fault tolerance: the Ray head host is killed mid-job (every process at once) and
+    restarted; its state comes back from redis, the worker and dispatcher nodes wait for it
+    (RAY_gcs_rpc_server_reconnect_timeout_s) instead of exiting, and the job finishes on its
+    first attempt with the undisturbed run's bits. A worker host's health check asks its own
+    raylet, so it passes while the head is gone."""
+    job = cluster.submit(FAULT)
+    cluster.wait_progress(job["id"], KILL_AT)
+    cluster["ray-head"].kill()
+    killed = time.monotonic()
+    assert_mid_job(cluster, job["id"])
+    for host in ("ray-worker-1", "ray-worker-2"):
+        status, said = cluster.healthcheck(host)
+        assert status == 0, (host, said)
+    during = (cluster.job(job["id"]).get("progress") or {}).get("iteration")
+    cluster.start_ray_head()  # restart: unless-stopped
+    print(f"\nRay head down {time.monotonic() - killed:.1f} s (job at iteration {during} "
+          f"while it was)")
+    final = cluster.wait_job(job["id"], timeout=400)
+    assert final["status"] == "succeeded" and final["attempt"] == 1, summary(final)
+    assert_served_as_undisturbed(cluster, job["id"], reference_run)
+    cluster.wait_nodes(5, "every node with the restarted head", "ray-worker-1", "ray-worker-2",
+                       "dispatcher-1", "dispatcher-2")
+    for host in ("dispatcher-1", "dispatcher-2"):
+        assert cluster[host].container_alive(), cluster.topology.tails(host)
+        wait_for(f"{host}'s health check to pass", lambda: cluster.healthcheck(host)[0] == 0,
+                 timeout=60, interval=2, on_timeout=lambda: str(cluster.healthcheck(host)))
+
+
+def holder_of(cluster: Cluster, job_id: str) -> str:
+    """The host of the dispatcher holding the job's lease."""
+    owner = cluster.lease_owner(job_id)
+    holder = owner.split(":", 1)[0]
+    assert holder in OTHER, owner
+    return holder
+
+
+def query(cluster: Cluster, sql: str) -> str:
+    """One value read from the cluster's database (as text)."""
+    database = cluster.compose["services"]["postgres"]["environment"]["POSTGRES_DB"]
+    return cluster.psql(sql, database).strip()
+
+
+def served_metrics(cluster: Cluster, job_id: str) -> dict[tuple[str, int], float | None]:
+    """Every metric value the API serves for the job, by (name, step)."""
+    values: dict[tuple[str, int], float | None] = {}
+    params: dict[str, int] = {}
+    for _ in range(100):
+        page = cluster.http("GET", f"/v1/jobs/{job_id}/metrics", params=params)
+        assert page.status_code == 200, page.text[:500]
+        body = page.json()
+        for point in body["data"]:
+            values[(point["name"], point["step"])] = point["value"]
+        if body.get("next_since_step") is None:
+            return values
+        params = {"since_step": body["next_since_step"]}
+    raise AssertionError(f"job {job_id}: more than 100 pages of metrics")
+
+
+def assert_served_as_undisturbed(cluster: Cluster, job_id: str,
+                                 reference_run: tuple[str, bytes]) -> None:
+    """The job's artifact, served and stored, and its metrics are the undisturbed run's: no
+    write of an interrupted or stale attempt is served."""
+    reference_id, reference = reference_run
+    assert cluster.artifact(job_id) == reference
+    assert stored_object(cluster, job_id) == reference
+    served, undisturbed = served_metrics(cluster, job_id), served_metrics(cluster, reference_id)
+    assert served.keys() == undisturbed.keys()
+    timed = {key for key in served if TIMED.search(key[0])}  # wall-clock rates differ
+    assert len(timed) < len(served) / 2, sorted(timed)
+    assert {key: value for key, value in served.items() if key not in timed} == {
+        key: value for key, value in undisturbed.items() if key not in timed}
 
 
 def assert_mid_job(cluster: Cluster, job_id: str) -> None:
