@@ -29,7 +29,7 @@ from metaserve.service.auth import KeyCache
 from metaserve.service.db import engine_timeouts, make_engine, session_factory
 from metaserve.service.limits import warm_up_cost_model
 from metaserve.service.settings import Settings, get_settings
-from metaserve.service.telemetry import Telemetry
+from metaserve.service.telemetry import GC_PAUSES, Telemetry
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ async def _freeze_startup_objects(app: FastAPI) -> None:
     gc.freeze()
     young, middle, _ = gc.get_threshold()
     gc.set_threshold(young, middle, FULL_COLLECTION_THRESHOLD)
-    logger.info("start-up objects frozen", extra={"objects": gc.get_freeze_count(),
+    logger.info("start-up objects frozen", extra={"objects": GC_PAUSES.record_freeze(),
                                                    "threshold": gc.get_threshold()})
 
 

@@ -70,6 +70,7 @@ def test_server_freezes_its_start_up_objects_only_when_asked(db_url, tmp_path) -
 
     from metaserve.api.app import create_app
     from metaserve.service.settings import Settings
+    from metaserve.service.telemetry import GC_PAUSES
 
     settings = Settings(database_url=db_url, dispatcher=False, artifact_root=tmp_path)
     gc.unfreeze()
@@ -83,5 +84,14 @@ def test_server_freezes_its_start_up_objects_only_when_asked(db_url, tmp_path) -
                 assert client.get("/healthz").status_code == 200
                 time.sleep(0.05)
             assert gc.get_freeze_count() > 10_000
+            # counted once at the freeze, not walked again at every /metrics scrape
+            deadline = time.monotonic() + 10
+            while GC_PAUSES.frozen_objects == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            # (frozen objects that are freed leave the count: it only drifts down, slowly)
+            assert gc.get_freeze_count() <= GC_PAUSES.frozen_objects < 1.01 * gc.get_freeze_count()
+            gauge = {family.name: family for family in GC_PAUSES.collect()}["metaserve_gc_frozen_objects"]
+            assert gauge.samples[0].value == GC_PAUSES.frozen_objects
     finally:
         gc.unfreeze()  # this test process is not a server: let the collector see it all again
+        GC_PAUSES.record_freeze()  # 0 again
