@@ -119,8 +119,9 @@ def supervised_step(backbone: str, args: argparse.Namespace, images: torch.Tenso
 
 
 def plain_trainer(spec: dict):
-    """A trainer on the plain path the fast paths replaced (same bits:
-    tests/workers/engine/test_fewshot_step.py): tasks sampled inline, ProtoNets and ANIL by the
+    """A trainer on the plain path the fast paths replaced (same bits, or within 1e-6 in
+    float64 for the norm: tests/workers/engine/test_fewshot_step.py): the batch norm written
+    out (no fused kernel), tasks sampled inline, ProtoNets and ANIL by the
     generic objective (features of the support set computed apart, a forward of their own for
     the metrics before adaptation), evaluation chunks of DEFAULT_EVALUATION_CHUNK tasks."""
     from torch.func import vmap
@@ -134,6 +135,7 @@ def plain_trainer(spec: dict):
     trainer = PlainTrainer(spec)
     trainer.prefetcher = TaskPrefetcher(trainer._sample, background=False)
     algorithm = trainer.algorithm
+    algorithm.fused_norm = False  # the batch norm written out, as before the fused kernel
     if algorithm.name in ("protonet", "anil"):
         algorithm.task_objective = lambda *tensors: Algorithm.task_objective(algorithm, *tensors)
         algorithm._batched_objective = vmap(algorithm.task_objective, in_dims=_TASK_AXES)

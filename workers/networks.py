@@ -34,7 +34,9 @@ the MLP, and as ``P`` extra constant input channels for conv4 (channel concatena
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -135,9 +137,39 @@ class MLP(FunctionalModel):
                 "prompt_dim": self.prompt_dim}
 
 
+_FUSED_BATCH_NORM: ContextVar[bool] = ContextVar("fused_batch_norm", default=False)
+
+
+@contextmanager
+def fused_batch_norm(enabled: bool = True) -> Iterator[None]:
+    """Within this context a ``batch``/``support`` norm over a whole set (``stats_rows`` None)
+    runs as torch's fused kernel (``F.batch_norm``, training mode, no running statistics): one
+    pass each way instead of the written-out form's six, the same maths up to float rounding;
+    with the support set's statistics (``stats_rows``), one ``addcmul`` with a per-channel
+    scale and shift instead of four full-size operations.
+
+    Only for computations that differentiate the norm at most once (a first-order meta-step,
+    ProtoNets, ANIL's body, evaluation, serving): under ``vmap`` torch's batch rule of the fused
+    kernel's *double* backward gives a wrong input gradient of the weight's gradient (torch
+    2.13; docs/notes/fewshot-profile.md), so a second-order inner loop through the norm keeps
+    the written-out form, which is the default outside this context."""
+    token = _FUSED_BATCH_NORM.set(enabled)
+    try:
+        yield
+    finally:
+        _FUSED_BATCH_NORM.reset(token)
+
+
 def _batch_norm(x: Tensor, weight: Tensor, bias: Tensor, stats_rows: int | None = None) -> Tensor:
     """Batch norm with the statistics of ``x[:stats_rows]`` (one task's support set) or of
     ``x`` itself (one task's batch), no running statistics."""
+    if _FUSED_BATCH_NORM.get():
+        if stats_rows is None:
+            return F.batch_norm(x, None, None, weight, bias, training=True, eps=NORM_EPS)
+        # the support set's statistics for every row: one fused multiply-add over x
+        var, mean = torch.var_mean(x[:stats_rows], dim=(0, 2, 3), unbiased=False, keepdim=True)
+        scale = torch.rsqrt(var + NORM_EPS) * weight[:, None, None]
+        return torch.addcmul(bias[:, None, None] - mean * scale, x, scale)
     reference = x if stats_rows is None else x[:stats_rows]
     mean = reference.mean(dim=(0, 2, 3), keepdim=True)
     var = reference.var(dim=(0, 2, 3), unbiased=False, keepdim=True)

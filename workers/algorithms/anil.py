@@ -19,6 +19,10 @@ class ANIL(Algorithm):
         super().__init__(spec, model, classification=classification, fast_path=fast_path)
         self._head_grad = grad(self._head_loss)
 
+    @property
+    def differentiates_norm_twice(self) -> bool:
+        return False  # the inner loop differentiates the head only; the body's norms once, by the outer backward
+
     def initial_fast(self, params: Params) -> Fast:
         return {name: params[name] for name in self.model.head_names}
 

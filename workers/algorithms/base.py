@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.func import grad, vmap
 
 from metaserve.workers.algorithms.batched import batched_path
-from metaserve.workers.networks import FunctionalModel, Params
+from metaserve.workers.networks import FunctionalModel, Params, fused_batch_norm
 
 Fast = Any  # a pytree of tensors: the per-task adapted state
 
@@ -54,6 +54,10 @@ class Algorithm:
     :meth:`inner_update` (and :meth:`init_params` when they add meta-parameters)."""
 
     name: str = ""
+    # the fused batch-norm kernel where the norm is differentiated once at most (see
+    # ``differentiates_norm_twice``); False runs the written-out norm everywhere (a yardstick's
+    # "before" path)
+    fused_norm: bool = True
 
     def __init__(self, spec, model: FunctionalModel, *, classification: bool, fast_path: bool = True):
         self.spec = spec
@@ -122,6 +126,13 @@ class Algorithm:
         return support, self.model.features(params, torch.cat([support_x, query_x]), stats_rows=rows), rows
 
     @property
+    def differentiates_norm_twice(self) -> bool:
+        """Whether the meta-gradient differentiates the network's norms twice (an inner
+        gradient through them kept in the graph): then the written-out batch norm runs, else
+        the fused kernel (:func:`~metaserve.workers.networks.fused_batch_norm`)."""
+        return self.inner_steps > 0 and not self.first_order
+
+    @property
     def trains_transductive(self) -> bool:
         """Batch norm trains on the query batch's own statistics (MAML's reference code)."""
         return self.model.norm_mode == "batch"
@@ -169,13 +180,13 @@ class Algorithm:
         if self.fast_path is not None:
             return self.fast_path.meta_gradient(params, support_x, support_y, query_x, query_y)
         leaves = {name: value.detach().requires_grad_(True) for name, value in params.items()}
-        with torch.enable_grad():
+        with torch.enable_grad(), fused_batch_norm(self.fused_norm and not self.differentiates_norm_twice):
             losses, metrics = self._batched_objective(leaves, support_x, support_y, query_x, query_y)
             grads = torch.autograd.grad(losses.sum(), list(leaves.values()), allow_unused=True)
         grads = {name: torch.zeros_like(leaves[name]) if g is None else g
                  for name, g in zip(leaves, grads)}
         if "loss_before" not in metrics:  # ProtoNets and ANIL compute them in the objective
-            with torch.no_grad():
+            with torch.no_grad(), fused_batch_norm(self.fused_norm):
                 metrics.update(self._batched_query_metrics(params, support_x, support_y, query_x, query_y))
         return grads, metrics
 
@@ -217,7 +228,8 @@ class Algorithm:
         if key not in self._batched_curves:
             self._batched_curves[key] = self._curve(steps, transductive)
         detached = {name: value.detach() for name, value in params.items()}
-        return self._batched_curves[key](detached, support_x, support_y, query_x, query_y)
+        with fused_batch_norm(self.fused_norm):  # no meta-gradient: the norm is differentiated once at most
+            return self._batched_curves[key](detached, support_x, support_y, query_x, query_y)
 
     def export_params(self, params: Params) -> Params:
         """What goes into ``meta_init.safetensors``."""

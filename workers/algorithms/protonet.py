@@ -27,6 +27,10 @@ class ProtoNet(Algorithm):
         super().__init__(spec, model, classification=classification, fast_path=fast_path)
         self.ways = model.output_dim
 
+    @property
+    def differentiates_norm_twice(self) -> bool:
+        return False  # no inner gradient at all
+
     def initial_fast(self, params: Params) -> Fast:
         """No support set seen: every prototype at the origin (every class equally likely)."""
         reference = next(iter(params.values()))

@@ -25,7 +25,8 @@ import torch
 from metaserve.workers.algorithms.base import Algorithm
 from metaserve.workers.engine import Trainer
 from metaserve.workers.engine.checkpoints import load_checkpoint
-from metaserve.workers.engine.state import ShardResult
+from metaserve.workers.engine.state import ShardResult, TrainState
+from metaserve.workers.networks import fused_batch_norm
 from tests.helpers import wait_until
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -40,17 +41,26 @@ def few_shot_spec(algorithm: dict, norm: str, iterations: int = 100, **changes) 
             "checkpoint_every": iterations, "log_every": iterations, "seed": 5, **changes}
 
 
-def plain_path(spec: dict, iterations: int) -> dict[str, torch.Tensor]:
+def plain_path(spec: dict, iterations: int, fused_norm: bool | None = None,
+               dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """The meta-step as it was: tasks sampled inline, the generic objective and a separate
-    forward for the metrics before adaptation."""
+    forward for the metrics before adaptation; the batch norm fused where the trainer fuses
+    it (``fused_norm`` None) or as given (False: written out, the norm before the fused kernel),
+    in ``dtype``."""
     trainer = Trainer(spec)
     algorithm = trainer.algorithm
+    if fused_norm is None:
+        fused_norm = not algorithm.differentiates_norm_twice
     state = trainer.init_state()
+    state = TrainState(params={name: value.to(dtype) for name, value in state.params.items()},
+                       opt_state={name: value.to(dtype) if value.is_floating_point() else value
+                                  for name, value in state.opt_state.items()}, iteration=0)
     for iteration in range(iterations):
         batch = trainer.family.sample(seed=trainer.spec.seed, split="train", iteration=iteration,
                                       task_indices=range(trainer.spec.meta_batch_size))
+        batch = [value.to(dtype) if value.is_floating_point() else value for value in batch]
         leaves = {name: value.detach().requires_grad_(True) for name, value in state.params.items()}
-        with torch.enable_grad():
+        with torch.enable_grad(), fused_batch_norm(fused_norm):
             losses, metrics = torch.func.vmap(
                 lambda *args: Algorithm.task_objective(algorithm, *args), in_dims=(None, 0, 0, 0, 0))(
                 leaves, *batch)
@@ -80,6 +90,62 @@ def test_fused_features_and_prefetching_give_the_plain_paths_bits_after_100_iter
     for name, value in expected.items():
         assert torch.equal(state.params[name], value), name
     assert {"train/loss_before", "train/accuracy_before", "train/loss_after"} <= metrics.keys()
+
+
+@pytest.mark.slow  # 2 × 100 float64 iterations each
+@pytest.mark.parametrize(("algorithm", "norm"), [
+    ({"name": "protonet"}, "batch"),
+    ({"name": "anil", "inner_lr": 0.4, "inner_steps": 2}, "batch"),
+    ({"name": "maml", "inner_lr": 0.4, "inner_steps": 1, "first_order": True}, "batch"),
+    ({"name": "protonet"}, "support"),  # queries by the support set's statistics (addcmul form)
+])
+def test_the_fused_batch_norm_stays_within_1e_6_of_the_written_out_one_after_100_iterations(algorithm, norm):
+    """The fused kernel computes the written-out norm's maths in another order. In float64,
+    after 100 Adam iterations, every parameter that the network's output depends on is within
+    1e-6 of the written-out norm's, and so are the outputs. A conv bias right before a batch
+    norm is not one: the norm subtracts it again, its gradient is 0 up to rounding, and Adam's
+    normalized step turns that rounding into steps of ±lr (in float32 the rounding of every
+    op is amplified so: docs/notes/fewshot-profile.md)."""
+    spec = few_shot_spec(algorithm, norm)
+    trainer = Trainer(spec)
+    assert not trainer.algorithm.differentiates_norm_twice
+    fused = plain_path(spec, 100, fused_norm=True, dtype=torch.float64)
+    written = plain_path(spec, 100, fused_norm=False, dtype=torch.float64)
+    initial = trainer.init_state().params
+    assert max(float((value - initial[name].double()).abs().max()) for name, value in written.items()) > 0.05
+    for name, value in written.items():
+        if not name.endswith(".conv.bias"):
+            torch.testing.assert_close(fused[name], value, atol=1e-6, rtol=0, msg=name)
+    x = trainer.family.sample(seed=1, split="val", iteration=0, task_indices=[0]).query_x[0].double()
+    with fused_batch_norm(False):
+        torch.testing.assert_close(trainer.model(fused, x), trainer.model(written, x), atol=1e-6, rtol=0)
+
+
+def test_second_order_maml_keeps_the_written_out_norm_and_evaluation_fuses_it(monkeypatch):
+    """Under vmap, torch's fused batch norm gives a wrong double backward (d/dx of the weight's
+    gradient): second-order MAML must not use it (its float64 reference test would fail)."""
+    calls = []
+    fused_kernel = torch.nn.functional.batch_norm
+    monkeypatch.setattr(torch.nn.functional, "batch_norm",
+                        lambda *args, **kwargs: calls.append(torch.is_grad_enabled()) or fused_kernel(*args, **kwargs))
+    trainer = Trainer(few_shot_spec({"name": "maml", "inner_lr": 0.4, "inner_steps": 1}, "batch"))
+    assert trainer.algorithm.differentiates_norm_twice
+    state = trainer.init_state()
+    batch = trainer.family.sample(seed=5, split="train", iteration=0, task_indices=range(2))
+    grads, _ = trainer.algorithm.meta_gradient(state.params, *batch)
+    assert not any(calls)  # only the metrics before adaptation (no gradient) use the fused kernel
+    leaves = {name: value.detach().requires_grad_(True) for name, value in state.params.items()}
+    losses, _ = torch.func.vmap(lambda *args: Algorithm.task_objective(trainer.algorithm, *args),
+                                in_dims=(None, 0, 0, 0, 0))(leaves, *batch)
+    expected = dict(zip(leaves, torch.autograd.grad(losses.sum(), list(leaves.values()))))
+    for name, value in expected.items():
+        assert torch.equal(grads[name], value), name
+    fused = trainer.algorithm.evaluation_curves(state.params, *batch, steps=(0, 1), transductive=True)
+    assert any(calls)  # evaluation's inner steps differentiate the norm once: the fused kernel
+    curve = trainer.algorithm._curve((0, 1), True)  # outside the context: written out
+    written = curve({n: v.detach() for n, v in state.params.items()}, *batch)
+    for got, want in zip(fused, written):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("algorithm", [{"name": "protonet"}, {"name": "anil", "inner_lr": 0.4, "inner_steps": 2}])
