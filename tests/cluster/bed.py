@@ -175,10 +175,15 @@ class Cluster:
 
     # ------------------------------------------------------------------ services
 
-    def start_postgres(self) -> None:
+    def start_postgres(self, restart: bool = False) -> None:
+        """A new instance; ``restart``: the same one again, on its data directory (the
+        ``pgdata`` volume of a restarted container)."""
         env = compose.environment_of(self.compose, "postgres")
         root = self.topology.base / "pg"
         data, sockets = root / "data", root / "sock"
+        if restart:
+            self._run_postgres(root, data, sockets)
+            return
         for path in (root, data, sockets):
             path.mkdir(parents=True, exist_ok=True)
         shutil.chown(data, "postgres", "postgres")
@@ -188,6 +193,27 @@ class Cluster:
              "-U", "postgres", "--auth-local=trust", "--auth-host=scram-sha-256"], timeout=120)
         with open(data / "pg_hba.conf", "a") as hba:
             hba.write(f"host all all {self.ip('postgres').rsplit('.', 1)[0]}.0/24 scram-sha-256\n")
+        self._run_postgres(root, data, sockets)
+        user, password, database = env["POSTGRES_USER"], env["POSTGRES_PASSWORD"], env["POSTGRES_DB"]
+        self.psql(f"create role \"{user}\" login password '{password}'")
+        self.psql(f"create database \"{database}\" owner \"{user}\"")
+
+    def stop_postgres(self, timeout: float = 60) -> None:
+        """``docker compose stop postgres``: the image's stop signal, SIGINT to the server (a
+        fast shutdown: clients are disconnected), here sent by ``pg_ctl stop -m fast`` run in
+        the container; then the container ends."""
+        host = self.topology["postgres"]
+        container = host.container
+        assert container is not None
+        data = self.topology.base / "pg" / "data"
+        host.exec(["runuser", "-u", "postgres", "--", str(PG_BIN / "pg_ctl"), "stop", "-D",
+                   str(data), "-m", "fast", "-w", "-t", str(int(timeout))],
+                  {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"},
+                  timeout=timeout + 10, check=False)  # killed with the container as it ends
+        wait_for("PostgreSQL's container to end", lambda: not container.alive(),
+                 timeout=timeout, on_timeout=lambda: self.topology.tails("postgres"))
+
+    def _run_postgres(self, root: Path, data: Path, sockets: Path) -> None:
         self.topology["postgres"].start(
             [str(PG_BIN / "postgres"), "-D", str(data), "-k", str(sockets), "-p", "5432",
              "-c", "listen_addresses=*", "-c", "fsync=off", "-c", "max_connections=200"],
@@ -203,9 +229,6 @@ class Cluster:
         wait_for("PostgreSQL", lambda: psql("select 1").strip() == "1", timeout=60,
                  on_timeout=lambda: self.topology.tails("postgres"),
                  alive=self.topology["postgres"].container_alive)
-        user, password, database = env["POSTGRES_USER"], env["POSTGRES_PASSWORD"], env["POSTGRES_DB"]
-        psql(f"create role \"{user}\" login password '{password}'")
-        psql(f"create database \"{database}\" owner \"{user}\"")
 
     def start_artifacts(self, replay: bool = False) -> None:
         """moto's S3 server in place of MinIO (see the module docstring)."""

@@ -309,6 +309,38 @@ PAUSE_MAX_S = 40
 REFUSED = re.compile(r"attempt fenced: (\d+) of its writes were refused")
 
 
+POSTGRES_DOWN_S = 40  # four of the bed's 10 s leases
+
+
+def test_postgres_stopped_past_the_lease_costs_no_attempt(cluster: Cluster,
+                                                          reference_run: tuple[str, bytes]):
+    """(b) PostgreSQL stopped mid-job (a fast shutdown) for 40 s, longer than the lease, and
+    restarted on its data: the dispatchers and the API ride it out (the writer retries, the
+    lease is renewed or reclaimed once it is back); the job ends on attempt 1 with the
+    undisturbed run's bits and metrics, and both dispatchers stay up and healthy."""
+    job = cluster.submit(FAULT)
+    running = cluster.wait_progress(job["id"], KILL_AT)
+    assert running["progress"]["iteration"] < FAULT["iterations"], summary(running)
+    cluster.stop_postgres()
+    stopped = time.monotonic()
+    try:
+        time.sleep(POSTGRES_DOWN_S)
+    finally:
+        cluster.start_postgres(restart=True)  # restart: unless-stopped
+    down_for = time.monotonic() - stopped
+    final = cluster.wait_job(job["id"], timeout=300)
+    assert final["status"] == "succeeded" and final["attempt"] == 1, summary(final)
+    interruptions = cluster.job_column(job["id"], "interruptions")
+    print(f"\nPostgreSQL down {down_for:.1f} s (job at iteration "
+          f"{running['progress']['iteration']} when stopped): attempt 1, {interruptions} "
+          f"interruption(s)")
+    assert_served_as_undisturbed(cluster, job["id"], reference_run)
+    for host in OTHER:
+        assert cluster[host].container_alive(), cluster.topology.tails(host)
+        wait_for(f"{host}'s health check to pass", lambda: cluster.healthcheck(host)[0] == 0,
+                 timeout=60, interval=2, on_timeout=lambda: str(cluster.healthcheck(host)))
+
+
 def test_sigterm_to_the_dispatcher_holding_a_job_hands_it_back(cluster: Cluster,
                                                                 reference_run: tuple[str, bytes]):
     """(a) ``docker compose stop dispatcher``: SIGTERM to the container's main process. It
