@@ -172,6 +172,7 @@ def run_seed(args: argparse.Namespace, seed: int, log) -> dict:
         if metrics.get("train/accuracy_after") is not None:
             train_accuracies.append(metrics["train/accuracy_after"])
     trainer.close()
+    args.out.with_suffix(".partial.json").unlink(missing_ok=True)  # the result has the curve
     wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
 
     t0, cpu0, load0 = time.perf_counter(), time.process_time(), os.getloadavg()[0]

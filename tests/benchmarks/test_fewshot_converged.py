@@ -38,6 +38,7 @@ def test_one_seed_end_to_end_on_a_tiny_budget(tmp_path: Path) -> None:
                     "--eval-every", "2", "--val-tasks", "4", "--window", "2", "--patience", "1",
                     "--max-iterations", "4", "--tasks", "6", "--out", str(out)])
     runs = {r["seed"]: r for r in json.loads(out.read_text())["runs"]}
+    assert not out.with_suffix(".partial.json").exists()  # the result holds the curve
     assert sorted(runs) == [0, 1] and runs[1]["earlier"] and "earlier" not in runs[0]
     run = runs[0]
     assert run["stop_reason"] in ("plateau", "max_iterations")
