@@ -352,11 +352,7 @@ def main() -> None:
         return
     before = run_before(args.before, args) if args.before else []
     result = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {"python": platform.python_version(), "machine": platform.machine(),
-                    "cpus": os.cpu_count(), "load_1_5_15_at_end": os.getloadavg()},
-        "commit": subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                                 capture_output=True, text=True).stdout.strip(),
+        **provenance(),
         "before_commit": args.before, "before": before, "after": runs,
         "target_statements_per_s_per_job": 0.2,
     }
@@ -364,6 +360,17 @@ def main() -> None:
     print(text)
     if args.json:
         args.json.write_text(text + "\n")
+
+
+def provenance() -> dict:
+    """The command, machine, load at the end and commit every result of this script carries."""
+    return {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": {"python": platform.python_version(), "machine": platform.machine(),
+                    "cpus": os.cpu_count(), "load_1_5_15_at_end": os.getloadavg()},
+        "commit": subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                                 capture_output=True, text=True).stdout.strip(),
+    }
 
 
 def main_retention(args: argparse.Namespace) -> None:
@@ -385,11 +392,7 @@ def main_retention(args: argparse.Namespace) -> None:
         finally:
             drop()
     result = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {"python": platform.python_version(), "machine": platform.machine(),
-                    "cpus": os.cpu_count(), "load_1_5_15_at_end": os.getloadavg()},
-        "commit": subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                                 capture_output=True, text=True).stdout.strip(),
+        **provenance(),
         "runs": runs,
     }
     text = json.dumps(result, indent=2)

@@ -80,8 +80,9 @@ def mean_ci(values: torch.Tensor) -> tuple[float, float]:
     return float(values.mean()), Z_95 * float(values.std()) / len(values) ** 0.5
 
 
-def pixel_floor(setting: str, seed: int, tasks: int) -> dict:
-    """Nearest class mean of raw pixels on the test tasks every method of ``seed`` sees."""
+def pixel_floor_tasks(setting: str, seed: int, tasks: int) -> torch.Tensor:
+    """Per-task accuracy of the raw-pixel nearest class mean on the test tasks every method
+    of ``seed`` sees (float64)."""
     from metaserve.workers.spec import TypefacesSpec
     from metaserve.workers.tasks import build_task_family
 
@@ -94,8 +95,13 @@ def pixel_floor(setting: str, seed: int, tasks: int) -> dict:
         one_hot = F.one_hot(support_y, ways).float()
         prototypes = one_hot.transpose(1, 2) @ support_x.flatten(2) / one_hot.sum(1)[..., None]
         guesses = torch.cdist(query_x.flatten(2), prototypes).argmin(-1)
-        hits.append((guesses == query_y).float().mean(1))
-    accuracy, ci = mean_ci(torch.cat(hits))
+        hits.append((guesses == query_y).double().mean(1))
+    return torch.cat(hits)
+
+
+def pixel_floor(setting: str, seed: int, tasks: int) -> dict:
+    """Nearest class mean of raw pixels on the test tasks every method of ``seed`` sees."""
+    accuracy, ci = mean_ci(pixel_floor_tasks(setting, seed, tasks))
     return {"accuracy": accuracy, "ci95": ci, "transductive_accuracy": None, "train_seconds": 0.0}
 
 

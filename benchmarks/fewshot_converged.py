@@ -95,26 +95,6 @@ def summary(values: torch.Tensor) -> dict:
     return {"accuracy": mean, "ci95": ci}
 
 
-def pixel_floor_tasks(setting: str, seed: int, tasks: int) -> torch.Tensor:
-    """Per-task accuracy of the raw-pixel nearest class mean on the test tasks of ``seed``
-    (:func:`fewshot.pixel_floor`'s computation, per task)."""
-    import torch.nn.functional as F
-
-    from metaserve.workers.spec import TypefacesSpec
-    from metaserve.workers.tasks import build_task_family
-
-    ways, shots = fewshot.SETTINGS[setting]
-    family = build_task_family(TypefacesSpec(ways=ways, support_shots=shots, query_shots=fewshot.QUERY_SHOTS))
-    hits = []
-    for start in range(0, tasks, 200):
-        support_x, support_y, query_x, query_y = family.sample(
-            seed=seed, split="test", iteration=0, task_indices=range(start, min(tasks, start + 200)))
-        one_hot = F.one_hot(support_y, ways).float()
-        prototypes = one_hot.transpose(1, 2) @ support_x.flatten(2) / one_hot.sum(1)[..., None]
-        hits.append((torch.cdist(query_x.flatten(2), prototypes).argmin(-1) == query_y).double().mean(1))
-    return torch.cat(hits)
-
-
 def run_seed(args: argparse.Namespace, seed: int, log) -> dict:
     from metaserve.workers.engine import Trainer
 
@@ -178,7 +158,7 @@ def run_seed(args: argparse.Namespace, seed: int, log) -> dict:
     t0, cpu0, load0 = time.perf_counter(), time.process_time(), os.getloadavg()[0]
     test = served_accuracy(evaluator, best["params"], "test", args.tasks, step,
                            evaluator.algorithm.trains_transductive)
-    floor = pixel_floor_tasks(args.setting, seed, args.tasks)
+    floor = fewshot.pixel_floor_tasks(args.setting, seed, args.tasks)
     evaluator.close()
     result = {
         "setting": args.setting, "method": args.method, "norm": args.norm, "backbone": "conv4",
