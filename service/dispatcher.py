@@ -503,11 +503,11 @@ class Dispatcher:
                 # the GCS call is skipped: after a SIGTERM it blocked a drain's handback past
                 # the grace (20 s in CI, the job left to its lapsing lease).
                 if not self._stop.is_set():
-                    self._remove_placement_groups(running.job_id)
+                    self._remove_placement_groups(running)
 
-    def _remove_placement_groups(self, job_id: str) -> None:
-        running = self._running.get(job_id)
-        if running is None or running.lease_lost.is_set() \
+    def _remove_placement_groups(self, running: _Running) -> None:
+        job_id = running.job_id
+        if running.lease_lost.is_set() \
                 or time.time() - running.renewed_at > self.settings.lease_s / 2:
             # The job may be another attempt's by now (this one was paused or cut off past its
             # lease): the groups named after its supervisor may be the new attempt's workers'.

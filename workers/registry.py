@@ -42,8 +42,8 @@ class JobKind:
     there); raises the job's error, :class:`~metaserve.workers.exceptions.JobCancelled` once
     ``context.hooks.should_stop()``."""
     detached: bool = False
-    """A detached, named supervisor: the placement groups it makes (a sweep's trials', a
-    meta-learning job's workers') die with it, not with the dispatcher's Ray job."""
+    """A detached, named supervisor: the placement groups it makes (a sweep's trials') die
+    with it, not with the dispatcher's Ray job."""
     stops_at_once: bool = False
     """Cancel kills the supervisor at once instead of asking it to stop first: a sweep's next
     attempt resumes from Tune's saved state, which a graceful stop would mark finished."""
@@ -84,8 +84,8 @@ def _sweep(run: JobRun, job_dir: Path, context: JobContext) -> None:
 
 
 JOB_KINDS: dict[str, JobKind] = {
-    # Detached: its inner-loop workers' placement group (one per job, made in the supervisor)
-    # is removed when a killed or cancelled supervisor dies, not when the dispatcher does.
+    # Not detached: the dispatcher removes a killed supervisor's workers' placement group
+    # (runner.remove_job_placement_groups), and a new attempt removes its predecessor's.
     "meta_learning": JobKind("meta_learning", _train),
     "meta_rl": JobKind("meta_rl", _train),
     "sweep": JobKind("sweep", _sweep, detached=True, stops_at_once=True),

@@ -299,9 +299,6 @@ def start_supervisor(run: JobRun, storage: StorageConfig, options: RunOptions, *
         # actor's placement groups are removed when it dies. It still dies with its
         # dispatcher: the orphan watchdog ends a supervisor whose heartbeats stop.
         placement["lifetime"] = "detached"
-    # num_cpus=0: the driver's own arithmetic is the outer step; its inner-loop workers (a
-    # sweep's trials) hold the CPUs. Threaded: stop(), heartbeat(), recorded(), add_logs()
-    # and the calls of a sweep's trials are answered while run() works.
     group = None
     if options.autoscaling:
         # Ray schedules an actor's own `memory` request without checking it against the
@@ -316,6 +313,9 @@ def start_supervisor(run: JobRun, storage: StorageConfig, options: RunOptions, *
                                 name=f"{DRIVER_GROUP_PREFIX}{name}")
         placement["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
             placement_group=group, placement_group_bundle_index=0)
+    # num_cpus=0: the driver's own arithmetic is the outer step; its inner-loop workers (a
+    # sweep's trials) hold the CPUs. Threaded: stop(), heartbeat(), recorded(), add_logs()
+    # and the calls of a sweep's trials are answered while run() works.
     actor = ray.remote(JobSupervisor).options(
         num_cpus=0, memory=memory_bytes, max_restarts=0, max_concurrency=32, **placement,
     ).remote(run, storage, options)

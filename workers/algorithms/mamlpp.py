@@ -29,9 +29,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.func import vmap
 
-from metaserve.workers.algorithms.base import _TASK_AXES, Algorithm, Fast, accuracy
+from metaserve.workers.algorithms.base import Algorithm, Fast, accuracy
 from metaserve.workers.networks import Params
 
 LSLR_PREFIX = "lslr."
@@ -142,8 +141,6 @@ class MAMLPlusPlus(Algorithm):
     def _evaluation_step(self, params: Params, fast: Params, support_x: Tensor, support_y: Tensor,
                          step: int) -> Params:
         return self._step(params, fast, support_x, support_y, step, first_order=False)
-
-        return vmap(task_curve, in_dims=_TASK_AXES)
 
     def recipe(self) -> dict:
         recipe = super().recipe()
