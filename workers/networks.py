@@ -80,6 +80,9 @@ class FunctionalModel:
     head_names: tuple[str, ...] = HEAD_NAMES
     norm_mode: str = "none"
     """``batch`` and ``support`` read a set's statistics (see the module docstring)."""
+    interleaves_tasks: bool = False
+    """Whether :meth:`features` computes several tasks at once under :func:`interleaved_tasks`
+    (true of the built-in models; a plugin's features run per task under ``vmap``)."""
 
     def init_params(self, generator: torch.Generator) -> Params:
         raise NotImplementedError
@@ -102,6 +105,8 @@ class FunctionalModel:
 
 class MLP(FunctionalModel):
     """``in → hidden… → out`` with the given activation; the prompt is concatenated to x."""
+
+    interleaves_tasks = True
 
     def __init__(self, spec: MLPSpec, input_shape: tuple[int, ...], output_dim: int, prompt_dim: int = 0):
         self.spec = spec
@@ -160,16 +165,55 @@ def fused_batch_norm(enabled: bool = True) -> Iterator[None]:
         _FUSED_BATCH_NORM.reset(token)
 
 
+_INTERLEAVED_TASKS: ContextVar[int] = ContextVar("interleaved_tasks", default=1)
+
+
+@contextmanager
+def interleaved_tasks(tasks: int) -> Iterator[None]:
+    """Within this context (and :func:`fused_batch_norm`'s) a built-in model's ``x`` holds
+    ``tasks`` tasks' examples interleaved, row ``n · tasks + t`` being example ``n`` of task
+    ``t``, and a ``batch``/``support`` norm keeps each task's statistics apart — without
+    ``vmap``. Each task's channel is then one channel of ``x`` viewed as ``[N, tasks · C, H, W]``
+    (a view, no copy), so torch's fused kernel normalizes all tasks at once with the affine
+    inside it, where ``vmap``'s batch rule of the same kernel copies the activations into that
+    layout and back and applies the affine as two more full-size operations (≈ 25 % of a
+    ProtoNets step; docs/notes/fewshot-profile.md). ``stats_rows`` counts rows of ``x``: the
+    first ``stats_rows // tasks`` examples of every task. Per-example norms are unaffected."""
+    token = _INTERLEAVED_TASKS.set(tasks)
+    try:
+        yield
+    finally:
+        _INTERLEAVED_TASKS.reset(token)
+
+
+def _interleaved_batch_norm(x: Tensor, weight: Tensor, bias: Tensor, stats_rows: int | None,
+                            tasks: int) -> Tensor:
+    rows, channels = x.shape[0] // tasks, x.shape[1]
+    if stats_rows is None:
+        return F.batch_norm(x.view(rows, tasks * channels, *x.shape[2:]), None, None,
+                            weight.repeat(tasks), bias.repeat(tasks), training=True,
+                            eps=NORM_EPS).view_as(x)
+    per_task = x.view(rows, tasks, channels, *x.shape[2:])
+    var, mean = torch.var_mean(per_task[:stats_rows // tasks], dim=(0, 3, 4), unbiased=False, keepdim=True)
+    scale = torch.rsqrt(var + NORM_EPS) * weight[:, None, None]
+    return torch.addcmul(bias[:, None, None] - mean * scale, per_task, scale).view_as(x)
+
+
 def _batch_norm(x: Tensor, weight: Tensor, bias: Tensor, stats_rows: int | None = None) -> Tensor:
     """Batch norm with the statistics of ``x[:stats_rows]`` (one task's support set) or of
     ``x`` itself (one task's batch), no running statistics."""
     if _FUSED_BATCH_NORM.get():
+        tasks = _INTERLEAVED_TASKS.get()
+        if tasks > 1:
+            return _interleaved_batch_norm(x, weight, bias, stats_rows, tasks)
         if stats_rows is None:
             return F.batch_norm(x, None, None, weight, bias, training=True, eps=NORM_EPS)
         # the support set's statistics for every row: one fused multiply-add over x
         var, mean = torch.var_mean(x[:stats_rows], dim=(0, 2, 3), unbiased=False, keepdim=True)
         scale = torch.rsqrt(var + NORM_EPS) * weight[:, None, None]
         return torch.addcmul(bias[:, None, None] - mean * scale, x, scale)
+    if _INTERLEAVED_TASKS.get() > 1:
+        raise RuntimeError("interleaved tasks are normalized by the fused kernel only")
     reference = x if stats_rows is None else x[:stats_rows]
     mean = reference.mean(dim=(0, 2, 3), keepdim=True)
     var = reference.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
@@ -197,6 +241,8 @@ NORMS: dict[str, Callable | None] = {"batch": _batch_norm, "support": _batch_nor
 
 class Conv4(FunctionalModel):
     """4 × [conv 3×3 (padding 1) → norm → ReLU → max-pool 2] → flatten → linear head."""
+
+    interleaves_tasks = True
 
     BLOCKS = 4
 
@@ -261,6 +307,8 @@ class ResNet12(FunctionalModel):
     each 3 × [conv 3×3 (no bias) → norm → leaky ReLU 0.1] (no activation after the third
     norm: it comes after the residual sum) plus a 1×1 conv → norm shortcut, then max-pool 2;
     global average pooling and a linear head. Without DropBlock."""
+
+    interleaves_tasks = True
 
     BLOCKS = 4
     CONVS = 3

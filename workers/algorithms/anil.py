@@ -18,6 +18,7 @@ class ANIL(Algorithm):
     def __init__(self, spec, model, *, classification: bool, fast_path: bool = True):
         super().__init__(spec, model, classification=classification, fast_path=fast_path)
         self._head_grad = grad(self._head_loss)
+        self._batched_objective = self._chunk_objective
 
     @property
     def differentiates_norm_twice(self) -> bool:
@@ -47,44 +48,52 @@ class ANIL(Algorithm):
     def _head_loss(self, fast: Fast, features: Tensor, y: Tensor) -> Tensor:
         return self.loss_fn(self.model.head(fast, features), y)
 
-    def task_objective(self, params: Params, support_x: Tensor, support_y: Tensor,
-                       query_x: Tensor, query_y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """As :meth:`Algorithm.task_objective`, with the body's features of support and query
-        computed once (:meth:`task_features`) and reused by the "before" metrics."""
-        support_features, query_features, offset = self.task_features(params, support_x, query_x,
-                                                                       self.trains_transductive)
-        fast = self.adapt_head(params, support_features, support_y, self.inner_steps, self.first_order)
-        output = self.model.head(fast, query_features)[offset:]
+    def _chunk_objective(self, params: Params, support_x: Tensor, support_y: Tensor,
+                         query_x: Tensor, query_y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """As :meth:`Algorithm.task_objective` for a chunk of tasks, with the body's features of
+        every image computed once (:meth:`chunk_features`) and reused by the "before" metrics;
+        the head adapts per task."""
+        support, query, offset = self.chunk_features(params, support_x, query_x, self.trains_transductive)
+        return vmap(self._objective_of_features, in_dims=(None, 0, 0, 0, 0))(
+            params, support, support_y, query[:, offset:], query_y)
+
+    def _objective_of_features(self, params: Params, support: Tensor, support_y: Tensor, query: Tensor,
+                               query_y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        fast = self.adapt_head(params, support, support_y, self.inner_steps, self.first_order)
+        output = self.model.head(fast, query)
         loss = self.loss_fn(output, query_y)
         metrics = {"loss_after": loss.detach()}
         if self.classification:  # the order of the plain path's metrics (Algorithm.meta_gradient)
             metrics["accuracy_after"] = accuracy(output.detach(), query_y)
         before = self.model.head({name: value.detach() for name, value in self.initial_fast(params).items()},
-                                 query_features.detach())[offset:]
+                                 query.detach())
         metrics["loss_before"] = self.loss_fn(before, query_y)
         if self.classification:
             metrics["accuracy_before"] = accuracy(before, query_y)
         return loss, metrics
 
     def _curve(self, steps: tuple[int, ...], transductive: bool):  # noqa: ANN202
-        """The evaluation curve with the body's features computed once per task."""
+        """The evaluation curve with the body's features computed once per chunk."""
 
-        def task_curve(params: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor,
+        def task_curve(params: Params, support: Tensor, support_y: Tensor, query: Tensor,
                        query_y: Tensor) -> tuple[Tensor, Tensor]:
-            support_features, query_features, offset = self.task_features(params, support_x, query_x,
-                                                                           transductive)
             fast = self.initial_fast(params)
             losses, accuracies = [], []
             for step in range(max(steps) + 1):
                 if step in steps:
-                    output = self.model.head(fast, query_features)[offset:]
+                    output = self.model.head(fast, query)
                     losses.append(self.loss_fn(output, query_y))
                     accuracies.append(accuracy(output, query_y) if self.classification else losses[-1])
                 if step < max(steps):
-                    fast = self.inner_update(params, fast, self._head_grad(fast, support_features, support_y))
+                    fast = self.inner_update(params, fast, self._head_grad(fast, support, support_y))
             return torch.stack(losses), torch.stack(accuracies)
 
-        return vmap(task_curve, in_dims=_TASK_AXES)
+        def chunk_curve(params: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor,
+                        query_y: Tensor) -> tuple[Tensor, Tensor]:
+            support, query, offset = self.chunk_features(params, support_x, query_x, transductive)
+            return vmap(task_curve, in_dims=_TASK_AXES)(params, support, support_y, query[:, offset:], query_y)
+
+        return chunk_curve
 
     def recipe(self) -> dict:
         return {**super().recipe(), "adapts": "head", "head": list(self.model.head_names),

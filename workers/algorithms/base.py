@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.func import grad, vmap
 
 from metaserve.workers.algorithms.batched import batched_path
-from metaserve.workers.networks import FunctionalModel, Params, fused_batch_norm
+from metaserve.workers.networks import FunctionalModel, Params, fused_batch_norm, interleaved_tasks
 
 Fast = Any  # a pytree of tensors: the per-task adapted state
 
@@ -124,6 +124,37 @@ class Algorithm:
             return support, self.model.features(params, query_x), 0
         rows = support_x.shape[0]
         return support, self.model.features(params, torch.cat([support_x, query_x]), stats_rows=rows), rows
+
+    def interleaves(self) -> bool:
+        """Whether :meth:`chunk_features` runs without ``vmap``: a built-in model, and the
+        fused norm on (the algorithm differentiates the norms once at most)."""
+        return self.fused_norm and self.model.interleaves_tasks and not self.differentiates_norm_twice
+
+    def chunk_features(self, params: Params, support_x: Tensor, query_x: Tensor,
+                       transductive: bool = False) -> tuple[Tensor, Tensor, int]:
+        """:meth:`task_features` of a chunk of tasks (``[T, N, ...]`` in, ``[T, N, D]`` out), by
+        one forward of every image of the chunk (:func:`interleaved_tasks`) where
+        :meth:`interleaves`, else per task under ``vmap``. Call it inside
+        :func:`fused_batch_norm`."""
+        tasks, rows = support_x.shape[0], support_x.shape[1]
+        together = self.model.norm_mode in ("batch", "support") and not (
+            transductive and self.model.norm_mode == "batch")
+        if not self.interleaves():
+            support, query = vmap(lambda s, q: self.task_features(params, s, q, transductive)[:2])(
+                support_x, query_x)
+            return support, query, rows if together else 0
+
+        def forward(x: Tensor, stats_rows: int | None = None) -> Tensor:
+            count = x.shape[1]  # [T, N, ...] → rows n·T + t
+            flat = x.transpose(0, 1).reshape(count * tasks, *x.shape[2:])
+            with interleaved_tasks(tasks):
+                features = self.model.features(params, flat, stats_rows=stats_rows)
+            return features.view(count, tasks, -1).transpose(0, 1)
+
+        support = forward(support_x)
+        if not together:
+            return support, forward(query_x), 0
+        return support, forward(torch.cat([support_x, query_x], dim=1), stats_rows=rows * tasks), rows
 
     @property
     def differentiates_norm_twice(self) -> bool:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import vmap
 
-from metaserve.workers.algorithms.base import _TASK_AXES, Algorithm, Fast, accuracy
+from metaserve.workers.algorithms.base import Algorithm, Fast, accuracy
 from metaserve.workers.networks import Params
 
 
@@ -26,6 +26,7 @@ class ProtoNet(Algorithm):
             raise ValueError("protonet classifies: it needs an image (classification) task family")
         super().__init__(spec, model, classification=classification, fast_path=fast_path)
         self.ways = model.output_dim
+        self._batched_objective = self._chunk_objective
 
     @property
     def differentiates_norm_twice(self) -> bool:
@@ -56,17 +57,17 @@ class ProtoNet(Algorithm):
     def predict(self, params: Params, fast: Fast, x: Tensor, stats_rows: int | None = None) -> Tensor:
         return self.logits(self.model.features(params, x, stats_rows=stats_rows), fast)
 
-    def _task_logits(self, params: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor,
-                     transductive: bool) -> Tensor:
-        """Query logits of one task: :meth:`adapt` then :meth:`query_predict`."""
-        prototypes = self.adapt(params, support_x, support_y, 0)
-        return self.query_predict(params, prototypes, support_x, query_x, transductive)
+    def _chunk_objective(self, params: Params, support_x: Tensor, support_y: Tensor,
+                         query_x: Tensor, query_y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Per-task query losses and metrics of a chunk: the features of every image at once
+        (:meth:`chunk_features`), then prototypes and logits per task; the metrics "before"
+        adaptation (every prototype at the origin: equal logits) in closed form."""
+        support, query, offset = self.chunk_features(params, support_x, query_x, self.trains_transductive)
+        return vmap(self._objective_of_features)(support, support_y, query[:, offset:], query_y)
 
-    def task_objective(self, params: Params, support_x: Tensor, support_y: Tensor,
-                       query_x: Tensor, query_y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """Query loss and metrics of one task; the metrics "before" adaptation (every prototype
-        at the origin: equal logits) in closed form, without another forward."""
-        output = self._task_logits(params, support_x, support_y, query_x, self.trains_transductive)
+    def _objective_of_features(self, support: Tensor, support_y: Tensor, query: Tensor,
+                               query_y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        output = self.logits(query, self.prototypes(support, support_y))
         loss = self.loss_fn(output, query_y)
         uniform = torch.zeros_like(output.detach())  # equal logits: the "before" prediction
         return loss, {"loss_after": loss.detach(), "accuracy_after": accuracy(output.detach(), query_y),
@@ -76,13 +77,18 @@ class ProtoNet(Algorithm):
     def _curve(self, steps: tuple[int, ...], transductive: bool):  # noqa: ANN202
         """No inner steps: every step count of the curve is the nearest-prototype result."""
 
-        def task_curve(params: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor,
+        def task_curve(support: Tensor, support_y: Tensor, query: Tensor,
                        query_y: Tensor) -> tuple[Tensor, Tensor]:
-            output = self._task_logits(params, support_x, support_y, query_x, transductive)
+            output = self.logits(query, self.prototypes(support, support_y))
             loss, hits = self.loss_fn(output, query_y), accuracy(output, query_y)
             return loss.expand(len(steps)), hits.expand(len(steps))
 
-        return vmap(task_curve, in_dims=_TASK_AXES)
+        def chunk_curve(params: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor,
+                        query_y: Tensor) -> tuple[Tensor, Tensor]:
+            support, query, offset = self.chunk_features(params, support_x, query_x, transductive)
+            return vmap(task_curve)(support, support_y, query[:, offset:], query_y)
+
+        return chunk_curve
 
     def recipe(self) -> dict:
         recipe = {"algorithm": "protonet", "inner_steps": 0, "adapts": "prototypes",

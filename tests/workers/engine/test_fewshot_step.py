@@ -1,13 +1,14 @@
-"""The few-shot meta-step's fast paths (issue #29) give the bits of the plain path.
+"""The few-shot meta-step's fast paths (issue #29) give the plain path's results.
 
 - ProtoNets and ANIL compute their "before" metrics without another forward (ANIL: from the
-  query features it has); the plain path is :meth:`Algorithm.task_objective` with the
-  algorithm's own ``adapt``/``query_predict`` (what they ran before) and the "before" metrics
-  by a forward of their own.
-- Image tasks are sampled ahead in a background thread (:class:`TaskPrefetcher`); the plain
-  path samples each iteration inline.
-After 100 iterations the parameters are the same bits; a run SIGKILLed mid-way with the
-prefetching on resumes to the bits of an uninterrupted run.
+  query features it has), and the features of a whole chunk of tasks by one forward without
+  ``vmap`` (``interleaved_tasks``) with the fused batch norm; the plain path is
+  :meth:`Algorithm.task_objective` per task under ``vmap`` (what they ran before) with the
+  batch norm written out. In float64 the two stay within 1e-6 after 100 iterations (float32
+  rounding, reordered, is amplified by Adam: docs/notes/fewshot-profile.md).
+- Image tasks are sampled ahead in a background thread (:class:`TaskPrefetcher`): after 100
+  iterations the parameters are the bits of the same meta-step on tasks sampled inline, and a
+  run SIGKILLed mid-way with the prefetching on resumes to the bits of an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -42,11 +43,12 @@ def few_shot_spec(algorithm: dict, norm: str, iterations: int = 100, **changes) 
 
 
 def plain_path(spec: dict, iterations: int, fused_norm: bool | None = None,
-               dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """The meta-step as it was: tasks sampled inline, the generic objective and a separate
-    forward for the metrics before adaptation; the batch norm fused where the trainer fuses
-    it (``fused_norm`` None) or as given (False: written out, the norm before the fused kernel),
-    in ``dtype``."""
+               dtype: torch.dtype = torch.float32, engine: bool = False) -> dict[str, torch.Tensor]:
+    """``iterations`` meta-steps on tasks sampled inline, in ``dtype``: the engine's own
+    meta-gradient (``engine``), else the meta-step as it was — the generic objective per task
+    under ``vmap`` and a separate forward for the metrics before adaptation, the batch norm
+    fused where the trainer fuses it (``fused_norm`` None) or as given (False: written out, the
+    norm before the fused kernel)."""
     trainer = Trainer(spec)
     algorithm = trainer.algorithm
     if fused_norm is None:
@@ -59,14 +61,17 @@ def plain_path(spec: dict, iterations: int, fused_norm: bool | None = None,
         batch = trainer.family.sample(seed=trainer.spec.seed, split="train", iteration=iteration,
                                       task_indices=range(trainer.spec.meta_batch_size))
         batch = [value.to(dtype) if value.is_floating_point() else value for value in batch]
-        leaves = {name: value.detach().requires_grad_(True) for name, value in state.params.items()}
-        with torch.enable_grad(), fused_batch_norm(fused_norm):
-            losses, metrics = torch.func.vmap(
-                lambda *args: Algorithm.task_objective(algorithm, *args), in_dims=(None, 0, 0, 0, 0))(
-                leaves, *batch)
-            grads = torch.autograd.grad(losses.sum(), list(leaves.values()), allow_unused=True)
-        assert "loss_before" not in metrics
-        grads = {name: torch.zeros_like(leaves[name]) if g is None else g for name, g in zip(leaves, grads)}
+        if engine:
+            grads, _ = algorithm.meta_gradient(state.params, *batch)
+        else:
+            leaves = {name: value.detach().requires_grad_(True) for name, value in state.params.items()}
+            with torch.enable_grad(), fused_batch_norm(fused_norm):
+                losses, metrics = torch.func.vmap(
+                    lambda *args: Algorithm.task_objective(algorithm, *args), in_dims=(None, 0, 0, 0, 0))(
+                    leaves, *batch)
+                grads = torch.autograd.grad(losses.sum(), list(leaves.values()), allow_unused=True)
+            assert "loss_before" not in metrics
+            grads = {name: torch.zeros_like(leaves[name]) if g is None else g for name, g in zip(leaves, grads)}
         state = trainer.apply(state, [ShardResult(grad_sum=grads, metrics={})])
     return state.params
 
@@ -76,17 +81,18 @@ def plain_path(spec: dict, iterations: int, fused_norm: bool | None = None,
     ({"name": "protonet"}, "support"),  # queries beside the support set's statistics
     ({"name": "anil", "inner_lr": 0.4, "inner_steps": 2}, "instance"),  # no set statistics
 ])
-def test_fused_features_and_prefetching_give_the_plain_paths_bits_after_100_iterations(algorithm, norm):
+def test_prefetching_gives_the_inline_paths_bits_after_100_iterations(algorithm, norm):
     spec = few_shot_spec(algorithm, norm)
     trainer = Trainer(spec)
     assert trainer.prefetcher._background  # image tasks: sampled ahead
+    assert trainer.algorithm.interleaves()  # the chunk's features by one forward
     state = trainer.init_state()
     try:
         for _ in range(100):
             state, metrics = trainer.step(state)
     finally:
         trainer.close()
-    expected = plain_path(spec, 100)
+    expected = plain_path(spec, 100, engine=True)
     for name, value in expected.items():
         assert torch.equal(state.params[name], value), name
     assert {"train/loss_before", "train/accuracy_before", "train/loss_after"} <= metrics.keys()
@@ -96,20 +102,22 @@ def test_fused_features_and_prefetching_give_the_plain_paths_bits_after_100_iter
 @pytest.mark.parametrize(("algorithm", "norm"), [
     ({"name": "protonet"}, "batch"),
     ({"name": "anil", "inner_lr": 0.4, "inner_steps": 2}, "batch"),
-    ({"name": "maml", "inner_lr": 0.4, "inner_steps": 1, "first_order": True}, "batch"),
+    ({"name": "anil", "inner_lr": 0.4, "inner_steps": 2}, "support"),
+    ({"name": "maml", "inner_lr": 0.4, "inner_steps": 1, "first_order": True}, "batch"),  # per task: fused only
     ({"name": "protonet"}, "support"),  # queries by the support set's statistics (addcmul form)
 ])
-def test_the_fused_batch_norm_stays_within_1e_6_of_the_written_out_one_after_100_iterations(algorithm, norm):
-    """The fused kernel computes the written-out norm's maths in another order. In float64,
-    after 100 Adam iterations, every parameter that the network's output depends on is within
-    1e-6 of the written-out norm's, and so are the outputs. A conv bias right before a batch
+def test_the_engine_stays_within_1e_6_of_the_written_out_plain_path_after_100_iterations(algorithm, norm):
+    """The fused kernel (and, for ProtoNets and ANIL, one forward of the chunk's interleaved
+    tasks) computes the written-out norm's maths in another order. In float64, after 100 Adam
+    iterations, every parameter that the network's output depends on is within 1e-6 of the
+    written-out per-task path's, and so are the outputs. A conv bias right before a batch
     norm is not one: the norm subtracts it again, its gradient is 0 up to rounding, and Adam's
     normalized step turns that rounding into steps of ±lr (in float32 the rounding of every
     op is amplified so: docs/notes/fewshot-profile.md)."""
     spec = few_shot_spec(algorithm, norm)
     trainer = Trainer(spec)
     assert not trainer.algorithm.differentiates_norm_twice
-    fused = plain_path(spec, 100, fused_norm=True, dtype=torch.float64)
+    fused = plain_path(spec, 100, dtype=torch.float64, engine=True)
     written = plain_path(spec, 100, fused_norm=False, dtype=torch.float64)
     initial = trainer.init_state().params
     assert max(float((value - initial[name].double()).abs().max()) for name, value in written.items()) > 0.05
