@@ -111,8 +111,8 @@ def task_curves(trainer, params: dict, steps: list[int], transductive: bool, spl
     (default ``spec.evaluation.tasks``), keyed by ``transductive`` (False: served, each query
     alone with the support statistics; True also when ``transductive``): the engine's sampling,
     chunks (``Trainer.evaluation_chunk``: ``task_chunk``, else the meta-batch size for images;
-    500 image tasks at once took 21 GB) and ``evaluation_curves``, each chunk sampled once for
-    both passes."""
+    500 image tasks at once took 21 GB) and ``evaluation_passes``, each chunk sampled and
+    adapted once for both passes."""
     from metaserve.workers.engine.trainer import _chunks
 
     spec = trainer.spec
@@ -122,9 +122,9 @@ def task_curves(trainer, params: dict, steps: list[int], transductive: bool, spl
     for chunk in _chunks(range(tasks or spec.evaluation.tasks), trainer.evaluation_chunk):
         batch = trainer.family.sample(seed=spec.seed, split=split, iteration=0, task_indices=chunk,
                                       support_shots=spec.evaluation.support_shots).to(trainer.device)
-        for mode in modes:
-            loss, acc = trainer.algorithm.evaluation_curves(trainer._on_device(params), *batch,
-                                                            steps=tuple(steps), transductive=mode)
+        passes = trainer.algorithm.evaluation_passes(trainer._on_device(params), *batch, tuple(steps),
+                                                     tuple(steps) if transductive else ())
+        for mode, (loss, acc) in zip(modes, passes):
             curves[mode].append((loss.detach().cpu(), acc.detach().cpu()))
     return {mode: (torch.cat([loss for loss, _ in parts]), torch.cat([acc for _, acc in parts]))
             for mode, parts in curves.items()}

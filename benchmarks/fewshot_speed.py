@@ -9,8 +9,10 @@ runs it) of ProtoNets, ANIL, FOMAML and MAML (1 and 5 inner steps) on typefaces 
 the ratio to supervised, the FLOPs of one step (``torch.utils.flop_counter.FlopCounterMode``)
 and the FLOP-normalized ratio (images/s × FLOPs per image, relative to supervised: a MAML step
 does its inner loop and second-order work on top of the supervised work, so this ratio
-compares achieved FLOP/s). Also the final evaluation of 600 tasks beside the time of 600
-training tasks (600 / meta-batch steps at the measured step time).
+compares achieved FLOP/s). Also the final evaluation of 600 tasks (served at every step count
+of the method's evaluation, transductive after the last for batch norm, as a job evaluates)
+beside training 600 tasks (600 / meta-batch steps) timed right after it in the same process,
+``--eval-rounds`` times, best of each.
 
     .venv/bin/python benchmarks/fewshot_speed.py --out benchmarks/results/fewshot_speed_before.json
     .venv/bin/python benchmarks/fewshot_speed.py --before benchmarks/results/fewshot_speed_before.json
@@ -140,16 +142,30 @@ def plain_trainer(spec: dict):
         algorithm.task_objective = lambda *tensors: Algorithm.task_objective(algorithm, *tensors)
         algorithm._batched_objective = vmap(algorithm.task_objective, in_dims=_TASK_AXES)
     if algorithm.name == "anil":
-        algorithm._curve = lambda steps, transductive: Algorithm._curve(algorithm, steps, transductive)
+        algorithm._curve = lambda served, transductive: Algorithm._curve(algorithm, served, transductive)
     if algorithm.name == "protonet":
-        def curve(steps, transductive):  # noqa: ANN001, ANN202 - ProtoNets' evaluation before
+        def curve(served_steps, transductive_steps):  # noqa: ANN001, ANN202 - ProtoNets' evaluation before
             def task_curve(params, support_x, support_y, query_x, query_y):  # noqa: ANN001, ANN202
-                prototypes = algorithm.adapt(params, support_x, support_y, 0)
-                output = algorithm.query_predict(params, prototypes, support_x, query_x, transductive)
-                loss, hits = algorithm.loss_fn(output, query_y), (output.argmax(-1) == query_y).float().mean()
-                return loss.expand(len(steps)), hits.expand(len(steps))
+                curves = []
+                for mode, steps in ((False, served_steps), (True, transductive_steps)):
+                    if steps:
+                        prototypes = algorithm.adapt(params, support_x, support_y, 0)
+                        output = algorithm.query_predict(params, prototypes, support_x, query_x, mode)
+                        loss, hits = algorithm.loss_fn(output, query_y), (output.argmax(-1) == query_y).float().mean()
+                        curves.append((loss.expand(len(steps)), hits.expand(len(steps))))
+                return tuple(curves)
             return vmap(task_curve, in_dims=_TASK_AXES)
         algorithm._curve = curve
+
+    def passes_as_before(params, *batch, served_steps, transductive_steps=()):  # noqa: ANN001, ANN202
+        """Each pass adapted apart, the transductive one at every step (the evaluation before)."""
+        served = Algorithm.evaluation_passes(algorithm, params, *batch, served_steps)
+        if not transductive_steps:
+            return served
+        loss, acc = Algorithm.evaluation_passes(algorithm, params, *batch, (), served_steps)[0]
+        columns = [list(served_steps).index(step) for step in transductive_steps]
+        return (*served, (loss[:, columns], acc[:, columns]))
+    algorithm.evaluation_passes = passes_as_before
     return trainer
 
 
@@ -214,18 +230,22 @@ def run_backbone(backbone: str, args: argparse.Namespace) -> dict:
     for method in [m for name in args.eval_methods for m in (name, f"{name}@plain")]:
         if method not in trainers:
             continue
-        trainer = trainers[method]
+        trainer, step = trainers[method], steps[method]
         params = trainer.init_state().params
         trainer.evaluate(params, split="val", tasks=20)  # warm-up (transforms built)
-        started = time.perf_counter()
-        trainer.evaluate(params, split="val", tasks=args.eval_tasks)
-        seconds = time.perf_counter() - started
-        train_seconds = rows[method]["seconds_per_step"] * args.eval_tasks / META_BATCH
-        evaluation[method] = {"eval_seconds": seconds, "train_seconds_same_tasks": train_seconds,
-                              "ratio": seconds / train_seconds,
+        train_steps = max(1, args.eval_tasks // META_BATCH)
+        eval_seconds, train_seconds = float("inf"), float("inf")
+        for _ in range(args.eval_rounds):  # interleaved: evaluation, then training the same count
+            started = time.perf_counter()
+            trainer.evaluate(params, split="val", tasks=args.eval_tasks)
+            eval_seconds = min(eval_seconds, time.perf_counter() - started)
+            train_seconds = min(train_seconds, timed(step, train_steps) * train_steps)
+        evaluation[method] = {"eval_seconds": eval_seconds, "eval_tasks": args.eval_tasks,
+                              "train_seconds_same_tasks": train_seconds, "train_steps": train_steps,
+                              "ratio": eval_seconds / train_seconds, "rounds": args.eval_rounds,
                               "transductive_pass": trainer.algorithm.trains_transductive}
-        print(f"[{backbone}] eval {method}: {seconds:.1f} s for {args.eval_tasks} tasks vs "
-              f"{train_seconds:.1f} s training", file=sys.stderr, flush=True)
+        print(f"[{backbone}] eval {method}: {eval_seconds:.1f} s for {args.eval_tasks} tasks vs "
+              f"{train_seconds:.1f} s training them", file=sys.stderr, flush=True)
     return {"methods": rows, "evaluation": evaluation}
 
 
@@ -241,6 +261,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=2, help="steps per timed round")
     parser.add_argument("--eval-tasks", type=int, default=600)
+    parser.add_argument("--eval-rounds", type=int, default=1,
+                        help="rounds of (evaluate --eval-tasks tasks, train as many tasks), best of each")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--before", type=Path, default=None,
                         help="a raw JSON of this benchmark on the code before a change, embedded as `before`")

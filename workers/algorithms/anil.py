@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, vmap
 
-from metaserve.workers.algorithms.base import _TASK_AXES, Algorithm, Fast, accuracy
+from metaserve.workers.algorithms.base import Algorithm, Fast, accuracy
 from metaserve.workers.networks import Params
 
 
@@ -72,26 +72,34 @@ class ANIL(Algorithm):
             metrics["accuracy_before"] = accuracy(before, query_y)
         return loss, metrics
 
-    def _curve(self, steps: tuple[int, ...], transductive: bool):  # noqa: ANN202
-        """The evaluation curve with the body's features computed once per chunk."""
+    def _curve(self, served_steps: tuple[int, ...], transductive_steps: tuple[int, ...]):  # noqa: ANN202
+        """The evaluation passes with the body's features computed once per chunk and pass,
+        and the head adapted once per task for both passes."""
+        last = max(served_steps + transductive_steps)
+        passes = [steps for steps in (served_steps, transductive_steps) if steps]
 
-        def task_curve(params: Params, support: Tensor, support_y: Tensor, query: Tensor,
-                       query_y: Tensor) -> tuple[Tensor, Tensor]:
+        def task_curve(params: Params, support: Tensor, support_y: Tensor, queries: tuple[Tensor, ...],
+                       query_y: Tensor) -> tuple[tuple[Tensor, Tensor], ...]:
             fast = self.initial_fast(params)
-            losses, accuracies = [], []
-            for step in range(max(steps) + 1):
-                if step in steps:
-                    output = self.model.head(fast, query)
-                    losses.append(self.loss_fn(output, query_y))
-                    accuracies.append(accuracy(output, query_y) if self.classification else losses[-1])
-                if step < max(steps):
+            curves: list[tuple[list[Tensor], list[Tensor]]] = [([], []) for _ in passes]
+            for step in range(last + 1):
+                for steps, query, (losses, accuracies) in zip(passes, queries, curves):
+                    if step in steps:
+                        output = self.model.head(fast, query)
+                        losses.append(self.loss_fn(output, query_y))
+                        accuracies.append(accuracy(output, query_y) if self.classification else losses[-1])
+                if step < last:
                     fast = self.inner_update(params, fast, self._head_grad(fast, support, support_y))
-            return torch.stack(losses), torch.stack(accuracies)
+            return tuple((torch.stack(losses), torch.stack(accuracies)) for losses, accuracies in curves)
 
         def chunk_curve(params: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor,
-                        query_y: Tensor) -> tuple[Tensor, Tensor]:
-            support, query, offset = self.chunk_features(params, support_x, query_x, transductive)
-            return vmap(task_curve, in_dims=_TASK_AXES)(params, support, support_y, query[:, offset:], query_y)
+                        query_y: Tensor) -> tuple[tuple[Tensor, Tensor], ...]:
+            queries = []
+            for mode, steps in ((False, served_steps), (True, transductive_steps)):
+                if steps:
+                    support, query, offset = self.chunk_features(params, support_x, query_x, mode)
+                    queries.append(query[:, offset:])
+            return vmap(task_curve, in_dims=(None, 0, 0, 0, 0))(params, support, support_y, tuple(queries), query_y)
 
         return chunk_curve
 

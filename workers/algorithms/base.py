@@ -71,7 +71,7 @@ class Algorithm:
         self._batched_objective = vmap(self.task_objective, in_dims=_TASK_AXES)
         self._support_grad = grad(self._support_loss)
         self._batched_query_metrics = vmap(self._query_metrics_before, in_dims=_TASK_AXES)
-        self._batched_curves: dict[tuple[tuple[int, ...], bool], Callable] = {}
+        self._batched_curves: dict[tuple[tuple[int, ...], tuple[int, ...]], Callable] = {}
         # the hand-batched meta-step where it applies (MLP models), else None: the vmapped one
         self.fast_path = batched_path(self) if fast_path else None
 
@@ -229,38 +229,59 @@ class Algorithm:
         update depends on the step (MAML++'s per-step rates) overrides it."""
         return self.inner_update(params, fast, self._support_grad(fast, params, support_x, support_y))
 
-    def _curve(self, steps: tuple[int, ...], transductive: bool) -> Callable:
+    def _curve(self, served_steps: tuple[int, ...], transductive_steps: tuple[int, ...]) -> Callable:
+        """The vmapped evaluation of a chunk: per task, one adaptation, and the query loss and
+        accuracy served (``served_steps``) and transductive (``transductive_steps``) after
+        those step counts; one ``(loss [S], accuracy [S])`` pair per non-empty pass."""
+        last = max(served_steps + transductive_steps)
+        passes = [(mode, steps) for mode, steps in ((False, served_steps), (True, transductive_steps)) if steps]
+
         def task_curve(params: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor,
-                       query_y: Tensor) -> tuple[Tensor, Tensor]:
+                       query_y: Tensor) -> tuple[tuple[Tensor, Tensor], ...]:
             fast = self.initial_fast(params)
-            losses, accuracies = [], []
-            for step in range(max(steps) + 1):
-                if step in steps:
-                    output = self.query_predict(params, fast, support_x, query_x, transductive)
-                    losses.append(self.loss_fn(output, query_y))
-                    accuracies.append(accuracy(output, query_y) if self.classification else losses[-1])
-                if step < max(steps):
+            curves: list[tuple[list[Tensor], list[Tensor]]] = [([], []) for _ in passes]
+            for step in range(last + 1):
+                for (mode, steps), (losses, accuracies) in zip(passes, curves):
+                    if step in steps:
+                        output = self.query_predict(params, fast, support_x, query_x, mode)
+                        losses.append(self.loss_fn(output, query_y))
+                        accuracies.append(accuracy(output, query_y) if self.classification else losses[-1])
+                if step < last:
                     fast = self._evaluation_step(params, fast, support_x, support_y, step)
-            return torch.stack(losses), torch.stack(accuracies)
+            return tuple((torch.stack(losses), torch.stack(accuracies)) for losses, accuracies in curves)
 
         return vmap(task_curve, in_dims=_TASK_AXES)
+
+    def evaluation_passes(self, params: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor,
+                          query_y: Tensor, served_steps: tuple[int, ...],
+                          transductive_steps: tuple[int, ...] = ()) -> tuple[tuple[Tensor, Tensor], ...]:
+        """Per-task query loss and accuracy ``[T, len(steps)]`` (accuracy equals loss for
+        regression) of each non-empty pass: as the served predictor computes them (query images
+        one at a time) after each step count in ``served_steps``, then with ``transductive``
+        batch norm over the query batch after each in ``transductive_steps`` — from one
+        adaptation per task (the support set's inner steps do not depend on the pass).
+        Parameters are detached: no meta-gradient."""
+        served_steps = tuple(sorted(set(served_steps)))
+        transductive_steps = tuple(sorted(set(transductive_steps)))
+        if self.fast_path is not None:  # an MLP: no norm, so nothing is transductive
+            if transductive_steps:
+                raise ValueError("a model without a norm has no transductive pass")
+            return (self.fast_path.evaluation_curves(params, support_x, support_y, query_x, query_y,
+                                                     served_steps),)
+        key = (served_steps, transductive_steps)
+        if key not in self._batched_curves:
+            self._batched_curves[key] = self._curve(served_steps, transductive_steps)
+        detached = {name: value.detach() for name, value in params.items()}
+        with fused_batch_norm(self.fused_norm):  # no meta-gradient: the norm is differentiated once at most
+            return self._batched_curves[key](detached, support_x, support_y, query_x, query_y)
 
     def evaluation_curves(self, params: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor,
                           query_y: Tensor, steps: tuple[int, ...],
                           transductive: bool = False) -> tuple[Tensor, Tensor]:
-        """Per-task query loss and accuracy ``[T, len(steps)]`` after each step count in ``steps``
-        (accuracy equals loss for regression), as the served predictor computes them (query
-        images one at a time), or with ``transductive`` batch norm over the query batch.
-        Parameters are detached: no meta-gradient."""
-        steps = tuple(sorted(set(steps)))
-        if self.fast_path is not None:  # an MLP: no norm, so nothing is transductive
-            return self.fast_path.evaluation_curves(params, support_x, support_y, query_x, query_y, steps)
-        key = (steps, transductive)
-        if key not in self._batched_curves:
-            self._batched_curves[key] = self._curve(steps, transductive)
-        detached = {name: value.detach() for name, value in params.items()}
-        with fused_batch_norm(self.fused_norm):  # no meta-gradient: the norm is differentiated once at most
-            return self._batched_curves[key](detached, support_x, support_y, query_x, query_y)
+        """One pass of :meth:`evaluation_passes`: served, or ``transductive``."""
+        served, transductive_steps = ((), steps) if transductive else (steps, ())
+        return self.evaluation_passes(params, support_x, support_y, query_x, query_y, served,
+                                      transductive_steps)[0]
 
     def export_params(self, params: Params) -> Params:
         """What goes into ``meta_init.safetensors``."""

@@ -9,6 +9,8 @@ nearest prototype (logits = −‖f(x) − c_k‖²). The model's linear head is
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -74,19 +76,23 @@ class ProtoNet(Algorithm):
                       "loss_before": self.loss_fn(uniform, query_y),
                       "accuracy_before": accuracy(uniform, query_y)}
 
-    def _curve(self, steps: tuple[int, ...], transductive: bool):  # noqa: ANN202
-        """No inner steps: every step count of the curve is the nearest-prototype result."""
+    def _curve(self, served_steps: tuple[int, ...], transductive_steps: tuple[int, ...]):  # noqa: ANN202
+        """No inner steps: every step count of a pass is the nearest-prototype result."""
 
-        def task_curve(support: Tensor, support_y: Tensor, query: Tensor,
+        def task_curve(steps: tuple[int, ...], support: Tensor, support_y: Tensor, query: Tensor,
                        query_y: Tensor) -> tuple[Tensor, Tensor]:
             output = self.logits(query, self.prototypes(support, support_y))
             loss, hits = self.loss_fn(output, query_y), accuracy(output, query_y)
             return loss.expand(len(steps)), hits.expand(len(steps))
 
         def chunk_curve(params: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor,
-                        query_y: Tensor) -> tuple[Tensor, Tensor]:
-            support, query, offset = self.chunk_features(params, support_x, query_x, transductive)
-            return vmap(task_curve)(support, support_y, query[:, offset:], query_y)
+                        query_y: Tensor) -> tuple[tuple[Tensor, Tensor], ...]:
+            curves = []
+            for mode, steps in ((False, served_steps), (True, transductive_steps)):
+                if steps:
+                    support, query, offset = self.chunk_features(params, support_x, query_x, mode)
+                    curves.append(vmap(partial(task_curve, steps))(support, support_y, query[:, offset:], query_y))
+            return tuple(curves)
 
         return chunk_curve
 

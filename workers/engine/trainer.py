@@ -196,31 +196,35 @@ class Trainer:
     def evaluate(self, params: dict[str, Tensor], *, split: str = "val", tasks: int | None = None,
                  support_shots: int | None = None) -> dict[str, float]:
         """Query loss (and accuracy) on ``tasks`` held-out tasks of ``split`` before adaptation and
-        after each of ``spec.evaluation.inner_steps`` steps: mean and 95 % CI half-width."""
+        after each of ``spec.evaluation.inner_steps`` steps: mean and 95 % CI half-width, as the
+        served predictor computes them; with batch norm also the transductive number (query-batch
+        statistics, MAML's paper) after the last step, ``{split}/transductive_accuracy_step{k}``."""
         count = tasks or self.spec.evaluation.tasks
         shots = support_shots or self.spec.evaluation.support_shots
         steps = sorted({0, *self.spec.evaluation.inner_steps})
         params = self._on_device(params)
-        losses, accuracies = [], []
-        transductive: list[tuple[Tensor, Tensor]] = []
+        # batch norm: also the paper's (transductive) number, after the last step only — from
+        # the same adaptation, so the second pass costs one query forward per task
+        transductive_steps = (steps[-1],) if self.algorithm.trains_transductive else ()
+        passes: list[list[tuple[Tensor, Tensor]]] = [[], []]
         keys = [(split, 0, tuple(chunk), shots) for chunk in _chunks(range(count), self.evaluation_chunk)]
         for batch in self.prefetcher.batches(keys):
             batch = batch.to(self.device)
-            loss, acc = self.algorithm.evaluation_curves(params, *batch, steps=tuple(steps))
-            losses.append(loss.detach().cpu())
-            accuracies.append(acc.detach().cpu())
-            if self.algorithm.trains_transductive:  # batch norm: also the paper's number
-                loss, acc = self.algorithm.evaluation_curves(params, *batch, steps=tuple(steps),
-                                                             transductive=True)
-                transductive.append((loss.detach().cpu(), acc.detach().cpu()))
-        result = summarize(split, steps, torch.cat(losses),
-                           torch.cat(accuracies) if self.family.is_classification else None)
-        if transductive:
-            both = summarize(split, steps, torch.cat([loss for loss, _ in transductive]),
-                             torch.cat([acc for _, acc in transductive])
-                             if self.family.is_classification else None)
+            curves = self.algorithm.evaluation_passes(params, *batch, served_steps=tuple(steps),
+                                                      transductive_steps=transductive_steps)
+            for parts, (loss, acc) in zip(passes, curves):
+                parts.append((loss.detach().cpu(), acc.detach().cpu()))
+        classification = self.family.is_classification
+
+        def summary(pass_steps: list[int], parts: list[tuple[Tensor, Tensor]]) -> dict[str, float]:
+            return summarize(split, pass_steps, torch.cat([loss for loss, _ in parts]),
+                             torch.cat([acc for _, acc in parts]) if classification else None)
+
+        result = summary(steps, passes[0])
+        if transductive_steps:
             result.update({name.replace("/", "/transductive_", 1): value
-                           for name, value in both.items() if not name.endswith("/tasks")})
+                           for name, value in summary(list(transductive_steps), passes[1]).items()
+                           if not name.endswith("/tasks")})
         return result
 
     # ------------------------------------------------------------------ persistence

@@ -150,8 +150,8 @@ def test_second_order_maml_keeps_the_written_out_norm_and_evaluation_fuses_it(mo
         assert torch.equal(grads[name], value), name
     fused = trainer.algorithm.evaluation_curves(state.params, *batch, steps=(0, 1), transductive=True)
     assert any(calls)  # evaluation's inner steps differentiate the norm once: the fused kernel
-    curve = trainer.algorithm._curve((0, 1), True)  # outside the context: written out
-    written = curve({n: v.detach() for n, v in state.params.items()}, *batch)
+    curve = trainer.algorithm._curve((), (0, 1))  # outside the context: written out
+    written, = curve({n: v.detach() for n, v in state.params.items()}, *batch)
     for got, want in zip(fused, written):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
@@ -166,6 +166,27 @@ def test_metrics_before_adaptation_equal_the_plain_forward(algorithm):
         plain = trainer.algorithm._batched_query_metrics(state.params, *batch)
     for name, value in plain.items():
         torch.testing.assert_close(metrics[name], value, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("algorithm", [{"name": "protonet"}, {"name": "anil", "inner_lr": 0.4, "inner_steps": 2},
+                                       {"name": "maml", "inner_lr": 0.4, "inner_steps": 1}])
+def test_one_adaptation_gives_both_evaluation_passes_and_the_transductive_number_is_the_last_steps(algorithm):
+    """``evaluation_passes`` adapts each task once for the served and the transductive pass:
+    the numbers of two separate adaptations (within 1e-6); the evaluation reports the
+    transductive number after the last step only."""
+    trainer = Trainer(few_shot_spec(algorithm, "batch", evaluation={"every": 0, "tasks": 6, "inner_steps": [1, 2]}))
+    state = trainer.init_state()
+    batch = trainer.family.sample(seed=5, split="val", iteration=0, task_indices=range(3))
+    served, transductive = trainer.algorithm.evaluation_passes(state.params, *batch, (0, 1, 2), (2,))
+    expected = (trainer.algorithm.evaluation_curves(state.params, *batch, steps=(0, 1, 2)),
+                trainer.algorithm.evaluation_curves(state.params, *batch, steps=(2,), transductive=True))
+    for got, want in zip((*served, *transductive), (*expected[0], *expected[1])):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    assert not torch.equal(served[0][:, 2], transductive[0][:, 0])  # two passes, two numbers
+    result = trainer.evaluate(state.params, tasks=6)
+    assert {name for name in result if "transductive" in name} == {
+        f"val/transductive_{kind}_step2{ci}" for kind in ("loss", "accuracy") for ci in ("", "_ci95")}
+    trainer.close()
 
 
 def test_evaluation_chunks_image_tasks_like_a_training_step_and_samples_them_ahead():
