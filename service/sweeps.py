@@ -37,8 +37,8 @@ from metaserve.workers.job_run import SweepRun, Trial
 from metaserve.workers.spec import JobSpec
 from metaserve.workers.sweep_spec import (DISCRETE, FORBIDDEN_PATHS, SweepError, SweepSpec,
                                           apply_config, checked_specs, costliest_configs,
-                                          default_metric,
-                                          forbidden_path, get_path, longest_iterations,
+                                          default_metric, forbidden_path, get_path,
+                                          held_out_metric, held_out_score, longest_iterations,
                                           metric_mode, parse_domain, reported_metrics,
                                           trial_count)
 
@@ -313,20 +313,30 @@ def _view(session: Session, sweep: Sweep) -> SweepView:
     return SweepView(sweep=sweep, driver=driver, counts=counts, best=best)
 
 
+def _last_values(session: Session, sweep: Sweep, name: str) -> dict[str, tuple[int, float]]:
+    """Each trial's last ``(step, value)`` of the metric ``name``, by job id."""
+    last_step = (select(Metric.job_id, func.max(Metric.step).label("step"))
+                 .join(Job, Job.id == Metric.job_id)
+                 .where(Job.sweep_id == sweep.id, Metric.name == name)
+                 .group_by(Metric.job_id).subquery())
+    return {row.job_id: (row.step, row.value) for row in session.execute(
+        select(Metric.job_id, Metric.step, Metric.value)
+        .join(last_step, (Metric.job_id == last_step.c.job_id) & (Metric.step == last_step.c.step))
+        .where(Metric.name == name))}
+
+
 def leaderboard(*, session: Session, sweep: Sweep) -> list[dict[str, Any]]:
     """Every trial with its configuration and its last value of the sweep's metric (the final
     evaluation of a finished trial, the last window of a stopped one), best first; trials
-    without a value last."""
+    without a value last. Beside it, the trial's held-out test score (its final value of the
+    metric's ``test/`` counterpart, evaluated once after its last iteration, on tasks no
+    selection used) or why it has none
+    (:func:`~metaserve.workers.sweep_spec.held_out_score`)."""
     metric = sweep.config["scheduler"]["metric"]
     maximize = sweep.config["scheduler"]["mode"] == "max"
-    last_step = (select(Metric.job_id, func.max(Metric.step).label("step"))
-                 .join(Job, Job.id == Metric.job_id)
-                 .where(Job.sweep_id == sweep.id, Metric.name == metric)
-                 .group_by(Metric.job_id).subquery())
-    values = {row.job_id: (row.step, row.value) for row in session.execute(
-        select(Metric.job_id, Metric.step, Metric.value)
-        .join(last_step, (Metric.job_id == last_step.c.job_id) & (Metric.step == last_step.c.step))
-        .where(Metric.name == metric))}
+    values = _last_values(session, sweep, metric)
+    test_metric, _ = held_out_metric(metric)
+    tests = _last_values(session, sweep, test_metric) if test_metric is not None else {}
     trials = session.scalars(select(Job).where(Job.sweep_id == sweep.id).order_by(Job.id)).all()
     rows = []
     for trial in trials:
@@ -343,7 +353,8 @@ def leaderboard(*, session: Session, sweep: Sweep) -> list[dict[str, Any]]:
                      # Iterations trained: a trial stopped at an evaluation window ends
                      # before its progress says it reached it, its metric's step does.
                      "iteration": max((trial.progress or {}).get("iteration") or 0, step or 0)
-                     or None})
+                     or None,
+                     **held_out_score(metric, trial.status, tests.get(trial.id, (None, None))[1])})
 
     def rank(row: dict[str, Any]) -> tuple:
         value = row["value"]
@@ -373,7 +384,8 @@ def sweep_run(*, session: Session, job_id: str, settings: Settings) -> SweepRun 
     if sweep is None:
         return None
     trials = {row["trial_id"]: Trial(job_id=row["job_id"], status=row["status"],
-                                     value=row["value"], step=row["step"])
+                                     value=row["value"], step=row["step"],
+                                     test_value=row["test_value"])
               for row in leaderboard(session=session, sweep=sweep) if row["trial_id"] is not None}
     concurrency = sweep.config.get("max_concurrent_trials")
     owner = session.get(User, sweep.owner_id)

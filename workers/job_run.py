@@ -51,6 +51,9 @@ class Trial:
     status: str
     value: float | None = None
     step: int | None = None
+    test_value: float | None = None
+    """Its final value of the held-out test counterpart of the sweep's metric, as recorded
+    (:func:`~metaserve.workers.sweep_spec.held_out_score`)."""
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,13 @@ rule's time axis), so the scheduler can stop it; Tune's callbacks here end it (`
 succeeded, failed, or cancelled when stopped early).
 
 At the end the best finished trial's final artifact and a ``sweep.json`` (the leaderboard) are
-published as the driver job's artifacts. Cancelling kills the supervisor: Ray ends the trial
-actors with it (their owner) and removes the trials' placement groups (the supervisor of a
-sweep is detached, so its placement groups die with it), so nothing of the sweep keeps running
-or keeps CPUs reserved.
+published as the driver job's artifacts. Trials are selected by the sweep's validation metric;
+beside it each finished trial's held-out test score is reported (its final value of the
+metric's ``test/`` counterpart, :func:`~metaserve.workers.sweep_spec.held_out_score`): from its
+final evaluation in this attempt, from the database for a trial an earlier attempt recorded.
+Cancelling kills the supervisor: Ray ends the trial actors with it (their owner) and removes the
+trials' placement groups (the supervisor of a sweep is detached, so its placement groups die
+with it), so nothing of the sweep keeps running or keeps CPUs reserved.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ from metaserve.workers.runner import RunOptions
 from metaserve.workers.spec import JobSpec
 from metaserve.workers.sweep_search import (experiment_location, scheduler_of, search_algorithm,
                                             search_space, trial_resources, tune_samples)
-from metaserve.workers.sweep_spec import STOPPED_EARLY, trial_spec
+from metaserve.workers.sweep_spec import STOPPED_EARLY, held_out_metric, held_out_score, trial_spec
 
 logger = logging.getLogger(__name__)
 
@@ -167,8 +170,10 @@ def sweep_trial(config: dict[str, Any], *, sweep: SweepRun, supervisor: Any,
         raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    test_metric, _ = held_out_metric(metric)
+    held_out = {"test_value": final[test_metric]} if test_metric in final else {}
     tune.report({metric: final[metric], "iteration": spec.iterations, "finished": True,
-                 "job_id": job_id})
+                 "job_id": job_id, **held_out})
 
 
 def _train_trial(spec: JobSpec, job_id: str, scratch: Path, metric: str, sweep: SweepRun,
@@ -214,15 +219,18 @@ class _TuneDriver:
         scheduler = self.sweep.config["scheduler"]
         self.metric, self.mode = scheduler["metric"], scheduler["mode"]
         self._lock = threading.Lock()
-        # trial_id -> {"job_id", "status", "value", "step"}
+        # trial_id -> {"job_id", "status", "value", "step", "test_value"}; a trial an earlier
+        # attempt recorded comes with its values as the database has them.
         self.trials: dict[str, dict[str, Any]] = {
             trial_id: {"job_id": trial.job_id, "status": trial.status, "value": trial.value,
-                       "step": trial.step} for trial_id, trial in self.sweep.trials.items()}
+                       "step": trial.step, "test_value": trial.test_value}
+            for trial_id, trial in self.sweep.trials.items()}
         self.errors: dict[str, str] = {}
 
     def _trial(self, trial_id: str, result: dict) -> dict[str, Any]:
         trial = self.trials.setdefault(trial_id, {"job_id": None, "status": "running",
-                                                  "value": None, "step": None})
+                                                  "value": None, "step": None,
+                                                  "test_value": None})
         if result.get("job_id"):
             trial["job_id"] = result["job_id"]
         return trial
@@ -255,9 +263,12 @@ class _TuneDriver:
                 trial["status"] = result["recorded"]  # ended in an earlier attempt: recorded then
                 return
             value, step = result.get(self.metric), result.get("iteration")
-            trial.update(value=value, step=step)
+            trial.update(value=value, step=step, test_value=result.get("test_value"))
             shown = f"{self.metric} {value:.4g}" if isinstance(value, float) else self.metric
             if result.get("finished"):
+                held_out = held_out_score(self.metric, "succeeded", trial["test_value"])
+                if held_out["test_value"] is not None:
+                    shown += f", held-out {held_out['test_metric']} {held_out['test_value']:.4g}"
                 self._end(trial, "succeeded", f"finished: {shown}")
             else:
                 self._end(trial, "cancelled", f"{STOPPED_EARLY}"
@@ -321,7 +332,9 @@ class _TuneDriver:
         def finite(value: Any) -> bool:
             return isinstance(value, (int, float)) and math.isfinite(value)
 
-        board = sorted(({"trial_id": trial_id, **trial} for trial_id, trial in self.trials.items()),
+        board = sorted(({"trial_id": trial_id, **trial,
+                         **held_out_score(self.metric, trial["status"], trial["test_value"])}
+                        for trial_id, trial in self.trials.items()),
                        key=lambda row: (not finite(row["value"]),
                                         sign * row["value"] if finite(row["value"]) else 0.0))
         finished = [row for row in board if row["status"] == "succeeded" and finite(row["value"])]
@@ -339,7 +352,11 @@ class _TuneDriver:
                 for chunk in chunks:
                     handle.write(chunk)
             paths.append(scratch / name)
+        test_metric, why = held_out_metric(self.metric)
+        # Selected by the validation metric; test_value, on tasks no selection used, is the
+        # unbiased estimate of the best trial's score.
         summary = {"sweep_id": self.sweep.sweep_id, "metric": self.metric, "mode": self.mode,
+                   "test_metric": test_metric, "test_metric_note": why,
                    "best": best, "trials": board}
         (scratch / "sweep.json").write_text(json.dumps(summary, indent=2, default=str))
         paths.append(scratch / "sweep.json")

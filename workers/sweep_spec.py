@@ -250,6 +250,36 @@ def metric_mode(metric: str) -> str:
     return "max" if "accuracy" in metric or "return" in metric else "min"
 
 
+def held_out_metric(metric: str) -> tuple[str | None, str | None]:
+    """The held-out test counterpart of a sweep's selection metric (``val/x`` → ``test/x``: the
+    same evaluation on the test tasks, which every trial evaluates once, after its last
+    iteration, and which no trial is selected or stopped by) and, when there is none, why."""
+    if metric.startswith("val/"):
+        return "test/" + metric[len("val/"):], None
+    return None, (f"{metric} is not a validation (val/) metric, so it has no held-out test/ "
+                  "counterpart: no test score is reported")
+
+
+def held_out_score(metric: str, status: str, test_value: float | None) -> dict[str, Any]:
+    """A trial's held-out score beside its value of the selection ``metric``, as the
+    leaderboard and ``sweep.json`` show it: ``test_metric`` (None: the metric has none),
+    ``test_value`` (the trial's final value of it) and ``test_note``, why there is no
+    ``test_value`` (None when there is one)."""
+    test_metric, why = held_out_metric(metric)
+    if test_metric is None:
+        return {"test_metric": None, "test_value": None, "test_note": why}
+    if isinstance(test_value, (int, float)) and math.isfinite(test_value):
+        return {"test_metric": test_metric, "test_value": float(test_value), "test_note": None}
+    if status == "succeeded":
+        why = f"unknown: the trial recorded no {test_metric}"
+    elif status in ("queued", "running", "cancelling"):
+        why = f"not yet: {test_metric} is evaluated once, after the trial's last iteration"
+    else:
+        why = (f"none: the trial ended before its final evaluation, the only one of "
+               f"{test_metric}")
+    return {"test_metric": test_metric, "test_value": None, "test_note": why}
+
+
 def reported_metrics(spec: JobSpec) -> list[str]:
     """The validation metrics every evaluation window of ``spec`` reports (a sweep ranks and
     stops trials by one of them)."""

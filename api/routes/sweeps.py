@@ -38,6 +38,15 @@ class TrialPublic(BaseModel):
     value: float | None = Field(description="The trial's last value of the metric (its final "
                                             "evaluation when it finished).")
     step: int | None = Field(description="The iteration of that value.")
+    test_metric: str | None = Field(None, description="The metric's held-out counterpart "
+                                    "(`val/x` → `test/x`), on test tasks no trial is selected "
+                                    "or stopped by; null when the metric has none.")
+    test_value: float | None = Field(None, description="The trial's final value of "
+                                     "test_metric (evaluated once, after its last iteration): "
+                                     "the unbiased score of a trial selected by `value`.")
+    test_note: str | None = Field(None, description="Why test_value is null (the metric has "
+                                  "no test counterpart; the trial stopped before its final "
+                                  "evaluation; not yet finished).")
     iteration: int | None = Field(description="Iterations the trial ran.")
     attempt: int
     outcome: str | None = Field(None, description="As a job's: `stopped` for a trial the "
@@ -59,7 +68,8 @@ class SweepPublic(BaseModel):
                                                "scheduler (metric and mode filled in), num_samples, "
                                                "max_concurrent_trials, trials (planned).")
     trials: dict[str, int] = Field(description="Trial jobs by status (started trials only).")
-    best: TrialPublic | None = Field(description="The best trial so far by the metric.")
+    best: TrialPublic | None = Field(description="The best trial so far by the metric, with "
+                                     "its held-out test score (test_value).")
     attempt: int
     message: str | None
     error: str | None

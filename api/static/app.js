@@ -1057,7 +1057,8 @@
     if (!page.data.length) body.append(el("tr", {}, el("td", { colspan: 5, class: "muted", text: "No sweeps." })));
     for (const sweep of page.data) {
       const counts = Object.entries(sweep.trials).map(([status, n]) => `${n} ${status}`).join(", ");
-      const best = sweep.best && sweep.best.value !== null ? `${sweep.best.metric} ${fmt(sweep.best.value)}` : "—";
+      const best = sweep.best && sweep.best.value !== null ? `${sweep.best.metric} ${fmt(sweep.best.value)}` +
+        (sweep.best.test_value !== null && sweep.best.test_value !== undefined ? ` · held-out ${sweep.best.test_metric} ${fmt(sweep.best.test_value)}` : "") : "—";
       body.append(el("tr", { "data-id": sweep.id },
         el("td", {}, el("a", { href: `#/sweeps/${encodeURIComponent(sweep.id)}`, text: sweep.name }), el("div", { class: "muted", text: shortId(sweep.id) })),
         el("td", {}, badge(sweep.status)), el("td", { text: counts || "none yet" }), el("td", { class: "num", text: best }),
@@ -1138,14 +1139,19 @@
     const paths = Object.keys(sweep.config.space || {});
     const metric = sweep.config.scheduler.metric;
     const maximize = sweep.config.scheduler.mode === "max";
+    const testMetric = (board.data.find((t) => t.test_metric) || {}).test_metric;
     const head = el("tr", {}, el("th", {}, "#"), el("th", {}, "Trial"), el("th", {}, "Status"),
-      paths.map((p) => el("th", { text: p })), el("th", { text: `${metric} (${sweep.config.scheduler.mode})` }), el("th", {}, "Iterations"));
+      paths.map((p) => el("th", { text: p })), el("th", { text: `${metric} (${sweep.config.scheduler.mode})` }),
+      testMetric ? el("th", { title: "Held out: test tasks no trial is selected or stopped by, evaluated once after the last iteration", text: `held-out ${testMetric}` }) : null,
+      el("th", {}, "Iterations"));
     const rows = board.data.map((trial, index) => el("tr", { "data-id": trial.job_id },
       el("td", { class: "num", text: String(index + 1) }),
       el("td", {}, el("a", { href: `#/jobs/${encodeURIComponent(trial.job_id)}`, text: trial.trial_id || shortId(trial.job_id) })),
       el("td", {}, badge(trial.status), trial.message && trial.status !== "succeeded" ? el("div", { class: "muted", text: trial.message }) : null),
       paths.map((p) => el("td", { class: "num", text: fmt(trial.config[p]) })),
-      el("td", { class: "num", text: fmt(trial.value) }), el("td", { class: "num", text: trial.iteration ?? "—" })));
+      el("td", { class: "num", text: fmt(trial.value) }),
+      testMetric ? el("td", { class: "num", text: fmt(trial.test_value), title: trial.test_note || "" }) : null,
+      el("td", { class: "num", text: trial.iteration ?? "—" })));
     const area = el("div", { class: "card", id: "sweep-chart" }, el("h2", {}, "Parallel coordinates"));
     const importance = el("div", { class: "card", id: "importance-card" }, el("h2", {}, "Parameter importance"),
       el("p", { class: "muted", text: "Loading…" }));

@@ -23,29 +23,43 @@ def _value(value: Any) -> str:
 
 
 def trials_table(sweep: dict[str, Any], trials: list[dict[str, Any]]):  # noqa: ANN201
-    """The leaderboard as a rich table: rank, trial, job, status, iteration, metric, config."""
+    """The leaderboard as a rich table: rank, trial, job, status, iteration, metric (the
+    selection's, validation), its held-out test counterpart, config."""
     from rich.table import Table
 
     metric = sweep["config"]["scheduler"]["metric"]
+    test_metric = next((trial.get("test_metric") for trial in trials), None)
     table = Table(title=printable(f"{sweep['name']} ({sweep['id']}): {sweep['status']}, "
                                   f"{metric} ({sweep['config']['scheduler']['mode']})"))
     for column in ("#", "trial", "job", "status", "iteration", metric,
+                   *([f"held-out {test_metric}"] if test_metric else []),
                    *sweep["config"]["space"]):
         table.add_column(printable(column))
     for rank, trial in enumerate(trials, 1):
         iteration = trial.get("iteration") or trial.get("step")
         table.add_row(str(rank), printable(trial["trial_id"] or ""), trial["job_id"],
                       trial.get("outcome") or trial["status"], _value(iteration), _value(trial["value"]),
+                      *([_value(trial.get("test_value"))] if test_metric else []),
                       *(printable(_value(trial["config"].get(path)))
                         for path in sweep["config"]["space"]))
     return table
 
 
+def _held_out(trial: dict[str, Any]) -> str:
+    """The trial's held-out test score as the status line shows it beside the selection's
+    value, or why an ended trial has none (a running one has none yet)."""
+    if trial.get("test_value") is not None:
+        return f", held-out {trial['test_metric']} {_value(trial['test_value'])}"
+    if trial.get("test_note") and trial.get("status") not in ("queued", "running", "cancelling"):
+        return f", no held-out test score ({trial['test_note']})"
+    return ""
+
+
 def status_line(sweep: dict[str, Any]) -> str:
     counts = ", ".join(f"{count} {status}" for status, count in sorted(sweep["trials"].items()))
     best = sweep.get("best")
-    shown = (f"; best {best['metric']} {_value(best['value'])} (job {best['job_id']})"
-             if best else "")
+    shown = (f"; best {best['metric']} {_value(best['value'])}{_held_out(best)} "
+             f"(job {best['job_id']})" if best else "")
     return (f"{sweep['id']}  {sweep['name']}  {sweep['status']}  trials: "
             f"{counts or 'none started'} of {sweep['config']['trials']}{shown}")
 

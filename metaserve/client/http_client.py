@@ -419,7 +419,8 @@ class Client(RegisteredModels):
                              json=load_spec_document(sweep_or_path, overrides)).json()
 
     def sweep(self, sweep: str | dict[str, Any]) -> dict[str, Any]:
-        """The sweep: status, trial counts by status, the best trial so far."""
+        """The sweep: status, trial counts by status, the best trial so far (selected by its
+        validation ``value``; ``test_value``: its held-out test score)."""
         return self._request("GET", f"/v1/sweeps/{job_id_of(sweep)}").json()
 
     def sweeps(self, *, limit: int = 50) -> list[dict[str, Any]]:
@@ -427,8 +428,9 @@ class Client(RegisteredModels):
         return self._request("GET", "/v1/sweeps", params={"limit": limit}).json()["data"]
 
     def sweep_trials(self, sweep: str | dict[str, Any]) -> list[dict[str, Any]]:
-        """The leaderboard: every started trial (its config, job id, status and metric), best
-        first. Each ``job_id`` works with :meth:`get`, :meth:`metrics`, :meth:`download`."""
+        """The leaderboard: every started trial (its config, job id, status, metric and its
+        held-out ``test_value``), best first by the metric. Each ``job_id`` works with
+        :meth:`get`, :meth:`metrics`, :meth:`download`."""
         return self._request("GET", f"/v1/sweeps/{job_id_of(sweep)}/trials").json()["data"]
 
     def cancel_sweep(self, sweep: str | dict[str, Any]) -> dict[str, Any]:

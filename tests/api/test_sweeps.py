@@ -193,7 +193,8 @@ def test_trials_are_jobs_of_the_sweep_ranked_on_the_leaderboard_and_never_claime
                                       worker_id="other", job_id="0" * 25 + "3", key="t2",
                                       name="tiny/t2", spec=trial)
             job_store.add_metrics(session=session, job_id=first, rows=[(5, "val/loss_step1", 2.0),
-                                                                    (20, "val/loss_step1", 0.5)])
+                                                                    (20, "val/loss_step1", 0.5),
+                                                                    (20, "test/loss_step1", 0.625)])
             job_store.add_metrics(session=session, job_id=second, rows=[(5, "val/loss_step1", 1.5)])
             job_store.add_artifact(session=session, job_id=first, name="meta_init.json", size=2,
                                sha256="0" * 64, media_type="application/json")
@@ -205,14 +206,20 @@ def test_trials_are_jobs_of_the_sweep_ranked_on_the_leaderboard_and_never_claime
         with session.begin():
             assert claims.claim_next_job(session=session, worker_id="w2", lease_s=30) is None
         resumed = job_runs.job_run(session=session, job=claimed, settings=settings)
-        assert resumed.sweep.trials == {"t0": Trial(first, "succeeded", 0.5, 20),
-                                        "t1": Trial(second, "cancelled", 1.5, 5)}
+        # A resumed driver gets each recorded trial's held-out test value from its metrics.
+        assert resumed.sweep.trials == {"t0": Trial(first, "succeeded", 0.5, 20, 0.625),
+                                        "t1": Trial(second, "cancelled", 1.5, 5, None)}
     board = client.get(f"/v1/sweeps/{sweep['id']}/trials", headers=alice_auth).json()
     assert [(t["trial_id"], t["status"], t["value"], t["step"]) for t in board["data"]] == [
         ("t0", "succeeded", 0.5, 20), ("t1", "cancelled", 1.5, 5)]
     assert board["data"][0]["config"] == {"algorithm.inner_lr": 0.1, "outer_optimizer.lr": 0.001}
     assert board["sweep"]["trials"] == {"succeeded": 1, "cancelled": 1}
     assert board["sweep"]["best"]["job_id"] == "0" * 25 + "1"
+    assert [(t["test_metric"], t["test_value"], t["test_note"]) for t in board["data"]] == [
+        ("test/loss_step1", 0.625, None),
+        ("test/loss_step1", None, "none: the trial ended before its final evaluation, the "
+                                  "only one of test/loss_step1")]
+    assert board["sweep"]["best"]["test_value"] == 0.625
     # A trial ASHA stopped ended with a result: its outcome says "stopped", not a cancel.
     assert [t["outcome"] for t in board["data"]] == ["succeeded", "stopped"]
     listed = client.get(f"/v1/jobs?sweep={sweep['id']}", headers=alice_auth).json()["data"]
@@ -250,3 +257,38 @@ def test_a_driver_that_ends_ends_its_running_trials_with_it(client, alice_auth, 
         assert list(session.scalars(select(JobStatusEvent.status).where(
             JobStatusEvent.job_id == trial["id"]).order_by(JobStatusEvent.id))) == [
             "running", "cancelled"]
+
+
+def test_a_metric_without_a_val_prefix_gives_no_held_out_score_and_says_why(
+        client, alice_auth, sessions):  # noqa: ANN001
+    """Every metric a sweep accepts today is a val/ one; a stored sweep whose metric is not (a
+    sweep of an older server, or a future metric) shows no test score, and the reason."""
+    from metaserve.service import child_jobs, claims, job_store
+
+    sweep = client.post("/v1/sweeps", json=SWEEP, headers=alice_auth).json()
+    trial_id = "0" * 25 + "1"
+    with sessions() as session:
+        with session.begin():
+            row = session.get(Sweep, sweep["id"])
+            config = dict(row.config)
+            row.config = {**config, "scheduler": {**config["scheduler"],
+                                                  "metric": "train/loss_step1"}}
+            claimed = claims.claim_next_job(session=session, worker_id="w", lease_s=30)
+        spec = job_store.job_spec(claimed)
+        session.commit()
+        with session.begin():
+            child_jobs.start_child_job(session=session, parent_job_id=claimed.id, worker_id="w",
+                                       job_id=trial_id, key="t0", name="tiny/t0", spec=spec)
+            job_store.add_metrics(session=session, job_id=trial_id, rows=[
+                (20, "train/loss_step1", 0.5), (20, "val/loss_step1", 0.75),
+                (20, "test/loss_step1", 0.625)])
+            child_jobs.end_child_job(session=session, parent_job_id=claimed.id, worker_id="w",
+                                     job_id=trial_id, status=JobStatus.SUCCEEDED,
+                                     message="finished")
+    board = client.get(f"/v1/sweeps/{sweep['id']}/trials", headers=alice_auth).json()
+    reason = ("train/loss_step1 is not a validation (val/) metric, so it has no held-out test/ "
+              "counterpart: no test score is reported")
+    assert [(t["value"], t["test_metric"], t["test_value"], t["test_note"])
+            for t in board["data"]] == [(0.5, None, None, reason)]
+    best = board["sweep"]["best"]
+    assert (best["job_id"], best["test_value"], best["test_note"]) == (trial_id, None, reason)

@@ -57,6 +57,10 @@ def test_a_sigkilled_server_finishes_the_sweep_without_rerunning_finished_trials
             after = {t["job_id"]: t for t in
                      client.get(f"/v1/sweeps/{sweep_id}/trials").json()["data"]}
             jobs = client.get("/v1/jobs", params={"sweep": sweep_id}).json()["data"]
+            summary = client.get(f"/v1/jobs/{sweep['driver_job_id']}/artifacts/sweep.json").json()
+            own_test = {job_id: client.get(f"/v1/jobs/{job_id}/metrics",
+                                           params={"name": "test/loss_step1"}).json()["data"]
+                        for job_id in after}
     finally:
         restarted.terminate()
     assert len(after) == 4 and {t["status"] for t in after.values()} == {"succeeded"}
@@ -66,3 +70,10 @@ def test_a_sigkilled_server_finishes_the_sweep_without_rerunning_finished_trials
         assert (after[job_id]["attempt"], after[job_id]["value"]) == (1, trial["value"])
     assert all(t["step"] == 80 and t["value"] is not None for t in after.values())
     assert sorted(j["id"] for j in jobs) == sorted(after)
+    # The held-out score of every trial, those the first attempt finished included (the
+    # resumed driver reads theirs from the database): its own final test/loss_step1.
+    assert all([m["step"] for m in series] == [80] for series in own_test.values()), own_test
+    reported = {row["job_id"]: row["test_value"] for row in summary["trials"]}
+    assert reported == {job_id: series[0]["value"] for job_id, series in own_test.items()}
+    assert {job_id: t["test_value"] for job_id, t in after.items()} == reported
+    assert summary["best"]["test_value"] == own_test[summary["best"]["job_id"]][0]["value"]

@@ -113,6 +113,30 @@ def test_a_grid_sweep_with_asha_runs_its_trials_as_jobs_and_publishes_the_best(s
     assert summary["best"]["job_id"] == finished[0]["job_id"] == min(
         finished, key=lambda t: t["value"])["job_id"]
     assert len(summary["trials"]) == 4
+    # Selected by val/loss_step1; the held-out score beside it is the best trial's own final
+    # test/loss_step1, on test tasks no selection used.
+    test_series = client.get(f"/v1/jobs/{best_job}/metrics?name=test/loss_step1",
+                             headers=headers).json()["data"]
+    assert [m["step"] for m in test_series] == [12]  # evaluated once, after the last iteration
+    own_test = test_series[0]["value"]
+    assert summary["test_metric"] == "test/loss_step1" and summary["test_metric_note"] is None
+    assert (summary["best"]["test_metric"], summary["best"]["test_value"],
+            summary["best"]["test_note"]) == ("test/loss_step1", own_test, None)
+    assert summary["best"]["test_value"] != summary["best"]["value"]  # not the val number again
+    best_row = next(t for t in board if t["job_id"] == best_job)
+    assert (best_row["test_value"], best_row["test_note"]) == (own_test, None)
+    assert (sweep["best"]["job_id"], sweep["best"]["test_value"]) == (best_job, own_test)
+    assert best_row["message"] == (f"finished: val/loss_step1 {best_row['value']:.4g}, held-out "
+                                   f"test/loss_step1 {own_test:.4g}")
+    by_job = {row["job_id"]: row for row in summary["trials"]}
+    for trial in finished:  # every finished trial: its own final test metric, in both places
+        own = client.get(f"/v1/jobs/{trial['job_id']}/metrics?name=test/loss_step1",
+                         headers=headers).json()["data"][-1]["value"]
+        assert trial["test_value"] == by_job[trial["job_id"]]["test_value"] == own
+    for trial in stopped:  # no final evaluation: no test score, and the reason
+        assert trial["test_value"] is None and by_job[trial["job_id"]]["test_value"] is None
+        assert trial["test_note"] == by_job[trial["job_id"]]["test_note"] == (
+            "none: the trial ended before its final evaluation, the only one of test/loss_step1")
     assert sweep_actors_alive() == []
     deadline = time.monotonic() + 5
     while placement_groups_reserved() and time.monotonic() < deadline:

@@ -50,7 +50,8 @@ def run_one_trial(sessions, db_url: str, root: Path) -> str:  # noqa: ANN001
             child_jobs.start_child_job(session=session, parent_job_id=driver.id, worker_id="w",
                                   job_id=TRIAL, key="abc_00001", name="cli-sweep/abc_00001",
                                   spec=trial)
-            job_store.add_metrics(session=session, job_id=TRIAL, rows=[(20, "val/loss_step1", 0.25)])
+            job_store.add_metrics(session=session, job_id=TRIAL, rows=[(20, "val/loss_step1", 0.25),
+                                                                    (20, "test/loss_step1", 0.375)])
             child_jobs.end_child_job(session=session, parent_job_id=driver.id, worker_id="w",
                                 job_id=TRIAL, status=JobStatus.SUCCEEDED, message="finished")
     scratch = root.parent / "scratch"
@@ -80,9 +81,11 @@ def test_sweep_submit_status_trials_fetch_and_cancel(logged_in, tmp_path, sessio
     run_one_trial(sessions, db_url, artifact_root)
     status = invoke("sweep", "status", sweep_id)
     assert status.output == (f"{sweep_id}  cli-sweep  running  trials: 1 succeeded of 4; best "
-                             f"val/loss_step1 0.25 (job {TRIAL})\n")
+                             f"val/loss_step1 0.25, held-out test/loss_step1 0.375 "
+                             f"(job {TRIAL})\n")
     table = invoke("sweep", "trials", sweep_id)
     assert "abc_00001" in table.output and TRIAL in table.output and "0.25" in table.output
+    assert "held-out test/loss_step1" in table.output and "0.375" in table.output
     listed = invoke("sweep", "list")
     assert listed.exit_code == 0, listed.output
     assert listed.output == status.output  # one sweep: its status line
@@ -91,8 +94,8 @@ def test_sweep_submit_status_trials_fetch_and_cancel(logged_in, tmp_path, sessio
     every = json.loads(invoke("list", "--all-trials", "--output", "json").output)
     assert TRIAL in [job["id"] for job in every] and len(every) == 2
     board = json.loads(invoke("sweep", "trials", sweep_id, "--json").output)
-    assert [(t["job_id"], t["config"], t["value"]) for t in board] == [
-        (TRIAL, {"algorithm.inner_lr": 0.1}, 0.25)]
+    assert [(t["job_id"], t["config"], t["value"], t["test_value"]) for t in board] == [
+        (TRIAL, {"algorithm.inner_lr": 0.1}, 0.25, 0.375)]
     fetched = invoke("sweep", "fetch", sweep_id, "--out", str(tmp_path / "best"))
     assert fetched.exit_code == 0, fetched.output
     assert sorted(p.name for p in (tmp_path / "best").iterdir()) == [
