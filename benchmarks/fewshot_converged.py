@@ -98,9 +98,11 @@ def summary(values: torch.Tensor) -> dict:
 def run_seed(args: argparse.Namespace, seed: int, log) -> dict:
     from metaserve.workers.engine import Trainer
 
-    spec = fewshot.job_spec(args.method, args.setting, "conv4", seed, args)
-    if args.method == "fomaml":
+    first_order = args.method == "fomaml"  # MAML's spec with first-order inner gradients
+    spec = fewshot.job_spec("maml" if first_order else args.method, args.setting, "conv4", seed, args)
+    if first_order:
         spec["algorithm"]["first_order"] = True
+        spec["name"] = spec["name"].replace("-maml-", "-fomaml-")
     step = max(spec["evaluation"]["inner_steps"])
     train_spec = copy.deepcopy(spec)
     train_spec["task_family"]["query_shots"] = args.train_query_shots

@@ -64,3 +64,14 @@ def test_a_budget_below_one_is_refused_naming_the_flag(capsys: pytest.CaptureFix
     with pytest.raises(SystemExit):
         converged.main(["--eval-every", "0"])
     assert "--eval-every" in capsys.readouterr().err
+
+
+def test_fomaml_is_mamls_spec_with_first_order_gradients(tmp_path: Path) -> None:
+    out = tmp_path / "converged.json"
+    converged.main(["--method", "fomaml", "--setting", "5w1s", "--seeds", "0", "--meta-batch-size", "2",
+                    "--eval-every", "2", "--val-tasks", "2", "--max-iterations", "2", "--tasks", "2",
+                    "--out", str(out)])
+    run, = json.loads(out.read_text())["runs"]
+    assert run["method"] == "fomaml"
+    assert run["spec"]["algorithm"]["name"] == "maml" and run["spec"]["algorithm"]["first_order"] is True
+    assert "-fomaml-" in run["spec"]["name"]
