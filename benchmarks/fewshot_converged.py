@@ -37,6 +37,7 @@ import argparse
 import copy
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -192,8 +193,10 @@ def run_seed(args: argparse.Namespace, seed: int, log) -> dict:
 
 
 def table(document: dict) -> str:
-    """Markdown: one row per (setting, method, norm) over its seeds (mean of the seeds' means,
-    mean of their CIs over test tasks, min-max of the seeds' means), then each seed's curve."""
+    """Markdown: one row per (setting, method, norm) over its seeds — one seed: its mean ± the
+    95 % CI over its test tasks; several: the mean of the seeds' means ± the 95 % t-interval
+    over those means (the seed-to-seed spread, what a rerun would move) and their min…max —
+    then each seed's curve."""
     rows = ["| setting | method | norm | seeds | stop (per seed) | meta-iterations × tasks | train wall s "
             "| served accuracy | pixel floor | served − floor | transductive | served − transductive |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -206,7 +209,12 @@ def table(document: dict) -> str:
         if any(r[key] is None for r in runs):
             return "–"
         means = [100 * r[key]["accuracy"] for r in runs]
-        ci = sum(100 * r[key]["ci95"] for r in runs) / len(runs)
+        if len(runs) > 1:
+            from scipy.stats import t  # noqa: PLC0415
+
+            ci = t.ppf(0.975, len(means) - 1) * statistics.stdev(means) / len(means) ** 0.5
+        else:
+            ci = 100 * runs[0][key]["ci95"]
         spread = f" ({min(means):.1f}…{max(means):.1f})" if len(runs) > 1 else ""
         mean = f"{sum(means) / len(means):+.1f}" if "minus" in key else f"{sum(means) / len(means):.1f}"
         return f"{mean} ± {ci:.1f}{spread}"
