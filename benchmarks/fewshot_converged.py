@@ -192,48 +192,74 @@ def run_seed(args: argparse.Namespace, seed: int, log) -> dict:
     return result
 
 
-def table(document: dict) -> str:
-    """Markdown: one row per (setting, method, norm) over its seeds — one seed: its mean ± the
-    95 % CI over its test tasks; several: the mean of the seeds' means ± the 95 % t-interval
-    over those means (the seed-to-seed spread, what a rerun would move) and their min…max —
-    then each seed's curve."""
-    rows = ["| setting | method | norm | seeds | stop (per seed) | meta-iterations × tasks | train wall s "
-            "| served accuracy | pixel floor | served − floor | transductive | served − transductive |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    curves = []
+SUMMARIZED = ("served", "pixel_floor", "served_minus_floor", "transductive", "served_minus_transductive")
+
+
+def group_summaries(document: dict) -> list[dict]:
+    """One summary per (setting, method, norm) over its seeds, for each of :data:`SUMMARIZED`
+    (in %): ``{key}_mean`` and ``{key}_ci`` — one seed: its mean ± the 95 % CI over its test
+    tasks; several: the mean of the seeds' means ± the 95 % t-interval over those means (the
+    seed-to-seed spread, what a rerun would move) — and ``{key}_min``/``{key}_max``."""
+    from scipy.stats import t  # noqa: PLC0415
+
     groups: dict[tuple, list[dict]] = {}
     for run in document["runs"]:
         groups.setdefault((run["setting"], run["method"], run["norm"]), []).append(run)
-
-    def cell(runs: list[dict], key: str) -> str:
-        if any(r[key] is None for r in runs):
-            return "–"
-        means = [100 * r[key]["accuracy"] for r in runs]
-        if len(runs) > 1:
-            from scipy.stats import t  # noqa: PLC0415
-
-            ci = t.ppf(0.975, len(means) - 1) * statistics.stdev(means) / len(means) ** 0.5
-        else:
-            ci = 100 * runs[0][key]["ci95"]
-        spread = f" ({min(means):.1f}…{max(means):.1f})" if len(runs) > 1 else ""
-        mean = f"{sum(means) / len(means):+.1f}" if "minus" in key else f"{sum(means) / len(means):.1f}"
-        return f"{mean} ± {ci:.1f}{spread}"
-
+    summaries = []
     for (setting, method, norm), runs in groups.items():
         runs = sorted(runs, key=lambda r: r["seed"])
-        walls = ", ".join(str(round(r["train_wall_seconds"])) for r in runs)
+        summary = {"setting": setting, "method": method, "norm": norm, "n": len(runs),
+                   "seeds": ", ".join(str(r["seed"]) for r in runs),
+                   "stop": ", ".join(str(r.get("stop_reason")) for r in runs),
+                   "iterations": ", ".join(str(r.get("iterations")) for r in runs),
+                   "meta_batch": (runs[0].get("spec") or {}).get("meta_batch_size"),
+                   "train_wall_seconds": ", ".join(str(round(r.get("train_wall_seconds") or 0)) for r in runs),
+                   "interval": "t over seeds" if len(runs) > 1 else "tasks"}
+        for key in SUMMARIZED:
+            if any(r.get(key) is None for r in runs):
+                continue
+            means = [100 * r[key]["accuracy"] for r in runs]
+            ci = (t.ppf(0.975, len(means) - 1) * statistics.stdev(means) / len(means) ** 0.5
+                  if len(means) > 1 else 100 * runs[0][key]["ci95"])
+            summary.update({f"{key}_mean": statistics.fmean(means), f"{key}_ci": ci,
+                            f"{key}_min": min(means), f"{key}_max": max(means)})
+        summaries.append(summary)
+    return summaries
+
+
+def table(document: dict) -> str:
+    """Markdown: one row per :func:`group_summaries` entry (min…max of the seeds' means beside
+    the interval), then each seed's curve."""
+    rows = ["| setting | method | norm | seeds | stop (per seed) | meta-iterations × tasks | train wall s "
+            "| served accuracy | pixel floor | served − floor | transductive | served − transductive |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def cell(summary: dict, key: str) -> str:
+        if f"{key}_mean" not in summary:
+            return "–"
+        mean = summary[f"{key}_mean"]
+        spread = f" ({summary[f'{key}_min']:.1f}…{summary[f'{key}_max']:.1f})" if summary["n"] > 1 else ""
+        return f"{mean:{'+' if 'minus' in key else ''}.1f} ± {summary[f'{key}_ci']:.1f}{spread}"
+
+    for summary in group_summaries(document):
         rows.append(
-            f"| {setting} | {method} | {norm} | {', '.join(str(r['seed']) for r in runs)} | "
-            f"{', '.join(r['stop_reason'] for r in runs)} | "
-            f"{', '.join(str(r['iterations']) for r in runs)} × {runs[0]['spec']['meta_batch_size']} | "
-            f"{walls} | {cell(runs, 'served')} | "
-            f"{cell(runs, 'pixel_floor')} | {cell(runs, 'served_minus_floor')} | "
-            f"{cell(runs, 'transductive')} | {cell(runs, 'served_minus_transductive')} |")
-        for r in runs:
-            points = ", ".join(f"{p['iteration']}: {100 * p['val_accuracy']:.1f}" for p in r["curve"])
-            curves.append(f"- {setting} {method} {norm} seed {r['seed']} (val %, served, by meta-iteration; "
-                          f"tested at {r['tested_iteration']}): {points}")
+            f"| {summary['setting']} | {summary['method']} | {summary['norm']} | {summary['seeds']} | "
+            f"{summary['stop']} | {summary['iterations']} × {summary['meta_batch']} | "
+            f"{summary['train_wall_seconds']} | "
+            + " | ".join(cell(summary, key) for key in SUMMARIZED) + " |")
+    curves = []
+    for run in sorted(document["runs"], key=lambda r: (r["setting"], r["method"], r["norm"], r["seed"])):
+        points = ", ".join(f"{p['iteration']}: {100 * p['val_accuracy']:.1f}" for p in run["curve"])
+        curves.append(f"- {run['setting']} {run['method']} {run['norm']} seed {run['seed']} (val %, served, "
+                      f"by meta-iteration; tested at {run['tested_iteration']}): {points}")
     return "\n".join(rows + [""] + curves)
+
+
+def write(path: Path, document: dict) -> None:
+    """``document`` with its ``groups`` (:func:`group_summaries`) brought up to date."""
+    document["groups"] = group_summaries(document)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=1) + "\n")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -257,10 +283,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/fewshot_converged.json")
-    parser.add_argument("--table", action="store_true", help="Print the Markdown table of --out and exit.")
+    parser.add_argument("--table", action="store_true",
+                        help="Print the Markdown table of --out, refresh its `groups`, and exit.")
     args = parser.parse_args(argv)
     if args.table:
         document = json.loads(args.out.read_text())
+        write(args.out, document)
         print(table(document))
         return document
     for name in ("eval_every", "val_tasks", "window", "patience", "tasks", "meta_batch_size"):
@@ -290,8 +318,7 @@ def main(argv: list[str] | None = None) -> dict:
         key = (run["setting"], run["method"], run["norm"], run["seed"])
         document["runs"] = [r for r in document["runs"]
                             if (r["setting"], r["method"], r["norm"], r["seed"]) != key] + [run]
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(document, indent=1) + "\n")
+        write(args.out, document)
     return document
 
 
