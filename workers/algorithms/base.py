@@ -272,7 +272,9 @@ class Algorithm:
         if key not in self._batched_curves:
             self._batched_curves[key] = self._curve(served_steps, transductive_steps)
         detached = {name: value.detach() for name, value in params.items()}
-        with fused_batch_norm(self.fused_norm):  # no meta-gradient: the norm is differentiated once at most
+        # no meta-gradient: the norm is differentiated once at most (by the inner steps'
+        # torch.func.grad, which turns autograd back on inside; the query forwards run without)
+        with fused_batch_norm(self.fused_norm), torch.no_grad():
             return self._batched_curves[key](detached, support_x, support_y, query_x, query_y)
 
     def evaluation_curves(self, params: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor,
