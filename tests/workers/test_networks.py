@@ -1,9 +1,10 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.func import vmap
 
 from metaserve.workers.algorithms import build_algorithm
-from metaserve.workers.networks import build_model
+from metaserve.workers.networks import build_model, max_pool2
 from metaserve.workers.spec import ANILSpec, Conv4Spec, MAMLSpec, MLPSpec, PromptSpec
 
 
@@ -76,3 +77,30 @@ def test_conv4_meta_gradient_on_images_has_every_parameter_and_lowers_support_lo
     assert set(metrics) == {"loss_before", "loss_after", "accuracy_before", "accuracy_after"}
     assert (metrics["loss_after"] < metrics["loss_before"]).all()
     assert params["blocks.0.conv.weight"].shape == (8, 3 + prompt_dim, 3, 3)
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 28, 28), (2, 5, 7, 7), (2, 3, 3, 5)])
+def test_the_pool_without_autograd_is_max_pool2d_bit_for_bit(shape):
+    x = torch.randn(shape)
+    x[0, 0, :2, :2] = 0.5  # a tied window
+    with torch.no_grad():
+        assert torch.equal(max_pool2(x), F.max_pool2d(x, 2))
+    leaf = x.clone().requires_grad_(True)
+    out = max_pool2(leaf)  # with autograd: the pooling kernel, its gradient to the first maximum
+    grad, = torch.autograd.grad(out.sum(), leaf)
+    expected, = torch.autograd.grad(F.max_pool2d(leaf, 2).sum(), leaf)
+    assert torch.equal(grad, expected)
+
+
+@pytest.mark.parametrize("activation", [F.relu, lambda h: F.leaky_relu(h, 0.1)])
+def test_the_activation_after_the_pool_gives_the_same_bits_forward_and_backward(activation):
+    """conv4 and ResNet-12 apply their activation after the max-pool: it commutes with a max."""
+    x = torch.randn(4, 8, 14, 14)
+    x[:, :, :4, :4] = -1.0  # blank borders: ties of negative values
+    x[:, :, 4:6, 4:6] = 0.0
+    leaf = x.clone().requires_grad_(True)
+    before = F.max_pool2d(activation(leaf), 2)
+    after = activation(F.max_pool2d(leaf, 2))
+    assert torch.equal(before, after)
+    upstream = torch.randn_like(before)
+    assert torch.equal(*(torch.autograd.grad(out, leaf, upstream)[0] for out in (before, after)))
