@@ -104,3 +104,29 @@ def test_the_activation_after_the_pool_gives_the_same_bits_forward_and_backward(
     assert torch.equal(before, after)
     upstream = torch.randn_like(before)
     assert torch.equal(*(torch.autograd.grad(out, leaf, upstream)[0] for out in (before, after)))
+
+
+def test_per_task_first_layer_without_autograd_is_the_convolution():
+    """``conv3x3``'s unfold-and-matmul form (per-task weights under vmap, no autograd) gives the
+    convolution's values; with autograd it is the convolution itself."""
+    from metaserve.workers.networks import conv3x3
+
+    x, weight, bias = torch.rand(3, 6, 1, 9, 9), torch.randn(3, 8, 1, 3, 3), torch.randn(3, 8)
+    expected = vmap(lambda h, w, b: F.conv2d(h, w, b, padding=1))(x, weight, bias)
+    with torch.no_grad():
+        torch.testing.assert_close(vmap(conv3x3)(x, weight, bias), expected, atol=1e-6, rtol=0)
+    assert torch.equal(vmap(conv3x3)(x, weight, bias), expected)
+
+
+@pytest.mark.parametrize("norm", ["batch", "support", "instance", "layer", "none"])
+def test_a_forward_without_autograd_gives_the_outputs_of_one_with_it(norm):
+    """Without autograd conv4 skips the conv bias where its norm subtracts it again (and pools
+    by strided views): the outputs equal the autograd forward's within float rounding."""
+    model = build_model(Conv4Spec(filters=8, norm=norm), (1, 28, 28), 5)
+    params = model.init_params(torch.Generator().manual_seed(0))
+    params = {name: value + 0.3 if name.endswith("conv.bias") else value for name, value in params.items()}
+    x = torch.rand(6, 1, 28, 28)
+    stats = 2 if norm in ("batch", "support") else None
+    with_grad = model(params, x, stats_rows=stats)
+    with torch.no_grad():
+        torch.testing.assert_close(model(params, x, stats_rows=stats), with_grad, atol=1e-5, rtol=1e-5)
