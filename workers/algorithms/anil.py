@@ -53,9 +53,9 @@ class ANIL(Algorithm):
         """As :meth:`Algorithm.task_objective` for a chunk of tasks, with the body's features of
         every image computed once (:meth:`chunk_features`) and reused by the "before" metrics;
         the head adapts per task."""
-        support, query, offset = self.chunk_features(params, support_x, query_x, self.trains_transductive)
+        support, (query,) = self.chunk_features(params, support_x, query_x, (self.trains_transductive,))
         return vmap(self._objective_of_features, in_dims=(None, 0, 0, 0, 0))(
-            params, support, support_y, query[:, offset:], query_y)
+            params, support, support_y, query, query_y)
 
     def _objective_of_features(self, params: Params, support: Tensor, support_y: Tensor, query: Tensor,
                                query_y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
@@ -73,17 +73,17 @@ class ANIL(Algorithm):
         return loss, metrics
 
     def _curve(self, served_steps: tuple[int, ...], transductive_steps: tuple[int, ...]):  # noqa: ANN202
-        """The evaluation passes with the body's features computed once per chunk and pass,
-        and the head adapted once per task for both passes."""
+        """The evaluation passes with the body's features computed once per chunk (the
+        query's once per pass), and the head adapted once per task for both passes."""
         last = max(served_steps + transductive_steps)
-        passes = [steps for steps in (served_steps, transductive_steps) if steps]
+        passes = self._passes(served_steps, transductive_steps)
 
         def task_curve(params: Params, support: Tensor, support_y: Tensor, queries: tuple[Tensor, ...],
                        query_y: Tensor) -> tuple[tuple[Tensor, Tensor], ...]:
             fast = self.initial_fast(params)
             curves: list[tuple[list[Tensor], list[Tensor]]] = [([], []) for _ in passes]
             for step in range(last + 1):
-                for steps, query, (losses, accuracies) in zip(passes, queries, curves):
+                for (_, steps), query, (losses, accuracies) in zip(passes, queries, curves):
                     if step in steps:
                         output = self.model.head(fast, query)
                         losses.append(self.loss_fn(output, query_y))
@@ -94,11 +94,7 @@ class ANIL(Algorithm):
 
         def chunk_curve(params: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor,
                         query_y: Tensor) -> tuple[tuple[Tensor, Tensor], ...]:
-            queries = []
-            for mode, steps in ((False, served_steps), (True, transductive_steps)):
-                if steps:
-                    support, query, offset = self.chunk_features(params, support_x, query_x, mode)
-                    queries.append(query[:, offset:])
+            support, queries = self.chunk_features(params, support_x, query_x, tuple(mode for mode, _ in passes))
             return vmap(task_curve, in_dims=(None, 0, 0, 0, 0))(params, support, support_y, tuple(queries), query_y)
 
         return chunk_curve

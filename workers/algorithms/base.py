@@ -104,26 +104,15 @@ class Algorithm:
         the support set's, so each output depends on ``x``'s row and the support set only —
         unless ``transductive`` (``batch`` norm in training and in the second evaluation
         number, as in MAML's paper), when the statistics are ``x``'s own."""
-        if self.model.norm_mode not in ("batch", "support") or (
-                transductive and self.model.norm_mode == "batch"):
+        if not self._reads_support_statistics(transductive):
             return self.predict(params, fast, x)
         rows = support_x.shape[0]
         return self.predict(params, fast, torch.cat([support_x, x]), stats_rows=rows)[rows:]
 
-    def task_features(self, params: Params, support_x: Tensor, query_x: Tensor,
-                      transductive: bool = False) -> tuple[Tensor, Tensor, int]:
-        """``(support features, query-side features, offset)`` computed as :meth:`adapt` and
-        :meth:`query_predict` compute them: the support set's alone; the query's alone, or —
-        where the norm reads the support set's statistics — of support and query together, the
-        query's output being rows ``offset:`` of the head's output. Keeping the same op graph
-        keeps the bits (one forward over both, or slicing the features before the head, gives
-        the same values only up to float rounding, which 100 Adam steps amplified to 4e-2)."""
-        support = self.model.features(params, support_x)
-        if self.model.norm_mode not in ("batch", "support") or (
-                transductive and self.model.norm_mode == "batch"):
-            return support, self.model.features(params, query_x), 0
-        rows = support_x.shape[0]
-        return support, self.model.features(params, torch.cat([support_x, query_x]), stats_rows=rows), rows
+    def _reads_support_statistics(self, transductive: bool) -> bool:
+        """Whether the query's outputs are normalized with the support set's statistics."""
+        return self.model.norm_mode in ("batch", "support") and not (
+            transductive and self.model.norm_mode == "batch")
 
     def interleaves(self) -> bool:
         """Whether :meth:`chunk_features` runs without ``vmap``: a built-in model, and the
@@ -131,30 +120,34 @@ class Algorithm:
         return self.fused_norm and self.model.interleaves_tasks and not self.differentiates_norm_twice
 
     def chunk_features(self, params: Params, support_x: Tensor, query_x: Tensor,
-                       transductive: bool = False) -> tuple[Tensor, Tensor, int]:
-        """:meth:`task_features` of a chunk of tasks (``[T, N, ...]`` in, ``[T, N, D]`` out), by
-        one forward of every image of the chunk (:func:`interleaved_tasks`) where
-        :meth:`interleaves`, else per task under ``vmap``. Call it inside
+                       modes: tuple[bool, ...]) -> tuple[Tensor, list[Tensor]]:
+        """The body's features of a chunk of tasks (``[T, N, ...]`` in, ``[T, N, D]`` out) as
+        :meth:`adapt` and :meth:`query_predict` compute them: the support set's alone (the same
+        in every mode, computed once), and the query's for each of ``modes`` (transductive or
+        not) — alone, or where the norm reads the support set's statistics, beside the support
+        set and then sliced. One forward of every image of the chunk (:func:`interleaved_tasks`)
+        where :meth:`interleaves`, else per task under ``vmap``. Call it inside
         :func:`fused_batch_norm`."""
         tasks, rows = support_x.shape[0], support_x.shape[1]
-        together = self.model.norm_mode in ("batch", "support") and not (
-            transductive and self.model.norm_mode == "batch")
-        if not self.interleaves():
-            support, query = vmap(lambda s, q: self.task_features(params, s, q, transductive)[:2])(
-                support_x, query_x)
-            return support, query, rows if together else 0
 
         def forward(x: Tensor, stats_rows: int | None = None) -> Tensor:
+            if not self.interleaves():
+                return vmap(lambda one: self.model.features(params, one, stats_rows=stats_rows))(x)
             count = x.shape[1]  # [T, N, ...] → rows n·T + t
             flat = x.transpose(0, 1).reshape(count * tasks, *x.shape[2:])
             with interleaved_tasks(tasks):
-                features = self.model.features(params, flat, stats_rows=stats_rows)
+                features = self.model.features(params, flat,
+                                               stats_rows=None if stats_rows is None else stats_rows * tasks)
             return features.view(count, tasks, -1).transpose(0, 1)
 
-        support = forward(support_x)
-        if not together:
-            return support, forward(query_x), 0
-        return support, forward(torch.cat([support_x, query_x], dim=1), stats_rows=rows * tasks), rows
+        queries = [forward(torch.cat([support_x, query_x], dim=1), stats_rows=rows)[:, rows:]
+                   if self._reads_support_statistics(mode) else forward(query_x) for mode in modes]
+        return forward(support_x), queries
+
+    @staticmethod
+    def _passes(served_steps: tuple[int, ...], transductive_steps: tuple[int, ...]) -> list[tuple[bool, tuple[int, ...]]]:
+        """The evaluation's non-empty passes, ``(transductive, step counts)``, served first."""
+        return [(mode, steps) for mode, steps in ((False, served_steps), (True, transductive_steps)) if steps]
 
     @property
     def differentiates_norm_twice(self) -> bool:
@@ -234,7 +227,7 @@ class Algorithm:
         accuracy served (``served_steps``) and transductive (``transductive_steps``) after
         those step counts; one ``(loss [S], accuracy [S])`` pair per non-empty pass."""
         last = max(served_steps + transductive_steps)
-        passes = [(mode, steps) for mode, steps in ((False, served_steps), (True, transductive_steps)) if steps]
+        passes = self._passes(served_steps, transductive_steps)
 
         def task_curve(params: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor,
                        query_y: Tensor) -> tuple[tuple[Tensor, Tensor], ...]:

@@ -64,8 +64,8 @@ class ProtoNet(Algorithm):
         """Per-task query losses and metrics of a chunk: the features of every image at once
         (:meth:`chunk_features`), then prototypes and logits per task; the metrics "before"
         adaptation (every prototype at the origin: equal logits) in closed form."""
-        support, query, offset = self.chunk_features(params, support_x, query_x, self.trains_transductive)
-        return vmap(self._objective_of_features)(support, support_y, query[:, offset:], query_y)
+        support, (query,) = self.chunk_features(params, support_x, query_x, (self.trains_transductive,))
+        return vmap(self._objective_of_features)(support, support_y, query, query_y)
 
     def _objective_of_features(self, support: Tensor, support_y: Tensor, query: Tensor,
                                query_y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
@@ -87,12 +87,10 @@ class ProtoNet(Algorithm):
 
         def chunk_curve(params: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor,
                         query_y: Tensor) -> tuple[tuple[Tensor, Tensor], ...]:
-            curves = []
-            for mode, steps in ((False, served_steps), (True, transductive_steps)):
-                if steps:
-                    support, query, offset = self.chunk_features(params, support_x, query_x, mode)
-                    curves.append(vmap(partial(task_curve, steps))(support, support_y, query[:, offset:], query_y))
-            return tuple(curves)
+            passes = self._passes(served_steps, transductive_steps)
+            support, queries = self.chunk_features(params, support_x, query_x, tuple(mode for mode, _ in passes))
+            return tuple(vmap(partial(task_curve, steps))(support, support_y, query, query_y)
+                         for (_, steps), query in zip(passes, queries))
 
         return chunk_curve
 
