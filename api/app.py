@@ -55,8 +55,12 @@ def _start_dispatcher(app: FastAPI) -> None:
         logger.warning("metaserve.service.dispatcher is not available; jobs stay queued")
         return
     settings = app.state.settings
-    dispatcher = Dispatcher(settings, app.state.session_factory,
-                            worker_id=embedded_worker_id(settings))
+    sessions = app.state.session_factory
+    if app.state.engine.dialect.name == "postgresql":  # its own connections: engine_timeouts
+        app.state.dispatcher_engine = make_engine(
+            settings.database_url, **engine_timeouts(settings, dispatcher=True))
+        sessions = session_factory(app.state.dispatcher_engine)
+    dispatcher = Dispatcher(settings, sessions, worker_id=embedded_worker_id(settings))
     dispatcher.start()
     app.state.dispatcher = dispatcher
 
@@ -66,6 +70,10 @@ def _stop_dispatcher(app: FastAPI) -> None:
     if dispatcher is not None:
         dispatcher.stop()
         app.state.dispatcher = None
+    engine = getattr(app.state, "dispatcher_engine", None)
+    if engine is not None:
+        engine.dispose()
+        app.state.dispatcher_engine = None
 
 
 async def _freeze_startup_objects(app: FastAPI) -> None:

@@ -41,22 +41,33 @@ def _lower(value: object) -> object:
 
 # PostgreSQL: a new connection waits at most this long (psycopg's connect_timeout: without it
 # an unreachable server hangs a connect for the kernel's TCP timeout, minutes). The server's
-# and dispatcher's engines also bound each statement (METASERVE_DB_STATEMENT_TIMEOUT_S, see
-# engine_timeouts); other engines (migrations, benchmarks) do not.
+# and dispatcher's engines also bound each statement (METASERVE_DB_STATEMENT_TIMEOUT_S), the
+# dispatcher's a transaction left idle (see engine_timeouts); other engines (migrations,
+# benchmarks) do not.
 CONNECT_TIMEOUT_S = 10
 STATEMENT_TIMEOUT_S = 0.0
 
 
-def engine_timeouts(settings) -> dict[str, float]:  # noqa: ANN001 - a Settings
-    """:func:`make_engine`'s timeouts from the settings (METASERVE_DB_*_TIMEOUT_S)."""
-    return {"connect_timeout_s": settings.db_connect_timeout_s,
-            "statement_timeout_s": settings.db_statement_timeout_s}
+def engine_timeouts(settings, *, dispatcher: bool = False) -> dict[str, float]:  # noqa: ANN001
+    """:func:`make_engine`'s timeouts from the settings (METASERVE_DB_*_TIMEOUT_S); a
+    ``dispatcher``'s engine also ends a connection left idle inside a transaction (by default
+    after the lease length): a dispatcher paused mid-write must not keep its jobs' rows locked
+    past their leases, or no other dispatcher could take them over (the reclaim skips locked
+    rows)."""
+    timeouts = {"connect_timeout_s": settings.db_connect_timeout_s,
+                "statement_timeout_s": settings.db_statement_timeout_s}
+    if dispatcher:
+        idle = settings.db_idle_in_transaction_timeout_s
+        timeouts["idle_in_transaction_timeout_s"] = settings.lease_s if idle is None else idle
+    return timeouts
 
 
 def make_engine(url: str, *, connect_timeout_s: int = CONNECT_TIMEOUT_S,
-                statement_timeout_s: float = STATEMENT_TIMEOUT_S, **kwargs) -> Engine:  # noqa: ANN003
+                statement_timeout_s: float = STATEMENT_TIMEOUT_S,
+                idle_in_transaction_timeout_s: float = 0.0, **kwargs) -> Engine:  # noqa: ANN003
     """An engine for ``url``; for a SQLite file, its directory is created first. PostgreSQL
-    connections get ``connect_timeout_s`` and ``statement_timeout_s`` (0: no limit)."""
+    connections get ``connect_timeout_s``, ``statement_timeout_s`` and
+    ``idle_in_transaction_timeout_s`` (0: no limit)."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
@@ -69,9 +80,11 @@ def make_engine(url: str, *, connect_timeout_s: int = CONNECT_TIMEOUT_S,
     connect_args = dict(kwargs.pop("connect_args", {}))
     if parsed.get_backend_name() == "postgresql":
         connect_args.setdefault("connect_timeout", int(connect_timeout_s))
-        if statement_timeout_s:
-            connect_args.setdefault(
-                "options", f"-c statement_timeout={int(statement_timeout_s * 1000)}")
+        options = [f"-c {name}={int(seconds * 1000)}" for name, seconds in (
+            ("statement_timeout", statement_timeout_s),
+            ("idle_in_transaction_session_timeout", idle_in_transaction_timeout_s)) if seconds]
+        if options:
+            connect_args.setdefault("options", " ".join(options))
     kwargs["connect_args"] = connect_args
     kwargs.setdefault("pool_pre_ping", True)
     kwargs.setdefault("pool_size", POOL_SIZE)

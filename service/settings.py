@@ -92,6 +92,14 @@ class Settings(BaseSettings):
         60.0, ge=0, le=86400,
         description="PostgreSQL: the longest one statement may run (statement_timeout) on the "
                     "server's and dispatcher's connections; 0: no limit.")
+    db_idle_in_transaction_timeout_s: float | None = Field(
+        None, ge=0, le=86400,
+        description="PostgreSQL: the longest a dispatcher's connection may sit idle inside a "
+                    "transaction (idle_in_transaction_session_timeout); past it the server ends "
+                    "the connection and releases its row locks. A dispatcher paused or stalled "
+                    "in the middle of a write otherwise keeps its jobs' rows locked, and no other "
+                    "dispatcher can take them over when their leases lapse. Unset: the lease "
+                    "length (METASERVE_LEASE_S); 0: no limit.")
 
     # Metrics retention (service/metrics_retention.py): a finished job's series downsampled.
     metrics_max_points_per_series: int = Field(

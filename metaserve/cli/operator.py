@@ -210,7 +210,7 @@ def dispatcher(
         settings = settings.model_copy(update={"dispatcher_concurrency": concurrency})
     with _database_errors(settings.database_url):  # unreachable: one line naming it
         migrate.upgrade(settings.database_url)
-    engine = make_engine(settings.database_url, **engine_timeouts(settings))
+    engine = make_engine(settings.database_url, **engine_timeouts(settings, dispatcher=True))
     try:
         Dispatcher(settings, session_factory(engine),
                    health_path=settings.dispatcher_health_path).run_forever()

@@ -306,6 +306,11 @@ TIMED = re.compile(r"per_second|seconds|_s$")
 # health check: 5 failures of a 10 s probe every 3 s, about a minute): a paused process, not
 # a lost node. (A node the GCS declared dead is another fault: its raylet exits.)
 PAUSE_MAX_S = 40
+# who holds a transaction open (a paused holder mid-write keeps its job's row locked until the
+# server ends its idle transaction: the dispatcher's engine_timeouts)
+TRANSACTIONS = ("select string_agg(concat_ws(' ', pid, client_addr, state, wait_event, "
+                "round(extract(epoch from now() - xact_start)), left(query, 80)), E'\n') "
+                "from pg_stat_activity where xact_start is not null and pid <> pg_backend_pid()")
 REFUSED = re.compile(r"attempt fenced: (\d+) of its writes were refused")
 
 
@@ -397,8 +402,9 @@ def test_a_dispatcher_paused_past_its_lease_writes_nothing_that_is_served(
     try:
         taken = wait_for(f"{other} to take the job over", lambda: cluster.lease_owner(
             job["id"]).startswith(f"{other}:") and time.monotonic() - paused,
-            timeout=PAUSE_MAX_S, interval=1,
-            on_timeout=lambda: json.dumps(cluster.job(job["id"]))[:2000])
+            timeout=PAUSE_MAX_S, interval=1, on_timeout=lambda: "\n".join((
+                json.dumps(cluster.job(job["id"]))[:2000], query(cluster, TRANSACTIONS),
+                cluster.topology.tails(other))))
         at = (cluster.job(job["id"]).get("progress") or {}).get("iteration", 0)
         try:  # and, if it gets there in time, runs the job on (its workers placed)
             wait_for("the new attempt to run on", lambda: (cluster.job(job["id"]).get(

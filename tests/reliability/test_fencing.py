@@ -10,11 +10,14 @@ import time
 
 import pytest
 from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from metaserve.service import claims, job_store
+from metaserve.service.db import engine_timeouts, make_engine, session_factory
 from metaserve.service.exceptions import LeaseLost
 from metaserve.service.orm import Artifact, JobLogLine, Metric
-from metaserve.service.run_events import RunEventWriter
+from metaserve.service.run_events import RunEventWriter, transient
+from metaserve.service.settings import Settings
 from metaserve.workers.object_store import ArtifactFile
 from tests.helpers import LEASE_S, reread, submit_to_store, wait_until
 
@@ -126,7 +129,7 @@ def test_a_stale_attempt_of_the_same_dispatcher_is_fenced_by_its_attempt(session
 def test_a_batch_the_database_refuses_is_retried_not_failed(sessions, session, alice,
                                                            monkeypatch):
     """The database away for three batches: the writer waits and writes them (no failure)."""
-    from sqlalchemy.exc import OperationalError
+    from sqlalchemy.exc import DBAPIError
 
     job = submit_to_store(session, alice)
     with session.begin():
@@ -183,3 +186,69 @@ def test_one_statement_renews_every_lease_a_dispatcher_holds_and_names_the_lost(
                                       lease_s=LEASE_S) == {}
     assert reread(sessions, ids[2]).lease_expires_at > before
     assert reread(sessions, ids[0]).lease_owner == "other"
+
+
+SHORT_LEASE_S = 1.0
+POSTGRES_ONLY = pytest.mark.parametrize(
+    "db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
+
+
+@POSTGRES_ONLY
+@pytest.mark.parametrize("idle_timeout_s", [0.0, 1.0], ids=["no limit", "1 s"])
+def test_a_dispatcher_paused_mid_write_keeps_no_lock_past_the_idle_timeout(
+        db_url, sessions, session, alice, idle_timeout_s):  # noqa: ANN001
+    """A dispatcher paused (SIGSTOP, a stalled VM) between a write to its job's row and the
+    commit holds that row's lock, and the reclaim of a lapsed lease skips locked rows: with no
+    limit no other dispatcher can take the job over for as long as the pause lasts (the
+    cluster test's (e) pause timed out this way). The dispatcher's engine ends a connection
+    idle inside a transaction (``engine_timeouts(dispatcher=True)``: the lease length unless
+    set), which releases the lock: the job is taken over within about that timeout, and the
+    paused write, once resumed, fails instead of landing."""
+    job = submit_to_store(session, alice)
+    with session.begin():
+        claims.claim_next_job(session=session, worker_id="dispatcher-a", lease_s=SHORT_LEASE_S)
+    settings = Settings(database_url=db_url, lease_s=LEASE_S,
+                        db_idle_in_transaction_timeout_s=idle_timeout_s)
+    timeouts = engine_timeouts(settings, dispatcher=True)
+    assert timeouts["idle_in_transaction_timeout_s"] == idle_timeout_s
+    stalled_engine = make_engine(db_url, **timeouts)
+    try:
+        paused = session_factory(stalled_engine)()
+        paused.begin()
+        assert job_store.renew_leases(session=paused, worker_id="dispatcher-a", attempts={
+            job.id: 1}, lease_s=SHORT_LEASE_S) == {job.id: "running"}
+        # ... and is paused here, before its commit, while the lease it holds lapses
+
+        def reclaim():  # noqa: ANN202
+            with session.begin():
+                return claims.claim_next_job(session=session, worker_id="dispatcher-b",
+                                             lease_s=LEASE_S)
+
+        started = time.monotonic()
+        if not idle_timeout_s:
+            deadline = started + SHORT_LEASE_S + 2.0
+            while time.monotonic() < deadline:
+                assert reclaim() is None  # the row stays locked: nobody takes the job over
+                time.sleep(0.2)
+            paused.rollback()  # resumed; the job is reclaimed at once
+            assert reclaim().lease_owner == "dispatcher-b"
+            return
+        taken = wait_until(reclaim, 10.0, "dispatcher-b reclaiming the job", interval_s=0.1)
+        waited = time.monotonic() - started
+        assert (taken.lease_owner, taken.attempt, taken.interruptions) == ("dispatcher-b", 1, 1)
+        assert waited < SHORT_LEASE_S + 3 * idle_timeout_s, waited
+        with pytest.raises(DBAPIError, match="idle-in-transaction timeout") as ended:
+            paused.commit()  # resumed: its connection is gone, and the write with it
+        assert transient(ended.value)  # a writer retries on a new connection: fenced there
+        paused.close()
+        assert reread(sessions, job.id).lease_owner == "dispatcher-b"
+    finally:
+        stalled_engine.dispose()
+
+
+def test_only_the_dispatchers_engine_bounds_idle_transactions_by_default_the_lease():
+    settings = Settings(lease_s=12.0)
+    assert "idle_in_transaction_timeout_s" not in engine_timeouts(settings)
+    assert engine_timeouts(settings, dispatcher=True)["idle_in_transaction_timeout_s"] == 12.0
+    assert engine_timeouts(settings.model_copy(update={"db_idle_in_transaction_timeout_s": 0.0}),
+                           dispatcher=True)["idle_in_transaction_timeout_s"] == 0.0
