@@ -19,8 +19,10 @@ exploration episodes to the goal). The result stores the final model's per-goal 
 seed (training and held-out goals, initialization). The seeds of docs/BENCHMARKS.md
 (docs/notes/pearl-nav2d.md)::
 
-    for seed in 0 1; do nice -n 10 .venv/bin/python benchmarks/rl_pearl_nav2d.py --iterations 60 \
+    for seed in 0 1 2 3 4; do nice -n 10 .venv/bin/python benchmarks/rl_pearl_nav2d.py --iterations 60 \
         --minutes 11 --eval-tasks 100 --seed $seed --out benchmarks/results/rl_pearl_seeds/seed$seed.json; done
+    .venv/bin/python benchmarks/rl_pearl_nav2d.py --summarize benchmarks/results/rl_pearl_seeds/seed?.json \
+        --out benchmarks/results/rl_pearl_seeds/summary.json
 """
 
 from __future__ import annotations
@@ -95,6 +97,53 @@ def oracle(args: argparse.Namespace, spec_document: dict) -> None:
                                     "spec": spec.model_dump(mode="json")}, indent=2))
 
 
+EPISODES = (0, 1, 2, 3)
+
+
+def summarize(files: list[Path], out: Path) -> dict:
+    """Over seeds (each run's mean over its own test goals is one observation): the return
+    after k exploration episodes, the control (z from another goal's posterior), the paired
+    own − other and after-3 − after-0 gaps with one-sample t-tests over seeds, and the probe's
+    R²; mean ± 95 % t-interval (df = seeds − 1)."""
+    import sys  # noqa: PLC0415
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from seed_stats import paired_over_seeds, t_interval  # noqa: PLC0415
+
+    runs = [json.loads(path.read_text()) for path in files]
+    tests = [run["test"] for run in runs]
+
+    def over(key: str) -> dict:
+        return t_interval([test[f"test/{key}"] for test in tests])
+
+    def column(key: str) -> list[float]:
+        return [test[f"test/{key}"] for test in tests]
+
+    summary = {
+        "seeds": [run["spec"]["seed"] for run in runs], "n": len(runs),
+        "test_goals_per_seed": len(runs[0]["per_task_returns"][0]),
+        "env_steps": t_interval([run["env_steps"] for run in runs]),
+        "train_seconds": t_interval([run["train_seconds"] for run in runs]),
+        "load_average": {"min": min(min(run["load_average"].values()) for run in runs),
+                         "max": max(max(run["load_average"].values()) for run in runs)},
+        "return": {f"after_{k}": over(f"return_episode{k}") for k in EPISODES},
+        "other_goal": {f"after_{k}": over(f"return_episode{k}_other_task") for k in EPISODES if k},
+        "own_minus_other_goal": {
+            f"after_{k}": paired_over_seeds(column(f"return_episode{k}"),
+                                            column(f"return_episode{k}_other_task"))
+            for k in EPISODES if k},
+        "after_3_minus_after_0": paired_over_seeds(column("return_episode3"),
+                                                   column("return_episode0")),
+        "probe_r2": {f"after_{k}": over(f"probe_r2_episode{k}") for k in EPISODES if k},
+        "reached_minus_15": sum(bool(run["reached_minus_15"]) for run in runs),
+        "files": [str(path) for path in files],
+        "note": "over seeds: mean of the per-seed means over test goals ± 95 % t-interval; "
+                "tests over seeds are one-sample t-tests of the per-seed differences"}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2))
+    return summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--minutes", type=float, default=30.0)
@@ -107,7 +156,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=None, help="instead of the spec's seed")
     parser.add_argument("--maml", type=Path, default=Path("benchmarks/results/rl_maml_nav2d.json"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/rl_pearl_nav2d.json"))
+    parser.add_argument("--summarize", type=Path, nargs="+", metavar="RUN_JSON",
+                        help="Summarize these runs' test returns over seeds into --out, and exit.")
     args = parser.parse_args()
+    if args.summarize:
+        print(json.dumps(summarize(args.summarize, args.out), indent=1))
+        return
     torch.set_num_threads(1)
     document = yaml.safe_load(args.spec.read_text())
     if args.seed is not None:

@@ -36,6 +36,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -69,7 +70,8 @@ def paired_tests(totals: dict[str, np.ndarray]) -> dict:
 def summarize(files: list[Path], out: Path) -> None:
     """Across seeds: each seed's RL² and strongest baseline (largest mean on that seed's tasks)
     with the paired test; over seeds, mean ± 95 % t-interval and a paired t-test."""
-    from scipy import stats
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from seed_stats import paired_over_seeds, t_interval  # noqa: PLC0415
 
     runs = [json.loads(path.read_text()) for path in files]
     policies = list(runs[0]["per_task_returns"])
@@ -88,19 +90,9 @@ def summarize(files: list[Path], out: Path) -> None:
                       "strongest_baseline_return": float(baselines[strongest]),
                       "vs_strongest": run["paired_tests"][f"rl2 - {strongest}"]})
 
-    def interval(values: list[float]) -> dict:
-        values = np.asarray(values)
-        half = float(stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values)))
-        return {"mean": float(values.mean()), "ci95": half, "per_seed": values.tolist()}
-
-    over_seeds = {name: interval(values) for name, values in means.items()}
-    comparisons = {}
-    for name in policies:
-        if name in RL2_POLICIES:
-            continue
-        differences = np.asarray(means["rl2"]) - np.asarray(means[name])
-        comparisons[f"rl2 - {name}"] = {**interval(differences.tolist()),
-                                        "p_two_sided": float(stats.ttest_1samp(differences, 0.0).pvalue)}
+    over_seeds = {name: t_interval(values) for name, values in means.items()}
+    comparisons = {f"rl2 - {name}": paired_over_seeds(means["rl2"], means[name])
+                   for name in policies if name not in RL2_POLICIES}
     strongest = max((name for name in policies if name not in RL2_POLICIES),
                     key=lambda name: over_seeds[name]["mean"])
     run = runs[0]
@@ -109,10 +101,10 @@ def summarize(files: list[Path], out: Path) -> None:
                "strongest_baseline": strongest, "rl2": over_seeds["rl2"],
                "baseline": over_seeds[strongest], "vs_strongest": comparisons[f"rl2 - {strongest}"],
                "over_seeds": over_seeds, "tests_over_seeds": comparisons,
-               "train_seconds": interval([r["train_seconds"] for r in runs]),
+               "train_seconds": t_interval([r["train_seconds"] for r in runs]),
                "load_average": {"min": min(min(r["load_average"].values()) for r in runs),
                                 "max": max(max(r["load_average"].values()) for r in runs)},
-               "env_steps": interval([r["env_steps"] for r in runs]),
+               "env_steps": t_interval([r["env_steps"] for r in runs]),
                "per_seed": seeds, "files": [str(path) for path in files],
                "note": "over seeds: mean of the per-seed means ± 95 % t-interval (df = seeds − 1); "
                        "each seed has its own training and test tasks; tests over seeds are "
