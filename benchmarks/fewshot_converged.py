@@ -104,6 +104,8 @@ def run_seed(args: argparse.Namespace, seed: int, log) -> dict:
     if first_order:
         spec["algorithm"]["first_order"] = True
         spec["name"] = spec["name"].replace("-maml-", "-fomaml-")
+    if args.test_steps:  # e.g. the trained horizon, for an optimizer learned for those steps
+        spec["evaluation"]["inner_steps"] = [args.test_steps]
     step = max(spec["evaluation"]["inner_steps"])
     train_spec = copy.deepcopy(spec)
     train_spec["task_family"]["query_shots"] = args.train_query_shots
@@ -264,7 +266,7 @@ def write(path: Path, document: dict) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--method", default="protonet", choices=["protonet", "anil", "maml", "fomaml"])
+    parser.add_argument("--method", default="protonet", choices=["protonet", "anil", "maml", "fomaml", "mamlpp", "metacurvature"])
     parser.add_argument("--setting", default="5w1s", choices=list(fewshot.SETTINGS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--norm", default="batch", choices=["batch", "support", "instance", "layer", "none"])
@@ -277,6 +279,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--patience", type=int, default=4, help="Evaluations without improvement to stop.")
     parser.add_argument("--min-delta", type=float, default=0.005, help="Improvement that counts (0.005: half a point).")
     parser.add_argument("--max-iterations", type=int, default=20_000)
+    parser.add_argument("--test-steps", type=int, default=0,
+                        help="Inner steps at validation and test (0: the setting's protocol, MAML's "
+                             "paper: 3 for 5-way after 1 in training, 5 for 20-way).")
     parser.add_argument("--max-train-seconds", type=float, default=1800, help="Wall-time cap per seed (training).")
     parser.add_argument("--tasks", type=int, default=1000, help="Test tasks per seed.")
     parser.add_argument("--task-chunk", type=int, default=0)
