@@ -2,26 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy import stats
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "rl_pearl_nav2d.py"
+from tests.benchmarks.scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("rl_pearl_nav2d", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["rl_pearl_nav2d"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("rl_pearl_nav2d")
 
 
 def test_the_summary_is_over_seeds_with_paired_tests_of_own_against_another_goals_posterior(

@@ -2,26 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy import stats
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "rl_rl2_bandits.py"
+from tests.benchmarks.scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("rl_rl2_bandits", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["rl_rl2_bandits"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("rl_rl2_bandits")
 
 
 def test_the_paired_test_is_a_one_sample_test_of_the_per_task_differences(bench):
