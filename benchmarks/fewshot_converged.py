@@ -257,6 +257,40 @@ def table(document: dict) -> str:
     return "\n".join(rows + [""] + curves)
 
 
+def compare(first: str, second: str, inputs: list[Path]) -> dict:
+    """``first`` − ``second`` (each ``setting:method:norm``), served accuracy in points, over
+    the seeds both have: per seed paired by test task (a seed's test tasks are the same for
+    every method: checked on their pixel floors), and over seeds a paired t-test of the seed
+    means (:func:`seed_stats.paired_over_seeds`)."""
+    from seed_stats import paired_over_seeds  # noqa: PLC0415
+
+    runs: dict[tuple[str, int], dict] = {}
+    for path in inputs:
+        for run in json.loads(path.read_text())["runs"]:
+            runs[(f"{run['setting']}:{run['method']}:{run['norm']}", run["seed"])] = run
+    seeds = sorted(seed for group, seed in runs if group == first and (second, seed) in runs)
+    if len(seeds) < 2:
+        raise SystemExit(f"{first} and {second} share {len(seeds)} seed(s) in {inputs}; 2 needed")
+    per_seed, means = [], {first: [], second: []}
+    for seed in seeds:
+        a, b = runs[(first, seed)], runs[(second, seed)]
+        if a["per_task"]["pixel_floor"] != b["per_task"]["pixel_floor"]:
+            raise SystemExit(f"seed {seed}: {first} and {second} were tested on different tasks")
+        difference = 100 * (torch.tensor(a["per_task"]["served"], dtype=torch.float64)
+                            - torch.tensor(b["per_task"]["served"], dtype=torch.float64))
+        mean, ci = fewshot.mean_ci(difference)
+        per_seed.append({"seed": seed, "first": 100 * a["served"]["accuracy"],
+                         "second": 100 * b["served"]["accuracy"], "difference": mean, "ci95": ci,
+                         "tasks": len(difference), "iterations": [a["iterations"], b["iterations"]]})
+        means[first].append(100 * a["served"]["accuracy"])
+        means[second].append(100 * b["served"]["accuracy"])
+    return {"first": first, "second": second, "seeds": seeds, "per_seed": per_seed,
+            "over_seeds": paired_over_seeds(means[first], means[second]),
+            "inputs": [str(path) for path in inputs],
+            "note": "served accuracy, points; per seed: mean ± 95 % CI of the per-task differences; "
+                    "over seeds: mean of the seed differences ± 95 % t-interval, paired t-test"}
+
+
 def write(path: Path, document: dict) -> None:
     """``document`` with its ``groups`` (:func:`group_summaries`) brought up to date."""
     document["groups"] = group_summaries(document)
@@ -290,7 +324,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/fewshot_converged.json")
     parser.add_argument("--table", action="store_true",
                         help="Print the Markdown table of --out, refresh its `groups`, and exit.")
+    parser.add_argument("--compare", nargs=2, metavar=("A", "B"),
+                        help="A − B (setting:method:norm) paired per seed over the runs of --inputs; "
+                             "the result replaces its entry in --out's `comparisons`, and exit.")
+    parser.add_argument("--inputs", nargs="+", type=Path, default=[])
     args = parser.parse_args(argv)
+    if args.compare:
+        result = compare(*args.compare, args.inputs or [args.out])
+        document = json.loads(args.out.read_text()) if args.out.exists() else {}
+        document["comparisons"] = [c for c in document.get("comparisons", [])
+                                   if (c["first"], c["second"]) != tuple(args.compare)] + [result]
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(document, indent=1) + "\n")
+        print(json.dumps(result, indent=1))
+        return result
     if args.table:
         document = json.loads(args.out.read_text())
         write(args.out, document)

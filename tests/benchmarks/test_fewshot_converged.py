@@ -90,3 +90,29 @@ def test_several_seeds_get_the_t_interval_over_their_means_and_one_seed_its_task
     one, = converged.group_summaries({"runs": [run(0, 0.70, 0.01)]})
     assert one["served_ci"] == pytest.approx(1.0) and one["interval"] == "tasks"
     assert "transductive_mean" not in one  # absent in the runs: absent in the summary
+
+
+def test_compare_pairs_by_task_within_a_seed_and_by_seed_over_seeds(tmp_path: Path) -> None:
+    def run(norm: str, seed: int, served: list[float], floor: list[float]) -> dict:
+        return {"setting": "5w1s", "method": "protonet", "norm": norm, "seed": seed, "iterations": 9,
+                "served": {"accuracy": sum(served) / len(served), "ci95": 0.0},
+                "per_task": {"served": served, "pixel_floor": floor}}
+    floors = {seed: [0.1 * seed, 0.2, 0.3] for seed in range(3)}
+    first = [run("support", s, [0.6 + 0.01 * s, 0.7, 0.8], floors[s]) for s in range(3)]
+    second = [run("batch", s, [0.5, 0.7, 0.7 + 0.02 * s], floors[s]) for s in range(3)]
+    (tmp_path / "a.json").write_text(json.dumps({"runs": first}))
+    (tmp_path / "b.json").write_text(json.dumps({"runs": second + [run("batch", 7, [0.5], [0.1])]}))
+    out = tmp_path / "comparisons.json"
+    result = converged.main(["--compare", "5w1s:protonet:support", "5w1s:protonet:batch", "--inputs",
+                             str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(out)])
+    assert result["seeds"] == [0, 1, 2]  # seed 7 has no partner
+    differences = [100 * (sum(a["per_task"]["served"]) - sum(b["per_task"]["served"])) / 3
+                   for a, b in zip(first, second)]
+    assert [s["difference"] for s in result["per_seed"]] == pytest.approx(differences)
+    assert result["over_seeds"]["mean"] == pytest.approx(sum(differences) / 3)
+    assert json.loads(out.read_text())["comparisons"] == [result]
+    second[1]["per_task"]["pixel_floor"] = [0.9, 0.9, 0.9]  # other tasks: no pairing
+    (tmp_path / "b.json").write_text(json.dumps({"runs": second}))
+    with pytest.raises(SystemExit, match="different tasks"):
+        converged.compare("5w1s:protonet:support", "5w1s:protonet:batch",
+                          [tmp_path / "a.json", tmp_path / "b.json"])
