@@ -252,3 +252,40 @@ def test_only_the_dispatchers_engine_bounds_idle_transactions_by_default_the_lea
     assert engine_timeouts(settings, dispatcher=True)["idle_in_transaction_timeout_s"] == 12.0
     assert engine_timeouts(settings.model_copy(update={"db_idle_in_transaction_timeout_s": 0.0}),
                            dispatcher=True)["idle_in_transaction_timeout_s"] == 0.0
+
+
+@POSTGRES_ONLY
+def test_the_embedded_dispatcher_gets_its_own_connections_with_the_idle_limit(
+        db_url, engine, monkeypatch):  # noqa: ANN001
+    """``metaserve serve`` with its dispatcher on PostgreSQL: the dispatcher's sessions come
+    from an engine of its own whose connections carry the idle-in-transaction limit (the
+    lease); the API's connections do not, and the engine is disposed when the app stops."""
+    from sqlalchemy import text
+
+    from metaserve.api import app as app_module
+    from metaserve.service import dispatcher as dispatcher_module
+
+    given = {}
+
+    class Recorder:
+        def __init__(self, settings, session_factory, **kwargs):  # noqa: ANN001, ANN003
+            given["sessions"] = session_factory
+
+        def start(self) -> None:
+            pass
+
+        def stop(self) -> None:
+            given["stopped"] = True
+
+    monkeypatch.setattr(dispatcher_module, "Dispatcher", Recorder)
+    application = app_module.create_app(Settings(database_url=db_url, lease_s=7.0))
+    app_module._start_dispatcher(application)
+    try:
+        with given["sessions"]() as session:
+            assert session.execute(text("show idle_in_transaction_session_timeout")).scalar() == "7s"
+        with application.state.session_factory() as session:
+            assert session.execute(text("show idle_in_transaction_session_timeout")).scalar() == "0"
+    finally:
+        app_module._stop_dispatcher(application)
+        application.state.engine.dispose()
+    assert given["stopped"] and application.state.dispatcher_engine is None
