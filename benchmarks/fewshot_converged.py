@@ -202,7 +202,7 @@ def group_summaries(document: dict) -> list[dict]:
     (in %): ``{key}_mean`` and ``{key}_ci`` — one seed: its mean ± the 95 % CI over its test
     tasks; several: the mean of the seeds' means ± the 95 % t-interval over those means (the
     seed-to-seed spread, what a rerun would move) — and ``{key}_min``/``{key}_max``."""
-    from scipy.stats import t  # noqa: PLC0415
+    from seed_stats import t_interval  # noqa: PLC0415
 
     groups: dict[tuple, list[dict]] = {}
     for run in document["runs"]:
@@ -221,7 +221,7 @@ def group_summaries(document: dict) -> list[dict]:
             if any(r.get(key) is None for r in runs):
                 continue
             means = [100 * r[key]["accuracy"] for r in runs]
-            ci = (t.ppf(0.975, len(means) - 1) * statistics.stdev(means) / len(means) ** 0.5
+            ci = (t_interval(means)["ci95"]
                   if len(means) > 1 else 100 * runs[0][key]["ci95"])
             summary.update({f"{key}_mean": statistics.fmean(means), f"{key}_ci": ci,
                             f"{key}_min": min(means), f"{key}_max": max(means)})
