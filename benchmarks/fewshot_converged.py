@@ -194,6 +194,7 @@ def run_seed(args: argparse.Namespace, seed: int, log) -> dict:
     return result
 
 
+CAP_MARKS = {"max_train_seconds": "†", "max_iterations": "‡"}  # stopped by a cap, not the plateau
 SUMMARIZED = ("served", "pixel_floor", "served_minus_floor", "transductive", "served_minus_transductive")
 
 
@@ -201,7 +202,9 @@ def group_summaries(document: dict) -> list[dict]:
     """One summary per (setting, method, norm) over its seeds, for each of :data:`SUMMARIZED`
     (in %): ``{key}_mean`` and ``{key}_ci`` — one seed: its mean ± the 95 % CI over its test
     tasks; several: the mean of the seeds' means ± the 95 % t-interval over those means (the
-    seed-to-seed spread, what a rerun would move) — and ``{key}_min``/``{key}_max``."""
+    seed-to-seed spread, what a rerun would move) — and ``{key}_min``/``{key}_max``;
+    ``stopped_at``: each seed's last iteration, marked † where the time cap stopped it and ‡ the
+    iteration cap (bare: the plateau)."""
     from seed_stats import t_interval  # noqa: PLC0415
 
     groups: dict[tuple, list[dict]] = {}
@@ -214,6 +217,8 @@ def group_summaries(document: dict) -> list[dict]:
                    "seeds": ", ".join(str(r["seed"]) for r in runs),
                    "stop": ", ".join(str(r.get("stop_reason")) for r in runs),
                    "iterations": ", ".join(str(r.get("iterations")) for r in runs),
+                   "stopped_at": ", ".join(f"{r.get('iterations')}{CAP_MARKS.get(r.get('stop_reason'), '')}"
+                                           for r in runs),
                    "meta_batch": (runs[0].get("spec") or {}).get("meta_batch_size"),
                    "train_wall_seconds": ", ".join(str(round(r.get("train_wall_seconds") or 0)) for r in runs),
                    "interval": "t over seeds" if len(runs) > 1 else "tasks"}

@@ -87,8 +87,12 @@ def test_several_seeds_get_the_t_interval_over_their_means_and_one_seed_its_task
     assert two["served_mean"] == pytest.approx(71.0)
     assert two["served_ci"] == pytest.approx(12.706, abs=1e-3)  # t(0.975, 1) · s / √2 with s = √2
     assert (two["served_min"], two["served_max"]) == pytest.approx((70.0, 72.0))
+    assert two["stopped_at"] == "100, 100"
     one, = converged.group_summaries({"runs": [run(0, 0.70, 0.01)]})
     assert one["served_ci"] == pytest.approx(1.0) and one["interval"] == "tasks"
+    capped, = converged.group_summaries({"runs": [run(0, 0.70, 0.01), {**run(1, 0.72, 0.01), "iterations": 90,
+                                                                      "stop_reason": "max_train_seconds"}]})
+    assert capped["stopped_at"] == "100, 90†"  # the time cap marked, the plateau bare
     assert "transductive_mean" not in one  # absent in the runs: absent in the summary
 
 
