@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -202,7 +201,9 @@ def engine_source() -> dict:
 
 
 def hardware(device: str) -> str:
-    cpu = platform.processor() or platform.machine()
+    from machine import cpu_model  # noqa: PLC0415 (benchmarks/, beside this script)
+
+    cpu = cpu_model()
     if device.startswith("cuda") and torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)} (GPU), {os.cpu_count()} CPUs"
     return f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__} on {torch.get_num_threads()} threads"

@@ -424,14 +424,9 @@ def _readline(process: subprocess.Popen, timeout: float) -> str:
 # --------------------------------------------------------------------------- setup
 
 def machine() -> dict:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from machine import cpu_model  # noqa: PLC0415 (benchmarks/, beside this script)
+
+    cpu = cpu_model()
     return {"cpu": cpu, "nproc": os.cpu_count(), "python": platform.python_version(),
             "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
 

@@ -58,14 +58,9 @@ CONV4_SPEC = {
 
 
 def _machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from machine import cpu_model  # noqa: PLC0415 (benchmarks/, beside this script)
+
+    cpu = cpu_model()
     import torch
 
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),

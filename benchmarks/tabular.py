@@ -431,9 +431,9 @@ class Server:
 
 
 def machine() -> dict[str, Any]:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.machine())
-    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(),
+    from machine import cpu_model  # noqa: PLC0415 (benchmarks/, beside this script)
+
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
             "torch": torch.__version__}
 
 
