@@ -204,7 +204,7 @@ def group_summaries(document: dict) -> list[dict]:
     tasks; several: the mean of the seeds' means ± the 95 % t-interval over those means (the
     seed-to-seed spread, what a rerun would move) — and ``{key}_min``/``{key}_max``;
     ``stopped_at``: each seed's last iteration, marked † where the time cap stopped it and ‡ the
-    iteration cap (bare: the plateau)."""
+    iteration cap (bare: the plateau); ``tested_at``: the iterations whose parameters were tested."""
     from seed_stats import t_interval  # noqa: PLC0415
 
     groups: dict[tuple, list[dict]] = {}
@@ -219,6 +219,7 @@ def group_summaries(document: dict) -> list[dict]:
                    "iterations": ", ".join(str(r.get("iterations")) for r in runs),
                    "stopped_at": ", ".join(f"{r.get('iterations')}{CAP_MARKS.get(r.get('stop_reason'), '')}"
                                            for r in runs),
+                   "tested_at": ", ".join(str(r.get("tested_iteration")) for r in runs),
                    "meta_batch": (runs[0].get("spec") or {}).get("meta_batch_size"),
                    "train_wall_seconds": ", ".join(str(round(r.get("train_wall_seconds") or 0)) for r in runs),
                    "interval": "t over seeds" if len(runs) > 1 else "tasks"}

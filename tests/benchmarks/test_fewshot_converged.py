@@ -80,14 +80,14 @@ def test_fomaml_is_mamls_spec_with_first_order_gradients(tmp_path: Path) -> None
 def test_several_seeds_get_the_t_interval_over_their_means_and_one_seed_its_task_ci() -> None:
     def run(seed: int, served: float, ci: float) -> dict:
         return {"setting": "5w1s", "method": "protonet", "norm": "batch", "seed": seed, "stop_reason": "plateau",
-                "iterations": 100, "spec": {"meta_batch_size": 2}, "train_wall_seconds": 1.0,
+                "iterations": 100, "tested_iteration": 80, "spec": {"meta_batch_size": 2}, "train_wall_seconds": 1.0,
                 "served": {"accuracy": served, "ci95": ci}}
     two, = converged.group_summaries({"runs": [run(0, 0.70, 0.01), run(1, 0.72, 0.01)]})
     assert two["n"] == 2 and two["interval"] == "t over seeds"
     assert two["served_mean"] == pytest.approx(71.0)
     assert two["served_ci"] == pytest.approx(12.706, abs=1e-3)  # t(0.975, 1) · s / √2 with s = √2
     assert (two["served_min"], two["served_max"]) == pytest.approx((70.0, 72.0))
-    assert two["stopped_at"] == "100, 100"
+    assert two["stopped_at"] == "100, 100" and two["tested_at"] == "80, 80"
     one, = converged.group_summaries({"runs": [run(0, 0.70, 0.01)]})
     assert one["served_ci"] == pytest.approx(1.0) and one["interval"] == "tasks"
     capped, = converged.group_summaries({"runs": [run(0, 0.70, 0.01), {**run(1, 0.72, 0.01), "iterations": 90,
