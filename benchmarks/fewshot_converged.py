@@ -194,6 +194,7 @@ def run_seed(args: argparse.Namespace, seed: int, log) -> dict:
     return result
 
 
+METHODS = ("protonet", "anil", "maml", "fomaml", "mamlpp", "metacurvature")  # also the tables' row order
 CAP_MARKS = {"max_train_seconds": "†", "max_iterations": "‡"}  # stopped by a cap, not the plateau
 SUMMARIZED = ("served", "pixel_floor", "served_minus_floor", "transductive", "served_minus_transductive")
 
@@ -298,7 +299,11 @@ def compare(first: str, second: str, inputs: list[Path]) -> dict:
 
 
 def write(path: Path, document: dict) -> None:
-    """``document`` with its ``groups`` (:func:`group_summaries`) brought up to date."""
+    """``document`` with its runs in table order (setting, method, norm, seed) and its ``groups``
+    (:func:`group_summaries`) brought up to date."""
+    settings = list(fewshot.SETTINGS)
+    document["runs"].sort(key=lambda r: (settings.index(r["setting"]), METHODS.index(r["method"]),
+                                         r["norm"] != "batch", r["norm"], r["seed"]))
     document["groups"] = group_summaries(document)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(document, indent=1) + "\n")
@@ -306,7 +311,7 @@ def write(path: Path, document: dict) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--method", default="protonet", choices=["protonet", "anil", "maml", "fomaml", "mamlpp", "metacurvature"])
+    parser.add_argument("--method", default="protonet", choices=METHODS)
     parser.add_argument("--setting", default="5w1s", choices=list(fewshot.SETTINGS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--norm", default="batch", choices=["batch", "support", "instance", "layer", "none"])
